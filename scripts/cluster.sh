@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Throw-away PostgreSQL 15 clusters under target/clusters/NAME, run as the postgres OS user
+# (initdb refuses root). Sockets live in the cluster directory; nothing listens on TCP except
+# loopback on the chosen port.
+#
+#   scripts/cluster.sh start NAME PORT [extra postgresql.conf lines...]
+#   scripts/cluster.sh stop NAME
+#   scripts/cluster.sh keyfile NAME         # prints the path of the cluster's master key file
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN=/usr/lib/postgresql/15/bin
+action=$1 name=$2
+dir="$ROOT/target/clusters/$name"
+
+as_pg() { if [ "$(id -u)" = 0 ]; then sudo -u postgres "$@"; else "$@"; fi; }
+
+case "$action" in
+start)
+    port=$3; shift 3
+    as_pg "$BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
+    rm -rf "$dir"; mkdir -p "$dir"
+    chmod 755 "$ROOT/target" "$ROOT/target/clusters" 2>/dev/null || true
+    chown postgres: "$dir" 2>/dev/null || true
+    as_pg "$BIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+    # A fresh random master key, readable by the server's OS user only.
+    as_pg bash -c "umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > '$dir/master.key'"
+    {
+        echo "port = $port"
+        echo "listen_addresses = '127.0.0.1'"
+        echo "unix_socket_directories = '$dir'"
+        echo "vetassist_auth.master_key_file = '$dir/master.key'"
+        echo "fsync = off"
+        echo "logging_collector = off"
+        for line in "$@"; do echo "$line"; done
+    } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+    as_pg "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    echo "$dir"
+    ;;
+stop)
+    [ -d "$dir/data" ] && as_pg "$BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+    ;;
+keyfile)
+    echo "$dir/master.key"
+    ;;
+*)
+    echo "usage: $0 start|stop|keyfile NAME [PORT [conf lines...]]" >&2; exit 2 ;;
+esac

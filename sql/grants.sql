@@ -1,0 +1,37 @@
+-- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
+
+DO $revoke$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'vetassist_auth'::regnamespace LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$revoke$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA vetassist_auth FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA vetassist_auth FROM PUBLIC;
+
+-- The application.
+GRANT EXECUTE ON FUNCTION
+    vetassist_auth.encrypt(bytea, text),
+    vetassist_auth.decrypt(bytea, text),
+    vetassist_auth.encrypt_text(text, text),
+    vetassist_auth.decrypt_text(bytea, text),
+    vetassist_auth.field_hash(text, text),
+    vetassist_auth.field_hashes(text, text)
+TO vetassist_app;
+
+-- Key administration.
+GRANT EXECUTE ON FUNCTION
+    vetassist_auth.rotate_key(text),
+    vetassist_auth.reencrypt(integer),
+    vetassist_auth.rewrap_keys(text),
+    vetassist_auth.verify_installation()
+TO vetassist_admin;
+GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count) ON vetassist_auth.keys TO vetassist_admin;
+
+-- Auditors read the trail and check the installation.
+GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_installation() TO vetassist_auditor;

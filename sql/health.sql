@@ -1,0 +1,87 @@
+-- verify_installation(): one row per check, for operators and monitoring.
+CREATE FUNCTION vetassist_auth.verify_installation()
+RETURNS TABLE (check_name text, ok boolean, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t text;
+    p text;
+    missing text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals'] LOOP
+        check_name := 'table ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+        IF ok THEN
+            check_name := 'backup ' || t;
+            ok := EXISTS (SELECT 1 FROM pg_extension e
+                          WHERE e.extname = 'vetassist_auth'
+                            AND ('vetassist_auth.' || t)::regclass::oid = ANY (e.extconfig));
+            detail := CASE WHEN ok THEN 'registered with pg_extension_config_dump' ELSE 'not dumped by pg_dump' END;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+
+    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_va_icn_hash_key', 'users_email_hash',
+                             'va_tokens_user_id_key', 'va_tokens_expiry', 'sessions_jwt_id_key',
+                             'sessions_live_by_expiry', 'sessions_by_user', 'audit_log_by_subject',
+                             'audit_seals_audit_id_key'] LOOP
+        check_name := 'index ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    FOREACH t IN ARRAY ARRAY['vetassist_app', 'vetassist_auditor', 'vetassist_admin'] LOOP
+        check_name := 'role ' || t;
+        ok := EXISTS (SELECT 1 FROM pg_roles WHERE rolname = t);
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    check_name := 'grants: no function executable by PUBLIC';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace
+      AND has_function_privilege('public', f.oid, 'EXECUTE');
+    ok := missing IS NULL;
+    detail := coalesce('executable by PUBLIC: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'grants: SECURITY DEFINER functions pin search_path';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace AND f.prosecdef
+      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false);
+    ok := missing IS NULL;
+    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp');
+    RETURN NEXT;
+
+    check_name := 'grants: vetassist_app has no direct table access';
+    SELECT string_agg(c.relname, ', ') INTO missing
+    FROM pg_class c
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+      AND (has_table_privilege('vetassist_app', c.oid, 'SELECT')
+           OR has_table_privilege('vetassist_app', c.oid, 'INSERT')
+           OR has_table_privilege('vetassist_app', c.oid, 'UPDATE')
+           OR has_table_privilege('vetassist_app', c.oid, 'DELETE'));
+    ok := missing IS NULL;
+    detail := coalesce('readable or writable: ' || missing, 'none');
+    RETURN NEXT;
+
+    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
+        check_name := 'key ' || p;
+        BEGIN
+            detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+            detail := SQLSTATE || ': ' || SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
+    'Checks tables, backups, indexes, roles, grants and key access; one row per check.';

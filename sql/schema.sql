@@ -1,0 +1,235 @@
+-- vetassist_auth schema (DESIGN section 5). Runs first, before the generated functions.
+-- Every table and sequence is registered with pg_extension_config_dump so pg_dump keeps the
+-- rows; restored rows are plain bytes, so nothing is encrypted twice.
+
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vetassist_app') THEN
+        CREATE ROLE vetassist_app NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vetassist_auditor') THEN
+        CREATE ROLE vetassist_auditor NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'vetassist_admin') THEN
+        CREATE ROLE vetassist_admin NOLOGIN;
+    END IF;
+END
+$roles$;
+
+REVOKE ALL ON SCHEMA vetassist_auth FROM PUBLIC;
+GRANT USAGE ON SCHEMA vetassist_auth TO vetassist_app, vetassist_auditor, vetassist_admin;
+
+-- Keys --------------------------------------------------------------------------------------
+
+CREATE SEQUENCE vetassist_auth.keys_key_id_seq AS integer;
+
+CREATE TABLE vetassist_auth.keys (
+    key_id        integer PRIMARY KEY DEFAULT nextval('vetassist_auth.keys_key_id_seq'),
+    purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit')),
+    status        text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'decrypt_only', 'retired')),
+    wrapped_key   bytea NOT NULL CHECK (octet_length(wrapped_key) = 60),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    retired_at    timestamptz,
+    encrypt_count bigint NOT NULL DEFAULT 0 CHECK (encrypt_count >= 0)
+);
+ALTER SEQUENCE vetassist_auth.keys_key_id_seq OWNED BY vetassist_auth.keys.key_id;
+CREATE UNIQUE INDEX keys_one_active_per_purpose ON vetassist_auth.keys (purpose) WHERE status = 'active';
+COMMENT ON TABLE vetassist_auth.keys IS
+    'Data keys (DEKs), each wrapped with AES-256-GCM under the KEK derived from the master key.';
+COMMENT ON COLUMN vetassist_auth.keys.wrapped_key IS
+    'nonce(12) || AES-256-GCM(KEK, DEK, AAD = vetassist_auth:key:<key_id>:<purpose>) || tag(16)';
+COMMENT ON COLUMN vetassist_auth.keys.encrypt_count IS
+    'Encryptions reserved under this key (leased in blocks; may over-count). Warn at 2^30, refuse at 2^31.';
+
+-- Identity ----------------------------------------------------------------------------------
+
+CREATE TABLE vetassist_auth.users (
+    id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    va_icn_encrypted      bytea NOT NULL,
+    va_icn_hash           bytea NOT NULL UNIQUE,
+    va_veteran_status     text,
+    email_encrypted       bytea,
+    email_hash            bytea,
+    first_name_encrypted  bytea,
+    first_name_hash       bytea,
+    last_name_encrypted   bytea,
+    last_name_hash        bytea,
+    is_active             boolean NOT NULL DEFAULT true,
+    deactivated_at        timestamptz,
+    deactivation_reason   text,
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    last_login_at         timestamptz
+);
+CREATE INDEX users_email_hash ON vetassist_auth.users (email_hash);
+CREATE INDEX users_last_name_hash ON vetassist_auth.users (last_name_hash);
+COMMENT ON TABLE vetassist_auth.users IS
+    'Veterans linked to a VA.gov identity. PHI is stored only encrypted (context users.<column>:<id>) with field hashes for look-up.';
+COMMENT ON COLUMN vetassist_auth.users.va_icn_hash IS 'field_hash(va_icn, ''va_icn''): the account key.';
+
+-- VA OAuth tokens ---------------------------------------------------------------------------
+
+CREATE TABLE vetassist_auth.va_tokens (
+    id                       uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id                  uuid NOT NULL UNIQUE REFERENCES vetassist_auth.users (id) ON DELETE CASCADE,
+    access_token_encrypted   bytea NOT NULL,
+    refresh_token_encrypted  bytea,
+    token_type               text NOT NULL DEFAULT 'Bearer',
+    scope                    text,
+    expires_at               timestamptz NOT NULL,
+    generation               integer NOT NULL DEFAULT 1,
+    created_at               timestamptz NOT NULL DEFAULT now(),
+    refreshed_at             timestamptz
+);
+CREATE INDEX va_tokens_expiry ON vetassist_auth.va_tokens (expires_at);
+COMMENT ON TABLE vetassist_auth.va_tokens IS
+    'One row per user: VA.gov access and refresh tokens, encrypted under a token key.';
+
+-- Sessions ----------------------------------------------------------------------------------
+
+CREATE TYPE vetassist_auth.session_status AS ENUM ('ACTIVE', 'IDLE', 'EXPIRED', 'TERMINATED', 'LOCKED');
+
+CREATE TABLE vetassist_auth.sessions (
+    id                       uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id                  uuid NOT NULL REFERENCES vetassist_auth.users (id) ON DELETE CASCADE,
+    jwt_id                   text NOT NULL UNIQUE,
+    status                   vetassist_auth.session_status NOT NULL DEFAULT 'ACTIVE',
+    mfa_verified             boolean NOT NULL DEFAULT false,
+    mfa_verified_at          timestamptz,
+    ip_hash                  bytea,
+    user_agent               text,
+    device_fingerprint_hash  bytea,
+    device_info              jsonb,
+    created_at               timestamptz NOT NULL DEFAULT now(),
+    last_activity_at         timestamptz NOT NULL DEFAULT now(),
+    idle_timeout             interval NOT NULL,
+    expires_at               timestamptz NOT NULL,
+    ended_at                 timestamptz,
+    end_reason               text,
+    refresh_token_hash       bytea,
+    refresh_generation       integer NOT NULL DEFAULT 0
+);
+-- last_activity_at is deliberately not indexed, so touches stay HOT updates.
+CREATE INDEX sessions_live_by_expiry ON vetassist_auth.sessions (expires_at) WHERE status IN ('ACTIVE', 'IDLE');
+CREATE INDEX sessions_by_user ON vetassist_auth.sessions (user_id);
+CREATE INDEX sessions_ended ON vetassist_auth.sessions (ended_at) WHERE ended_at IS NOT NULL;
+COMMENT ON TABLE vetassist_auth.sessions IS
+    'Application sessions keyed by JWT id, with HIPAA idle time-out and an absolute end (expires_at).';
+
+CREATE TABLE vetassist_auth.session_activity (
+    id             bigserial PRIMARY KEY,
+    session_id     uuid NOT NULL REFERENCES vetassist_auth.sessions (id) ON DELETE CASCADE,
+    user_id        uuid NOT NULL REFERENCES vetassist_auth.users (id) ON DELETE CASCADE,
+    activity_type  text NOT NULL,
+    details        jsonb,
+    occurred_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX session_activity_by_session ON vetassist_auth.session_activity (session_id, occurred_at);
+COMMENT ON TABLE vetassist_auth.session_activity IS 'Activity monitoring: sampled requests per session.';
+
+CREATE TABLE vetassist_auth.session_events (
+    id           bigserial PRIMARY KEY,
+    session_id   uuid REFERENCES vetassist_auth.sessions (id) ON DELETE SET NULL,
+    user_id      uuid NOT NULL REFERENCES vetassist_auth.users (id) ON DELETE CASCADE,
+    event_type   text NOT NULL,
+    severity     text NOT NULL CHECK (severity IN ('info', 'warning', 'critical', 'crisis')),
+    details      jsonb NOT NULL DEFAULT '{}',
+    occurred_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX session_events_by_user ON vetassist_auth.session_events (user_id, occurred_at);
+CREATE INDEX session_events_crisis ON vetassist_auth.session_events (occurred_at) WHERE severity = 'crisis';
+COMMENT ON TABLE vetassist_auth.session_events IS
+    'Security and clinical events. A crisis event is also sent with NOTIFY vetassist_auth_crisis.';
+
+-- MFA ---------------------------------------------------------------------------------------
+
+CREATE TABLE vetassist_auth.mfa_settings (
+    user_id                 uuid PRIMARY KEY REFERENCES vetassist_auth.users (id) ON DELETE CASCADE,
+    totp_secret_encrypted   bytea,
+    totp_enabled            boolean NOT NULL DEFAULT false,
+    enrolled_at             timestamptz,
+    confirmed_at            timestamptz,
+    last_used_step          bigint,
+    failed_attempts         integer NOT NULL DEFAULT 0,
+    locked_until            timestamptz,
+    updated_at              timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE vetassist_auth.mfa_settings IS
+    'TOTP enrolment per user; the secret is encrypted (context mfa_settings.totp_secret:<user_id>).';
+
+CREATE TABLE vetassist_auth.mfa_backup_codes (
+    id          bigserial PRIMARY KEY,
+    user_id     uuid NOT NULL REFERENCES vetassist_auth.users (id) ON DELETE CASCADE,
+    code_hash   bytea NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    used_at     timestamptz
+);
+CREATE INDEX mfa_backup_codes_unused ON vetassist_auth.mfa_backup_codes (user_id) WHERE used_at IS NULL;
+COMMENT ON TABLE vetassist_auth.mfa_backup_codes IS 'Single-use backup codes, stored only as keyed hashes.';
+
+CREATE TABLE vetassist_auth.trusted_devices (
+    id                       uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id                  uuid NOT NULL REFERENCES vetassist_auth.users (id) ON DELETE CASCADE,
+    device_fingerprint_hash  bytea NOT NULL,
+    created_at               timestamptz NOT NULL DEFAULT now(),
+    trusted_until            timestamptz NOT NULL,
+    revoked_at               timestamptz,
+    last_used_at             timestamptz
+);
+CREATE INDEX trusted_devices_by_user ON vetassist_auth.trusted_devices (user_id, device_fingerprint_hash);
+COMMENT ON TABLE vetassist_auth.trusted_devices IS 'Devices (by fingerprint hash) that may skip MFA until trusted_until.';
+
+-- Audit -------------------------------------------------------------------------------------
+
+CREATE TABLE vetassist_auth.audit_log (
+    id               bigserial PRIMARY KEY,
+    occurred_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    xact_id          xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    db_role          text NOT NULL DEFAULT session_user,
+    actor_user_id    uuid,
+    subject_user_id  uuid,
+    session_id       uuid,
+    category         text NOT NULL,
+    event_type       text NOT NULL,
+    outcome          text NOT NULL CHECK (outcome IN ('success', 'failure', 'denied', 'info')),
+    target_table     text,
+    target_id        text,
+    changed_columns  text[],
+    details          jsonb NOT NULL DEFAULT '{}',
+    ip_hash          bytea
+);
+CREATE INDEX audit_log_by_subject ON vetassist_auth.audit_log (subject_user_id, occurred_at);
+CREATE INDEX audit_log_by_time ON vetassist_auth.audit_log (occurred_at);
+COMMENT ON TABLE vetassist_auth.audit_log IS
+    'HIPAA audit trail (45 CFR 164.312(b)): who, what, when, from where. Insert-only; sealed into audit_seals.';
+
+CREATE TABLE vetassist_auth.audit_seals (
+    seq        bigint PRIMARY KEY,
+    audit_id   bigint NOT NULL UNIQUE,
+    prev_hash  bytea NOT NULL,
+    hash       bytea NOT NULL,
+    key_id     integer NOT NULL,
+    sealed_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE vetassist_auth.audit_seals IS
+    'HMAC chain over audit_log: hash = HMAC-SHA256(audit key, prev_hash || to_jsonb(row)::text).';
+
+-- Backups -----------------------------------------------------------------------------------
+
+-- One call per statement: each call updates the same pg_extension row.
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys_key_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.users', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.va_tokens', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.sessions', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_activity', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_activity_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_events', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.mfa_settings', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.mfa_backup_codes', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.mfa_backup_codes_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.trusted_devices', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seals', '');

@@ -1,0 +1,186 @@
+//! Ciphertext envelope v1 (DESIGN section 3):
+//!
+//! ```text
+//! 0x01 | key_id u32 BE | nonce[12] | AES-256-GCM(ciphertext || tag[16])
+//! AAD = bytes 0..5 || UTF-8(context)
+//! ```
+//! Binding the version, key id and context into the AAD means a ciphertext copied to another
+//! column, another user's row or another key id fails authentication instead of decrypting.
+
+use super::{Error, NONCE_LEN, TAG_LEN};
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+
+pub const ENVELOPE_VERSION: u8 = 0x01;
+const HEADER_LEN: usize = 5;
+const PREFIX_LEN: usize = HEADER_LEN + NONCE_LEN;
+pub const OVERHEAD: usize = PREFIX_LEN + TAG_LEN;
+
+fn aad(header: &[u8], context: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(HEADER_LEN + context.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(context.as_bytes());
+    aad
+}
+
+/// Encrypts with a fresh random nonce from the OS RNG.
+pub fn seal(
+    cipher: &Aes256Gcm,
+    key_id: u32,
+    plaintext: &[u8],
+    context: &str,
+) -> Result<Vec<u8>, Error> {
+    let mut nonce = [0u8; NONCE_LEN];
+    super::fill_random(&mut nonce)?;
+    seal_with_nonce(cipher, key_id, &nonce, plaintext, context)
+}
+
+/// Encrypts with a caller-chosen nonce. Only for known-answer tests and for callers that
+/// draw the nonce from the OS RNG themselves.
+pub fn seal_with_nonce(
+    cipher: &Aes256Gcm,
+    key_id: u32,
+    nonce: &[u8; NONCE_LEN],
+    plaintext: &[u8],
+    context: &str,
+) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    out.push(ENVELOPE_VERSION);
+    out.extend_from_slice(&key_id.to_be_bytes());
+    out.extend_from_slice(nonce);
+    let aad = aad(&out[..HEADER_LEN], context);
+    let sealed = cipher
+        .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad: &aad })
+        .map_err(|_| Error::Authentication)?;
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// The key id named by an envelope, after checking its version and minimum length.
+pub fn key_id(envelope: &[u8]) -> Result<u32, Error> {
+    if envelope.len() < OVERHEAD || envelope[0] != ENVELOPE_VERSION {
+        return Err(Error::Malformed);
+    }
+    Ok(u32::from_be_bytes([envelope[1], envelope[2], envelope[3], envelope[4]]))
+}
+
+/// Decrypts an envelope whose key id the caller has already resolved to `cipher`.
+pub fn open(cipher: &Aes256Gcm, envelope: &[u8], context: &str) -> Result<Vec<u8>, Error> {
+    key_id(envelope)?;
+    let nonce = Nonce::from_slice(&envelope[HEADER_LEN..PREFIX_LEN]);
+    let aad = aad(&envelope[..HEADER_LEN], context);
+    cipher
+        .decrypt(nonce, Payload { msg: &envelope[PREFIX_LEN..], aad: &aad })
+        .map_err(|_| Error::Authentication)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+
+    fn cipher(byte: u8) -> Aes256Gcm {
+        SecretKey([byte; 32]).cipher()
+    }
+
+    #[test]
+    fn round_trip_and_layout() {
+        let c = cipher(7);
+        let env = seal(&c, 0x0102_0304, b"refresh-token", "ctx").unwrap();
+        assert_eq!(env[0], 0x01);
+        assert_eq!(&env[1..5], &[1, 2, 3, 4]);
+        assert_eq!(env.len(), OVERHEAD + 13);
+        assert_eq!(key_id(&env).unwrap(), 0x0102_0304);
+        assert_eq!(open(&c, &env, "ctx").unwrap(), b"refresh-token");
+    }
+
+    #[test]
+    fn empty_plaintext_round_trips() {
+        let c = cipher(1);
+        let env = seal(&c, 1, b"", "").unwrap();
+        assert_eq!(open(&c, &env, "").unwrap(), b"");
+    }
+
+    #[test]
+    fn wrong_context_key_or_bits_fail() {
+        let c = cipher(7);
+        let env = seal(&c, 9, b"secret", "users.email:a").unwrap();
+        assert_eq!(open(&c, &env, "users.email:b"), Err(Error::Authentication));
+        assert_eq!(open(&cipher(8), &env, "users.email:a"), Err(Error::Authentication));
+        for i in 0..env.len() {
+            for bit in 0..8 {
+                let mut bad = env.clone();
+                bad[i] ^= 1 << bit;
+                assert!(open(&c, &bad, "users.email:a").is_err(), "byte {i} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_and_unknown_version_are_malformed() {
+        let c = cipher(7);
+        let env = seal(&c, 9, b"secret", "x").unwrap();
+        for len in 0..OVERHEAD {
+            assert_eq!(open(&c, &env[..len], "x"), Err(Error::Malformed));
+        }
+        assert_eq!(open(&c, &env[..env.len() - 1], "x"), Err(Error::Authentication));
+        let mut v2 = env.clone();
+        v2[0] = 0x02;
+        assert_eq!(open(&c, &v2, "x"), Err(Error::Malformed));
+    }
+
+    #[test]
+    fn a_standard_aes_gcm_library_reads_the_envelope() {
+        // DESIGN section 3: any AES-GCM implementation holding the DEK can decrypt.
+        let c = cipher(3);
+        let env = seal(&c, 42, b"hello", "ctx").unwrap();
+        let mut aad = env[..5].to_vec();
+        aad.extend_from_slice(b"ctx");
+        let pt = c
+            .decrypt(Nonce::from_slice(&env[5..17]), Payload { msg: &env[17..], aad: &aad })
+            .unwrap();
+        assert_eq!(pt, b"hello");
+    }
+
+    #[test]
+    fn nonces_are_distinct() {
+        let c = cipher(5);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let env = seal(&c, 1, b"x", "c").unwrap();
+            assert!(seen.insert(env[5..17].to_vec()));
+        }
+    }
+
+    /// Wycheproof AES-GCM vectors with 256-bit keys and 96-bit nonces (the only shape we use).
+    #[test]
+    fn wycheproof_aes_256_gcm() {
+        use aes_gcm::aead::KeyInit;
+        use wycheproof::aead::{TestName, TestSet};
+        use wycheproof::TestResult;
+        let set = TestSet::load(TestName::AesGcm).unwrap();
+        let mut checked = 0;
+        for group in set.test_groups {
+            if group.key_size != 256 || group.nonce_size != 96 || group.tag_size != 128 {
+                continue;
+            }
+            for t in group.tests {
+                let c = Aes256Gcm::new_from_slice(&t.key).unwrap();
+                let nonce = Nonce::from_slice(&t.nonce);
+                let mut ct_tag = t.ct.to_vec();
+                ct_tag.extend_from_slice(&t.tag);
+                let opened = c.decrypt(nonce, Payload { msg: &ct_tag, aad: &t.aad });
+                match t.result {
+                    TestResult::Invalid => assert!(opened.is_err(), "tc {}", t.tc_id),
+                    _ => {
+                        assert_eq!(opened.as_deref().ok(), Some(&t.pt[..]), "tc {}", t.tc_id);
+                        let sealed = c.encrypt(nonce, Payload { msg: &t.pt, aad: &t.aad }).unwrap();
+                        assert_eq!(sealed, ct_tag, "tc {}", t.tc_id);
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} vectors ran");
+    }
+}

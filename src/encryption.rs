@@ -1,0 +1,148 @@
+//! The SQL face of the crypto core: envelope encryption (DESIGN section 3) and searchable
+//! field hashes (section 4), using cached data keys from `keys`.
+
+use crate::crypto::{self, envelope};
+use crate::error::{Failure, Kind, OrRaise, Result};
+use crate::keys::{self, Purpose};
+use pgrx::prelude::*;
+
+/// Postgres refuses values over 1 GB anyway; this keeps the envelope within a varlena.
+const MAX_PLAINTEXT: usize = (1 << 30) - 1024;
+
+pub fn seal(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Vec<u8>> {
+    if plaintext.len() > MAX_PLAINTEXT {
+        return Err(Failure::new(Kind::InvalidArgument, "vetassist_auth: plaintext is too large"));
+    }
+    let key = keys::active_key(purpose)?;
+    keys::reserve_encryption(&key)?;
+    Ok(envelope::seal(key.cipher(), key.id, plaintext, context)?)
+}
+
+/// Decrypts, insisting that the envelope's key has the expected purpose: a token ciphertext
+/// is not readable through the PHI functions, and the other way round.
+pub fn open(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
+    let key = keys::key_by_id(envelope::key_id(ciphertext)?)?;
+    if key.purpose != purpose {
+        return Err(crypto::Error::Authentication.into());
+    }
+    Ok(envelope::open(key.cipher(), ciphertext, context)?)
+}
+
+fn utf8(bytes: Vec<u8>) -> String {
+    // Only our own encrypt_text wrote these bytes, after authentication; anything else is damage.
+    String::from_utf8(bytes).map_err(|_| Failure::from(crypto::Error::Authentication)).or_raise()
+}
+
+/// Encrypts with the active `phi` key; `context` is bound into the ciphertext and must be
+/// given again to decrypt.
+#[pg_extern(strict, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
+    seal(Purpose::Phi, plaintext, context).or_raise()
+}
+
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn decrypt(ciphertext: &[u8], context: &str) -> Vec<u8> {
+    open(Purpose::Phi, ciphertext, context).or_raise()
+}
+
+#[pg_extern(strict, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn encrypt_text(plaintext: &str, context: &str) -> Vec<u8> {
+    seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
+}
+
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn decrypt_text(ciphertext: &[u8], context: &str) -> String {
+    utf8(open(Purpose::Phi, ciphertext, context).or_raise())
+}
+
+/// Token-purpose encryption for the token vault's SQL functions; not granted to any role.
+#[pg_extern(strict, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn encrypt_token(plaintext: &str, context: &str) -> Vec<u8> {
+    seal(Purpose::Token, plaintext.as_bytes(), context).or_raise()
+}
+
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn decrypt_token(ciphertext: &[u8], context: &str) -> String {
+    utf8(open(Purpose::Token, ciphertext, context).or_raise())
+}
+
+/// The key id inside an envelope, or NULL for something that is not an envelope.
+#[pg_extern(strict, immutable, parallel_safe)]
+fn envelope_key_id(ciphertext: &[u8]) -> Option<i32> {
+    envelope::key_id(ciphertext).ok().map(|id| id as i32)
+}
+
+/// The key id at the front of a field hash, or NULL for something that is not one.
+#[pg_extern(strict, immutable, parallel_safe)]
+fn hash_key_id(hash: &[u8]) -> Option<i32> {
+    crypto::field_hash::key_id(hash).map(|id| id as i32)
+}
+
+/// The canonical text of an `inet` value, as Postgres itself prints it.
+fn canonical_ip(value: &str) -> Result<String> {
+    let bad = || Failure::new(Kind::InvalidArgument, "vetassist_auth: value is not a valid IP address for field 'ip'");
+    let trimmed = value.trim();
+    let (addr, prefix) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+    let addr_ok = addr.parse::<std::net::IpAddr>().is_ok();
+    let prefix_ok = prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= 128);
+    if !addr_ok || !prefix_ok {
+        return Err(bad());
+    }
+    let cstr = std::ffi::CString::new(trimmed).map_err(|_| bad())?;
+    let canonical = PgTryBuilder::new(|| unsafe {
+        let inet = pgrx::direct_function_call_as_datum(pg_sys::inet_in, &[Some(pg_sys::Datum::from(cstr.as_ptr()))]);
+        pgrx::direct_function_call::<&core::ffi::CStr>(pg_sys::inet_out, &[inet])
+            .map(|c| c.to_string_lossy().into_owned())
+    })
+    .catch_others(|_| None)
+    .execute();
+    canonical.ok_or_else(bad)
+}
+
+fn normalized(value: &str, field: &str) -> Result<String> {
+    if field.is_empty() {
+        return Err(Failure::new(Kind::InvalidArgument, "vetassist_auth: field name must not be empty"));
+    }
+    Ok(match field {
+        "ip" => canonical_ip(value)?,
+        _ => crypto::normalize(field, value).into_owned(),
+    })
+}
+
+pub fn hash_with(key: &keys::DataKey, normalized: &str, field: &str) -> Vec<u8> {
+    keys::field_key(key, field).hash(normalized).to_vec()
+}
+
+/// `key_id || HMAC-SHA256(K_field, normalize(field, value))` under the active hash key.
+pub fn field_hash_value(value: &str, field: &str) -> Result<Vec<u8>> {
+    let normalized = normalized(value, field)?;
+    let key = keys::active_key(Purpose::Hash)?;
+    Ok(hash_with(&key, &normalized, field))
+}
+
+/// A searchable hash of a value. STABLE so `WHERE col = field_hash(..)` uses an index; the very
+/// first call may create the hash key.
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn field_hash(value: &str, field: &str) -> Vec<u8> {
+    field_hash_value(value, field).or_raise()
+}
+
+/// One hash per usable hash key (active first), for look-ups that keep working while a
+/// rotation is under way: `WHERE email_hash = ANY(field_hashes($1, 'email'))`.
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn field_hashes(value: &str, field: &str) -> Vec<Vec<u8>> {
+    let normalized = normalized(value, field).or_raise();
+    keys::usable_keys(Purpose::Hash)
+        .or_raise()
+        .iter()
+        .map(|key| hash_with(key, &normalized, field))
+        .collect()
+}

@@ -1,0 +1,42 @@
+//! vetassist_auth: logins of a veterans' health application kept safe inside PostgreSQL.
+//!
+//! `crypto` is the pure-Rust core; `keys` holds the data keys; each capability has its own
+//! module and its own SQL file in `sql/`.
+
+use pgrx::prelude::*;
+
+mod crypto;
+mod encryption;
+mod error;
+mod gucs;
+mod keys;
+mod log_redaction;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/keys.sql", name = "keys_sql", requires = ["schema", encryption::encrypt, encryption::decrypt, encryption::encrypt_token, encryption::decrypt_token, encryption::field_hash, encryption::envelope_key_id, encryption::hash_key_id, keys::active_key_id, keys::retire_unused_keys]);
+extension_sql_file!("../sql/health.sql", name = "health", requires = ["keys_sql"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    keys::register_callbacks();
+    log_redaction::install();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["vetassist_auth.master_key = '8f2a61c0d94e3b7a5c1e0f9d8b7a6c5e4d3c2b1a09f8e7d6c5b4a39281706f5e'"]
+    }
+}
