@@ -11,7 +11,10 @@ const MAX_PLAINTEXT: usize = (1 << 30) - 1024;
 
 pub fn seal(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Vec<u8>> {
     if plaintext.len() > MAX_PLAINTEXT {
-        return Err(Failure::new(Kind::InvalidArgument, "vetassist_auth: plaintext is too large"));
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: plaintext is too large",
+        ));
     }
     let key = keys::active_key(purpose)?;
     keys::reserve_encryption(&key)?;
@@ -30,7 +33,9 @@ pub fn open(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8
 
 fn utf8(bytes: Vec<u8>) -> String {
     // Only our own encrypt_text wrote these bytes, after authentication; anything else is damage.
-    String::from_utf8(bytes).map_err(|_| Failure::from(crypto::Error::Authentication)).or_raise()
+    String::from_utf8(bytes)
+        .map_err(|_| Failure::from(crypto::Error::Authentication))
+        .or_raise()
 }
 
 /// Encrypts with the active `phi` key; `context` is bound into the ciphertext and must be
@@ -86,7 +91,12 @@ fn hash_key_id(hash: &[u8]) -> Option<i32> {
 
 /// The canonical text of an `inet` value, as Postgres itself prints it.
 fn canonical_ip(value: &str) -> Result<String> {
-    let bad = || Failure::new(Kind::InvalidArgument, "vetassist_auth: value is not a valid IP address for field 'ip'");
+    let bad = || {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: value is not a valid IP address for field 'ip'",
+        )
+    };
     let trimmed = value.trim();
     let (addr, prefix) = trimmed.split_once('/').unwrap_or((trimmed, ""));
     let addr_ok = addr.parse::<std::net::IpAddr>().is_ok();
@@ -96,7 +106,10 @@ fn canonical_ip(value: &str) -> Result<String> {
     }
     let cstr = std::ffi::CString::new(trimmed).map_err(|_| bad())?;
     let canonical = PgTryBuilder::new(|| unsafe {
-        let inet = pgrx::direct_function_call_as_datum(pg_sys::inet_in, &[Some(pg_sys::Datum::from(cstr.as_ptr()))]);
+        let inet = pgrx::direct_function_call_as_datum(
+            pg_sys::inet_in,
+            &[Some(pg_sys::Datum::from(cstr.as_ptr()))],
+        );
         pgrx::direct_function_call::<&core::ffi::CStr>(pg_sys::inet_out, &[inet])
             .map(|c| c.to_string_lossy().into_owned())
     })
@@ -107,7 +120,10 @@ fn canonical_ip(value: &str) -> Result<String> {
 
 fn normalized(value: &str, field: &str) -> Result<String> {
     if field.is_empty() {
-        return Err(Failure::new(Kind::InvalidArgument, "vetassist_auth: field name must not be empty"));
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: field name must not be empty",
+        ));
     }
     Ok(match field {
         "ip" => canonical_ip(value)?,

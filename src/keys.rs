@@ -46,10 +46,13 @@ impl Purpose {
     }
 
     pub fn parse(text: &str) -> Result<Purpose> {
-        Purpose::ALL.into_iter().find(|p| p.as_str() == text).ok_or_else(|| {
-            Failure::new(Kind::InvalidArgument, "vetassist_auth: unknown key purpose")
-                .with_hint("The purposes are token, phi, hash and audit.")
-        })
+        Purpose::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| {
+                Failure::new(Kind::InvalidArgument, "vetassist_auth: unknown key purpose")
+                    .with_hint("The purposes are token, phi, hash and audit.")
+            })
     }
 }
 
@@ -120,12 +123,23 @@ fn master_fingerprint() -> Result<[u8; 32]> {
     if let Some(path) = gucs::string_setting(&gucs::MASTER_KEY_FILE) {
         let path = path.to_str().map_err(|_| no_master_key())?;
         let meta = std::fs::metadata(path).map_err(|_| {
-            Failure::new(Kind::NotConfigured, "vetassist_auth: the master key file cannot be read")
-                .with_hint("Check that vetassist_auth.master_key_file names a file readable by the server.")
+            Failure::new(
+                Kind::NotConfigured,
+                "vetassist_auth: the master key file cannot be read",
+            )
+            .with_hint(
+                "Check that vetassist_auth.master_key_file names a file readable by the server.",
+            )
         })?;
         digest.update(b"file\0");
         digest.update(path.as_bytes());
-        for n in [meta.dev(), meta.ino(), meta.size(), meta.mtime() as u64, meta.mtime_nsec() as u64] {
+        for n in [
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime() as u64,
+            meta.mtime_nsec() as u64,
+        ] {
             digest.update(n.to_be_bytes());
         }
     } else if let Some(hex) = gucs::string_setting(&gucs::MASTER_KEY) {
@@ -140,8 +154,11 @@ fn master_fingerprint() -> Result<[u8; 32]> {
 /// Reads a master key file and parses it; used for the configured key and by `rewrap_keys`.
 pub fn read_master_key_file(path: &str) -> Result<SecretKey> {
     let text = std::fs::read_to_string(path).map_err(|_| {
-        Failure::new(Kind::NotConfigured, "vetassist_auth: a master key file cannot be read")
-            .with_hint("The file must exist, be readable by the server, and hold 64 hex characters.")
+        Failure::new(
+            Kind::NotConfigured,
+            "vetassist_auth: a master key file cannot be read",
+        )
+        .with_hint("The file must exist, be readable by the server, and hold 64 hex characters.")
     })?;
     Ok(crypto::parse_master_key_hex(&text)?)
 }
@@ -150,7 +167,9 @@ fn load_master_key() -> Result<SecretKey> {
     if let Some(path) = gucs::string_setting(&gucs::MASTER_KEY_FILE) {
         read_master_key_file(path.to_str().map_err(|_| no_master_key())?)
     } else if let Some(hex) = gucs::string_setting(&gucs::MASTER_KEY) {
-        Ok(crypto::parse_master_key_hex(hex.to_str().map_err(|_| crypto::Error::BadMasterKey)?)?)
+        Ok(crypto::parse_master_key_hex(
+            hex.to_str().map_err(|_| crypto::Error::BadMasterKey)?,
+        )?)
     } else {
         Err(no_master_key())
     }
@@ -192,7 +211,8 @@ fn refresh() -> Result<()> {
 }
 
 fn kek() -> Result<Rc<SecretKey>> {
-    RING.with_borrow(|ring| ring.kek.clone()).ok_or_else(no_master_key)
+    RING.with_borrow(|ring| ring.kek.clone())
+        .ok_or_else(no_master_key)
 }
 
 fn keys_relid() -> pg_sys::Oid {
@@ -225,14 +245,22 @@ fn unwrap_row(id: i32, purpose: &str, wrapped: &[u8]) -> Result<Rc<DataKey>> {
             .with_hint("The master key differs from the one that wrapped the data keys; see rewrap_keys in the README.")
     })?;
     let cipher = secret.cipher();
-    let key = Rc::new(DataKey { id: id as u32, purpose, secret, cipher });
+    let key = Rc::new(DataKey {
+        id: id as u32,
+        purpose,
+        secret,
+        cipher,
+    });
     RING.with_borrow_mut(|ring| ring.keys.insert(key.id, key.clone()));
     Ok(key)
 }
 
 fn spi_failure(_: pgrx::spi::SpiError) -> Failure {
-    Failure::new(Kind::NotConfigured, "vetassist_auth: the keys table cannot be read")
-        .with_hint("Run SELECT * FROM vetassist_auth.verify_installation().")
+    Failure::new(
+        Kind::NotConfigured,
+        "vetassist_auth: the keys table cannot be read",
+    )
+    .with_hint("Run SELECT * FROM vetassist_auth.verify_installation().")
 }
 
 /// Creates the active key of a purpose unless another transaction already did.
@@ -258,7 +286,11 @@ fn create_active_key(purpose: Purpose) -> Result<()> {
             return Ok(());
         }
         let id: i32 = client
-            .update("SELECT pg_catalog.nextval('vetassist_auth.keys_key_id_seq')::integer", None, &[])
+            .update(
+                "SELECT pg_catalog.nextval('vetassist_auth.keys_key_id_seq')::integer",
+                None,
+                &[],
+            )
             .map_err(spi_failure)?
             .first()
             .get_one()
@@ -294,7 +326,12 @@ fn load_active_key(purpose: Purpose) -> Result<Option<Rc<DataKey>>> {
 /// The active key of a purpose, created on first use.
 pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
     refresh()?;
-    let cached = RING.with_borrow(|ring| ring.active.get(&purpose).and_then(|id| ring.keys.get(id)).cloned());
+    let cached = RING.with_borrow(|ring| {
+        ring.active
+            .get(&purpose)
+            .and_then(|id| ring.keys.get(id))
+            .cloned()
+    });
     if let Some(key) = cached {
         return Ok(key);
     }
@@ -303,7 +340,8 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
         None => {
             create_active_key(purpose)?;
             STALE.set(false); // our own insert is visible; keep the kek and go on
-            load_active_key(purpose)?.ok_or_else(|| spi_failure(pgrx::spi::SpiError::InvalidPosition))?
+            load_active_key(purpose)?
+                .ok_or_else(|| spi_failure(pgrx::spi::SpiError::InvalidPosition))?
         }
     };
     RING.with_borrow_mut(|ring| ring.active.insert(purpose, key.id));
@@ -324,7 +362,9 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
     );
     match row {
         Ok((Some(purpose), Some(wrapped))) => unwrap_row(id, &purpose, &wrapped),
-        Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => Err(crypto::Error::Authentication.into()),
+        Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => {
+            Err(crypto::Error::Authentication.into())
+        }
         Err(e) => Err(spi_failure(e)),
     }
 }
@@ -341,7 +381,11 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     if taken {
         return Ok(());
     }
-    let size = RING.with_borrow(|ring| ring.leases.get(&key.id).map_or(FIRST_LEASE, |l| l.next_size));
+    let size = RING.with_borrow(|ring| {
+        ring.leases
+            .get(&key.id)
+            .map_or(FIRST_LEASE, |l| l.next_size)
+    });
     let count = Spi::get_one_with_args::<i64>(
         "UPDATE vetassist_auth.keys SET encrypt_count = encrypt_count + $2 \
          WHERE key_id = $1 AND status = 'active' RETURNING encrypt_count",
@@ -362,9 +406,16 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     if count >= ENCRYPT_REFUSE_AT {
         return Err(Failure::new(
             Kind::NotConfigured,
-            format!("vetassist_auth: data key {} ({}) has reached its encryption limit", key.id, key.purpose.as_str()),
+            format!(
+                "vetassist_auth: data key {} ({}) has reached its encryption limit",
+                key.id,
+                key.purpose.as_str()
+            ),
         )
-        .with_hint(format!("Rotate it: SELECT vetassist_auth.rotate_key('{}');", key.purpose.as_str())));
+        .with_hint(format!(
+            "Rotate it: SELECT vetassist_auth.rotate_key('{}');",
+            key.purpose.as_str()
+        )));
     }
     if count >= ENCRYPT_WARN_AT {
         pgrx::ereport!(
@@ -379,7 +430,13 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
         );
     }
     RING.with_borrow_mut(|ring| {
-        ring.leases.insert(key.id, Lease { remaining: size - 1, next_size: (size * 2).min(MAX_LEASE) })
+        ring.leases.insert(
+            key.id,
+            Lease {
+                remaining: size - 1,
+                next_size: (size * 2).min(MAX_LEASE),
+            },
+        )
     });
     Ok(())
 }
@@ -419,10 +476,15 @@ pub fn usable_keys(purpose: Purpose) -> Result<Vec<Rc<DataKey>>> {
 // Transaction and invalidation callbacks (registered once per backend from _PG_init)
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => CHECKED_THIS_XACT.set(false),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
+            CHECKED_THIS_XACT.set(false)
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             CHECKED_THIS_XACT.set(false);
             STALE.set(true);
@@ -457,7 +519,10 @@ pub fn register_callbacks() {
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
-        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
     }
 }
 
@@ -484,7 +549,9 @@ fn rotate_key(purpose: &str) -> i32 {
     .or_raise();
     create_active_key(purpose).or_raise();
     STALE.set(false);
-    let key = load_active_key(purpose).or_raise().expect("the key was just created");
+    let key = load_active_key(purpose)
+        .or_raise()
+        .expect("the key was just created");
     invalidate_all_backends();
     key.id as i32
 }
@@ -501,9 +568,12 @@ fn rewrap_keys(old_master_key_file: &str) -> i32 {
     .flatten()
     .unwrap_or(false);
     if !allowed {
-        Failure::new(Kind::InsufficientPrivilege, "vetassist_auth: rewrap_keys reads a server file")
-            .with_hint("The session user needs the privileges of pg_read_server_files.")
-            .raise();
+        Failure::new(
+            Kind::InsufficientPrivilege,
+            "vetassist_auth: rewrap_keys reads a server file",
+        )
+        .with_hint("The session user needs the privileges of pg_read_server_files.")
+        .raise();
     }
     let old_kek = crypto::derive_kek(&read_master_key_file(old_master_key_file).or_raise());
     refresh().or_raise();
@@ -523,8 +593,13 @@ fn rewrap_keys(old_master_key_file: &str) -> i32 {
         }
         let dek = crypto::unwrap_dek(&old_kek, id as u32, &purpose, &wrapped)
             .map_err(|_| {
-                Failure::new(Kind::DataCorrupted, format!("vetassist_auth: data key {id} opens with neither master key"))
-                    .with_hint("Pass the file of the master key that wrapped the keys before the change.")
+                Failure::new(
+                    Kind::DataCorrupted,
+                    format!("vetassist_auth: data key {id} opens with neither master key"),
+                )
+                .with_hint(
+                    "Pass the file of the master key that wrapped the keys before the change.",
+                )
             })
             .or_raise();
         let new_wrapped = crypto::wrap_dek(&new_kek, id as u32, &purpose, &dek).or_raise();

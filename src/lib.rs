@@ -15,8 +15,27 @@ mod log_redaction;
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/keys.sql", name = "keys_sql", requires = ["schema", encryption::encrypt, encryption::decrypt, encryption::encrypt_token, encryption::decrypt_token, encryption::field_hash, encryption::envelope_key_id, encryption::hash_key_id, keys::active_key_id, keys::retire_unused_keys]);
-extension_sql_file!("../sql/health.sql", name = "health", requires = ["keys_sql"]);
+extension_sql_file!(
+    "../sql/keys.sql",
+    name = "keys_sql",
+    requires = [
+        "schema",
+        encryption::encrypt,
+        encryption::decrypt,
+        encryption::encrypt_token,
+        encryption::decrypt_token,
+        encryption::field_hash,
+        encryption::envelope_key_id,
+        encryption::hash_key_id,
+        keys::active_key_id,
+        keys::retire_unused_keys
+    ]
+);
+extension_sql_file!(
+    "../sql/health.sql",
+    name = "health",
+    requires = ["keys_sql"]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
@@ -25,10 +44,6 @@ pub extern "C-unwind" fn _PG_init() {
     keys::register_callbacks();
     log_redaction::install();
 }
-
-#[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

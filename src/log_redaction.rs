@@ -15,8 +15,16 @@ use std::ffi::{CStr, CString};
 static mut PREVIOUS_HOOK: pg_sys::emit_log_hook_type = None;
 
 /// Words that mark a statement as one of ours, matched case-insensitively.
-const MARKERS: [&str; 8] =
-    ["vetassist_auth", "encrypt", "decrypt", "field_hash", "va_token", "va_user", "mfa_", "session"];
+const MARKERS: [&str; 8] = [
+    "vetassist_auth",
+    "encrypt",
+    "decrypt",
+    "field_hash",
+    "va_token",
+    "va_user",
+    "mfa_",
+    "session",
+];
 
 const REDACTED: &str = "<redacted by vetassist_auth>";
 
@@ -52,14 +60,26 @@ fn redact_message(message: &str, statement: &str) -> String {
     }
 }
 
+/// On reload Postgres logs `parameter "NAME" changed to "VALUE"`; for the inline master key
+/// that would be the key itself.
+fn redact_setting_change(message: &str) -> Option<String> {
+    let prefix = "parameter \"vetassist_auth.master_key\" changed to";
+    message.starts_with(prefix).then(|| format!("{prefix} {REDACTED}"))
+}
+
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
+    if let Some(redacted) = text_of((*edata).message).as_deref().and_then(redact_setting_change) {
+        (*edata).message = error_cstring(&redacted);
+    }
     let statement = text_of(pg_sys::debug_query_string).unwrap_or_default();
     if !statement.is_empty() && mentions_extension(&statement) {
         let e = &mut *edata;
         e.hide_stmt = true;
         if let Some(message) = text_of(e.message) {
-            if message.contains(&statement) || (mentions_extension(&message) && e.elevel == pg_sys::LOG as i32) {
+            if message.contains(&statement)
+                || (mentions_extension(&message) && e.elevel == pg_sys::LOG as i32)
+            {
                 e.message = error_cstring(&redact_message(&message, &statement));
             }
         }
@@ -85,7 +105,9 @@ mod tests {
 
     #[test]
     fn statements_of_ours_are_recognised() {
-        assert!(mentions_extension("SELECT VETASSIST_AUTH.encrypt_text($1, $2)"));
+        assert!(mentions_extension(
+            "SELECT VETASSIST_AUTH.encrypt_text($1, $2)"
+        ));
         assert!(mentions_extension("select store_va_tokens('a','b')"));
         assert!(!mentions_extension("SELECT 1"));
     }
@@ -98,5 +120,12 @@ mod tests {
             format!("duration: 0.1 ms  statement: {REDACTED}")
         );
         assert_eq!(redact_message("something else", stmt), REDACTED);
+    }
+
+    #[test]
+    fn a_reloaded_inline_master_key_is_not_logged() {
+        let logged = redact_setting_change("parameter \"vetassist_auth.master_key\" changed to \"00ff\"").unwrap();
+        assert!(!logged.contains("00ff"));
+        assert_eq!(redact_setting_change("parameter \"vetassist_auth.master_key_file\" changed to \"/k\""), None);
     }
 }

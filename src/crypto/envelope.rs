@@ -50,7 +50,13 @@ pub fn seal_with_nonce(
     out.extend_from_slice(nonce);
     let aad = aad(&out[..HEADER_LEN], context);
     let sealed = cipher
-        .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
         .map_err(|_| Error::Authentication)?;
     out.extend_from_slice(&sealed);
     Ok(out)
@@ -61,7 +67,12 @@ pub fn key_id(envelope: &[u8]) -> Result<u32, Error> {
     if envelope.len() < OVERHEAD || envelope[0] != ENVELOPE_VERSION {
         return Err(Error::Malformed);
     }
-    Ok(u32::from_be_bytes([envelope[1], envelope[2], envelope[3], envelope[4]]))
+    Ok(u32::from_be_bytes([
+        envelope[1],
+        envelope[2],
+        envelope[3],
+        envelope[4],
+    ]))
 }
 
 /// Decrypts an envelope whose key id the caller has already resolved to `cipher`.
@@ -70,7 +81,13 @@ pub fn open(cipher: &Aes256Gcm, envelope: &[u8], context: &str) -> Result<Vec<u8
     let nonce = Nonce::from_slice(&envelope[HEADER_LEN..PREFIX_LEN]);
     let aad = aad(&envelope[..HEADER_LEN], context);
     cipher
-        .decrypt(nonce, Payload { msg: &envelope[PREFIX_LEN..], aad: &aad })
+        .decrypt(
+            nonce,
+            Payload {
+                msg: &envelope[PREFIX_LEN..],
+                aad: &aad,
+            },
+        )
         .map_err(|_| Error::Authentication)
 }
 
@@ -106,12 +123,18 @@ mod tests {
         let c = cipher(7);
         let env = seal(&c, 9, b"secret", "users.email:a").unwrap();
         assert_eq!(open(&c, &env, "users.email:b"), Err(Error::Authentication));
-        assert_eq!(open(&cipher(8), &env, "users.email:a"), Err(Error::Authentication));
+        assert_eq!(
+            open(&cipher(8), &env, "users.email:a"),
+            Err(Error::Authentication)
+        );
         for i in 0..env.len() {
             for bit in 0..8 {
                 let mut bad = env.clone();
                 bad[i] ^= 1 << bit;
-                assert!(open(&c, &bad, "users.email:a").is_err(), "byte {i} bit {bit}");
+                assert!(
+                    open(&c, &bad, "users.email:a").is_err(),
+                    "byte {i} bit {bit}"
+                );
             }
         }
     }
@@ -123,7 +146,10 @@ mod tests {
         for len in 0..OVERHEAD {
             assert_eq!(open(&c, &env[..len], "x"), Err(Error::Malformed));
         }
-        assert_eq!(open(&c, &env[..env.len() - 1], "x"), Err(Error::Authentication));
+        assert_eq!(
+            open(&c, &env[..env.len() - 1], "x"),
+            Err(Error::Authentication)
+        );
         let mut v2 = env.clone();
         v2[0] = 0x02;
         assert_eq!(open(&c, &v2, "x"), Err(Error::Malformed));
@@ -137,7 +163,13 @@ mod tests {
         let mut aad = env[..5].to_vec();
         aad.extend_from_slice(b"ctx");
         let pt = c
-            .decrypt(Nonce::from_slice(&env[5..17]), Payload { msg: &env[17..], aad: &aad })
+            .decrypt(
+                Nonce::from_slice(&env[5..17]),
+                Payload {
+                    msg: &env[17..],
+                    aad: &aad,
+                },
+            )
             .unwrap();
         assert_eq!(pt, b"hello");
     }
@@ -169,12 +201,26 @@ mod tests {
                 let nonce = Nonce::from_slice(&t.nonce);
                 let mut ct_tag = t.ct.to_vec();
                 ct_tag.extend_from_slice(&t.tag);
-                let opened = c.decrypt(nonce, Payload { msg: &ct_tag, aad: &t.aad });
+                let opened = c.decrypt(
+                    nonce,
+                    Payload {
+                        msg: &ct_tag,
+                        aad: &t.aad,
+                    },
+                );
                 match t.result {
                     TestResult::Invalid => assert!(opened.is_err(), "tc {}", t.tc_id),
                     _ => {
                         assert_eq!(opened.as_deref().ok(), Some(&t.pt[..]), "tc {}", t.tc_id);
-                        let sealed = c.encrypt(nonce, Payload { msg: &t.pt, aad: &t.aad }).unwrap();
+                        let sealed = c
+                            .encrypt(
+                                nonce,
+                                Payload {
+                                    msg: &t.pt,
+                                    aad: &t.aad,
+                                },
+                            )
+                            .unwrap();
                         assert_eq!(sealed, ct_tag, "tc {}", t.tc_id);
                     }
                 }

@@ -17,10 +17,21 @@ pub const FIELD_HASH_LEN: usize = 4 + 32;
 pub fn normalize<'a>(field: &str, value: &'a str) -> Cow<'a, str> {
     match field {
         "email" => Cow::Owned(value.trim().to_lowercase()),
-        "va_icn" => Cow::Owned(value.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_uppercase()),
+        "va_icn" => Cow::Owned(
+            value
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect::<String>()
+                .to_uppercase(),
+        ),
         "first_name" | "last_name" => {
             let nfkc: String = value.nfkc().collect();
-            Cow::Owned(nfkc.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase())
+            Cow::Owned(
+                nfkc.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .to_lowercase(),
+            )
         }
         "phone" => Cow::Owned(value.chars().filter(|c| c.is_ascii_digit()).collect()),
         _ => Cow::Borrowed(value),
@@ -66,7 +77,10 @@ mod tests {
 
     #[test]
     fn normalizers() {
-        assert_eq!(normalize("email", "  Vet@Example.COM \n"), "vet@example.com");
+        assert_eq!(
+            normalize("email", "  Vet@Example.COM \n"),
+            "vet@example.com"
+        );
         assert_eq!(normalize("va_icn", " 1012 6679\t85v123 "), "1012667985V123");
         assert_eq!(normalize("first_name", "  Ｊｏｈｎ   Paul "), "john paul");
         assert_eq!(normalize("last_name", "O\u{2019}Brien"), "o\u{2019}brien");
@@ -84,7 +98,10 @@ mod tests {
         assert_eq!(key_id(&h), Some(7));
         assert_eq!(h, email.hash("a@b.c"));
         assert_ne!(h[4..], FieldKey::new(7, &dek, "va_icn").hash("a@b.c")[4..]);
-        assert_ne!(h[4..], FieldKey::new(7, &[5u8; 32], "email").hash("a@b.c")[4..]);
+        assert_ne!(
+            h[4..],
+            FieldKey::new(7, &[5u8; 32], "email").hash("a@b.c")[4..]
+        );
     }
 
     #[test]
@@ -95,7 +112,10 @@ mod tests {
         let kf = kf.finalize().into_bytes();
         let mut m = HmacSha256::new_from_slice(&kf).unwrap();
         m.update(b"x@y.z");
-        assert_eq!(FieldKey::new(1, &dek, "email").hash("x@y.z")[4..], m.finalize().into_bytes()[..]);
+        assert_eq!(
+            FieldKey::new(1, &dek, "email").hash("x@y.z")[4..],
+            m.finalize().into_bytes()[..]
+        );
     }
 
     /// Wycheproof HMAC-SHA256 vectors with full-length tags.

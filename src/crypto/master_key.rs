@@ -36,12 +36,23 @@ fn wrap_aad(key_id: u32, purpose: &str) -> Vec<u8> {
 }
 
 /// wrapped_key = nonce(12) || AES-256-GCM(KEK, nonce, DEK, AAD = "vetassist_auth:key:<id>:<purpose>").
-pub fn wrap_dek(kek: &SecretKey, key_id: u32, purpose: &str, dek: &SecretKey) -> Result<Vec<u8>, Error> {
+pub fn wrap_dek(
+    kek: &SecretKey,
+    key_id: u32,
+    purpose: &str,
+    dek: &SecretKey,
+) -> Result<Vec<u8>, Error> {
     let mut nonce = [0u8; NONCE_LEN];
     super::fill_random(&mut nonce)?;
     let sealed = kek
         .cipher()
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: &dek.0, aad: &wrap_aad(key_id, purpose) })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &dek.0,
+                aad: &wrap_aad(key_id, purpose),
+            },
+        )
         .map_err(|_| Error::Authentication)?;
     let mut out = nonce.to_vec();
     out.extend_from_slice(&sealed);
@@ -49,7 +60,12 @@ pub fn wrap_dek(kek: &SecretKey, key_id: u32, purpose: &str, dek: &SecretKey) ->
 }
 
 /// Unwraps a data key; fails on a wrong master key, or a row whose id or purpose was changed.
-pub fn unwrap_dek(kek: &SecretKey, key_id: u32, purpose: &str, wrapped: &[u8]) -> Result<SecretKey, Error> {
+pub fn unwrap_dek(
+    kek: &SecretKey,
+    key_id: u32,
+    purpose: &str,
+    wrapped: &[u8],
+) -> Result<SecretKey, Error> {
     if wrapped.len() != NONCE_LEN + KEY_LEN + super::TAG_LEN {
         return Err(Error::Malformed);
     }
@@ -57,7 +73,10 @@ pub fn unwrap_dek(kek: &SecretKey, key_id: u32, purpose: &str, wrapped: &[u8]) -
         .cipher()
         .decrypt(
             Nonce::from_slice(&wrapped[..NONCE_LEN]),
-            Payload { msg: &wrapped[NONCE_LEN..], aad: &wrap_aad(key_id, purpose) },
+            Payload {
+                msg: &wrapped[NONCE_LEN..],
+                aad: &wrap_aad(key_id, purpose),
+            },
         )
         .map_err(|_| Error::Authentication)?;
     let mut key = [0u8; KEY_LEN];
@@ -80,7 +99,13 @@ mod tests {
 
     #[test]
     fn rejects_malformed_keys() {
-        for bad in ["", "00", &HEX[..63], &format!("{HEX}00"), &format!("zz{}", &HEX[2..])] {
+        for bad in [
+            "",
+            "00",
+            &HEX[..63],
+            &format!("{HEX}00"),
+            &format!("zz{}", &HEX[2..]),
+        ] {
             assert_eq!(parse_master_key_hex(bad).unwrap_err(), Error::BadMasterKey);
         }
     }
@@ -123,10 +148,16 @@ mod tests {
             ),
         ];
         for (ikm, salt, info, okm) in cases {
-            let (ikm, salt, info, okm) =
-                (hex::decode(ikm).unwrap(), hex::decode(salt).unwrap(), hex::decode(info).unwrap(), hex::decode(okm).unwrap());
+            let (ikm, salt, info, okm) = (
+                hex::decode(ikm).unwrap(),
+                hex::decode(salt).unwrap(),
+                hex::decode(info).unwrap(),
+                hex::decode(okm).unwrap(),
+            );
             let mut out = vec![0u8; okm.len()];
-            Hkdf::<Sha256>::new(Some(&salt), &ikm).expand(&info, &mut out).unwrap();
+            Hkdf::<Sha256>::new(Some(&salt), &ikm)
+                .expand(&info, &mut out)
+                .unwrap();
             assert_eq!(out, okm);
         }
     }
@@ -138,10 +169,22 @@ mod tests {
         let wrapped = wrap_dek(&kek, 3, "phi", &dek).unwrap();
         assert_eq!(wrapped.len(), 12 + 32 + 16);
         assert_eq!(unwrap_dek(&kek, 3, "phi", &wrapped).unwrap().0, dek.0);
-        assert_eq!(unwrap_dek(&kek, 4, "phi", &wrapped).unwrap_err(), Error::Authentication);
-        assert_eq!(unwrap_dek(&kek, 3, "token", &wrapped).unwrap_err(), Error::Authentication);
+        assert_eq!(
+            unwrap_dek(&kek, 4, "phi", &wrapped).unwrap_err(),
+            Error::Authentication
+        );
+        assert_eq!(
+            unwrap_dek(&kek, 3, "token", &wrapped).unwrap_err(),
+            Error::Authentication
+        );
         let other_kek = derive_kek(&SecretKey([1u8; 32]));
-        assert_eq!(unwrap_dek(&other_kek, 3, "phi", &wrapped).unwrap_err(), Error::Authentication);
-        assert_eq!(unwrap_dek(&kek, 3, "phi", &wrapped[1..]).unwrap_err(), Error::Malformed);
+        assert_eq!(
+            unwrap_dek(&other_kek, 3, "phi", &wrapped).unwrap_err(),
+            Error::Authentication
+        );
+        assert_eq!(
+            unwrap_dek(&kek, 3, "phi", &wrapped[1..]).unwrap_err(),
+            Error::Malformed
+        );
     }
 }

@@ -1,0 +1,99 @@
+"""Throw-away clusters for the integration tests, started through scripts/cluster.sh."""
+import itertools
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_ports = itertools.count(28830)
+
+
+class Cluster:
+    """A PostgreSQL 15 cluster under target/clusters/NAME, run as the postgres OS user."""
+
+    def __init__(self, name, *conf_lines):
+        self.name = name
+        self.port = next(_ports)
+        out = subprocess.run(
+            [ROOT / "scripts/cluster.sh", "start", name, str(self.port), *conf_lines],
+            check=True, capture_output=True, text=True)
+        self.dir = Path(out.stdout.strip().splitlines()[-1])
+        self.key_file = self.dir / "master.key"
+
+    def conninfo(self, dbname="postgres", user="postgres"):
+        return f"host={self.dir} port={self.port} dbname={dbname} user={user}"
+
+    def connect(self, dbname="postgres", user="postgres", autocommit=True):
+        return psycopg.connect(self.conninfo(dbname, user), autocommit=autocommit)
+
+    def psql(self, sql, dbname="postgres"):
+        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", self.conninfo(dbname), "-c", sql],
+                       check=True, capture_output=True)
+
+    def log(self):
+        return (self.dir / "server.log").read_text(errors="replace")
+
+    def as_postgres(self, *cmd):
+        prefix = ["sudo", "-u", "postgres"] if os.geteuid() == 0 else []
+        return subprocess.run(prefix + list(cmd), check=True, capture_output=True, text=True)
+
+    def set_conf(self, name, value):
+        """Appends `name = 'value'` to postgresql.conf, reloads, and waits until new sessions see it."""
+        self.as_postgres("bash", "-c", f"echo \"{name} = '{value}'\" >> '{self.dir}/data/postgresql.conf'")
+        with self.connect() as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        for _ in range(100):
+            with self.connect() as conn:
+                if conn.execute("SELECT current_setting(%s, true)", (name,)).fetchone()[0] == value:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"{name} was not reloaded")
+
+    def stop(self):
+        subprocess.run([ROOT / "scripts/cluster.sh", "stop", self.name], check=False)
+
+
+def install(cluster, dbname="vetassist"):
+    """Creates a database with the extension and one login role per extension role."""
+    cluster.psql(f"CREATE DATABASE {dbname}")
+    cluster.psql("CREATE EXTENSION vetassist_auth", dbname)
+    cluster.psql("""
+        DO $$ BEGIN
+          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user') THEN
+            CREATE ROLE app_user LOGIN IN ROLE vetassist_app;
+            CREATE ROLE admin_user LOGIN IN ROLE vetassist_admin;
+            CREATE ROLE auditor_user LOGIN IN ROLE vetassist_auditor;
+            CREATE ROLE outsider LOGIN;
+          END IF;
+        END $$""", dbname)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The shared cluster: library preloaded, extension installed in database 'vetassist'."""
+    c = Cluster("pytest", "shared_preload_libraries = 'vetassist_auth'")
+    install(c)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def app(cluster):
+    with cluster.connect("vetassist", "app_user") as conn:
+        yield conn
+
+
+@pytest.fixture
+def admin(cluster):
+    with cluster.connect("vetassist", "admin_user") as conn:
+        yield conn
+
+
+@pytest.fixture
+def su(cluster):
+    with cluster.connect("vetassist") as conn:
+        yield conn

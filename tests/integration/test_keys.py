@@ -1,0 +1,129 @@
+"""Master key configuration (DESIGN section 2): missing, malformed, hidden, changed, rewrapped."""
+import concurrent.futures
+
+import psycopg
+import pytest
+
+from conftest import Cluster, install
+
+
+def sqlstate_of(conn, sql, *params):
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(sql, params)
+    return err.value.sqlstate, err.value.diag.message_primary, err.value.diag.message_hint
+
+
+@pytest.fixture(scope="module")
+def keyless():
+    """A cluster whose master key settings we change during the tests."""
+    c = Cluster("keys", "shared_preload_libraries = 'vetassist_auth'")
+    install(c)
+    yield c
+    c.stop()
+
+
+def test_no_master_key_is_55000_with_a_hint_naming_both_settings(keyless):
+    keyless.set_conf("vetassist_auth.master_key_file", "")
+    with keyless.connect("vetassist", "app_user") as conn:
+        for sql in ("SELECT vetassist_auth.encrypt_text('x', 'c')",
+                    "SELECT vetassist_auth.field_hash('x', 'email')",
+                    "SELECT vetassist_auth.decrypt_text('\\x0100000001000000000000000000000000000000000000000000000000000000000000'::bytea, 'c')"):
+            state, message, hint = sqlstate_of(conn, sql)
+            assert state == "55000"
+            assert "vetassist_auth.master_key_file" in hint and "vetassist_auth.master_key" in hint
+
+
+def test_malformed_inline_key_is_55000_and_never_echoed(keyless):
+    bad = "zz" + "ab" * 31
+    keyless.set_conf("vetassist_auth.master_key", f"{bad}")
+    with keyless.connect("vetassist", "app_user") as conn:
+        state, message, hint = sqlstate_of(conn, "SELECT vetassist_auth.encrypt_text('x', 'c')")
+    assert state == "55000" and "malformed" in message
+    assert bad not in (message + (hint or ""))
+    assert bad not in keyless.log()
+
+
+def test_unreadable_key_file_is_55000(keyless):
+    keyless.set_conf("vetassist_auth.master_key_file", "/nonexistent/master.key")
+    with keyless.connect("vetassist", "app_user") as conn:
+        state, _, hint = sqlstate_of(conn, "SELECT vetassist_auth.encrypt_text('x', 'c')")
+    assert state == "55000" and "master_key_file" in hint
+
+
+def test_inline_key_is_hidden_from_everyone_but_superusers(keyless):
+    secret = "5e" * 32
+    keyless.set_conf("vetassist_auth.master_key_file", "")
+    keyless.set_conf("vetassist_auth.master_key", f"{secret}")
+    with keyless.connect("vetassist", "app_user") as conn:
+        assert conn.execute("SELECT vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('ok', 'c'), 'c')").fetchone()[0] == "ok"
+        state, _, _ = sqlstate_of(conn, "SHOW vetassist_auth.master_key")
+        assert state == "42501"
+        rows = conn.execute("SELECT name, setting FROM pg_settings WHERE name LIKE 'vetassist_auth.%'").fetchall()
+        assert all(secret not in (setting or "") for _, setting in rows)
+        assert conn.execute("SELECT count(*) FROM pg_settings WHERE setting LIKE %s", (f"%{secret}%",)).fetchone()[0] == 0
+        # A session cannot override a SIGHUP setting.
+        state, _, _ = sqlstate_of(conn, "SET vetassist_auth.master_key = '" + "00" * 32 + "'")
+        assert state in ("55P02", "42501")
+    with keyless.connect("vetassist", "outsider") as conn:
+        state, _, _ = sqlstate_of(conn, "SHOW vetassist_auth.master_key")
+        assert state == "42501"
+    assert secret not in keyless.log()
+
+
+def test_changed_master_key_needs_rewrap_then_everything_reads(keyless):
+    old, new = "11" * 32, "22" * 32
+    old_file = keyless.dir / "old.key"
+    keyless.as_postgres("bash", "-c", f"umask 077; echo {old} > '{old_file}'")
+    keyless.set_conf("vetassist_auth.master_key", f"{old}")
+    with keyless.connect("vetassist") as su:
+        su.execute("DELETE FROM vetassist_auth.keys")  # start from keys wrapped under `old`
+        ct = su.execute("SELECT vetassist_auth.encrypt_text('survives', 'c')").fetchone()[0]
+        h = su.execute("SELECT vetassist_auth.field_hash('a@b.c', 'email')").fetchone()[0]
+    keyless.set_conf("vetassist_auth.master_key", f"{new}")
+    with keyless.connect("vetassist") as su:
+        state, message, hint = sqlstate_of(su, "SELECT vetassist_auth.decrypt_text(%s, 'c')", ct)
+        assert state == "XX001" and "rewrap_keys" in hint
+    with keyless.connect("vetassist", "admin_user") as admin:
+        # vetassist_admin alone may not read server files.
+        state, _, _ = sqlstate_of(admin, "SELECT vetassist_auth.rewrap_keys(%s)", str(old_file))
+        assert state == "42501"
+    keyless.psql("GRANT pg_read_server_files TO admin_user")
+    with keyless.connect("vetassist", "admin_user") as admin:
+        state, _, _ = sqlstate_of(admin, "SELECT vetassist_auth.rewrap_keys(%s)", str(keyless.dir / "nope.key"))
+        assert state == "55000"
+        assert admin.execute("SELECT vetassist_auth.rewrap_keys(%s)", (str(old_file),)).fetchone()[0] == 2  # phi and hash
+        assert admin.execute("SELECT vetassist_auth.rewrap_keys(%s)", (str(old_file),)).fetchone()[0] == 0
+    with keyless.connect("vetassist", "app_user") as conn:
+        assert conn.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (ct,)).fetchone()[0] == "survives"
+        assert conn.execute("SELECT vetassist_auth.field_hash('A@B.C', 'email')").fetchone()[0] == h
+    keyless.psql("REVOKE pg_read_server_files FROM admin_user")
+
+
+def test_first_use_creates_one_key_per_purpose_under_concurrency():
+    c = Cluster("keyrace", "shared_preload_libraries = 'vetassist_auth'", "max_connections = 40")
+    try:
+        install(c)
+
+        def first_use(i):
+            with c.connect("vetassist", "app_user") as conn:
+                ct = conn.execute("SELECT vetassist_auth.encrypt_text(%s, 'c')", (f"v{i}",)).fetchone()[0]
+                conn.execute("SELECT vetassist_auth.field_hash('x', 'email')")
+                return conn.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (ct,)).fetchone()[0]
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            assert sorted(pool.map(first_use, range(16))) == sorted(f"v{i}" for i in range(16))
+        with c.connect("vetassist") as su:
+            rows = su.execute("SELECT purpose, count(*) FROM vetassist_auth.keys WHERE status = 'active' GROUP BY 1").fetchall()
+        assert dict(rows) == {"phi": 1, "hash": 1}
+    finally:
+        c.stop()
+
+
+def test_rotation_in_one_backend_is_seen_by_another(cluster):
+    with cluster.connect("vetassist", "app_user") as a, cluster.connect("vetassist", "admin_user") as admin:
+        # Bytes 1..5 of the envelope are the key id.
+        key_of = "SELECT get_byte(c, 1) << 24 | get_byte(c, 2) << 16 | get_byte(c, 3) << 8 | get_byte(c, 4) FROM (SELECT vetassist_auth.encrypt_text('x', 'c') AS c) s"
+        before = a.execute(key_of).fetchone()[0]
+        rotated = admin.execute("SELECT vetassist_auth.rotate_key('phi')").fetchone()[0]
+        after = a.execute(key_of).fetchone()[0]
+        assert before != rotated and after == rotated
