@@ -20,7 +20,19 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.encrypt_text(text, text),
     vetassist_auth.decrypt_text(bytea, text),
     vetassist_auth.field_hash(text, text),
-    vetassist_auth.field_hashes(text, text)
+    vetassist_auth.field_hashes(text, text),
+    vetassist_auth.set_actor(uuid, text),
+    vetassist_auth.audit_event(text, text, text, jsonb),
+    vetassist_auth.upsert_va_user(text, text, text, text, text),
+    vetassist_auth.find_user_by_icn(text),
+    vetassist_auth.find_users_by_email(text),
+    vetassist_auth.user_profile(uuid),
+    vetassist_auth.deactivate_user(uuid, text),
+    vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text),
+    vetassist_auth.va_access_token(uuid),
+    vetassist_auth.va_refresh_token(uuid),
+    vetassist_auth.va_tokens_due(interval),
+    vetassist_auth.delete_va_tokens(uuid)
 TO vetassist_app;
 
 -- Key administration.
@@ -28,7 +40,10 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.rotate_key(text),
     vetassist_auth.reencrypt(integer),
     vetassist_auth.rewrap_keys(text),
-    vetassist_auth.verify_installation()
+    vetassist_auth.verify_installation(),
+    vetassist_auth.deactivate_user(uuid, text),
+    vetassist_auth.set_actor(uuid, text),
+    vetassist_auth.audit_event(text, text, text, jsonb)
 TO vetassist_admin;
 GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count) ON vetassist_auth.keys TO vetassist_admin;
 

@@ -5,6 +5,7 @@
 
 use pgrx::prelude::*;
 
+mod audit;
 mod crypto;
 mod encryption;
 mod error;
@@ -32,6 +33,26 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/audit.sql",
+    name = "audit_sql",
+    requires = [
+        "schema",
+        audit::current_actor,
+        audit::current_actor_ip_hash,
+        audit::current_session_id
+    ]
+);
+extension_sql_file!(
+    "../sql/identity.sql",
+    name = "identity_sql",
+    requires = ["keys_sql", "audit_sql"]
+);
+extension_sql_file!(
+    "../sql/tokens.sql",
+    name = "tokens_sql",
+    requires = ["identity_sql"]
+);
+extension_sql_file!(
     "../sql/health.sql",
     name = "health",
     requires = ["keys_sql"]
@@ -42,6 +63,7 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     keys::register_callbacks();
+    audit::register_callbacks();
     log_redaction::install();
 }
 

@@ -64,12 +64,17 @@ fn redact_message(message: &str, statement: &str) -> String {
 /// that would be the key itself.
 fn redact_setting_change(message: &str) -> Option<String> {
     let prefix = "parameter \"vetassist_auth.master_key\" changed to";
-    message.starts_with(prefix).then(|| format!("{prefix} {REDACTED}"))
+    message
+        .starts_with(prefix)
+        .then(|| format!("{prefix} {REDACTED}"))
 }
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
-    if let Some(redacted) = text_of((*edata).message).as_deref().and_then(redact_setting_change) {
+    if let Some(redacted) = text_of((*edata).message)
+        .as_deref()
+        .and_then(redact_setting_change)
+    {
         (*edata).message = error_cstring(&redacted);
     }
     let statement = text_of(pg_sys::debug_query_string).unwrap_or_default();
@@ -124,8 +129,13 @@ mod tests {
 
     #[test]
     fn a_reloaded_inline_master_key_is_not_logged() {
-        let logged = redact_setting_change("parameter \"vetassist_auth.master_key\" changed to \"00ff\"").unwrap();
+        let logged =
+            redact_setting_change("parameter \"vetassist_auth.master_key\" changed to \"00ff\"")
+                .unwrap();
         assert!(!logged.contains("00ff"));
-        assert_eq!(redact_setting_change("parameter \"vetassist_auth.master_key_file\" changed to \"/k\""), None);
+        assert_eq!(
+            redact_setting_change("parameter \"vetassist_auth.master_key_file\" changed to \"/k\""),
+            None
+        );
     }
 }

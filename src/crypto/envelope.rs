@@ -30,13 +30,11 @@ pub fn seal(
     plaintext: &[u8],
     context: &str,
 ) -> Result<Vec<u8>, Error> {
-    let mut nonce = [0u8; NONCE_LEN];
-    super::fill_random(&mut nonce)?;
+    let nonce = super::random_nonce()?;
     seal_with_nonce(cipher, key_id, &nonce, plaintext, context)
 }
 
-/// Encrypts with a caller-chosen nonce. Only for known-answer tests and for callers that
-/// draw the nonce from the OS RNG themselves.
+/// Encrypts with a caller-chosen nonce, which must never repeat under one key.
 pub fn seal_with_nonce(
     cipher: &Aes256Gcm,
     key_id: u32,

@@ -80,3 +80,34 @@ impl std::error::Error for Error {}
 pub fn fill_random(buf: &mut [u8]) -> Result<(), Error> {
     getrandom::getrandom(buf).map_err(|_| Error::Random)
 }
+
+/// Nonces are read from the OS RNG in blocks, which saves a system call per encryption.
+/// The block belongs to one process: a forked child never reuses its parent's bytes.
+struct NoncePool {
+    pid: u32,
+    bytes: [u8; 4096],
+    used: usize,
+}
+
+thread_local! {
+    static NONCE_POOL: std::cell::RefCell<NoncePool> =
+        const { std::cell::RefCell::new(NoncePool { pid: 0, bytes: [0; 4096], used: 4096 }) };
+}
+
+/// A fresh 96-bit nonce: bytes straight from the OS RNG, each handed out once.
+pub fn random_nonce() -> Result<[u8; NONCE_LEN], Error> {
+    NONCE_POOL.with_borrow_mut(|pool| {
+        let pid = std::process::id();
+        if pool.pid != pid || pool.used + NONCE_LEN > pool.bytes.len() {
+            fill_random(&mut pool.bytes)?;
+            pool.pid = pid;
+            pool.used = 0;
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&pool.bytes[pool.used..pool.used + NONCE_LEN]);
+        // Wipe what was handed out, so the pool never holds a nonce twice.
+        pool.bytes[pool.used..pool.used + NONCE_LEN].fill(0);
+        pool.used += NONCE_LEN;
+        Ok(nonce)
+    })
+}

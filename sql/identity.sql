@@ -1,0 +1,187 @@
+-- Veteran identity (DESIGN section 6): accounts keyed by the ICN's field hash, PHI stored
+-- only encrypted (context users.<column>:<user id>) next to its field hash.
+
+-- Validates and normalizes one optional PHI value; raises 22023 naming only the field.
+CREATE FUNCTION vetassist_auth.checked_phi(value text, field text, max_length integer)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    value := btrim(value);
+    IF value = '' OR length(value) > max_length THEN
+        RAISE EXCEPTION 'vetassist_auth: % must be 1 to % characters', field, max_length USING ERRCODE = '22023';
+    END IF;
+    RETURN value;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.upsert_va_user(
+    va_icn text, veteran_status text, email text, first_name text, last_name text)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    icn       text := upper(regexp_replace(coalesce(va_icn, ''), '\s', '', 'g'));
+    icn_hash  bytea;
+    uid       uuid;
+    active    boolean;
+    old       vetassist_auth.users;
+    changed   text[] := '{}';
+BEGIN
+    IF icn !~ '^[0-9A-Z]{1,64}$' THEN
+        RAISE EXCEPTION 'vetassist_auth: va_icn must be 1 to 64 letters and digits' USING ERRCODE = '22023';
+    END IF;
+    email := vetassist_auth.checked_phi(email, 'email', 320);
+    IF email IS NOT NULL AND position('@' IN email) < 2 THEN
+        RAISE EXCEPTION 'vetassist_auth: email is not an e-mail address' USING ERRCODE = '22023';
+    END IF;
+    first_name := vetassist_auth.checked_phi(first_name, 'first_name', 200);
+    last_name := vetassist_auth.checked_phi(last_name, 'last_name', 200);
+    veteran_status := vetassist_auth.checked_phi(veteran_status, 'veteran_status', 64);
+    icn_hash := vetassist_auth.field_hash(icn, 'va_icn');
+
+    FOR attempt IN 1..2 LOOP
+        SELECT * INTO old FROM vetassist_auth.users u
+        WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(icn, 'va_icn'))
+        FOR UPDATE;
+        EXIT WHEN FOUND;
+        uid := gen_random_uuid();
+        INSERT INTO vetassist_auth.users AS u
+            (id, va_icn_encrypted, va_icn_hash, va_veteran_status,
+             email_encrypted, email_hash, first_name_encrypted, first_name_hash,
+             last_name_encrypted, last_name_hash, last_login_at)
+        VALUES (uid, vetassist_auth.encrypt_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
+                vetassist_auth.encrypt_text(email, 'users.email:' || uid), vetassist_auth.field_hash(email, 'email'),
+                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), vetassist_auth.field_hash(first_name, 'first_name'),
+                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), vetassist_auth.field_hash(last_name, 'last_name'),
+                now())
+        ON CONFLICT (va_icn_hash) DO NOTHING;
+        IF FOUND THEN
+            PERFORM vetassist_auth.write_audit('identity', 'user_created', 'success', uid, 'users', uid::text,
+                jsonb_build_object('fields', array_remove(ARRAY['va_icn',
+                    CASE WHEN email IS NOT NULL THEN 'email' END,
+                    CASE WHEN first_name IS NOT NULL THEN 'first_name' END,
+                    CASE WHEN last_name IS NOT NULL THEN 'last_name' END], NULL)));
+            RETURN uid;
+        END IF;
+        -- Another transaction created the account at the same moment: update that one.
+    END LOOP;
+
+    uid := old.id;
+    IF uid IS NULL THEN  -- created and deleted again while we looked: let the caller retry
+        RAISE EXCEPTION 'vetassist_auth: concurrent change to this account, retry' USING ERRCODE = '40001';
+    END IF;
+    IF NOT old.is_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- Re-encrypt only what changed, judged by the field hashes; NULL keeps the stored value.
+    IF email IS NOT NULL AND old.email_hash IS DISTINCT FROM vetassist_auth.field_hash(email, 'email') THEN
+        changed := changed || 'email'::text;
+    END IF;
+    IF first_name IS NOT NULL AND old.first_name_hash IS DISTINCT FROM vetassist_auth.field_hash(first_name, 'first_name') THEN
+        changed := changed || 'first_name'::text;
+    END IF;
+    IF last_name IS NOT NULL AND old.last_name_hash IS DISTINCT FROM vetassist_auth.field_hash(last_name, 'last_name') THEN
+        changed := changed || 'last_name'::text;
+    END IF;
+    IF veteran_status IS NOT NULL AND old.va_veteran_status IS DISTINCT FROM veteran_status THEN
+        changed := changed || 'va_veteran_status'::text;
+    END IF;
+    UPDATE vetassist_auth.users u SET
+        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.encrypt_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
+        email_hash = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.field_hash(email, 'email') ELSE u.email_hash END,
+        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
+        first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.field_hash(first_name, 'first_name') ELSE u.first_name_hash END,
+        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
+        last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.field_hash(last_name, 'last_name') ELSE u.last_name_hash END,
+        va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
+        updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
+        last_login_at = now()
+    WHERE u.id = uid;
+    PERFORM vetassist_auth.write_audit('identity', 'user_signed_in', 'success', uid, 'users', uid::text,
+                                       jsonb_build_object('changed_fields', changed));
+    RETURN uid;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.upsert_va_user(text, text, text, text, text) IS
+    'After VA.gov sign-in: creates or updates the account keyed by the ICN; returns the user id. NULL arguments keep stored values.';
+
+CREATE FUNCTION vetassist_auth.find_user_by_icn(va_icn text) RETURNS uuid
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT u.id FROM vetassist_auth.users u
+    WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(va_icn, 'va_icn'))
+    LIMIT 1
+$$;
+
+CREATE FUNCTION vetassist_auth.find_users_by_email(email text) RETURNS SETOF uuid
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT u.id FROM vetassist_auth.users u
+    WHERE u.email_hash = ANY (vetassist_auth.field_hashes(email, 'email'))
+    ORDER BY u.created_at
+$$;
+
+-- Raises P0002 for an unknown user; returns whether the account is active.
+CREATE FUNCTION vetassist_auth.require_user(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    active boolean;
+BEGIN
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    RETURN active;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.user_profile(user_id uuid)
+RETURNS TABLE (id uuid, va_icn text, veteran_status text, email text, first_name text, last_name text,
+               is_active boolean, mfa_enabled boolean, created_at timestamptz, last_login_at timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    -- Disclosure of PHI: audited before it is returned.
+    PERFORM vetassist_auth.write_audit('phi_access', 'user_profile_read', 'success', user_id, 'users', user_id::text,
+                                       '{"fields": ["va_icn", "email", "first_name", "last_name"]}');
+    RETURN QUERY
+    SELECT u.id,
+           vetassist_auth.decrypt_text(u.va_icn_encrypted, 'users.va_icn:' || u.id),
+           u.va_veteran_status,
+           vetassist_auth.decrypt_text(u.email_encrypted, 'users.email:' || u.id),
+           vetassist_auth.decrypt_text(u.first_name_encrypted, 'users.first_name:' || u.id),
+           vetassist_auth.decrypt_text(u.last_name_encrypted, 'users.last_name:' || u.id),
+           u.is_active,
+           coalesce(m.totp_enabled, false),
+           u.created_at, u.last_login_at
+    FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.mfa_settings m ON m.user_id = u.id
+    WHERE u.id = user_profile.user_id;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.user_profile(uuid) IS
+    'The decrypted profile of one veteran; every call is audited as PHI access (category phi_access).';
+
+CREATE FUNCTION vetassist_auth.deactivate_user(user_id uuid, reason text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sessions_ended integer;
+BEGIN
+    IF coalesce(btrim(reason), '') = '' OR length(reason) > 500 THEN
+        RAISE EXCEPTION 'vetassist_auth: a reason of 1 to 500 characters is required' USING ERRCODE = '22023';
+    END IF;
+    PERFORM vetassist_auth.require_user(user_id);
+    UPDATE vetassist_auth.users u
+    SET is_active = false, deactivated_at = now(), deactivation_reason = reason, updated_at = now()
+    WHERE u.id = user_id;
+    UPDATE vetassist_auth.sessions s
+    SET status = 'TERMINATED', ended_at = now(), end_reason = 'user_deactivated'
+    WHERE s.user_id = deactivate_user.user_id AND s.status IN ('ACTIVE', 'IDLE', 'LOCKED');
+    GET DIAGNOSTICS sessions_ended = ROW_COUNT;
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = deactivate_user.user_id;
+    PERFORM vetassist_auth.write_audit('identity', 'user_deactivated', 'success', user_id, 'users', user_id::text,
+        jsonb_build_object('reason', reason, 'sessions_ended', sessions_ended, 'tokens_deleted', FOUND));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
+    'Marks the account inactive, ends every session and deletes its VA tokens; audited.';
