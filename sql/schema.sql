@@ -30,7 +30,8 @@ CREATE TABLE vetassist_auth.keys (
     wrapped_key   bytea NOT NULL CHECK (octet_length(wrapped_key) = 60),
     created_at    timestamptz NOT NULL DEFAULT now(),
     retired_at    timestamptz,
-    encrypt_count bigint NOT NULL DEFAULT 0 CHECK (encrypt_count >= 0)
+    encrypt_count bigint NOT NULL DEFAULT 0 CHECK (encrypt_count >= 0),
+    counter_base  bigint NOT NULL DEFAULT 0
 );
 ALTER SEQUENCE vetassist_auth.keys_key_id_seq OWNED BY vetassist_auth.keys.key_id;
 CREATE UNIQUE INDEX keys_one_active_per_purpose ON vetassist_auth.keys (purpose) WHERE status = 'active';
@@ -39,7 +40,14 @@ COMMENT ON TABLE vetassist_auth.keys IS
 COMMENT ON COLUMN vetassist_auth.keys.wrapped_key IS
     'nonce(12) || AES-256-GCM(KEK, DEK, AAD = vetassist_auth:key:<key_id>:<purpose>) || tag(16)';
 COMMENT ON COLUMN vetassist_auth.keys.encrypt_count IS
-    'Encryptions reserved under this key (leased in blocks; may over-count). Warn at 2^30, refuse at 2^31.';
+    'Encryptions reserved under this key (leases of 128; may over-count, never under-count). Warn at 2^30, refuse at 2^31.';
+COMMENT ON COLUMN vetassist_auth.keys.counter_base IS
+    'Position of the purpose''s encryption counter when this key became active.';
+
+-- Encryption counters, one lease of 128 encryptions per value. Sequences never roll back and
+-- never block, so counting survives aborts and cannot deadlock with the caller's locks.
+CREATE SEQUENCE vetassist_auth.phi_encryptions_seq;
+CREATE SEQUENCE vetassist_auth.token_encryptions_seq;
 
 -- Identity ----------------------------------------------------------------------------------
 
@@ -219,6 +227,8 @@ COMMENT ON TABLE vetassist_auth.audit_seals IS
 -- One call per statement: each call updates the same pg_extension row.
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys_key_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.phi_encryptions_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.token_encryptions_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.users', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.va_tokens', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.sessions', '');

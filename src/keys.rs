@@ -9,8 +9,13 @@
 //!   the keys table, which every backend receives and answers by dropping its cache;
 //! - an aborted (sub)transaction drops the cache too, since a key it created is gone.
 //!
-//! `encrypt_count` is reserved in leases (16 growing to 4096 encryptions per UPDATE) so the
-//! keys row is locked only once per lease, never per row. A lease over-counts, never under-counts.
+//! Counting encryptions (NIST SP 800-38D limit): each purpose that encrypts has a sequence, and
+//! one `nextval` reserves a lease of 128 encryptions. Sequences never roll back and never wait
+//! on a row lock, so the count cannot be lost by an abort and counting cannot deadlock with the
+//! caller's own locks. A key's count is `(lease number - counter_base) * 128`, where
+//! `counter_base` is the sequence position when the key became active; `keys.encrypt_count`
+//! mirrors it whenever the row is not locked by someone else. A lease over-counts by at most
+//! 127 per backend, never under-counts.
 
 use crate::crypto::{self, FieldKey, SecretKey};
 use crate::error::{Failure, Kind, OrRaise, Result};
@@ -45,6 +50,15 @@ impl Purpose {
         }
     }
 
+    /// The sequence that counts this purpose's encryptions; None for the purposes that only MAC.
+    fn counter(self) -> Option<&'static str> {
+        match self {
+            Purpose::Token => Some("vetassist_auth.token_encryptions_seq"),
+            Purpose::Phi => Some("vetassist_auth.phi_encryptions_seq"),
+            Purpose::Hash | Purpose::Audit => None,
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Purpose> {
         Purpose::ALL
             .into_iter()
@@ -59,8 +73,7 @@ impl Purpose {
 /// NIST SP 800-38D: with random 96-bit nonces a key must stay far below 2^32 encryptions.
 const ENCRYPT_WARN_AT: i64 = 1 << 30;
 const ENCRYPT_REFUSE_AT: i64 = 1 << 31;
-const FIRST_LEASE: i64 = 16;
-const MAX_LEASE: i64 = 4096;
+const LEASE: i64 = 128;
 
 /// Advisory-lock class that serialises key creation and rotation per purpose.
 const KEY_LOCK_CLASS: i32 = 0x7661_6b31; // "vak1"
@@ -68,6 +81,7 @@ const KEY_LOCK_CLASS: i32 = 0x7661_6b31; // "vak1"
 pub struct DataKey {
     pub id: u32,
     pub purpose: Purpose,
+    counter_base: i64,
     secret: SecretKey,
     cipher: Aes256Gcm,
 }
@@ -78,18 +92,14 @@ impl DataKey {
     }
 }
 
-struct Lease {
-    remaining: i64,
-    next_size: i64,
-}
-
 #[derive(Default)]
 struct Ring {
     master_fingerprint: Option<[u8; 32]>,
     kek: Option<Rc<SecretKey>>,
     keys: HashMap<u32, Rc<DataKey>>,
     active: HashMap<Purpose, u32>,
-    leases: HashMap<u32, Lease>,
+    /// Encryptions left in this backend's current lease, per key.
+    leases: HashMap<u32, i64>,
     field_keys: HashMap<(u32, String), Rc<FieldKey>>,
 }
 
@@ -237,7 +247,7 @@ fn invalidate_all_backends() {
     STALE.set(true);
 }
 
-fn unwrap_row(id: i32, purpose: &str, wrapped: &[u8]) -> Result<Rc<DataKey>> {
+fn unwrap_row(id: i32, purpose: &str, wrapped: &[u8], counter_base: i64) -> Result<Rc<DataKey>> {
     let purpose = Purpose::parse(purpose)?;
     let kek = kek()?;
     let secret = crypto::unwrap_dek(&kek, id as u32, purpose.as_str(), wrapped).map_err(|_| {
@@ -248,6 +258,7 @@ fn unwrap_row(id: i32, purpose: &str, wrapped: &[u8]) -> Result<Rc<DataKey>> {
     let key = Rc::new(DataKey {
         id: id as u32,
         purpose,
+        counter_base,
         secret,
         cipher,
     });
@@ -261,6 +272,23 @@ fn spi_failure(_: pgrx::spi::SpiError) -> Failure {
         "vetassist_auth: the keys table cannot be read",
     )
     .with_hint("Run SELECT * FROM vetassist_auth.verify_installation().")
+}
+
+/// How many leases a purpose's counter has handed out so far (0 for purposes that only MAC).
+const COUNTER_POSITION: &str =
+    "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM ";
+
+fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Result<i64> {
+    let Some(counter) = purpose.counter() else {
+        return Ok(0);
+    };
+    client
+        .select(&format!("{COUNTER_POSITION}{counter}"), None, &[])
+        .map_err(spi_failure)?
+        .first()
+        .get_one::<i64>()
+        .map_err(spi_failure)
+        .map(Option::unwrap_or_default)
 }
 
 /// Creates the active key of a purpose unless another transaction already did.
@@ -298,11 +326,13 @@ fn create_active_key(purpose: Purpose) -> Result<()> {
             .ok_or_else(|| spi_failure(pgrx::spi::SpiError::NoTupleTable))?;
         let dek = SecretKey::random()?;
         let wrapped = crypto::wrap_dek(&kek, id as u32, purpose.as_str(), &dek)?;
+        let base = counter_position(client, purpose)?;
         client
             .update(
-                "INSERT INTO vetassist_auth.keys (key_id, purpose, status, wrapped_key) VALUES ($1, $2, 'active', $3)",
+                "INSERT INTO vetassist_auth.keys (key_id, purpose, status, wrapped_key, counter_base) \
+                 VALUES ($1, $2, 'active', $3, $4)",
                 None,
-                &[id.into(), purpose.as_str().into(), wrapped.into()],
+                &[id.into(), purpose.as_str().into(), wrapped.into(), base.into()],
             )
             .map_err(spi_failure)?;
         Ok(())
@@ -312,12 +342,14 @@ fn create_active_key(purpose: Purpose) -> Result<()> {
 }
 
 fn load_active_key(purpose: Purpose) -> Result<Option<Rc<DataKey>>> {
-    let row = Spi::get_two_with_args::<i32, Vec<u8>>(
-        "SELECT key_id, wrapped_key FROM vetassist_auth.keys WHERE purpose = $1 AND status = 'active'",
+    let row = Spi::get_three_with_args::<i32, Vec<u8>, i64>(
+        "SELECT key_id, wrapped_key, counter_base FROM vetassist_auth.keys WHERE purpose = $1 AND status = 'active'",
         &[purpose.as_str().into()],
     );
     match row {
-        Ok((Some(id), Some(wrapped))) => Ok(Some(unwrap_row(id, purpose.as_str(), &wrapped)?)),
+        Ok((Some(id), Some(wrapped), Some(base))) => {
+            Ok(Some(unwrap_row(id, purpose.as_str(), &wrapped, base)?))
+        }
         Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
         Err(e) => Err(spi_failure(e)),
     }
@@ -356,12 +388,12 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
         return Ok(key);
     }
     let id = i32::try_from(id).map_err(|_| Failure::from(crypto::Error::Authentication))?;
-    let row = Spi::get_two_with_args::<String, Vec<u8>>(
-        "SELECT purpose, wrapped_key FROM vetassist_auth.keys WHERE key_id = $1 AND status <> 'retired'",
+    let row = Spi::get_three_with_args::<String, Vec<u8>, i64>(
+        "SELECT purpose, wrapped_key, counter_base FROM vetassist_auth.keys WHERE key_id = $1 AND status <> 'retired'",
         &[id.into()],
     );
     match row {
-        Ok((Some(purpose), Some(wrapped))) => unwrap_row(id, &purpose, &wrapped),
+        Ok((Some(purpose), Some(wrapped), Some(base))) => unwrap_row(id, &purpose, &wrapped, base),
         Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => {
             Err(crypto::Error::Authentication.into())
         }
@@ -372,8 +404,8 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
 /// Counts one encryption against a key, taking a new lease when the current one is used up.
 pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     let taken = RING.with_borrow_mut(|ring| match ring.leases.get_mut(&key.id) {
-        Some(lease) if lease.remaining > 0 => {
-            lease.remaining -= 1;
+        Some(remaining) if *remaining > 0 => {
+            *remaining -= 1;
             true
         }
         _ => false,
@@ -381,40 +413,27 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     if taken {
         return Ok(());
     }
-    let size = RING.with_borrow(|ring| {
-        ring.leases
-            .get(&key.id)
-            .map_or(FIRST_LEASE, |l| l.next_size)
-    });
-    let count = Spi::get_one_with_args::<i64>(
-        "UPDATE vetassist_auth.keys SET encrypt_count = encrypt_count + $2 \
-         WHERE key_id = $1 AND status = 'active' RETURNING encrypt_count",
-        &[(key.id as i32).into(), size.into()],
-    );
-    let count = match count {
-        Ok(Some(count)) => count,
-        Ok(None) | Err(pgrx::spi::SpiError::InvalidPosition) => {
-            // Rotated since we cached it: the caller must encrypt under the new key.
-            STALE.set(true);
-            return Err(Failure::new(
-                Kind::NotConfigured,
-                "vetassist_auth: the data key was rotated during this call; retry",
-            ));
-        }
-        Err(e) => return Err(spi_failure(e)),
-    };
+    let counter = key.purpose.counter().ok_or_else(|| {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: this key purpose does not encrypt",
+        )
+    })?;
+    let lease = Spi::get_one::<i64>(&format!("SELECT pg_catalog.nextval('{counter}')"))
+        .map_err(spi_failure)?
+        .unwrap_or_default();
+    let count = (lease - key.counter_base) * LEASE;
+    let purpose = key.purpose.as_str();
     if count >= ENCRYPT_REFUSE_AT {
         return Err(Failure::new(
             Kind::NotConfigured,
             format!(
-                "vetassist_auth: data key {} ({}) has reached its encryption limit",
-                key.id,
-                key.purpose.as_str()
+                "vetassist_auth: data key {} ({purpose}) has reached its encryption limit",
+                key.id
             ),
         )
         .with_hint(format!(
-            "Rotate it: SELECT vetassist_auth.rotate_key('{}');",
-            key.purpose.as_str()
+            "Rotate it: SELECT vetassist_auth.rotate_key('{purpose}');"
         )));
     }
     if count >= ENCRYPT_WARN_AT {
@@ -422,22 +441,20 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             WARNING,
             PgSqlErrorCode::ERRCODE_WARNING,
             format!(
-                "vetassist_auth: data key {} ({}) has been used {count} times; rotate it soon with rotate_key('{}')",
-                key.id,
-                key.purpose.as_str(),
-                key.purpose.as_str()
+                "vetassist_auth: data key {} ({purpose}) has been used {count} times; rotate it soon with rotate_key('{purpose}')",
+                key.id
             )
         );
     }
-    RING.with_borrow_mut(|ring| {
-        ring.leases.insert(
-            key.id,
-            Lease {
-                remaining: size - 1,
-                next_size: (size * 2).min(MAX_LEASE),
-            },
-        )
-    });
+    // Mirror the count into the keys table, but never wait for the row: whoever holds it
+    // will write a count at least as fresh, or the next lease will.
+    Spi::run_with_args(
+        "UPDATE vetassist_auth.keys SET encrypt_count = $2 WHERE key_id = \
+         (SELECT key_id FROM vetassist_auth.keys WHERE key_id = $1 AND encrypt_count < $2 FOR UPDATE SKIP LOCKED)",
+        &[(key.id as i32).into(), count.into()],
+    )
+    .map_err(spi_failure)?;
+    RING.with_borrow_mut(|ring| ring.leases.insert(key.id, LEASE - 1));
     Ok(())
 }
 
@@ -541,9 +558,13 @@ fn rotate_key(purpose: &str) -> i32 {
     )
     .map_err(spi_failure)
     .or_raise();
+    // The retiring key's final count comes from the counter before the new key takes it over.
+    let position = Spi::connect(|client| counter_position(client, purpose)).or_raise();
     Spi::run_with_args(
-        "UPDATE vetassist_auth.keys SET status = 'decrypt_only' WHERE purpose = $1 AND status = 'active'",
-        &[purpose.as_str().into()],
+        "UPDATE vetassist_auth.keys \
+         SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, ($2 - counter_base) * $3) \
+         WHERE purpose = $1 AND status = 'active'",
+        &[purpose.as_str().into(), position.into(), LEASE.into()],
     )
     .map_err(spi_failure)
     .or_raise();

@@ -1,0 +1,20 @@
+-- NIST SP 800-38D: with random nonces a key must stay far below 2^32 encryptions.
+-- vetassist_auth warns from 2^30 and refuses from 2^31; the fix is rotate_key.
+-- Move the phi counter close to 2^30 (as if a billion encryptions had happened).
+SELECT setval('vetassist_auth.phi_encryptions_seq', counter_base + (2 ^ 30)::bigint / 128 - 1) > 0 AS near_warning
+FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
+SELECT count(vetassist_auth.encrypt_text('x', 'c')) AS encrypted_with_warning FROM generate_series(1, 300);
+SELECT encrypt_count >= 2 ^ 30 AS count_mirrored FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
+
+SELECT setval('vetassist_auth.phi_encryptions_seq', counter_base + (2 ^ 31)::bigint / 128) > 0 AS at_limit
+FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
+SELECT regress.try('SELECT count(vetassist_auth.encrypt_text(''x'', ''c'')) FROM generate_series(1, 300)') AS refused;
+-- Decryption and hashing go on; only new encryptions under that key stop.
+SELECT vetassist_auth.decrypt_token(vetassist_auth.encrypt_token('still', 't'), 't') AS other_purpose_unaffected,
+       octet_length(vetassist_auth.field_hash('still', 'note')) AS hashing_unaffected;
+
+SET ROLE vetassist_admin;
+SELECT vetassist_auth.rotate_key('phi') > 0 AS rotated;
+RESET ROLE;
+SELECT vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('after rotation', 'c'), 'c') AS works_again;
+SELECT status, encrypt_count >= 2 ^ 31 AS final_count_kept FROM vetassist_auth.keys WHERE purpose = 'phi' ORDER BY key_id;
