@@ -2,7 +2,11 @@
 
 Never a pass/fail gate: it prints what it measured. `make bench` runs it on a release build.
 """
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +61,57 @@ def crypto_bench(conn):
     return rows
 
 
+PGBENCH_SECONDS = 8
+ROUNDS = 3
+
+
+def pgbench(cluster, script, user, clients=8, seconds=PGBENCH_SECONDS, dbname="vetassist"):
+    """Runs a pgbench custom script and returns its TPS (excluding connection time)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False, dir=cluster.dir) as f:
+        f.write(script)
+    subprocess.run(["chmod", "644", f.name], check=True)
+    out = subprocess.run(
+        ["/usr/lib/postgresql/15/bin/pgbench", "-n", "-h", str(cluster.dir), "-p", str(cluster.port),
+         "-U", user, "-c", str(clients), "-j", "2", "-T", str(seconds), "-f", f.name, dbname],
+        check=True, capture_output=True, text=True).stdout
+    return float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+
+
+def token_bench(cluster, conn):
+    """store_va_tokens + va_access_token against a plain upsert/select of the same row."""
+    conn.execute("""CREATE TABLE public.bench_users AS
+        SELECT n, vetassist_auth.upsert_va_user('10' || lpad(n::text, 8, '0') || 'V000000', 'veteran', NULL, NULL, NULL) AS id
+        FROM generate_series(1, 1000) n""")
+    conn.execute("CREATE UNIQUE INDEX ON public.bench_users (n)")
+    conn.execute("""CREATE TABLE public.plain_tokens (
+        user_id uuid PRIMARY KEY, access_token text NOT NULL, refresh_token text, scope text,
+        expires_at timestamptz NOT NULL, generation integer NOT NULL DEFAULT 1, refreshed_at timestamptz)""")
+    conn.execute("GRANT SELECT ON public.bench_users TO app_user; GRANT ALL ON public.plain_tokens TO app_user")
+    token = "'eyJ' || repeat('x', 1024) || :n"
+    ours = f"""\\set n random(1, 1000)
+SELECT vetassist_auth.store_va_tokens((SELECT id FROM public.bench_users WHERE n = :n), {token}, 'refresh-' || :n, now() + interval '1 hour', 'openid');
+SELECT vetassist_auth.va_access_token((SELECT id FROM public.bench_users WHERE n = :n));
+"""
+    plain = f"""\\set n random(1, 1000)
+INSERT INTO public.plain_tokens AS t (user_id, access_token, refresh_token, scope, expires_at)
+VALUES ((SELECT id FROM public.bench_users WHERE n = :n), {token}, 'refresh-' || :n, 'openid', now() + interval '1 hour')
+ON CONFLICT (user_id) DO UPDATE SET access_token = excluded.access_token, refresh_token = excluded.refresh_token,
+    scope = excluded.scope, expires_at = excluded.expires_at, generation = t.generation + 1, refreshed_at = now();
+SELECT access_token FROM public.plain_tokens WHERE user_id = (SELECT id FROM public.bench_users WHERE n = :n);
+"""
+    return alternate(cluster, plain, ours, "app_user")
+
+
+def alternate(cluster, reference, ours, user, **kw):
+    """Runs reference and ours in turn, ROUNDS times each, and returns the median TPS of each:
+    alternating spreads the noise of a shared machine over both sides."""
+    ref_runs, our_runs = [], []
+    for _ in range(ROUNDS):
+        ref_runs.append(pgbench(cluster, reference, user, **kw))
+        our_runs.append(pgbench(cluster, ours, user, **kw))
+    return statistics.median(ref_runs), statistics.median(our_runs)
+
+
 def main():
     c = Cluster("bench", "shared_preload_libraries = 'vetassist_auth'", "shared_buffers = '512MB'",
                 "max_connections = 50")
@@ -64,11 +119,17 @@ def main():
         install(c)
         with c.connect("vetassist") as conn:
             rows = crypto_bench(conn)
+            plain_tps, token_tps = token_bench(c, conn)
         print(f"\nPer-row cost over {ROWS:,} rows, best of {REPEATS} (µs/row; ratio = reference / ours, >1 means ours is faster)\n")
         print(f"| {'operation':32} | {'ours µs':>8} | {'reference':34} | {'ref µs':>8} | {'ratio':>7} | goal |")
         print(f"|{'-' * 34}|{'-' * 10}|{'-' * 36}|{'-' * 10}|{'-' * 9}|------|")
         for label, ours, ref_label, ref, ratio, goal in rows:
             print(f"| {label:32} | {ours:8.2f} | {ref_label:34} | {ref:8.2f} | {ratio:6.2f}x | {goal} |")
+        print(f"\npgbench, 8 clients, median of {ROUNDS} alternating {PGBENCH_SECONDS} s runs each; ratio = ours / reference\n")
+        print("| workload | plain SQL TPS | vetassist_auth TPS | ratio | goal |")
+        print("|---|---|---|---|---|")
+        print(f"| store_va_tokens + va_access_token (1 KiB token, encrypted, audited) vs plain upsert + select "
+              f"| {plain_tps:,.0f} | {token_tps:,.0f} | {token_tps / plain_tps:.2f}x | >= 0.5x |")
     finally:
         c.stop()
 

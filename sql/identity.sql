@@ -107,18 +107,23 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.upsert_va_user(text, text, text, text, text) IS
     'After VA.gov sign-in: creates or updates the account keyed by the ICN; returns the user id. NULL arguments keep stored values.';
 
+-- Look-ups try every usable hash key, so they keep working during a hash-key rotation.
 CREATE FUNCTION vetassist_auth.find_user_by_icn(va_icn text) RETURNS uuid
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT u.id FROM vetassist_auth.users u
-    WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(va_icn, 'va_icn'))
-    LIMIT 1
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT u.id FROM vetassist_auth.users u
+            WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(va_icn, 'va_icn'))
+            LIMIT 1);
+END
 $$;
 
 CREATE FUNCTION vetassist_auth.find_users_by_email(email text) RETURNS SETOF uuid
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT u.id FROM vetassist_auth.users u
-    WHERE u.email_hash = ANY (vetassist_auth.field_hashes(email, 'email'))
-    ORDER BY u.created_at
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT u.id FROM vetassist_auth.users u
+                 WHERE u.email_hash = ANY (vetassist_auth.field_hashes(email, 'email'))
+                 ORDER BY u.created_at;
+END
 $$;
 
 -- Raises P0002 for an unknown user; returns whether the account is active.

@@ -207,7 +207,8 @@ CREATE TABLE vetassist_auth.audit_log (
     ip_hash          bytea
 );
 CREATE INDEX audit_log_by_subject ON vetassist_auth.audit_log (subject_user_id, occurred_at);
-CREATE INDEX audit_log_by_time ON vetassist_auth.audit_log (occurred_at);
+-- BRIN: rows arrive in time order, and a BRIN index costs writers almost nothing.
+CREATE INDEX audit_log_by_time ON vetassist_auth.audit_log USING brin (occurred_at);
 COMMENT ON TABLE vetassist_auth.audit_log IS
     'HIPAA audit trail (45 CFR 164.312(b)): who, what, when, from where. Insert-only; sealed into audit_seals.';
 

@@ -2,27 +2,19 @@
 -- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
 -- Every operation is audited (category auth) without any token bytes.
 
--- Raises 22023 unless a token is 1 byte to 16 KiB.
-CREATE FUNCTION vetassist_auth.checked_token(token text, name text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    IF token IS NULL OR token = '' OR octet_length(token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: % must be 1 byte to 16 KiB', name USING ERRCODE = '22023';
-    END IF;
-    RETURN token;
-END
-$$;
-
 CREATE FUNCTION vetassist_auth.store_va_tokens(
     user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     new_generation integer;
+    active boolean;
 BEGIN
-    PERFORM vetassist_auth.checked_token(access_token, 'access_token');
-    IF refresh_token IS NOT NULL THEN
-        PERFORM vetassist_auth.checked_token(refresh_token, 'refresh_token');
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
     END IF;
     IF expires_at IS NULL OR expires_at <= now() OR expires_at = 'infinity' THEN
         RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
@@ -30,7 +22,10 @@ BEGIN
     IF length(scope) > 2048 THEN
         RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
     END IF;
-    IF user_id IS NULL OR NOT vetassist_auth.require_user(user_id) THEN
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
         RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
     END IF;
     -- A refresh response without a new refresh token keeps the stored one.
@@ -59,15 +54,20 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
     'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
 
--- Shared by the two readers: decrypts one column, audits the access.
+-- Shared by the two readers: decrypts one column, audits the access. One query finds both
+-- the user (P0002 when unknown) and the token row.
 CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     row vetassist_auth.va_tokens;
 BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    SELECT * INTO row FROM vetassist_auth.va_tokens t WHERE t.user_id = read_va_token.user_id;
-    IF NOT FOUND OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+    SELECT t.* INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
         RETURN NULL;
     END IF;
     IF which = 'access_token' AND row.expires_at <= now() THEN
@@ -83,15 +83,19 @@ END
 $$;
 
 CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT vetassist_auth.read_va_token(user_id, 'access_token')
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
 $$;
 COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
     'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
 
 CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT vetassist_auth.read_va_token(user_id, 'refresh_token')
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
 $$;
 COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
 
