@@ -32,7 +32,16 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.va_access_token(uuid),
     vetassist_auth.va_refresh_token(uuid),
     vetassist_auth.va_tokens_due(interval),
-    vetassist_auth.delete_va_tokens(uuid)
+    vetassist_auth.delete_va_tokens(uuid),
+    vetassist_auth.create_session(uuid, text, timestamptz, inet, text, text, jsonb),
+    vetassist_auth.touch_session(text),
+    vetassist_auth.session_status(text),
+    vetassist_auth.end_session(text, text),
+    vetassist_auth.end_user_sessions(uuid, text),
+    vetassist_auth.lock_session(text, text),
+    vetassist_auth.rotate_session_refresh_token(text, text, text),
+    vetassist_auth.log_session_event(text, text, text, jsonb),
+    vetassist_auth.expire_sessions(integer)
 TO vetassist_app;
 
 -- Key administration.
@@ -42,6 +51,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.rewrap_keys(text),
     vetassist_auth.verify_installation(),
     vetassist_auth.deactivate_user(uuid, text),
+    vetassist_auth.end_user_sessions(uuid, text),
+    vetassist_auth.expire_sessions(integer),
     vetassist_auth.set_actor(uuid, text),
     vetassist_auth.audit_event(text, text, text, jsonb)
 TO vetassist_admin;

@@ -179,10 +179,7 @@ BEGIN
     UPDATE vetassist_auth.users u
     SET is_active = false, deactivated_at = now(), deactivation_reason = reason, updated_at = now()
     WHERE u.id = user_id;
-    UPDATE vetassist_auth.sessions s
-    SET status = 'TERMINATED', ended_at = now(), end_reason = 'user_deactivated'
-    WHERE s.user_id = deactivate_user.user_id AND s.status IN ('ACTIVE', 'IDLE', 'LOCKED');
-    GET DIAGNOSTICS sessions_ended = ROW_COUNT;
+    sessions_ended := vetassist_auth.end_user_sessions(user_id, 'user_deactivated');
     DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = deactivate_user.user_id;
     PERFORM vetassist_auth.write_audit('identity', 'user_deactivated', 'success', user_id, 'users', user_id::text,
         jsonb_build_object('reason', reason, 'sessions_ended', sessions_ended, 'tokens_deleted', FOUND));

@@ -112,17 +112,25 @@ CREATE TABLE vetassist_auth.sessions (
     last_activity_at         timestamptz NOT NULL DEFAULT now(),
     idle_timeout             interval NOT NULL,
     expires_at               timestamptz NOT NULL,
+    live_until               timestamptz NOT NULL,
     ended_at                 timestamptz,
     end_reason               text,
     refresh_token_hash       bytea,
     refresh_generation       integer NOT NULL DEFAULT 0
 );
--- last_activity_at is deliberately not indexed, so touches stay HOT updates.
-CREATE INDEX sessions_live_by_expiry ON vetassist_auth.sessions (expires_at) WHERE status IN ('ACTIVE', 'IDLE');
+-- The sweep finds overdue sessions through this index; touches update live_until at most once
+-- per session_touch_interval, so most requests write nothing at all.
+CREATE INDEX sessions_live_by_expiry ON vetassist_auth.sessions (live_until) WHERE status = 'ACTIVE';
 CREATE INDEX sessions_by_user ON vetassist_auth.sessions (user_id);
 CREATE INDEX sessions_ended ON vetassist_auth.sessions (ended_at) WHERE ended_at IS NOT NULL;
 COMMENT ON TABLE vetassist_auth.sessions IS
     'Application sessions keyed by JWT id, with HIPAA idle time-out and an absolute end (expires_at).';
+COMMENT ON COLUMN vetassist_auth.sessions.expires_at IS
+    'Absolute end: the earlier of the expiry asked for and created_at + session_absolute_timeout.';
+COMMENT ON COLUMN vetassist_auth.sessions.live_until IS
+    'least(expires_at, last_activity_at + idle_timeout): when this session ends unless touched.';
+COMMENT ON COLUMN vetassist_auth.sessions.status IS
+    'ACTIVE while usable; EXPIRED (idle or absolute time-out), TERMINATED (logout, revocation) and LOCKED are final. IDLE is reported, not stored.';
 
 CREATE TABLE vetassist_auth.session_activity (
     id             bigserial PRIMARY KEY,

@@ -7,7 +7,108 @@ use std::ffi::{CStr, CString};
 pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MASTER_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+// Sessions (README "Configuration"): SUSET so the application cannot stretch its own
+// time-outs; an administrator may set them per database or role.
+pub static SESSION_IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(15 * 60);
+pub static SESSION_ABSOLUTE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(12 * 60 * 60);
+pub static SESSION_IDLE_WARNING: GucSetting<i32> = GucSetting::<i32>::new(2 * 60);
+pub static SESSION_TOUCH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static SESSION_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 60 * 60);
+pub static MAX_SESSIONS_PER_USER: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+// Background maintenance (read at server start; interval on reload).
+pub static SWEEP_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+
+const DAY: i32 = 24 * 60 * 60;
+
+fn seconds_guc(
+    name: &'static CStr,
+    short: &'static CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    context: GucContext,
+) {
+    GucRegistry::define_int_guc(
+        name,
+        short,
+        c"",
+        setting,
+        min,
+        max,
+        context,
+        GucFlags::UNIT_S,
+    );
+}
+
 pub fn init() {
+    seconds_guc(
+        c"vetassist_auth.session_idle_timeout",
+        c"A session with no activity for this long ends (HIPAA automatic logoff).",
+        &SESSION_IDLE_TIMEOUT,
+        1,
+        DAY,
+        GucContext::Suset,
+    );
+    seconds_guc(
+        c"vetassist_auth.session_absolute_timeout",
+        c"A session ends this long after it was created, however active (NIST SP 800-63B AAL2: 12 h).",
+        &SESSION_ABSOLUTE_TIMEOUT,
+        60,
+        30 * DAY,
+        GucContext::Suset,
+    );
+    seconds_guc(
+        c"vetassist_auth.session_idle_warning",
+        c"session_status reports IDLE once a session has been inactive this long before its idle time-out.",
+        &SESSION_IDLE_WARNING,
+        0,
+        DAY,
+        GucContext::Suset,
+    );
+    seconds_guc(
+        c"vetassist_auth.session_touch_interval",
+        c"touch_session writes last_activity_at at most once per this interval.",
+        &SESSION_TOUCH_INTERVAL,
+        0,
+        3600,
+        GucContext::Suset,
+    );
+    seconds_guc(
+        c"vetassist_auth.session_retention",
+        c"Ended sessions are deleted by expire_sessions this long after they ended.",
+        &SESSION_RETENTION,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+    );
+    GucRegistry::define_int_guc(
+        c"vetassist_auth.max_sessions_per_user",
+        c"Most live sessions one user may have; creating one more ends the oldest. 0 means no limit.",
+        c"",
+        &MAX_SESSIONS_PER_USER,
+        0,
+        10_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"vetassist_auth.sweep_database",
+        c"Database in which the background worker expires sessions and seals the audit log.",
+        c"Needs shared_preload_libraries = 'vetassist_auth'. Unset: no worker; schedule the functions yourself.",
+        &SWEEP_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    seconds_guc(
+        c"vetassist_auth.sweep_interval",
+        c"How often the background worker runs its sweep.",
+        &SWEEP_INTERVAL,
+        1,
+        DAY,
+        GucContext::Sighup,
+    );
     GucRegistry::define_string_guc(
         c"vetassist_auth.master_key_file",
         c"Path of a file holding the 32-byte master key as 64 hex characters.",

@@ -12,6 +12,7 @@ mod error;
 mod gucs;
 mod keys;
 mod log_redaction;
+mod sessions;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -53,6 +54,20 @@ extension_sql_file!(
     requires = ["identity_sql"]
 );
 extension_sql_file!(
+    "../sql/sessions.sql",
+    name = "sessions_sql",
+    requires = [
+        "identity_sql",
+        sessions::session_idle_timeout,
+        sessions::session_absolute_timeout,
+        sessions::session_idle_warning,
+        sessions::session_touch_interval,
+        sessions::session_retention,
+        sessions::max_sessions_per_user,
+        audit::set_current_session
+    ]
+);
+extension_sql_file!(
     "../sql/health.sql",
     name = "health",
     requires = ["keys_sql"]
@@ -65,6 +80,9 @@ pub extern "C-unwind" fn _PG_init() {
     keys::register_callbacks();
     audit::register_callbacks();
     log_redaction::install();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        sessions::register_worker();
+    }
 }
 
 /// Required by `cargo pgrx test`.

@@ -44,9 +44,9 @@ FROM vetassist_auth.audit_log a JOIN ids ON ids.id = a.subject_user_id
 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3;
 
 -- Deactivation ends sessions, deletes tokens, refuses sign-in; audited.
-INSERT INTO vetassist_auth.sessions (user_id, jwt_id, idle_timeout, expires_at)
-SELECT id, 'jwt-james-1', '15 minutes', now() + interval '1 hour' FROM ids WHERE name = 'james';
 SET ROLE vetassist_app;
+SELECT vetassist_auth.create_session(id, 'jwt-james-1', now() + interval '1 hour') IS NOT NULL AS session_created
+FROM ids WHERE name = 'james';
 SELECT vetassist_auth.store_va_tokens(id, 'access-james', 'refresh-james', now() + interval '1 hour', 'openid')
 FROM ids WHERE name = 'james';
 SELECT regress.try(format('SELECT vetassist_auth.deactivate_user(%L, %L)', id, '')) AS no_reason FROM ids WHERE name = 'james';

@@ -1,0 +1,330 @@
+-- Session lifecycle (DESIGN sections 6-7). A session is ACTIVE until it ends for good:
+-- EXPIRED (idle or absolute time-out), TERMINATED (logout, revocation, limits) or LOCKED.
+-- live_until = least(expires_at, last_activity_at + idle_timeout) is the moment it expires
+-- unless touched; touch_session moves it at most once per session_touch_interval.
+
+-- Ends one session (internal): status, end time, reason, and an audit row.
+CREATE FUNCTION vetassist_auth.close_session(
+    session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE vetassist_auth.sessions s
+    SET status = new_status, ended_at = now(), end_reason = reason
+    WHERE s.id = session.id AND s.status = 'ACTIVE';
+    IF FOUND THEN
+        PERFORM vetassist_auth.write_audit('session', 'session_' || lower(new_status::text), 'success',
+            session.user_id, 'sessions', session.id::text, jsonb_build_object('reason', reason));
+    END IF;
+END
+$$;
+
+-- The session of a JWT id, locked for update when asked; P0002 when there is none.
+CREATE FUNCTION vetassist_auth.session_by_jwt(jwt text, for_update boolean DEFAULT false)
+RETURNS vetassist_auth.sessions
+LANGUAGE plpgsql AS $$
+DECLARE
+    found_session vetassist_auth.sessions;
+BEGIN
+    IF for_update THEN
+        SELECT * INTO found_session FROM vetassist_auth.sessions s WHERE s.jwt_id = jwt FOR UPDATE;
+    ELSE
+        SELECT * INTO found_session FROM vetassist_auth.sessions s WHERE s.jwt_id = jwt;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
+    END IF;
+    RETURN found_session;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.create_session(
+    user_id uuid, jwt_id text, expires_at timestamptz, ip inet DEFAULT NULL, user_agent text DEFAULT NULL,
+    device_fingerprint text DEFAULT NULL, device_info jsonb DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid      uuid := gen_random_uuid();
+    idle     interval := vetassist_auth.session_idle_timeout();
+    ends     timestamptz;
+    active   boolean;
+    cap      integer := vetassist_auth.max_sessions_per_user();
+    oldest   vetassist_auth.sessions;
+BEGIN
+    IF coalesce(jwt_id, '') = '' OR length(jwt_id) > 255 THEN
+        RAISE EXCEPTION 'vetassist_auth: jwt_id must be 1 to 255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= now() THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(user_agent) > 1024 OR length(device_fingerprint) > 1024 THEN
+        RAISE EXCEPTION 'vetassist_auth: user_agent and device_fingerprint must be at most 1024 characters' USING ERRCODE = '22023';
+    END IF;
+    IF device_info IS NOT NULL AND (jsonb_typeof(device_info) <> 'object' OR octet_length(device_info::text) > 16384) THEN
+        RAISE EXCEPTION 'vetassist_auth: device_info must be a JSON object of at most 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    ends := least(expires_at, now() + vetassist_auth.session_absolute_timeout());
+    BEGIN
+        INSERT INTO vetassist_auth.sessions
+            (id, user_id, jwt_id, ip_hash, user_agent, device_fingerprint_hash, device_info,
+             idle_timeout, expires_at, live_until)
+        VALUES (sid, user_id, jwt_id,
+                vetassist_auth.field_hash(ip::text, 'ip'), user_agent,
+                vetassist_auth.field_hash(device_fingerprint, 'device_fingerprint'), device_info,
+                idle, ends, least(ends, now() + idle));
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'vetassist_auth: a session with this jwt_id already exists' USING ERRCODE = '23505';
+    END;
+    PERFORM vetassist_auth.write_audit('session', 'session_created', 'success', user_id, 'sessions', sid::text,
+        jsonb_build_object('expires_at', ends, 'idle_timeout', idle));
+    -- Over the per-user cap: the oldest live sessions give way.
+    IF cap > 0 THEN
+        FOR oldest IN
+            SELECT * FROM vetassist_auth.sessions s
+            WHERE s.user_id = create_session.user_id AND s.status = 'ACTIVE'
+            ORDER BY s.id = sid DESC, s.created_at DESC, s.last_activity_at DESC
+            OFFSET cap
+            FOR UPDATE
+        LOOP
+            PERFORM vetassist_auth.close_session(oldest, 'TERMINATED', 'session_limit');
+        END LOOP;
+    END IF;
+    RETURN sid;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.create_session(uuid, text, timestamptz, inet, text, text, jsonb) IS
+    'Starts a session for an active user; IP and device fingerprint are stored only as keyed hashes.';
+
+-- The hot path: called on every API request. Usually one indexed SELECT; a write only once per
+-- session_touch_interval, or when the session has just expired.
+CREATE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth.session_status
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions;
+    now_ts timestamptz := now();
+BEGIN
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.jwt_id = touch_session.jwt_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
+    END IF;
+    IF s.status <> 'ACTIVE' THEN
+        RETURN s.status;
+    END IF;
+    IF now_ts >= s.live_until THEN
+        PERFORM vetassist_auth.close_session(s, 'EXPIRED',
+            CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END);
+        RETURN 'EXPIRED';
+    END IF;
+    PERFORM vetassist_auth.set_current_session(s.id);
+    IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
+        UPDATE vetassist_auth.sessions t
+        SET last_activity_at = now_ts, live_until = least(t.expires_at, now_ts + t.idle_timeout)
+        WHERE t.id = s.id AND t.status = 'ACTIVE';
+        IF NOT FOUND THEN  -- ended by someone else a moment ago
+            RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.id = s.id);
+        END IF;
+        INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
+        VALUES (s.id, s.user_id, 'request');
+    END IF;
+    RETURN 'ACTIVE';
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.touch_session(text) IS
+    'Validates a session and records activity; returns ACTIVE, or the reason it is not (EXPIRED, TERMINATED, LOCKED).';
+
+CREATE FUNCTION vetassist_auth.session_status(jwt_id text) RETURNS vetassist_auth.session_status
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+BEGIN
+    IF s.status <> 'ACTIVE' THEN
+        RETURN s.status;
+    ELSIF now() >= s.live_until THEN
+        RETURN 'EXPIRED';
+    ELSIF now() >= s.live_until - vetassist_auth.session_idle_warning() AND s.live_until < s.expires_at THEN
+        RETURN 'IDLE';
+    END IF;
+    RETURN 'ACTIVE';
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.session_status(text) IS
+    'The status without recording activity; IDLE means the idle time-out is less than session_idle_warning away.';
+
+CREATE FUNCTION vetassist_auth.end_session(jwt_id text, reason text DEFAULT 'logout') RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
+BEGIN
+    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
+        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
+    END IF;
+    IF s.status <> 'ACTIVE' THEN
+        RETURN false;
+    END IF;
+    PERFORM vetassist_auth.close_session(s, 'TERMINATED', reason);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.end_session(text, text) IS 'Ends a session (logout); returns false if it had already ended.';
+
+CREATE FUNCTION vetassist_auth.end_user_sessions(user_id uuid, reason text) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions;
+    ended integer := 0;
+BEGIN
+    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
+        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
+    END IF;
+    PERFORM vetassist_auth.require_user(user_id);
+    FOR s IN SELECT * FROM vetassist_auth.sessions t
+             WHERE t.user_id = end_user_sessions.user_id AND t.status = 'ACTIVE'
+             ORDER BY t.id FOR UPDATE
+    LOOP
+        PERFORM vetassist_auth.close_session(s, 'TERMINATED', reason);
+        ended := ended + 1;
+    END LOOP;
+    RETURN ended;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.end_user_sessions(uuid, text) IS 'Ends every live session of a user; returns how many.';
+
+CREATE FUNCTION vetassist_auth.lock_session(jwt_id text, reason text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
+BEGIN
+    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
+        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
+    END IF;
+    IF s.status <> 'ACTIVE' THEN
+        RETURN false;
+    END IF;
+    PERFORM vetassist_auth.close_session(s, 'LOCKED', reason);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.lock_session(text, text) IS
+    'Locks a session (suspected compromise, MFA lockout): it can no longer be used; returns false if it had already ended.';
+
+-- Refresh-token rotation for the application's own refresh tokens, with reuse detection: only
+-- the current token is accepted; presenting any other ends the session (a stolen token was used).
+CREATE FUNCTION vetassist_auth.rotate_session_refresh_token(jwt_id text, presented text, replacement text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
+BEGIN
+    IF coalesce(replacement, '') = '' OR octet_length(replacement) > 4096 THEN
+        RAISE EXCEPTION 'vetassist_auth: replacement must be 1 byte to 4 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
+    END IF;
+    IF s.refresh_token_hash IS NULL AND presented IS NULL
+       OR s.refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
+        UPDATE vetassist_auth.sessions t
+        SET refresh_token_hash = vetassist_auth.field_hash(replacement, 'session_refresh_token'),
+            refresh_generation = t.refresh_generation + 1
+        WHERE t.id = s.id;
+        PERFORM vetassist_auth.write_audit('session', 'refresh_token_rotated', 'success', s.user_id, 'sessions', s.id::text,
+            jsonb_build_object('generation', s.refresh_generation + 1));
+        RETURN s.refresh_generation + 1;
+    END IF;
+    PERFORM vetassist_auth.close_session(s, 'TERMINATED', 'refresh_token_reuse');
+    PERFORM vetassist_auth.write_audit('session', 'refresh_token_reuse', 'denied', s.user_id, 'sessions', s.id::text,
+        jsonb_build_object('generation', s.refresh_generation));
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.rotate_session_refresh_token(text, text, text) IS
+    'Replaces the session''s refresh token; returns the new generation, or NULL after ending the session when a stale token is presented.';
+
+CREATE FUNCTION vetassist_auth.log_session_event(jwt_id text, event_type text, severity text, details jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+    event_id bigint;
+BEGIN
+    IF coalesce(event_type, '') = '' OR length(event_type) > 128 THEN
+        RAISE EXCEPTION 'vetassist_auth: event_type must be 1 to 128 characters' USING ERRCODE = '22023';
+    END IF;
+    IF severity IS NULL OR severity NOT IN ('info', 'warning', 'critical', 'crisis') THEN
+        RAISE EXCEPTION 'vetassist_auth: severity must be info, warning, critical or crisis' USING ERRCODE = '22023';
+    END IF;
+    IF details IS NOT NULL AND (jsonb_typeof(details) <> 'object' OR octet_length(details::text) > 65536) THEN
+        RAISE EXCEPTION 'vetassist_auth: details must be a JSON object of at most 64 KiB' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO vetassist_auth.session_events (session_id, user_id, event_type, severity, details)
+    VALUES (s.id, s.user_id, event_type, severity, coalesce(details, '{}'))
+    RETURNING id INTO event_id;
+    -- The audit row names the event, never its details (they may hold clinical information).
+    PERFORM vetassist_auth.write_audit(CASE WHEN severity = 'crisis' THEN 'clinical' ELSE 'session' END,
+        'session_event', 'info', s.user_id, 'session_events', event_id::text,
+        jsonb_build_object('event_type', event_type, 'severity', severity, 'session_id', s.id));
+    IF severity = 'crisis' THEN
+        -- Delivered to every LISTENer when this transaction commits; ids only, no PHI.
+        PERFORM pg_notify('vetassist_auth_crisis',
+                          jsonb_build_object('session_id', s.id, 'event_id', event_id)::text);
+    END IF;
+    RETURN event_id;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.log_session_event(text, text, text, jsonb) IS
+    'Records a security or clinical event; a crisis event is also sent with NOTIFY vetassist_auth_crisis (ids only).';
+
+-- Sweep: ends overdue sessions and deletes ended ones past session_retention, batch_size rows
+-- of each per call, skipping rows other transactions hold. Returns rows changed: call it until 0.
+CREATE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    expired integer;
+    purged integer;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
+    END IF;
+    WITH due AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.status = 'ACTIVE' AND s.live_until <= now()
+        ORDER BY s.live_until
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = now(),
+            end_reason = CASE WHEN s.expires_at <= now() THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        FROM due WHERE s.id = due.id
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH old AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.ended_at < now() - vetassist_auth.session_retention()
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM vetassist_auth.sessions s USING old WHERE s.id = old.id;
+    GET DIAGNOSTICS purged = ROW_COUNT;
+    IF purged > 0 THEN
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
+    'Ends overdue sessions and deletes ended ones past session_retention, in batches; returns rows changed (call until 0).';

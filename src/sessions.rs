@@ -1,0 +1,132 @@
+//! Sessions (DESIGN section 7): settings for the SQL functions in `sql/sessions.sql`, and the
+//! background worker that sweeps expired sessions and seals the audit log.
+
+use crate::gucs;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+fn seconds(setting: &pgrx::GucSetting<i32>) -> Interval {
+    Interval::from_seconds(f64::from(setting.get()))
+}
+
+// Settings as SQL values, for the session functions. Internal: not granted to any role.
+
+#[pg_extern(stable, parallel_safe)]
+fn session_idle_timeout() -> Interval {
+    seconds(&gucs::SESSION_IDLE_TIMEOUT)
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn session_absolute_timeout() -> Interval {
+    seconds(&gucs::SESSION_ABSOLUTE_TIMEOUT)
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn session_idle_warning() -> Interval {
+    seconds(&gucs::SESSION_IDLE_WARNING)
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn session_touch_interval() -> Interval {
+    seconds(&gucs::SESSION_TOUCH_INTERVAL)
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn session_retention() -> Interval {
+    seconds(&gucs::SESSION_RETENTION)
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn max_sessions_per_user() -> i32 {
+    gucs::MAX_SESSIONS_PER_USER.get()
+}
+
+/// Registers the sweeper when the library is preloaded and a database is configured.
+pub fn register_worker() {
+    if gucs::string_setting(&gucs::SWEEP_DATABASE).is_none() {
+        return;
+    }
+    BackgroundWorkerBuilder::new("vetassist_auth sweeper")
+        .set_type("vetassist_auth sweeper")
+        .set_function("vetassist_auth_sweeper_main")
+        .set_library("vetassist_auth")
+        .enable_spi_access()
+        // A crash of the worker (not an ERROR, which it catches) restarts only the worker.
+        .set_restart_time(Some(Duration::from_secs(10)))
+        .load();
+}
+
+fn message_of(caught: &pg_sys::panic::CaughtError) -> String {
+    use pg_sys::panic::CaughtError::*;
+    match caught {
+        PostgresError(report)
+        | ErrorReport(report)
+        | RustPanic {
+            ereport: report, ..
+        } => report.message().to_owned(),
+    }
+}
+
+/// One maintenance pass in its own transaction; an error is logged, rolled back, and the next
+/// pass runs as usual.
+fn run_in_transaction(what: &str, sql: &str) -> Option<i64> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let outcome = PgTryBuilder::new(|| {
+        Spi::get_one::<i64>(sql)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| e.to_string())
+    })
+    .catch_others(|caught| Err(message_of(&caught)))
+    .execute();
+    match outcome {
+        Ok(changed) => {
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Some(changed)
+        }
+        Err(message) => {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            pgrx::warning!("vetassist_auth sweeper: {what} failed: {message}");
+            None
+        }
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database =
+        gucs::string_setting(&gucs::SWEEP_DATABASE).map(|d| d.to_string_lossy().into_owned());
+    BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);
+    pgrx::log!(
+        "vetassist_auth sweeper started in database {}",
+        database.as_deref().unwrap_or("?")
+    );
+    loop {
+        // Expire and purge sessions in short batches until there is nothing left to do.
+        while let Some(changed) = run_in_transaction(
+            "expire_sessions",
+            "SELECT vetassist_auth.expire_sessions(10000)::bigint",
+        ) {
+            if changed == 0 || BackgroundWorker::sigterm_received() {
+                break;
+            }
+        }
+        let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
+        if !BackgroundWorker::wait_latch(Some(interval)) {
+            break; // postmaster death or SIGTERM
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+    pgrx::log!("vetassist_auth sweeper stopped");
+}
