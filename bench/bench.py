@@ -112,6 +112,77 @@ def alternate(cluster, reference, ours, user, **kw):
     return statistics.median(ref_runs), statistics.median(our_runs)
 
 
+def pgbench_latencies(cluster, script, user, clients, seconds):
+    """Runs pgbench with per-transaction logs and returns every latency in milliseconds."""
+    logdir = Path(tempfile.mkdtemp(dir=cluster.dir))
+    subprocess.run(["chmod", "777", str(logdir)], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False, dir=cluster.dir) as f:
+        f.write(script)
+    subprocess.run(["chmod", "644", f.name], check=True)
+    subprocess.run(
+        ["/usr/lib/postgresql/15/bin/pgbench", "-n", "-h", str(cluster.dir), "-p", str(cluster.port), "-U", user,
+         "-c", str(clients), "-j", "2", "-T", str(seconds), "-f", f.name, "-l", "--log-prefix", str(logdir / "tx"),
+         "vetassist"], check=True, capture_output=True)
+    latencies = []
+    for log in logdir.glob("tx*"):
+        latencies += [int(line.split()[2]) / 1000 for line in log.read_text().splitlines() if line.strip()]
+    return latencies
+
+
+def p99(values):
+    return statistics.quantiles(values, n=100)[98]
+
+
+def session_bench(cluster, conn):
+    """touch_session against a plain indexed UPDATE, and a 1M-row sweep under touch load."""
+    uid = conn.execute("SELECT vetassist_auth.upsert_va_user('1000000000V999999', 'veteran', NULL, NULL, NULL)").fetchone()[0]
+    columns = "user_id, jwt_id, idle_timeout, expires_at, live_until, last_activity_at"
+    conn.execute(f"""INSERT INTO vetassist_auth.sessions ({columns})
+        SELECT %s, 'live-' || n, '15 minutes', now() + interval '12 hours', now() + interval '15 minutes', now()
+        FROM generate_series(1, 100000) n""", (uid,))
+    conn.execute("ANALYZE vetassist_auth.sessions")
+    pick = "\\set n random(1, 100000)\n"
+    plain = pick + "UPDATE vetassist_auth.sessions SET last_activity_at = now() WHERE jwt_id = 'live-' || :n;\n"
+    touch = pick + "SELECT vetassist_auth.touch_session('live-' || :n);\n"
+    results = {}
+    # Requests inside session_touch_interval (the common case): touch only reads.
+    conn.execute("UPDATE vetassist_auth.sessions SET last_activity_at = now()")
+    plain_tps, touch_tps = alternate(cluster, plain, touch, "postgres")
+    results["touch, within touch interval"] = (plain_tps, touch_tps)
+    # Every touch writes (session_touch_interval = 0): the worst case.
+    conn.execute("ALTER ROLE postgres SET vetassist_auth.session_touch_interval = 0")
+    plain_tps, touch_tps = alternate(cluster, plain, touch, "postgres")
+    conn.execute("ALTER ROLE postgres RESET vetassist_auth.session_touch_interval")
+    results["touch, every touch writes"] = (plain_tps, touch_tps)
+
+    conn.execute(f"""INSERT INTO vetassist_auth.sessions ({columns})
+        SELECT %s, 'old-' || n, '15 minutes', now() + interval '12 hours', now() - interval '1 minute', now() - interval '16 minutes'
+        FROM generate_series(1, 1000000) n""", (uid,))
+    conn.execute("UPDATE vetassist_auth.sessions SET last_activity_at = now() WHERE jwt_id LIKE 'live-%'")
+    conn.execute("VACUUM ANALYZE vetassist_auth.sessions")
+    idle = pgbench_latencies(cluster, touch, "postgres", clients=4, seconds=5)
+
+    swept = []
+
+    def sweep():
+        start = time.perf_counter()
+        total = 0
+        with cluster.connect("vetassist") as sweeper:
+            while (n := sweeper.execute("SELECT vetassist_auth.expire_sessions(10000)").fetchone()[0]) > 0:
+                total += n
+        swept.append((total, time.perf_counter() - start))
+
+    import threading
+    worker = threading.Thread(target=sweep)
+    worker.start()
+    during = []
+    while worker.is_alive():
+        during += pgbench_latencies(cluster, touch, "postgres", clients=4, seconds=3)
+    worker.join()
+    total, seconds = swept[0]
+    return results, (total, seconds, p99(idle), p99(during), len(during))
+
+
 def main():
     c = Cluster("bench", "shared_preload_libraries = 'vetassist_auth'", "shared_buffers = '512MB'",
                 "max_connections = 50")
@@ -120,6 +191,7 @@ def main():
         with c.connect("vetassist") as conn:
             rows = crypto_bench(conn)
             plain_tps, token_tps = token_bench(c, conn)
+            session_results, sweep = session_bench(c, conn)
         print(f"\nPer-row cost over {ROWS:,} rows, best of {REPEATS} (µs/row; ratio = reference / ours, >1 means ours is faster)\n")
         print(f"| {'operation':32} | {'ours µs':>8} | {'reference':34} | {'ref µs':>8} | {'ratio':>7} | goal |")
         print(f"|{'-' * 34}|{'-' * 10}|{'-' * 36}|{'-' * 10}|{'-' * 9}|------|")
@@ -130,6 +202,13 @@ def main():
         print("|---|---|---|---|---|")
         print(f"| store_va_tokens + va_access_token (1 KiB token, encrypted, audited) vs plain upsert + select "
               f"| {plain_tps:,.0f} | {token_tps:,.0f} | {token_tps / plain_tps:.2f}x | >= 0.5x |")
+        for label, (ref, ours) in session_results.items():
+            print(f"| {label} (100k live sessions) vs plain indexed UPDATE of last_activity_at "
+                  f"| {ref:,.0f} | {ours:,.0f} | {ours / ref:.2f}x | >= 0.8x |")
+        total, seconds, idle_p99, during_p99, samples = sweep
+        print(f"\nSweep: {total:,} overdue sessions expired and audited in {seconds:.1f} s = {total / seconds:,.0f} rows/s; "
+              f"touch_session p99 {idle_p99:.2f} ms idle, {during_p99:.2f} ms during the sweep "
+              f"({during_p99 / idle_p99:.1f}x, goal < 10x; {samples:,} touches)")
     finally:
         c.stop()
 

@@ -41,7 +41,16 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.lock_session(text, text),
     vetassist_auth.rotate_session_refresh_token(text, text, text),
     vetassist_auth.log_session_event(text, text, text, jsonb),
-    vetassist_auth.expire_sessions(integer)
+    vetassist_auth.expire_sessions(integer),
+    vetassist_auth.mfa_enroll_totp(uuid),
+    vetassist_auth.mfa_confirm_totp(uuid, text),
+    vetassist_auth.mfa_verify(text, text),
+    vetassist_auth.mfa_generate_backup_codes(uuid, integer),
+    vetassist_auth.mfa_trust_device(text, integer),
+    vetassist_auth.mfa_trusted_devices(uuid),
+    vetassist_auth.mfa_revoke_device(uuid, uuid),
+    vetassist_auth.mfa_required(text),
+    vetassist_auth.mfa_disable(uuid)
 TO vetassist_app;
 
 -- Key administration.
@@ -53,6 +62,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.deactivate_user(uuid, text),
     vetassist_auth.end_user_sessions(uuid, text),
     vetassist_auth.expire_sessions(integer),
+    vetassist_auth.mfa_disable(uuid),
     vetassist_auth.set_actor(uuid, text),
     vetassist_auth.audit_event(text, text, text, jsonb)
 TO vetassist_admin;

@@ -16,6 +16,12 @@ pub static SESSION_TOUCH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static SESSION_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 60 * 60);
 pub static MAX_SESSIONS_PER_USER: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+// MFA.
+pub static MFA_MAX_FAILURES: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static MFA_LOCKOUT: GucSetting<i32> = GucSetting::<i32>::new(15 * 60);
+pub static MFA_ISSUER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"VetAssist"));
+
 // Background maintenance (read at server start; interval on reload).
 pub static SWEEP_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
@@ -90,6 +96,32 @@ pub fn init() {
         &MAX_SESSIONS_PER_USER,
         0,
         10_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"vetassist_auth.mfa_max_failures",
+        c"Consecutive failed MFA codes after which the user is locked out.",
+        c"",
+        &MFA_MAX_FAILURES,
+        1,
+        100,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    seconds_guc(
+        c"vetassist_auth.mfa_lockout",
+        c"How long a user stays locked out after too many failed MFA codes.",
+        &MFA_LOCKOUT,
+        1,
+        DAY,
+        GucContext::Suset,
+    );
+    GucRegistry::define_string_guc(
+        c"vetassist_auth.mfa_issuer",
+        c"Issuer shown by authenticator apps for enrolled TOTP secrets.",
+        c"",
+        &MFA_ISSUER,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -12,6 +12,7 @@ mod error;
 mod gucs;
 mod keys;
 mod log_redaction;
+mod mfa;
 mod sessions;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -65,6 +66,21 @@ extension_sql_file!(
         sessions::session_retention,
         sessions::max_sessions_per_user,
         audit::set_current_session
+    ]
+);
+extension_sql_file!(
+    "../sql/mfa.sql",
+    name = "mfa_sql",
+    requires = [
+        "sessions_sql",
+        mfa::totp_new_secret,
+        mfa::totp_uri,
+        mfa::totp_match,
+        mfa::totp_code,
+        mfa::mfa_new_backup_code,
+        mfa::mfa_normalize_backup_code,
+        mfa::mfa_max_failures,
+        mfa::mfa_lockout
     ]
 );
 extension_sql_file!(

@@ -6,6 +6,7 @@
 pub mod envelope;
 pub mod field_hash;
 pub mod master_key;
+pub mod totp;
 
 pub use field_hash::{normalize, FieldKey};
 pub use master_key::{derive_kek, parse_master_key_hex, unwrap_dek, wrap_dek};

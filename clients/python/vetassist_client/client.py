@@ -1,0 +1,232 @@
+"""A psycopg 3 client for the vetassist_auth SQL API, one transaction per application request."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, LiteralString, Self, cast
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import TupleRow, class_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from .errors import translated_errors
+
+
+class SessionStatus(enum.Enum):
+    ACTIVE = "ACTIVE"
+    IDLE = "IDLE"
+    EXPIRED = "EXPIRED"
+    TERMINATED = "TERMINATED"
+    LOCKED = "LOCKED"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A decrypted user profile. PHI fields are left out of ``repr`` so it can be logged."""
+
+    id: UUID
+    va_icn: str = field(repr=False)
+    veteran_status: str | None
+    email: str | None = field(repr=False)
+    first_name: str | None = field(repr=False)
+    last_name: str | None = field(repr=False)
+    is_active: bool
+    mfa_enabled: bool
+    created_at: datetime
+    last_login_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CrisisNotice:
+    """A NOTIFY on vetassist_auth_crisis: ids only; read the event from session_events."""
+
+    session_id: UUID
+    event_id: int
+
+
+class Request:
+    """The vetassist_auth calls of one application request, all in its transaction."""
+
+    def __init__(self, conn: psycopg.Connection[TupleRow]) -> None:
+        self._conn = conn
+
+    @property
+    def connection(self) -> psycopg.Connection[TupleRow]:
+        """The request's connection, for the application's own queries in the same transaction."""
+        return self._conn
+
+    def _rows(self, query: LiteralString, params: Sequence[Any]) -> list[TupleRow]:
+        with translated_errors():
+            return self._conn.execute(query, params).fetchall()
+
+    def _value(self, query: LiteralString, params: Sequence[Any]) -> Any:
+        return self._rows(query, params)[0][0]
+
+    # Identity
+
+    def upsert_va_user(self, va_icn: str, veteran_status: str | None, email: str | None,
+                       first_name: str | None, last_name: str | None) -> UUID:
+        """After VA.gov sign-in: creates or updates the account keyed by the ICN."""
+        uid = self._value("SELECT vetassist_auth.upsert_va_user(%s, %s, %s, %s, %s)",
+                          (va_icn, veteran_status, email, first_name, last_name))
+        return cast(UUID, uid)
+
+    def find_user_by_icn(self, icn: str) -> UUID | None:
+        return cast("UUID | None", self._value("SELECT vetassist_auth.find_user_by_icn(%s)", (icn,)))
+
+    def find_users_by_email(self, email: str) -> list[UUID]:
+        rows = self._rows("SELECT * FROM vetassist_auth.find_users_by_email(%s)", (email,))
+        return [row[0] for row in rows]
+
+    def user_profile(self, user_id: UUID) -> Profile | None:
+        """The decrypted profile (audited as PHI access); NotFound for an unknown user."""
+        with translated_errors():
+            cur = self._conn.cursor(row_factory=class_row(Profile))
+            return cur.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (user_id,)).fetchone()
+
+    def deactivate_user(self, user_id: UUID, reason: str) -> None:
+        """Deactivates the account, ends its sessions and deletes its VA tokens."""
+        self._rows("SELECT vetassist_auth.deactivate_user(%s, %s)", (user_id, reason))
+
+    # VA tokens
+
+    def store_va_tokens(self, user_id: UUID, access_token: str, refresh_token: str | None,
+                        expires_at: datetime, scope: str | None) -> int:
+        """Stores or refreshes the VA.gov tokens, encrypted; returns the token generation.
+
+        A refresh_token of None keeps the stored one.
+        """
+        generation = self._value("SELECT vetassist_auth.store_va_tokens(%s, %s, %s, %s, %s)",
+                                 (user_id, access_token, refresh_token, expires_at, scope))
+        return cast(int, generation)
+
+    def va_access_token(self, user_id: UUID) -> str | None:
+        """The VA access token, None if none is stored; TokenExpired once it has expired."""
+        return cast("str | None", self._value("SELECT vetassist_auth.va_access_token(%s)", (user_id,)))
+
+    def va_refresh_token(self, user_id: UUID) -> str | None:
+        return cast("str | None", self._value("SELECT vetassist_auth.va_refresh_token(%s)", (user_id,)))
+
+    def va_tokens_due(self, within: timedelta) -> list[UUID]:
+        """Users whose access token expires within ``within`` and who have a refresh token."""
+        rows = self._rows("SELECT * FROM vetassist_auth.va_tokens_due(%s)", (within,))
+        return [row[0] for row in rows]
+
+    def delete_va_tokens(self, user_id: UUID) -> bool:
+        """Deletes the user's VA tokens; False if there were none."""
+        return cast(bool, self._value("SELECT vetassist_auth.delete_va_tokens(%s)", (user_id,)))
+
+    # Sessions
+
+    def create_session(self, user_id: UUID, jwt_id: str, expires_at: datetime, ip: str | None = None,
+                       user_agent: str | None = None, device_fingerprint: str | None = None,
+                       device_info: dict[str, Any] | None = None) -> UUID:
+        """Starts a session; IP and device fingerprint are stored only as keyed hashes."""
+        sid = self._value("SELECT vetassist_auth.create_session(%s, %s, %s, %s::inet, %s, %s, %s)",
+                          (user_id, jwt_id, expires_at, ip, user_agent, device_fingerprint,
+                           None if device_info is None else Jsonb(device_info)))
+        return cast(UUID, sid)
+
+    def touch_session(self, jwt_id: str) -> SessionStatus:
+        """Validates the session and records activity; call it on every API request."""
+        return SessionStatus(self._value("SELECT vetassist_auth.touch_session(%s)::text", (jwt_id,)))
+
+    def session_status(self, jwt_id: str) -> SessionStatus:
+        """The status without recording activity (IDLE: the idle time-out is near)."""
+        # ::text: with an untyped argument, session_status(...) would be a cast to the enum type.
+        status = self._value("SELECT vetassist_auth.session_status(%s::text)::text", (jwt_id,))
+        return SessionStatus(status)
+
+    def end_session(self, jwt_id: str, reason: str = "logout") -> bool:
+        """Ends the session; False if it had already ended."""
+        return cast(bool, self._value("SELECT vetassist_auth.end_session(%s, %s)", (jwt_id, reason)))
+
+    def end_user_sessions(self, user_id: UUID, reason: str) -> int:
+        """Ends every live session of the user; returns how many."""
+        return cast(int, self._value("SELECT vetassist_auth.end_user_sessions(%s, %s)", (user_id, reason)))
+
+    def lock_session(self, jwt_id: str, reason: str) -> bool:
+        """Locks the session for good; False if it had already ended."""
+        return cast(bool, self._value("SELECT vetassist_auth.lock_session(%s, %s)", (jwt_id, reason)))
+
+    def rotate_session_refresh_token(self, jwt_id: str, presented: str | None, replacement: str) -> int | None:
+        """The new refresh generation, or None: a stale token was presented and the session ended."""
+        generation = self._value("SELECT vetassist_auth.rotate_session_refresh_token(%s, %s, %s)",
+                                 (jwt_id, presented, replacement))
+        return cast("int | None", generation)
+
+    def log_session_event(self, jwt_id: str, event_type: str, severity: str, details: dict[str, Any]) -> int:
+        """Records an event (severity info, warning, critical or crisis); crisis also NOTIFYs on commit."""
+        event_id = self._value("SELECT vetassist_auth.log_session_event(%s, %s, %s, %s)",
+                               (jwt_id, event_type, severity, Jsonb(details)))
+        return cast(int, event_id)
+
+    # Audit
+
+    def audit_event(self, category: str, event_type: str, outcome: str, details: dict[str, Any]) -> int:
+        """Writes an application audit event (outcome success, failure, denied or info)."""
+        audit_id = self._value("SELECT vetassist_auth.audit_event(%s, %s, %s, %s)",
+                               (category, event_type, outcome, Jsonb(details)))
+        return cast(int, audit_id)
+
+
+class VetAssistClient:
+    """Owns a connection pool; ``request()`` runs one application request in one transaction."""
+
+    def __init__(self, conninfo: str, **pool_kwargs: Any) -> None:
+        self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+            conninfo, **{"open": True, **pool_kwargs})
+
+    @classmethod
+    def from_pool(cls, pool: ConnectionPool[psycopg.Connection[TupleRow]]) -> Self:
+        """Wraps an existing pool; closing the client closes it."""
+        client = cls.__new__(cls)
+        client._pool = pool
+        return client
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @contextmanager
+    def request(self, actor_user_id: UUID | None = None, client_ip: str | None = None) -> Iterator[Request]:
+        """A pooled connection in a transaction naming the actor for audit rows.
+
+        Commits when the block ends normally, rolls back when it raises. Any failed call aborts
+        the transaction, so handle VetAssistError outside the block.
+        """
+        with translated_errors(), self._pool.connection() as conn, conn.transaction():
+            # The actor lasts for this transaction only; without one there is nothing to set.
+            if actor_user_id is not None or client_ip is not None:
+                conn.execute("SELECT vetassist_auth.set_actor(%s, %s)", (actor_user_id, client_ip))
+            yield Request(conn)
+
+    def listen_crisis(self, timeout: float) -> Iterator[CrisisNotice]:
+        """Crisis notifications arriving within ``timeout`` seconds, on a dedicated connection.
+
+        NOTIFY reaches only current listeners: treat session_events as the record and this as
+        a wake-up.
+        """
+        # The pool's settings; psycopg_pool 3.3 also accepts callables for both.
+        conninfo, kwargs = self._pool.conninfo, self._pool.kwargs or {}
+        conninfo = conninfo() if callable(conninfo) else conninfo
+        kwargs = kwargs() if callable(kwargs) else kwargs
+        with translated_errors(), psycopg.connect(conninfo, **{**kwargs, "autocommit": True}) as conn:
+            conn.execute("LISTEN vetassist_auth_crisis")
+            for notify in conn.notifies(timeout=timeout):
+                payload = json.loads(notify.payload)
+                yield CrisisNotice(UUID(payload["session_id"]), int(payload["event_id"]))

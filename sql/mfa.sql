@@ -1,0 +1,260 @@
+-- MFA (DESIGN sections 5-6): TOTP (RFC 6238, SHA-1, 30 s, 6 digits, one step either side),
+-- single-use backup codes, trusted devices and lockout. The TOTP secret is stored encrypted
+-- (context mfa_settings.totp_secret:<user id>) and leaves the database only in the enrolment URI.
+
+-- The MFA row of a user, locked, so concurrent verifications of one user take turns (a code
+-- can then never be accepted twice). Internal.
+CREATE FUNCTION vetassist_auth.mfa_row(user_id uuid) RETURNS vetassist_auth.mfa_settings
+LANGUAGE plpgsql AS $$
+DECLARE
+    m vetassist_auth.mfa_settings;
+BEGIN
+    SELECT * INTO m FROM vetassist_auth.mfa_settings s WHERE s.user_id = mfa_row.user_id FOR UPDATE;
+    IF NOT FOUND OR m.totp_secret_encrypted IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: this user has no TOTP enrolment' USING ERRCODE = '22023';
+    END IF;
+    RETURN m;
+END
+$$;
+
+-- Checks a TOTP or backup code against a user's settings; on failure counts it and, at
+-- mfa_max_failures, locks the user out. Returns the accepted time step (0 for a backup code)
+-- or NULL. Raises 28000 while a lock-out lasts. Internal.
+CREATE FUNCTION vetassist_auth.mfa_check(m vetassist_auth.mfa_settings, code text, require_enabled boolean)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    secret bytea;
+    step bigint;
+    backup bigint;
+BEGIN
+    IF m.locked_until > now() THEN
+        RAISE EXCEPTION 'vetassist_auth: too many failed codes; MFA is locked for this user' USING ERRCODE = '28000',
+            HINT = 'Wait for the lock-out to end (vetassist_auth.mfa_lockout).';
+    END IF;
+    IF require_enabled AND NOT m.totp_enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
+    END IF;
+    secret := vetassist_auth.decrypt(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
+    step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
+                                      m.last_used_step);
+    IF step IS NULL AND require_enabled THEN
+        UPDATE vetassist_auth.mfa_backup_codes b SET used_at = now()
+        WHERE b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
+                      WHERE c.user_id = m.user_id AND c.used_at IS NULL
+                        AND c.code_hash = ANY (vetassist_auth.field_hashes(
+                                m.user_id || ':' || vetassist_auth.mfa_normalize_backup_code(coalesce(code, '')), 'mfa_backup_code'))
+                      LIMIT 1 FOR UPDATE)
+        RETURNING b.id INTO backup;
+        IF backup IS NOT NULL THEN
+            step := 0;
+        END IF;
+    END IF;
+    IF step IS NULL THEN
+        -- Counting starts again once an earlier lock-out has ended.
+        UPDATE vetassist_auth.mfa_settings s
+        SET failed_attempts = CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END,
+            locked_until = CASE WHEN (CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END)
+                                     >= vetassist_auth.mfa_max_failures()
+                                THEN now() + vetassist_auth.mfa_lockout() END,
+            updated_at = now()
+        WHERE s.user_id = m.user_id;
+        RETURN NULL;
+    END IF;
+    UPDATE vetassist_auth.mfa_settings s
+    SET failed_attempts = 0, locked_until = NULL, updated_at = now(),
+        last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END
+    WHERE s.user_id = m.user_id;
+    RETURN step;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.mfa_enroll_totp(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    secret bytea := vetassist_auth.totp_new_secret();
+    enabled boolean;
+BEGIN
+    IF NOT vetassist_auth.require_user(user_id) THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    SELECT s.totp_enabled INTO enabled FROM vetassist_auth.mfa_settings s WHERE s.user_id = mfa_enroll_totp.user_id FOR UPDATE;
+    IF enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023',
+            HINT = 'Call mfa_disable first to enrol a new authenticator.';
+    END IF;
+    INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at)
+    VALUES (mfa_enroll_totp.user_id,
+            vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), now())
+    ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
+        totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = now(), confirmed_at = NULL,
+        last_used_step = NULL, failed_attempts = 0, locked_until = NULL, updated_at = now();
+    PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_started', 'success', user_id, 'mfa_settings', user_id::text);
+    RETURN vetassist_auth.totp_uri(secret, 'veteran-' || left(user_id::text, 8));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.mfa_enroll_totp(uuid) IS
+    'Creates (or replaces, until confirmed) a TOTP secret and returns its otpauth:// URI: the only time the secret leaves the database.';
+
+CREATE FUNCTION vetassist_auth.mfa_confirm_totp(user_id uuid, code text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m vetassist_auth.mfa_settings := vetassist_auth.mfa_row(user_id);
+    step bigint;
+BEGIN
+    IF m.totp_enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
+    END IF;
+    step := vetassist_auth.mfa_check(m, code, false);
+    IF step IS NOT NULL THEN
+        UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = now()
+        WHERE s.user_id = mfa_confirm_totp.user_id;
+    END IF;
+    PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed',
+        CASE WHEN step IS NULL THEN 'failure' ELSE 'success' END, user_id, 'mfa_settings', user_id::text);
+    RETURN step IS NOT NULL;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text) IS 'Enables TOTP once the user proves the authenticator works.';
+
+CREATE FUNCTION vetassist_auth.mfa_verify(jwt_id text, code text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
+    m vetassist_auth.mfa_settings;
+    step bigint;
+BEGIN
+    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
+    END IF;
+    m := vetassist_auth.mfa_row(s.user_id);
+    step := vetassist_auth.mfa_check(m, code, true);
+    IF step IS NOT NULL THEN
+        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = now() WHERE t.id = s.id;
+        PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'success', s.user_id, 'sessions', s.id::text,
+            jsonb_build_object('method', CASE WHEN step = 0 THEN 'backup_code' ELSE 'totp' END));
+        RETURN true;
+    END IF;
+    SELECT * INTO m FROM vetassist_auth.mfa_settings t WHERE t.user_id = s.user_id;
+    PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'failure', s.user_id, 'sessions', s.id::text,
+        jsonb_build_object('failed_attempts', m.failed_attempts));
+    IF m.locked_until > now() THEN
+        PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
+        PERFORM vetassist_auth.write_audit('mfa', 'mfa_locked_out', 'denied', s.user_id, 'mfa_settings', s.user_id::text,
+            jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
+    END IF;
+    RETURN false;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.mfa_verify(text, text) IS
+    'Checks a TOTP or backup code for the session''s user; true marks the session MFA-verified. Failures count toward a lock-out (28000).';
+
+CREATE FUNCTION vetassist_auth.mfa_generate_backup_codes(user_id uuid, n integer DEFAULT 10) RETURNS text[]
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    codes text[];
+BEGIN
+    IF n IS NULL OR n < 1 OR n > 20 THEN
+        RAISE EXCEPTION 'vetassist_auth: n must be between 1 and 20' USING ERRCODE = '22023';
+    END IF;
+    PERFORM vetassist_auth.mfa_row(user_id);
+    SELECT array_agg(vetassist_auth.mfa_new_backup_code()) INTO codes FROM generate_series(1, n);
+    -- A new set voids the old one.
+    DELETE FROM vetassist_auth.mfa_backup_codes b WHERE b.user_id = mfa_generate_backup_codes.user_id;
+    INSERT INTO vetassist_auth.mfa_backup_codes (user_id, code_hash)
+    SELECT user_id, vetassist_auth.field_hash(user_id || ':' || vetassist_auth.mfa_normalize_backup_code(c), 'mfa_backup_code')
+    FROM unnest(codes) c;
+    PERFORM vetassist_auth.write_audit('mfa', 'backup_codes_generated', 'success', user_id, 'mfa_backup_codes', user_id::text,
+                                       jsonb_build_object('count', n));
+    RETURN codes;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.mfa_generate_backup_codes(uuid, integer) IS
+    'Returns n single-use backup codes, once; only keyed hashes are kept. A new set voids the old one.';
+
+CREATE FUNCTION vetassist_auth.mfa_trust_device(jwt_id text, days integer DEFAULT 30) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+    device uuid;
+BEGIN
+    IF days IS NULL OR days < 1 OR days > 90 THEN
+        RAISE EXCEPTION 'vetassist_auth: days must be between 1 and 90' USING ERRCODE = '22023';
+    END IF;
+    IF s.status <> 'ACTIVE' OR NOT s.mfa_verified THEN
+        RAISE EXCEPTION 'vetassist_auth: only a live, MFA-verified session can trust its device' USING ERRCODE = '28000';
+    END IF;
+    IF s.device_fingerprint_hash IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has no device fingerprint' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO vetassist_auth.trusted_devices (user_id, device_fingerprint_hash, trusted_until)
+    VALUES (s.user_id, s.device_fingerprint_hash, now() + make_interval(days => days))
+    RETURNING id INTO device;
+    PERFORM vetassist_auth.write_audit('mfa', 'device_trusted', 'success', s.user_id, 'trusted_devices', device::text,
+                                       jsonb_build_object('days', days));
+    RETURN device;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.mfa_trust_device(text, integer) IS
+    'Trusts the device of an MFA-verified session for some days: its later sessions skip MFA (see mfa_required).';
+
+CREATE FUNCTION vetassist_auth.mfa_trusted_devices(user_id uuid)
+RETURNS TABLE (device_id uuid, created_at timestamptz, trusted_until timestamptz, last_used_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    RETURN QUERY SELECT d.id, d.created_at, d.trusted_until, d.last_used_at FROM vetassist_auth.trusted_devices d
+                 WHERE d.user_id = mfa_trusted_devices.user_id AND d.revoked_at IS NULL AND d.trusted_until > now()
+                 ORDER BY d.created_at;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.mfa_revoke_device(user_id uuid, device_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = now()
+    WHERE d.id = device_id AND d.user_id = mfa_revoke_device.user_id AND d.revoked_at IS NULL;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM vetassist_auth.write_audit('mfa', 'device_revoked', 'success', user_id, 'trusted_devices', device_id::text);
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.mfa_required(jwt_id text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+BEGIN
+    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
+    END IF;
+    IF s.mfa_verified OR NOT EXISTS (SELECT 1 FROM vetassist_auth.mfa_settings m
+                                     WHERE m.user_id = s.user_id AND m.totp_enabled) THEN
+        RETURN false;
+    END IF;
+    RETURN NOT EXISTS (SELECT 1 FROM vetassist_auth.trusted_devices d
+                       WHERE d.user_id = s.user_id AND d.device_fingerprint_hash = s.device_fingerprint_hash
+                         AND d.revoked_at IS NULL AND d.trusted_until > now());
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.mfa_required(text) IS
+    'Whether this session still needs a second factor: MFA enabled, not yet verified, and not on a trusted device.';
+
+CREATE FUNCTION vetassist_auth.mfa_disable(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_disable.user_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM vetassist_auth.mfa_backup_codes b WHERE b.user_id = mfa_disable.user_id;
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = now()
+    WHERE d.user_id = mfa_disable.user_id AND d.revoked_at IS NULL;
+    PERFORM vetassist_auth.write_audit('mfa', 'mfa_disabled', 'success', user_id, 'mfa_settings', user_id::text);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup codes and trusted devices of a user; audited.';

@@ -1,0 +1,99 @@
+//! MFA building blocks for `sql/mfa.sql`: TOTP secrets, codes and backup codes. The TOTP
+//! secret only ever leaves the database inside the enrolment URI.
+
+use crate::crypto::{self, totp};
+use crate::error::OrRaise;
+use crate::gucs;
+use pgrx::prelude::*;
+
+/// A fresh 160-bit TOTP secret from the OS RNG. Internal.
+#[pg_extern(volatile)]
+fn totp_new_secret() -> Vec<u8> {
+    let mut secret = vec![0u8; totp::SECRET_LEN];
+    crypto::fill_random(&mut secret).or_raise();
+    secret
+}
+
+/// The enrolment URI for an authenticator app. Internal.
+#[pg_extern(immutable, strict)]
+fn totp_uri(secret: &[u8], account: &str) -> String {
+    let issuer =
+        gucs::string_setting(&gucs::MFA_ISSUER).map_or("VetAssist".into(), |s| s.to_string_lossy());
+    totp::otpauth_uri(secret, &issuer, account)
+}
+
+/// The time step whose code matches (within one step of the Unix time `at_epoch`) and is
+/// later than `last_used_step`, or NULL. Internal.
+#[pg_extern(immutable)]
+fn totp_match(
+    secret: &[u8],
+    code: &str,
+    at_epoch: i64,
+    last_used_step: Option<i64>,
+) -> Option<i64> {
+    let code: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+    let now = totp::step_at(at_epoch.max(0) as u64);
+    totp::matching_step(secret, &code, now, last_used_step.map(|s| s.max(0) as u64))
+        .map(|s| s as i64)
+}
+
+/// The code of one time step, for tests and for the demo's stand-in authenticator. Internal.
+#[pg_extern(immutable, strict)]
+fn totp_code(secret: &[u8], step: i64) -> String {
+    totp::code_text(secret, step.max(0) as u64)
+}
+
+/// Unambiguous letters and digits (no 0/O, 1/I/L) for backup codes people type.
+const BACKUP_ALPHABET: &[u8; 31] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
+
+/// A backup code such as `K7QX-2MPA-9TRW`: 12 characters, about 59 bits from the OS RNG. Internal.
+#[pg_extern(volatile)]
+fn mfa_new_backup_code() -> String {
+    let alphabet = BACKUP_ALPHABET;
+    let mut out = String::with_capacity(14);
+    let mut random = [0u8; 24];
+    let mut filled = 0;
+    while out.len() < 14 {
+        if filled == 0 {
+            crypto::fill_random(&mut random).or_raise();
+            filled = random.len();
+        }
+        filled -= 1;
+        // Rejection sampling keeps every character equally likely.
+        let byte = random[filled] & 0x1f;
+        if usize::from(byte) >= alphabet.len() {
+            continue;
+        }
+        if out.len() == 4 || out.len() == 9 {
+            out.push('-');
+        }
+        out.push(alphabet[usize::from(byte)] as char);
+    }
+    out
+}
+
+/// MFA settings as SQL values. Internal.
+#[pg_extern(stable, parallel_safe)]
+fn mfa_max_failures() -> i32 {
+    gucs::MFA_MAX_FAILURES.get()
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn mfa_lockout() -> Interval {
+    Interval::from_seconds(f64::from(gucs::MFA_LOCKOUT.get()))
+}
+
+/// Backup codes as typed: case and separators do not matter.
+#[pg_extern(immutable, strict)]
+fn mfa_normalize_backup_code(code: &str) -> String {
+    let normalized: String = code
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if normalized.len() != 12 {
+        // Not a backup code at all; the caller counts it as a failed attempt.
+        return String::new();
+    }
+    normalized
+}

@@ -1,0 +1,106 @@
+-- MFA, as the application role. The "authenticator app" is played by the superuser reading the
+-- secret back (the app role cannot) and computing codes with the extension's own TOTP.
+CREATE TEMP TABLE t AS SELECT vetassist_auth.upsert_va_user('1012660000V000009', 'veteran', 'mfa@example.org', NULL, NULL) AS id;
+GRANT SELECT ON t TO vetassist_app;
+CREATE FUNCTION pg_temp.secret(user_id uuid) RETURNS bytea LANGUAGE sql AS $$
+    SELECT vetassist_auth.decrypt(totp_secret_encrypted, 'mfa_settings.totp_secret:' || user_id)
+    FROM vetassist_auth.mfa_settings WHERE mfa_settings.user_id = secret.user_id $$;
+CREATE FUNCTION pg_temp.code_now(user_id uuid, offset_steps integer DEFAULT 0) RETURNS text LANGUAGE sql AS $$
+    SELECT vetassist_auth.totp_code(pg_temp.secret(user_id), extract(epoch FROM clock_timestamp())::bigint / 30 + offset_steps) $$;
+-- Codes computed by the superuser, handed to the app session through a table it can read.
+CREATE TEMP TABLE codes (name text PRIMARY KEY, code text);
+GRANT SELECT ON codes TO vetassist_app;
+
+-- RFC 6238 window edges, deterministic: a fixed moment S*30 seconds.
+SELECT vetassist_auth.totp_match('12345678901234567890'::bytea, vetassist_auth.totp_code('12345678901234567890'::bytea, 37037036 + d), 37037036 * 30, NULL) - 37037036 AS accepted_offset, d AS code_offset
+FROM generate_series(-2, 2) d ORDER BY d;
+SELECT vetassist_auth.totp_code('12345678901234567890'::bytea, 59 / 30) AS rfc6238_t59_6_digits;
+
+SET ROLE vetassist_app;
+SELECT vetassist_auth.mfa_enroll_totp(id) ~ '^otpauth://totp/VetAssist:veteran-[0-9a-f]{8}\?secret=[A-Z2-7]{32}&issuer=VetAssist&algorithm=SHA1&digits=6&period=30$' AS uri_ok FROM t;
+-- Enrolling again before confirmation replaces the secret.
+SELECT vetassist_auth.mfa_enroll_totp(id) IS NOT NULL AS re_enrolled FROM t;
+SELECT regress.try('SELECT * FROM vetassist_auth.mfa_settings') AS app_reads_secrets;
+SELECT regress.try(format('SELECT vetassist_auth.mfa_verify(%L, %L)', 'jwt-none', '123456')) AS unknown_session;
+RESET ROLE;
+SELECT octet_length(pg_temp.secret(id)) AS secret_bytes, totp_enabled FROM t, vetassist_auth.mfa_settings m WHERE m.user_id = t.id;
+INSERT INTO codes SELECT 'confirm', pg_temp.code_now(id) FROM t;
+
+SET ROLE vetassist_app;
+SELECT vetassist_auth.mfa_confirm_totp(id, '000000') AS wrong_code_confirms FROM t;
+SELECT vetassist_auth.mfa_confirm_totp(t.id, c.code) AS confirmed FROM t, codes c WHERE c.name = 'confirm';
+SELECT regress.try(format('SELECT vetassist_auth.mfa_enroll_totp(%L)', id)) AS enroll_when_enabled FROM t;
+SELECT mfa_enabled FROM t, vetassist_auth.user_profile(t.id);
+
+-- A session needs MFA until verified; a code is never accepted twice.
+SELECT vetassist_auth.create_session(id, 'jwt-mfa-1', now() + interval '1 hour', device_fingerprint => 'laptop-1') IS NOT NULL AS created FROM t;
+SELECT vetassist_auth.mfa_required('jwt-mfa-1') AS required_before;
+RESET ROLE;
+-- The confirmation used the current step: the next accepted code must belong to a later step.
+UPDATE vetassist_auth.mfa_settings m SET last_used_step = extract(epoch FROM clock_timestamp())::bigint / 30 - 2 FROM t WHERE m.user_id = t.id;
+INSERT INTO codes SELECT 'verify', pg_temp.code_now(id) FROM t;
+SET ROLE vetassist_app;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-1', c.code) AS verified FROM codes c WHERE c.name = 'verify';
+SELECT vetassist_auth.mfa_verify('jwt-mfa-1', c.code) AS replayed FROM codes c WHERE c.name = 'verify';
+SELECT vetassist_auth.mfa_required('jwt-mfa-1') AS required_after;
+RESET ROLE;
+SELECT mfa_verified, mfa_verified_at IS NOT NULL AS verified_at FROM vetassist_auth.sessions WHERE jwt_id = 'jwt-mfa-1';
+SELECT failed_attempts FROM vetassist_auth.mfa_settings m JOIN t ON m.user_id = t.id;
+
+-- Backup codes: shown once, each works once, a new set voids the old one.
+SET ROLE vetassist_app;
+CREATE TEMP TABLE backup AS SELECT vetassist_auth.mfa_generate_backup_codes(id, 3) AS codes FROM t;
+SELECT cardinality(codes) AS n, bool_and(c ~ '^[A-HJ-NP-Z2-9]{4}-[A-HJ-NP-Z2-9]{4}-[A-HJ-NP-Z2-9]{4}$') AS format_ok FROM backup, unnest(codes) c GROUP BY 1;
+SELECT vetassist_auth.create_session(id, 'jwt-mfa-2', now() + interval '1 hour') IS NOT NULL AS created FROM t;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-2', lower(replace(codes[1], '-', ' '))) AS backup_code_works FROM backup;
+SELECT vetassist_auth.create_session(id, 'jwt-mfa-3', now() + interval '1 hour') IS NOT NULL AS created FROM t;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-3', codes[1]) AS backup_code_reused FROM backup;
+SELECT vetassist_auth.mfa_generate_backup_codes(id, 2) IS NOT NULL AS regenerated FROM t;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-3', codes[2]) AS old_set_void FROM backup;
+SELECT regress.try(format('SELECT vetassist_auth.mfa_generate_backup_codes(%L, 0)', id)) AS bad_n FROM t;
+RESET ROLE;
+SELECT count(*) AS stored, bool_and(octet_length(code_hash) = 36) AS only_hashes FROM vetassist_auth.mfa_backup_codes b JOIN t ON b.user_id = t.id;
+
+-- Trusted devices: the device of a verified session skips MFA until revoked or expired.
+SET ROLE vetassist_app;
+SELECT vetassist_auth.mfa_trust_device('jwt-mfa-1', 30) IS NOT NULL AS trusted;
+SELECT regress.try('SELECT vetassist_auth.mfa_trust_device(''jwt-mfa-3'', 30)') AS unverified_session;
+SELECT vetassist_auth.create_session(id, 'jwt-mfa-4', now() + interval '1 hour', device_fingerprint => 'laptop-1') IS NOT NULL AS same_device,
+       vetassist_auth.create_session(id, 'jwt-mfa-5', now() + interval '1 hour', device_fingerprint => 'phone-9') IS NOT NULL AS other_device FROM t;
+SELECT vetassist_auth.mfa_required('jwt-mfa-4') AS trusted_device_required, vetassist_auth.mfa_required('jwt-mfa-5') AS other_device_required;
+SELECT count(*) AS listed FROM t, vetassist_auth.mfa_trusted_devices(t.id);
+SELECT vetassist_auth.mfa_revoke_device(t.id, d.device_id) AS revoked FROM t, vetassist_auth.mfa_trusted_devices(t.id) d;
+SELECT vetassist_auth.mfa_required('jwt-mfa-4') AS required_after_revoke;
+RESET ROLE;
+
+-- Lock-out after mfa_max_failures consecutive failures: 28000, and the failing session is LOCKED.
+-- (The two failed backup codes above already count: start from zero.)
+UPDATE vetassist_auth.mfa_settings m SET failed_attempts = 0 FROM t WHERE m.user_id = t.id;
+SET vetassist_auth.mfa_max_failures = 3;
+SET ROLE vetassist_app;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-5', '000000') AS f1, vetassist_auth.mfa_verify('jwt-mfa-5', 'nonsense') AS f2;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-5', '999999') AS f3;
+SELECT vetassist_auth.touch_session('jwt-mfa-5') AS locked_session;
+SELECT regress.try('SELECT vetassist_auth.mfa_verify(''jwt-mfa-4'', ''000000'')') AS while_locked;
+RESET ROLE;
+INSERT INTO codes SELECT 'locked', pg_temp.code_now(id, 1) FROM t;
+SET ROLE vetassist_app;
+SELECT regress.try(format('SELECT vetassist_auth.mfa_verify(%L, %L)', 'jwt-mfa-4', c.code)) AS right_code_while_locked FROM codes c WHERE c.name = 'locked';
+RESET ROLE;
+-- The lock-out ends.
+UPDATE vetassist_auth.mfa_settings m SET locked_until = now() - interval '1 second' FROM t WHERE m.user_id = t.id;
+SET ROLE vetassist_app;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-4', c.code) AS after_lockout FROM codes c WHERE c.name = 'locked';
+RESET ROLE;
+RESET vetassist_auth.mfa_max_failures;
+SELECT failed_attempts, locked_until FROM vetassist_auth.mfa_settings m JOIN t ON m.user_id = t.id;
+
+-- Disable: audited; enrolment state shows in the profile.
+SET ROLE vetassist_app;
+SELECT vetassist_auth.mfa_disable(id) AS disabled, vetassist_auth.mfa_disable(id) AS disabled_again FROM t;
+SELECT mfa_enabled FROM t, vetassist_auth.user_profile(t.id);
+RESET ROLE;
+SELECT event_type, outcome, count(*) FROM vetassist_auth.audit_log a JOIN t ON a.subject_user_id = t.id
+WHERE category = 'mfa' GROUP BY 1, 2 ORDER BY 1, 2;
+-- No code, secret or backup code reaches the audit log.
+SELECT count(*) AS audit_rows_with_codes FROM vetassist_auth.audit_log a, codes c WHERE a::text LIKE '%' || c.code || '%';
