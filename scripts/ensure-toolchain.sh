@@ -28,9 +28,12 @@ if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
 fi
 
-if [ ! -x "$ROOT/target/venv/bin/pytest" ] || ! "$ROOT/target/venv/bin/python" -c 'import psycopg' 2>/dev/null; then
-    echo "==> creating target/venv (psycopg 3, pytest)"
+# The venv is rebuilt whenever tests/requirements.txt changes.
+stamp="$ROOT/target/venv/.requirements"
+if ! cmp -s "$ROOT/tests/requirements.txt" "$stamp"; then
+    echo "==> preparing target/venv (psycopg 3, pytest)"
     mkdir -p "$ROOT/target"
-    python3 -m venv "$ROOT/target/venv"
+    [ -x "$ROOT/target/venv/bin/pip" ] || python3 -m venv "$ROOT/target/venv"
     "$ROOT/target/venv/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
+    cp "$ROOT/tests/requirements.txt" "$stamp"
 fi

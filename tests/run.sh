@@ -19,5 +19,21 @@ if ! $PG_REGRESS --host="$dir" --port=$PORT --user=postgres --inputdir=tests/reg
     exit 1
 fi
 
-echo "==> pytest"
+echo "==> pytest (tests/integration)"
 target/venv/bin/pytest -q tests/integration "$@"
+
+echo "==> Python client (clients/python)"
+(cd clients/python && "$ROOT/target/venv/bin/python" -m pytest -q tests)
+
+if command -v node >/dev/null && command -v npm >/dev/null; then
+    echo "==> Node example (clients/node)"
+    psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d postgres \
+        -c "DROP DATABASE IF EXISTS vetassist_node" -c "CREATE DATABASE vetassist_node"
+    psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d vetassist_node \
+        -c "CREATE EXTENSION vetassist_auth" \
+        -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'node_app') THEN CREATE ROLE node_app LOGIN IN ROLE vetassist_app; END IF; END \$\$"
+    (cd clients/node && { [ -d node_modules/pg ] || npm install --no-audit --no-fund --silent; } \
+        && VETASSIST_PG_CONNINFO="postgresql://node_app@/vetassist_node?host=$dir&port=$PORT" node --test)
+else
+    echo "==> Node example skipped: node/npm not installed"
+fi
