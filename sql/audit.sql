@@ -44,3 +44,129 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb) IS
     'Writes an application audit event; actor, session and client address are filled in from set_actor.';
+
+-- Append-only: UPDATE, DELETE and TRUNCATE raise for every role, the owner included. Only
+-- purge_audit_log deletes, from the start of the chain, leaving a checkpoint.
+CREATE FUNCTION vetassist_auth.refuse_audit_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND vetassist_auth.audit_purge_in_progress() THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'vetassist_auth: % is append-only (% refused)', TG_TABLE_NAME, TG_OP USING ERRCODE = '42501',
+        HINT = 'Old rows leave only through vetassist_auth.purge_audit_log().';
+END
+$$;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON vetassist_auth.audit_log
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_audit_change();
+CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON vetassist_auth.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION vetassist_auth.refuse_audit_change();
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON vetassist_auth.audit_seals
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_audit_change();
+CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON vetassist_auth.audit_seals
+    FOR EACH STATEMENT EXECUTE FUNCTION vetassist_auth.refuse_audit_change();
+
+-- Row audit. The trigger writes to audit_log whoever changes the table.
+ALTER FUNCTION vetassist_auth.row_audit() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+-- Attaches the row-audit trigger to a table: INSERT, UPDATE and DELETE are logged with the
+-- changed column names and old/new values, except bytea columns (ciphertexts) and `redact`
+-- columns. An update that changes only `ignore` columns is not logged. The subject user is the
+-- table's user_id column when it has one.
+CREATE FUNCTION vetassist_auth.attach_row_audit(target regclass, redact text[], ignore text[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    args text[];
+    missing text;
+BEGIN
+    IF target IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: target must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF target IN ('vetassist_auth.audit_log'::regclass, 'vetassist_auth.audit_seals'::regclass) THEN
+        RAISE EXCEPTION 'vetassist_auth: the audit tables are not row-audited' USING ERRCODE = '22023';
+    END IF;
+    SELECT string_agg(c, ', ') INTO missing FROM unnest(coalesce(redact, '{}') || coalesce(ignore, '{}')) c
+    WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = target AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: no such column(s) in %: %', target, missing USING ERRCODE = '22023';
+    END IF;
+    SELECT array_agg('pk:' || a.attname ORDER BY k.ord) INTO args
+    FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, ord), pg_attribute a
+    WHERE i.indrelid = target AND i.indisprimary AND a.attrelid = target AND a.attnum = k.attnum;
+    args := coalesce(args, '{}')
+        || ARRAY(SELECT 'redact:' || c FROM unnest(coalesce(redact, '{}')) c)
+        || ARRAY(SELECT 'ignore:' || c FROM unnest(coalesce(ignore, '{}')) c)
+        || ARRAY(SELECT 'subject:' || a.attname FROM pg_attribute a
+                 WHERE a.attrelid = target AND a.attname = 'user_id' AND a.atttypid = 'uuid'::regtype);
+    IF target = 'vetassist_auth.users'::regclass THEN
+        args := args || ARRAY['subject:id'];
+    END IF;
+    IF (SELECT relnamespace FROM pg_class WHERE oid = target) = 'vetassist_auth'::regnamespace THEN
+        args := args || ARRAY['skip_copy'];
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = target AND tgname = 'vetassist_row_audit') THEN
+        EXECUTE format('DROP TRIGGER vetassist_row_audit ON %s', target);
+    END IF;
+    EXECUTE format('CREATE TRIGGER vetassist_row_audit AFTER INSERT OR UPDATE OR DELETE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION vetassist_auth.row_audit(%s)',
+                   target, (SELECT string_agg(quote_literal(a), ', ') FROM unnest(args) a));
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.enable_row_audit(target regclass, redact text[] DEFAULT '{}', ignore text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.attach_row_audit(target, redact, ignore);
+    PERFORM vetassist_auth.write_audit('audit', 'row_audit_enabled', 'success', NULL, target::text, NULL,
+        jsonb_build_object('redact', redact, 'ignore', ignore));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.enable_row_audit(regclass, text[], text[]) IS
+    'Audits every INSERT, UPDATE and DELETE of a table, without bytea or redacted values; ignore lists columns whose changes alone are not logged.';
+
+CREATE FUNCTION vetassist_auth.disable_row_audit(target regclass) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = target AND tgname = 'vetassist_row_audit') THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('DROP TRIGGER vetassist_row_audit ON %s', target);
+    PERFORM vetassist_auth.write_audit('audit', 'row_audit_disabled', 'success', NULL, target::text, NULL);
+    RETURN true;
+END
+$$;
+
+-- The extension's own tables are row-audited from install on. Ciphertexts and hashes are
+-- bytea and never copied; session touches and key use counting are not logged row by row.
+-- (attach, not enable: a new installation starts with an empty audit log, so pg_restore can
+-- bring back the old one.)
+SELECT vetassist_auth.attach_row_audit('vetassist_auth.users', '{}', '{}');
+SELECT vetassist_auth.attach_row_audit('vetassist_auth.va_tokens', '{}', '{}');
+SELECT vetassist_auth.attach_row_audit('vetassist_auth.sessions', '{}', '{last_activity_at,live_until}');
+SELECT vetassist_auth.attach_row_audit('vetassist_auth.mfa_settings', '{}', '{}');
+SELECT vetassist_auth.attach_row_audit('vetassist_auth.mfa_backup_codes', '{}', '{}');
+SELECT vetassist_auth.attach_row_audit('vetassist_auth.trusted_devices', '{}', '{}');
+SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_count}');
+
+-- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
+CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
+RETURNS TABLE (occurred_at timestamptz, category text, event_type text, outcome text,
+               actor_user_id uuid, db_role text, session_id uuid, details jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF subject_user_id IS NULL OR from_time IS NULL OR to_time IS NULL OR from_time > to_time THEN
+        RAISE EXCEPTION 'vetassist_auth: a subject and a period (from_time <= to_time) are required' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT a.occurred_at, a.category, a.event_type, a.outcome, a.actor_user_id, a.db_role, a.session_id, a.details
+    FROM vetassist_auth.audit_log a
+    WHERE a.subject_user_id = phi_disclosures.subject_user_id
+      AND a.occurred_at >= from_time AND a.occurred_at < to_time
+      AND a.category IN ('phi', 'phi_access')
+    ORDER BY a.occurred_at, a.id;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
+    'PHI access events about one veteran in [from_time, to_time): what an accounting-of-disclosures request needs.';

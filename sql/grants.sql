@@ -63,6 +63,11 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.end_user_sessions(uuid, text),
     vetassist_auth.expire_sessions(integer),
     vetassist_auth.mfa_disable(uuid),
+    vetassist_auth.seal_audit_log(integer),
+    vetassist_auth.verify_audit_chain(),
+    vetassist_auth.purge_audit_log(interval),
+    vetassist_auth.enable_row_audit(regclass, text[], text[]),
+    vetassist_auth.disable_row_audit(regclass),
     vetassist_auth.set_actor(uuid, text),
     vetassist_auth.audit_event(text, text, text, jsonb)
 TO vetassist_admin;
@@ -70,4 +75,8 @@ GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count) ON
 
 -- Auditors read the trail and check the installation.
 GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassist_auditor;
-GRANT EXECUTE ON FUNCTION vetassist_auth.verify_installation() TO vetassist_auditor;
+GRANT EXECUTE ON FUNCTION
+    vetassist_auth.verify_installation(),
+    vetassist_auth.verify_audit_chain(),
+    vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
+TO vetassist_auditor;

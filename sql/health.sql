@@ -8,7 +8,8 @@ DECLARE
     missing text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_activity', 'session_events',
-                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals'] LOOP
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
+                             'audit_seal_state'] LOOP
         check_name := 'table ' || t;
         ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
         detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
@@ -68,6 +69,23 @@ BEGIN
            OR has_table_privilege('vetassist_app', c.oid, 'DELETE'));
     ok := missing IS NULL;
     detail := coalesce('readable or writable: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'audit: append-only triggers';
+    SELECT string_agg(tab, ', ') INTO missing FROM unnest(ARRAY['audit_log', 'audit_seals']) tab
+    WHERE (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+             AND g.tgname IN ('append_only', 'append_only_truncate') AND g.tgenabled <> 'D') < 2;
+    ok := missing IS NULL;
+    detail := coalesce('missing or disabled on: ' || missing, 'audit_log and audit_seals refuse UPDATE, DELETE, TRUNCATE');
+    RETURN NEXT;
+
+    check_name := 'audit: row audit on the extension''s tables';
+    SELECT string_agg(tab, ', ') INTO missing
+    FROM unnest(ARRAY['users', 'va_tokens', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
+    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled <> 'D');
+    ok := missing IS NULL;
+    detail := coalesce('not audited: ' || missing, 'all audited');
     RETURN NEXT;
 
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP

@@ -214,7 +214,8 @@ CREATE TABLE vetassist_auth.audit_log (
     details          jsonb NOT NULL DEFAULT '{}',
     ip_hash          bytea
 );
-CREATE INDEX audit_log_by_subject ON vetassist_auth.audit_log (subject_user_id, occurred_at);
+CREATE INDEX audit_log_by_subject ON vetassist_auth.audit_log (subject_user_id, occurred_at)
+    WHERE subject_user_id IS NOT NULL;
 -- BRIN: rows arrive in time order, and a BRIN index costs writers almost nothing.
 CREATE INDEX audit_log_by_time ON vetassist_auth.audit_log USING brin (occurred_at);
 COMMENT ON TABLE vetassist_auth.audit_log IS
@@ -230,6 +231,16 @@ CREATE TABLE vetassist_auth.audit_seals (
 );
 COMMENT ON TABLE vetassist_auth.audit_seals IS
     'HMAC chain over audit_log: hash = HMAC-SHA256(audit key, prev_hash || to_jsonb(row)::text).';
+
+CREATE TABLE vetassist_auth.audit_seal_state (
+    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    scan_from        timestamptz NOT NULL DEFAULT '-infinity',
+    checkpoint_seq   bigint NOT NULL DEFAULT 0,
+    checkpoint_hash  bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
+    checkpoint_at    timestamptz
+);
+COMMENT ON TABLE vetassist_auth.audit_seal_state IS
+    'Sealer state (one row, written by the first seal): rows older than scan_from are all sealed; the chain continues from the purge checkpoint.';
 
 -- Backups -----------------------------------------------------------------------------------
 
@@ -252,3 +263,4 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.trusted_devices', '')
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seals', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', '');

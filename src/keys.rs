@@ -90,6 +90,11 @@ impl DataKey {
     pub fn cipher(&self) -> &Aes256Gcm {
         &self.cipher
     }
+
+    /// The raw key, for MACs computed by the crypto core (the audit chain).
+    pub fn secret(&self) -> &[u8; 32] {
+        &self.secret.0
+    }
 }
 
 #[derive(Default)]

@@ -41,7 +41,9 @@ extension_sql_file!(
         "schema",
         audit::current_actor,
         audit::current_actor_ip_hash,
-        audit::current_session_id
+        audit::current_session_id,
+        audit::audit_purge_in_progress,
+        audit::row_audit
     ]
 );
 extension_sql_file!(

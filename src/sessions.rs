@@ -120,6 +120,15 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
                 break;
             }
         }
+        // Then seal what finished since the last pass.
+        while let Some(sealed) = run_in_transaction(
+            "seal_audit_log",
+            "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
+        ) {
+            if sealed < 10_000 || BackgroundWorker::sigterm_received() {
+                break;
+            }
+        }
         let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
         if !BackgroundWorker::wait_latch(Some(interval)) {
             break; // postmaster death or SIGTERM

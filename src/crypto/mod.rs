@@ -3,6 +3,7 @@
 //! Everything here is built from RustCrypto primitives (AES-256-GCM, HMAC-SHA256, HKDF-SHA256);
 //! this module only fixes the formats of DESIGN sections 2-4.
 
+pub mod audit_chain;
 pub mod envelope;
 pub mod field_hash;
 pub mod master_key;

@@ -23,7 +23,7 @@ def test_sixteen_clients_upserting_one_icn_end_with_one_account(cluster, su):
                       (icn,)).fetchone()[0]
     assert rows == 1
     events = dict(su.execute("""SELECT event_type, count(*) FROM vetassist_auth.audit_log
-                                WHERE subject_user_id = %s GROUP BY 1""", (uid,)).fetchall())
+                                WHERE subject_user_id = %s AND category = 'identity' GROUP BY 1""", (uid,)).fetchall())
     assert events == {"user_created": 1, "user_signed_in": 15}
 
 

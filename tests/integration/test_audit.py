@@ -1,0 +1,87 @@
+"""The audit chain under concurrent writers, with transactions still running, and after purge."""
+import concurrent.futures
+import threading
+
+from conftest import Cluster, install
+
+
+def verify(conn):
+    return conn.execute("SELECT ok, checked, first_bad_seq, problem FROM vetassist_auth.verify_audit_chain()").fetchone()
+
+
+def test_sixteen_writers_then_seal_then_verify_without_gaps():
+    c = Cluster("audit16", "shared_preload_libraries = 'vetassist_auth'", "max_connections = 40")
+    try:
+        install(c)
+        barrier = threading.Barrier(16)
+
+        def writer(i):
+            with c.connect("vetassist", "app_user") as conn:
+                uid = conn.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', NULL, NULL, NULL)",
+                                   (f"10126600{i:02d}V000016",)).fetchone()[0]
+                barrier.wait()
+                for n in range(50):
+                    with conn.transaction():
+                        conn.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
+                        conn.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', %s)",
+                                     (f'{{"n": {n}}}',))
+
+        def sealer():
+            with c.connect("vetassist", "admin_user") as conn:
+                return sum(conn.execute("SELECT vetassist_auth.seal_audit_log(50)").fetchone()[0] for _ in range(20))
+
+        with concurrent.futures.ThreadPoolExecutor(17) as pool:
+            writers = [pool.submit(writer, i) for i in range(16)]
+            sealed_meanwhile = pool.submit(sealer)
+            [w.result() for w in writers]
+            sealed_meanwhile.result()
+        with c.connect("vetassist", "admin_user") as admin:
+            while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
+                pass
+        with c.connect("vetassist") as su:
+            rows, seals, lo, hi = su.execute("""SELECT (SELECT count(*) FROM vetassist_auth.audit_log), count(*), min(seq), max(seq)
+                                                FROM vetassist_auth.audit_seals""").fetchone()
+            assert rows == seals and lo == 1 and hi == seals  # every row sealed once, no gaps
+            assert su.execute("""SELECT count(*) FROM vetassist_auth.audit_log a WHERE NOT EXISTS
+                                 (SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = a.id)""").fetchone()[0] == 0
+        with c.connect("vetassist", "auditor_user") as auditor:
+            ok, checked, bad, problem = verify(auditor)
+            assert (ok, checked, bad, problem) == (True, seals, None, None)
+    finally:
+        c.stop()
+
+
+def test_sealing_skips_rows_of_running_transactions_and_seals_them_later(cluster):
+    with cluster.connect("vetassist", "app_user", autocommit=False) as slow, \
+            cluster.connect("vetassist", "admin_user") as admin, cluster.connect("vetassist", "app_user") as fast:
+        slow.execute("SELECT vetassist_auth.audit_event('app', 'slow_transaction', 'info', '{}')")
+        fast.execute("SELECT vetassist_auth.audit_event('app', 'fast_transaction', 'info', '{}')")
+        while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
+            pass
+        with cluster.connect("vetassist") as su:
+            sealed_types = {r[0] for r in su.execute("""SELECT a.event_type FROM vetassist_auth.audit_log a
+                                                        JOIN vetassist_auth.audit_seals s ON s.audit_id = a.id""").fetchall()}
+        assert "fast_transaction" in sealed_types and "slow_transaction" not in sealed_types
+        slow.commit()
+        while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
+            pass
+        with cluster.connect("vetassist") as su:
+            sealed = su.execute("""SELECT count(*) FROM vetassist_auth.audit_log a JOIN vetassist_auth.audit_seals s
+                                   ON s.audit_id = a.id WHERE a.event_type = 'slow_transaction'""").fetchone()[0]
+            assert sealed == 1
+            ok, *_ = verify(su)
+            assert ok
+
+
+def test_writers_never_wait_for_the_sealer(cluster):
+    """A sealer holding its lock does not block audit writes."""
+    with cluster.connect("vetassist", "admin_user", autocommit=False) as sealing, \
+            cluster.connect("vetassist", "app_user") as writer:
+        sealing.execute("SELECT vetassist_auth.seal_audit_log(10)")  # transaction left open
+        writer.execute("SET statement_timeout = '2s'")
+        writer.execute("SELECT vetassist_auth.audit_event('app', 'written_while_sealing', 'info', '{}')")
+        # A second sealer does not queue behind the first either: it returns at once.
+        with cluster.connect("vetassist", "admin_user") as other:
+            other.execute("SET statement_timeout = '2s'")
+            assert other.execute("SELECT vetassist_auth.seal_audit_log(10)").fetchone()[0] == 0
+        sealing.commit()
