@@ -183,6 +183,75 @@ def session_bench(cluster, conn):
     return results, (total, seconds, p99(idle), p99(during), len(during))
 
 
+TPCB = """\\set aid random(1, 100000 * :scale)
+\\set bid random(1, 1 * :scale)
+\\set tid random(1, 10 * :scale)
+\\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+"""
+
+PLPGSQL_AUDIT = """
+CREATE TABLE public.plpgsql_audit (
+    id bigserial PRIMARY KEY, ts timestamptz NOT NULL DEFAULT now(), table_name text NOT NULL,
+    op text NOT NULL, record jsonb, old_record jsonb);
+CREATE FUNCTION public.plpgsql_audit_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.plpgsql_audit (table_name, op, record, old_record)
+    VALUES (TG_TABLE_NAME, TG_OP,
+            CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
+            CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END);
+    RETURN NULL;
+END $$;
+"""
+
+
+def audit_bench(cluster, conn):
+    """TPC-B-like writes on pgbench_accounts: unaudited, row-audited by us, and by a plpgsql
+    jsonb trigger (the supa_audit / audit-trigger style); then sealing and verifying 1M rows."""
+    subprocess.run(["/usr/lib/postgresql/15/bin/pgbench", "-i", "-q", "-s", "10", "-h", str(cluster.dir),
+                    "-p", str(cluster.port), "-U", "postgres", "vetassist"], check=True, capture_output=True)
+    conn.execute(PLPGSQL_AUDIT)
+    script = TPCB.replace(":scale", "10")
+    variants = {
+        "unaudited": "SELECT 1",
+        "vetassist_auth row audit": "SELECT vetassist_auth.enable_row_audit('public.pgbench_accounts')",
+        "plpgsql jsonb trigger": "CREATE TRIGGER plpgsql_audit AFTER INSERT OR UPDATE OR DELETE ON public.pgbench_accounts "
+                                 "FOR EACH ROW EXECUTE FUNCTION public.plpgsql_audit_trigger()",
+    }
+    undo = {
+        "unaudited": "SELECT 1",
+        "vetassist_auth row audit": "SELECT vetassist_auth.disable_row_audit('public.pgbench_accounts')",
+        "plpgsql jsonb trigger": "DROP TRIGGER plpgsql_audit ON public.pgbench_accounts",
+    }
+    runs = {name: [] for name in variants}
+    for _ in range(ROUNDS):
+        for name in variants:
+            conn.execute(variants[name])
+            runs[name].append(pgbench(cluster, script, "postgres"))
+            conn.execute(undo[name])
+    tps = {name: statistics.median(r) for name, r in runs.items()}
+
+    conn.execute("""INSERT INTO vetassist_auth.audit_log (category, event_type, outcome, subject_user_id, details)
+                    SELECT 'phi', 'record_viewed', 'success', gen_random_uuid(), jsonb_build_object('n', n)
+                    FROM generate_series(1, 1000000) n""")
+    start = time.perf_counter()
+    sealed = 0
+    while (n := conn.execute("SELECT vetassist_auth.seal_audit_log(100000)").fetchone()[0]) > 0:
+        sealed += n
+    seal_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ok, checked = conn.execute("SELECT ok, checked FROM vetassist_auth.verify_audit_chain()").fetchone()
+    verify_s = time.perf_counter() - start
+    assert ok
+    return tps, (sealed, seal_s, checked, verify_s)
+
+
 def main():
     c = Cluster("bench", "shared_preload_libraries = 'vetassist_auth'", "shared_buffers = '512MB'",
                 "max_connections = 50")
@@ -192,6 +261,7 @@ def main():
             rows = crypto_bench(conn)
             plain_tps, token_tps = token_bench(c, conn)
             session_results, sweep = session_bench(c, conn)
+            audit_tps, chain = audit_bench(c, conn)
         print(f"\nPer-row cost over {ROWS:,} rows, best of {REPEATS} (µs/row; ratio = reference / ours, >1 means ours is faster)\n")
         print(f"| {'operation':32} | {'ours µs':>8} | {'reference':34} | {'ref µs':>8} | {'ratio':>7} | goal |")
         print(f"|{'-' * 34}|{'-' * 10}|{'-' * 36}|{'-' * 10}|{'-' * 9}|------|")
@@ -209,6 +279,16 @@ def main():
         print(f"\nSweep: {total:,} overdue sessions expired and audited in {seconds:.1f} s = {total / seconds:,.0f} rows/s; "
               f"touch_session p99 {idle_p99:.2f} ms idle, {during_p99:.2f} ms during the sweep "
               f"({during_p99 / idle_p99:.1f}x, goal < 10x; {samples:,} touches)")
+        base = audit_tps["unaudited"]
+        print("\npgbench TPC-B-like (scale 10, 8 clients), pgbench_accounts audited; loss = 1 - TPS / unaudited\n")
+        print("| variant | TPS | loss | goal |")
+        print("|---|---|---|---|")
+        for name, value in audit_tps.items():
+            goal = {"unaudited": "", "vetassist_auth row audit": "<= 15%", "plpgsql jsonb trigger": "(reference)"}[name]
+            print(f"| {name} | {value:,.0f} | {100 * (1 - value / base):.1f}% | {goal} |")
+        sealed, seal_s, checked, verify_s = chain
+        print(f"\nAudit chain: sealed {sealed:,} rows in {seal_s:.1f} s ({sealed / seal_s:,.0f} rows/s); "
+              f"verified {checked:,} rows in {verify_s:.1f} s ({checked / verify_s:,.0f} rows/s; goal: 1M in < 10 s)")
     finally:
         c.stop()
 

@@ -160,15 +160,27 @@ def run(c):
     say(f"end_session → {ended}; delete_va_tokens → {gone}; touch now says "
         f"{app.execute('SELECT vetassist_auth.touch_session(%s)', ('jti-maria-3',)).fetchone()[0]}")
 
+    step("Seal the audit log into its HMAC chain (the background worker does this every minute)")
+    with c.connect("vetassist") as admin:
+        sealed = admin.execute("SELECT vetassist_auth.seal_audit_log()").fetchone()[0]
+    say(f"seal_audit_log() sealed {sealed} rows of finished transactions")
+
     step("The audit trail a privacy officer sees")
     with c.connect("vetassist", "privacy_officer") as officer:
+        ok, checked, _, problem = officer.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+        say(f"verify_audit_chain(): ok={GREEN if ok else RED}{ok}{RESET}, {checked} rows checked"
+            + (f", {problem}" if problem else ""))
         rows = officer.execute("""SELECT category, event_type, count(*) FROM vetassist_auth.audit_log
-                                  WHERE subject_user_id = %s GROUP BY 1, 2 ORDER BY 1, 2""", (uid,)).fetchall()
+                                  WHERE subject_user_id = %s AND category <> 'data'
+                                  GROUP BY 1, 2 ORDER BY 1, 2""", (uid,)).fetchall()
         for category, event, n in rows:
             say(f"{category:10} {event:26} {n}")
-        phi = officer.execute("""SELECT count(*) FROM vetassist_auth.audit_log
-                                 WHERE subject_user_id = %s AND category IN ('phi', 'phi_access')""", (uid,)).fetchone()[0]
-        say(f"accounting of disclosures for this veteran: {phi} PHI access events")
+        say("accounting of disclosures for this veteran (phi_disclosures):")
+        for when, category, event, details in officer.execute(
+                """SELECT occurred_at, category, event_type, details
+                   FROM vetassist_auth.phi_disclosures(%s, now() - interval '1 day', now() + interval '1 minute')""",
+                (uid,)).fetchall():
+            say(f"  {when:%H:%M:%S}  {category:10} {event:18} {json.dumps(details)}")
         leaked = officer.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE audit_log::text LIKE %s",
                                  (f"%{access}%",)).fetchone()[0]
         say(f"token bytes anywhere in the audit log: {GREEN if leaked == 0 else RED}{leaked}{RESET}")

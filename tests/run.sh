@@ -22,6 +22,14 @@ fi
 echo "==> pytest (tests/integration)"
 target/venv/bin/pytest -q tests/integration "$@"
 
+echo "==> examples/walkthrough.sql in psql"
+psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d postgres \
+    -c "DROP DATABASE IF EXISTS walkthrough" -c "CREATE DATABASE walkthrough"
+psql -X -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d walkthrough -f examples/walkthrough.sql > target/walkthrough.out 2>&1 \
+    || { cat target/walkthrough.out; exit 1; }
+grep -q "permission denied for table va_tokens" target/walkthrough.out
+echo "walkthrough ran: $(grep -c '^==' target/walkthrough.out) steps"
+
 echo "==> Python client (clients/python)"
 (cd clients/python && "$ROOT/target/venv/bin/python" -m pytest -q tests)
 

@@ -228,3 +228,41 @@ mod tests {
         assert!(checked > 50, "only {checked} vectors ran");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes arrive, opening returns an error or the plaintext: it never panics,
+        /// and only an unmodified envelope under the right key and context opens.
+        #[test]
+        fn arbitrary_bytes_never_open_or_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), context in ".{0,40}") {
+            let cipher = SecretKey([9u8; 32]).cipher();
+            let _ = key_id(&bytes);
+            prop_assert!(open(&cipher, &bytes, &context).is_err());
+        }
+
+        #[test]
+        fn round_trip_and_any_single_change_fails(plaintext in proptest::collection::vec(any::<u8>(), 0..2048),
+                                                  context in ".{0,40}", position in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let cipher = SecretKey([3u8; 32]).cipher();
+            let sealed = seal(&cipher, 77, &plaintext, &context).unwrap();
+            prop_assert_eq!(open(&cipher, &sealed, &context).unwrap(), plaintext);
+            let mut damaged = sealed.clone();
+            let i = position.index(damaged.len());
+            damaged[i] ^= 1 << bit;
+            prop_assert!(open(&cipher, &damaged, &context).is_err());
+        }
+
+        #[test]
+        fn truncation_always_fails(plaintext in proptest::collection::vec(any::<u8>(), 0..256), cut in any::<prop::sample::Index>()) {
+            let cipher = SecretKey([5u8; 32]).cipher();
+            let sealed = seal(&cipher, 1, &plaintext, "c").unwrap();
+            let len = cut.index(sealed.len());
+            prop_assert!(open(&cipher, &sealed[..len], "c").is_err());
+        }
+    }
+}

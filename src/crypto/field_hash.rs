@@ -141,3 +141,18 @@ mod tests {
         assert!(checked > 50, "only {checked} vectors ran");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Normalizing never panics and is idempotent, so a stored hash and a look-up agree.
+        #[test]
+        fn normalizers_are_idempotent(value in "\\PC{0,64}", field in prop::sample::select(vec!["email", "va_icn", "first_name", "last_name", "phone", "note"])) {
+            let once = normalize(field, &value).into_owned();
+            prop_assert_eq!(normalize(field, &once).into_owned(), once);
+        }
+    }
+}
