@@ -11,16 +11,25 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN=/usr/lib/postgresql/15/bin
 action=$1 name=$2
-dir="$ROOT/target/clusters/$name"
 
 as_pg() { if [ "$(id -u)" = 0 ]; then sudo -u postgres "$@"; else "$@"; fi; }
+
+# Clusters live under target/clusters, unless the postgres user cannot reach the checkout
+# (a clone under /root, say): then under /tmp, keyed by the checkout's path.
+base="$ROOT/target/clusters"
+mkdir -p "$base"
+chmod 755 "$ROOT/target" "$base" 2>/dev/null || true
+if [ "$(id -u)" = 0 ] && ! sudo -u postgres test -x "$base"; then
+    base="/tmp/vetassist_auth-clusters-$(echo "$ROOT" | md5sum | cut -c1-8)"
+    mkdir -p "$base"; chmod 755 "$base"
+fi
+dir="$base/$name"
 
 case "$action" in
 start)
     port=$3; shift 3
     as_pg "$BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
     rm -rf "$dir"; mkdir -p "$dir"
-    chmod 755 "$ROOT/target" "$ROOT/target/clusters" 2>/dev/null || true
     chown postgres: "$dir" 2>/dev/null || true
     as_pg "$BIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
     # A fresh random master key, readable by the server's OS user only.

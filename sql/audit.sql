@@ -66,8 +66,8 @@ CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON vetassist_auth.audit_seals
 CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON vetassist_auth.audit_seals
     FOR EACH STATEMENT EXECUTE FUNCTION vetassist_auth.refuse_audit_change();
 
--- Row audit. The trigger writes to audit_log whoever changes the table.
-ALTER FUNCTION vetassist_auth.row_audit() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- Row audit: vetassist_auth.row_audit() (Rust) writes to audit_log as the table's owner,
+-- whoever changes the audited table; it resolves no names through the search_path.
 
 -- Attaches the row-audit trigger to a table: INSERT, UPDATE and DELETE are logged with the
 -- changed column names and old/new values, except bytea columns (ciphertexts) and `redact`
@@ -140,10 +140,12 @@ $$;
 
 -- The extension's own tables are row-audited from install on. Ciphertexts and hashes are
 -- bytea and never copied; session touches and key use counting are not logged row by row.
+-- va_tokens is the exception: every write to it already comes with its own audit event
+-- (va_tokens_stored/refreshed/deleted, with the generation), and it is the hot path of token
+-- refreshes; enable_row_audit('vetassist_auth.va_tokens') adds row events at a measured cost.
 -- (attach, not enable: a new installation starts with an empty audit log, so pg_restore can
 -- bring back the old one.)
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.users', '{}', '{}');
-SELECT vetassist_auth.attach_row_audit('vetassist_auth.va_tokens', '{}', '{}');
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.sessions', '{}', '{last_activity_at,live_until}');
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.mfa_settings', '{}', '{}');
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.mfa_backup_codes', '{}', '{}');

@@ -81,7 +81,7 @@ BEGIN
 
     check_name := 'audit: row audit on the extension''s tables';
     SELECT string_agg(tab, ', ') INTO missing
-    FROM unnest(ARRAY['users', 'va_tokens', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
+    FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
     WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
                         AND g.tgname = 'vetassist_row_audit' AND g.tgenabled <> 'D');
     ok := missing IS NULL;

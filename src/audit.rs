@@ -491,22 +491,41 @@ fn purge_audit_log(older_than: Interval) -> i64 {
 const ROW_AUDIT_INSERT: &str = "INSERT INTO vetassist_auth.audit_log \
     (actor_user_id, subject_user_id, session_id, category, event_type, outcome, target_table, target_id, \
      changed_columns, details, ip_hash) \
-    VALUES (vetassist_auth.current_actor(), $1::uuid, vetassist_auth.current_session_id(), 'data', $2, 'success', \
-            $3, $4, $5, $6::jsonb, vetassist_auth.current_actor_ip_hash())";
+    VALUES ($1, $2, $3, 'data', $4, 'success', $5, $6, $7, $8::pg_catalog.jsonb, $9)";
 
 thread_local! {
     static ROW_AUDIT_PLAN: RefCell<Option<pgrx::spi::OwnedPreparedStatement>> = const { RefCell::new(None) };
+    /// Parsed trigger arguments and the audited table's name, per trigger.
+    static ROW_AUDIT_TRIGGERS: RefCell<std::collections::HashMap<pg_sys::Oid, std::rc::Rc<RowAuditConfig>>> =
+        RefCell::new(Default::default());
+    /// Owner of audit_log: the trigger writes as this role, whoever changed the audited table.
+    static AUDIT_OWNER: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
+}
+
+fn audit_owner() -> pg_sys::Oid {
+    if AUDIT_OWNER.get() == pg_sys::InvalidOid {
+        let owner = Spi::get_one::<pg_sys::Oid>(
+            "SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'vetassist_auth.audit_log'::pg_catalog.regclass",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(pg_sys::InvalidOid);
+        AUDIT_OWNER.set(owner);
+    }
+    AUDIT_OWNER.get()
 }
 
 struct RowAuditConfig {
+    table: String,
     pk: Vec<String>,
     redact: Vec<String>,
     ignore: Vec<String>,
     subject: Option<String>,
+    skip_copy: bool,
 }
 
 impl RowAuditConfig {
-    fn from_args(args: &[String]) -> Self {
+    fn from_args(table: String, args: &[String]) -> Self {
         let pick = |prefix: &str| -> Vec<String> {
             args.iter()
                 .filter_map(|a| a.strip_prefix(prefix))
@@ -514,10 +533,12 @@ impl RowAuditConfig {
                 .collect()
         };
         RowAuditConfig {
+            table,
             pk: pick("pk:"),
             redact: pick("redact:"),
             ignore: pick("ignore:"),
             subject: pick("subject:").pop(),
+            skip_copy: args.iter().any(|a| a == "skip_copy"),
         }
     }
 }
@@ -559,14 +580,22 @@ fn statement_is_copy() -> bool {
 fn row_audit<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    let args = trigger.extra_args()?;
+    let data = trigger.trigger_data();
+    let trigger_oid = unsafe { (*data.tg_trigger).tgoid };
+    let config = match ROW_AUDIT_TRIGGERS.with_borrow(|cache| cache.get(&trigger_oid).cloned()) {
+        Some(config) => config,
+        None => {
+            let table = format!("{}.{}", trigger.table_schema()?, trigger.table_name()?);
+            let config = std::rc::Rc::new(RowAuditConfig::from_args(table, &trigger.extra_args()?));
+            ROW_AUDIT_TRIGGERS.with_borrow_mut(|cache| cache.insert(trigger_oid, config.clone()));
+            config
+        }
+    };
     // The extension's own tables are filled by COPY only when pg_restore brings back rows
     // whose audit trail is restored with them.
-    if args.iter().any(|a| a == "skip_copy") && statement_is_copy() {
+    if config.skip_copy && statement_is_copy() {
         return Ok(None);
     }
-    let config = RowAuditConfig::from_args(&args);
-    let data = trigger.trigger_data();
     let (op, old, new) = match trigger.op()? {
         PgTriggerOperation::Insert => ("insert", None, Some(data.tg_trigtuple)),
         PgTriggerOperation::Update => ("update", Some(data.tg_trigtuple), Some(data.tg_newtuple)),
@@ -631,7 +660,12 @@ fn row_audit<'a>(
             .collect::<Vec<_>>()
             .join(",")
     });
-    let subject = config.subject.as_deref().and_then(value_of);
+    let subject = config
+        .subject
+        .as_deref()
+        .and_then(value_of)
+        .and_then(|v| uuid::Uuid::parse_str(&v).ok())
+        .map(|u| Uuid::from_bytes(*u.as_bytes()));
     let mut details = serde_json::Map::new();
     if old.is_some() {
         details.insert("old".into(), old_json.into());
@@ -639,47 +673,65 @@ fn row_audit<'a>(
     if new.is_some() {
         details.insert("new".into(), new_json.into());
     }
-    let table = format!("{}.{}", trigger.table_schema()?, trigger.table_name()?);
     let details = serde_json::Value::Object(details).to_string();
+    let (actor, ip_hash, session) =
+        ACTOR.with_borrow(|a| (a.user_id, a.ip_hash.clone(), a.session_id));
 
-    Spi::connect_mut(|client| -> std::result::Result<(), pgrx::spi::SpiError> {
+    // Write as the owner of audit_log, like a SECURITY DEFINER function but without its
+    // per-call settings round trip; an error restores the caller's identity on abort.
+    let (mut caller, mut context) = (pg_sys::InvalidOid, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut caller, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            audit_owner(),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let written = Spi::connect_mut(|client| -> std::result::Result<(), pgrx::spi::SpiError> {
         let plan = match ROW_AUDIT_PLAN.take() {
             Some(plan) => plan,
-            None => client
-                .prepare_mut(
-                    ROW_AUDIT_INSERT,
-                    &[PgOid::from(pg_sys::TEXTOID); 4]
-                        .iter()
-                        .copied()
-                        .chain([
-                            PgOid::from(pg_sys::TEXTARRAYOID),
-                            PgOid::from(pg_sys::TEXTOID),
-                        ])
-                        .collect::<Vec<_>>(),
-                )?
-                .keep(),
+            None => {
+                let types = [
+                    pg_sys::UUIDOID,
+                    pg_sys::UUIDOID,
+                    pg_sys::UUIDOID,
+                    pg_sys::TEXTOID,
+                    pg_sys::TEXTOID,
+                    pg_sys::TEXTOID,
+                    pg_sys::TEXTARRAYOID,
+                    pg_sys::TEXTOID,
+                    pg_sys::BYTEAOID,
+                ]
+                .map(PgOid::from);
+                client.prepare_mut(ROW_AUDIT_INSERT, &types)?.keep()
+            }
         };
         let result = client.update(
             &plan,
             None,
             &[
+                actor.into(),
                 subject.into(),
+                session.into(),
                 op.into(),
-                table.into(),
+                config.table.as_str().into(),
                 target_id.into(),
                 changed.into(),
                 details.into(),
+                ip_hash.into(),
             ],
         );
         ROW_AUDIT_PLAN.set(Some(plan));
         result.map(|_| ())
-    })
-    .map_err(|e| {
-        Failure::new(
-            Kind::NotConfigured,
-            format!("vetassist_auth: row audit failed: {e}"),
-        )
-    })
-    .or_raise();
+    });
+    unsafe { pg_sys::SetUserIdAndSecContext(caller, context) };
+    written
+        .map_err(|e| {
+            Failure::new(
+                Kind::NotConfigured,
+                format!("vetassist_auth: row audit failed: {e}"),
+            )
+        })
+        .or_raise();
     Ok(None)
 }

@@ -2,7 +2,6 @@
 SET ROLE vetassist_app;
 CREATE TEMP TABLE vet AS SELECT vetassist_auth.upsert_va_user('1012660000V000010', 'veteran', 'a@example.org', 'Ann', 'Lee') AS id;
 GRANT SELECT ON vet TO PUBLIC;
-SELECT vetassist_auth.store_va_tokens(id, 'tok-secret-123', 'ref-secret-456', now() + interval '1 hour', NULL) AS generation FROM vet;
 SELECT regress.try('SELECT vetassist_auth.audit_event('''', ''x'', ''success'', ''{}'')') AS empty_category;
 SELECT regress.try('SELECT vetassist_auth.audit_event(''app'', ''x'', ''maybe'', ''{}'')') AS bad_outcome;
 SELECT regress.try('SELECT vetassist_auth.seal_audit_log()') AS app_cannot_seal;
@@ -13,7 +12,14 @@ SELECT regress.try('UPDATE vetassist_auth.audit_log SET outcome = ''success''') 
 SELECT regress.try('DELETE FROM vetassist_auth.audit_log') AS owner_delete;
 SELECT regress.try('TRUNCATE vetassist_auth.audit_log') AS owner_truncate;
 
--- Row audit of the extension's own tables: one event per upsert, ciphertexts never copied.
+-- Row audit: one event per upsert, ciphertexts never copied. (va_tokens is not row-audited by
+-- default: its functions write their own events. An administrator can add row events.)
+SET ROLE vetassist_admin;
+SELECT vetassist_auth.enable_row_audit('vetassist_auth.va_tokens');
+RESET ROLE;
+SET ROLE vetassist_app;
+SELECT vetassist_auth.store_va_tokens(id, 'tok-secret-123', 'ref-secret-456', now() + interval '1 hour', NULL) AS generation FROM vet;
+RESET ROLE;
 SELECT target_table, event_type, changed_columns @> '{access_token_encrypted}' AS names_ciphertext_column,
        details ? 'new' AS has_new, details->'new' ? 'access_token_encrypted' AS copies_ciphertext
 FROM vetassist_auth.audit_log WHERE category = 'data' AND target_table = 'vetassist_auth.va_tokens' ORDER BY id;
