@@ -2,11 +2,13 @@
 
 Never a pass/fail gate: it prints what it measured. `make bench` runs it on a release build.
 """
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integrat
 from conftest import Cluster, install  # noqa: E402
 
 ROWS = 20_000
-REPEATS = 5
+REPEATS = 7
 
 
 def best_seconds(conn, sql, repeats=REPEATS):
@@ -26,8 +28,8 @@ def best_seconds(conn, sql, repeats=REPEATS):
     return best
 
 
-def per_row_us(conn, expr, table):
-    return best_seconds(conn, f"SELECT count({expr}) FROM {table}") / ROWS * 1e6
+def per_row_us(conn, expr, table, repeats=REPEATS):
+    return best_seconds(conn, f"SELECT count({expr}) FROM {table}", repeats) / ROWS * 1e6
 
 
 def crypto_bench(conn):
@@ -43,8 +45,11 @@ def crypto_bench(conn):
     rows = []
 
     def compare(label, ours_expr, ours_table, ref_label, ref_expr, ref_table, goal):
-        ours = per_row_us(conn, ours_expr, ours_table)
-        ref = per_row_us(conn, ref_expr, ref_table)
+        # Interleaved, best of REPEATS each: a noisy moment hits both sides alike.
+        ours, ref = float("inf"), float("inf")
+        for _ in range(REPEATS):
+            ours = min(ours, per_row_us(conn, ours_expr, ours_table, repeats=1))
+            ref = min(ref, per_row_us(conn, ref_expr, ref_table, repeats=1))
         rows.append((label, ours, ref_label, ref, ref / ours, goal))
 
     compare("encrypt 1 KiB (AES-256-GCM)", "vetassist_auth.encrypt(b, 'bench')", "payload",
@@ -162,17 +167,18 @@ def session_bench(cluster, conn):
     conn.execute("VACUUM ANALYZE vetassist_auth.sessions")
     idle = pgbench_latencies(cluster, touch, "postgres", clients=4, seconds=5)
 
+    # The sweep as the background worker runs it: batches of 10,000 from a backend at nice 10.
     swept = []
 
     def sweep():
         start = time.perf_counter()
         total = 0
         with cluster.connect("vetassist") as sweeper:
+            os.setpriority(os.PRIO_PROCESS, sweeper.execute("SELECT pg_backend_pid()").fetchone()[0], 10)
             while (n := sweeper.execute("SELECT vetassist_auth.expire_sessions(10000)").fetchone()[0]) > 0:
                 total += n
         swept.append((total, time.perf_counter() - start))
 
-    import threading
     worker = threading.Thread(target=sweep)
     worker.start()
     during = []
@@ -276,7 +282,8 @@ def main():
             print(f"| {label} (100k live sessions) vs plain indexed UPDATE of last_activity_at "
                   f"| {ref:,.0f} | {ours:,.0f} | {ours / ref:.2f}x | >= 0.8x |")
         total, seconds, idle_p99, during_p99, samples = sweep
-        print(f"\nSweep: {total:,} overdue sessions expired and audited in {seconds:.1f} s = {total / seconds:,.0f} rows/s; "
+        print(f"\nSweep (batches of 10,000 from a backend at nice 10, as the worker runs): {total:,} overdue "
+              f"sessions expired and audited in {seconds:.1f} s = {total / seconds:,.0f} rows/s; "
               f"touch_session p99 {idle_p99:.2f} ms idle, {during_p99:.2f} ms during the sweep "
               f"({during_p99 / idle_p99:.1f}x, goal < 10x; {samples:,} touches)")
         base = audit_tps["unaudited"]

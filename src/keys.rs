@@ -14,8 +14,8 @@
 //! on a row lock, so the count cannot be lost by an abort and counting cannot deadlock with the
 //! caller's own locks. A key's count is `(lease number - counter_base) * 128`, where
 //! `counter_base` is the sequence position when the key became active; `keys.encrypt_count`
-//! mirrors it whenever the row is not locked by someone else. A lease over-counts by at most
-//! 127 per backend, never under-counts.
+//! mirrors it every 1,024 encryptions (exactly at rotation). The limits are enforced on the
+//! sequence, not the mirror. A lease over-counts by at most 127 per backend, never under-counts.
 
 use crate::crypto::{self, FieldKey, SecretKey};
 use crate::error::{Failure, Kind, OrRaise, Result};
@@ -74,6 +74,8 @@ impl Purpose {
 const ENCRYPT_WARN_AT: i64 = 1 << 30;
 const ENCRYPT_REFUSE_AT: i64 = 1 << 31;
 const LEASE: i64 = 128;
+/// keys.encrypt_count is refreshed every this many leases (1,024 encryptions).
+const MIRROR_EVERY: i64 = 8;
 
 /// Advisory-lock class that serialises key creation and rotation per purpose.
 const KEY_LOCK_CLASS: i32 = 0x7661_6b31; // "vak1"
@@ -451,15 +453,22 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             )
         );
     }
-    // Mirror the count into the keys table, but never wait for the row: whoever holds it
-    // will write a count at least as fresh, or the next lease will.
+    // Mirror the count into the keys table every MIRROR_EVERY leases (and past the warning
+    // mark), never waiting for the row: whoever holds it writes a count at least as fresh.
+    if lease % MIRROR_EVERY == 0 || count >= ENCRYPT_WARN_AT {
+        mirror_count(key, count)?;
+    }
+    RING.with_borrow_mut(|ring| ring.leases.insert(key.id, LEASE - 1));
+    Ok(())
+}
+
+fn mirror_count(key: &DataKey, count: i64) -> Result<()> {
     Spi::run_with_args(
         "UPDATE vetassist_auth.keys SET encrypt_count = $2 WHERE key_id = \
          (SELECT key_id FROM vetassist_auth.keys WHERE key_id = $1 AND encrypt_count < $2 FOR UPDATE SKIP LOCKED)",
         &[(key.id as i32).into(), count.into()],
     )
     .map_err(spi_failure)?;
-    RING.with_borrow_mut(|ring| ring.leases.insert(key.id, LEASE - 1));
     Ok(())
 }
 

@@ -103,6 +103,9 @@ fn run_in_transaction(what: &str, sql: &str) -> Option<i64> {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // Maintenance yields the CPU to backends serving requests: a big sweep must not slow
+    // down touch_session on a busy server.
+    unsafe { libc::nice(10) };
     let database =
         gucs::string_setting(&gucs::SWEEP_DATABASE).map(|d| d.to_string_lossy().into_owned());
     BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);

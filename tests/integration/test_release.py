@@ -1,0 +1,30 @@
+"""The install script of a released version never changes: a schema change needs a new version
+and an upgrade script (README, "Releases and upgrades")."""
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def version():
+    return re.search(r'^version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
+
+
+def normalized(sql):
+    """Statements only: generated comments (with source line numbers) and blank lines dropped."""
+    lines = (line.rstrip() for line in sql.splitlines())
+    return "\n".join(line for line in lines
+                     if line and not line.lstrip().startswith("--") and "<begin connected objects>" not in line
+                     and "<end connected objects>" not in line)
+
+
+def test_the_installed_script_of_this_version_is_the_released_one():
+    v = version()
+    sharedir = subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    installed = Path(sharedir) / "extension" / f"vetassist_auth--{v}.sql"
+    released = ROOT / "sql" / "releases" / f"vetassist_auth--{v}.sql"
+    assert released.exists(), f"version {v} has no released install script in sql/releases/"
+    assert normalized(installed.read_text()) == normalized(released.read_text()), (
+        f"the schema of {v} changed after its release: bump the version and add an upgrade script")
