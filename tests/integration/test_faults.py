@@ -69,7 +69,7 @@ def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifi
 
 def test_cancelled_reencrypt_and_sweep_leave_consistent_data_that_a_rerun_finishes(cluster, su):
     su.execute("""INSERT INTO vetassist_auth.users (id, va_icn_encrypted, va_icn_hash)
-                  SELECT id, vetassist_auth.encrypt_text('ICN' || n, 'users.va_icn:' || id), vetassist_auth.field_hash('CANCEL' || n, 'va_icn')
+                  SELECT id, vetassist_auth.encrypt_text('CANCEL' || n, 'users.va_icn:' || id), vetassist_auth.field_hash('CANCEL' || n, 'va_icn')
                   FROM (SELECT gen_random_uuid() AS id, n FROM generate_series(1, 20000) n) s""")
     su.execute("SELECT vetassist_auth.rotate_key('phi')")
     with cluster.connect("vetassist", "admin_user") as admin:

@@ -12,11 +12,15 @@ def version():
 
 
 def normalized(sql):
-    """Statements only: generated comments (with source line numbers) and blank lines dropped."""
-    lines = (line.rstrip() for line in sql.splitlines())
-    return "\n".join(line for line in lines
-                     if line and not line.lstrip().startswith("--") and "<begin connected objects>" not in line
-                     and "<end connected objects>" not in line)
+    """The script's statement blocks, order-free (the generator may order independent blocks
+    differently from build to build), without comments (they carry source line numbers)."""
+    blocks = []
+    for block in sql.split("/* <begin connected objects> */"):
+        lines = (line.rstrip() for line in block.replace("/* </end connected objects> */", "").splitlines())
+        text = "\n".join(line for line in lines if line and not line.lstrip().startswith("--"))
+        if text:
+            blocks.append(text)
+    return sorted(blocks)
 
 
 def test_the_installed_script_of_this_version_is_the_released_one():
