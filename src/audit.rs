@@ -27,8 +27,9 @@ thread_local! {
     static ACTOR: RefCell<Actor> = RefCell::new(Actor::default());
 }
 
+/// Actor and purge permission last for one transaction only.
 #[pg_guard]
-unsafe extern "C-unwind" fn forget_actor_at_transaction_end(
+unsafe extern "C-unwind" fn reset_at_transaction_end(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
@@ -42,13 +43,12 @@ unsafe extern "C-unwind" fn forget_actor_at_transaction_end(
             | XACT_EVENT_PARALLEL_ABORT
     ) {
         ACTOR.with_borrow_mut(|a| *a = Actor::default());
+        PURGING.set(false);
     }
 }
 
 pub fn register_callbacks() {
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(forget_actor_at_transaction_end), std::ptr::null_mut())
-    };
+    unsafe { pg_sys::RegisterXactCallback(Some(reset_at_transaction_end), std::ptr::null_mut()) };
 }
 
 /// Names the application user behind the current transaction (and, optionally, the end
@@ -94,24 +94,6 @@ thread_local! {
     /// Set only inside purge_audit_log, for the rest of its transaction: the append-only
     /// triggers let exactly those deletes through.
     static PURGING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn end_purge_at_transaction_end(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    if matches!(
-        event,
-        XACT_EVENT_COMMIT
-            | XACT_EVENT_ABORT
-            | XACT_EVENT_PREPARE
-            | XACT_EVENT_PARALLEL_COMMIT
-            | XACT_EVENT_PARALLEL_ABORT
-    ) {
-        PURGING.set(false);
-    }
 }
 
 /// Whether the current transaction is inside purge_audit_log. Internal.
