@@ -243,17 +243,23 @@ def audit_bench(cluster, conn):
             conn.execute(undo[name])
     tps = {name: statistics.median(r) for name, r in runs.items()}
 
-    conn.execute("""INSERT INTO vetassist_auth.audit_log (category, event_type, outcome, subject_user_id, details)
-                    SELECT 'phi', 'record_viewed', 'success', gen_random_uuid(), jsonb_build_object('n', n)
-                    FROM generate_series(1, 1000000) n""")
-    start = time.perf_counter()
-    sealed = 0
-    while (n := conn.execute("SELECT vetassist_auth.seal_audit_log(100000)").fetchone()[0]) > 0:
-        sealed += n
-    seal_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ok, checked = conn.execute("SELECT ok, checked FROM vetassist_auth.verify_audit_chain()").fetchone()
-    verify_s = time.perf_counter() - start
+    # The chain over exactly one million rows, in a database of its own.
+    conn.execute("CREATE DATABASE chain")
+    cluster.psql("CREATE EXTENSION vetassist_auth", "chain")
+    with cluster.connect("chain") as chain:
+        chain.execute("""INSERT INTO vetassist_auth.audit_log (category, event_type, outcome, subject_user_id, details)
+                         SELECT 'phi', 'record_viewed', 'success', gen_random_uuid(), jsonb_build_object('n', n)
+                         FROM generate_series(1, 1000000) n""")
+        chain.execute("VACUUM ANALYZE vetassist_auth.audit_log")
+        start = time.perf_counter()
+        sealed = 0
+        while (n := chain.execute("SELECT vetassist_auth.seal_audit_log(100000)").fetchone()[0]) > 0:
+            sealed += n
+        seal_s = time.perf_counter() - start
+        chain.execute("VACUUM ANALYZE vetassist_auth.audit_seals")
+        start = time.perf_counter()
+        ok, checked = chain.execute("SELECT ok, checked FROM vetassist_auth.verify_audit_chain()").fetchone()
+        verify_s = time.perf_counter() - start
     assert ok
     return tps, (sealed, seal_s, checked, verify_s)
 
