@@ -2,6 +2,9 @@
 import concurrent.futures
 import threading
 
+import psycopg
+import pytest
+
 from conftest import Cluster, install
 
 
@@ -85,3 +88,28 @@ def test_writers_never_wait_for_the_sealer(cluster):
             other.execute("SET statement_timeout = '2s'")
             assert other.execute("SELECT vetassist_auth.seal_audit_log(10)").fetchone()[0] == 0
         sealing.commit()
+
+
+def test_an_aborted_purge_leaves_the_log_append_only():
+    """The purge permission ends with the purge's transaction, even when the purge fails midway."""
+    c = Cluster("purgeabort", "shared_preload_libraries = 'vetassist_auth'")
+    try:
+        install(c)
+        with c.connect("vetassist") as su:
+            for n in range(3):
+                su.execute("SELECT vetassist_auth.audit_event('app', %s, 'info', '{}')", (f"e{n}",))
+            su.execute("SELECT vetassist_auth.seal_audit_log()")
+            # Make the purge fail halfway through its deletes.
+            su.execute("""CREATE FUNCTION public.fail_purge() RETURNS trigger LANGUAGE plpgsql AS
+                          $$ BEGIN IF OLD.event_type = 'e1' THEN RAISE EXCEPTION 'disk on fire'; END IF; RETURN OLD; END $$""")
+            su.execute("""CREATE TRIGGER zz_fail_purge BEFORE DELETE ON vetassist_auth.audit_log
+                          FOR EACH ROW EXECUTE FUNCTION public.fail_purge()""")
+            with pytest.raises(psycopg.errors.RaiseException):
+                su.execute("SELECT vetassist_auth.purge_audit_log('0')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                su.execute("DELETE FROM vetassist_auth.audit_log WHERE event_type = 'e0'")
+            su.execute("DROP TRIGGER zz_fail_purge ON vetassist_auth.audit_log")
+            assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type LIKE 'e_'").fetchone()[0] == 3
+            assert su.execute("SELECT ok FROM vetassist_auth.verify_audit_chain()").fetchone()[0]
+    finally:
+        c.stop()
