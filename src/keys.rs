@@ -134,36 +134,54 @@ fn no_master_key() -> Failure {
     )
 }
 
-/// Identifies the current master key source cheaply, without reading the key file.
-fn master_fingerprint() -> Result<[u8; 32]> {
-    let mut digest = Sha256::new();
+/// Where the master key comes from: the file setting wins over the inline one.
+enum MasterSource {
+    File(&'static str),
+    Inline(&'static std::ffi::CStr),
+}
+
+fn master_source() -> Result<MasterSource> {
     if let Some(path) = gucs::string_setting(&gucs::MASTER_KEY_FILE) {
-        let path = path.to_str().map_err(|_| no_master_key())?;
-        let meta = std::fs::metadata(path).map_err(|_| {
-            Failure::new(
-                Kind::NotConfigured,
-                "vetassist_auth: the master key file cannot be read",
-            )
-            .with_hint(
-                "Check that vetassist_auth.master_key_file names a file readable by the server.",
-            )
-        })?;
-        digest.update(b"file\0");
-        digest.update(path.as_bytes());
-        for n in [
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime() as u64,
-            meta.mtime_nsec() as u64,
-        ] {
-            digest.update(n.to_be_bytes());
-        }
+        Ok(MasterSource::File(
+            path.to_str().map_err(|_| no_master_key())?,
+        ))
     } else if let Some(hex) = gucs::string_setting(&gucs::MASTER_KEY) {
-        digest.update(b"inline\0");
-        digest.update(hex.to_bytes());
+        Ok(MasterSource::Inline(hex))
     } else {
-        return Err(no_master_key());
+        Err(no_master_key())
+    }
+}
+
+/// Identifies the master key source cheaply, without reading the key file.
+fn master_fingerprint(source: &MasterSource) -> Result<[u8; 32]> {
+    let mut digest = Sha256::new();
+    match source {
+        MasterSource::File(path) => {
+            let meta = std::fs::metadata(path).map_err(|_| {
+                Failure::new(
+                    Kind::NotConfigured,
+                    "vetassist_auth: the master key file cannot be read",
+                )
+                .with_hint(
+                    "Check that vetassist_auth.master_key_file names a file readable by the server.",
+                )
+            })?;
+            digest.update(b"file\0");
+            digest.update(path.as_bytes());
+            for n in [
+                meta.dev(),
+                meta.ino(),
+                meta.size(),
+                meta.mtime() as u64,
+                meta.mtime_nsec() as u64,
+            ] {
+                digest.update(n.to_be_bytes());
+            }
+        }
+        MasterSource::Inline(hex) => {
+            digest.update(b"inline\0");
+            digest.update(hex.to_bytes());
+        }
     }
     Ok(digest.finalize().into())
 }
@@ -180,15 +198,12 @@ pub fn read_master_key_file(path: &str) -> Result<SecretKey> {
     Ok(crypto::parse_master_key_hex(&text)?)
 }
 
-fn load_master_key() -> Result<SecretKey> {
-    if let Some(path) = gucs::string_setting(&gucs::MASTER_KEY_FILE) {
-        read_master_key_file(path.to_str().map_err(|_| no_master_key())?)
-    } else if let Some(hex) = gucs::string_setting(&gucs::MASTER_KEY) {
-        Ok(crypto::parse_master_key_hex(
+fn load_master_key(source: &MasterSource) -> Result<SecretKey> {
+    match source {
+        MasterSource::File(path) => read_master_key_file(path),
+        MasterSource::Inline(hex) => Ok(crypto::parse_master_key_hex(
             hex.to_str().map_err(|_| crypto::Error::BadMasterKey)?,
-        )?)
-    } else {
-        Err(no_master_key())
+        )?),
     }
 }
 
@@ -200,8 +215,9 @@ fn refresh() -> Result<()> {
     if CHECKED_THIS_XACT.get() {
         return Ok(());
     }
-    let fingerprint = match master_fingerprint() {
-        Ok(f) => f,
+    let checked = master_source().and_then(|source| Ok((master_fingerprint(&source)?, source)));
+    let (fingerprint, source) = match checked {
+        Ok(checked) => checked,
         Err(e) => {
             // A removed key disables the cached keys too, not just new ones.
             RING.with_borrow_mut(|ring| {
@@ -214,7 +230,7 @@ fn refresh() -> Result<()> {
     };
     let changed = RING.with_borrow(|ring| ring.master_fingerprint != Some(fingerprint));
     if changed {
-        let master = load_master_key()?;
+        let master = load_master_key(&source)?;
         let kek = Rc::new(crypto::derive_kek(&master));
         RING.with_borrow_mut(|ring| {
             ring.drop_data_keys();
@@ -298,17 +314,23 @@ fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Resu
         .map(Option::unwrap_or_default)
 }
 
+/// Serialises key creation and rotation of one purpose until the end of the transaction.
+fn lock_purpose(client: &mut pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Result<()> {
+    client
+        .update(
+            "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
+            None,
+            &[KEY_LOCK_CLASS.into(), purpose.as_str().into()],
+        )
+        .map(|_| ())
+        .map_err(spi_failure)
+}
+
 /// Creates the active key of a purpose unless another transaction already did.
 fn create_active_key(purpose: Purpose) -> Result<()> {
     let kek = kek()?;
     Spi::connect_mut(|client| -> Result<()> {
-        client
-            .update(
-                "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
-                None,
-                &[KEY_LOCK_CLASS.into(), purpose.as_str().into()],
-            )
-            .map_err(spi_failure)?;
+        lock_purpose(client, purpose)?;
         let exists = !client
             .select(
                 "SELECT 1 FROM vetassist_auth.keys WHERE purpose = $1 AND status = 'active'",
@@ -378,7 +400,6 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
         Some(key) => key,
         None => {
             create_active_key(purpose)?;
-            STALE.set(false); // our own insert is visible; keep the kek and go on
             load_active_key(purpose)?
                 .ok_or_else(|| spi_failure(pgrx::spi::SpiError::InvalidPosition))?
         }
@@ -566,14 +587,12 @@ fn rotate_key(purpose: &str) -> i32 {
     let purpose = Purpose::parse(purpose).or_raise();
     refresh().or_raise();
     kek().or_raise();
-    Spi::run_with_args(
-        "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
-        &[KEY_LOCK_CLASS.into(), purpose.as_str().into()],
-    )
-    .map_err(spi_failure)
-    .or_raise();
     // The retiring key's final count comes from the counter before the new key takes it over.
-    let position = Spi::connect(|client| counter_position(client, purpose)).or_raise();
+    let position = Spi::connect_mut(|client| {
+        lock_purpose(client, purpose)?;
+        counter_position(client, purpose)
+    })
+    .or_raise();
     Spi::run_with_args(
         "UPDATE vetassist_auth.keys \
          SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, ($2 - counter_base) * $3) \
@@ -582,12 +601,11 @@ fn rotate_key(purpose: &str) -> i32 {
     )
     .map_err(spi_failure)
     .or_raise();
+    // create_active_key tells every backend, this one included, to drop its cached keys.
     create_active_key(purpose).or_raise();
-    STALE.set(false);
     let key = load_active_key(purpose)
         .or_raise()
         .expect("the key was just created");
-    invalidate_all_backends();
     key.id as i32
 }
 
