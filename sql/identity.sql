@@ -24,8 +24,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     icn       text := upper(regexp_replace(coalesce(va_icn, ''), '\s', '', 'g'));
     icn_hash  bytea;
+    email_h   bytea;
+    first_h   bytea;
+    last_h    bytea;
     uid       uuid;
-    active    boolean;
     old       vetassist_auth.users;
     changed   text[] := '{}';
 BEGIN
@@ -39,7 +41,11 @@ BEGIN
     first_name := vetassist_auth.checked_phi(first_name, 'first_name', 200);
     last_name := vetassist_auth.checked_phi(last_name, 'last_name', 200);
     veteran_status := vetassist_auth.checked_phi(veteran_status, 'veteran_status', 64);
+    -- Each hash once: it is stored on insert, and decides what changed on update.
     icn_hash := vetassist_auth.field_hash(icn, 'va_icn');
+    email_h := vetassist_auth.field_hash(email, 'email');
+    first_h := vetassist_auth.field_hash(first_name, 'first_name');
+    last_h := vetassist_auth.field_hash(last_name, 'last_name');
 
     FOR attempt IN 1..2 LOOP
         SELECT * INTO old FROM vetassist_auth.users u
@@ -52,9 +58,9 @@ BEGIN
              email_encrypted, email_hash, first_name_encrypted, first_name_hash,
              last_name_encrypted, last_name_hash, last_login_at)
         VALUES (uid, vetassist_auth.encrypt_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
-                vetassist_auth.encrypt_text(email, 'users.email:' || uid), vetassist_auth.field_hash(email, 'email'),
-                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), vetassist_auth.field_hash(first_name, 'first_name'),
-                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), vetassist_auth.field_hash(last_name, 'last_name'),
+                vetassist_auth.encrypt_text(email, 'users.email:' || uid), email_h,
+                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), first_h,
+                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), last_h,
                 now())
         ON CONFLICT (va_icn_hash) DO NOTHING;
         IF FOUND THEN
@@ -76,13 +82,13 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
     END IF;
     -- Re-encrypt only what changed, judged by the field hashes; NULL keeps the stored value.
-    IF email IS NOT NULL AND old.email_hash IS DISTINCT FROM vetassist_auth.field_hash(email, 'email') THEN
+    IF email IS NOT NULL AND old.email_hash IS DISTINCT FROM email_h THEN
         changed := changed || 'email'::text;
     END IF;
-    IF first_name IS NOT NULL AND old.first_name_hash IS DISTINCT FROM vetassist_auth.field_hash(first_name, 'first_name') THEN
+    IF first_name IS NOT NULL AND old.first_name_hash IS DISTINCT FROM first_h THEN
         changed := changed || 'first_name'::text;
     END IF;
-    IF last_name IS NOT NULL AND old.last_name_hash IS DISTINCT FROM vetassist_auth.field_hash(last_name, 'last_name') THEN
+    IF last_name IS NOT NULL AND old.last_name_hash IS DISTINCT FROM last_h THEN
         changed := changed || 'last_name'::text;
     END IF;
     IF veteran_status IS NOT NULL AND old.va_veteran_status IS DISTINCT FROM veteran_status THEN
@@ -90,11 +96,11 @@ BEGIN
     END IF;
     UPDATE vetassist_auth.users u SET
         email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.encrypt_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
-        email_hash = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.field_hash(email, 'email') ELSE u.email_hash END,
+        email_hash = CASE WHEN 'email' = ANY (changed) THEN email_h ELSE u.email_hash END,
         first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
-        first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.field_hash(first_name, 'first_name') ELSE u.first_name_hash END,
+        first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN first_h ELSE u.first_name_hash END,
         last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
-        last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.field_hash(last_name, 'last_name') ELSE u.last_name_hash END,
+        last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
         va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
         updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
         last_login_at = now()

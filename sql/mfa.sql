@@ -124,9 +124,7 @@ DECLARE
     m vetassist_auth.mfa_settings;
     step bigint;
 BEGIN
-    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
-        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
-    END IF;
+    PERFORM vetassist_auth.require_live(s);
     m := vetassist_auth.mfa_row(s.user_id);
     step := vetassist_auth.mfa_check(m, code, true);
     IF step IS NOT NULL THEN
@@ -227,9 +225,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
 BEGIN
-    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
-        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
-    END IF;
+    PERFORM vetassist_auth.require_live(s);
     IF s.mfa_verified OR NOT EXISTS (SELECT 1 FROM vetassist_auth.mfa_settings m
                                      WHERE m.user_id = s.user_id AND m.totp_enabled) THEN
         RETURN false;

@@ -3,18 +3,41 @@
 -- live_until = least(expires_at, last_activity_at + idle_timeout) is the moment it expires
 -- unless touched; touch_session moves it at most once per session_touch_interval.
 
--- Ends one session (internal): status, end time, reason, and an audit row.
+-- Ends one session (internal): status, end time, reason, and an audit row. Returns false when
+-- the session had already ended.
 CREATE FUNCTION vetassist_auth.close_session(
     session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
-RETURNS void
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE vetassist_auth.sessions s
     SET status = new_status, ended_at = now(), end_reason = reason
     WHERE s.id = session.id AND s.status = 'ACTIVE';
-    IF FOUND THEN
-        PERFORM vetassist_auth.write_audit('session', 'session_' || lower(new_status::text), 'success',
-            session.user_id, 'sessions', session.id::text, jsonb_build_object('reason', reason));
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM vetassist_auth.write_audit('session', 'session_' || lower(new_status::text), 'success',
+        session.user_id, 'sessions', session.id::text, jsonb_build_object('reason', reason));
+    RETURN true;
+END
+$$;
+
+-- Raises 22023 unless a reason for ending sessions is 1 to 200 characters. Internal.
+CREATE FUNCTION vetassist_auth.check_end_reason(reason text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
+        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Raises 28000 unless a session can still be used (ACTIVE and before live_until). Internal.
+CREATE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF session.status <> 'ACTIVE' OR now() >= session.live_until THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
     END IF;
 END
 $$;
@@ -161,14 +184,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
 BEGIN
-    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
-        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
-    END IF;
-    IF s.status <> 'ACTIVE' THEN
-        RETURN false;
-    END IF;
-    PERFORM vetassist_auth.close_session(s, 'TERMINATED', reason);
-    RETURN true;
+    PERFORM vetassist_auth.check_end_reason(reason);
+    RETURN vetassist_auth.close_session(s, 'TERMINATED', reason);
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.end_session(text, text) IS 'Ends a session (logout); returns false if it had already ended.';
@@ -179,16 +196,15 @@ DECLARE
     s vetassist_auth.sessions;
     ended integer := 0;
 BEGIN
-    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
-        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
-    END IF;
+    PERFORM vetassist_auth.check_end_reason(reason);
     PERFORM vetassist_auth.require_user(user_id);
     FOR s IN SELECT * FROM vetassist_auth.sessions t
              WHERE t.user_id = end_user_sessions.user_id AND t.status = 'ACTIVE'
              ORDER BY t.id FOR UPDATE
     LOOP
-        PERFORM vetassist_auth.close_session(s, 'TERMINATED', reason);
-        ended := ended + 1;
+        IF vetassist_auth.close_session(s, 'TERMINATED', reason) THEN
+            ended := ended + 1;
+        END IF;
     END LOOP;
     RETURN ended;
 END
@@ -200,14 +216,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
 BEGIN
-    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
-        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
-    END IF;
-    IF s.status <> 'ACTIVE' THEN
-        RETURN false;
-    END IF;
-    PERFORM vetassist_auth.close_session(s, 'LOCKED', reason);
-    RETURN true;
+    PERFORM vetassist_auth.check_end_reason(reason);
+    RETURN vetassist_auth.close_session(s, 'LOCKED', reason);
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.lock_session(text, text) IS
@@ -224,9 +234,7 @@ BEGIN
     IF coalesce(replacement, '') = '' OR octet_length(replacement) > 4096 THEN
         RAISE EXCEPTION 'vetassist_auth: replacement must be 1 byte to 4 KiB' USING ERRCODE = '22023';
     END IF;
-    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
-        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
-    END IF;
+    PERFORM vetassist_auth.require_live(s);
     IF s.refresh_token_hash IS NULL AND presented IS NULL
        OR s.refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
         UPDATE vetassist_auth.sessions t

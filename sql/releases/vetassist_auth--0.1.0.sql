@@ -280,7 +280,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:645
+-- src/keys.rs:672
 -- vetassist_auth::keys::active_key_id
 CREATE  FUNCTION "active_key_id"(
 	"purpose" TEXT /* & str */
@@ -292,7 +292,7 @@ AS 'MODULE_PATHNAME', 'active_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit.rs:118
+-- src/audit.rs:100
 -- vetassist_auth::audit::audit_purge_in_progress
 CREATE  FUNCTION "audit_purge_in_progress"() RETURNS bool /* bool */
 STRICT STABLE
@@ -501,7 +501,7 @@ AS 'MODULE_PATHNAME', 'mfa_normalize_backup_code_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit.rs:408
+-- src/audit.rs:390
 -- vetassist_auth::audit::purge_audit_log
 CREATE  FUNCTION "purge_audit_log"(
 	"older_than" interval /* Interval */
@@ -513,7 +513,7 @@ AS 'MODULE_PATHNAME', 'purge_audit_log_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:652
+-- src/keys.rs:679
 -- vetassist_auth::keys::retire_unused_keys
 CREATE  FUNCTION "retire_unused_keys"() RETURNS INT /* i32 */
 STRICT SECURITY DEFINER
@@ -765,7 +765,7 @@ COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:587
+-- src/keys.rs:614
 -- vetassist_auth::keys::rewrap_keys
 CREATE  FUNCTION "rewrap_keys"(
 	"old_master_key_file" TEXT /* & str */
@@ -777,7 +777,7 @@ AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:554
+-- src/keys.rs:584
 -- vetassist_auth::keys::rotate_key
 CREATE  FUNCTION "rotate_key"(
 	"purpose" TEXT /* & str */
@@ -789,7 +789,7 @@ AS 'MODULE_PATHNAME', 'rotate_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit.rs:173
+-- src/audit.rs:155
 -- vetassist_auth::audit::seal_audit_log
 CREATE  FUNCTION "seal_audit_log"(
 	"max_rows" INT DEFAULT 10000 /* i32 */
@@ -918,7 +918,7 @@ AS 'MODULE_PATHNAME', 'totp_uri_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit.rs:390
+-- src/audit.rs:372
 -- vetassist_auth::audit::verify_audit_chain
 CREATE  FUNCTION "verify_audit_chain"() RETURNS TABLE (
 	"ok" bool,  /* bool */
@@ -933,7 +933,7 @@ AS 'MODULE_PATHNAME', 'verify_audit_chain_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit.rs:579
+-- src/audit.rs:561
 -- vetassist_auth::audit::row_audit
 CREATE FUNCTION "row_audit"()
 	RETURNS TRIGGER
@@ -1159,8 +1159,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     icn       text := upper(regexp_replace(coalesce(va_icn, ''), '\s', '', 'g'));
     icn_hash  bytea;
+    email_h   bytea;
+    first_h   bytea;
+    last_h    bytea;
     uid       uuid;
-    active    boolean;
     old       vetassist_auth.users;
     changed   text[] := '{}';
 BEGIN
@@ -1174,7 +1176,11 @@ BEGIN
     first_name := vetassist_auth.checked_phi(first_name, 'first_name', 200);
     last_name := vetassist_auth.checked_phi(last_name, 'last_name', 200);
     veteran_status := vetassist_auth.checked_phi(veteran_status, 'veteran_status', 64);
+    -- Each hash once: it is stored on insert, and decides what changed on update.
     icn_hash := vetassist_auth.field_hash(icn, 'va_icn');
+    email_h := vetassist_auth.field_hash(email, 'email');
+    first_h := vetassist_auth.field_hash(first_name, 'first_name');
+    last_h := vetassist_auth.field_hash(last_name, 'last_name');
 
     FOR attempt IN 1..2 LOOP
         SELECT * INTO old FROM vetassist_auth.users u
@@ -1187,9 +1193,9 @@ BEGIN
              email_encrypted, email_hash, first_name_encrypted, first_name_hash,
              last_name_encrypted, last_name_hash, last_login_at)
         VALUES (uid, vetassist_auth.encrypt_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
-                vetassist_auth.encrypt_text(email, 'users.email:' || uid), vetassist_auth.field_hash(email, 'email'),
-                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), vetassist_auth.field_hash(first_name, 'first_name'),
-                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), vetassist_auth.field_hash(last_name, 'last_name'),
+                vetassist_auth.encrypt_text(email, 'users.email:' || uid), email_h,
+                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), first_h,
+                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), last_h,
                 now())
         ON CONFLICT (va_icn_hash) DO NOTHING;
         IF FOUND THEN
@@ -1211,13 +1217,13 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
     END IF;
     -- Re-encrypt only what changed, judged by the field hashes; NULL keeps the stored value.
-    IF email IS NOT NULL AND old.email_hash IS DISTINCT FROM vetassist_auth.field_hash(email, 'email') THEN
+    IF email IS NOT NULL AND old.email_hash IS DISTINCT FROM email_h THEN
         changed := changed || 'email'::text;
     END IF;
-    IF first_name IS NOT NULL AND old.first_name_hash IS DISTINCT FROM vetassist_auth.field_hash(first_name, 'first_name') THEN
+    IF first_name IS NOT NULL AND old.first_name_hash IS DISTINCT FROM first_h THEN
         changed := changed || 'first_name'::text;
     END IF;
-    IF last_name IS NOT NULL AND old.last_name_hash IS DISTINCT FROM vetassist_auth.field_hash(last_name, 'last_name') THEN
+    IF last_name IS NOT NULL AND old.last_name_hash IS DISTINCT FROM last_h THEN
         changed := changed || 'last_name'::text;
     END IF;
     IF veteran_status IS NOT NULL AND old.va_veteran_status IS DISTINCT FROM veteran_status THEN
@@ -1225,11 +1231,11 @@ BEGIN
     END IF;
     UPDATE vetassist_auth.users u SET
         email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.encrypt_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
-        email_hash = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.field_hash(email, 'email') ELSE u.email_hash END,
+        email_hash = CASE WHEN 'email' = ANY (changed) THEN email_h ELSE u.email_hash END,
         first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
-        first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.field_hash(first_name, 'first_name') ELSE u.first_name_hash END,
+        first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN first_h ELSE u.first_name_hash END,
         last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
-        last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.field_hash(last_name, 'last_name') ELSE u.last_name_hash END,
+        last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
         va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
         updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
         last_login_at = now()
@@ -1325,144 +1331,6 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:54
--- requires:
---   identity_sql
-
--- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
--- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
--- Every operation is audited (category auth) without any token bytes.
-
-CREATE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= now() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = now()
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
-    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
-
--- Shared by the two readers: decrypts one column, audits the access. One query finds both
--- the user (P0002 when unknown) and the token row.
-CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    row vetassist_auth.va_tokens;
-BEGIN
-    SELECT t.* INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= now() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
-    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
-
-CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
-
-CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= now() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
-    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
-
-CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    deleted boolean;
-BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
-    deleted := FOUND;
-    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('existed', deleted));
-    RETURN deleted;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:59
 -- requires:
 --   identity_sql
@@ -1479,18 +1347,41 @@ COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tok
 -- live_until = least(expires_at, last_activity_at + idle_timeout) is the moment it expires
 -- unless touched; touch_session moves it at most once per session_touch_interval.
 
--- Ends one session (internal): status, end time, reason, and an audit row.
+-- Ends one session (internal): status, end time, reason, and an audit row. Returns false when
+-- the session had already ended.
 CREATE FUNCTION vetassist_auth.close_session(
     session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
-RETURNS void
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE vetassist_auth.sessions s
     SET status = new_status, ended_at = now(), end_reason = reason
     WHERE s.id = session.id AND s.status = 'ACTIVE';
-    IF FOUND THEN
-        PERFORM vetassist_auth.write_audit('session', 'session_' || lower(new_status::text), 'success',
-            session.user_id, 'sessions', session.id::text, jsonb_build_object('reason', reason));
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM vetassist_auth.write_audit('session', 'session_' || lower(new_status::text), 'success',
+        session.user_id, 'sessions', session.id::text, jsonb_build_object('reason', reason));
+    RETURN true;
+END
+$$;
+
+-- Raises 22023 unless a reason for ending sessions is 1 to 200 characters. Internal.
+CREATE FUNCTION vetassist_auth.check_end_reason(reason text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
+        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Raises 28000 unless a session can still be used (ACTIVE and before live_until). Internal.
+CREATE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF session.status <> 'ACTIVE' OR now() >= session.live_until THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
     END IF;
 END
 $$;
@@ -1637,14 +1528,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
 BEGIN
-    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
-        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
-    END IF;
-    IF s.status <> 'ACTIVE' THEN
-        RETURN false;
-    END IF;
-    PERFORM vetassist_auth.close_session(s, 'TERMINATED', reason);
-    RETURN true;
+    PERFORM vetassist_auth.check_end_reason(reason);
+    RETURN vetassist_auth.close_session(s, 'TERMINATED', reason);
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.end_session(text, text) IS 'Ends a session (logout); returns false if it had already ended.';
@@ -1655,16 +1540,15 @@ DECLARE
     s vetassist_auth.sessions;
     ended integer := 0;
 BEGIN
-    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
-        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
-    END IF;
+    PERFORM vetassist_auth.check_end_reason(reason);
     PERFORM vetassist_auth.require_user(user_id);
     FOR s IN SELECT * FROM vetassist_auth.sessions t
              WHERE t.user_id = end_user_sessions.user_id AND t.status = 'ACTIVE'
              ORDER BY t.id FOR UPDATE
     LOOP
-        PERFORM vetassist_auth.close_session(s, 'TERMINATED', reason);
-        ended := ended + 1;
+        IF vetassist_auth.close_session(s, 'TERMINATED', reason) THEN
+            ended := ended + 1;
+        END IF;
     END LOOP;
     RETURN ended;
 END
@@ -1676,14 +1560,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
 BEGIN
-    IF coalesce(reason, '') = '' OR length(reason) > 200 THEN
-        RAISE EXCEPTION 'vetassist_auth: reason must be 1 to 200 characters' USING ERRCODE = '22023';
-    END IF;
-    IF s.status <> 'ACTIVE' THEN
-        RETURN false;
-    END IF;
-    PERFORM vetassist_auth.close_session(s, 'LOCKED', reason);
-    RETURN true;
+    PERFORM vetassist_auth.check_end_reason(reason);
+    RETURN vetassist_auth.close_session(s, 'LOCKED', reason);
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.lock_session(text, text) IS
@@ -1700,9 +1578,7 @@ BEGIN
     IF coalesce(replacement, '') = '' OR octet_length(replacement) > 4096 THEN
         RAISE EXCEPTION 'vetassist_auth: replacement must be 1 byte to 4 KiB' USING ERRCODE = '22023';
     END IF;
-    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
-        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
-    END IF;
+    PERFORM vetassist_auth.require_live(s);
     IF s.refresh_token_hash IS NULL AND presented IS NULL
        OR s.refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
         UPDATE vetassist_auth.sessions t
@@ -1945,9 +1821,7 @@ DECLARE
     m vetassist_auth.mfa_settings;
     step bigint;
 BEGIN
-    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
-        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
-    END IF;
+    PERFORM vetassist_auth.require_live(s);
     m := vetassist_auth.mfa_row(s.user_id);
     step := vetassist_auth.mfa_check(m, code, true);
     IF step IS NOT NULL THEN
@@ -2048,9 +1922,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
 BEGIN
-    IF s.status <> 'ACTIVE' OR now() >= s.live_until THEN
-        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
-    END IF;
+    PERFORM vetassist_auth.require_live(s);
     IF s.mfa_verified OR NOT EXISTS (SELECT 1 FROM vetassist_auth.mfa_settings m
                                      WHERE m.user_id = s.user_id AND m.totp_enabled) THEN
         RETURN false;
@@ -2079,6 +1951,144 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup codes and trusted devices of a user; audited.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:54
+-- requires:
+--   identity_sql
+
+-- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
+-- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
+-- Every operation is audited (category auth) without any token bytes.
+
+CREATE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= now() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = now()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
+    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
+
+-- Shared by the two readers: decrypts one column, audits the access. One query finds both
+-- the user (P0002 when unknown) and the token row.
+CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row vetassist_auth.va_tokens;
+BEGIN
+    SELECT t.* INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= now() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
+    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
+
+CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
+
+CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= now() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
+    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
+
+CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deleted boolean;
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
+    deleted := FOUND;
+    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('existed', deleted));
+    RETURN deleted;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
