@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import Cluster, install  # noqa: E402
+from conftest import installed_cluster  # noqa: E402
 
 ROWS = 20_000
 REPEATS = 7
@@ -265,10 +265,7 @@ def audit_bench(cluster, conn):
 
 
 def main():
-    c = Cluster("bench", "shared_preload_libraries = 'vetassist_auth'", "shared_buffers = '512MB'",
-                "max_connections = 50")
-    try:
-        install(c)
+    with installed_cluster("bench", "shared_buffers = '512MB'", "max_connections = 50") as c:
         with c.connect("vetassist") as conn:
             rows = crypto_bench(conn)
             plain_tps, token_tps = token_bench(c, conn)
@@ -302,8 +299,6 @@ def main():
         sealed, seal_s, checked, verify_s = chain
         print(f"\nAudit chain: sealed {sealed:,} rows in {seal_s:.1f} s ({sealed / seal_s:,.0f} rows/s); "
               f"verified {checked:,} rows in {verify_s:.1f} s ({checked / verify_s:,.0f} rows/s; goal: 1M in < 10 s)")
-    finally:
-        c.stop()
 
 
 if __name__ == "__main__":

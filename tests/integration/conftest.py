@@ -2,6 +2,7 @@
 import itertools
 import os
 import subprocess
+from contextlib import contextmanager
 import time
 from pathlib import Path
 
@@ -72,13 +73,23 @@ def install(cluster, dbname="vetassist"):
         END $$""", dbname)
 
 
+@contextmanager
+def installed_cluster(name, *conf_lines, preload="vetassist_auth"):
+    """A fresh cluster with `preload` in shared_preload_libraries and the extension installed
+    (see install); stopped on exit."""
+    c = Cluster(name, f"shared_preload_libraries = '{preload}'", *conf_lines)
+    try:
+        install(c)
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """The shared cluster: library preloaded, extension installed in database 'vetassist'."""
-    c = Cluster("pytest", "shared_preload_libraries = 'vetassist_auth'")
-    install(c)
-    yield c
-    c.stop()
+    with installed_cluster("pytest") as c:
+        yield c
 
 
 @pytest.fixture

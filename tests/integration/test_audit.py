@@ -5,7 +5,7 @@ import threading
 import psycopg
 import pytest
 
-from conftest import Cluster, install
+from conftest import installed_cluster
 
 
 def verify(conn):
@@ -13,9 +13,7 @@ def verify(conn):
 
 
 def test_sixteen_writers_then_seal_then_verify_without_gaps():
-    c = Cluster("audit16", "shared_preload_libraries = 'vetassist_auth'", "max_connections = 40")
-    try:
-        install(c)
+    with installed_cluster("audit16", "max_connections = 40") as c:
         barrier = threading.Barrier(16)
 
         def writer(i):
@@ -50,8 +48,6 @@ def test_sixteen_writers_then_seal_then_verify_without_gaps():
         with c.connect("vetassist", "auditor_user") as auditor:
             ok, checked, bad, problem = verify(auditor)
             assert (ok, checked, bad, problem) == (True, seals, None, None)
-    finally:
-        c.stop()
 
 
 def test_sealing_skips_rows_of_running_transactions_and_seals_them_later(cluster):
@@ -92,9 +88,7 @@ def test_writers_never_wait_for_the_sealer(cluster):
 
 def test_an_aborted_purge_leaves_the_log_append_only():
     """The purge permission ends with the purge's transaction, even when the purge fails midway."""
-    c = Cluster("purgeabort", "shared_preload_libraries = 'vetassist_auth'")
-    try:
-        install(c)
+    with installed_cluster("purgeabort") as c:
         with c.connect("vetassist") as su:
             for n in range(3):
                 su.execute("SELECT vetassist_auth.audit_event('app', %s, 'info', '{}')", (f"e{n}",))
@@ -111,5 +105,3 @@ def test_an_aborted_purge_leaves_the_log_append_only():
             su.execute("DROP TRIGGER zz_fail_purge ON vetassist_auth.audit_log")
             assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type LIKE 'e_'").fetchone()[0] == 3
             assert su.execute("SELECT ok FROM vetassist_auth.verify_audit_chain()").fetchone()[0]
-    finally:
-        c.stop()

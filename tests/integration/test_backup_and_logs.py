@@ -3,7 +3,7 @@ import subprocess
 
 import psycopg
 
-from conftest import Cluster, install
+from conftest import installed_cluster
 
 
 def test_dump_and_restore_into_a_second_database(cluster, su):
@@ -41,12 +41,10 @@ SECRET_PARAM = "VA-REFRESH-TOKEN-77aa0b1c3d"
 
 
 def test_no_secret_in_the_server_log_even_with_full_statement_logging():
-    c = Cluster("logs", "shared_preload_libraries = 'vetassist_auth'", "log_statement = 'all'",
-                "log_min_duration_statement = 0", "log_min_error_statement = 'debug5'",
-                "log_parameter_max_length = -1", "log_parameter_max_length_on_error = -1",
-                "log_error_verbosity = 'verbose'")
-    try:
-        install(c)
+    with installed_cluster("logs", "log_statement = 'all'",
+                           "log_min_duration_statement = 0", "log_min_error_statement = 'debug5'",
+                           "log_parameter_max_length = -1", "log_parameter_max_length_on_error = -1",
+                           "log_error_verbosity = 'verbose'") as c:
         with c.connect("vetassist", "app_user") as conn:
             # A literal (simple protocol) and a bind parameter (extended protocol).
             ct = conn.execute(f"SELECT vetassist_auth.encrypt_text('{SECRET_TOKEN}', 'va')").fetchone()[0]
@@ -71,5 +69,3 @@ def test_no_secret_in_the_server_log_even_with_full_statement_logging():
         if master is None:
             master = subprocess.run(["sudo", "-u", "postgres", "cat", str(c.key_file)], capture_output=True, text=True).stdout.strip()
         assert len(master) == 64 and master not in log
-    finally:
-        c.stop()

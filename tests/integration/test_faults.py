@@ -1,5 +1,4 @@
 """Faults and abuse: crashes, cancels, fuzzed and huge input, secrets in statistics, memory."""
-import concurrent.futures
 import os
 import random
 import subprocess
@@ -9,15 +8,13 @@ import time
 import psycopg
 import pytest
 
-from conftest import Cluster, install
+from conftest import installed_cluster
 
 DOCUMENTED = {"22023", "P0002", "28000", "23505", "42501", "XX001", "55000", "VA001", "40001", "22P02"}
 
 
 def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifies():
-    c = Cluster("crash", "shared_preload_libraries = 'vetassist_auth'", "max_connections = 40")
-    try:
-        install(c)
+    with installed_cluster("crash", "max_connections = 40") as c:
         with c.connect("vetassist", "app_user") as app:
             users = [app.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', NULL, NULL, NULL)",
                                  (f"10126612{i:02d}V000001",)).fetchone()[0] for i in range(8)]
@@ -63,8 +60,6 @@ def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifi
             ok, checked, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
             assert ok, problem
             assert checked > 0
-    finally:
-        c.stop()
 
 
 def test_cancelled_reencrypt_and_sweep_leave_consistent_data_that_a_rerun_finishes(cluster, su):
@@ -162,9 +157,7 @@ def test_huge_values_round_trip_or_are_refused_cleanly(app):
 
 
 def test_secrets_stay_out_of_pg_stat_statements():
-    c = Cluster("pgss", "shared_preload_libraries = 'vetassist_auth,pg_stat_statements'")
-    try:
-        install(c)
+    with installed_cluster("pgss", preload="vetassist_auth,pg_stat_statements") as c:
         c.psql("CREATE EXTENSION pg_stat_statements", "vetassist")
         secret = "VA-TOKEN-pgss-91f2e0"
         with c.connect("vetassist", "app_user") as app:
@@ -175,8 +168,6 @@ def test_secrets_stay_out_of_pg_stat_statements():
             texts = [r[0] for r in su.execute("SELECT query FROM pg_stat_statements").fetchall()]
         assert any("store_va_tokens" in t for t in texts)
         assert not any(secret in t for t in texts)
-    finally:
-        c.stop()
 
 
 def rss_kb(pid):
@@ -213,10 +204,8 @@ SELECT vetassist_auth.expire_sessions(100);
 
 
 def test_32_clients_for_60_seconds_mixing_the_api_see_no_errors():
-    c = Cluster("load", "shared_preload_libraries = 'vetassist_auth'", "max_connections = 60",
-                "vetassist_auth.sweep_database = 'vetassist'", "vetassist_auth.sweep_interval = 5")
-    try:
-        install(c)
+    with installed_cluster("load", "max_connections = 60",
+                           "vetassist_auth.sweep_database = 'vetassist'", "vetassist_auth.sweep_interval = 5") as c:
         with c.connect("vetassist") as su:
             su.execute("""CREATE TABLE public.load_users AS SELECT n, vetassist_auth.upsert_va_user('10' || lpad(n::text, 8, '0') || 'V111111',
                           'veteran', NULL, NULL, NULL) AS id FROM generate_series(1, 200) n""")
@@ -239,5 +228,3 @@ def test_32_clients_for_60_seconds_mixing_the_api_see_no_errors():
                 pass
             ok, checked, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
             assert ok, problem
-    finally:
-        c.stop()

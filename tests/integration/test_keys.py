@@ -4,7 +4,7 @@ import concurrent.futures
 import psycopg
 import pytest
 
-from conftest import Cluster, install
+from conftest import installed_cluster
 
 
 def sqlstate_of(conn, sql, *params):
@@ -16,10 +16,8 @@ def sqlstate_of(conn, sql, *params):
 @pytest.fixture(scope="module")
 def keyless():
     """A cluster whose master key settings we change during the tests."""
-    c = Cluster("keys", "shared_preload_libraries = 'vetassist_auth'")
-    install(c)
-    yield c
-    c.stop()
+    with installed_cluster("keys") as c:
+        yield c
 
 
 def test_no_master_key_is_55000_with_a_hint_naming_both_settings(keyless):
@@ -100,9 +98,7 @@ def test_changed_master_key_needs_rewrap_then_everything_reads(keyless):
 
 
 def test_first_use_creates_one_key_per_purpose_under_concurrency():
-    c = Cluster("keyrace", "shared_preload_libraries = 'vetassist_auth'", "max_connections = 40")
-    try:
-        install(c)
+    with installed_cluster("keyrace", "max_connections = 40") as c:
 
         def first_use(i):
             with c.connect("vetassist", "app_user") as conn:
@@ -115,8 +111,6 @@ def test_first_use_creates_one_key_per_purpose_under_concurrency():
         with c.connect("vetassist") as su:
             rows = su.execute("SELECT purpose, count(*) FROM vetassist_auth.keys WHERE status = 'active' GROUP BY 1").fetchall()
         assert dict(rows) == {"phi": 1, "hash": 1}
-    finally:
-        c.stop()
 
 
 def test_rotation_in_one_backend_is_seen_by_another(cluster):

@@ -3,10 +3,7 @@ import concurrent.futures
 import json
 import time
 
-import psycopg
-import pytest
-
-from conftest import Cluster, install
+from conftest import installed_cluster
 
 
 def new_user(conn, icn):
@@ -83,10 +80,8 @@ def test_concurrent_touches_and_sweeps_neither_deadlock_nor_lose_updates(cluster
 
 
 def test_the_background_worker_sweeps_a_preloaded_cluster():
-    c = Cluster("sweeper", "shared_preload_libraries = 'vetassist_auth'",
-                "vetassist_auth.sweep_database = 'vetassist'", "vetassist_auth.sweep_interval = 1")
-    try:
-        install(c)
+    with installed_cluster("sweeper", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as c:
         with c.connect("vetassist", "app_user") as app:
             uid = new_user(app, "1012660000V000104")
             app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-bg', now() + interval '1 hour')", (uid,))
@@ -118,6 +113,4 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
         log = c.log()
         assert "vetassist_auth sweeper: expire_sessions failed" in log
         assert "terminated by signal" not in log and "server process" not in log
-    finally:
-        c.stop()
     assert "vetassist_auth sweeper stopped" in c.log()
