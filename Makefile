@@ -1,6 +1,8 @@
 # vetassist_auth — every target installs what it needs first (scripts/ensure-toolchain.sh).
 SHELL      := /bin/bash
 PG_CONFIG  ?= /usr/lib/postgresql/15/bin/pg_config
+# make bench BENCH="audit chain" runs only those sections (crypto tokens sessions audit chain).
+BENCH      ?=
 SUDO_FLAG  := $(if $(filter 0,$(shell id -u)),,--sudo)
 
 .PHONY: all toolchain install install-release lint test demo bench clean
@@ -29,7 +31,7 @@ demo: install-release
 	target/venv/bin/python scripts/demo.py
 
 bench: install-release
-	target/venv/bin/python bench/bench.py
+	target/venv/bin/python bench/bench.py $(BENCH)
 
 clean:
 	-for d in target/clusters/*/; do scripts/cluster.sh stop "$$(basename $$d)"; done

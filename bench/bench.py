@@ -241,9 +241,12 @@ def audit_bench(cluster, conn):
             conn.execute(variants[name])
             runs[name].append(pgbench(cluster, script, "postgres"))
             conn.execute(undo[name])
-    tps = {name: statistics.median(r) for name, r in runs.items()}
+    return {name: statistics.median(r) for name, r in runs.items()}
 
-    # The chain over exactly one million rows, in a database of its own.
+
+def chain_bench(cluster, conn):
+    """Sealing and verifying an audit chain of exactly one million rows, in a database of its own."""
+    conn.execute("DROP DATABASE IF EXISTS chain")
     conn.execute("CREATE DATABASE chain")
     cluster.psql("CREATE EXTENSION vetassist_auth", "chain")
     with cluster.connect("chain") as chain:
@@ -261,45 +264,75 @@ def audit_bench(cluster, conn):
         ok, checked = chain.execute("SELECT ok, checked FROM vetassist_auth.verify_audit_chain()").fetchone()
         verify_s = time.perf_counter() - start
     assert ok
-    return tps, (sealed, seal_s, checked, verify_s)
+    return sealed, seal_s, checked, verify_s
 
 
-def main():
+SECTIONS = ("crypto", "tokens", "sessions", "audit", "chain")
+
+
+def main(sections):
+    """Runs the named sections (all by default) and prints their tables."""
     with installed_cluster("bench", "shared_buffers = '512MB'", "max_connections = 50") as c:
         with c.connect("vetassist") as conn:
-            rows = crypto_bench(conn)
-            plain_tps, token_tps = token_bench(c, conn)
-            session_results, sweep = session_bench(c, conn)
-            audit_tps, chain = audit_bench(c, conn)
-        print(f"\nPer-row cost over {ROWS:,} rows, best of {REPEATS} (µs/row; ratio = reference / ours, >1 means ours is faster)\n")
-        print(f"| {'operation':32} | {'ours µs':>8} | {'reference':34} | {'ref µs':>8} | {'ratio':>7} | goal |")
-        print(f"|{'-' * 34}|{'-' * 10}|{'-' * 36}|{'-' * 10}|{'-' * 9}|------|")
-        for label, ours, ref_label, ref, ratio, goal in rows:
-            print(f"| {label:32} | {ours:8.2f} | {ref_label:34} | {ref:8.2f} | {ratio:6.2f}x | {goal} |")
-        print(f"\npgbench, 8 clients, median of {ROUNDS} alternating {PGBENCH_SECONDS} s runs each; ratio = ours / reference\n")
-        print("| workload | plain SQL TPS | vetassist_auth TPS | ratio | goal |")
-        print("|---|---|---|---|---|")
-        print(f"| store_va_tokens + va_access_token (1 KiB token, encrypted, audited) vs plain upsert + select "
-              f"| {plain_tps:,.0f} | {token_tps:,.0f} | {token_tps / plain_tps:.2f}x | >= 0.5x |")
-        for label, (ref, ours) in session_results.items():
-            print(f"| {label} (100k live sessions) vs plain indexed UPDATE of last_activity_at "
-                  f"| {ref:,.0f} | {ours:,.0f} | {ours / ref:.2f}x | >= 0.8x |")
-        total, seconds, idle_p99, during_p99, samples = sweep
-        print(f"\nSweep (batches of 10,000 from a backend at nice 10, as the worker runs): {total:,} overdue "
-              f"sessions expired and audited in {seconds:.1f} s = {total / seconds:,.0f} rows/s; "
-              f"touch_session p99 {idle_p99:.2f} ms idle, {during_p99:.2f} ms during the sweep "
-              f"({during_p99 / idle_p99:.1f}x, goal < 10x; {samples:,} touches)")
-        base = audit_tps["unaudited"]
-        print("\npgbench TPC-B-like (scale 10, 8 clients), pgbench_accounts audited; loss = 1 - TPS / unaudited\n")
-        print("| variant | TPS | loss | goal |")
-        print("|---|---|---|---|")
-        for name, value in audit_tps.items():
-            goal = {"unaudited": "", "vetassist_auth row audit": "<= 15%", "plpgsql jsonb trigger": "(reference)"}[name]
-            print(f"| {name} | {value:,.0f} | {100 * (1 - value / base):.1f}% | {goal} |")
-        sealed, seal_s, checked, verify_s = chain
-        print(f"\nAudit chain: sealed {sealed:,} rows in {seal_s:.1f} s ({sealed / seal_s:,.0f} rows/s); "
-              f"verified {checked:,} rows in {verify_s:.1f} s ({checked / verify_s:,.0f} rows/s; goal: 1M in < 10 s)")
+            if "crypto" in sections:
+                print_crypto(crypto_bench(conn))
+            if "tokens" in sections:
+                print_tokens(*token_bench(c, conn))
+            if "sessions" in sections:
+                print_sessions(*session_bench(c, conn))
+            if "audit" in sections:
+                print_audit(audit_bench(c, conn))
+            if "chain" in sections:
+                print_chain(*chain_bench(c, conn))
+
+
+def print_crypto(rows):
+    print(f"\nPer-row cost over {ROWS:,} rows, best of {REPEATS} (µs/row; ratio = reference / ours, >1 means ours is faster)\n")
+    print(f"| {'operation':32} | {'ours µs':>8} | {'reference':34} | {'ref µs':>8} | {'ratio':>7} | goal |")
+    print(f"|{'-' * 34}|{'-' * 10}|{'-' * 36}|{'-' * 10}|{'-' * 9}|------|")
+    for label, ours, ref_label, ref, ratio, goal in rows:
+        print(f"| {label:32} | {ours:8.2f} | {ref_label:34} | {ref:8.2f} | {ratio:6.2f}x | {goal} |")
+
+
+def print_tokens(plain_tps, token_tps):
+    print(f"\npgbench, 8 clients, median of {ROUNDS} alternating {PGBENCH_SECONDS} s runs each; ratio = ours / reference\n")
+    print("| workload | plain SQL TPS | vetassist_auth TPS | ratio | goal |")
+    print("|---|---|---|---|---|")
+    print(f"| store_va_tokens + va_access_token (1 KiB token, encrypted, audited) vs plain upsert + select "
+          f"| {plain_tps:,.0f} | {token_tps:,.0f} | {token_tps / plain_tps:.2f}x | >= 0.5x |")
+
+
+def print_sessions(session_results, sweep):
+    print(f"\npgbench, 8 clients, median of {ROUNDS} alternating {PGBENCH_SECONDS} s runs each; ratio = ours / reference\n")
+    print("| workload | plain SQL TPS | vetassist_auth TPS | ratio | goal |")
+    print("|---|---|---|---|---|")
+    for label, (ref, ours) in session_results.items():
+        print(f"| {label} (100k live sessions) vs plain indexed UPDATE of last_activity_at "
+              f"| {ref:,.0f} | {ours:,.0f} | {ours / ref:.2f}x | >= 0.8x |")
+    total, seconds, idle_p99, during_p99, samples = sweep
+    print(f"\nSweep (batches of 10,000 from a backend at nice 10, as the worker runs): {total:,} overdue "
+          f"sessions expired and audited in {seconds:.1f} s = {total / seconds:,.0f} rows/s; "
+          f"touch_session p99 {idle_p99:.2f} ms idle, {during_p99:.2f} ms during the sweep "
+          f"({during_p99 / idle_p99:.1f}x, goal < 10x; {samples:,} touches)")
+
+
+def print_audit(audit_tps):
+    base = audit_tps["unaudited"]
+    print("\npgbench TPC-B-like (scale 10, 8 clients), pgbench_accounts audited; loss = 1 - TPS / unaudited\n")
+    print("| variant | TPS | loss | goal |")
+    print("|---|---|---|---|")
+    for name, value in audit_tps.items():
+        goal = {"unaudited": "", "vetassist_auth row audit": "<= 15%", "plpgsql jsonb trigger": "(reference)"}[name]
+        print(f"| {name} | {value:,.0f} | {100 * (1 - value / base):.1f}% | {goal} |")
+
+
+def print_chain(sealed, seal_s, checked, verify_s):
+    print(f"\nAudit chain: sealed {sealed:,} rows in {seal_s:.1f} s ({sealed / seal_s:,.0f} rows/s); "
+          f"verified {checked:,} rows in {verify_s:.1f} s ({checked / verify_s:,.0f} rows/s; goal: 1M in < 10 s)")
 
 
 if __name__ == "__main__":
-    main()
+    unknown = set(sys.argv[1:]) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    main(sys.argv[1:] or SECTIONS)

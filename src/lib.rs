@@ -43,7 +43,8 @@ extension_sql_file!(
         audit::current_actor_ip_hash,
         audit::current_session_id,
         audit::audit_purge_in_progress,
-        audit::row_audit
+        audit::row_trigger::row_audit,
+        audit::writer::write_audit
     ]
 );
 extension_sql_file!(

@@ -1,0 +1,415 @@
+//! Tamper evidence (DESIGN section 8): sealing audit rows into an HMAC chain, verifying it, and
+//! purging its oldest part behind a checkpoint.
+
+use super::PURGING;
+use crate::crypto::audit_chain;
+use crate::error::{Failure, Kind, OrRaise};
+use crate::keys::{self, Purpose};
+use pgrx::prelude::*;
+
+type Outcome<T> = crate::error::Result<T>;
+
+fn spi_failed(e: pgrx::spi::SpiError) -> Failure {
+    Failure::new(
+        Kind::NotConfigured,
+        format!("vetassist_auth: audit chain query failed: {e}"),
+    )
+}
+
+/// Hash and sequence number the chain continues from: the newest seal, else the purge
+/// checkpoint, else the genesis.
+fn chain_head(client: &pgrx::spi::SpiClient<'_>) -> Outcome<(i64, Vec<u8>)> {
+    let newest = client
+        .select(
+            "SELECT seq, hash FROM vetassist_auth.audit_seals ORDER BY seq DESC LIMIT 1",
+            None,
+            &[],
+        )
+        .map_err(spi_failed)?;
+    if let Some(row) = newest.into_iter().next() {
+        let seq: i64 = row.get(1).map_err(spi_failed)?.unwrap_or_default();
+        let hash: Vec<u8> = row.get(2).map_err(spi_failed)?.unwrap_or_default();
+        return Ok((seq, hash));
+    }
+    checkpoint(client)
+}
+
+fn checkpoint(client: &pgrx::spi::SpiClient<'_>) -> Outcome<(i64, Vec<u8>)> {
+    let state = client
+        .select(
+            "SELECT checkpoint_seq, checkpoint_hash FROM vetassist_auth.audit_seal_state",
+            None,
+            &[],
+        )
+        .map_err(spi_failed)?;
+    let (seq, hash) = match state.into_iter().next() {
+        Some(row) => (
+            row.get::<i64>(1).map_err(spi_failed)?,
+            row.get::<Vec<u8>>(2).map_err(spi_failed)?,
+        ),
+        None => (None, None),
+    };
+    Ok((
+        seq.unwrap_or(0),
+        hash.unwrap_or_else(|| audit_chain::GENESIS.to_vec()),
+    ))
+}
+
+/// Seals finished transactions' audit rows into the chain, oldest id first, at most
+/// `max_rows` per call; returns how many. Writers never wait: rows of transactions still
+/// running are invisible here and are sealed by a later call. Only one sealer runs at a time;
+/// a concurrent call returns 0 at once.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
+    if max_rows < 1 {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: max_rows must be a positive integer",
+        )
+        .raise();
+    }
+    let locked = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_try_advisory_xact_lock($1, 2)",
+        &[SEAL_LOCK_CLASS.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !locked {
+        return 0;
+    }
+    let key = keys::active_key(Purpose::Audit).or_raise();
+    Spi::connect_mut(|client| -> Outcome<i32> {
+        // The row text is hashed: fix the time zone it is printed in (undone at function exit).
+        client.update("SELECT pg_catalog.set_config('TimeZone', 'UTC', true)", None, &[]).map_err(spi_failed)?;
+        // Rows of transactions that have not finished yet were inserted at or after this moment.
+        let horizon: TimestampWithTimeZone = client
+            .select(
+                "SELECT least((SELECT min(xact_start) FROM pg_catalog.pg_stat_activity \
+                               WHERE xact_start IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), \
+                              (SELECT min(prepared) FROM pg_catalog.pg_prepared_xacts), \
+                              pg_catalog.statement_timestamp()) - interval '1 second'",
+                None,
+                &[],
+            )
+            .map_err(spi_failed)?
+            .first()
+            .get_one()
+            .map_err(spi_failed)?
+            .expect("least() of a timestamp is not NULL");
+        let (mut seq, mut prev) = chain_head(client)?;
+        let rows = client
+            .select(
+                "SELECT a.id, pg_catalog.to_jsonb(a)::text FROM vetassist_auth.audit_log a \
+                 WHERE a.occurred_at >= coalesce((SELECT scan_from FROM vetassist_auth.audit_seal_state), '-infinity') \
+                   AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = a.id) \
+                 ORDER BY a.id LIMIT $1",
+                None,
+                &[max_rows.into()],
+            )
+            .map_err(spi_failed)?;
+        let (mut seqs, mut ids, mut prevs, mut hashes) = (vec![], vec![], vec![], vec![]);
+        for row in rows {
+            let id: i64 = row.get(1).map_err(spi_failed)?.unwrap_or_default();
+            let text: String = row.get(2).map_err(spi_failed)?.unwrap_or_default();
+            let hash = audit_chain::link(key.secret(), &prev, &text);
+            seq += 1;
+            seqs.push(seq);
+            ids.push(id);
+            prevs.push(std::mem::replace(&mut prev, hash.to_vec()));
+            hashes.push(hash.to_vec());
+        }
+        let sealed = ids.len() as i32;
+        if sealed > 0 {
+            client
+                .update(
+                    "INSERT INTO vetassist_auth.audit_seals (seq, audit_id, prev_hash, hash, key_id) \
+                     SELECT s, a, p, h, $5 FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[]) AS t(s, a, p, h)",
+                    None,
+                    &[seqs.into(), ids.into(), prevs.into(), hashes.into(), (key.id as i32).into()],
+                )
+                .map_err(spi_failed)?;
+        }
+        if sealed < max_rows {
+            // Everything visible is sealed: later rows can only come from transactions that
+            // started after the horizon.
+            client
+                .update(
+                    "INSERT INTO vetassist_auth.audit_seal_state (scan_from) VALUES ($1) \
+                     ON CONFLICT (singleton) DO UPDATE SET scan_from = excluded.scan_from",
+                    None,
+                    &[horizon.into()],
+                )
+                .map_err(spi_failed)?;
+        }
+        Ok(sealed)
+    })
+    .or_raise()
+}
+
+const SEAL_LOCK_CLASS: i32 = 0x7661_6b32; // "vak2"
+
+struct Verdict {
+    ok: bool,
+    checked: i64,
+    first_bad_seq: Option<i64>,
+    problem: Option<String>,
+}
+
+/// The lowest-numbered bad seal found so far, and what is wrong with it.
+#[derive(Default)]
+struct FirstBad(Option<(i64, String)>);
+
+impl FirstBad {
+    fn note(&mut self, seq: i64, problem: impl FnOnce() -> String) {
+        if self.0.as_ref().is_none_or(|(bad, _)| seq < *bad) {
+            self.0 = Some((seq, problem()));
+        }
+    }
+}
+
+/// Whether a seal's hash is the HMAC of its predecessor's hash and its row's text. Internal:
+/// called per row by verify_audit_chain, so the rows never leave the executor.
+#[pg_extern(strict, stable)]
+fn audit_seal_matches(key_id: i32, prev_hash: &[u8], row_text: &str, hash: &[u8]) -> bool {
+    let key = keys::key_by_id(key_id as u32)
+        .ok()
+        .filter(|k| k.purpose == Purpose::Audit)
+        .unwrap_or_else(|| {
+            Failure::new(
+                Kind::DataCorrupted,
+                format!("vetassist_auth: a seal names audit key {key_id}, which is not usable"),
+            )
+            .raise()
+        });
+    audit_chain::link(key.secret(), prev_hash, row_text)[..] == *hash
+}
+
+/// Verification in two passes that need no sort: the links between seals, in seq order over the
+/// narrow seal table; then every seal against its row, in audit_id order (a merge join of the two
+/// primary keys). Each seal stores the hash it follows, so the rows need not be read in chain
+/// order: the first bad seq is the lowest one either pass finds.
+fn walk_chain() -> Outcome<Verdict> {
+    Spi::connect_mut(|client| -> Outcome<Verdict> {
+        // Local to this call (the function's SET clause undoes them): the row text is hashed in
+        // UTC, and the planner must not sort a million wide rows when two index scans will do.
+        client
+            .update(
+                "SELECT pg_catalog.set_config('TimeZone', 'UTC', true), \
+                        pg_catalog.set_config('enable_sort', 'off', true), \
+                        pg_catalog.set_config('enable_hashjoin', 'off', true)",
+                None,
+                &[],
+            )
+            .map_err(spi_failed)?;
+        let (start_seq, start_hash) = checkpoint(client)?;
+        let mut first_bad = FirstBad::default();
+
+        let link = client
+            .select(
+                "SELECT seq, prior_seq FROM ( \
+                     SELECT seq, prev_hash, \
+                            pg_catalog.lag(seq, 1, $1) OVER w AS prior_seq, \
+                            pg_catalog.lag(hash, 1, $2) OVER w AS prior_hash \
+                     FROM vetassist_auth.audit_seals WINDOW w AS (ORDER BY seq)) links \
+                 WHERE seq <> prior_seq + 1 OR prev_hash <> prior_hash \
+                 ORDER BY seq LIMIT 1",
+                None,
+                &[start_seq.into(), start_hash.into()],
+            )
+            .map_err(spi_failed)?
+            .into_iter()
+            .next()
+            .map(|row| Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?, row.get::<i64>(2)?)))
+            .transpose()
+            .map_err(spi_failed)?;
+        if let Some((Some(seq), Some(prior))) = link {
+            if seq != prior + 1 {
+                first_bad.note(prior + 1, || {
+                    format!("seal {} is missing: the chain jumps to seal {seq}", prior + 1)
+                });
+            } else {
+                first_bad.note(seq, || {
+                    format!("seal {seq} does not follow seal {prior} (seals inserted, deleted or reordered)")
+                });
+            }
+        }
+
+        // Every seal against its row, in one aggregate: no row leaves the executor. Rows older
+        // than the seal horizon that no seal covers were slipped in afterwards.
+        let (sealed, deleted, edited, first_stray) = client
+            .select(
+                "SELECT pg_catalog.count(s.seq), \
+                        min(s.seq) FILTER (WHERE a.id IS NULL), \
+                        min(s.seq) FILTER (WHERE NOT vetassist_auth.audit_seal_matches( \
+                            s.key_id, s.prev_hash, pg_catalog.to_jsonb(a)::text, s.hash)), \
+                        min(a.id) FILTER (WHERE s.seq IS NULL) \
+                 FROM vetassist_auth.audit_seals s \
+                 FULL JOIN vetassist_auth.audit_log a ON a.id = s.audit_id \
+                 WHERE s.seq IS NOT NULL \
+                    OR a.occurred_at < coalesce((SELECT scan_from FROM vetassist_auth.audit_seal_state), '-infinity')",
+                None,
+                &[],
+            )
+            .and_then(|table| {
+                let row = table.first();
+                Ok((row.get::<i64>(1)?, row.get::<i64>(2)?, row.get::<i64>(3)?, row.get::<i64>(4)?))
+            })
+            .map_err(spi_failed)?;
+        let sealed = sealed.unwrap_or(0);
+        let audit_id_of = |seq: i64| -> Outcome<i64> {
+            Ok(client
+                .select(
+                    "SELECT audit_id FROM vetassist_auth.audit_seals WHERE seq = $1",
+                    None,
+                    &[seq.into()],
+                )
+                .map_err(spi_failed)?
+                .first()
+                .get_one::<i64>()
+                .map_err(spi_failed)?
+                .unwrap_or_default())
+        };
+        if let Some(seq) = deleted {
+            let audit_id = audit_id_of(seq)?;
+            first_bad.note(seq, || format!("audit row {audit_id} sealed at seq {seq} was deleted"));
+        }
+        if let Some(seq) = edited {
+            let audit_id = audit_id_of(seq)?;
+            first_bad.note(seq, || {
+                format!("audit row {audit_id} (seq {seq}) was edited, or its seal altered")
+            });
+        }
+
+        if let Some((seq, problem)) = first_bad.0 {
+            return Ok(Verdict {
+                ok: false,
+                checked: seq - start_seq - 1,
+                first_bad_seq: Some(seq),
+                problem: Some(problem),
+            });
+        }
+        if let Some(id) = first_stray {
+            let next_seq = client
+                .select(
+                    "SELECT min(seq) FROM vetassist_auth.audit_seals WHERE audit_id > $1",
+                    None,
+                    &[id.into()],
+                )
+                .map_err(spi_failed)?
+                .first()
+                .get_one::<i64>()
+                .map_err(spi_failed)?;
+            return Ok(Verdict {
+                ok: false,
+                checked: sealed,
+                first_bad_seq: next_seq,
+                problem: Some(format!("audit row {id} is older than the sealed part of the log but not in the chain (inserted afterwards)")),
+            });
+        }
+        Ok(Verdict {
+            ok: true,
+            checked: sealed,
+            first_bad_seq: None,
+            problem: None,
+        })
+    })
+}
+
+/// Walks the whole chain: every seal follows the previous one and matches its row.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn verify_audit_chain() -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(checked, i64),
+        name!(first_bad_seq, Option<i64>),
+        name!(problem, Option<String>),
+    ),
+> {
+    let v = walk_chain().or_raise();
+    TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
+}
+
+/// Removes sealed rows older than `older_than` from the start of the chain, keeps a checkpoint
+/// (seq and hash of the last removed seal) so verification still works, and is audited.
+/// Returns the number of audit rows removed.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn purge_audit_log(older_than: Interval) -> i64 {
+    let negative = Spi::get_one_with_args::<bool>("SELECT $1 < interval '0'", &[older_than.into()])
+        .ok()
+        .flatten()
+        .unwrap_or(true);
+    if negative {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: older_than must not be negative",
+        )
+        .raise();
+    }
+    Spi::connect_mut(|client| -> Outcome<i64> {
+        client
+            .update("SELECT pg_catalog.pg_advisory_xact_lock($1, 2)", None, &[SEAL_LOCK_CLASS.into()])
+            .map_err(spi_failed)?;
+        // The longest prefix of the chain whose rows are all older than the cut-off.
+        let through: Option<i64> = client
+            .select(
+                "SELECT coalesce((SELECT min(s.seq) - 1 FROM vetassist_auth.audit_seals s \
+                                  JOIN vetassist_auth.audit_log a ON a.id = s.audit_id \
+                                  WHERE a.occurred_at >= pg_catalog.now() - $1), \
+                                 (SELECT max(seq) FROM vetassist_auth.audit_seals))",
+                None,
+                &[older_than.into()],
+            )
+            .map_err(spi_failed)?
+            .first()
+            .get_one()
+            .map_err(spi_failed)?;
+        let (checkpoint_seq, _) = checkpoint(client)?;
+        let Some(through) = through.filter(|&t| t > checkpoint_seq) else {
+            return Ok(0);
+        };
+        PURGING.set(true);
+        let removed: i64 = client
+            .update(
+                "WITH gone AS (DELETE FROM vetassist_auth.audit_log a USING vetassist_auth.audit_seals s \
+                               WHERE s.audit_id = a.id AND s.seq <= $1 RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM gone",
+                None,
+                &[through.into()],
+            )
+            .map_err(spi_failed)?
+            .first()
+            .get_one()
+            .map_err(spi_failed)?
+            .unwrap_or(0);
+        client
+            .update(
+                "INSERT INTO vetassist_auth.audit_seal_state (checkpoint_seq, checkpoint_hash, checkpoint_at) \
+                 SELECT s.seq, s.hash, pg_catalog.now() FROM vetassist_auth.audit_seals s WHERE s.seq = $1 \
+                 ON CONFLICT (singleton) DO UPDATE SET checkpoint_seq = excluded.checkpoint_seq, \
+                     checkpoint_hash = excluded.checkpoint_hash, checkpoint_at = excluded.checkpoint_at",
+                None,
+                &[through.into()],
+            )
+            .map_err(spi_failed)?;
+        client
+            .update("DELETE FROM vetassist_auth.audit_seals WHERE seq <= $1", None, &[through.into()])
+            .map_err(spi_failed)?;
+        PURGING.set(false);
+        client
+            .update(
+                "SELECT vetassist_auth.write_audit('audit', 'audit_log_purged', 'success', NULL, 'audit_log', NULL, \
+                        pg_catalog.jsonb_build_object('rows', $1, 'through_seq', $2))",
+                None,
+                &[removed.into(), through.into()],
+            )
+            .map_err(spi_failed)?;
+        Ok(removed)
+    })
+    .or_raise()
+}
+

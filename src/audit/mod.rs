@@ -1,0 +1,104 @@
+//! Audit context: who the application says is acting in this transaction.
+//!
+//! `set_actor` stores the application user (and client address) in backend memory for the
+//! current transaction only; a pooled connection never carries one request's actor into the
+//! next. (A transaction-local setting would not work: SECURITY DEFINER functions with a
+//! `SET search_path` clause undo local settings made inside them.)
+
+use crate::encryption;
+use crate::error::OrRaise;
+
+use pgrx::prelude::*;
+use pgrx::Uuid;
+use std::cell::RefCell;
+
+#[derive(Default, Clone)]
+struct Actor {
+    user_id: Option<Uuid>,
+    ip_hash: Option<Vec<u8>>,
+    session_id: Option<Uuid>,
+}
+
+thread_local! {
+    static ACTOR: RefCell<Actor> = RefCell::new(Actor::default());
+}
+
+/// Actor and purge permission last for one transaction only.
+#[pg_guard]
+unsafe extern "C-unwind" fn reset_at_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PREPARE
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_PARALLEL_ABORT
+    ) {
+        ACTOR.with_borrow_mut(|a| *a = Actor::default());
+        PURGING.set(false);
+    }
+}
+
+pub fn register_callbacks() {
+    unsafe { pg_sys::RegisterXactCallback(Some(reset_at_transaction_end), std::ptr::null_mut()) };
+}
+
+/// Names the application user behind the current transaction (and, optionally, the end
+/// user's IP address, stored only as a keyed hash). Audit rows written later in the same
+/// transaction carry both.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
+    let ip_hash = client_ip.map(|ip| encryption::field_hash_value(ip, "ip").or_raise());
+    ACTOR.with_borrow_mut(|a| {
+        a.user_id = user_id;
+        a.ip_hash = ip_hash;
+    });
+}
+
+/// Remembers the session a request runs in (touch_session calls it) for the audit rows after
+/// it. Internal: not granted to any role.
+#[pg_extern(strict, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn set_current_session(session_id: Uuid) {
+    ACTOR.with_borrow_mut(|a| a.session_id = Some(session_id));
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn current_actor() -> Option<Uuid> {
+    ACTOR.with_borrow(|a| a.user_id)
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn current_actor_ip_hash() -> Option<Vec<u8>> {
+    ACTOR.with_borrow(|a| a.ip_hash.clone())
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn current_session_id() -> Option<Uuid> {
+    ACTOR.with_borrow(|a| a.session_id)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tamper evidence: sealing and verification (DESIGN section 8)
+
+thread_local! {
+    /// Set only inside purge_audit_log, for the rest of its transaction: the append-only
+    /// triggers let exactly those deletes through.
+    static PURGING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the current transaction is inside purge_audit_log. Internal.
+#[pg_extern(stable)]
+fn audit_purge_in_progress() -> bool {
+    PURGING.get()
+}
+
+
+mod chain;
+mod row_trigger;
+mod writer;

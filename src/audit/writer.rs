@@ -1,0 +1,169 @@
+//! The one way rows enter `audit_log`: a direct heap insert plus its index entries, as COPY
+//! does it, instead of an INSERT statement through SPI. Executor start-up for a one-row
+//! INSERT costs several times the insert itself, and an audit row is written for almost every
+//! API call and every audited row change.
+//!
+//! The row is written as the table's owner would write it: no permission check, no INSERT
+//! triggers (audit_log has none; its append-only triggers guard UPDATE, DELETE and TRUNCATE).
+//! NOT NULL and CHECK constraints are still enforced.
+
+use super::ACTOR;
+use crate::error::{Failure, Kind};
+use pgrx::prelude::*;
+use pgrx::Uuid;
+
+/// An audit event; actor, session, client address, time, transaction and database role are
+/// filled in when it is written.
+pub struct AuditRow<'a> {
+    pub category: &'a str,
+    pub event_type: &'a str,
+    pub outcome: &'a str,
+    pub subject_user_id: Option<Uuid>,
+    pub target_table: Option<&'a str>,
+    pub target_id: Option<&'a str>,
+    pub changed_columns: Option<Vec<String>>,
+    /// A jsonb datum (`{}` when None).
+    pub details: Option<pg_sys::Datum>,
+}
+
+extern "C-unwind" {
+    // commands/sequence.h; not in pgrx's bindings. Without the permission check: the caller
+    // (a trigger on an application table) need not hold USAGE on the audit sequence.
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+fn relation_oid(name: &std::ffi::CStr) -> pg_sys::Oid {
+    let oid = unsafe {
+        let schema = pg_sys::get_namespace_oid(c"vetassist_auth".as_ptr(), false);
+        pg_sys::get_relname_relid(name.as_ptr(), schema)
+    };
+    if oid == pg_sys::InvalidOid {
+        Failure::new(
+            Kind::NotConfigured,
+            "vetassist_auth: the audit log table is missing",
+        )
+        .raise();
+    }
+    oid
+}
+
+/// Appends one row to audit_log and returns its id.
+pub fn append(row: &AuditRow<'_>) -> i64 {
+    let (actor, ip_hash, session) =
+        ACTOR.with_borrow(|a| (a.user_id, a.ip_hash.clone(), a.session_id));
+    let table = relation_oid(c"audit_log");
+    let sequence = relation_oid(c"audit_log_id_seq");
+    unsafe {
+        let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as i32);
+        let desc = (*rel).rd_att;
+        let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
+        let db_role = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
+        let details = row.details.unwrap_or_else(|| {
+            pgrx::JsonB(serde_json::json!({}))
+                .into_datum()
+                .expect("jsonb datum")
+        });
+
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        for (i, attr) in (*desc).attrs.as_slice(natts).iter().enumerate() {
+            if attr.attisdropped {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes();
+            let value = match name {
+                b"id" => id.into_datum(),
+                b"occurred_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTimestamp())),
+                b"xact_id" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
+                b"db_role" => Some(pg_sys::Datum::from(pg_sys::cstring_to_text(db_role))),
+                b"actor_user_id" => actor.into_datum(),
+                b"subject_user_id" => row.subject_user_id.into_datum(),
+                b"session_id" => session.into_datum(),
+                b"category" => row.category.into_datum(),
+                b"event_type" => row.event_type.into_datum(),
+                b"outcome" => row.outcome.into_datum(),
+                b"target_table" => row.target_table.into_datum(),
+                b"target_id" => row.target_id.into_datum(),
+                b"changed_columns" => row.changed_columns.clone().into_datum(),
+                b"details" => Some(details),
+                b"ip_hash" => ip_hash.clone().into_datum(),
+                // A column this version does not know: NULL, or its NOT NULL constraint says so.
+                _ => None,
+            };
+            if let Some(value) = value {
+                values[i] = value;
+                nulls[i] = false;
+            }
+        }
+
+        let estate = pg_sys::CreateExecutorState();
+        let result_rel = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+            as *mut pg_sys::ResultRelInfo;
+        // Range table index 0: not part of a query (constraint errors then show no values).
+        pg_sys::InitResultRelInfo(result_rel, rel, 0, std::ptr::null_mut(), 0);
+        pg_sys::ExecOpenIndices(result_rel, false);
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsHeapTuple);
+        pg_sys::ExecStoreHeapTuple(tuple, slot, false);
+        if !(*desc).constr.is_null() {
+            pg_sys::ExecConstraints(result_rel, slot, estate);
+        }
+        pg_sys::simple_heap_insert(rel, tuple);
+        (*slot).tts_tid = (*tuple).t_self;
+        pg_sys::ExecInsertIndexTuples(
+            result_rel,
+            slot,
+            estate,
+            false,
+            false,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        pg_sys::ExecCloseIndices(result_rel);
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        pg_sys::FreeExecutorState(estate);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        id
+    }
+}
+
+const OUTCOMES: [&str; 4] = ["success", "failure", "denied", "info"];
+
+/// Writes one audit row; the API functions (running as the extension owner) call it.
+/// Internal: not granted to any role.
+#[pg_extern]
+fn write_audit(
+    category: Option<&str>,
+    event_type: Option<&str>,
+    outcome: Option<&str>,
+    subject_user_id: default!(Option<Uuid>, "NULL"),
+    target_table: default!(Option<&str>, "NULL"),
+    target_id: default!(Option<&str>, "NULL"),
+    details: default!(Option<pgrx::datum::JsonB>, "'{}'"),
+) -> i64 {
+    let (Some(category), Some(event_type), Some(outcome)) = (category, event_type, outcome) else {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: category, event_type and outcome must not be NULL",
+        )
+        .raise();
+    };
+    if !OUTCOMES.contains(&outcome) {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: outcome must be success, failure, denied or info",
+        )
+        .raise();
+    }
+    append(&AuditRow {
+        category,
+        event_type,
+        outcome,
+        subject_user_id,
+        target_table,
+        target_id,
+        changed_columns: None,
+        details: details.and_then(|d| d.into_datum()),
+    })
+}
