@@ -227,7 +227,10 @@ fn walk_chain() -> Outcome<Verdict> {
         if let Some((Some(seq), Some(prior))) = link {
             if seq != prior + 1 {
                 first_bad.note(prior + 1, || {
-                    format!("seal {} is missing: the chain jumps to seal {seq}", prior + 1)
+                    format!(
+                        "seal {} is missing: the chain jumps to seal {seq}",
+                        prior + 1
+                    )
                 });
             } else {
                 first_bad.note(seq, || {
@@ -273,7 +276,9 @@ fn walk_chain() -> Outcome<Verdict> {
         };
         if let Some(seq) = deleted {
             let audit_id = audit_id_of(seq)?;
-            first_bad.note(seq, || format!("audit row {audit_id} sealed at seq {seq} was deleted"));
+            first_bad.note(seq, || {
+                format!("audit row {audit_id} sealed at seq {seq} was deleted")
+            });
         }
         if let Some(seq) = edited {
             let audit_id = audit_id_of(seq)?;
@@ -412,4 +417,3 @@ fn purge_audit_log(older_than: Interval) -> i64 {
     })
     .or_raise()
 }
-

@@ -98,7 +98,6 @@ fn audit_purge_in_progress() -> bool {
     PURGING.get()
 }
 
-
 mod chain;
 mod row_trigger;
 mod writer;

@@ -1,0 +1,178 @@
+"""Upgrades: every released version's install script, filled with data, then ALTER EXTENSION
+UPDATE to this version. Everything written before still decrypts and verifies, the API keeps
+working, and the upgraded catalog is the same as a fresh install's."""
+import base64
+import hashlib
+import hmac
+import shutil
+import struct
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Cluster
+from test_release import version
+
+RELEASES = sorted((p.name.split("--")[1].removesuffix(".sql") for p in (ROOT / "sql/releases").glob("vetassist_auth--*.sql")),
+                  key=lambda v: tuple(int(part) for part in v.split(".")))
+EXTENSION_DIR = Path(subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True,
+                                    text=True, check=True).stdout.strip()) / "extension"
+ROLES = """DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user') THEN
+    CREATE ROLE app_user LOGIN IN ROLE vetassist_app;
+    CREATE ROLE admin_user LOGIN IN ROLE vetassist_admin;
+    CREATE ROLE auditor_user LOGIN IN ROLE vetassist_auditor;
+  END IF;
+END $$"""
+
+
+def totp(uri, step_offset=0):
+    """RFC 6238, as the veteran's authenticator app computes it from the otpauth:// URI."""
+    secret = urllib.parse.parse_qs(urllib.parse.urlparse(uri).query)["secret"][0]
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    digest = hmac.new(key, struct.pack(">Q", int(time.time()) // 30 + step_offset), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    return f"{(struct.unpack('>I', digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
+
+
+@pytest.fixture(scope="module")
+def upgrade_cluster():
+    # The released install scripts, exactly as shipped, next to this build's upgrade scripts.
+    for release in RELEASES:
+        shutil.copyfile(ROOT / f"sql/releases/vetassist_auth--{release}.sql",
+                        EXTENSION_DIR / f"vetassist_auth--{release}.sql")
+    c = Cluster("upgrade", "shared_preload_libraries = 'vetassist_auth'")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def fill(c, dbname):
+    """A veteran signed in under the old version: profile, VA tokens, a session, TOTP, audit rows,
+    sealed and rotated keys."""
+    with c.connect(dbname, "app_user") as app:
+        uid = app.execute("SELECT vetassist_auth.upsert_va_user('1012667145V762142', 'veteran', "
+                          "'maria.hernandez@example.org', 'Maria', 'Hernandez')").fetchone()[0]
+        app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'va-access-before-upgrade', 'va-refresh-before-upgrade', "
+                    "now() + interval '1 hour', 'openid profile')", (uid,))
+        app.execute("SELECT vetassist_auth.create_session(%s, 'jti-before-upgrade', now() + interval '8 hours')", (uid,))
+        uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
+        assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, totp(uri))).fetchone()[0]
+        with app.transaction():
+            app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
+            app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{\"page\": \"labs\"}')")
+    with c.connect(dbname, "admin_user") as admin:
+        admin.execute("SELECT vetassist_auth.rotate_key('phi')")
+        admin.execute("SELECT vetassist_auth.seal_audit_log(100000)")
+    return uid, uri
+
+
+def test_each_release_upgrades_with_its_data(upgrade_cluster):
+    c = upgrade_cluster
+    current = version()
+    for release in (r for r in RELEASES if r != current):
+        db = "from_" + release.replace(".", "_")
+        c.psql(f"CREATE DATABASE {db}")
+        c.psql(f"CREATE EXTENSION vetassist_auth VERSION '{release}'", db)
+        c.psql(ROLES, db)
+        uid, uri = fill(c, db)
+
+        c.psql("ALTER EXTENSION vetassist_auth UPDATE", db)
+        with c.connect(db) as su:
+            assert su.execute("SELECT extversion FROM pg_extension WHERE extname = 'vetassist_auth'").fetchone()[0] == current
+
+        with c.connect(db, "app_user") as app:
+            # Data written before the upgrade still decrypts, under the rotated and the old key.
+            profile = app.execute("SELECT va_icn, email, first_name, last_name FROM vetassist_auth.user_profile(%s)",
+                                  (uid,)).fetchone()
+            assert profile == ("1012667145V762142", "maria.hernandez@example.org", "Maria", "Hernandez")
+            assert app.execute("SELECT vetassist_auth.find_user_by_icn('1012667145V762142')").fetchone()[0] == uid
+            assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == "va-access-before-upgrade"
+            assert app.execute("SELECT vetassist_auth.va_refresh_token(%s)", (uid,)).fetchone()[0] == "va-refresh-before-upgrade"
+            # The session and TOTP enrolment carry on.
+            assert app.execute("SELECT vetassist_auth.touch_session('jti-before-upgrade')::text").fetchone()[0] == "ACTIVE"
+            assert app.execute("SELECT vetassist_auth.mfa_verify('jti-before-upgrade', %s)", (totp(uri, 1),)).fetchone()[0]
+            # New writes work and are audited.
+            app.execute("SELECT vetassist_auth.upsert_va_user('1012667145V762142', 'veteran', 'maria.h@example.org', NULL, NULL)")
+            with app.transaction():
+                app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
+                app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{\"page\": \"meds\"}')")
+            assert app.execute("SELECT vetassist_auth.end_session('jti-before-upgrade', 'logout')").fetchone()[0]
+        with c.connect(db, "admin_user") as admin:
+            assert admin.execute("SELECT vetassist_auth.seal_audit_log(100000)").fetchone()[0] > 0
+        with c.connect(db, "auditor_user") as auditor:
+            # The chain sealed before the upgrade continues after it and verifies end to end.
+            ok, checked, bad, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+            assert (ok, bad, problem) == (True, None, None)
+            assert checked == auditor.execute("SELECT count(*) FROM vetassist_auth.audit_log").fetchone()[0]
+            events = [r[0] for r in auditor.execute(
+                "SELECT event_type FROM vetassist_auth.phi_disclosures(%s, now() - interval '1 hour', now() + interval '1 hour')",
+                (uid,))]
+            assert events.count("record_viewed") == 2
+
+
+CATALOG = """
+SELECT 'function ' || p.oid::regprocedure || ' ' || concat_ws(' | ', pg_get_function_result(p.oid),
+       pg_get_function_arguments(p.oid), p.prokind, p.prosecdef, p.proisstrict, p.provolatile, p.proparallel,
+       p.proconfig::text, l.lanname, CASE WHEN l.lanname = 'c' THEN p.prosrc ELSE md5(p.prosrc) END,
+       p.proacl::text, obj_description(p.oid, 'pg_proc'))
+FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang WHERE p.pronamespace = 'vetassist_auth'::regnamespace
+UNION ALL
+SELECT 'relation ' || c.oid::regclass || ' ' || concat_ws(' | ', c.relkind, c.relacl::text, obj_description(c.oid, 'pg_class'),
+       (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+                          || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), ''), ', ' ORDER BY a.attnum)
+        FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped))
+FROM pg_class c WHERE c.relnamespace = 'vetassist_auth'::regnamespace
+UNION ALL
+SELECT 'index ' || pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+WHERE c.relnamespace = 'vetassist_auth'::regnamespace
+UNION ALL
+SELECT 'constraint ' || conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+WHERE connamespace = 'vetassist_auth'::regnamespace
+UNION ALL
+SELECT 'trigger ' || pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND NOT t.tgisinternal
+UNION ALL
+SELECT 'type ' || t.oid::regtype || ' ' || coalesce((SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = t.oid), '')
+FROM pg_type t WHERE t.typnamespace = 'vetassist_auth'::regnamespace AND t.typtype IN ('e', 'd', 'c') AND t.typrelid = 0
+UNION ALL
+SELECT 'config dump ' || unnest(extconfig)::regclass FROM pg_extension WHERE extname = 'vetassist_auth'
+UNION ALL
+SELECT 'schema acl ' || nspacl::text FROM pg_namespace WHERE nspname = 'vetassist_auth'
+"""
+
+
+def catalog(c, dbname):
+    with c.connect(dbname) as su:
+        return sorted(r[0] for r in su.execute(CATALOG))
+
+
+def test_an_upgraded_catalog_is_the_same_as_a_fresh_install(upgrade_cluster):
+    c = upgrade_cluster
+    current = version()
+    c.psql("CREATE DATABASE fresh")
+    c.psql("CREATE EXTENSION vetassist_auth", "fresh")
+    fresh = catalog(c, "fresh")
+    assert any(line.startswith("function vetassist_auth.write_audit(") for line in fresh)
+    for release in (r for r in RELEASES if r != current):
+        db = "catalog_" + release.replace(".", "_")
+        c.psql(f"CREATE DATABASE {db}")
+        c.psql(f"CREATE EXTENSION vetassist_auth VERSION '{release}'", db)
+        c.psql("ALTER EXTENSION vetassist_auth UPDATE", db)
+        upgraded = catalog(c, db)
+        missing = sorted(set(fresh) - set(upgraded))
+        extra = sorted(set(upgraded) - set(fresh))
+        assert (missing, extra) == ([], []), f"upgrade from {release} differs from a fresh install of {current}"
+
+
+def test_every_release_has_an_upgrade_path_to_this_version():
+    current = version()
+    assert current in RELEASES, f"version {current} is not frozen in sql/releases/"
+    scripts = {p.name for p in (ROOT / "sql").glob("vetassist_auth--*--*.sql")}
+    for older, newer in zip(RELEASES, RELEASES[1:]):
+        assert f"vetassist_auth--{older}--{newer}.sql" in scripts, f"no upgrade script from {older} to {newer}"
