@@ -219,7 +219,6 @@ fn walk_chain() -> Outcome<Verdict> {
                 &[start_seq.into(), start_hash.into()],
             )
             .map_err(spi_failed)?
-            .into_iter()
             .next()
             .map(|row| Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?, row.get::<i64>(2)?)))
             .transpose()
