@@ -221,7 +221,7 @@ END $$;
 
 def audit_bench(cluster, conn):
     """TPC-B-like writes on pgbench_accounts: unaudited, row-audited by us, and by a plpgsql
-    jsonb trigger (the supa_audit / audit-trigger style); then sealing and verifying 1M rows."""
+    jsonb trigger (the supa_audit / audit-trigger style), under 8 clients and in one session."""
     subprocess.run(["/usr/lib/postgresql/15/bin/pgbench", "-i", "-q", "-s", "10", "-h", str(cluster.dir),
                     "-p", str(cluster.port), "-U", "postgres", "vetassist"], check=True, capture_output=True)
     conn.execute(PLPGSQL_AUDIT)
@@ -245,7 +245,31 @@ def audit_bench(cluster, conn):
             conn.execute(variants[name])
             runs[name].append(pgbench(cluster, script, "postgres", vacuum=True))
             conn.execute(undo[name])
-    return {name: statistics.median(r) for name, r in runs.items()}
+    tps = {name: statistics.median(r) for name, r in runs.items()}
+
+    # The same triggers' own cost, without 8 clients' noise: one session updates 10,000 rows one
+    # statement at a time; µs added per audited UPDATE over the unaudited loop (interleaved, best of 7).
+    conn.execute("CREATE TABLE public.audit_cost AS SELECT * FROM public.pgbench_accounts WHERE aid <= 10000")
+    conn.execute("ALTER TABLE public.audit_cost ADD PRIMARY KEY (aid)")
+    conn.execute("""CREATE PROCEDURE public.update_each() LANGUAGE plpgsql AS $$
+        BEGIN FOR i IN 1..10000 LOOP UPDATE public.audit_cost SET abalance = abalance + 1 WHERE aid = i; END LOOP; END $$""")
+    attach = {
+        "unaudited": ("SELECT 1", "SELECT 1"),
+        "vetassist_auth row audit": ("SELECT vetassist_auth.enable_row_audit('public.audit_cost')",
+                                     "SELECT vetassist_auth.disable_row_audit('public.audit_cost')"),
+        "plpgsql jsonb trigger": ("CREATE TRIGGER plpgsql_audit AFTER INSERT OR UPDATE OR DELETE ON public.audit_cost "
+                                  "FOR EACH ROW EXECUTE FUNCTION public.plpgsql_audit_trigger()",
+                                  "DROP TRIGGER plpgsql_audit ON public.audit_cost"),
+    }
+    best = {name: float("inf") for name in attach}
+    for _ in range(REPEATS):
+        for name, (on, off) in attach.items():
+            conn.execute(on)
+            conn.execute("VACUUM public.audit_cost")
+            best[name] = min(best[name], best_seconds(conn, "CALL public.update_each()", repeats=1))
+            conn.execute(off)
+    per_update_us = {name: (best[name] - best["unaudited"]) / 10000 * 1e6 for name in attach if name != "unaudited"}
+    return tps, per_update_us
 
 
 def chain_bench(cluster, conn):
@@ -285,7 +309,7 @@ def main(sections):
             if "sessions" in sections:
                 print_sessions(*session_bench(c, conn))
             if "audit" in sections:
-                print_audit(audit_bench(c, conn))
+                print_audit(*audit_bench(c, conn))
             if "chain" in sections:
                 print_chain(*chain_bench(c, conn))
 
@@ -320,7 +344,7 @@ def print_sessions(session_results, sweep):
           f"({during_p99 / idle_p99:.1f}x, goal < 10x; {samples:,} touches)")
 
 
-def print_audit(audit_tps):
+def print_audit(audit_tps, per_update_us):
     base = audit_tps["unaudited"]
     print(f"\npgbench TPC-B-like (scale 10, 8 clients), pgbench_accounts audited; median of {AUDIT_ROUNDS} "
           f"{PGBENCH_SECONDS} s runs each, order rotated; loss = 1 - TPS / unaudited\n")
@@ -329,6 +353,9 @@ def print_audit(audit_tps):
     for name, value in audit_tps.items():
         goal = {"unaudited": "", "vetassist_auth row audit": "<= 15%", "plpgsql jsonb trigger": "(reference)"}[name]
         print(f"| {name} | {value:,.0f} | {100 * (1 - value / base):.1f}% | {goal} |")
+    ours, ref = per_update_us["vetassist_auth row audit"], per_update_us["plpgsql jsonb trigger"]
+    print(f"\nCost per audited UPDATE in one session (10,000 single-row UPDATEs, best of {REPEATS}, interleaved): "
+          f"vetassist_auth {ours:.1f} µs, plpgsql jsonb trigger {ref:.1f} µs (ours takes {ours / ref:.2f}x)")
 
 
 def print_chain(sealed, seal_s, checked, verify_s):
