@@ -12,4 +12,5 @@ EXCEPTION WHEN OTHERS THEN
     RETURN SQLSTATE || ': ' || SQLERRM;
 END
 $$;
-SELECT extname, extversion FROM pg_extension WHERE extname = 'vetassist_auth';
+SELECT extname, extversion = default_version AS is_default_version
+FROM pg_extension JOIN pg_available_extensions ON name = extname WHERE extname = 'vetassist_auth';
