@@ -45,6 +45,7 @@ unsafe extern "C-unwind" fn reset_at_transaction_end(
 
 pub fn register_callbacks() {
     unsafe { pg_sys::RegisterXactCallback(Some(reset_at_transaction_end), std::ptr::null_mut()) };
+    writer::register_callbacks();
 }
 
 /// Names the application user behind the current transaction (and, optionally, the end

@@ -43,27 +43,33 @@ impl RowAuditConfig {
     }
 }
 
-/// Column name, type and text value of every live column of a tuple.
-unsafe fn columns(
-    tuple: *mut pg_sys::HeapTupleData,
+extern "C-unwind" {
+    // utils/datum.h; not in pgrx's bindings. Compares two non-null datums byte for byte.
+    fn datumIsEqual(
+        value1: pg_sys::Datum,
+        value2: pg_sys::Datum,
+        typ_by_val: bool,
+        typ_len: i32,
+    ) -> bool;
+}
+
+/// A column's value, as the type's output function prints it (in the trigger's memory context).
+unsafe fn text_of(value: Option<pg_sys::Datum>, typ: pg_sys::Oid) -> Option<&'static CStr> {
+    let value = value?;
+    let (mut output, mut is_varlena) = (pg_sys::InvalidOid, false);
+    pg_sys::getTypeOutputInfo(typ, &mut output, &mut is_varlena);
+    Some(CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, value)))
+}
+
+unsafe fn value_of(
+    tuple: Option<*mut pg_sys::HeapTupleData>,
+    attnum: i32,
     desc: pg_sys::TupleDesc,
-) -> Vec<(String, pg_sys::Oid, Option<String>)> {
-    let natts = (*desc).natts as usize;
-    let attrs = (*desc).attrs.as_slice(natts);
-    let mut out = Vec::with_capacity(natts);
-    for (i, attr) in attrs.iter().enumerate() {
-        if attr.attisdropped {
-            continue;
-        }
-        let name = CStr::from_ptr(attr.attname.data.as_ptr())
-            .to_string_lossy()
-            .into_owned();
-        let value = pg_sys::SPI_getvalue(tuple, desc, (i + 1) as i32);
-        let value =
-            (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned());
-        out.push((name, attr.atttypid, value));
-    }
-    out
+) -> Option<pg_sys::Datum> {
+    let tuple = tuple?;
+    let mut is_null = false;
+    let value = pg_sys::heap_getattr(tuple, attnum, desc, &mut is_null);
+    (!is_null).then_some(value)
 }
 
 fn statement_is_copy() -> bool {
@@ -103,77 +109,83 @@ fn row_audit<'a>(
         PgTriggerOperation::Truncate => return Ok(None),
     };
     let desc = unsafe { (*data.tg_relation).rd_att };
-    let old_cols = old.map(|t| unsafe { columns(t, desc) });
-    let new_cols = new.map(|t| unsafe { columns(t, desc) });
-    let hidden = |name: &str, typ: pg_sys::Oid| {
-        typ == pg_sys::BYTEAOID || config.redact.iter().any(|r| r == name)
-    };
+    let natts = unsafe { (*desc).natts } as usize;
 
+    // Only columns whose bytes differ are printed: an UPDATE of one column of a wide row prints
+    // two values, plus the key.
     let mut changed = Vec::new();
-    let (mut old_json, mut new_json) = (serde_json::Map::new(), serde_json::Map::new());
-    let current = new_cols
-        .as_ref()
-        .or(old_cols.as_ref())
-        .expect("a row trigger has a tuple");
-    for (i, (name, typ, _)) in current.iter().enumerate() {
-        let before = old_cols.as_ref().and_then(|c| c[i].2.clone());
-        let after = new_cols.as_ref().and_then(|c| c[i].2.clone());
-        let include = match op {
-            "update" => before != after,
-            "insert" => after.is_some(),
-            _ => before.is_some(),
+    let (mut old_values, mut new_values) = (Vec::new(), Vec::new());
+    let (mut key_values, mut subject) = (vec![None; config.pk.len()], None);
+    for (i, attr) in unsafe { (*desc).attrs.as_slice(natts) }.iter().enumerate() {
+        if attr.attisdropped {
+            continue;
+        }
+        let attnum = (i + 1) as i32;
+        let name = unsafe { CStr::from_ptr(attr.attname.data.as_ptr()) };
+        let name_str = name.to_str().unwrap_or_default();
+        let (before, after) = unsafe { (value_of(old, attnum, desc), value_of(new, attnum, desc)) };
+        let mut texts = None;
+        let mut text = |before, after| {
+            *texts.get_or_insert_with(|| unsafe {
+                (
+                    text_of(before, attr.atttypid),
+                    text_of(after, attr.atttypid),
+                )
+            })
         };
-        if !include {
+        let included = match (before, after) {
+            (Some(b), Some(a)) => {
+                !unsafe { datumIsEqual(b, a, attr.attbyval, attr.attlen as i32) } && {
+                    let (b, a) = text(before, after);
+                    b != a
+                }
+            }
+            (None, None) => false,
+            _ => true,
+        };
+        let key_slot = config.pk.iter().position(|k| k == name_str);
+        let is_subject = config.subject.as_deref() == Some(name_str);
+        if key_slot.is_some() || is_subject {
+            let (b, a) = text(before, after);
+            let current = a.or(b).map(|t| t.to_string_lossy().into_owned());
+            if let Some(slot) = key_slot {
+                key_values[slot] = current.clone();
+            }
+            if is_subject {
+                subject = current
+                    .and_then(|v| uuid::Uuid::parse_str(&v).ok())
+                    .map(|u| Uuid::from_bytes(*u.as_bytes()));
+            }
+        }
+        if !included {
             continue;
         }
-        changed.push(name.clone());
-        if hidden(name, *typ) {
+        changed.push(name_str);
+        if attr.atttypid == pg_sys::BYTEAOID || config.redact.iter().any(|r| r == name_str) {
             continue;
         }
+        let (b, a) = text(before, after);
         if old.is_some() {
-            old_json.insert(
-                name.clone(),
-                before.map_or(serde_json::Value::Null, serde_json::Value::String),
-            );
+            old_values.push((name, b));
         }
         if new.is_some() {
-            new_json.insert(
-                name.clone(),
-                after.map_or(serde_json::Value::Null, serde_json::Value::String),
-            );
+            new_values.push((name, a));
         }
     }
-    if op == "update" && changed.iter().all(|c| config.ignore.contains(c)) {
+    if op == "update" && changed.iter().all(|c| config.ignore.iter().any(|i| i == c)) {
         return Ok(None);
     }
-    let value_of = |col: &str| {
-        current
-            .iter()
-            .find(|(n, _, _)| n == col)
-            .and_then(|(_, _, v)| v.clone())
-    };
     let target_id = (!config.pk.is_empty()).then(|| {
-        config
-            .pk
-            .iter()
-            .map(|c| value_of(c).unwrap_or_default())
+        key_values
+            .into_iter()
+            .map(Option::unwrap_or_default)
             .collect::<Vec<_>>()
             .join(",")
     });
-    let subject = config
-        .subject
-        .as_deref()
-        .and_then(value_of)
-        .and_then(|v| uuid::Uuid::parse_str(&v).ok())
-        .map(|u| Uuid::from_bytes(*u.as_bytes()));
-    let mut details = serde_json::Map::new();
-    if old.is_some() {
-        details.insert("old".into(), old_json.into());
-    }
-    if new.is_some() {
-        details.insert("new".into(), new_json.into());
-    }
-    let details = pgrx::JsonB(serde_json::Value::Object(details)).into_datum();
+    let details = writer::jsonb_details(
+        old.is_some().then_some(&old_values[..]),
+        new.is_some().then_some(&new_values[..]),
+    );
     writer::append(&AuditRow {
         category: "data",
         event_type: op,
@@ -181,8 +193,8 @@ fn row_audit<'a>(
         subject_user_id: subject,
         target_table: Some(&config.table),
         target_id: target_id.as_deref(),
-        changed_columns: Some(changed),
-        details,
+        changed_columns: Some(changed.into_iter().map(str::to_owned).collect()),
+        details: Some(details),
     });
     Ok(None)
 }

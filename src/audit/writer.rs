@@ -11,6 +11,7 @@ use super::ACTOR;
 use crate::error::{Failure, Kind};
 use pgrx::prelude::*;
 use pgrx::Uuid;
+use std::ffi::CStr;
 
 /// An audit event; actor, session, client address, time, transaction and database role are
 /// filled in when it is written.
@@ -32,7 +33,7 @@ extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
-fn relation_oid(name: &std::ffi::CStr) -> pg_sys::Oid {
+fn relation_oid(name: &CStr) -> pg_sys::Oid {
     let oid = unsafe {
         let schema = pg_sys::get_namespace_oid(c"vetassist_auth".as_ptr(), false);
         pg_sys::get_relname_relid(name.as_ptr(), schema)
@@ -47,22 +48,47 @@ fn relation_oid(name: &std::ffi::CStr) -> pg_sys::Oid {
     oid
 }
 
+thread_local! {
+    /// audit_log and its id sequence, looked up once per backend; forgotten when either one's
+    /// relcache entry is invalidated (DROP EXTENSION, ALTER) so the next write looks again.
+    static LOG_OIDS: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
+}
+
+fn log_oids() -> (pg_sys::Oid, pg_sys::Oid) {
+    LOG_OIDS.get().unwrap_or_else(|| {
+        let oids = (
+            relation_oid(c"audit_log"),
+            relation_oid(c"audit_log_id_seq"),
+        );
+        LOG_OIDS.set(Some(oids));
+        oids
+    })
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_log_oids(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if let Some((table, sequence)) = LOG_OIDS.get() {
+        if relid == pg_sys::InvalidOid || relid == table || relid == sequence {
+            LOG_OIDS.set(None);
+        }
+    }
+}
+
+pub fn register_callbacks() {
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_log_oids), pg_sys::Datum::from(0)) };
+}
+
 /// Appends one row to audit_log and returns its id.
 pub fn append(row: &AuditRow<'_>) -> i64 {
     let (actor, ip_hash, session) =
         ACTOR.with_borrow(|a| (a.user_id, a.ip_hash.clone(), a.session_id));
-    let table = relation_oid(c"audit_log");
-    let sequence = relation_oid(c"audit_log_id_seq");
+    let (table, sequence) = log_oids();
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as i32);
         let desc = (*rel).rd_att;
         let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
         let db_role = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
-        let details = row.details.unwrap_or_else(|| {
-            pgrx::JsonB(serde_json::json!({}))
-                .into_datum()
-                .expect("jsonb datum")
-        });
+        let details = row.details.unwrap_or_else(|| jsonb_details(None, None));
 
         let natts = (*desc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0); natts];
@@ -71,7 +97,7 @@ pub fn append(row: &AuditRow<'_>) -> i64 {
             if attr.attisdropped {
                 continue;
             }
-            let name = std::ffi::CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes();
+            let name = CStr::from_ptr(attr.attname.data.as_ptr()).to_bytes();
             let value = match name {
                 b"id" => id.into_datum(),
                 b"occurred_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTimestamp())),
@@ -120,11 +146,58 @@ pub fn append(row: &AuditRow<'_>) -> i64 {
             std::ptr::null_mut(),
             std::ptr::null_mut(),
         );
-        pg_sys::ExecCloseIndices(result_rel);
+        // Like the table, the indexes stay locked to the end of the transaction: the next
+        // audit row in it then finds its locks already held.
+        for i in 0..(*result_rel).ri_NumIndices as usize {
+            pg_sys::index_close(
+                *(*result_rel).ri_IndexRelationDescs.add(i),
+                pg_sys::NoLock as i32,
+            );
+        }
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
         pg_sys::FreeExecutorState(estate);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
         id
+    }
+}
+
+/// `{"old": {...}, "new": {...}}` (either part may be absent) as a jsonb datum, built directly
+/// rather than printed and parsed again. Values are column texts; None is JSON null.
+pub fn jsonb_details(
+    old: Option<&[(&CStr, Option<&CStr>)]>,
+    new: Option<&[(&CStr, Option<&CStr>)]>,
+) -> pg_sys::Datum {
+    unsafe fn string(bytes: &[u8]) -> pg_sys::JsonbValue {
+        let mut value: pg_sys::JsonbValue = std::mem::zeroed();
+        value.type_ = pg_sys::jbvType::jbvString;
+        value.val.string.len = bytes.len() as i32;
+        value.val.string.val = bytes.as_ptr() as *mut std::ffi::c_char;
+        value
+    }
+    use pg_sys::JsonbIteratorToken::*;
+    unsafe {
+        let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
+        pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, std::ptr::null_mut());
+        for (section, columns) in [("old", old), ("new", new)] {
+            let Some(columns) = columns else { continue };
+            pg_sys::pushJsonbValue(&mut state, WJB_KEY, &mut string(section.as_bytes()));
+            pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, std::ptr::null_mut());
+            for (name, value) in columns {
+                pg_sys::pushJsonbValue(&mut state, WJB_KEY, &mut string(name.to_bytes()));
+                let mut value = match value {
+                    Some(text) => string(text.to_bytes()),
+                    None => {
+                        let mut null: pg_sys::JsonbValue = std::mem::zeroed();
+                        null.type_ = pg_sys::jbvType::jbvNull;
+                        null
+                    }
+                };
+                pg_sys::pushJsonbValue(&mut state, WJB_VALUE, &mut value);
+            }
+            pg_sys::pushJsonbValue(&mut state, WJB_END_OBJECT, std::ptr::null_mut());
+        }
+        let root = pg_sys::pushJsonbValue(&mut state, WJB_END_OBJECT, std::ptr::null_mut());
+        pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(root))
     }
 }
 

@@ -39,6 +39,10 @@ INSERT INTO public.notes VALUES (1, NULL, 'first visit', 'PTSD-SECRET-DX', '\xde
 INSERT INTO public.notes VALUES (1, NULL, 'upserted', 'PTSD-SECRET-DX2', NULL)
     ON CONFLICT (id) DO UPDATE SET body = excluded.body, diagnosis = excluded.diagnosis;
 UPDATE public.notes SET body = body;  -- changes nothing, so logs nothing
+-- The same long text stored with other bytes (compressed by lz4 instead of pglz) is no change.
+UPDATE public.notes SET diagnosis = repeat('PTSD-SECRET-DX3 ', 500);
+ALTER TABLE public.notes ALTER COLUMN diagnosis SET COMPRESSION lz4;
+UPDATE public.notes SET diagnosis = diagnosis || '';
 DELETE FROM public.notes;
 SELECT event_type, target_id, changed_columns, details FROM vetassist_auth.audit_log
 WHERE target_table = 'public.notes' ORDER BY id;
