@@ -201,6 +201,49 @@ pub fn jsonb_details(
     }
 }
 
+/// A jsonb argument handed on as the datum it is, without pgrx's print-and-parse round trip
+/// through serde (write_audit is called by nearly every API function).
+pub struct JsonbDatum(pg_sys::Datum);
+
+impl pgrx::FromDatum for JsonbDatum {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        // Detoasted: the value is stored inline in the audit row.
+        (!is_null).then(|| {
+            JsonbDatum(pg_sys::Datum::from(pg_sys::pg_detoast_datum_packed(
+                datum.cast_mut_ptr(),
+            )))
+        })
+    }
+}
+
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbDatum {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        arg.unbox_arg_using_from_datum()
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+}
+
+unsafe impl pgrx::pgrx_sql_entity_graph::metadata::SqlTranslatable for JsonbDatum {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(JsonbDatum);
+    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+    const ARGUMENT_SQL: Result<
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ArgumentError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"));
+    const RETURN_SQL: Result<
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef::One(
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"),
+    ));
+}
+
 const OUTCOMES: [&str; 4] = ["success", "failure", "denied", "info"];
 
 /// Writes one audit row; the API functions (running as the extension owner) call it.
@@ -213,7 +256,7 @@ fn write_audit(
     subject_user_id: default!(Option<Uuid>, "NULL"),
     target_table: default!(Option<&str>, "NULL"),
     target_id: default!(Option<&str>, "NULL"),
-    details: default!(Option<pgrx::datum::JsonB>, "'{}'"),
+    details: default!(Option<JsonbDatum>, "'{}'"),
 ) -> i64 {
     let (Some(category), Some(event_type), Some(outcome)) = (category, event_type, outcome) else {
         Failure::new(
@@ -237,6 +280,6 @@ fn write_audit(
         target_table,
         target_id,
         changed_columns: None,
-        details: details.and_then(|d| d.into_datum()),
+        details: details.map(|d| d.0),
     })
 }
