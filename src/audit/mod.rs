@@ -1,4 +1,6 @@
-//! Audit context: who the application says is acting in this transaction.
+//! The audit log (DESIGN section 8): `writer` appends rows, `row_trigger` audits table changes,
+//! `chain` seals, verifies and purges. This module keeps the audit context: who the application
+//! says is acting in this transaction.
 //!
 //! `set_actor` stores the application user (and client address) in backend memory for the
 //! current transaction only; a pooled connection never carries one request's actor into the
@@ -7,7 +9,6 @@
 
 use crate::encryption;
 use crate::error::OrRaise;
-
 use pgrx::prelude::*;
 use pgrx::Uuid;
 use std::cell::RefCell;
