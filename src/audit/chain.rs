@@ -16,6 +16,18 @@ fn spi_failed(e: pgrx::spi::SpiError) -> Failure {
     )
 }
 
+/// The first column of the first row of a read-only query.
+fn select_one<T: FromDatum + IntoDatum>(
+    client: &pgrx::spi::SpiClient<'_>,
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Outcome<Option<T>> {
+    client
+        .select(sql, None, args)
+        .and_then(|table| table.first().get_one())
+        .map_err(spi_failed)
+}
+
 /// Hash and sequence number the chain continues from: the newest seal, else the purge
 /// checkpoint, else the genesis.
 fn chain_head(client: &pgrx::spi::SpiClient<'_>) -> Outcome<(i64, Vec<u8>)> {
@@ -84,20 +96,15 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         // The row text is hashed: fix the time zone it is printed in (undone at function exit).
         client.update("SELECT pg_catalog.set_config('TimeZone', 'UTC', true)", None, &[]).map_err(spi_failed)?;
         // Rows of transactions that have not finished yet were inserted at or after this moment.
-        let horizon: TimestampWithTimeZone = client
-            .select(
-                "SELECT least((SELECT min(xact_start) FROM pg_catalog.pg_stat_activity \
-                               WHERE xact_start IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), \
-                              (SELECT min(prepared) FROM pg_catalog.pg_prepared_xacts), \
-                              pg_catalog.statement_timestamp()) - interval '1 second'",
-                None,
-                &[],
-            )
-            .map_err(spi_failed)?
-            .first()
-            .get_one()
-            .map_err(spi_failed)?
-            .expect("least() of a timestamp is not NULL");
+        let horizon: TimestampWithTimeZone = select_one(
+            client,
+            "SELECT least((SELECT min(xact_start) FROM pg_catalog.pg_stat_activity \
+                           WHERE xact_start IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), \
+                          (SELECT min(prepared) FROM pg_catalog.pg_prepared_xacts), \
+                          pg_catalog.statement_timestamp()) - interval '1 second'",
+            &[],
+        )?
+        .expect("least() of a timestamp is not NULL");
         let (mut seq, mut prev) = chain_head(client)?;
         let rows = client
             .select(
@@ -261,17 +268,12 @@ fn walk_chain() -> Outcome<Verdict> {
             .map_err(spi_failed)?;
         let sealed = sealed.unwrap_or(0);
         let audit_id_of = |seq: i64| -> Outcome<i64> {
-            Ok(client
-                .select(
-                    "SELECT audit_id FROM vetassist_auth.audit_seals WHERE seq = $1",
-                    None,
-                    &[seq.into()],
-                )
-                .map_err(spi_failed)?
-                .first()
-                .get_one::<i64>()
-                .map_err(spi_failed)?
-                .unwrap_or_default())
+            Ok(select_one::<i64>(
+                client,
+                "SELECT audit_id FROM vetassist_auth.audit_seals WHERE seq = $1",
+                &[seq.into()],
+            )?
+            .unwrap_or_default())
         };
         if let Some(seq) = deleted {
             let audit_id = audit_id_of(seq)?;
@@ -295,16 +297,11 @@ fn walk_chain() -> Outcome<Verdict> {
             });
         }
         if let Some(id) = first_stray {
-            let next_seq = client
-                .select(
-                    "SELECT min(seq) FROM vetassist_auth.audit_seals WHERE audit_id > $1",
-                    None,
-                    &[id.into()],
-                )
-                .map_err(spi_failed)?
-                .first()
-                .get_one::<i64>()
-                .map_err(spi_failed)?;
+            let next_seq = select_one::<i64>(
+                client,
+                "SELECT min(seq) FROM vetassist_auth.audit_seals WHERE audit_id > $1",
+                &[id.into()],
+            )?;
             return Ok(Verdict {
                 ok: false,
                 checked: sealed,
@@ -359,19 +356,14 @@ fn purge_audit_log(older_than: Interval) -> i64 {
             .update("SELECT pg_catalog.pg_advisory_xact_lock($1, 2)", None, &[SEAL_LOCK_CLASS.into()])
             .map_err(spi_failed)?;
         // The longest prefix of the chain whose rows are all older than the cut-off.
-        let through: Option<i64> = client
-            .select(
-                "SELECT coalesce((SELECT min(s.seq) - 1 FROM vetassist_auth.audit_seals s \
-                                  JOIN vetassist_auth.audit_log a ON a.id = s.audit_id \
-                                  WHERE a.occurred_at >= pg_catalog.now() - $1), \
-                                 (SELECT max(seq) FROM vetassist_auth.audit_seals))",
-                None,
-                &[older_than.into()],
-            )
-            .map_err(spi_failed)?
-            .first()
-            .get_one()
-            .map_err(spi_failed)?;
+        let through: Option<i64> = select_one(
+            client,
+            "SELECT coalesce((SELECT min(s.seq) - 1 FROM vetassist_auth.audit_seals s \
+                              JOIN vetassist_auth.audit_log a ON a.id = s.audit_id \
+                              WHERE a.occurred_at >= pg_catalog.now() - $1), \
+                             (SELECT max(seq) FROM vetassist_auth.audit_seals))",
+            &[older_than.into()],
+        )?;
         let (checkpoint_seq, _) = checkpoint(client)?;
         let Some(through) = through.filter(|&t| t > checkpoint_seq) else {
             return Ok(0);

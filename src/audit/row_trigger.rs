@@ -125,7 +125,7 @@ fn row_audit<'a>(
         let name_str = name.to_str().unwrap_or_default();
         let (before, after) = unsafe { (value_of(old, attnum, desc), value_of(new, attnum, desc)) };
         let mut texts = None;
-        let mut text = |before, after| {
+        let mut text = || {
             *texts.get_or_insert_with(|| unsafe {
                 (
                     text_of(before, attr.atttypid),
@@ -136,26 +136,22 @@ fn row_audit<'a>(
         let included = match (before, after) {
             (Some(b), Some(a)) => {
                 !unsafe { datumIsEqual(b, a, attr.attbyval, attr.attlen as i32) } && {
-                    let (b, a) = text(before, after);
+                    let (b, a) = text();
                     b != a
                 }
             }
             (None, None) => false,
             _ => true,
         };
-        let key_slot = config.pk.iter().position(|k| k == name_str);
-        let is_subject = config.subject.as_deref() == Some(name_str);
-        if key_slot.is_some() || is_subject {
-            let (b, a) = text(before, after);
-            let current = a.or(b).map(|t| t.to_string_lossy().into_owned());
-            if let Some(slot) = key_slot {
-                key_values[slot] = current.clone();
-            }
-            if is_subject {
-                subject = current
-                    .and_then(|v| uuid::Uuid::parse_str(&v).ok())
-                    .map(|u| Uuid::from_bytes(*u.as_bytes()));
-            }
+        if let Some(slot) = config.pk.iter().position(|k| k == name_str) {
+            let (b, a) = text();
+            key_values[slot] = a.or(b).map(|t| t.to_string_lossy().into_owned());
+        }
+        // The subject column is a uuid (enable_row_audit only names uuid columns): read, not printed.
+        if config.subject.as_deref() == Some(name_str) && attr.atttypid == pg_sys::UUIDOID {
+            subject = after
+                .or(before)
+                .and_then(|d| unsafe { Uuid::from_datum(d, false) });
         }
         if !included {
             continue;
@@ -164,7 +160,7 @@ fn row_audit<'a>(
         if attr.atttypid == pg_sys::BYTEAOID || config.redact.iter().any(|r| r == name_str) {
             continue;
         }
-        let (b, a) = text(before, after);
+        let (b, a) = text();
         if old.is_some() {
             old_values.push((name, b));
         }
@@ -193,7 +189,7 @@ fn row_audit<'a>(
         subject_user_id: subject,
         target_table: Some(&config.table),
         target_id: target_id.as_deref(),
-        changed_columns: Some(changed.into_iter().map(str::to_owned).collect()),
+        changed_columns: Some(&changed),
         details: Some(details),
     });
     Ok(None)

@@ -22,7 +22,7 @@ pub struct AuditRow<'a> {
     pub subject_user_id: Option<Uuid>,
     pub target_table: Option<&'a str>,
     pub target_id: Option<&'a str>,
-    pub changed_columns: Option<Vec<String>>,
+    pub changed_columns: Option<&'a [&'a str]>,
     /// A jsonb datum (`{}` when None).
     pub details: Option<pg_sys::Datum>,
 }
@@ -80,7 +80,7 @@ pub fn register_callbacks() {
 
 /// Appends one row to audit_log and returns its id.
 pub fn append(row: &AuditRow<'_>) -> i64 {
-    let (actor, ip_hash, session) =
+    let (actor, mut ip_hash, session) =
         ACTOR.with_borrow(|a| (a.user_id, a.ip_hash.clone(), a.session_id));
     let (table, sequence) = log_oids();
     unsafe {
@@ -111,9 +111,9 @@ pub fn append(row: &AuditRow<'_>) -> i64 {
                 b"outcome" => row.outcome.into_datum(),
                 b"target_table" => row.target_table.into_datum(),
                 b"target_id" => row.target_id.into_datum(),
-                b"changed_columns" => row.changed_columns.clone().into_datum(),
+                b"changed_columns" => row.changed_columns.map(<[&str]>::to_vec).into_datum(),
                 b"details" => Some(details),
-                b"ip_hash" => ip_hash.clone().into_datum(),
+                b"ip_hash" => ip_hash.take().into_datum(),
                 // A column this version does not know: NULL, or its NOT NULL constraint says so.
                 _ => None,
             };
