@@ -3,19 +3,14 @@
 Every step is a plain SQL call a backend would make as role vetassist_app; the superuser
 only peeks at the tables to show what is (and is not) stored.
 """
-import base64
-import hashlib
-import hmac
 import json
 import os
-import struct
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import Cluster  # noqa: E402
+from conftest import Cluster, authenticator_code  # noqa: E402
 
 BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
 if not sys.stdout.isatty():
@@ -35,16 +30,6 @@ def say(text):
 
 def sql(text):
     print(f"   {DIM}> {text}{RESET}")
-
-
-def authenticator_code(uri, step_offset=0):
-    """What the veteran's authenticator app shows: RFC 6238 from the otpauth:// URI."""
-    query = urllib.parse.parse_qs(urllib.parse.urlparse(uri).query)
-    secret = base64.b32decode(query["secret"][0] + "=" * (-len(query["secret"][0]) % 8))
-    counter = int(time.time()) // 30 + step_offset
-    digest = hmac.new(secret, struct.pack(">Q", counter), hashlib.sha1).digest()
-    offset = digest[-1] & 0x0F
-    return f"{(struct.unpack('>I', digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
 
 
 def main():

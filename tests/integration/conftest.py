@@ -1,7 +1,12 @@
 """Throw-away clusters for the integration tests, started through scripts/cluster.sh."""
+import base64
+import hashlib
+import hmac
 import itertools
 import os
+import struct
 import subprocess
+import urllib.parse
 from contextlib import contextmanager
 import time
 from pathlib import Path
@@ -58,10 +63,22 @@ class Cluster:
         subprocess.run([ROOT / "scripts/cluster.sh", "stop", self.name], check=False)
 
 
-def install(cluster, dbname="vetassist"):
-    """Creates a database with the extension and one login role per extension role."""
+def authenticator_code(uri, step_offset=0):
+    """What the veteran's authenticator app shows: RFC 6238 from the otpauth:// URI."""
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(uri).query)
+    secret = base64.b32decode(query["secret"][0] + "=" * (-len(query["secret"][0]) % 8))
+    counter = int(time.time()) // 30 + step_offset
+    digest = hmac.new(secret, struct.pack(">Q", counter), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    return f"{(struct.unpack('>I', digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
+
+
+
+def install(cluster, dbname="vetassist", version=None):
+    """Creates a database with the extension (this build's version unless `version` names a
+    released one) and one login role per extension role."""
     cluster.psql(f"CREATE DATABASE {dbname}")
-    cluster.psql("CREATE EXTENSION vetassist_auth", dbname)
+    cluster.psql("CREATE EXTENSION vetassist_auth" + (f" VERSION '{version}'" if version else ""), dbname)
     cluster.psql("""
         DO $$ BEGIN
           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user') THEN

@@ -1,41 +1,19 @@
 """Upgrades: every released version's install script, filled with data, then ALTER EXTENSION
 UPDATE to this version. Everything written before still decrypts and verifies, the API keeps
 working, and the upgraded catalog is the same as a fresh install's."""
-import base64
-import hashlib
-import hmac
 import shutil
-import struct
 import subprocess
-import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Cluster
+from conftest import ROOT, Cluster, authenticator_code, install
 from test_release import version
 
 RELEASES = sorted((p.name.split("--")[1].removesuffix(".sql") for p in (ROOT / "sql/releases").glob("vetassist_auth--*.sql")),
                   key=lambda v: tuple(int(part) for part in v.split(".")))
 EXTENSION_DIR = Path(subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True,
                                     text=True, check=True).stdout.strip()) / "extension"
-ROLES = """DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user') THEN
-    CREATE ROLE app_user LOGIN IN ROLE vetassist_app;
-    CREATE ROLE admin_user LOGIN IN ROLE vetassist_admin;
-    CREATE ROLE auditor_user LOGIN IN ROLE vetassist_auditor;
-  END IF;
-END $$"""
-
-
-def totp(uri, step_offset=0):
-    """RFC 6238, as the veteran's authenticator app computes it from the otpauth:// URI."""
-    secret = urllib.parse.parse_qs(urllib.parse.urlparse(uri).query)["secret"][0]
-    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
-    digest = hmac.new(key, struct.pack(">Q", int(time.time()) // 30 + step_offset), hashlib.sha1).digest()
-    offset = digest[-1] & 0x0F
-    return f"{(struct.unpack('>I', digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +39,7 @@ def fill(c, dbname):
                     "now() + interval '1 hour', 'openid profile')", (uid,))
         app.execute("SELECT vetassist_auth.create_session(%s, 'jti-before-upgrade', now() + interval '8 hours')", (uid,))
         uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
-        assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, totp(uri))).fetchone()[0]
+        assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
         with app.transaction():
             app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
             app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{\"page\": \"labs\"}')")
@@ -76,9 +54,7 @@ def test_each_release_upgrades_with_its_data(upgrade_cluster):
     current = version()
     for release in (r for r in RELEASES if r != current):
         db = "from_" + release.replace(".", "_")
-        c.psql(f"CREATE DATABASE {db}")
-        c.psql(f"CREATE EXTENSION vetassist_auth VERSION '{release}'", db)
-        c.psql(ROLES, db)
+        install(c, db, version=release)
         uid, uri = fill(c, db)
 
         c.psql("ALTER EXTENSION vetassist_auth UPDATE", db)
@@ -95,7 +71,7 @@ def test_each_release_upgrades_with_its_data(upgrade_cluster):
             assert app.execute("SELECT vetassist_auth.va_refresh_token(%s)", (uid,)).fetchone()[0] == "va-refresh-before-upgrade"
             # The session and TOTP enrolment carry on.
             assert app.execute("SELECT vetassist_auth.touch_session('jti-before-upgrade')::text").fetchone()[0] == "ACTIVE"
-            assert app.execute("SELECT vetassist_auth.mfa_verify('jti-before-upgrade', %s)", (totp(uri, 1),)).fetchone()[0]
+            assert app.execute("SELECT vetassist_auth.mfa_verify('jti-before-upgrade', %s)", (authenticator_code(uri, 1),)).fetchone()[0]
             # New writes work and are audited.
             app.execute("SELECT vetassist_auth.upsert_va_user('1012667145V762142', 'veteran', 'maria.h@example.org', NULL, NULL)")
             with app.transaction():
@@ -155,14 +131,12 @@ def catalog(c, dbname):
 def test_an_upgraded_catalog_is_the_same_as_a_fresh_install(upgrade_cluster):
     c = upgrade_cluster
     current = version()
-    c.psql("CREATE DATABASE fresh")
-    c.psql("CREATE EXTENSION vetassist_auth", "fresh")
+    install(c, "fresh")
     fresh = catalog(c, "fresh")
     assert any(line.startswith("function vetassist_auth.write_audit(") for line in fresh)
     for release in (r for r in RELEASES if r != current):
         db = "catalog_" + release.replace(".", "_")
-        c.psql(f"CREATE DATABASE {db}")
-        c.psql(f"CREATE EXTENSION vetassist_auth VERSION '{release}'", db)
+        install(c, db, version=release)
         c.psql("ALTER EXTENSION vetassist_auth UPDATE", db)
         upgraded = catalog(c, db)
         missing = sorted(set(fresh) - set(upgraded))
