@@ -96,15 +96,20 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         // The row text is hashed: fix the time zone it is printed in (undone at function exit).
         client.update("SELECT pg_catalog.set_config('TimeZone', 'UTC', true)", None, &[]).map_err(spi_failed)?;
         // Rows of transactions that have not finished yet were inserted at or after this moment.
-        let horizon: TimestampWithTimeZone = select_one(
+        // NULL when a running transaction's start is unknown: a prepared one (pg_prepared_xacts
+        // gives only when it was prepared) or one in a session with track_activities off. The
+        // scan then keeps starting where it did (slower, never passing a row by).
+        let horizon: Option<TimestampWithTimeZone> = select_one(
             client,
-            "SELECT least((SELECT min(xact_start) FROM pg_catalog.pg_stat_activity \
-                           WHERE xact_start IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), \
-                          (SELECT min(prepared) FROM pg_catalog.pg_prepared_xacts), \
-                          pg_catalog.statement_timestamp()) - interval '1 second'",
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts) \
+                           OR EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity \
+                                      WHERE backend_xid IS NOT NULL AND xact_start IS NULL \
+                                        AND pid <> pg_catalog.pg_backend_pid()) THEN NULL \
+                         ELSE least((SELECT min(xact_start) FROM pg_catalog.pg_stat_activity \
+                                     WHERE xact_start IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), \
+                                    pg_catalog.statement_timestamp()) - interval '1 second' END",
             &[],
-        )?
-        .expect("least() of a timestamp is not NULL");
+        )?;
         let (mut seq, mut prev) = chain_head(client)?;
         let rows = client
             .select(
@@ -138,7 +143,7 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
                 )
                 .map_err(spi_failed)?;
         }
-        if sealed < max_rows {
+        if let Some(horizon) = horizon.filter(|_| sealed < max_rows) {
             // Everything visible is sealed: later rows can only come from transactions that
             // started after the horizon.
             client

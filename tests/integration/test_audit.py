@@ -1,6 +1,7 @@
 """The audit chain under concurrent writers, with transactions still running, and after purge."""
 import concurrent.futures
 import threading
+import time
 
 import psycopg
 import pytest
@@ -70,6 +71,35 @@ def test_sealing_skips_rows_of_running_transactions_and_seals_them_later(cluster
             assert sealed == 1
             ok, *_ = verify(su)
             assert ok
+
+
+def seal_all(admin):
+    while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
+        pass
+
+
+def test_rows_the_sealer_cannot_date_are_sealed_once_committed():
+    """Two transactions whose start pg_stat_activity does not show: one prepared (two-phase
+    commit) and one in a session with track_activities off. Sealing while they are open must not
+    pass their rows by, or verification would later call them inserted afterwards."""
+    with installed_cluster("auditlate", "max_prepared_transactions = 2") as c, \
+            c.connect("vetassist", "admin_user") as admin, c.connect("vetassist") as su:
+        su.execute("ALTER ROLE app_user SET track_activities = off")  # superuser-only setting
+        with c.connect("vetassist", "app_user", autocommit=False) as untracked, \
+                c.connect("vetassist", "app_user", autocommit=False) as two_phase:
+            untracked.execute("SELECT vetassist_auth.audit_event('app', 'untracked_transaction', 'info', '{}')")
+            two_phase.execute("SELECT vetassist_auth.audit_event('app', 'prepared_transaction', 'info', '{}')")
+            time.sleep(1.5)  # older than the sealer's one-second margin
+            two_phase.execute("PREPARE TRANSACTION 'audit_2pc'")
+            su.execute("SELECT vetassist_auth.audit_event('app', 'meanwhile', 'info', '{}')")
+            seal_all(admin)
+            untracked.commit()
+            su.execute("COMMIT PREPARED 'audit_2pc'")
+        seal_all(admin)
+        unsealed = su.execute("""SELECT array_agg(event_type) FROM vetassist_auth.audit_log a WHERE NOT EXISTS
+                                 (SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = a.id)""").fetchone()[0]
+        assert unsealed is None
+        assert verify(su) == (True, su.execute("SELECT count(*) FROM vetassist_auth.audit_log").fetchone()[0], None, None)
 
 
 def test_writers_never_wait_for_the_sealer(cluster):
