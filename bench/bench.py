@@ -407,6 +407,8 @@ def print_audit(tps, turns, all_three, three_to_one, per_update_us):
         goal = "loss <= 15%, smaller than the reference" if name == AUDITED[0] else "(reference)"
         print(f"| {name} | {tps[name]:,.0f} | {spread(turns[name])} | {spread(all_three[name])} | "
               f"{spread(three_to_one[name])} | {goal} |")
+    ratios = " ".join(f"{ours / ref:.2f}" for ours, ref in zip(*(all_three[name] for name in AUDITED)))
+    print(f"\nLatency added by ours / by the plpgsql trigger in each all-three interleaved run: {ratios}")
     ours, ref = per_update_us["vetassist_auth row audit"], per_update_us["plpgsql jsonb trigger"]
     print(f"\nCost per audited UPDATE in one session (10,000 single-row UPDATEs, best of {REPEATS}, interleaved): "
           f"vetassist_auth {ours:.1f} µs, plpgsql jsonb trigger {ref:.1f} µs (ours takes {ours / ref:.2f}x)")
