@@ -74,7 +74,7 @@ INTERLEAVED_SECONDS = 15
 
 
 def pgbench_run(cluster, scripts, user, clients=8, seconds=PGBENCH_SECONDS, dbname="vetassist", vacuum=False,
-                weights=None):
+                weights=None, extra=()):
     """Runs pgbench with custom scripts (one picked at random per transaction, in proportion to
     `weights`) and returns its report. With vacuum, the database is vacuumed, pgbench_history emptied and a checkpoint
     taken first, so every run starts from the same state."""
@@ -89,7 +89,7 @@ def pgbench_run(cluster, scripts, user, clients=8, seconds=PGBENCH_SECONDS, dbna
             cluster.psql(sql, dbname)
     return subprocess.run(
         ["/usr/lib/postgresql/15/bin/pgbench", "-n", "-h", str(cluster.dir), "-p", str(cluster.port),
-         "-U", user, "-c", str(clients), "-j", "2", "-T", str(seconds), *files, dbname],
+         "-U", user, "-c", str(clients), "-j", "2", "-T", str(seconds), *files, *extra, dbname],
         check=True, capture_output=True, text=True).stdout
 
 
@@ -138,13 +138,7 @@ def pgbench_latencies(cluster, script, user, clients, seconds):
     """Runs pgbench with per-transaction logs and returns every latency in milliseconds."""
     logdir = Path(tempfile.mkdtemp(dir=cluster.dir))
     subprocess.run(["chmod", "777", str(logdir)], check=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False, dir=cluster.dir) as f:
-        f.write(script)
-    subprocess.run(["chmod", "644", f.name], check=True)
-    subprocess.run(
-        ["/usr/lib/postgresql/15/bin/pgbench", "-n", "-h", str(cluster.dir), "-p", str(cluster.port), "-U", user,
-         "-c", str(clients), "-j", "2", "-T", str(seconds), "-f", f.name, "-l", "--log-prefix", str(logdir / "tx"),
-         "vetassist"], check=True, capture_output=True)
+    pgbench_run(cluster, [script], user, clients=clients, seconds=seconds, extra=["-l", "--log-prefix", str(logdir / "tx")])
     latencies = []
     for log in logdir.glob("tx*"):
         latencies += [int(line.split()[2]) / 1000 for line in log.read_text().splitlines() if line.strip()]

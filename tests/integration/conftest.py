@@ -74,6 +74,12 @@ def authenticator_code(uri, step_offset=0):
 
 
 
+def seal_all(conn, batch=1000):
+    """Seals every audit row of finished transactions, a batch per call."""
+    while conn.execute("SELECT vetassist_auth.seal_audit_log(%s)", (batch,)).fetchone()[0] > 0:
+        pass
+
+
 def install(cluster, dbname="vetassist", version=None):
     """Creates a database with the extension (this build's version unless `version` names a
     released one) and one login role per extension role."""

@@ -6,7 +6,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import installed_cluster
+from conftest import installed_cluster, seal_all
 
 
 def verify(conn):
@@ -38,8 +38,7 @@ def test_sixteen_writers_then_seal_then_verify_without_gaps():
             [w.result() for w in writers]
             sealed_meanwhile.result()
         with c.connect("vetassist", "admin_user") as admin:
-            while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
-                pass
+            seal_all(admin)
         with c.connect("vetassist") as su:
             rows, seals, lo, hi = su.execute("""SELECT (SELECT count(*) FROM vetassist_auth.audit_log), count(*), min(seq), max(seq)
                                                 FROM vetassist_auth.audit_seals""").fetchone()
@@ -56,26 +55,19 @@ def test_sealing_skips_rows_of_running_transactions_and_seals_them_later(cluster
             cluster.connect("vetassist", "admin_user") as admin, cluster.connect("vetassist", "app_user") as fast:
         slow.execute("SELECT vetassist_auth.audit_event('app', 'slow_transaction', 'info', '{}')")
         fast.execute("SELECT vetassist_auth.audit_event('app', 'fast_transaction', 'info', '{}')")
-        while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
-            pass
+        seal_all(admin)
         with cluster.connect("vetassist") as su:
             sealed_types = {r[0] for r in su.execute("""SELECT a.event_type FROM vetassist_auth.audit_log a
                                                         JOIN vetassist_auth.audit_seals s ON s.audit_id = a.id""").fetchall()}
         assert "fast_transaction" in sealed_types and "slow_transaction" not in sealed_types
         slow.commit()
-        while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
-            pass
+        seal_all(admin)
         with cluster.connect("vetassist") as su:
             sealed = su.execute("""SELECT count(*) FROM vetassist_auth.audit_log a JOIN vetassist_auth.audit_seals s
                                    ON s.audit_id = a.id WHERE a.event_type = 'slow_transaction'""").fetchone()[0]
             assert sealed == 1
             ok, *_ = verify(su)
             assert ok
-
-
-def seal_all(admin):
-    while admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0] > 0:
-        pass
 
 
 def test_rows_the_sealer_cannot_date_are_sealed_once_committed():

@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import installed_cluster
+from conftest import installed_cluster, seal_all
 
 DOCUMENTED = {"22023", "P0002", "28000", "23505", "42501", "XX001", "55000", "VA001", "40001", "22P02"}
 
@@ -55,8 +55,7 @@ def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifi
         with c.connect("vetassist") as su:
             for uid, gen in committed.items():
                 assert su.execute("SELECT generation FROM vetassist_auth.va_tokens WHERE user_id = %s", (uid,)).fetchone()[0] >= gen
-            while su.execute("SELECT vetassist_auth.seal_audit_log(10000)").fetchone()[0] > 0:
-                pass
+            seal_all(su, batch=10000)
             ok, checked, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
             assert ok, problem
             assert checked > 0
@@ -224,7 +223,6 @@ def test_32_clients_for_60_seconds_mixing_the_api_see_no_errors():
         failed = [l for l in out.stdout.splitlines() if "failed" in l and not l.strip().endswith(" 0 (0.000%)")]
         assert not failed, failed
         with c.connect("vetassist") as su:
-            while su.execute("SELECT vetassist_auth.seal_audit_log(100000)").fetchone()[0] > 0:
-                pass
+            seal_all(su, batch=100000)
             ok, checked, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
             assert ok, problem
