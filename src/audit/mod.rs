@@ -89,8 +89,8 @@ fn current_session_id() -> Option<Uuid> {
 // Tamper evidence: sealing and verification (DESIGN section 8)
 
 thread_local! {
-    /// Set only inside purge_audit_log, for the rest of its transaction: the append-only
-    /// triggers let exactly those deletes through.
+    /// Set only while purge_audit_log deletes (cleared after them, and at transaction end
+    /// should the purge fail midway): the append-only triggers let exactly those deletes through.
     static PURGING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
