@@ -15,6 +15,9 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where `cargo pgrx install` puts the control file and the install and upgrade scripts.
+EXTENSION_DIR = Path(subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True,
+                                    text=True, check=True).stdout.strip()) / "extension"
 _ports = itertools.count(28830)
 
 
@@ -71,7 +74,6 @@ def authenticator_code(uri, step_offset=0):
     digest = hmac.new(secret, struct.pack(">Q", counter), hashlib.sha1).digest()
     offset = digest[-1] & 0x0F
     return f"{(struct.unpack('>I', digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
-
 
 
 def seal_all(conn, batch=1000):

@@ -1,10 +1,8 @@
 """The install script of a released version never changes: a schema change needs a new version
 and an upgrade script (README, "Releases and upgrades")."""
 import re
-import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import EXTENSION_DIR, ROOT
 
 
 def version():
@@ -25,9 +23,7 @@ def normalized(sql):
 
 def test_the_installed_script_of_this_version_is_the_released_one():
     v = version()
-    sharedir = subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    installed = Path(sharedir) / "extension" / f"vetassist_auth--{v}.sql"
+    installed = EXTENSION_DIR / f"vetassist_auth--{v}.sql"
     released = ROOT / "sql" / "releases" / f"vetassist_auth--{v}.sql"
     assert released.exists(), f"version {v} has no released install script in sql/releases/"
     assert normalized(installed.read_text()) == normalized(released.read_text()), (

@@ -2,18 +2,14 @@
 UPDATE to this version. Everything written before still decrypts and verifies, the API keeps
 working, and the upgraded catalog is the same as a fresh install's."""
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Cluster, authenticator_code, install
+from conftest import EXTENSION_DIR, ROOT, Cluster, authenticator_code, install
 from test_release import version
 
 RELEASES = sorted((p.name.split("--")[1].removesuffix(".sql") for p in (ROOT / "sql/releases").glob("vetassist_auth--*.sql")),
                   key=lambda v: tuple(int(part) for part in v.split(".")))
-EXTENSION_DIR = Path(subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True,
-                                    text=True, check=True).stdout.strip()) / "extension"
 
 
 @pytest.fixture(scope="module")
