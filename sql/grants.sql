@@ -40,6 +40,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.end_user_sessions(uuid, text),
     vetassist_auth.lock_session(text, text),
     vetassist_auth.rotate_session_refresh_token(text, text, text),
+    vetassist_auth.refresh_session_token(text, text, text),
     vetassist_auth.log_session_event(text, text, text, jsonb),
     vetassist_auth.expire_sessions(integer),
     vetassist_auth.mfa_enroll_totp(uuid),
@@ -58,6 +59,9 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.rotate_key(text),
     vetassist_auth.reencrypt(integer),
     vetassist_auth.rewrap_keys(text),
+    vetassist_auth.unretire_key(integer),
+    vetassist_auth.resync_sequences(),
+    vetassist_auth.destroy_key(integer),
     vetassist_auth.verify_installation(),
     vetassist_auth.deactivate_user(uuid, text),
     vetassist_auth.end_user_sessions(uuid, text),
@@ -71,7 +75,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.set_actor(uuid, text),
     vetassist_auth.audit_event(text, text, text, jsonb)
 TO vetassist_admin;
-GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count) ON vetassist_auth.keys TO vetassist_admin;
+GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
 
 -- Auditors read the trail and check the installation.
 GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassist_auditor;

@@ -17,6 +17,8 @@ UNION ALL SELECT vetassist_auth.envelope_key_id(totp_secret_encrypted), 'mfa_set
 UNION ALL SELECT vetassist_auth.hash_key_id(ip_hash), 'sessions.ip_hash' FROM vetassist_auth.sessions
 UNION ALL SELECT vetassist_auth.hash_key_id(device_fingerprint_hash), 'sessions.device_fingerprint_hash' FROM vetassist_auth.sessions
 UNION ALL SELECT vetassist_auth.hash_key_id(refresh_token_hash), 'sessions.refresh_token_hash' FROM vetassist_auth.sessions
+UNION ALL SELECT vetassist_auth.hash_key_id(previous_refresh_token_hash), 'sessions.previous_refresh_token_hash' FROM vetassist_auth.sessions
+UNION ALL SELECT vetassist_auth.envelope_key_id(refresh_successor_encrypted), 'sessions.refresh_successor_encrypted' FROM vetassist_auth.sessions
 UNION ALL SELECT vetassist_auth.hash_key_id(device_fingerprint_hash), 'trusted_devices.device_fingerprint_hash' FROM vetassist_auth.trusted_devices
 UNION ALL SELECT vetassist_auth.hash_key_id(code_hash), 'mfa_backup_codes.code_hash' FROM vetassist_auth.mfa_backup_codes
 UNION ALL SELECT vetassist_auth.hash_key_id(ip_hash), 'audit_log.ip_hash' FROM vetassist_auth.audit_log
@@ -24,14 +26,19 @@ UNION ALL SELECT key_id, 'audit_seals' FROM vetassist_auth.audit_seals;
 COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
 
 -- Moves up to batch_size rows per table onto the active keys and returns how many rows moved.
--- Call it until it returns 0; that last call retires decrypt_only keys no data uses any more.
--- Rows locked by other transactions are skipped (SKIP LOCKED) and picked up by a later call.
+-- Call it until it returns 0; a call that moves nothing retires decrypt_only keys that nothing
+-- can need any more (retire_unused_keys: usually that call, else a later one once older
+-- snapshots have ended). Rows locked by other transactions are skipped (SKIP LOCKED) and
+-- picked up by a later call. A row with a value under a retired or unknown key cannot be
+-- opened: it is left as it is (never a failed call) and reported in a WARNING.
 CREATE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     phi_key   integer := vetassist_auth.active_key_id('phi');
     token_key integer := vetassist_auth.active_key_id('token');
     hash_key  integer := vetassist_auth.active_key_id('hash');
+    -- Keys whose values can be opened; a row with any other key is left alone.
+    usable    integer[] := ARRAY(SELECT key_id FROM vetassist_auth.keys WHERE status <> 'retired');
     moved     bigint := 0;
     n         bigint;
 BEGIN
@@ -41,14 +48,18 @@ BEGIN
 
     WITH batch AS (
         SELECT u.id FROM vetassist_auth.users u
-        WHERE vetassist_auth.envelope_key_id(u.va_icn_encrypted) <> phi_key
+        WHERE (vetassist_auth.envelope_key_id(u.va_icn_encrypted) <> phi_key
            OR vetassist_auth.envelope_key_id(u.email_encrypted) <> phi_key
            OR vetassist_auth.envelope_key_id(u.first_name_encrypted) <> phi_key
            OR vetassist_auth.envelope_key_id(u.last_name_encrypted) <> phi_key
            OR vetassist_auth.hash_key_id(u.va_icn_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.email_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.first_name_hash) <> hash_key
-           OR vetassist_auth.hash_key_id(u.last_name_hash) <> hash_key
+           OR vetassist_auth.hash_key_id(u.last_name_hash) <> hash_key)
+          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(u.va_icn_encrypted),
+                                 vetassist_auth.envelope_key_id(u.email_encrypted),
+                                 vetassist_auth.envelope_key_id(u.first_name_encrypted),
+                                 vetassist_auth.envelope_key_id(u.last_name_encrypted)], NULL) <@ usable
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), plain AS (
@@ -74,8 +85,10 @@ BEGIN
 
     WITH batch AS (
         SELECT t.id FROM vetassist_auth.va_tokens t
-        WHERE vetassist_auth.envelope_key_id(t.access_token_encrypted) <> token_key
-           OR vetassist_auth.envelope_key_id(t.refresh_token_encrypted) <> token_key
+        WHERE (vetassist_auth.envelope_key_id(t.access_token_encrypted) <> token_key
+           OR vetassist_auth.envelope_key_id(t.refresh_token_encrypted) <> token_key)
+          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(t.access_token_encrypted),
+                                 vetassist_auth.envelope_key_id(t.refresh_token_encrypted)], NULL) <@ usable
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -91,8 +104,24 @@ BEGIN
     moved := moved + n;
 
     WITH batch AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) <> token_key
+          AND vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) = ANY (usable)
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE vetassist_auth.sessions s SET
+        refresh_successor_encrypted = vetassist_auth.encrypt_token(
+            vetassist_auth.decrypt_token(s.refresh_successor_encrypted, 'sessions.refresh_successor:' || s.id),
+            'sessions.refresh_successor:' || s.id)
+    FROM batch WHERE s.id = batch.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    moved := moved + n;
+
+    WITH batch AS (
         SELECT m.user_id FROM vetassist_auth.mfa_settings m
         WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
+          AND vetassist_auth.envelope_key_id(m.totp_secret_encrypted) = ANY (usable)
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -106,6 +135,12 @@ BEGIN
 
     IF moved = 0 THEN
         PERFORM vetassist_auth.retire_unused_keys();
+        SELECT count(*) INTO n FROM vetassist_auth.key_usage k
+        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND NOT k.key_id = ANY (usable);
+        IF n > 0 THEN
+            RAISE WARNING 'vetassist_auth: % stored value(s) are under retired or unknown keys and cannot be moved', n
+                USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
+        END IF;
     END IF;
     RETURN moved;
 END

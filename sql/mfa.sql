@@ -28,7 +28,7 @@ DECLARE
     step bigint;
     backup bigint;
 BEGIN
-    IF m.locked_until > now() THEN
+    IF m.locked_until > clock_timestamp() THEN
         RAISE EXCEPTION 'vetassist_auth: too many failed codes; MFA is locked for this user' USING ERRCODE = '28000',
             HINT = 'Wait for the lock-out to end (vetassist_auth.mfa_lockout).';
     END IF;
@@ -39,7 +39,7 @@ BEGIN
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
     IF step IS NULL AND require_enabled THEN
-        UPDATE vetassist_auth.mfa_backup_codes b SET used_at = now()
+        UPDATE vetassist_auth.mfa_backup_codes b SET used_at = clock_timestamp()
         WHERE b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
                       WHERE c.user_id = m.user_id AND c.used_at IS NULL
                         AND c.code_hash = ANY (vetassist_auth.field_hashes(
@@ -56,13 +56,13 @@ BEGIN
         SET failed_attempts = CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END,
             locked_until = CASE WHEN (CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END)
                                      >= vetassist_auth.mfa_max_failures()
-                                THEN now() + vetassist_auth.mfa_lockout() END,
-            updated_at = now()
+                                THEN clock_timestamp() + vetassist_auth.mfa_lockout() END,
+            updated_at = clock_timestamp()
         WHERE s.user_id = m.user_id;
         RETURN NULL;
     END IF;
     UPDATE vetassist_auth.mfa_settings s
-    SET failed_attempts = 0, locked_until = NULL, updated_at = now(),
+    SET failed_attempts = 0, locked_until = NULL, updated_at = clock_timestamp(),
         last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END
     WHERE s.user_id = m.user_id;
     RETURN step;
@@ -85,10 +85,10 @@ BEGIN
     END IF;
     INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at)
     VALUES (mfa_enroll_totp.user_id,
-            vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), now())
+            vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
     ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
-        totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = now(), confirmed_at = NULL,
-        last_used_step = NULL, failed_attempts = 0, locked_until = NULL, updated_at = now();
+        totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = clock_timestamp(), confirmed_at = NULL,
+        last_used_step = NULL, failed_attempts = 0, locked_until = NULL, updated_at = clock_timestamp();
     PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_started', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN vetassist_auth.totp_uri(secret, 'veteran-' || left(user_id::text, 8));
 END
@@ -107,7 +107,7 @@ BEGIN
     END IF;
     step := vetassist_auth.mfa_check(m, code, false);
     IF step IS NOT NULL THEN
-        UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = now()
+        UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = clock_timestamp()
         WHERE s.user_id = mfa_confirm_totp.user_id;
     END IF;
     PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed',
@@ -128,7 +128,7 @@ BEGIN
     m := vetassist_auth.mfa_row(s.user_id);
     step := vetassist_auth.mfa_check(m, code, true);
     IF step IS NOT NULL THEN
-        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = now() WHERE t.id = s.id;
+        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = clock_timestamp() WHERE t.id = s.id;
         PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'success', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('method', CASE WHEN step = 0 THEN 'backup_code' ELSE 'totp' END));
         RETURN true;
@@ -136,7 +136,7 @@ BEGIN
     SELECT * INTO m FROM vetassist_auth.mfa_settings t WHERE t.user_id = s.user_id;
     PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'failure', s.user_id, 'sessions', s.id::text,
         jsonb_build_object('failed_attempts', m.failed_attempts));
-    IF m.locked_until > now() THEN
+    IF m.locked_until > clock_timestamp() THEN
         PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
         PERFORM vetassist_auth.write_audit('mfa', 'mfa_locked_out', 'denied', s.user_id, 'mfa_settings', s.user_id::text,
             jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
@@ -186,7 +186,7 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: the session has no device fingerprint' USING ERRCODE = '22023';
     END IF;
     INSERT INTO vetassist_auth.trusted_devices (user_id, device_fingerprint_hash, trusted_until)
-    VALUES (s.user_id, s.device_fingerprint_hash, now() + make_interval(days => days))
+    VALUES (s.user_id, s.device_fingerprint_hash, clock_timestamp() + make_interval(days => days))
     RETURNING id INTO device;
     PERFORM vetassist_auth.write_audit('mfa', 'device_trusted', 'success', s.user_id, 'trusted_devices', device::text,
                                        jsonb_build_object('days', days));
@@ -202,7 +202,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 BEGIN
     PERFORM vetassist_auth.require_user(user_id);
     RETURN QUERY SELECT d.id, d.created_at, d.trusted_until, d.last_used_at FROM vetassist_auth.trusted_devices d
-                 WHERE d.user_id = mfa_trusted_devices.user_id AND d.revoked_at IS NULL AND d.trusted_until > now()
+                 WHERE d.user_id = mfa_trusted_devices.user_id AND d.revoked_at IS NULL AND d.trusted_until > clock_timestamp()
                  ORDER BY d.created_at;
 END
 $$;
@@ -210,7 +210,7 @@ $$;
 CREATE FUNCTION vetassist_auth.mfa_revoke_device(user_id uuid, device_id uuid) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    UPDATE vetassist_auth.trusted_devices d SET revoked_at = now()
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = clock_timestamp()
     WHERE d.id = device_id AND d.user_id = mfa_revoke_device.user_id AND d.revoked_at IS NULL;
     IF NOT FOUND THEN
         RETURN false;
@@ -232,7 +232,7 @@ BEGIN
     END IF;
     RETURN NOT EXISTS (SELECT 1 FROM vetassist_auth.trusted_devices d
                        WHERE d.user_id = s.user_id AND d.device_fingerprint_hash = s.device_fingerprint_hash
-                         AND d.revoked_at IS NULL AND d.trusted_until > now());
+                         AND d.revoked_at IS NULL AND d.trusted_until > clock_timestamp());
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.mfa_required(text) IS
@@ -247,7 +247,7 @@ BEGIN
         RETURN false;
     END IF;
     DELETE FROM vetassist_auth.mfa_backup_codes b WHERE b.user_id = mfa_disable.user_id;
-    UPDATE vetassist_auth.trusted_devices d SET revoked_at = now()
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = clock_timestamp()
     WHERE d.user_id = mfa_disable.user_id AND d.revoked_at IS NULL;
     PERFORM vetassist_auth.write_audit('mfa', 'mfa_disabled', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN true;

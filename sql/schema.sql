@@ -27,11 +27,15 @@ CREATE TABLE vetassist_auth.keys (
     key_id        integer PRIMARY KEY DEFAULT nextval('vetassist_auth.keys_key_id_seq'),
     purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit')),
     status        text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'decrypt_only', 'retired')),
-    wrapped_key   bytea NOT NULL CHECK (octet_length(wrapped_key) = 60),
+    wrapped_key   bytea CHECK (octet_length(wrapped_key) = 60),
     created_at    timestamptz NOT NULL DEFAULT now(),
     retired_at    timestamptz,
     encrypt_count bigint NOT NULL DEFAULT 0 CHECK (encrypt_count >= 0),
-    counter_base  bigint NOT NULL DEFAULT 0
+    counter_base  bigint NOT NULL DEFAULT 0,
+    retire_after  bigint,
+    destroyed_at  timestamptz,
+    CHECK ((wrapped_key IS NULL) = (destroyed_at IS NOT NULL)),
+    CHECK (destroyed_at IS NULL OR status = 'retired')
 );
 ALTER SEQUENCE vetassist_auth.keys_key_id_seq OWNED BY vetassist_auth.keys.key_id;
 CREATE UNIQUE INDEX keys_one_active_per_purpose ON vetassist_auth.keys (purpose) WHERE status = 'active';
@@ -43,6 +47,10 @@ COMMENT ON COLUMN vetassist_auth.keys.encrypt_count IS
     'Encryptions reserved under this key (leases of 128; may over-count, never under-count). Warn at 2^30, refuse at 2^31.';
 COMMENT ON COLUMN vetassist_auth.keys.counter_base IS
     'Position of the purpose''s encryption counter when this key became active.';
+COMMENT ON COLUMN vetassist_auth.keys.retire_after IS
+    'Set when no value uses this decrypt_only key any more: the transaction id that every open snapshot must have passed before it retires.';
+COMMENT ON COLUMN vetassist_auth.keys.destroyed_at IS
+    'When destroy_key() erased the material of this retired key (wrapped_key is then NULL).';
 
 -- Encryption counters, one lease of 128 encryptions per value. Sequences never roll back and
 -- never block, so counting survives aborts and cannot deadlock with the caller's locks.
@@ -116,7 +124,10 @@ CREATE TABLE vetassist_auth.sessions (
     ended_at                 timestamptz,
     end_reason               text,
     refresh_token_hash       bytea,
-    refresh_generation       integer NOT NULL DEFAULT 0
+    refresh_generation       integer NOT NULL DEFAULT 0,
+    previous_refresh_token_hash bytea,
+    refresh_rotated_at       timestamptz,
+    refresh_successor_encrypted bytea
 );
 -- The sweep finds overdue sessions through this index; touches update live_until at most once
 -- per session_touch_interval, so most requests write nothing at all.
@@ -129,6 +140,8 @@ COMMENT ON COLUMN vetassist_auth.sessions.expires_at IS
     'Absolute end: the earlier of the expiry asked for and created_at + session_absolute_timeout.';
 COMMENT ON COLUMN vetassist_auth.sessions.live_until IS
     'least(expires_at, last_activity_at + idle_timeout): when this session ends unless touched.';
+COMMENT ON COLUMN vetassist_auth.sessions.refresh_successor_encrypted IS
+    'The current refresh token, encrypted (context sessions.refresh_successor:<id>), so the one it replaced can yield it within refresh_reuse_grace.';
 COMMENT ON COLUMN vetassist_auth.sessions.status IS
     'ACTIVE while usable; EXPIRED (idle or absolute time-out), TERMINATED (logout, revocation) and LOCKED are final. IDLE is reported, not stored.';
 
@@ -239,10 +252,11 @@ CREATE TABLE vetassist_auth.audit_seal_state (
     scan_from        timestamptz NOT NULL DEFAULT '-infinity',
     checkpoint_seq   bigint NOT NULL DEFAULT 0,
     checkpoint_hash  bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
-    checkpoint_at    timestamptz
+    checkpoint_at    timestamptz,
+    sealed_through_id bigint NOT NULL DEFAULT 0
 );
 COMMENT ON TABLE vetassist_auth.audit_seal_state IS
-    'Sealer state (one row, written by the first seal): rows older than scan_from are all sealed; the chain continues from the purge checkpoint.';
+    'Sealer state (one row, written by the first seal): every audit row not yet sealed is above sealed_through_id or at or after scan_from; the chain continues from the purge checkpoint.';
 
 -- Backups -----------------------------------------------------------------------------------
 

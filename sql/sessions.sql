@@ -2,6 +2,8 @@
 -- EXPIRED (idle or absolute time-out), TERMINATED (logout, revocation, limits) or LOCKED.
 -- live_until = least(expires_at, last_activity_at + idle_timeout) is the moment it expires
 -- unless touched; touch_session moves it at most once per session_touch_interval.
+-- Every time-out decision reads the clock (clock_timestamp), not the start of the caller's
+-- transaction: a transaction opened before a session's end must not see it as live.
 
 -- Ends one session (internal): status, end time, reason, and an audit row. Returns false when
 -- the session had already ended.
@@ -11,7 +13,8 @@ RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE vetassist_auth.sessions s
-    SET status = new_status, ended_at = now(), end_reason = reason
+    SET status = new_status, ended_at = clock_timestamp(), end_reason = reason,
+        refresh_successor_encrypted = NULL
     WHERE s.id = session.id AND s.status = 'ACTIVE';
     IF NOT FOUND THEN
         RETURN false;
@@ -36,7 +39,7 @@ $$;
 CREATE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF session.status <> 'ACTIVE' OR now() >= session.live_until THEN
+    IF session.status <> 'ACTIVE' OR clock_timestamp() >= session.live_until THEN
         RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
     END IF;
 END
@@ -68,6 +71,7 @@ RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sid      uuid := gen_random_uuid();
+    started  timestamptz := clock_timestamp();
     idle     interval := vetassist_auth.session_idle_timeout();
     ends     timestamptz;
     active   boolean;
@@ -77,7 +81,7 @@ BEGIN
     IF coalesce(jwt_id, '') = '' OR length(jwt_id) > 255 THEN
         RAISE EXCEPTION 'vetassist_auth: jwt_id must be 1 to 255 characters' USING ERRCODE = '22023';
     END IF;
-    IF expires_at IS NULL OR expires_at <= now() THEN
+    IF expires_at IS NULL OR expires_at <= started THEN
         RAISE EXCEPTION 'vetassist_auth: expires_at must be in the future' USING ERRCODE = '22023';
     END IF;
     IF length(user_agent) > 1024 OR length(device_fingerprint) > 1024 THEN
@@ -92,15 +96,15 @@ BEGIN
     ELSIF NOT active THEN
         RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
     END IF;
-    ends := least(expires_at, now() + vetassist_auth.session_absolute_timeout());
+    ends := least(expires_at, started + vetassist_auth.session_absolute_timeout());
     BEGIN
         INSERT INTO vetassist_auth.sessions
             (id, user_id, jwt_id, ip_hash, user_agent, device_fingerprint_hash, device_info,
-             idle_timeout, expires_at, live_until)
+             idle_timeout, created_at, last_activity_at, expires_at, live_until)
         VALUES (sid, user_id, jwt_id,
                 vetassist_auth.field_hash(ip::text, 'ip'), user_agent,
                 vetassist_auth.field_hash(device_fingerprint, 'device_fingerprint'), device_info,
-                idle, ends, least(ends, now() + idle));
+                idle, started, started, ends, least(ends, started + idle));
     EXCEPTION WHEN unique_violation THEN
         RAISE EXCEPTION 'vetassist_auth: a session with this jwt_id already exists' USING ERRCODE = '23505';
     END;
@@ -130,7 +134,7 @@ CREATE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions;
-    now_ts timestamptz := now();
+    now_ts timestamptz := clock_timestamp();
 BEGIN
     SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.jwt_id = touch_session.jwt_id;
     IF NOT FOUND THEN
@@ -168,9 +172,9 @@ DECLARE
 BEGIN
     IF s.status <> 'ACTIVE' THEN
         RETURN s.status;
-    ELSIF now() >= s.live_until THEN
+    ELSIF clock_timestamp() >= s.live_until THEN
         RETURN 'EXPIRED';
-    ELSIF now() >= s.live_until - vetassist_auth.session_idle_warning() AND s.live_until < s.expires_at THEN
+    ELSIF clock_timestamp() >= s.live_until - vetassist_auth.session_idle_warning() AND s.live_until < s.expires_at THEN
         RETURN 'IDLE';
     END IF;
     RETURN 'ACTIVE';
@@ -225,34 +229,62 @@ COMMENT ON FUNCTION vetassist_auth.lock_session(text, text) IS
 
 -- Refresh-token rotation for the application's own refresh tokens, with reuse detection: only
 -- the current token is accepted; presenting any other ends the session (a stolen token was used).
-CREATE FUNCTION vetassist_auth.rotate_session_refresh_token(jwt_id text, presented text, replacement text)
-RETURNS integer
+-- One exception keeps two tabs that refresh at once from logging the veteran out: within
+-- vetassist_auth.refresh_reuse_grace of a rotation, the token it replaced yields that same
+-- successor (kept encrypted for the purpose) instead of ending the session.
+CREATE FUNCTION vetassist_auth.refresh_session_token(jwt_id text, presented text, replacement text)
+RETURNS TABLE (generation integer, refresh_token text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
+    ts timestamptz := clock_timestamp();
+    successor_context text;
 BEGIN
     IF coalesce(replacement, '') = '' OR octet_length(replacement) > 4096 THEN
         RAISE EXCEPTION 'vetassist_auth: replacement must be 1 byte to 4 KiB' USING ERRCODE = '22023';
     END IF;
     PERFORM vetassist_auth.require_live(s);
+    successor_context := 'sessions.refresh_successor:' || s.id;
     IF s.refresh_token_hash IS NULL AND presented IS NULL
        OR s.refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
         UPDATE vetassist_auth.sessions t
-        SET refresh_token_hash = vetassist_auth.field_hash(replacement, 'session_refresh_token'),
-            refresh_generation = t.refresh_generation + 1
+        SET previous_refresh_token_hash = t.refresh_token_hash,
+            refresh_token_hash = vetassist_auth.field_hash(replacement, 'session_refresh_token'),
+            refresh_generation = t.refresh_generation + 1,
+            refresh_rotated_at = ts,
+            refresh_successor_encrypted = CASE WHEN vetassist_auth.refresh_reuse_grace() > interval '0'
+                THEN vetassist_auth.encrypt_token(replacement, successor_context) END
         WHERE t.id = s.id;
         PERFORM vetassist_auth.write_audit('session', 'refresh_token_rotated', 'success', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('generation', s.refresh_generation + 1));
-        RETURN s.refresh_generation + 1;
+        RETURN QUERY SELECT s.refresh_generation + 1, replacement;
+        RETURN;
+    END IF;
+    IF presented IS NOT NULL AND s.refresh_successor_encrypted IS NOT NULL
+       AND ts < s.refresh_rotated_at + vetassist_auth.refresh_reuse_grace()
+       AND s.previous_refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
+        PERFORM vetassist_auth.write_audit('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
+            jsonb_build_object('generation', s.refresh_generation));
+        RETURN QUERY SELECT s.refresh_generation,
+                            vetassist_auth.decrypt_token(s.refresh_successor_encrypted, successor_context);
+        RETURN;
     END IF;
     PERFORM vetassist_auth.close_session(s, 'TERMINATED', 'refresh_token_reuse');
     PERFORM vetassist_auth.write_audit('session', 'refresh_token_reuse', 'denied', s.user_id, 'sessions', s.id::text,
         jsonb_build_object('generation', s.refresh_generation));
-    RETURN NULL;
+    RETURN QUERY SELECT NULL::integer, NULL::text;
 END
 $$;
+COMMENT ON FUNCTION vetassist_auth.refresh_session_token(text, text, text) IS
+    'Replaces the session''s refresh token: returns the new generation and the token now current (the replacement, or within the reuse grace the successor already issued); NULLs after ending the session when a stale token is presented.';
+
+CREATE FUNCTION vetassist_auth.rotate_session_refresh_token(jwt_id text, presented text, replacement text)
+RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT r.generation FROM vetassist_auth.refresh_session_token(jwt_id, presented, replacement) r
+$$;
 COMMENT ON FUNCTION vetassist_auth.rotate_session_refresh_token(text, text, text) IS
-    'Replaces the session''s refresh token; returns the new generation, or NULL after ending the session when a stale token is presented.';
+    'refresh_session_token returning only the generation (NULL after ending the session on reuse).';
 
 CREATE FUNCTION vetassist_auth.log_session_event(jwt_id text, event_type text, severity text, details jsonb DEFAULT '{}')
 RETURNS bigint
@@ -293,6 +325,7 @@ COMMENT ON FUNCTION vetassist_auth.log_session_event(text, text, text, jsonb) IS
 CREATE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    ts timestamptz := clock_timestamp();  -- a variable, so the index on live_until is used
     expired integer;
     purged integer;
 BEGIN
@@ -301,14 +334,14 @@ BEGIN
     END IF;
     WITH due AS (
         SELECT s.id FROM vetassist_auth.sessions s
-        WHERE s.status = 'ACTIVE' AND s.live_until <= now()
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
         ORDER BY s.live_until
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), ended AS (
         UPDATE vetassist_auth.sessions s
-        SET status = 'EXPIRED', ended_at = now(),
-            end_reason = CASE WHEN s.expires_at <= now() THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
         FROM due WHERE s.id = due.id
         RETURNING s.id, s.user_id, s.end_reason
     )
@@ -321,7 +354,7 @@ BEGIN
 
     WITH old AS (
         SELECT s.id FROM vetassist_auth.sessions s
-        WHERE s.ended_at < now() - vetassist_auth.session_retention()
+        WHERE s.ended_at < ts - vetassist_auth.session_retention()
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )

@@ -16,7 +16,7 @@ BEGIN
     IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
         RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
     END IF;
-    IF expires_at IS NULL OR expires_at <= now() OR expires_at = 'infinity' THEN
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
         RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
     END IF;
     IF length(scope) > 2048 THEN
@@ -41,7 +41,7 @@ BEGIN
         scope = coalesce(excluded.scope, t.scope),
         expires_at = excluded.expires_at,
         generation = t.generation + 1,
-        refreshed_at = now()
+        refreshed_at = clock_timestamp()
     RETURNING t.generation INTO new_generation;
     PERFORM vetassist_auth.write_audit('auth',
         CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
@@ -70,7 +70,7 @@ BEGIN
     IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
         RETURN NULL;
     END IF;
-    IF which = 'access_token' AND row.expires_at <= now() THEN
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
         RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
             HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
     END IF;

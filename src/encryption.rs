@@ -16,7 +16,7 @@ pub fn seal(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Vec<u8>
             "vetassist_auth: plaintext is too large",
         ));
     }
-    let key = keys::active_key(purpose)?;
+    let key = keys::key_for_writing(purpose)?;
     keys::reserve_encryption(&key)?;
     Ok(envelope::seal(key.cipher(), key.id, plaintext, context)?)
 }
@@ -135,10 +135,11 @@ pub fn hash_with(key: &keys::DataKey, normalized: &str, field: &str) -> Vec<u8> 
     keys::field_key(key, field).hash(normalized).to_vec()
 }
 
-/// `key_id || HMAC-SHA256(K_field, normalize(field, value))` under the active hash key.
+/// `key_id || HMAC-SHA256(K_field, normalize(field, value))` under the active hash key, which
+/// stays pinned to the end of the transaction: the hash may be stored.
 pub fn field_hash_value(value: &str, field: &str) -> Result<Vec<u8>> {
     let normalized = normalized(value, field)?;
-    let key = keys::active_key(Purpose::Hash)?;
+    let key = keys::key_for_writing(Purpose::Hash)?;
     Ok(hash_with(&key, &normalized, field))
 }
 

@@ -14,6 +14,8 @@ pub enum Kind {
     InvalidArgument,
     /// 42501: the caller lacks a privilege the function needs.
     InsufficientPrivilege,
+    /// P0002: the object named does not exist (or is not in the state asked for).
+    NotFound,
 }
 
 impl Kind {
@@ -23,6 +25,7 @@ impl Kind {
             Kind::DataCorrupted => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
             Kind::InvalidArgument => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Kind::InsufficientPrivilege => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Kind::NotFound => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
         }
     }
 }

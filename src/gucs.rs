@@ -6,6 +6,8 @@ use std::ffi::{CStr, CString};
 
 pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MASTER_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 
 // Sessions (README "Configuration"): SUSET so the application cannot stretch its own
 // time-outs; an administrator may set them per database or role.
@@ -15,6 +17,7 @@ pub static SESSION_IDLE_WARNING: GucSetting<i32> = GucSetting::<i32>::new(2 * 60
 pub static SESSION_TOUCH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static SESSION_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 60 * 60);
 pub static MAX_SESSIONS_PER_USER: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static REFRESH_REUSE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(5);
 
 // MFA.
 pub static MFA_MAX_FAILURES: GucSetting<i32> = GucSetting::<i32>::new(5);
@@ -89,6 +92,14 @@ pub fn init() {
         i32::MAX,
         GucContext::Suset,
     );
+    seconds_guc(
+        c"vetassist_auth.refresh_reuse_grace",
+        c"For this long after a rotation, the refresh token it replaced yields the same successor instead of ending the session (two tabs refreshing at once). 0 disables.",
+        &REFRESH_REUSE_GRACE,
+        0,
+        300,
+        GucContext::Suset,
+    );
     GucRegistry::define_int_guc(
         c"vetassist_auth.max_sessions_per_user",
         c"Most live sessions one user may have; creating one more ends the oldest. 0 means no limit.",
@@ -146,6 +157,14 @@ pub fn init() {
         c"Path of a file holding the 32-byte master key as 64 hex characters.",
         c"Preferred over vetassist_auth.master_key. The file should be readable by the server's OS user only.",
         &MASTER_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"vetassist_auth.previous_master_key_file",
+        c"During a master key change: the old master key's file, so data keys open under either key until rewrap_keys.",
+        c"Unset it once rewrap_keys() has committed.",
+        &PREVIOUS_MASTER_KEY_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );

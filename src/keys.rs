@@ -9,6 +9,17 @@
 //!   the keys table, which every backend receives and answers by dropping its cache;
 //! - an aborted (sub)transaction drops the cache too, since a key it created is gone.
 //!
+//! Keys are read on a snapshot taken at the moment of reading, never the caller's: a
+//! repeatable-read transaction must not keep encrypting with a key that was rotated and
+//! retired after its snapshot (docs/ARCHITECTURE.md, "Retiring a key").
+//!
+//! Pinning: a transaction that writes a value under a key first takes a share lock on that key
+//! (an object lock on (keys, key_id), which no SQL function can take), held to its end, prepared
+//! transactions included. Retirement takes the same lock exclusively without waiting, so a key
+//! is never retired while a transaction that may still commit a value under it is open; and it
+//! waits until no snapshot older than the last move off the key exists, so no reader can still
+//! see a value under it.
+//!
 //! Counting encryptions (NIST SP 800-38D limit): each purpose that encrypts has a sequence, and
 //! one `nextval` reserves a lease of 128 encryptions. Sequences never roll back and never wait
 //! on a row lock, so the count cannot be lost by an abort and counting cannot deadlock with the
@@ -25,7 +36,7 @@ use pgrx::prelude::*;
 use pgrx::spi::Spi;
 use sha2::{Digest, Sha256};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::rc::Rc;
 
@@ -77,8 +88,6 @@ const LEASE: i64 = 128;
 /// keys.encrypt_count is refreshed every this many leases (1,024 encryptions).
 const MIRROR_EVERY: i64 = 8;
 
-/// Advisory-lock class that serialises key creation and rotation per purpose.
-const KEY_LOCK_CLASS: i32 = 0x7661_6b31; // "vak1"
 
 pub struct DataKey {
     pub id: u32,
@@ -103,10 +112,15 @@ impl DataKey {
 struct Ring {
     master_fingerprint: Option<[u8; 32]>,
     kek: Option<Rc<SecretKey>>,
+    /// The master key being replaced (vetassist_auth.previous_master_key_file): data keys not
+    /// yet rewrapped still open under it.
+    previous_kek: Option<Rc<SecretKey>>,
     keys: HashMap<u32, Rc<DataKey>>,
     active: HashMap<Purpose, u32>,
     /// Encryptions left in this backend's current lease, per key.
     leases: HashMap<u32, i64>,
+    /// Ids of each purpose's `decrypt_only` keys, newest first.
+    decrypt_only: HashMap<Purpose, Vec<u32>>,
     field_keys: HashMap<(u32, String), Rc<FieldKey>>,
 }
 
@@ -115,6 +129,7 @@ impl Ring {
         self.keys.clear();
         self.active.clear();
         self.leases.clear();
+        self.decrypt_only.clear();
         self.field_keys.clear();
     }
 }
@@ -125,6 +140,10 @@ thread_local! {
     /// so must not borrow RING; the next entry point drops the cached data keys.
     static STALE: Cell<bool> = const { Cell::new(false) };
     static CHECKED_THIS_XACT: Cell<bool> = const { Cell::new(false) };
+    /// Set while this backend inserts a key of its own making (see sql/operations.sql).
+    static CREATING_KEY: Cell<bool> = const { Cell::new(false) };
+    /// Keys this transaction holds a pin (share lock) on; emptied when the locks go away.
+    static PINNED: RefCell<HashSet<u32>> = RefCell::new(HashSet::new());
     static KEYS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
@@ -138,6 +157,10 @@ fn no_master_key() -> Failure {
 enum MasterSource {
     File(&'static str),
     Inline(&'static std::ffi::CStr),
+}
+
+fn previous_master_file() -> Option<&'static str> {
+    gucs::string_setting(&gucs::PREVIOUS_MASTER_KEY_FILE).and_then(|path| path.to_str().ok())
 }
 
 fn master_source() -> Result<MasterSource> {
@@ -167,23 +190,34 @@ fn master_fingerprint(source: &MasterSource) -> Result<[u8; 32]> {
                 )
             })?;
             digest.update(b"file\0");
-            digest.update(path.as_bytes());
-            for n in [
-                meta.dev(),
-                meta.ino(),
-                meta.size(),
-                meta.mtime() as u64,
-                meta.mtime_nsec() as u64,
-            ] {
-                digest.update(n.to_be_bytes());
-            }
+            file_identity(&mut digest, path, &meta);
         }
         MasterSource::Inline(hex) => {
             digest.update(b"inline\0");
             digest.update(hex.to_bytes());
         }
     }
+    if let Some(path) = previous_master_file() {
+        digest.update(b"previous\0");
+        match std::fs::metadata(path) {
+            Ok(meta) => file_identity(&mut digest, path, &meta),
+            Err(_) => digest.update(b"unreadable"),
+        }
+    }
     Ok(digest.finalize().into())
+}
+
+fn file_identity(digest: &mut Sha256, path: &str, meta: &std::fs::Metadata) {
+    digest.update(path.as_bytes());
+    for n in [
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+    ] {
+        digest.update(n.to_be_bytes());
+    }
 }
 
 /// Reads a master key file and parses it; used for the configured key and by `rewrap_keys`.
@@ -223,6 +257,7 @@ fn refresh() -> Result<()> {
             RING.with_borrow_mut(|ring| {
                 ring.drop_data_keys();
                 ring.kek = None;
+                ring.previous_kek = None;
                 ring.master_fingerprint = None;
             });
             return Err(e);
@@ -232,9 +267,14 @@ fn refresh() -> Result<()> {
     if changed {
         let master = load_master_key(&source)?;
         let kek = Rc::new(crypto::derive_kek(&master));
+        // A previous key that cannot be read only means no fallback: the current key works.
+        let previous_kek = previous_master_file()
+            .and_then(|path| read_master_key_file(path).ok())
+            .map(|previous| Rc::new(crypto::derive_kek(&previous)));
         RING.with_borrow_mut(|ring| {
             ring.drop_data_keys();
             ring.kek = Some(kek);
+            ring.previous_kek = previous_kek;
             ring.master_fingerprint = Some(fingerprint);
         });
     }
@@ -273,10 +313,16 @@ fn invalidate_all_backends() {
 fn unwrap_row(id: i32, purpose: &str, wrapped: &[u8], counter_base: i64) -> Result<Rc<DataKey>> {
     let purpose = Purpose::parse(purpose)?;
     let kek = kek()?;
-    let secret = crypto::unwrap_dek(&kek, id as u32, purpose.as_str(), wrapped).map_err(|_| {
-        Failure::new(Kind::DataCorrupted, format!("vetassist_auth: data key {id} cannot be unwrapped"))
-            .with_hint("The master key differs from the one that wrapped the data keys; see rewrap_keys in the README.")
-    })?;
+    let previous = RING.with_borrow(|ring| ring.previous_kek.clone());
+    let secret = crypto::unwrap_dek(&kek, id as u32, purpose.as_str(), wrapped)
+        .or_else(|e| match &previous {
+            Some(previous) => crypto::unwrap_dek(previous, id as u32, purpose.as_str(), wrapped),
+            None => Err(e),
+        })
+        .map_err(|_| {
+            Failure::new(Kind::DataCorrupted, format!("vetassist_auth: data key {id} cannot be unwrapped"))
+                .with_hint("The master key differs from the one that wrapped the data keys: set vetassist_auth.previous_master_key_file to the old key's file and run rewrap_keys (README, \"Changing the master key\").")
+        })?;
     let cipher = secret.cipher();
     let key = Rc::new(DataKey {
         id: id as u32,
@@ -314,34 +360,107 @@ fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Resu
         .map(Option::unwrap_or_default)
 }
 
+/// Rows of a read-only query on a snapshot taken now rather than the caller's, so a key
+/// created, rotated or retired by a transaction that committed after the caller's snapshot is
+/// seen. `sql` holds no caller input (ids and purposes are formatted in by us); `read` gets a
+/// column reader per row.
+fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> Result<Vec<T>> {
+    let query = std::ffi::CString::new(sql).expect("internal queries hold no NUL");
+    Spi::connect(|_client| {
+        // SAFETY: SPI is connected for the duration of this closure. The plan is prepared and
+        // freed here; SPI_execute_snapshot pushes (a copy of) the latest snapshot for the query
+        // alone. Tuples are read before the next SPI call, and FromDatum copies every value out
+        // of SPI's memory.
+        unsafe {
+            let plan = pg_sys::SPI_prepare(query.as_ptr(), 0, std::ptr::null_mut());
+            if plan.is_null() {
+                return Err(spi_failure(pgrx::spi::SpiError::NoTupleTable));
+            }
+            let status = pg_sys::SPI_execute_snapshot(
+                plan,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                pg_sys::GetLatestSnapshot(),
+                std::ptr::null_mut(),
+                true,
+                false,
+                0,
+            );
+            let rows = if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null() {
+                let table = &*pg_sys::SPI_tuptable;
+                (0..pg_sys::SPI_processed as usize)
+                    .map(|i| {
+                        read(&LatestRow {
+                            tuple: *table.vals.add(i),
+                            desc: table.tupdesc,
+                        })
+                    })
+                    .collect()
+            } else {
+                Err(spi_failure(pgrx::spi::SpiError::NoTupleTable))
+            };
+            pg_sys::SPI_freeplan(plan);
+            rows
+        }
+    })
+}
+
+struct LatestRow {
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+}
+
+impl LatestRow {
+    fn get<T: FromDatum>(&self, column: i32) -> Option<T> {
+        let mut is_null = false;
+        // SAFETY: the tuple and descriptor come from SPI_tuptable of the query just run, and
+        // the column numbers are those of our own SELECT lists.
+        unsafe {
+            let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, column, &mut is_null);
+            T::from_datum(datum, is_null)
+        }
+    }
+}
+
+/// The lock tag of one data key (`objid` = key id) or of one purpose's key management
+/// (`objid` = 0, `subid` = purpose): an object lock on the keys table, which only C code can
+/// take. Advisory locks would be a namespace that every role can squat on.
+fn key_lock_tag(objid: u32, subid: u16) -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is set once at backend start and only read here.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: keys_relid().to_u32(),
+        locktag_field3: objid,
+        locktag_field4: subid,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    }
+}
+
+/// Takes a transaction-level lock; false when `wait` is off and someone else holds it.
+fn acquire(tag: pg_sys::LOCKTAG, mode: u32, wait: bool) -> bool {
+    // SAFETY: a valid tag of the default lock method; the lock belongs to the current
+    // transaction's resource owner and is released at its end (or its subtransaction's abort).
+    let result = unsafe { pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, !wait) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
 /// Serialises key creation and rotation of one purpose until the end of the transaction.
-fn lock_purpose(client: &mut pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Result<()> {
-    client
-        .update(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
-            None,
-            &[KEY_LOCK_CLASS.into(), purpose.as_str().into()],
-        )
-        .map(|_| ())
-        .map_err(spi_failure)
+fn lock_purpose(purpose: Purpose) {
+    let ordinal = Purpose::ALL.iter().position(|p| *p == purpose).unwrap_or(0) as u16;
+    acquire(key_lock_tag(0, ordinal + 1), pg_sys::ExclusiveLock, true);
 }
 
 /// Creates the active key of a purpose unless another transaction already did.
 fn create_active_key(purpose: Purpose) -> Result<()> {
     let kek = kek()?;
+    lock_purpose(purpose);
+    // Read after the lock, on a fresh snapshot: a key another transaction created while we
+    // waited is seen even from a repeatable-read transaction.
+    if load_active_key(purpose)?.is_some() {
+        return Ok(());
+    }
     Spi::connect_mut(|client| -> Result<()> {
-        lock_purpose(client, purpose)?;
-        let exists = !client
-            .select(
-                "SELECT 1 FROM vetassist_auth.keys WHERE purpose = $1 AND status = 'active'",
-                None,
-                &[purpose.as_str().into()],
-            )
-            .map_err(spi_failure)?
-            .is_empty();
-        if exists {
-            return Ok(());
-        }
         let id: i32 = client
             .update(
                 "SELECT pg_catalog.nextval('vetassist_auth.keys_key_id_seq')::integer",
@@ -356,35 +475,73 @@ fn create_active_key(purpose: Purpose) -> Result<()> {
         let dek = SecretKey::random()?;
         let wrapped = crypto::wrap_dek(&kek, id as u32, purpose.as_str(), &dek)?;
         let base = counter_position(client, purpose)?;
-        client
-            .update(
-                "INSERT INTO vetassist_auth.keys (key_id, purpose, status, wrapped_key, counter_base) \
-                 VALUES ($1, $2, 'active', $3, $4)",
-                None,
-                &[id.into(), purpose.as_str().into(), wrapped.into(), base.into()],
-            )
-            .map_err(spi_failure)?;
+        CREATING_KEY.set(true);
+        let inserted = client.update(
+            "INSERT INTO vetassist_auth.keys (key_id, purpose, status, wrapped_key, counter_base) \
+             VALUES ($1, $2, 'active', $3, $4)",
+            None,
+            &[id.into(), purpose.as_str().into(), wrapped.into(), base.into()],
+        );
+        CREATING_KEY.set(false);
+        inserted.map_err(spi_failure)?;
         Ok(())
     })?;
     invalidate_all_backends();
     Ok(())
 }
 
-fn load_active_key(purpose: Purpose) -> Result<Option<Rc<DataKey>>> {
-    let row = Spi::get_three_with_args::<i32, Vec<u8>, i64>(
-        "SELECT key_id, wrapped_key, counter_base FROM vetassist_auth.keys WHERE purpose = $1 AND status = 'active'",
-        &[purpose.as_str().into()],
-    );
-    match row {
-        Ok((Some(id), Some(wrapped), Some(base))) => {
-            Ok(Some(unwrap_row(id, purpose.as_str(), &wrapped, base)?))
-        }
-        Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
-        Err(e) => Err(spi_failure(e)),
-    }
+/// Loads data keys matching `condition` (a WHERE clause of our own) on a fresh snapshot.
+fn load_keys(condition: &str) -> Result<Vec<Rc<DataKey>>> {
+    let rows = latest_rows(
+        &format!(
+            "SELECT key_id, purpose, wrapped_key, counter_base FROM vetassist_auth.keys \
+             WHERE wrapped_key IS NOT NULL AND {condition} ORDER BY key_id DESC"
+        ),
+        |row| {
+            Ok((
+                row.get::<i32>(1).unwrap_or_default(),
+                row.get::<String>(2).unwrap_or_default(),
+                row.get::<Vec<u8>>(3).unwrap_or_default(),
+                row.get::<i64>(4).unwrap_or_default(),
+            ))
+        },
+    )?;
+    rows.into_iter()
+        .map(|(id, purpose, wrapped, base)| unwrap_row(id, &purpose, &wrapped, base))
+        .collect()
 }
 
-/// The active key of a purpose, created on first use.
+fn load_active_key(purpose: Purpose) -> Result<Option<Rc<DataKey>>> {
+    Ok(load_keys(&format!(
+        "purpose = '{}' AND status = 'active'",
+        purpose.as_str()
+    ))?
+    .pop())
+}
+
+/// Whether an extension table has a column: the library is installed before `ALTER EXTENSION
+/// vetassist_auth UPDATE` runs, and must keep an older release's schema working until then.
+pub fn schema_has_column(table: &str, column: &str) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                        WHERE a.attrelid = pg_catalog.to_regclass('vetassist_auth.' || $1) \
+                          AND a.attname = $2 AND NOT a.attisdropped)",
+        &[table.into(), column.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Whether the keys row being inserted is one this extension made (the restore guard's test).
+/// Internal: not granted to any role.
+#[pg_extern]
+fn key_creation_in_progress() -> bool {
+    CREATING_KEY.get()
+}
+
+/// The active key of a purpose, created on first use. For reading and look-ups; a value that
+/// will be stored is made with `key_for_writing`.
 pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
     refresh()?;
     let cached = RING.with_borrow(|ring| {
@@ -408,6 +565,27 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
     Ok(key)
 }
 
+/// The active key of a purpose, pinned for the rest of the transaction: it cannot be retired
+/// until this transaction ends, so whatever it writes under the key stays readable.
+pub fn key_for_writing(purpose: Purpose) -> Result<Rc<DataKey>> {
+    loop {
+        let key = active_key(purpose)?;
+        if PINNED.with_borrow(|pinned| pinned.contains(&key.id)) {
+            return Ok(key);
+        }
+        acquire(key_lock_tag(key.id, 0), pg_sys::ShareLock, true);
+        PINNED.with_borrow_mut(|pinned| pinned.insert(key.id));
+        // A retirement or rotation that committed while we waited for the lock sent its
+        // invalidation before releasing the lock: take it in and look again.
+        // SAFETY: processing invalidations between statements' steps is what every relation
+        // lock acquisition does; our callback only sets a flag.
+        unsafe { pg_sys::AcceptInvalidationMessages() };
+        if !STALE.get() {
+            return Ok(key);
+        }
+    }
+}
+
 /// Any key that may still decrypt (`active` or `decrypt_only`) by id. Retired and unknown
 /// keys are reported exactly like a failed authentication.
 pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
@@ -416,20 +594,10 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
         return Ok(key);
     }
     let id = i32::try_from(id).map_err(|_| Failure::from(crypto::Error::Authentication))?;
-    let row = Spi::get_three_with_args::<String, Vec<u8>, i64>(
-        "SELECT purpose, wrapped_key, counter_base FROM vetassist_auth.keys WHERE key_id = $1 AND status <> 'retired'",
-        &[id.into()],
-    );
-    match row {
-        Ok((Some(purpose), Some(wrapped), Some(base))) => unwrap_row(id, &purpose, &wrapped, base),
-        Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => {
-            Err(crypto::Error::Authentication.into())
-        }
-        Err(e) => Err(spi_failure(e)),
-    }
+    load_keys(&format!("key_id = {id} AND status <> 'retired'"))?
+        .pop()
+        .ok_or_else(|| crypto::Error::Authentication.into())
 }
-
-/// Counts one encryption against a key, taking a new lease when the current one is used up.
 pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     let taken = RING.with_borrow_mut(|ring| match ring.leases.get_mut(&key.id) {
         Some(remaining) if *remaining > 0 => {
@@ -506,22 +674,20 @@ pub fn field_key(key: &DataKey, field: &str) -> Rc<FieldKey> {
 /// Every key of a purpose that may still be found in stored data (active first).
 pub fn usable_keys(purpose: Purpose) -> Result<Vec<Rc<DataKey>>> {
     let active = active_key(purpose)?;
-    let ids: Vec<i32> = Spi::connect(|client| {
-        client
-            .select(
-                "SELECT key_id FROM vetassist_auth.keys WHERE purpose = $1 AND status = 'decrypt_only' ORDER BY key_id DESC",
-                None,
-                &[purpose.as_str().into()],
-            )?
-            .map(|row| row.get::<i32>(1).map(|id| id.unwrap_or_default()))
-            .collect::<std::result::Result<Vec<_>, _>>()
-    })
-    .map_err(spi_failure)?;
-    let mut keys = vec![active];
-    for id in ids {
-        keys.push(key_by_id(id as u32)?);
-    }
-    Ok(keys)
+    let cached = RING.with_borrow(|ring| ring.decrypt_only.get(&purpose).cloned());
+    let others = match cached {
+        Some(ids) => ids.into_iter().map(key_by_id).collect::<Result<Vec<_>>>()?,
+        None => {
+            let keys = load_keys(&format!(
+                "purpose = '{}' AND status = 'decrypt_only'",
+                purpose.as_str()
+            ))?;
+            let ids = keys.iter().map(|key| key.id).collect();
+            RING.with_borrow_mut(|ring| ring.decrypt_only.insert(purpose, ids));
+            keys
+        }
+    };
+    Ok(std::iter::once(active).chain(others).collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,11 +701,14 @@ unsafe extern "C-unwind" fn on_xact_event(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
-            CHECKED_THIS_XACT.set(false)
+            CHECKED_THIS_XACT.set(false);
+            forget_pins();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             CHECKED_THIS_XACT.set(false);
             STALE.set(true);
+            CREATING_KEY.set(false);
+            forget_pins();
         }
         _ => {}
     }
@@ -554,7 +723,18 @@ unsafe extern "C-unwind" fn on_subxact_event(
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         STALE.set(true);
+        // Locks the subtransaction took are gone; pinning again is cheap and idempotent.
+        forget_pins();
     }
+}
+
+/// The transaction's key locks were released (or handed to a prepared transaction).
+fn forget_pins() {
+    PINNED.with(|pinned| {
+        if let Ok(mut pinned) = pinned.try_borrow_mut() {
+            pinned.clear();
+        }
+    });
 }
 
 #[pg_guard]
@@ -588,11 +768,8 @@ fn rotate_key(purpose: &str) -> i32 {
     refresh().or_raise();
     kek().or_raise();
     // The retiring key's final count comes from the counter before the new key takes it over.
-    let position = Spi::connect_mut(|client| {
-        lock_purpose(client, purpose)?;
-        counter_position(client, purpose)
-    })
-    .or_raise();
+    lock_purpose(purpose);
+    let position = Spi::connect(|client| counter_position(&client, purpose)).or_raise();
     Spi::run_with_args(
         "UPDATE vetassist_auth.keys \
          SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, ($2 - counter_base) * $3) \
@@ -613,7 +790,7 @@ fn rotate_key(purpose: &str) -> i32 {
 /// Keys already wrapped under the current master key are left alone, so a rerun is harmless.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn rewrap_keys(old_master_key_file: &str) -> i32 {
+fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
     let allowed = Spi::get_one::<bool>(
         "SELECT pg_catalog.pg_has_role(session_user, 'pg_read_server_files', 'USAGE')",
     )
@@ -628,12 +805,17 @@ fn rewrap_keys(old_master_key_file: &str) -> i32 {
         .with_hint("The session user needs the privileges of pg_read_server_files.")
         .raise();
     }
-    let old_kek = crypto::derive_kek(&read_master_key_file(old_master_key_file).or_raise());
+    let old_file = old_master_key_file.or_else(|| previous_master_file()).unwrap_or_else(|| {
+        Failure::new(Kind::InvalidArgument, "vetassist_auth: no old master key file was given")
+            .with_hint("Pass its path, or set vetassist_auth.previous_master_key_file.")
+            .raise()
+    });
+    let old_kek = crypto::derive_kek(&read_master_key_file(old_file).or_raise());
     refresh().or_raise();
     let new_kek = kek().or_raise();
     let rows: Vec<(i32, String, Vec<u8>)> = Spi::connect(|client| {
         client
-            .select("SELECT key_id, purpose, wrapped_key FROM vetassist_auth.keys ORDER BY key_id FOR UPDATE", None, &[])?
+            .select("SELECT key_id, purpose, wrapped_key FROM vetassist_auth.keys WHERE wrapped_key IS NOT NULL ORDER BY key_id FOR UPDATE", None, &[])?
             .map(|row| Ok((row.get::<i32>(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default())))
             .collect::<std::result::Result<Vec<_>, pgrx::spi::SpiError>>()
     })
@@ -675,21 +857,164 @@ fn active_key_id(purpose: &str) -> i32 {
     active_key(Purpose::parse(purpose).or_raise()).or_raise().id as i32
 }
 
-/// Marks `decrypt_only` keys that no stored value uses any more as `retired`.
+
+/// How `retire_unused_keys` found each `decrypt_only` key.
+enum Retirement {
+    Retired,
+    /// No value uses it, but a snapshot from before the last move off it may still be open.
+    Waiting,
+    /// A stored value, or an open transaction holding the key, still needs it.
+    InUse,
+}
+
+/// Retires `decrypt_only` keys that nothing can need any more (docs/ARCHITECTURE.md,
+/// "Retiring a key"): no open transaction holds the key (it would have pinned it), no committed
+/// value uses it on a fresh snapshot, and no snapshot older than that check is still open in
+/// this database. The first call that finds a key unused records the check's transaction
+/// horizon; a later call retires the key once every older snapshot has ended.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn retire_unused_keys() -> i32 {
-    let retired = Spi::get_one::<i64>(
-        "WITH r AS (UPDATE vetassist_auth.keys k SET status = 'retired', retired_at = pg_catalog.now() \
-         WHERE k.status = 'decrypt_only' \
-           AND NOT EXISTS (SELECT 1 FROM vetassist_auth.key_usage u WHERE u.key_id = k.key_id) \
-         RETURNING 1) SELECT pg_catalog.count(*) FROM r",
+    refresh().or_raise();
+    // A schema from before 0.1.2 cannot record the wait: retire nothing until it is updated.
+    if !schema_has_column("keys", "retire_after") {
+        return 0;
+    }
+    let candidates = latest_rows(
+        "SELECT key_id, retire_after FROM vetassist_auth.keys WHERE status = 'decrypt_only' ORDER BY key_id",
+        |row| Ok((row.get::<i32>(1).unwrap_or_default(), row.get::<i64>(2))),
     )
-    .map_err(spi_failure)
+    .or_raise();
+    // Without waiting: a key some open transaction has pinned is simply not retired this time.
+    let free: Vec<(i32, Option<i64>)> = candidates
+        .into_iter()
+        .filter(|(id, _)| acquire(key_lock_tag(*id as u32, 0), pg_sys::ExclusiveLock, false))
+        .collect();
+    if free.is_empty() {
+        return 0;
+    }
+    // SAFETY: reads the shared transaction counter; no lock is needed for a lower bound.
+    let horizon = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
+    let used: HashSet<i32> = latest_rows(
+        "SELECT DISTINCT key_id FROM vetassist_auth.key_usage WHERE key_id IS NOT NULL",
+        |row| Ok(row.get::<i32>(1).unwrap_or_default()),
+    )
     .or_raise()
-    .unwrap_or(0);
+    .into_iter()
+    .collect();
+    let mut retired = 0;
+    for (id, retire_after) in free {
+        let outcome = if used.contains(&id) {
+            Retirement::InUse
+        } else if no_snapshot_before(retire_after.unwrap_or(horizon)).or_raise() {
+            Retirement::Retired
+        } else {
+            Retirement::Waiting
+        };
+        let (sql, args): (&str, Vec<pgrx::datum::DatumWithOid>) = match outcome {
+            Retirement::Retired => {
+                retired += 1;
+                ("UPDATE vetassist_auth.keys SET status = 'retired', retired_at = pg_catalog.now(), retire_after = NULL WHERE key_id = $1",
+                 vec![id.into()])
+            }
+            Retirement::Waiting if retire_after.is_none() => (
+                "UPDATE vetassist_auth.keys SET retire_after = $2 WHERE key_id = $1",
+                vec![id.into(), horizon.into()],
+            ),
+            Retirement::InUse if retire_after.is_some() => (
+                "UPDATE vetassist_auth.keys SET retire_after = NULL WHERE key_id = $1",
+                vec![id.into()],
+            ),
+            _ => continue,
+        };
+        Spi::run_with_args(sql, &args).map_err(spi_failure).or_raise();
+        if matches!(outcome, Retirement::Retired) {
+            audit_key_event("key_retired", id);
+        }
+    }
     if retired > 0 {
         invalidate_all_backends();
     }
-    retired as i32
+    retired
+}
+
+/// Whether every other backend of this database (and every standby feeding back through a
+/// WAL sender) took its oldest snapshot at or after transaction id `full_xid`.
+fn no_snapshot_before(full_xid: i64) -> Result<bool> {
+    // SAFETY: drops this transaction's cached copy of the backend status table, so the query
+    // below reads every backend's current xmin rather than one read earlier in the transaction.
+    unsafe { pg_sys::pgstat_clear_snapshot() };
+    let older = Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+         WHERE pid <> pg_catalog.pg_backend_pid() \
+           AND (datname = pg_catalog.current_database() OR datname IS NULL) \
+           AND backend_xmin IS NOT NULL \
+           AND ((backend_xmin::text::bigint - ($1 & 4294967295)) & 4294967295) >= 2147483648",
+        &[full_xid.into()],
+    )
+    .map_err(spi_failure)?
+    .unwrap_or_default();
+    Ok(older == 0)
+}
+
+fn audit_key_event(event_type: &str, key_id: i32) {
+    Spi::run_with_args(
+        "SELECT vetassist_auth.write_audit('key', $1, 'success', NULL, 'keys', $2::text, '{}'::jsonb)",
+        &[event_type.into(), key_id.into()],
+    )
+    .map_err(spi_failure)
+    .or_raise();
+}
+
+/// Brings a retired key back to `decrypt_only`, for values found under it after all (restored
+/// from a backup, written outside the extension's tables). Its material must still exist.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn unretire_key(key_id: i32) -> bool {
+    let changed = Spi::get_one_with_args::<i64>(
+        "WITH k AS (UPDATE vetassist_auth.keys SET status = 'decrypt_only', retired_at = NULL \
+                    WHERE key_id = $1 AND status = 'retired' AND wrapped_key IS NOT NULL RETURNING 1) \
+         SELECT pg_catalog.count(*) FROM k",
+        &[key_id.into()],
+    )
+    .map_err(spi_failure)
+    .or_raise()
+    .unwrap_or_default();
+    if changed == 0 {
+        Failure::new(
+            Kind::NotFound,
+            "vetassist_auth: no retired key with this id whose material still exists",
+        )
+        .raise();
+    }
+    audit_key_event("key_unretired", key_id);
+    invalidate_all_backends();
+    true
+}
+
+/// Destroys a retired key's material for good (crypto-shredding): values under it can never
+/// be read again, and it can no longer be brought back.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn destroy_key(key_id: i32) -> bool {
+    let changed = Spi::get_one_with_args::<i64>(
+        "WITH k AS (UPDATE vetassist_auth.keys SET wrapped_key = NULL, destroyed_at = pg_catalog.now() \
+                    WHERE key_id = $1 AND status = 'retired' AND wrapped_key IS NOT NULL RETURNING 1) \
+         SELECT pg_catalog.count(*) FROM k",
+        &[key_id.into()],
+    )
+    .map_err(spi_failure)
+    .or_raise()
+    .unwrap_or_default();
+    if changed == 0 {
+        Failure::new(
+            Kind::NotFound,
+            "vetassist_auth: no retired key with this id whose material still exists",
+        )
+        .with_hint("Only retired keys are destroyed; reencrypt() retires keys no value uses.")
+        .raise();
+    }
+    audit_key_event("key_destroyed", key_id);
+    invalidate_all_backends();
+    true
 }

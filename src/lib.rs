@@ -68,6 +68,7 @@ extension_sql_file!(
         sessions::session_touch_interval,
         sessions::session_retention,
         sessions::max_sessions_per_user,
+        sessions::refresh_reuse_grace,
         audit::set_current_session
     ]
 );
@@ -90,6 +91,11 @@ extension_sql_file!(
     "../sql/health.sql",
     name = "health",
     requires = ["keys_sql"]
+);
+extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["keys_sql", "audit_sql", keys::key_creation_in_progress]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

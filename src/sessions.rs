@@ -38,9 +38,17 @@ fn session_retention() -> Interval {
 }
 
 #[pg_extern(stable, parallel_safe)]
+fn refresh_reuse_grace() -> Interval {
+    seconds(&gucs::REFRESH_REUSE_GRACE)
+}
+
+#[pg_extern(stable, parallel_safe)]
 fn max_sessions_per_user() -> i32 {
     gucs::MAX_SESSIONS_PER_USER.get()
 }
+
+/// How soon Postgres starts the sweeper again after it stopped.
+pub const RESTART_AFTER: Duration = Duration::from_secs(10);
 
 /// Registers the sweeper when the library is preloaded and a database is configured.
 pub fn register_worker() {
@@ -52,8 +60,10 @@ pub fn register_worker() {
         .set_function("vetassist_auth_sweeper_main")
         .set_library("vetassist_auth")
         .enable_spi_access()
-        // A crash of the worker (not an ERROR, which it catches) restarts only the worker.
-        .set_restart_time(Some(Duration::from_secs(10)))
+        // Postgres starts the worker again this long after it exits with status 1, which it does
+        // whenever it is stopped (pg_terminate_backend included); only a server shutdown, which
+        // restarts no worker, ends it for good.
+        .set_restart_time(Some(RESTART_AFTER))
         .load();
 }
 
@@ -71,9 +81,14 @@ fn message_of(caught: &pg_sys::panic::CaughtError) -> String {
 /// One maintenance pass in its own transaction; an error is logged, rolled back, and the next
 /// pass runs as usual.
 fn run_in_transaction(what: &str, sql: &str) -> Option<i64> {
+    // SAFETY: the worker runs one transaction at a time, outside any other; the isolation level
+    // is set before the first snapshot, as SET TRANSACTION would.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
+        // Whatever default_transaction_isolation says: the sweep and the sealer work on fresh
+        // snapshots, one per statement.
+        pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let outcome = PgTryBuilder::new(|| {
@@ -140,5 +155,10 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     }
-    pgrx::log!("vetassist_auth sweeper stopped");
+    pgrx::log!("vetassist_auth sweeper stopped; it restarts unless the server is shutting down");
+    // Exit status 0 would unregister the worker for good; 1 asks the postmaster to start it
+    // again after RESTART_AFTER (it starts no worker during a shutdown).
+    // SAFETY: proc_exit runs the backend's exit callbacks and does not return; no Rust value
+    // with a destructor that matters is alive here.
+    unsafe { pg_sys::proc_exit(1) };
 }

@@ -91,10 +91,13 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
     if !locked {
         return 0;
     }
-    let key = keys::active_key(Purpose::Audit).or_raise();
+    let key = keys::key_for_writing(Purpose::Audit).or_raise();
     Spi::connect_mut(|client| -> Outcome<i32> {
         // The row text is hashed: fix the time zone it is printed in (undone at function exit).
         client.update("SELECT pg_catalog.set_config('TimeZone', 'UTC', true)", None, &[]).map_err(spi_failed)?;
+        // SAFETY: drops this transaction's cached copy of the backend status table, so the
+        // horizon below is read from every backend's current state.
+        unsafe { pg_sys::pgstat_clear_snapshot() };
         // Rows of transactions that have not finished yet were inserted at or after this moment.
         // NULL when a running transaction's start is unknown: a prepared one (pg_prepared_xacts
         // gives only when it was prepared) or one in a session with track_activities off. The
@@ -111,14 +114,26 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
             &[],
         )?;
         let (mut seq, mut prev) = chain_head(client)?;
+        // Before 0.1.2 the state had no sealed_through_id: every row then comes from the time
+        // range alone, as that release did, until ALTER EXTENSION UPDATE.
+        let current_schema = keys::schema_has_column("audit_seal_state", "sealed_through_id");
+        let (scan_from, sealed_through) = seal_state(client, current_schema)?;
+        // Two cheap sources, so a call costs the same however long the sealed log is: rows
+        // above the highest sealed id (never sealed: a primary-key range scan that stops after
+        // max_rows), and rows at or below it that committed late, which all began after the
+        // horizon of an earlier call (a short time range of the BRIN index).
         let rows = client
             .select(
                 "SELECT a.id, pg_catalog.to_jsonb(a)::text FROM vetassist_auth.audit_log a \
-                 WHERE a.occurred_at >= coalesce((SELECT scan_from FROM vetassist_auth.audit_seal_state), '-infinity') \
-                   AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = a.id) \
+                 WHERE a.id IN ( \
+                     SELECT l.id FROM vetassist_auth.audit_log l \
+                     WHERE l.occurred_at >= $2 AND l.id <= $3 \
+                       AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = l.id) \
+                     UNION ALL \
+                     (SELECT l.id FROM vetassist_auth.audit_log l WHERE l.id > $3 ORDER BY l.id LIMIT $1)) \
                  ORDER BY a.id LIMIT $1",
                 None,
-                &[max_rows.into()],
+                &[max_rows.into(), scan_from.into(), sealed_through.into()],
             )
             .map_err(spi_failed)?;
         let (mut seqs, mut ids, mut prevs, mut hashes) = (vec![], vec![], vec![], vec![]);
@@ -133,6 +148,7 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
             hashes.push(hash.to_vec());
         }
         let sealed = ids.len() as i32;
+        let highest = ids.iter().copied().max().unwrap_or(0).max(sealed_through);
         if sealed > 0 {
             client
                 .update(
@@ -143,24 +159,68 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
                 )
                 .map_err(spi_failed)?;
         }
-        if let Some(horizon) = horizon.filter(|_| sealed < max_rows) {
-            // Everything visible is sealed: later rows can only come from transactions that
-            // started after the horizon.
-            client
-                .update(
-                    "INSERT INTO vetassist_auth.audit_seal_state (scan_from) VALUES ($1) \
-                     ON CONFLICT (singleton) DO UPDATE SET scan_from = excluded.scan_from",
-                    None,
-                    &[horizon.into()],
-                )
-                .map_err(spi_failed)?;
-        }
+        // Every late row was taken unless the batch filled up with them alone.
+        let late_rows_done = sealed < max_rows || highest > sealed_through;
+        // On a snapshot older than this call (repeatable read, serializable), rows committed
+        // since that snapshot are invisible here yet absent from the horizon: keep the scan
+        // start where it is, and they are found by a later call.
+        // SAFETY: reads the transaction's isolation level (IsolationUsesXactSnapshot()).
+        let fresh_snapshot = unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
+        let scan_from = match horizon {
+            Some(horizon) if late_rows_done && fresh_snapshot => horizon,
+            _ => scan_from,
+        };
+        // Later rows of transactions still running at the horizon began after it, so every
+        // row not sealed yet is above `highest` or at or after the new scan start.
+        let save_state = if current_schema {
+            "INSERT INTO vetassist_auth.audit_seal_state (scan_from, sealed_through_id) VALUES ($1, $2) \
+             ON CONFLICT (singleton) DO UPDATE SET scan_from = excluded.scan_from, \
+                 sealed_through_id = excluded.sealed_through_id"
+        } else {
+            "INSERT INTO vetassist_auth.audit_seal_state (scan_from) VALUES ($1) \
+             ON CONFLICT (singleton) DO UPDATE SET scan_from = excluded.scan_from"
+        };
+        let state_args: &[pgrx::datum::DatumWithOid] = if current_schema {
+            &[scan_from.into(), highest.into()]
+        } else {
+            &[scan_from.into()]
+        };
+        client
+            .update(save_state, None, state_args)
+            .map_err(spi_failed)?;
         Ok(sealed)
     })
     .or_raise()
 }
 
 const SEAL_LOCK_CLASS: i32 = 0x7661_6b32; // "vak2"
+
+/// Where the sealer's scan starts: rows at or after `scan_from` may be unsealed, and so may
+/// every row above `sealed_through_id`.
+fn seal_state(
+    client: &pgrx::spi::SpiClient<'_>,
+    current_schema: bool,
+) -> Outcome<(TimestampWithTimeZone, i64)> {
+    let query = if current_schema {
+        "SELECT scan_from, sealed_through_id FROM vetassist_auth.audit_seal_state"
+    } else {
+        // Every row counts as at or below the highest sealed id: the time range alone decides.
+        "SELECT scan_from, 9223372036854775807::bigint FROM vetassist_auth.audit_seal_state"
+    };
+    let state = client.select(query, None, &[]).map_err(spi_failed)?;
+    let (scan_from, through) = match state.into_iter().next() {
+        Some(row) => (
+            row.get::<TimestampWithTimeZone>(1).map_err(spi_failed)?,
+            row.get::<i64>(2).map_err(spi_failed)?,
+        ),
+        None => (None, None),
+    };
+    let no_row_yet = if current_schema { 0 } else { i64::MAX };
+    Ok((
+        scan_from.unwrap_or(TimestampWithTimeZone::negative_infinity()),
+        through.unwrap_or(no_row_yet),
+    ))
+}
 
 struct Verdict {
     ok: bool,
@@ -262,7 +322,9 @@ fn walk_chain() -> Outcome<Verdict> {
                  FROM vetassist_auth.audit_seals s \
                  FULL JOIN vetassist_auth.audit_log a ON a.id = s.audit_id \
                  WHERE s.seq IS NOT NULL \
-                    OR a.occurred_at < coalesce((SELECT scan_from FROM vetassist_auth.audit_seal_state), '-infinity')",
+                    OR (a.occurred_at < coalesce((SELECT scan_from FROM vetassist_auth.audit_seal_state), '-infinity') \
+                        AND a.id <= coalesce((SELECT (pg_catalog.to_jsonb(st) ->> 'sealed_through_id')::bigint \
+                                              FROM vetassist_auth.audit_seal_state st), 9223372036854775807))",
                 None,
                 &[],
             )

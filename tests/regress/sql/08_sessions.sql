@@ -7,7 +7,7 @@ CREATE TEMP TABLE vet AS SELECT vetassist_auth.upsert_va_user('1012660000V000008
 SELECT vetassist_auth.create_session(id, 'jwt-a', now() + interval '1 day', '203.0.113.7', 'Mozilla/5.0', 'fp-1', '{"os": "iOS"}') IS NOT NULL AS created FROM vet;
 SELECT vetassist_auth.create_session(id, 'jwt-b', now() + interval '1 hour') IS NOT NULL AS created FROM vet;
 RESET ROLE;
-SELECT jwt_id, status, expires_at - created_at AS lifetime, idle_timeout, live_until = created_at + idle_timeout AS idle_deadline,
+SELECT jwt_id, status, date_trunc('minute', expires_at - created_at + interval '30 seconds') AS lifetime, idle_timeout, live_until = created_at + idle_timeout AS idle_deadline,
        ip_hash = vetassist_auth.field_hash('203.0.113.7', 'ip') AS ip_hashed, octet_length(device_fingerprint_hash) AS fp_hash_len,
        position(convert_to('203.0.113.7', 'UTF8') IN s::text::bytea) = 0 AS no_clear_ip
 FROM vetassist_auth.sessions s ORDER BY jwt_id;
@@ -77,13 +77,24 @@ RESET ROLE;
 RESET vetassist_auth.max_sessions_per_user;
 SELECT jwt_id, status, end_reason FROM vetassist_auth.sessions WHERE jwt_id LIKE 'jwt-cap-%' ORDER BY jwt_id;
 
--- Refresh-token rotation with reuse detection.
+-- Refresh-token rotation with reuse detection. Within refresh_reuse_grace the token just
+-- replaced yields the same successor (two tabs refreshing at once); outside it, reuse ends the session.
 SET ROLE vetassist_app;
 SELECT vetassist_auth.rotate_session_refresh_token('jwt-cap-3', NULL, 'rt-1') AS gen1,
        vetassist_auth.rotate_session_refresh_token('jwt-cap-3', 'rt-1', 'rt-2') AS gen2;
-SELECT vetassist_auth.rotate_session_refresh_token('jwt-cap-3', 'rt-1', 'rt-3') AS reused_old_token;
+SELECT generation, refresh_token AS second_tab_gets FROM vetassist_auth.refresh_session_token('jwt-cap-3', 'rt-1', 'rt-2-other-tab');
+SELECT vetassist_auth.touch_session('jwt-cap-3') AS after_second_tab;
+RESET ROLE;
+SET vetassist_auth.refresh_reuse_grace = 0;
+SET ROLE vetassist_app;
+SELECT regress.try('SET vetassist_auth.refresh_reuse_grace = 60') AS app_cannot_widen_the_grace;
+SELECT generation, refresh_token FROM vetassist_auth.refresh_session_token('jwt-cap-3', 'rt-2', 'rt-3');
+SELECT vetassist_auth.rotate_session_refresh_token('jwt-cap-3', 'rt-2', 'rt-4') AS reused_old_token;
 SELECT vetassist_auth.touch_session('jwt-cap-3') AS after_reuse;
-SELECT regress.try('SELECT vetassist_auth.rotate_session_refresh_token(''jwt-cap-3'', ''rt-2'', ''rt-4'')') AS ended_session;
+SELECT regress.try('SELECT vetassist_auth.rotate_session_refresh_token(''jwt-cap-3'', ''rt-3'', ''rt-5'')') AS ended_session;
+RESET ROLE;
+RESET vetassist_auth.refresh_reuse_grace;
+SET ROLE vetassist_app;
 
 -- Events: validated, stored, audited without their details.
 SELECT vetassist_auth.log_session_event('jwt-cap-2', 'phq9_item9_positive', 'crisis', '{"score": 3}') > 0 AS crisis_logged;

@@ -106,9 +106,9 @@ UPDATE vetassist_auth.audit_seals s SET seq = probe.seq + 1 FROM probe WHERE s.s
 SELECT ok, first_bad_seq - probe.seq AS at_probe, problem LIKE '%does not follow%' AS reordered FROM vetassist_auth.verify_audit_chain(), probe;
 ROLLBACK;
 BEGIN;
--- A row slipped in among sealed ones, with an old timestamp.
+-- A row slipped in among sealed ones (an id below the highest sealed one), with an old timestamp.
 INSERT INTO vetassist_auth.audit_log (id, occurred_at, category, event_type, outcome)
-SELECT s.audit_id + 100000, now() - interval '1 day', 'identity', 'user_created', 'success' FROM vetassist_auth.audit_seals s, probe WHERE s.seq = probe.seq;
+SELECT -s.audit_id, now() - interval '1 day', 'identity', 'user_created', 'success' FROM vetassist_auth.audit_seals s, probe WHERE s.seq = probe.seq;
 SELECT ok, problem LIKE '%inserted afterwards%' AS inserted FROM vetassist_auth.verify_audit_chain();
 ROLLBACK;
 SET session_replication_role = origin;

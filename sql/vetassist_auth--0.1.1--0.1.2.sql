@@ -1,0 +1,805 @@
+-- vetassist_auth 0.1.1 -> 0.1.2
+-- Day-2 operations: key retirement that never strands a value (pins and a snapshot horizon),
+-- unretire_key/destroy_key, an old and a new master key at once, clock-based time-outs, a
+-- refresh-token reuse grace, a restore guard on the keys table, resync_sequences() for
+-- failover, and a sealer whose cost does not grow with the sealed log.
+\echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.1.2'" to load this file. \quit
+
+-- Keys: retirement waits recorded per key; destroyed keys keep their row without material.
+ALTER TABLE vetassist_auth.keys ALTER COLUMN wrapped_key DROP NOT NULL;
+ALTER TABLE vetassist_auth.keys ADD COLUMN retire_after bigint;
+ALTER TABLE vetassist_auth.keys ADD COLUMN destroyed_at timestamptz;
+ALTER TABLE vetassist_auth.keys ADD CONSTRAINT keys_check CHECK ((wrapped_key IS NULL) = (destroyed_at IS NOT NULL));
+ALTER TABLE vetassist_auth.keys ADD CONSTRAINT keys_check1 CHECK (destroyed_at IS NULL OR status = 'retired');
+COMMENT ON COLUMN vetassist_auth.keys.retire_after IS
+    'Set when no value uses this decrypt_only key any more: the transaction id that every open snapshot must have passed before it retires.';
+COMMENT ON COLUMN vetassist_auth.keys.destroyed_at IS
+    'When destroy_key() erased the material of this retired key (wrapped_key is then NULL).';
+
+-- Sessions: the replaced refresh token and its successor, for the reuse grace.
+ALTER TABLE vetassist_auth.sessions ADD COLUMN previous_refresh_token_hash bytea;
+ALTER TABLE vetassist_auth.sessions ADD COLUMN refresh_rotated_at timestamptz;
+ALTER TABLE vetassist_auth.sessions ADD COLUMN refresh_successor_encrypted bytea;
+COMMENT ON COLUMN vetassist_auth.sessions.refresh_successor_encrypted IS
+    'The current refresh token, encrypted (context sessions.refresh_successor:<id>), so the one it replaced can yield it within refresh_reuse_grace.';
+
+-- Sealer: every row above the highest sealed id is unsealed; the rest come from the time range.
+ALTER TABLE vetassist_auth.audit_seal_state ADD COLUMN sealed_through_id bigint NOT NULL DEFAULT 0;
+UPDATE vetassist_auth.audit_seal_state
+SET sealed_through_id = coalesce((SELECT max(audit_id) FROM vetassist_auth.audit_seals), 0);
+COMMENT ON TABLE vetassist_auth.audit_seal_state IS
+    'Sealer state (one row, written by the first seal): every audit row not yet sealed is above sealed_through_id or at or after scan_from; the chain continues from the purge checkpoint.';
+
+-- Functions in Rust.
+
+CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_creation_in_progress_wrapper';
+
+CREATE  FUNCTION "refresh_reuse_grace"() RETURNS interval /* Interval */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
+
+CREATE  FUNCTION "unretire_key"(
+	"key_id" INT /* i32 */
+) RETURNS bool /* bool */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
+
+CREATE  FUNCTION "destroy_key"(
+	"key_id" INT /* i32 */
+) RETURNS bool /* bool */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'destroy_key_wrapper';
+
+CREATE OR REPLACE FUNCTION "rewrap_keys"(
+	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS INT /* i32 */
+SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
+
+
+-- Functions in SQL, as in this release's sql/ files.
+
+CREATE OR REPLACE VIEW vetassist_auth.key_usage AS
+          SELECT vetassist_auth.envelope_key_id(va_icn_encrypted) AS key_id, 'users.va_icn_encrypted' AS used_by FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.envelope_key_id(email_encrypted), 'users.email_encrypted' FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.envelope_key_id(first_name_encrypted), 'users.first_name_encrypted' FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.envelope_key_id(last_name_encrypted), 'users.last_name_encrypted' FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.hash_key_id(va_icn_hash), 'users.va_icn_hash' FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.hash_key_id(email_hash), 'users.email_hash' FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.hash_key_id(first_name_hash), 'users.first_name_hash' FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.hash_key_id(last_name_hash), 'users.last_name_hash' FROM vetassist_auth.users
+UNION ALL SELECT vetassist_auth.envelope_key_id(access_token_encrypted), 'va_tokens.access_token_encrypted' FROM vetassist_auth.va_tokens
+UNION ALL SELECT vetassist_auth.envelope_key_id(refresh_token_encrypted), 'va_tokens.refresh_token_encrypted' FROM vetassist_auth.va_tokens
+UNION ALL SELECT vetassist_auth.envelope_key_id(totp_secret_encrypted), 'mfa_settings.totp_secret_encrypted' FROM vetassist_auth.mfa_settings
+UNION ALL SELECT vetassist_auth.hash_key_id(ip_hash), 'sessions.ip_hash' FROM vetassist_auth.sessions
+UNION ALL SELECT vetassist_auth.hash_key_id(device_fingerprint_hash), 'sessions.device_fingerprint_hash' FROM vetassist_auth.sessions
+UNION ALL SELECT vetassist_auth.hash_key_id(refresh_token_hash), 'sessions.refresh_token_hash' FROM vetassist_auth.sessions
+UNION ALL SELECT vetassist_auth.hash_key_id(previous_refresh_token_hash), 'sessions.previous_refresh_token_hash' FROM vetassist_auth.sessions
+UNION ALL SELECT vetassist_auth.envelope_key_id(refresh_successor_encrypted), 'sessions.refresh_successor_encrypted' FROM vetassist_auth.sessions
+UNION ALL SELECT vetassist_auth.hash_key_id(device_fingerprint_hash), 'trusted_devices.device_fingerprint_hash' FROM vetassist_auth.trusted_devices
+UNION ALL SELECT vetassist_auth.hash_key_id(code_hash), 'mfa_backup_codes.code_hash' FROM vetassist_auth.mfa_backup_codes
+UNION ALL SELECT vetassist_auth.hash_key_id(ip_hash), 'audit_log.ip_hash' FROM vetassist_auth.audit_log
+UNION ALL SELECT key_id, 'audit_seals' FROM vetassist_auth.audit_seals;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    phi_key   integer := vetassist_auth.active_key_id('phi');
+    token_key integer := vetassist_auth.active_key_id('token');
+    hash_key  integer := vetassist_auth.active_key_id('hash');
+    -- Keys whose values can be opened; a row with any other key is left alone.
+    usable    integer[] := ARRAY(SELECT key_id FROM vetassist_auth.keys WHERE status <> 'retired');
+    moved     bigint := 0;
+    n         bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
+    END IF;
+
+    WITH batch AS (
+        SELECT u.id FROM vetassist_auth.users u
+        WHERE (vetassist_auth.envelope_key_id(u.va_icn_encrypted) <> phi_key
+           OR vetassist_auth.envelope_key_id(u.email_encrypted) <> phi_key
+           OR vetassist_auth.envelope_key_id(u.first_name_encrypted) <> phi_key
+           OR vetassist_auth.envelope_key_id(u.last_name_encrypted) <> phi_key
+           OR vetassist_auth.hash_key_id(u.va_icn_hash) <> hash_key
+           OR vetassist_auth.hash_key_id(u.email_hash) <> hash_key
+           OR vetassist_auth.hash_key_id(u.first_name_hash) <> hash_key
+           OR vetassist_auth.hash_key_id(u.last_name_hash) <> hash_key)
+          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(u.va_icn_encrypted),
+                                 vetassist_auth.envelope_key_id(u.email_encrypted),
+                                 vetassist_auth.envelope_key_id(u.first_name_encrypted),
+                                 vetassist_auth.envelope_key_id(u.last_name_encrypted)], NULL) <@ usable
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), plain AS (
+        SELECT u.id,
+               vetassist_auth.decrypt_text(u.va_icn_encrypted, 'users.va_icn:' || u.id) AS va_icn,
+               vetassist_auth.decrypt_text(u.email_encrypted, 'users.email:' || u.id) AS email,
+               vetassist_auth.decrypt_text(u.first_name_encrypted, 'users.first_name:' || u.id) AS first_name,
+               vetassist_auth.decrypt_text(u.last_name_encrypted, 'users.last_name:' || u.id) AS last_name
+        FROM batch JOIN vetassist_auth.users u USING (id)
+    )
+    UPDATE vetassist_auth.users u SET
+        va_icn_encrypted     = vetassist_auth.encrypt_text(p.va_icn, 'users.va_icn:' || u.id),
+        va_icn_hash          = vetassist_auth.field_hash(p.va_icn, 'va_icn'),
+        email_encrypted      = vetassist_auth.encrypt_text(p.email, 'users.email:' || u.id),
+        email_hash           = vetassist_auth.field_hash(p.email, 'email'),
+        first_name_encrypted = vetassist_auth.encrypt_text(p.first_name, 'users.first_name:' || u.id),
+        first_name_hash      = vetassist_auth.field_hash(p.first_name, 'first_name'),
+        last_name_encrypted  = vetassist_auth.encrypt_text(p.last_name, 'users.last_name:' || u.id),
+        last_name_hash       = vetassist_auth.field_hash(p.last_name, 'last_name')
+    FROM plain p WHERE u.id = p.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    moved := moved + n;
+
+    WITH batch AS (
+        SELECT t.id FROM vetassist_auth.va_tokens t
+        WHERE (vetassist_auth.envelope_key_id(t.access_token_encrypted) <> token_key
+           OR vetassist_auth.envelope_key_id(t.refresh_token_encrypted) <> token_key)
+          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(t.access_token_encrypted),
+                                 vetassist_auth.envelope_key_id(t.refresh_token_encrypted)], NULL) <@ usable
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE vetassist_auth.va_tokens t SET
+        access_token_encrypted = vetassist_auth.encrypt_token(
+            vetassist_auth.decrypt_token(t.access_token_encrypted, 'va_tokens.access_token:' || t.user_id),
+            'va_tokens.access_token:' || t.user_id),
+        refresh_token_encrypted = vetassist_auth.encrypt_token(
+            vetassist_auth.decrypt_token(t.refresh_token_encrypted, 'va_tokens.refresh_token:' || t.user_id),
+            'va_tokens.refresh_token:' || t.user_id)
+    FROM batch WHERE t.id = batch.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    moved := moved + n;
+
+    WITH batch AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) <> token_key
+          AND vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) = ANY (usable)
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE vetassist_auth.sessions s SET
+        refresh_successor_encrypted = vetassist_auth.encrypt_token(
+            vetassist_auth.decrypt_token(s.refresh_successor_encrypted, 'sessions.refresh_successor:' || s.id),
+            'sessions.refresh_successor:' || s.id)
+    FROM batch WHERE s.id = batch.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    moved := moved + n;
+
+    WITH batch AS (
+        SELECT m.user_id FROM vetassist_auth.mfa_settings m
+        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
+          AND vetassist_auth.envelope_key_id(m.totp_secret_encrypted) = ANY (usable)
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE vetassist_auth.mfa_settings m SET
+        totp_secret_encrypted = vetassist_auth.encrypt(
+            vetassist_auth.decrypt(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
+            'mfa_settings.totp_secret:' || m.user_id)
+    FROM batch WHERE m.user_id = batch.user_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    moved := moved + n;
+
+    IF moved = 0 THEN
+        PERFORM vetassist_auth.retire_unused_keys();
+        SELECT count(*) INTO n FROM vetassist_auth.key_usage k
+        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND NOT k.key_id = ANY (usable);
+        IF n > 0 THEN
+            RAISE WARNING 'vetassist_auth: % stored value(s) are under retired or unknown keys and cannot be moved', n
+                USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
+        END IF;
+    END IF;
+    RETURN moved;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row vetassist_auth.va_tokens;
+BEGIN
+    SELECT t.* INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.close_session(
+    session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE vetassist_auth.sessions s
+    SET status = new_status, ended_at = clock_timestamp(), end_reason = reason,
+        refresh_successor_encrypted = NULL
+    WHERE s.id = session.id AND s.status = 'ACTIVE';
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM vetassist_auth.write_audit('session', 'session_' || lower(new_status::text), 'success',
+        session.user_id, 'sessions', session.id::text, jsonb_build_object('reason', reason));
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF session.status <> 'ACTIVE' OR clock_timestamp() >= session.live_until THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.create_session(
+    user_id uuid, jwt_id text, expires_at timestamptz, ip inet DEFAULT NULL, user_agent text DEFAULT NULL,
+    device_fingerprint text DEFAULT NULL, device_info jsonb DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid      uuid := gen_random_uuid();
+    started  timestamptz := clock_timestamp();
+    idle     interval := vetassist_auth.session_idle_timeout();
+    ends     timestamptz;
+    active   boolean;
+    cap      integer := vetassist_auth.max_sessions_per_user();
+    oldest   vetassist_auth.sessions;
+BEGIN
+    IF coalesce(jwt_id, '') = '' OR length(jwt_id) > 255 THEN
+        RAISE EXCEPTION 'vetassist_auth: jwt_id must be 1 to 255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= started THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(user_agent) > 1024 OR length(device_fingerprint) > 1024 THEN
+        RAISE EXCEPTION 'vetassist_auth: user_agent and device_fingerprint must be at most 1024 characters' USING ERRCODE = '22023';
+    END IF;
+    IF device_info IS NOT NULL AND (jsonb_typeof(device_info) <> 'object' OR octet_length(device_info::text) > 16384) THEN
+        RAISE EXCEPTION 'vetassist_auth: device_info must be a JSON object of at most 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    ends := least(expires_at, started + vetassist_auth.session_absolute_timeout());
+    BEGIN
+        INSERT INTO vetassist_auth.sessions
+            (id, user_id, jwt_id, ip_hash, user_agent, device_fingerprint_hash, device_info,
+             idle_timeout, created_at, last_activity_at, expires_at, live_until)
+        VALUES (sid, user_id, jwt_id,
+                vetassist_auth.field_hash(ip::text, 'ip'), user_agent,
+                vetassist_auth.field_hash(device_fingerprint, 'device_fingerprint'), device_info,
+                idle, started, started, ends, least(ends, started + idle));
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'vetassist_auth: a session with this jwt_id already exists' USING ERRCODE = '23505';
+    END;
+    PERFORM vetassist_auth.write_audit('session', 'session_created', 'success', user_id, 'sessions', sid::text,
+        jsonb_build_object('expires_at', ends, 'idle_timeout', idle));
+    -- Over the per-user cap: the oldest live sessions give way.
+    IF cap > 0 THEN
+        FOR oldest IN
+            SELECT * FROM vetassist_auth.sessions s
+            WHERE s.user_id = create_session.user_id AND s.status = 'ACTIVE'
+            ORDER BY s.id = sid DESC, s.created_at DESC, s.last_activity_at DESC
+            OFFSET cap
+            FOR UPDATE
+        LOOP
+            PERFORM vetassist_auth.close_session(oldest, 'TERMINATED', 'session_limit');
+        END LOOP;
+    END IF;
+    RETURN sid;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth.session_status
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions;
+    now_ts timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.jwt_id = touch_session.jwt_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
+    END IF;
+    IF s.status <> 'ACTIVE' THEN
+        RETURN s.status;
+    END IF;
+    IF now_ts >= s.live_until THEN
+        PERFORM vetassist_auth.close_session(s, 'EXPIRED',
+            CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END);
+        RETURN 'EXPIRED';
+    END IF;
+    PERFORM vetassist_auth.set_current_session(s.id);
+    IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
+        UPDATE vetassist_auth.sessions t
+        SET last_activity_at = now_ts, live_until = least(t.expires_at, now_ts + t.idle_timeout)
+        WHERE t.id = s.id AND t.status = 'ACTIVE';
+        IF NOT FOUND THEN  -- ended by someone else a moment ago
+            RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.id = s.id);
+        END IF;
+        INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
+        VALUES (s.id, s.user_id, 'request');
+    END IF;
+    RETURN 'ACTIVE';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.session_status(jwt_id text) RETURNS vetassist_auth.session_status
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+BEGIN
+    IF s.status <> 'ACTIVE' THEN
+        RETURN s.status;
+    ELSIF clock_timestamp() >= s.live_until THEN
+        RETURN 'EXPIRED';
+    ELSIF clock_timestamp() >= s.live_until - vetassist_auth.session_idle_warning() AND s.live_until < s.expires_at THEN
+        RETURN 'IDLE';
+    END IF;
+    RETURN 'ACTIVE';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.refresh_session_token(jwt_id text, presented text, replacement text)
+RETURNS TABLE (generation integer, refresh_token text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
+    ts timestamptz := clock_timestamp();
+    successor_context text;
+BEGIN
+    IF coalesce(replacement, '') = '' OR octet_length(replacement) > 4096 THEN
+        RAISE EXCEPTION 'vetassist_auth: replacement must be 1 byte to 4 KiB' USING ERRCODE = '22023';
+    END IF;
+    PERFORM vetassist_auth.require_live(s);
+    successor_context := 'sessions.refresh_successor:' || s.id;
+    IF s.refresh_token_hash IS NULL AND presented IS NULL
+       OR s.refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
+        UPDATE vetassist_auth.sessions t
+        SET previous_refresh_token_hash = t.refresh_token_hash,
+            refresh_token_hash = vetassist_auth.field_hash(replacement, 'session_refresh_token'),
+            refresh_generation = t.refresh_generation + 1,
+            refresh_rotated_at = ts,
+            refresh_successor_encrypted = CASE WHEN vetassist_auth.refresh_reuse_grace() > interval '0'
+                THEN vetassist_auth.encrypt_token(replacement, successor_context) END
+        WHERE t.id = s.id;
+        PERFORM vetassist_auth.write_audit('session', 'refresh_token_rotated', 'success', s.user_id, 'sessions', s.id::text,
+            jsonb_build_object('generation', s.refresh_generation + 1));
+        RETURN QUERY SELECT s.refresh_generation + 1, replacement;
+        RETURN;
+    END IF;
+    IF presented IS NOT NULL AND s.refresh_successor_encrypted IS NOT NULL
+       AND ts < s.refresh_rotated_at + vetassist_auth.refresh_reuse_grace()
+       AND s.previous_refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
+        PERFORM vetassist_auth.write_audit('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
+            jsonb_build_object('generation', s.refresh_generation));
+        RETURN QUERY SELECT s.refresh_generation,
+                            vetassist_auth.decrypt_token(s.refresh_successor_encrypted, successor_context);
+        RETURN;
+    END IF;
+    PERFORM vetassist_auth.close_session(s, 'TERMINATED', 'refresh_token_reuse');
+    PERFORM vetassist_auth.write_audit('session', 'refresh_token_reuse', 'denied', s.user_id, 'sessions', s.id::text,
+        jsonb_build_object('generation', s.refresh_generation));
+    RETURN QUERY SELECT NULL::integer, NULL::text;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.refresh_session_token(text, text, text) IS
+    'Replaces the session''s refresh token: returns the new generation and the token now current (the replacement, or within the reuse grace the successor already issued); NULLs after ending the session when a stale token is presented.';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.rotate_session_refresh_token(jwt_id text, presented text, replacement text)
+RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT r.generation FROM vetassist_auth.refresh_session_token(jwt_id, presented, replacement) r
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.rotate_session_refresh_token(text, text, text) IS
+    'refresh_session_token returning only the generation (NULL after ending the session on reuse).';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ts timestamptz := clock_timestamp();  -- a variable, so the index on live_until is used
+    expired integer;
+    purged integer;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
+    END IF;
+    WITH due AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        ORDER BY s.live_until
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        FROM due WHERE s.id = due.id
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH old AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.ended_at < ts - vetassist_auth.session_retention()
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM vetassist_auth.sessions s USING old WHERE s.id = old.id;
+    GET DIAGNOSTICS purged = ROW_COUNT;
+    IF purged > 0 THEN
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_check(m vetassist_auth.mfa_settings, code text, require_enabled boolean)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    secret bytea;
+    step bigint;
+    backup bigint;
+BEGIN
+    IF m.locked_until > clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: too many failed codes; MFA is locked for this user' USING ERRCODE = '28000',
+            HINT = 'Wait for the lock-out to end (vetassist_auth.mfa_lockout).';
+    END IF;
+    IF require_enabled AND NOT m.totp_enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
+    END IF;
+    secret := vetassist_auth.decrypt(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
+    step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
+                                      m.last_used_step);
+    IF step IS NULL AND require_enabled THEN
+        UPDATE vetassist_auth.mfa_backup_codes b SET used_at = clock_timestamp()
+        WHERE b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
+                      WHERE c.user_id = m.user_id AND c.used_at IS NULL
+                        AND c.code_hash = ANY (vetassist_auth.field_hashes(
+                                m.user_id || ':' || vetassist_auth.mfa_normalize_backup_code(coalesce(code, '')), 'mfa_backup_code'))
+                      LIMIT 1 FOR UPDATE)
+        RETURNING b.id INTO backup;
+        IF backup IS NOT NULL THEN
+            step := 0;
+        END IF;
+    END IF;
+    IF step IS NULL THEN
+        -- Counting starts again once an earlier lock-out has ended.
+        UPDATE vetassist_auth.mfa_settings s
+        SET failed_attempts = CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END,
+            locked_until = CASE WHEN (CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END)
+                                     >= vetassist_auth.mfa_max_failures()
+                                THEN clock_timestamp() + vetassist_auth.mfa_lockout() END,
+            updated_at = clock_timestamp()
+        WHERE s.user_id = m.user_id;
+        RETURN NULL;
+    END IF;
+    UPDATE vetassist_auth.mfa_settings s
+    SET failed_attempts = 0, locked_until = NULL, updated_at = clock_timestamp(),
+        last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END
+    WHERE s.user_id = m.user_id;
+    RETURN step;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_enroll_totp(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    secret bytea := vetassist_auth.totp_new_secret();
+    enabled boolean;
+BEGIN
+    IF NOT vetassist_auth.require_user(user_id) THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    SELECT s.totp_enabled INTO enabled FROM vetassist_auth.mfa_settings s WHERE s.user_id = mfa_enroll_totp.user_id FOR UPDATE;
+    IF enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023',
+            HINT = 'Call mfa_disable first to enrol a new authenticator.';
+    END IF;
+    INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at)
+    VALUES (mfa_enroll_totp.user_id,
+            vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
+    ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
+        totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = clock_timestamp(), confirmed_at = NULL,
+        last_used_step = NULL, failed_attempts = 0, locked_until = NULL, updated_at = clock_timestamp();
+    PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_started', 'success', user_id, 'mfa_settings', user_id::text);
+    RETURN vetassist_auth.totp_uri(secret, 'veteran-' || left(user_id::text, 8));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_confirm_totp(user_id uuid, code text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m vetassist_auth.mfa_settings := vetassist_auth.mfa_row(user_id);
+    step bigint;
+BEGIN
+    IF m.totp_enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
+    END IF;
+    step := vetassist_auth.mfa_check(m, code, false);
+    IF step IS NOT NULL THEN
+        UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = clock_timestamp()
+        WHERE s.user_id = mfa_confirm_totp.user_id;
+    END IF;
+    PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed',
+        CASE WHEN step IS NULL THEN 'failure' ELSE 'success' END, user_id, 'mfa_settings', user_id::text);
+    RETURN step IS NOT NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_verify(jwt_id text, code text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
+    m vetassist_auth.mfa_settings;
+    step bigint;
+BEGIN
+    PERFORM vetassist_auth.require_live(s);
+    m := vetassist_auth.mfa_row(s.user_id);
+    step := vetassist_auth.mfa_check(m, code, true);
+    IF step IS NOT NULL THEN
+        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = clock_timestamp() WHERE t.id = s.id;
+        PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'success', s.user_id, 'sessions', s.id::text,
+            jsonb_build_object('method', CASE WHEN step = 0 THEN 'backup_code' ELSE 'totp' END));
+        RETURN true;
+    END IF;
+    SELECT * INTO m FROM vetassist_auth.mfa_settings t WHERE t.user_id = s.user_id;
+    PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'failure', s.user_id, 'sessions', s.id::text,
+        jsonb_build_object('failed_attempts', m.failed_attempts));
+    IF m.locked_until > clock_timestamp() THEN
+        PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
+        PERFORM vetassist_auth.write_audit('mfa', 'mfa_locked_out', 'denied', s.user_id, 'mfa_settings', s.user_id::text,
+            jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
+    END IF;
+    RETURN false;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_trust_device(jwt_id text, days integer DEFAULT 30) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+    device uuid;
+BEGIN
+    IF days IS NULL OR days < 1 OR days > 90 THEN
+        RAISE EXCEPTION 'vetassist_auth: days must be between 1 and 90' USING ERRCODE = '22023';
+    END IF;
+    IF s.status <> 'ACTIVE' OR NOT s.mfa_verified THEN
+        RAISE EXCEPTION 'vetassist_auth: only a live, MFA-verified session can trust its device' USING ERRCODE = '28000';
+    END IF;
+    IF s.device_fingerprint_hash IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has no device fingerprint' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO vetassist_auth.trusted_devices (user_id, device_fingerprint_hash, trusted_until)
+    VALUES (s.user_id, s.device_fingerprint_hash, clock_timestamp() + make_interval(days => days))
+    RETURNING id INTO device;
+    PERFORM vetassist_auth.write_audit('mfa', 'device_trusted', 'success', s.user_id, 'trusted_devices', device::text,
+                                       jsonb_build_object('days', days));
+    RETURN device;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_trusted_devices(user_id uuid)
+RETURNS TABLE (device_id uuid, created_at timestamptz, trusted_until timestamptz, last_used_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    RETURN QUERY SELECT d.id, d.created_at, d.trusted_until, d.last_used_at FROM vetassist_auth.trusted_devices d
+                 WHERE d.user_id = mfa_trusted_devices.user_id AND d.revoked_at IS NULL AND d.trusted_until > clock_timestamp()
+                 ORDER BY d.created_at;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_revoke_device(user_id uuid, device_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = clock_timestamp()
+    WHERE d.id = device_id AND d.user_id = mfa_revoke_device.user_id AND d.revoked_at IS NULL;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM vetassist_auth.write_audit('mfa', 'device_revoked', 'success', user_id, 'trusted_devices', device_id::text);
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_required(jwt_id text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+BEGIN
+    PERFORM vetassist_auth.require_live(s);
+    IF s.mfa_verified OR NOT EXISTS (SELECT 1 FROM vetassist_auth.mfa_settings m
+                                     WHERE m.user_id = s.user_id AND m.totp_enabled) THEN
+        RETURN false;
+    END IF;
+    RETURN NOT EXISTS (SELECT 1 FROM vetassist_auth.trusted_devices d
+                       WHERE d.user_id = s.user_id AND d.device_fingerprint_hash = s.device_fingerprint_hash
+                         AND d.revoked_at IS NULL AND d.trusted_until > clock_timestamp());
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_disable(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_disable.user_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM vetassist_auth.mfa_backup_codes b WHERE b.user_id = mfa_disable.user_id;
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = clock_timestamp()
+    WHERE d.user_id = mfa_disable.user_id AND d.revoked_at IS NULL;
+    PERFORM vetassist_auth.write_audit('mfa', 'mfa_disabled', 'success', user_id, 'mfa_settings', user_id::text);
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+CREATE OR REPLACE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
+    slack bigint := 9 * current_setting('max_connections')::bigint;
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
+        -- base plus its mirrored count, with room for leases not mirrored yet.
+        UNION ALL SELECT purpose || '_encryptions_seq',
+                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
+                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
+                  FROM (VALUES ('phi'), ('token')) p(purpose)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
+
+
+-- Privileges: nothing new is executable by PUBLIC; each role gets its new API.
+REVOKE ALL ON FUNCTION
+    vetassist_auth.key_creation_in_progress(),
+    vetassist_auth.refresh_reuse_grace(),
+    vetassist_auth.unretire_key(integer),
+    vetassist_auth.destroy_key(integer),
+    vetassist_auth.refresh_session_token(text, text, text),
+    vetassist_auth.refuse_foreign_keys(),
+    vetassist_auth.resync_sequences()
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.refresh_session_token(text, text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION
+    vetassist_auth.unretire_key(integer),
+    vetassist_auth.destroy_key(integer),
+    vetassist_auth.resync_sequences()
+TO vetassist_admin;
+GRANT SELECT (destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
