@@ -88,7 +88,6 @@ const LEASE: i64 = 128;
 /// keys.encrypt_count is refreshed every this many leases (1,024 encryptions).
 const MIRROR_EVERY: i64 = 8;
 
-
 pub struct DataKey {
     pub id: u32,
     pub purpose: Purpose,
@@ -159,7 +158,7 @@ enum MasterSource {
     Inline(&'static std::ffi::CStr),
 }
 
-fn previous_master_file() -> Option<&'static str> {
+fn previous_master_file<'a>() -> Option<&'a str> {
     gucs::string_setting(&gucs::PREVIOUS_MASTER_KEY_FILE).and_then(|path| path.to_str().ok())
 }
 
@@ -386,7 +385,8 @@ fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> R
                 false,
                 0,
             );
-            let rows = if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null() {
+            let rows = if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null()
+            {
                 let table = &*pg_sys::SPI_tuptable;
                 (0..pg_sys::SPI_processed as usize)
                     .map(|i| {
@@ -480,7 +480,12 @@ fn create_active_key(purpose: Purpose) -> Result<()> {
             "INSERT INTO vetassist_auth.keys (key_id, purpose, status, wrapped_key, counter_base) \
              VALUES ($1, $2, 'active', $3, $4)",
             None,
-            &[id.into(), purpose.as_str().into(), wrapped.into(), base.into()],
+            &[
+                id.into(),
+                purpose.as_str().into(),
+                wrapped.into(),
+                base.into(),
+            ],
         );
         CREATING_KEY.set(false);
         inserted.map_err(spi_failure)?;
@@ -769,7 +774,7 @@ fn rotate_key(purpose: &str) -> i32 {
     kek().or_raise();
     // The retiring key's final count comes from the counter before the new key takes it over.
     lock_purpose(purpose);
-    let position = Spi::connect(|client| counter_position(&client, purpose)).or_raise();
+    let position = Spi::connect(|client| counter_position(client, purpose)).or_raise();
     Spi::run_with_args(
         "UPDATE vetassist_auth.keys \
          SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, ($2 - counter_base) * $3) \
@@ -805,11 +810,16 @@ fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
         .with_hint("The session user needs the privileges of pg_read_server_files.")
         .raise();
     }
-    let old_file = old_master_key_file.or_else(|| previous_master_file()).unwrap_or_else(|| {
-        Failure::new(Kind::InvalidArgument, "vetassist_auth: no old master key file was given")
+    let old_file = old_master_key_file
+        .or_else(previous_master_file)
+        .unwrap_or_else(|| {
+            Failure::new(
+                Kind::InvalidArgument,
+                "vetassist_auth: no old master key file was given",
+            )
             .with_hint("Pass its path, or set vetassist_auth.previous_master_key_file.")
             .raise()
-    });
+        });
     let old_kek = crypto::derive_kek(&read_master_key_file(old_file).or_raise());
     refresh().or_raise();
     let new_kek = kek().or_raise();
@@ -856,7 +866,6 @@ fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
 fn active_key_id(purpose: &str) -> i32 {
     active_key(Purpose::parse(purpose).or_raise()).or_raise().id as i32
 }
-
 
 /// How `retire_unused_keys` found each `decrypt_only` key.
 enum Retirement {
@@ -927,7 +936,9 @@ fn retire_unused_keys() -> i32 {
             ),
             _ => continue,
         };
-        Spi::run_with_args(sql, &args).map_err(spi_failure).or_raise();
+        Spi::run_with_args(sql, &args)
+            .map_err(spi_failure)
+            .or_raise();
         if matches!(outcome, Retirement::Retired) {
             audit_key_event("key_retired", id);
         }
@@ -966,15 +977,15 @@ fn audit_key_event(event_type: &str, key_id: i32) {
     .or_raise();
 }
 
-/// Brings a retired key back to `decrypt_only`, for values found under it after all (restored
-/// from a backup, written outside the extension's tables). Its material must still exist.
-#[pg_extern(security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn unretire_key(key_id: i32) -> bool {
+/// Applies `set` (an assignment list of our own) to a retired key whose material still exists,
+/// audits it as `event_type`, and tells every backend; P0002 when there is no such key.
+fn change_retired_key(key_id: i32, set: &str, event_type: &str, hint: &str) -> bool {
     let changed = Spi::get_one_with_args::<i64>(
-        "WITH k AS (UPDATE vetassist_auth.keys SET status = 'decrypt_only', retired_at = NULL \
-                    WHERE key_id = $1 AND status = 'retired' AND wrapped_key IS NOT NULL RETURNING 1) \
-         SELECT pg_catalog.count(*) FROM k",
+        &format!(
+            "WITH k AS (UPDATE vetassist_auth.keys SET {set} \
+                        WHERE key_id = $1 AND status = 'retired' AND wrapped_key IS NOT NULL RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM k"
+        ),
         &[key_id.into()],
     )
     .map_err(spi_failure)
@@ -985,11 +996,25 @@ fn unretire_key(key_id: i32) -> bool {
             Kind::NotFound,
             "vetassist_auth: no retired key with this id whose material still exists",
         )
+        .with_hint(hint)
         .raise();
     }
-    audit_key_event("key_unretired", key_id);
+    audit_key_event(event_type, key_id);
     invalidate_all_backends();
     true
+}
+
+/// Brings a retired key back to `decrypt_only`, for values found under it after all (restored
+/// from a backup, written outside the extension's tables). Its material must still exist.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn unretire_key(key_id: i32) -> bool {
+    change_retired_key(
+        key_id,
+        "status = 'decrypt_only', retired_at = NULL",
+        "key_unretired",
+        "A destroyed key cannot be brought back.",
+    )
 }
 
 /// Destroys a retired key's material for good (crypto-shredding): values under it can never
@@ -997,24 +1022,10 @@ fn unretire_key(key_id: i32) -> bool {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn destroy_key(key_id: i32) -> bool {
-    let changed = Spi::get_one_with_args::<i64>(
-        "WITH k AS (UPDATE vetassist_auth.keys SET wrapped_key = NULL, destroyed_at = pg_catalog.now() \
-                    WHERE key_id = $1 AND status = 'retired' AND wrapped_key IS NOT NULL RETURNING 1) \
-         SELECT pg_catalog.count(*) FROM k",
-        &[key_id.into()],
+    change_retired_key(
+        key_id,
+        "wrapped_key = NULL, destroyed_at = pg_catalog.now()",
+        "key_destroyed",
+        "Only retired keys are destroyed; reencrypt() retires keys no value uses.",
     )
-    .map_err(spi_failure)
-    .or_raise()
-    .unwrap_or_default();
-    if changed == 0 {
-        Failure::new(
-            Kind::NotFound,
-            "vetassist_auth: no retired key with this id whose material still exists",
-        )
-        .with_hint("Only retired keys are destroyed; reencrypt() retires keys no value uses.")
-        .raise();
-    }
-    audit_key_event("key_destroyed", key_id);
-    invalidate_all_backends();
-    true
 }
