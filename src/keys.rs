@@ -885,6 +885,11 @@ enum Retirement {
 #[search_path(pg_catalog, pg_temp)]
 fn retire_unused_keys() -> i32 {
     refresh().or_raise();
+    // A transaction that has already written may have moved values off a key itself: a snapshot
+    // taken between this check and its commit would still see them under the key. It only
+    // records the horizon, and a later transaction retires.
+    // SAFETY: reads this backend's own transaction state.
+    let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
     // A schema from before 0.1.2 cannot record the wait: retire nothing until it is updated.
     if !schema_has_column("keys", "retire_after") {
         return 0;
@@ -915,7 +920,7 @@ fn retire_unused_keys() -> i32 {
     for (id, retire_after) in free {
         let outcome = if used.contains(&id) {
             Retirement::InUse
-        } else if no_snapshot_before(retire_after.unwrap_or(horizon)).or_raise() {
+        } else if !wrote && no_snapshot_before(retire_after.unwrap_or(horizon)).or_raise() {
             Retirement::Retired
         } else {
             Retirement::Waiting
@@ -926,7 +931,7 @@ fn retire_unused_keys() -> i32 {
                 ("UPDATE vetassist_auth.keys SET status = 'retired', retired_at = pg_catalog.now(), retire_after = NULL WHERE key_id = $1",
                  vec![id.into()])
             }
-            Retirement::Waiting if retire_after.is_none() => (
+            Retirement::Waiting if wrote || retire_after.is_none() => (
                 "UPDATE vetassist_auth.keys SET retire_after = $2 WHERE key_id = $1",
                 vec![id.into(), horizon.into()],
             ),

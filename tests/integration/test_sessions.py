@@ -110,6 +110,19 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
                     break
                 time.sleep(0.1)
             assert status == "EXPIRED"
+        with c.connect("vetassist") as su:
+            # Only a postmaster shutdown stops the worker for good: terminated, it comes back.
+            find = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vetassist_auth sweeper'"
+            (pid,) = su.execute(find).fetchone()
+            su.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            terminated = time.monotonic()
+            while time.monotonic() - terminated < 15:
+                row = su.execute(find).fetchone()
+                if row and row[0] != pid:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("the sweeper did not come back within its restart interval")
         log = c.log()
         assert "vetassist_auth sweeper: expire_sessions failed" in log
         assert "terminated by signal" not in log and "server process" not in log

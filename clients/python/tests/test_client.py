@@ -222,11 +222,15 @@ def test_session_lifecycle(client: VetAssistClient, su: Conn, icn: str) -> None:
         assert r.session_status(jwt_id) is SessionStatus.ACTIVE
         assert r.rotate_session_refresh_token(jwt_id, None, "app-refresh-1") == 1
         assert r.rotate_session_refresh_token(jwt_id, "app-refresh-1", "app-refresh-2") == 2
+        # A second tab presenting the token just replaced, within the grace, gets the same successor.
+        assert r.refresh_session_token(jwt_id, "app-refresh-1", "tab-2-refresh") == (2, "app-refresh-2")
     stored = su.execute("SELECT user_id, ip_hash IS NOT NULL, device_fingerprint_hash IS NOT NULL, device_info"
                         " FROM vetassist_auth.sessions WHERE id = %s", (sid,)).fetchone()
     assert stored == (uid, True, True, {"os": "linux", "mobile": False})
 
-    with client.request() as r:  # a stale refresh token ends the session
+    su.execute("UPDATE vetassist_auth.sessions SET refresh_rotated_at = refresh_rotated_at - interval '1 minute'"
+               " WHERE jwt_id = %s", (jwt_id,))
+    with client.request() as r:  # past the grace, a stale refresh token ends the session
         assert r.rotate_session_refresh_token(jwt_id, "app-refresh-1", "app-refresh-3") is None
         assert r.session_status(jwt_id) is SessionStatus.TERMINATED
     with pytest.raises(AuthenticationRefused), client.request() as r:

@@ -163,6 +163,17 @@ class Request:
                                  (jwt_id, presented, replacement))
         return cast("int | None", generation)
 
+    def refresh_session_token(self, jwt_id: str, presented: str | None,
+                              replacement: str) -> tuple[int, str] | None:
+        """(generation, current refresh token), or None: a stale token was presented and the session ended.
+
+        Within vetassist_auth.refresh_reuse_grace of a rotation, the token just replaced returns the
+        successor already issued (two tabs refreshing at once), not ``replacement``.
+        """
+        generation, token = self._rows("SELECT * FROM vetassist_auth.refresh_session_token(%s, %s, %s)",
+                                       (jwt_id, presented, replacement))[0]
+        return None if generation is None else (int(generation), str(token))
+
     def log_session_event(self, jwt_id: str, event_type: str, severity: str, details: dict[str, Any]) -> int:
         """Records an event (severity info, warning, critical or crisis); crisis also NOTIFYs on commit."""
         event_id = self._value("SELECT vetassist_auth.log_session_event(%s, %s, %s, %s)",

@@ -1,0 +1,402 @@
+"""Day-2 operations under attack and load: rotation with transactions in flight, retired keys
+brought back, a master key change with traffic, clock-based time-outs, two tabs refreshing,
+data-only restores, failover from a logical replica, and sealing a backlog."""
+import random
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import Cluster, install, installed_cluster
+
+PHI_PURPOSES = ("token", "phi", "hash")
+
+
+def drain_reencrypt(admin):
+    """reencrypt until it reports nothing left; every call must succeed."""
+    for _ in range(200):
+        if admin.execute("SELECT vetassist_auth.reencrypt(1000)").fetchone()[0] == 0:
+            return
+    raise AssertionError("reencrypt never finished")
+
+
+def rotate_all_and_reencrypt(admin):
+    for purpose in PHI_PURPOSES:
+        admin.execute("SELECT vetassist_auth.rotate_key(%s)", (purpose,))
+    drain_reencrypt(admin)
+
+
+def key_status(su, key_id):
+    return su.execute("SELECT status FROM vetassist_auth.keys WHERE key_id = %s", (key_id,)).fetchone()[0]
+
+
+def old_keys(su):
+    """The keys that are not active: every one a rotation has moved off."""
+    return dict(su.execute("SELECT key_id, status FROM vetassist_auth.keys WHERE status <> 'active'").fetchall())
+
+
+def sign_in(conn, icn, name="Pat"):
+    return conn.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', %s, %s, 'Doe')",
+                        (icn, f"{name.lower()}@example.org", name)).fetchone()[0]
+
+
+def profile(conn, uid):
+    return conn.execute("SELECT va_icn, email, first_name FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    with installed_cluster("ops", "max_prepared_transactions = 4", "max_connections = 40") as c:
+        yield c
+
+
+def test_a_transaction_open_across_three_rotations_and_reencrypt_loses_nothing(ops):
+    """The issue's exact sequence: B writes under the old keys and commits after A rotated every
+    purpose and ran reencrypt to the end. Nothing B wrote may become unreadable or unfindable."""
+    with ops.connect("vetassist", "app_user") as app, ops.connect("vetassist", "admin_user") as admin, \
+            ops.connect("vetassist") as su, ops.connect("vetassist", "app_user", autocommit=False) as b:
+        u0 = sign_in(app, "9900000010V1")
+        app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'access-0', 'refresh-0', now() + interval '1 hour', NULL)", (u0,))
+        b.execute("SELECT vetassist_auth.store_va_tokens(%s, 'access-b', 'refresh-b', now() + interval '1 hour', NULL)", (u0,))
+        u1 = sign_in(b, "9900000011V1", "New")
+        rotate_all_and_reencrypt(admin)
+        # B still holds its keys: none of them may be retired while it is open.
+        assert "retired" not in old_keys(su).values()
+        b.commit()
+        assert profile(app, u1) == ("9900000011V1", "new@example.org", "New")
+        assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (u0,)).fetchone()[0] == "access-b"
+        assert app.execute("SELECT vetassist_auth.va_refresh_token(%s)", (u0,)).fetchone()[0] == "refresh-b"
+        assert app.execute("SELECT vetassist_auth.find_user_by_icn('9900000011V1')").fetchone()[0] == u1
+        assert sign_in(app, "9900000011V1", "New") == u1  # the next sign-in finds the account
+        drain_reencrypt(admin)  # the rotation finishes, and now retires what nothing needs
+        assert set(old_keys(su).values()) == {"retired"}
+        assert profile(app, u1) == ("9900000011V1", "new@example.org", "New")
+        assert app.execute("SELECT vetassist_auth.find_user_by_icn('9900000011V1')").fetchone()[0] == u1
+
+
+def test_a_repeatable_read_snapshot_keeps_the_key_its_rows_need(ops):
+    with ops.connect("vetassist", "app_user") as app, ops.connect("vetassist", "admin_user") as admin, \
+            ops.connect("vetassist", "app_user", autocommit=False) as reader:
+        uid = sign_in(app, "9900000012V1", "Rita")
+        reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        assert profile(reader, uid)[2] == "Rita"  # the snapshot is taken here
+        rotate_all_and_reencrypt(admin)
+        drain_reencrypt(admin)
+        # The snapshot still sees the row as it was, under the old key: it must still open.
+        assert profile(reader, uid)[2] == "Rita"
+        reader.commit()
+        drain_reencrypt(admin)
+        assert profile(app, uid)[2] == "Rita"
+
+
+def test_a_prepared_transaction_keeps_the_key_it_wrote_under(ops):
+    with ops.connect("vetassist", "app_user") as app, ops.connect("vetassist", "admin_user") as admin, \
+            ops.connect("vetassist") as su:
+        active = dict(su.execute("SELECT purpose, key_id FROM vetassist_auth.keys WHERE status = 'active'").fetchall())
+        with ops.connect("vetassist", "app_user", autocommit=False) as writer:
+            uid = sign_in(writer, "9900000013V1", "Prep")
+            writer.execute("PREPARE TRANSACTION 'ops-prepared'")
+        rotate_all_and_reencrypt(admin)
+        assert key_status(su, active["phi"]) == "decrypt_only" and key_status(su, active["hash"]) == "decrypt_only"
+        su.execute("COMMIT PREPARED 'ops-prepared'")
+        assert profile(app, uid)[2] == "Prep"
+        assert app.execute("SELECT vetassist_auth.find_user_by_icn('9900000013V1')").fetchone()[0] == uid
+        drain_reencrypt(admin)
+        assert profile(app, uid)[2] == "Prep"
+
+
+def test_rotating_and_reencrypting_in_a_loop_under_writers_and_readers(ops):
+    """8 application clients sign in (the same ICNs from several clients), store tokens and read
+    them back in multi-statement transactions while an admin rotates every purpose and
+    re-encrypts without pause. No call may fail; afterwards every value opens and every ICN has
+    exactly one account."""
+    icns = [f"99000001{i:02d}V1" for i in range(30)]
+    errors, accounts, stop = [], {}, threading.Event()
+    lock = threading.Lock()
+
+    def client(n):
+        rng = random.Random(n)
+        with ops.connect("vetassist", "app_user", autocommit=False) as conn:
+            while not stop.is_set():
+                icn = rng.choice(icns)
+                try:
+                    uid = sign_in(conn, icn, f"Vet{icn[6:10]}")
+                    time.sleep(rng.random() / 50)  # stay open across the admin's calls
+                    conn.execute("SELECT vetassist_auth.store_va_tokens(%s, %s, %s, now() + interval '1 hour', NULL)",
+                                 (uid, f"access-{icn}-{n}", f"refresh-{icn}"))
+                    assert profile(conn, uid)[0] == icn
+                    assert conn.execute("SELECT vetassist_auth.find_user_by_icn(%s)", (icn,)).fetchone()[0] == uid
+                    conn.commit()
+                    with lock:
+                        accounts.setdefault(icn, set()).add(uid)
+                except Exception as e:  # noqa: BLE001 - every failure is a finding
+                    conn.rollback()
+                    errors.append(f"client {n}: {type(e).__name__}: {e}")
+
+    def administrator():
+        with ops.connect("vetassist", "admin_user") as admin:
+            while not stop.is_set():
+                try:
+                    rotate_all_and_reencrypt(admin)
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"admin: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)] + [threading.Thread(target=administrator)]
+    for t in threads:
+        t.start()
+    time.sleep(10)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    with ops.connect("vetassist", "admin_user") as admin, ops.connect("vetassist", "app_user") as app, \
+            ops.connect("vetassist") as su:
+        drain_reencrypt(admin)
+        assert len(accounts) == len(icns) and all(len(uids) == 1 for uids in accounts.values())
+        for icn, (uid,) in accounts.items():
+            assert profile(app, uid)[0] == icn
+            assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0].startswith(f"access-{icn}-")
+            assert app.execute("SELECT vetassist_auth.find_user_by_icn(%s)", (icn,)).fetchone()[0] == uid
+        rotations = su.execute("SELECT count(*) FROM vetassist_auth.keys").fetchone()[0]
+        assert rotations > 3 * len(PHI_PURPOSES)  # the admin really rotated during the load
+
+
+def test_an_admin_can_bring_a_retired_key_back_until_it_is_destroyed(ops):
+    """A value kept outside the extension's tables (here: the application's own table) is not
+    tracked, so its key retires; unretire_key brings it back, destroy_key shreds it, audited."""
+    with ops.connect("vetassist", "app_user") as app, ops.connect("vetassist", "admin_user") as admin, \
+            ops.connect("vetassist") as su:
+        kept = app.execute("SELECT vetassist_auth.encrypt_text('kept outside', 'app.note')").fetchone()[0]
+        key_id = int.from_bytes(kept[1:5], "big")
+        admin.execute("SELECT vetassist_auth.rotate_key('phi')")
+        drain_reencrypt(admin)
+        assert key_status(su, key_id) == "retired"
+        with pytest.raises(psycopg.Error) as err:
+            app.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,))
+        assert err.value.sqlstate == "XX001"
+        with pytest.raises(psycopg.Error) as err:
+            app.execute("SELECT vetassist_auth.unretire_key(%s)", (key_id,))
+        assert err.value.sqlstate == "42501"
+        assert admin.execute("SELECT vetassist_auth.unretire_key(%s)", (key_id,)).fetchone()[0] is True
+        assert key_status(su, key_id) == "decrypt_only"
+        assert app.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,)).fetchone()[0] == "kept outside"
+        # Nothing the extension tracks uses it, so the next reencrypt retires it again.
+        drain_reencrypt(admin)
+        assert key_status(su, key_id) == "retired"
+        assert admin.execute("SELECT vetassist_auth.destroy_key(%s)", (key_id,)).fetchone()[0] is True
+        for call in ("unretire_key", "destroy_key"):
+            with pytest.raises(psycopg.Error) as err:
+                admin.execute(f"SELECT vetassist_auth.{call}(%s)", (key_id,))
+            assert err.value.sqlstate == "P0002"
+        active = su.execute("SELECT key_id FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active'").fetchone()[0]
+        with pytest.raises(psycopg.Error) as err:
+            admin.execute("SELECT vetassist_auth.destroy_key(%s)", (active,))
+        assert err.value.sqlstate == "P0002"
+        with pytest.raises(psycopg.Error) as err:
+            app.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,))
+        assert err.value.sqlstate == "XX001"
+        assert su.execute("SELECT wrapped_key IS NULL AND destroyed_at IS NOT NULL FROM vetassist_auth.keys WHERE key_id = %s",
+                          (key_id,)).fetchone()[0]
+        events = [r[0] for r in su.execute("""SELECT event_type FROM vetassist_auth.audit_log
+                                               WHERE target_table = 'keys' AND target_id = %s ORDER BY id""",
+                                           (str(key_id),)).fetchall()]
+        assert events[-3:] == ["key_unretired", "key_retired", "key_destroyed"]
+
+
+def test_changing_the_master_key_under_traffic_sees_no_error():
+    """The runbook: new key file, both settings and one reload, rewrap_keys(), drop the old
+    setting. Eight clients read old values, hash and write the whole time."""
+    with installed_cluster("masterchange", "max_connections = 40") as c:
+        with c.connect("vetassist") as su:
+            su.execute("GRANT pg_read_server_files TO admin_user")
+            old_values = [su.execute("SELECT vetassist_auth.encrypt_text(%s, 'c')", (f"v{i}",)).fetchone()[0] for i in range(20)]
+            email_hash = su.execute("SELECT vetassist_auth.field_hash('a@b.c', 'email')").fetchone()[0]
+        errors, calls, stop = [], [0], threading.Event()
+
+        def client(n):
+            with c.connect("vetassist", "app_user") as conn:
+                while not stop.is_set():
+                    try:
+                        i = n % len(old_values)
+                        assert conn.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (old_values[i],)).fetchone()[0] == f"v{i}"
+                        assert conn.execute("SELECT vetassist_auth.field_hash('A@B.C', 'email')").fetchone()[0] == email_hash
+                        assert conn.execute("SELECT vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('new', 'c'), 'c')").fetchone()[0] == "new"
+                        calls[0] += 1
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        new_file = c.dir / "master-2.key"
+        c.as_postgres("bash", "-c", f"umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{new_file}'")
+        c.as_postgres("bash", "-c", f"""cat >> '{c.dir}/data/postgresql.conf' <<EOF
+vetassist_auth.previous_master_key_file = '{c.key_file}'
+vetassist_auth.master_key_file = '{new_file}'
+EOF""")
+        with c.connect() as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+        with c.connect("vetassist", "admin_user") as admin:
+            assert admin.execute("SELECT vetassist_auth.rewrap_keys()").fetchone()[0] == 2  # phi and hash
+        time.sleep(0.5)
+        c.set_conf("vetassist_auth.previous_master_key_file", "")
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:5]
+        assert calls[0] > 50
+        with c.connect("vetassist", "app_user") as conn:  # the old file is no longer consulted
+            assert conn.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (old_values[0],)).fetchone()[0] == "v0"
+
+
+def test_time_outs_are_decided_by_the_clock_not_the_transaction_start(ops):
+    ops.psql("""DO $$ BEGIN
+                  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'short_idle_app') THEN
+                    CREATE ROLE short_idle_app LOGIN IN ROLE vetassist_app;
+                  END IF;
+                END $$;
+                ALTER ROLE short_idle_app SET vetassist_auth.session_idle_timeout = 2""", "vetassist")
+    with ops.connect("vetassist", "short_idle_app") as app:
+        uid = sign_in(app, "9900000014V1")
+        app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-clock', now() + interval '1 hour')", (uid,))
+    with ops.connect("vetassist", "short_idle_app", autocommit=False) as tx:
+        tx.execute("SELECT 1")  # the transaction (and now()) starts here
+        time.sleep(2.5)
+        assert tx.execute("SELECT vetassist_auth.session_status('jwt-clock')").fetchone()[0] == "EXPIRED"
+        assert tx.execute("SELECT vetassist_auth.touch_session('jwt-clock')").fetchone()[0] == "EXPIRED"
+
+
+def test_two_tabs_refreshing_at_once_keep_the_session(ops):
+    with ops.connect("vetassist", "app_user") as app:
+        uid = sign_in(app, "9900000015V1")
+        app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-tabs', now() + interval '1 hour')", (uid,))
+        assert app.execute("SELECT vetassist_auth.rotate_session_refresh_token('jwt-tabs', NULL, 'r1')").fetchone()[0] == 1
+    results = {}
+
+    def tab(name, hold):
+        with ops.connect("vetassist", "app_user", autocommit=False) as conn:
+            results[name] = conn.execute("SELECT * FROM vetassist_auth.refresh_session_token('jwt-tabs', 'r1', %s)",
+                                         (f"r2-{name}",)).fetchone()
+            time.sleep(hold)
+            conn.commit()
+
+    first = threading.Thread(target=tab, args=("a", 0.5))
+    first.start()
+    time.sleep(0.2)
+    second = threading.Thread(target=tab, args=("b", 0))
+    second.start()  # blocks on the first tab's row lock, then sees its rotation
+    first.join()
+    second.join()
+    assert results == {"a": (2, "r2-a"), "b": (2, "r2-a")}
+    with ops.connect("vetassist", "app_user") as app:
+        assert app.execute("SELECT vetassist_auth.session_status('jwt-tabs')").fetchone()[0] == "ACTIVE"
+        assert app.execute("SELECT vetassist_auth.rotate_session_refresh_token('jwt-tabs', 'r2-a', 'r3')").fetchone()[0] == 3
+
+
+def pg_tool(cluster, *args):
+    return subprocess.run(["sudo", "-u", "postgres", *args, "-h", str(cluster.dir), "-p", str(cluster.port), "-U", "postgres"],
+                          capture_output=True, text=True)
+
+
+def test_a_data_only_restore_is_refused_in_a_used_database_and_works_in_a_fresh_one(ops):
+    with ops.connect("vetassist", "app_user") as app:
+        uid = sign_in(app, "9900000016V1", "Rest")
+        app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'access-r', 'refresh-r', now() + interval '1 hour', NULL)", (uid,))
+    dump = ops.dir / "data-only.dump"
+    out = pg_tool(ops, "pg_dump", "-Fc", "--data-only", "--schema", "vetassist_auth", "-f", str(dump), "vetassist")
+    assert out.returncode == 0, out.stderr
+    install(ops, "used")
+    with ops.connect("used", "app_user") as used:
+        mine = sign_in(used, "9900000099V1", "Mine")
+    before = ops.connect("used").execute("SELECT count(*) FROM vetassist_auth.users").fetchone()[0]
+    out = pg_tool(ops, "pg_restore", "--data-only", "--single-transaction", "--exit-on-error", "-d", "used", str(dump))
+    assert out.returncode != 0
+    assert "this database already has data keys" in out.stderr
+    with ops.connect("used", "app_user") as used:  # nothing was loaded, and what was there still works
+        assert ops.connect("used").execute("SELECT count(*) FROM vetassist_auth.users").fetchone()[0] == before
+        assert profile(used, mine)[2] == "Mine"
+    install(ops, "fresh")
+    out = pg_tool(ops, "pg_restore", "--data-only", "--single-transaction", "--exit-on-error", "-d", "fresh", str(dump))
+    assert out.returncode == 0, out.stderr
+    with ops.connect("fresh", "app_user") as fresh:
+        assert profile(fresh, uid)[2] == "Rest"
+        assert fresh.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == "access-r"
+        assert sign_in(fresh, "9900000017V1", "After") is not None  # the sequences came along
+
+
+def test_failover_to_a_logical_replica_after_resync_sequences():
+    with installed_cluster("primary", "wal_level = logical") as primary:
+        replica = Cluster("replica", "shared_preload_libraries = 'vetassist_auth'")
+        try:
+            install(replica)
+            # The replica opens the same data keys: same master key file.
+            replica.as_postgres("cp", str(primary.key_file), str(replica.key_file))
+            with replica.connect() as conn:
+                conn.execute("SELECT pg_reload_conf()")
+            with primary.connect("vetassist", "app_user") as app:
+                uid = sign_in(app, "9900000018V1", "Repl")
+                app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-repl', now() + interval '1 hour')", (uid,))
+                app.execute("SELECT vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')")
+            primary.psql("CREATE PUBLICATION vetassist_pub FOR TABLES IN SCHEMA vetassist_auth", "vetassist")
+            replica.psql(f"CREATE SUBSCRIPTION vetassist_sub CONNECTION 'host={primary.dir} port={primary.port} "
+                         "dbname=vetassist user=postgres' PUBLICATION vetassist_pub", "vetassist")
+            with primary.connect("vetassist", "app_user") as app:
+                app.execute("SELECT vetassist_auth.touch_session('jwt-repl')")
+                later = sign_in(app, "9900000019V1", "Late")
+            with replica.connect("vetassist") as rsu:
+                for _ in range(200):
+                    if rsu.execute("SELECT count(*) FROM vetassist_auth.users WHERE id = %s", (later,)).fetchone()[0]:
+                        break
+                    time.sleep(0.1)
+                else:
+                    raise AssertionError("the replica never caught up")
+                # Failover: the primary is gone; the replica becomes the database.
+                rsu.execute("ALTER SUBSCRIPTION vetassist_sub DISABLE")
+                rsu.execute("ALTER SUBSCRIPTION vetassist_sub SET (slot_name = NONE)")
+                rsu.execute("DROP SUBSCRIPTION vetassist_sub")
+            with replica.connect("vetassist", "app_user") as app:
+                with pytest.raises(psycopg.Error) as err:  # sequences were not replicated
+                    sign_in(app, "9900000020V1")
+                assert err.value.sqlstate == "23505"
+            with replica.connect("vetassist", "admin_user") as admin:
+                moved = {r[0] for r in admin.execute("SELECT * FROM vetassist_auth.resync_sequences()").fetchall()}
+                assert "audit_log_id_seq" in moved
+            with replica.connect("vetassist", "app_user") as app:
+                assert profile(app, uid)[2] == "Repl"
+                assert sign_in(app, "9900000020V1") is not None
+                assert app.execute("SELECT vetassist_auth.touch_session('jwt-repl')").fetchone()[0] == "ACTIVE"
+            with replica.connect("vetassist") as rsu:
+                ok = rsu.execute("SELECT ok, problem FROM vetassist_auth.verify_audit_chain()").fetchone()
+                assert ok[0], ok[1]
+        finally:
+            replica.stop()
+            with primary.connect() as conn:
+                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+
+
+def test_sealing_a_backlog_reads_a_bounded_number_of_rows_per_batch(cluster):
+    """20,000 unsealed rows sealed 1,000 at a time: each call reads about its batch, not the log."""
+    install(cluster, "backlog")
+    with cluster.connect("backlog", "app_user") as app:
+        app.execute("SELECT count(vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')) FROM generate_series(1, 20000)")
+    reads = []
+    with cluster.connect("backlog", "admin_user", autocommit=False) as admin:
+        while True:
+            sealed = admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0]
+            read = admin.execute("""SELECT coalesce(sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)), 0)
+                                    FROM pg_stat_xact_user_tables
+                                    WHERE schemaname = 'vetassist_auth' AND relname = 'audit_log'""").fetchone()[0]
+            admin.commit()
+            if sealed == 0:
+                break
+            reads.append(read)
+    assert len(reads) >= 20
+    assert max(reads) <= 3000, reads
+    with cluster.connect("backlog") as su:
+        ok, checked, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+        assert ok and checked >= 20000, problem
