@@ -75,7 +75,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.set_actor(uuid, text),
     vetassist_auth.audit_event(text, text, text, jsonb)
 TO vetassist_admin;
-GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
+GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
 
 -- Auditors read the trail and check the installation.
 GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassist_auditor;

@@ -52,6 +52,9 @@ BEGIN
         WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(icn, 'va_icn'))
         FOR UPDATE;
         EXIT WHEN FOUND;
+        -- A transaction creating the same account under another hash key (a rotation between
+        -- the two) would not conflict in the unique index: wait for it and look again.
+        CONTINUE WHEN vetassist_auth.claim_new_account(icn);
         uid := gen_random_uuid();
         INSERT INTO vetassist_auth.users AS u
             (id, va_icn_encrypted, va_icn_hash, va_veteran_status,

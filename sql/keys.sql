@@ -31,6 +31,29 @@ COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored cipherte
 -- snapshots have ended). Rows locked by other transactions are skipped (SKIP LOCKED) and
 -- picked up by a later call. A row with a value under a retired or unknown key cannot be
 -- opened: it is left as it is (never a failed call) and reported in a WARNING.
+-- Mirrors each active key's encryption count (kept exactly by its purpose's sequence, in leases
+-- of 128) into keys.encrypt_count for administrators. Run by reencrypt and the background
+-- worker, never by writers: an application transaction holding a key row would hold up
+-- rotate_key until it ends. Skips a row someone else holds; returns keys updated.
+CREATE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH counters (purpose, lease) AS (
+        SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
+        UNION ALL
+        SELECT 'token', last_value FROM vetassist_auth.token_encryptions_seq WHERE is_called
+    ), due AS (
+        SELECT k.key_id, (c.lease - k.counter_base) * 128 AS counted
+        FROM vetassist_auth.keys k JOIN counters c ON c.purpose = k.purpose
+        WHERE k.status = 'active' AND k.encrypt_count < (c.lease - k.counter_base) * 128
+        FOR UPDATE OF k SKIP LOCKED
+    ), mirrored AS (
+        UPDATE vetassist_auth.keys k SET encrypt_count = due.counted
+        FROM due WHERE k.key_id = due.key_id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM mirrored
+$$;
+
 CREATE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -142,6 +165,8 @@ BEGIN
                 USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
         END IF;
     END IF;
+    -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").
+    PERFORM vetassist_auth.refresh_encrypt_counts();
     RETURN moved;
 END
 $$;

@@ -30,7 +30,24 @@ SET sealed_through_id = coalesce((SELECT max(audit_id) FROM vetassist_auth.audit
 COMMENT ON TABLE vetassist_auth.audit_seal_state IS
     'Sealer state (one row, written by the first seal): every audit row not yet sealed is above sealed_through_id or at or after scan_from; the chain continues from the purge checkpoint.';
 
--- Functions in Rust.
+-- Functions, views and triggers new or changed since 0.1.1, as in this release's install script
+-- (scripts/upgrade-functions.py prints them).
+
+CREATE  FUNCTION "claim_new_account"(
+	"va_icn" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'claim_new_account_wrapper';
+
+CREATE  FUNCTION "destroy_key"(
+	"key_id" INT /* i32 */
+) RETURNS bool /* bool */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'destroy_key_wrapper';
 
 CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
 STRICT
@@ -41,33 +58,6 @@ CREATE  FUNCTION "refresh_reuse_grace"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
-
-CREATE  FUNCTION "unretire_key"(
-	"key_id" INT /* i32 */
-) RETURNS bool /* bool */
-STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
-
-CREATE  FUNCTION "destroy_key"(
-	"key_id" INT /* i32 */
-) RETURNS bool /* bool */
-STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'destroy_key_wrapper';
-
-CREATE OR REPLACE FUNCTION "rewrap_keys"(
-	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
-) RETURNS INT /* i32 */
-SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
-
-
--- Functions in SQL, as in this release's sql/ files.
 
 CREATE OR REPLACE VIEW vetassist_auth.key_usage AS
           SELECT vetassist_auth.envelope_key_id(va_icn_encrypted) AS key_id, 'users.va_icn_encrypted' AS used_by FROM vetassist_auth.users
@@ -90,6 +80,25 @@ UNION ALL SELECT vetassist_auth.hash_key_id(device_fingerprint_hash), 'trusted_d
 UNION ALL SELECT vetassist_auth.hash_key_id(code_hash), 'mfa_backup_codes.code_hash' FROM vetassist_auth.mfa_backup_codes
 UNION ALL SELECT vetassist_auth.hash_key_id(ip_hash), 'audit_log.ip_hash' FROM vetassist_auth.audit_log
 UNION ALL SELECT key_id, 'audit_seals' FROM vetassist_auth.audit_seals;
+
+CREATE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH counters (purpose, lease) AS (
+        SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
+        UNION ALL
+        SELECT 'token', last_value FROM vetassist_auth.token_encryptions_seq WHERE is_called
+    ), due AS (
+        SELECT k.key_id, (c.lease - k.counter_base) * 128 AS counted
+        FROM vetassist_auth.keys k JOIN counters c ON c.purpose = k.purpose
+        WHERE k.status = 'active' AND k.encrypt_count < (c.lease - k.counter_base) * 128
+        FOR UPDATE OF k SKIP LOCKED
+    ), mirrored AS (
+        UPDATE vetassist_auth.keys k SET encrypt_count = due.counted
+        FROM due WHERE k.key_id = due.key_id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM mirrored
+$$;
 
 CREATE OR REPLACE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -202,7 +211,183 @@ BEGIN
                 USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
         END IF;
     END IF;
+    -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").
+    PERFORM vetassist_auth.refresh_encrypt_counts();
     RETURN moved;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION "rewrap_keys"(
+	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS INT /* i32 */
+SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
+
+CREATE  FUNCTION "unretire_key"(
+	"key_id" INT /* i32 */
+) RETURNS bool /* bool */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
+
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
+    slack bigint := 9 * current_setting('max_connections')::bigint;
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
+        -- base plus its mirrored count, with room for leases not mirrored yet.
+        UNION ALL SELECT purpose || '_encryptions_seq',
+                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
+                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
+                  FROM (VALUES ('phi'), ('token')) p(purpose)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.upsert_va_user(
+    va_icn text, veteran_status text, email text, first_name text, last_name text)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    icn       text := upper(regexp_replace(coalesce(va_icn, ''), '\s', '', 'g'));
+    icn_hash  bytea;
+    email_h   bytea;
+    first_h   bytea;
+    last_h    bytea;
+    uid       uuid;
+    old       vetassist_auth.users;
+    changed   text[] := '{}';
+BEGIN
+    IF icn !~ '^[0-9A-Z]{1,64}$' THEN
+        RAISE EXCEPTION 'vetassist_auth: va_icn must be 1 to 64 letters and digits' USING ERRCODE = '22023';
+    END IF;
+    email := vetassist_auth.checked_phi(email, 'email', 320);
+    IF email IS NOT NULL AND position('@' IN email) < 2 THEN
+        RAISE EXCEPTION 'vetassist_auth: email is not an e-mail address' USING ERRCODE = '22023';
+    END IF;
+    first_name := vetassist_auth.checked_phi(first_name, 'first_name', 200);
+    last_name := vetassist_auth.checked_phi(last_name, 'last_name', 200);
+    veteran_status := vetassist_auth.checked_phi(veteran_status, 'veteran_status', 64);
+    -- Each hash once: it is stored on insert, and decides what changed on update.
+    icn_hash := vetassist_auth.field_hash(icn, 'va_icn');
+    email_h := vetassist_auth.field_hash(email, 'email');
+    first_h := vetassist_auth.field_hash(first_name, 'first_name');
+    last_h := vetassist_auth.field_hash(last_name, 'last_name');
+
+    FOR attempt IN 1..2 LOOP
+        SELECT * INTO old FROM vetassist_auth.users u
+        WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(icn, 'va_icn'))
+        FOR UPDATE;
+        EXIT WHEN FOUND;
+        -- A transaction creating the same account under another hash key (a rotation between
+        -- the two) would not conflict in the unique index: wait for it and look again.
+        CONTINUE WHEN vetassist_auth.claim_new_account(icn);
+        uid := gen_random_uuid();
+        INSERT INTO vetassist_auth.users AS u
+            (id, va_icn_encrypted, va_icn_hash, va_veteran_status,
+             email_encrypted, email_hash, first_name_encrypted, first_name_hash,
+             last_name_encrypted, last_name_hash, last_login_at)
+        VALUES (uid, vetassist_auth.encrypt_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
+                vetassist_auth.encrypt_text(email, 'users.email:' || uid), email_h,
+                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), first_h,
+                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), last_h,
+                now())
+        ON CONFLICT (va_icn_hash) DO NOTHING;
+        IF FOUND THEN
+            PERFORM vetassist_auth.write_audit('identity', 'user_created', 'success', uid, 'users', uid::text,
+                jsonb_build_object('fields', array_remove(ARRAY['va_icn',
+                    CASE WHEN email IS NOT NULL THEN 'email' END,
+                    CASE WHEN first_name IS NOT NULL THEN 'first_name' END,
+                    CASE WHEN last_name IS NOT NULL THEN 'last_name' END], NULL)));
+            RETURN uid;
+        END IF;
+        -- Another transaction created the account at the same moment: update that one.
+    END LOOP;
+
+    uid := old.id;
+    IF uid IS NULL THEN  -- created and deleted again while we looked: let the caller retry
+        RAISE EXCEPTION 'vetassist_auth: concurrent change to this account, retry' USING ERRCODE = '40001';
+    END IF;
+    IF NOT old.is_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- Re-encrypt only what changed, judged by the field hashes; NULL keeps the stored value.
+    IF email IS NOT NULL AND old.email_hash IS DISTINCT FROM email_h THEN
+        changed := changed || 'email'::text;
+    END IF;
+    IF first_name IS NOT NULL AND old.first_name_hash IS DISTINCT FROM first_h THEN
+        changed := changed || 'first_name'::text;
+    END IF;
+    IF last_name IS NOT NULL AND old.last_name_hash IS DISTINCT FROM last_h THEN
+        changed := changed || 'last_name'::text;
+    END IF;
+    IF veteran_status IS NOT NULL AND old.va_veteran_status IS DISTINCT FROM veteran_status THEN
+        changed := changed || 'va_veteran_status'::text;
+    END IF;
+    UPDATE vetassist_auth.users u SET
+        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.encrypt_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
+        email_hash = CASE WHEN 'email' = ANY (changed) THEN email_h ELSE u.email_hash END,
+        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
+        first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN first_h ELSE u.first_name_hash END,
+        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
+        last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
+        va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
+        updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
+        last_login_at = now()
+    WHERE u.id = uid;
+    PERFORM vetassist_auth.write_audit('identity', 'user_signed_in', 'success', uid, 'users', uid::text,
+                                       jsonb_build_object('changed_fields', changed));
+    RETURN uid;
 END
 $$;
 
@@ -420,7 +605,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION vetassist_auth.refresh_session_token(jwt_id text, presented text, replacement text)
+CREATE FUNCTION vetassist_auth.refresh_session_token(jwt_id text, presented text, replacement text)
 RETURNS TABLE (generation integer, refresh_token text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -724,72 +909,13 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
-CREATE OR REPLACE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
-    slack bigint := 9 * current_setting('max_connections')::bigint;
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
-        -- base plus its mirrored count, with room for leases not mirrored yet.
-        UNION ALL SELECT purpose || '_encryptions_seq',
-                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
-                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
-                  FROM (VALUES ('phi'), ('token')) p(purpose)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved));
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
-
 
 -- Privileges: nothing new is executable by PUBLIC; each role gets its new API.
 REVOKE ALL ON FUNCTION
+    vetassist_auth.claim_new_account(text),
     vetassist_auth.key_creation_in_progress(),
     vetassist_auth.refresh_reuse_grace(),
+    vetassist_auth.refresh_encrypt_counts(),
     vetassist_auth.unretire_key(integer),
     vetassist_auth.destroy_key(integer),
     vetassist_auth.refresh_session_token(text, text, text),
@@ -802,4 +928,4 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.destroy_key(integer),
     vetassist_auth.resync_sequences()
 TO vetassist_admin;
-GRANT SELECT (destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
+GRANT SELECT (retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;

@@ -156,10 +156,13 @@ fn field_hash(value: &str, field: &str) -> Vec<u8> {
 #[pg_extern(strict, stable, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn field_hashes(value: &str, field: &str) -> Vec<Vec<u8>> {
-    let normalized = normalized(value, field).or_raise();
-    keys::usable_keys(Purpose::Hash)
-        .or_raise()
+    field_hashes_value(value, field).or_raise()
+}
+
+pub fn field_hashes_value(value: &str, field: &str) -> Result<Vec<Vec<u8>>> {
+    let normalized = normalized(value, field)?;
+    Ok(keys::usable_keys(Purpose::Hash)?
         .iter()
         .map(|key| hash_with(key, &normalized, field))
-        .collect()
+        .collect())
 }

@@ -24,9 +24,11 @@
 //! one `nextval` reserves a lease of 128 encryptions. Sequences never roll back and never wait
 //! on a row lock, so the count cannot be lost by an abort and counting cannot deadlock with the
 //! caller's own locks. A key's count is `(lease number - counter_base) * 128`, where
-//! `counter_base` is the sequence position when the key became active; `keys.encrypt_count`
-//! mirrors it every 1,024 encryptions (exactly at rotation). The limits are enforced on the
-//! sequence, not the mirror. A lease over-counts by at most 127 per backend, never under-counts.
+//! `counter_base` is the sequence position when the key became active. `keys.encrypt_count`
+//! mirrors it for administrators: exactly at rotation, and by `refresh_encrypt_counts` (each
+//! `reencrypt` call and each background sweep), never by a writer, whose row lock on the key
+//! would hold up rotation until its transaction ends. The limits are enforced on the sequence,
+//! not the mirror. A lease over-counts by at most 127 per backend, never under-counts.
 
 use crate::crypto::{self, FieldKey, SecretKey};
 use crate::error::{Failure, Kind, OrRaise, Result};
@@ -85,8 +87,6 @@ impl Purpose {
 const ENCRYPT_WARN_AT: i64 = 1 << 30;
 const ENCRYPT_REFUSE_AT: i64 = 1 << 31;
 const LEASE: i64 = 128;
-/// keys.encrypt_count is refreshed every this many leases (1,024 encryptions).
-const MIRROR_EVERY: i64 = 8;
 
 pub struct DataKey {
     pub id: u32,
@@ -245,6 +245,7 @@ fn refresh() -> Result<()> {
     if STALE.replace(false) {
         RING.with_borrow_mut(Ring::drop_data_keys);
     }
+    keys_relid(); // so this backend recognises the next invalidation of the keys table
     if CHECKED_THIS_XACT.get() {
         return Ok(());
     }
@@ -278,7 +279,6 @@ fn refresh() -> Result<()> {
         });
     }
     CHECKED_THIS_XACT.set(true);
-    keys_relid(); // so this backend recognises invalidations of the keys table
     Ok(())
 }
 
@@ -292,10 +292,11 @@ fn keys_relid() -> pg_sys::Oid {
     if cached != pg_sys::InvalidOid {
         return cached;
     }
-    let oid = Spi::get_one::<pg_sys::Oid>("SELECT 'vetassist_auth.keys'::regclass::oid")
-        .ok()
-        .flatten()
-        .unwrap_or(pg_sys::InvalidOid);
+    let oid =
+        Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass('vetassist_auth.keys')::oid")
+            .ok()
+            .flatten()
+            .unwrap_or(pg_sys::InvalidOid);
     KEYS_RELID.set(oid);
     oid
 }
@@ -363,7 +364,7 @@ fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Resu
 /// created, rotated or retired by a transaction that committed after the caller's snapshot is
 /// seen. `sql` holds no caller input (ids and purposes are formatted in by us); `read` gets a
 /// column reader per row.
-fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> Result<Vec<T>> {
+pub fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> Result<Vec<T>> {
     let query = std::ffi::CString::new(sql).expect("internal queries hold no NUL");
     Spi::connect(|_client| {
         // SAFETY: SPI is connected for the duration of this closure. The plan is prepared and
@@ -405,13 +406,13 @@ fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> R
     })
 }
 
-struct LatestRow {
+pub struct LatestRow {
     tuple: pg_sys::HeapTuple,
     desc: pg_sys::TupleDesc,
 }
 
 impl LatestRow {
-    fn get<T: FromDatum>(&self, column: i32) -> Option<T> {
+    pub fn get<T: FromDatum>(&self, column: i32) -> Option<T> {
         let mut is_null = false;
         // SAFETY: the tuple and descriptor come from SPI_tuptable of the query just run, and
         // the column numbers are those of our own SELECT lists.
@@ -443,6 +444,22 @@ fn acquire(tag: pg_sys::LOCKTAG, mode: u32, wait: bool) -> bool {
     // transaction's resource owner and is released at its end (or its subtransaction's abort).
     let result = unsafe { pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, !wait) };
     result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+/// The subid of identity claims in the keys table's object-lock space, apart from pins
+/// (key id, 0) and purpose locks (0, purpose ordinal + 1).
+const IDENTITY_CLAIM: u16 = u16::MAX;
+
+/// Holds, to the end of the transaction, the claim on a new account whose field hash starts
+/// with `hash_prefix` (HMAC bytes, which say nothing about the value). Two transactions
+/// creating the same account under different hash keys meet here: each claims the hash under
+/// every usable key, and the key of a transaction in flight stays usable (it is pinned).
+pub fn claim_identity(hash_prefix: u32) {
+    acquire(
+        key_lock_tag(hash_prefix, IDENTITY_CLAIM),
+        pg_sys::ExclusiveLock,
+        true,
+    );
 }
 
 /// Serialises key creation and rotation of one purpose until the end of the transaction.
@@ -647,22 +664,7 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             )
         );
     }
-    // Mirror the count into the keys table every MIRROR_EVERY leases (and past the warning
-    // mark), never waiting for the row: whoever holds it writes a count at least as fresh.
-    if lease % MIRROR_EVERY == 0 || count >= ENCRYPT_WARN_AT {
-        mirror_count(key, count)?;
-    }
     RING.with_borrow_mut(|ring| ring.leases.insert(key.id, LEASE - 1));
-    Ok(())
-}
-
-fn mirror_count(key: &DataKey, count: i64) -> Result<()> {
-    Spi::run_with_args(
-        "UPDATE vetassist_auth.keys SET encrypt_count = $2 WHERE key_id = \
-         (SELECT key_id FROM vetassist_auth.keys WHERE key_id = $1 AND encrypt_count < $2 FOR UPDATE SKIP LOCKED)",
-        &[(key.id as i32).into(), count.into()],
-    )
-    .map_err(spi_failure)?;
     Ok(())
 }
 
@@ -745,7 +747,9 @@ fn forget_pins() {
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let ours = KEYS_RELID.get();
-    if relid == pg_sys::InvalidOid || relid == ours {
+    // While our oid is unknown (looked up again after the last invalidation of the keys table),
+    // any relation's invalidation may be ours: ignoring it would keep a rotated key in use.
+    if relid == pg_sys::InvalidOid || relid == ours || ours == pg_sys::InvalidOid {
         STALE.set(true);
         // The extension may have been dropped and recreated: look the oid up again.
         KEYS_RELID.set(pg_sys::InvalidOid);

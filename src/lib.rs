@@ -10,6 +10,7 @@ mod crypto;
 mod encryption;
 mod error;
 mod gucs;
+mod identity;
 mod keys;
 mod log_redaction;
 mod mfa;
@@ -50,7 +51,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/identity.sql",
     name = "identity_sql",
-    requires = ["keys_sql", "audit_sql"]
+    requires = ["keys_sql", "audit_sql", identity::claim_new_account]
 );
 extension_sql_file!(
     "../sql/tokens.sql",

@@ -147,6 +147,11 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
                 break;
             }
         }
+        // And show administrators the keys' current encryption counts.
+        run_in_transaction(
+            "refresh_encrypt_counts",
+            "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
+        );
         let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
         if !BackgroundWorker::wait_latch(Some(interval)) {
             break; // postmaster death or SIGTERM

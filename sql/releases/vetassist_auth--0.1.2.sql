@@ -7,7 +7,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:20
+-- src/lib.rs:21
 -- bootstrap
 -- vetassist_auth schema (DESIGN section 5). Runs first, before the generated functions.
 -- Every table and sequence is registered with pg_extension_config_dump so pg_dump keeps the
@@ -294,7 +294,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:854
+-- src/keys.rs:868
 -- vetassist_auth::keys::active_key_id
 CREATE  FUNCTION "active_key_id"(
 	"purpose" TEXT /* & str */
@@ -326,6 +326,18 @@ CREATE  FUNCTION "audit_seal_matches"(
 STRICT STABLE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'audit_seal_matches_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/identity.rs:14
+-- vetassist_auth::identity::claim_new_account
+CREATE  FUNCTION "claim_new_account"(
+	"va_icn" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'claim_new_account_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -395,7 +407,7 @@ AS 'MODULE_PATHNAME', 'decrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:997
+-- src/keys.rs:1031
 -- vetassist_auth::keys::destroy_key
 CREATE  FUNCTION "destroy_key"(
 	"key_id" INT /* i32 */
@@ -494,7 +506,7 @@ AS 'MODULE_PATHNAME', 'hash_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:538
+-- src/keys.rs:560
 -- vetassist_auth::keys::key_creation_in_progress
 CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
 STRICT
@@ -571,7 +583,7 @@ AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:875
+-- src/keys.rs:888
 -- vetassist_auth::keys::retire_unused_keys
 CREATE  FUNCTION "retire_unused_keys"() RETURNS INT /* i32 */
 STRICT SECURITY DEFINER
@@ -581,7 +593,7 @@ AS 'MODULE_PATHNAME', 'retire_unused_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:21
+-- src/lib.rs:22
 -- requires:
 --   schema
 --   encryption::encrypt
@@ -627,6 +639,29 @@ COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored cipherte
 -- snapshots have ended). Rows locked by other transactions are skipped (SKIP LOCKED) and
 -- picked up by a later call. A row with a value under a retired or unknown key cannot be
 -- opened: it is left as it is (never a failed call) and reported in a WARNING.
+-- Mirrors each active key's encryption count (kept exactly by its purpose's sequence, in leases
+-- of 128) into keys.encrypt_count for administrators. Run by reencrypt and the background
+-- worker, never by writers: an application transaction holding a key row would hold up
+-- rotate_key until it ends. Skips a row someone else holds; returns keys updated.
+CREATE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH counters (purpose, lease) AS (
+        SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
+        UNION ALL
+        SELECT 'token', last_value FROM vetassist_auth.token_encryptions_seq WHERE is_called
+    ), due AS (
+        SELECT k.key_id, (c.lease - k.counter_base) * 128 AS counted
+        FROM vetassist_auth.keys k JOIN counters c ON c.purpose = k.purpose
+        WHERE k.status = 'active' AND k.encrypt_count < (c.lease - k.counter_base) * 128
+        FOR UPDATE OF k SKIP LOCKED
+    ), mirrored AS (
+        UPDATE vetassist_auth.keys k SET encrypt_count = due.counted
+        FROM due WHERE k.key_id = due.key_id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM mirrored
+$$;
+
 CREATE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -738,6 +773,8 @@ BEGIN
                 USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
         END IF;
     END IF;
+    -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").
+    PERFORM vetassist_auth.refresh_encrypt_counts();
     RETURN moved;
 END
 $$;
@@ -746,7 +783,7 @@ COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:90
+-- src/lib.rs:91
 -- requires:
 --   keys_sql
 
@@ -858,7 +895,7 @@ COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:791
+-- src/keys.rs:800
 -- vetassist_auth::keys::rewrap_keys
 CREATE  FUNCTION "rewrap_keys"(
 	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
@@ -870,7 +907,7 @@ AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:764
+-- src/keys.rs:773
 -- vetassist_auth::keys::rotate_key
 CREATE  FUNCTION "rotate_key"(
 	"purpose" TEXT /* & str */
@@ -1011,7 +1048,7 @@ AS 'MODULE_PATHNAME', 'totp_uri_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:971
+-- src/keys.rs:1018
 -- vetassist_auth::keys::unretire_key
 CREATE  FUNCTION "unretire_key"(
 	"key_id" INT /* i32 */
@@ -1063,7 +1100,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:37
+-- src/lib.rs:38
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1230,10 +1267,89 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:50
+-- src/lib.rs:96
 -- requires:
 --   keys_sql
 --   audit_sql
+--   keys::key_creation_in_progress
+
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every sequence of the extension
+-- past the values in use, so new rows get fresh ids and encryption counters never count low.
+-- Returns one row per sequence moved. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
+    slack bigint := 9 * current_setting('max_connections')::bigint;
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
+        -- base plus its mirrored count, with room for leases not mirrored yet.
+        UNION ALL SELECT purpose || '_encryptions_seq',
+                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
+                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
+                  FROM (VALUES ('phi'), ('token')) p(purpose)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:51
+-- requires:
+--   keys_sql
+--   audit_sql
+--   identity::claim_new_account
 
 -- Veteran identity (DESIGN section 6): accounts keyed by the ICN's field hash, PHI stored
 -- only encrypted (context users.<column>:<user id>) next to its field hash.
@@ -1289,6 +1405,9 @@ BEGIN
         WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(icn, 'va_icn'))
         FOR UPDATE;
         EXIT WHEN FOUND;
+        -- A transaction creating the same account under another hash key (a rotation between
+        -- the two) would not conflict in the unique index: wait for it and look again.
+        CONTINUE WHEN vetassist_auth.claim_new_account(icn);
         uid := gen_random_uuid();
         INSERT INTO vetassist_auth.users AS u
             (id, va_icn_encrypted, va_icn_hash, va_veteran_status,
@@ -1433,7 +1552,7 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:55
+-- src/lib.rs:56
 -- requires:
 --   identity_sql
 
@@ -1571,7 +1690,7 @@ COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tok
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:60
+-- src/lib.rs:61
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -1957,7 +2076,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:75
+-- src/lib.rs:76
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -2228,85 +2347,7 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:95
--- requires:
---   keys_sql
---   audit_sql
---   keys::key_creation_in_progress
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every sequence of the extension
--- past the values in use, so new rows get fresh ids and encryption counters never count low.
--- Returns one row per sequence moved. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
-    slack bigint := 9 * current_setting('max_connections')::bigint;
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
-        -- base plus its mirrored count, with room for leases not mirrored yet.
-        UNION ALL SELECT purpose || '_encryptions_seq',
-                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
-                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
-                  FROM (VALUES ('phi'), ('token')) p(purpose)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:100
+-- src/lib.rs:101
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 
@@ -2385,7 +2426,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.set_actor(uuid, text),
     vetassist_auth.audit_event(text, text, text, jsonb)
 TO vetassist_admin;
-GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
+GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
 
 -- Auditors read the trail and check the installation.
 GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassist_auditor;

@@ -14,18 +14,21 @@ from conftest import Cluster, install, installed_cluster
 PHI_PURPOSES = ("token", "phi", "hash")
 
 
-def drain_reencrypt(admin):
-    """reencrypt until it reports nothing left; every call must succeed."""
+def drain_reencrypt(admin, until_retired=True):
+    """reencrypt until nothing is left to move and (until_retired) no key waits for old
+    snapshots to end (an autovacuum worker's, say); every call must succeed."""
     for _ in range(200):
-        if admin.execute("SELECT vetassist_auth.reencrypt(1000)").fetchone()[0] == 0:
+        if admin.execute("SELECT vetassist_auth.reencrypt(1000)").fetchone()[0] == 0 and not (until_retired and admin.execute(
+                "SELECT count(*) FROM vetassist_auth.keys WHERE retire_after IS NOT NULL").fetchone()[0]):
             return
+        time.sleep(0.05)
     raise AssertionError("reencrypt never finished")
 
 
 def rotate_all_and_reencrypt(admin):
     for purpose in PHI_PURPOSES:
         admin.execute("SELECT vetassist_auth.rotate_key(%s)", (purpose,))
-    drain_reencrypt(admin)
+    drain_reencrypt(admin, until_retired=False)
 
 
 def key_status(su, key_id):
@@ -83,7 +86,6 @@ def test_a_repeatable_read_snapshot_keeps_the_key_its_rows_need(ops):
         reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         assert profile(reader, uid)[2] == "Rita"  # the snapshot is taken here
         rotate_all_and_reencrypt(admin)
-        drain_reencrypt(admin)
         # The snapshot still sees the row as it was, under the old key: it must still open.
         assert profile(reader, uid)[2] == "Rita"
         reader.commit()
@@ -150,7 +152,7 @@ def test_rotating_and_reencrypting_in_a_loop_under_writers_and_readers(ops):
     stop.set()
     for t in threads:
         t.join()
-    assert not errors, errors[:5]
+    assert not errors, "\n".join(sorted(set(errors))[:8])
     with ops.connect("vetassist", "admin_user") as admin, ops.connect("vetassist", "app_user") as app, \
             ops.connect("vetassist") as su:
         drain_reencrypt(admin)
@@ -267,7 +269,7 @@ def test_time_outs_are_decided_by_the_clock_not_the_transaction_start(ops):
     with ops.connect("vetassist", "short_idle_app", autocommit=False) as tx:
         tx.execute("SELECT 1")  # the transaction (and now()) starts here
         time.sleep(2.5)
-        assert tx.execute("SELECT vetassist_auth.session_status('jwt-clock')").fetchone()[0] == "EXPIRED"
+        assert tx.execute("SELECT vetassist_auth.session_status('jwt-clock'::text)").fetchone()[0] == "EXPIRED"
         assert tx.execute("SELECT vetassist_auth.touch_session('jwt-clock')").fetchone()[0] == "EXPIRED"
 
 
@@ -294,7 +296,7 @@ def test_two_tabs_refreshing_at_once_keep_the_session(ops):
     second.join()
     assert results == {"a": (2, "r2-a"), "b": (2, "r2-a")}
     with ops.connect("vetassist", "app_user") as app:
-        assert app.execute("SELECT vetassist_auth.session_status('jwt-tabs')").fetchone()[0] == "ACTIVE"
+        assert app.execute("SELECT vetassist_auth.session_status('jwt-tabs'::text)").fetchone()[0] == "ACTIVE"
         assert app.execute("SELECT vetassist_auth.rotate_session_refresh_token('jwt-tabs', 'r2-a', 'r3')").fetchone()[0] == 3
 
 
@@ -315,8 +317,10 @@ def test_a_data_only_restore_is_refused_in_a_used_database_and_works_in_a_fresh_
         mine = sign_in(used, "9900000099V1", "Mine")
     before = ops.connect("used").execute("SELECT count(*) FROM vetassist_auth.users").fetchone()[0]
     out = pg_tool(ops, "pg_restore", "--data-only", "--single-transaction", "--exit-on-error", "-d", "used", str(dump))
+    # Refused at the first table whose rows cannot belong here: audit ids already taken, or the
+    # key guard (when the audit rows of both happen not to overlap).
     assert out.returncode != 0
-    assert "this database already has data keys" in out.stderr
+    assert "audit_log_pkey" in out.stderr or "this database already has data keys" in out.stderr
     with ops.connect("used", "app_user") as used:  # nothing was loaded, and what was there still works
         assert ops.connect("used").execute("SELECT count(*) FROM vetassist_auth.users").fetchone()[0] == before
         assert profile(used, mine)[2] == "Mine"
@@ -379,24 +383,40 @@ def test_failover_to_a_logical_replica_after_resync_sequences():
                 conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
 
 
-def test_sealing_a_backlog_reads_a_bounded_number_of_rows_per_batch(cluster):
-    """20,000 unsealed rows sealed 1,000 at a time: each call reads about its batch, not the log."""
-    install(cluster, "backlog")
-    with cluster.connect("backlog", "app_user") as app:
+def test_sealing_a_backlog_reads_a_bounded_number_of_rows_per_batch():
+    """20,000 unsealed rows sealed 1,000 at a time: each call reads about its batch, not the log.
+    (Autovacuum is off so that no worker's transaction start holds the time range open.)"""
+    with installed_cluster("backlog", "autovacuum = off") as cluster:
+        seal_backlog(cluster)
+
+
+def seal_backlog(cluster):
+    with cluster.connect("vetassist", "app_user") as app:
         app.execute("SELECT count(vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')) FROM generate_series(1, 20000)")
+    # A call also rereads the rows of the last second (its margin against clock steps between
+    # backends): start once the backlog is older than that.
+    time.sleep(1.2)
     reads = []
-    with cluster.connect("backlog", "admin_user", autocommit=False) as admin:
+    with cluster.connect("vetassist", "admin_user", autocommit=False) as admin:
+        tuples_read = """SELECT coalesce(sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)), 0)
+                         FROM pg_stat_xact_user_tables WHERE schemaname = 'vetassist_auth'
+                         AND relname IN ('audit_log', 'audit_seals')"""
         while True:
+            # This transaction's counters also hold earlier ones not yet flushed: take the difference.
+            before = admin.execute(tuples_read).fetchone()[0]
             sealed = admin.execute("SELECT vetassist_auth.seal_audit_log(1000)").fetchone()[0]
-            read = admin.execute("""SELECT coalesce(sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)), 0)
-                                    FROM pg_stat_xact_user_tables
-                                    WHERE schemaname = 'vetassist_auth' AND relname = 'audit_log'""").fetchone()[0]
+            read = admin.execute(tuples_read).fetchone()[0] - before
             admin.commit()
             if sealed == 0:
                 break
             reads.append(read)
     assert len(reads) >= 20
-    assert max(reads) <= 3000, reads
-    with cluster.connect("backlog") as su:
+    with cluster.connect("vetassist") as su:
+        # A call reads its batch plus the tail of the time index: one BRIN block range (128 pages).
+        per_page = su.execute("""SELECT count(*) / (pg_relation_size('vetassist_auth.audit_log') / current_setting('block_size')::int)
+                                 FROM vetassist_auth.audit_log""").fetchone()[0]
+    assert max(reads) <= 2 * 1000 + 128 * per_page, (reads, per_page)
+    assert max(reads[-5:]) <= max(reads[:5]) + 100, reads  # no growth as the sealed log grows
+    with cluster.connect("vetassist") as su:
         ok, checked, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
         assert ok and checked >= 20000, problem

@@ -52,7 +52,8 @@ SELECT vetassist_auth.decrypt_token(vetassist_auth.encrypt_token('va-access-toke
 SELECT vetassist_auth.envelope_key_id(vetassist_auth.encrypt_text('x', 'c')) = key_id AS uses_active_phi_key
 FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
 -- Encryptions are counted (in leases, so the count may run ahead, never behind); the keys
--- table mirrors the count every 1,024 encryptions.
+-- table shows the count once reencrypt or the background worker has mirrored it.
+SELECT vetassist_auth.refresh_encrypt_counts() AS keys_mirrored;
 SELECT encrypt_count >= 10000 - 1024 AS counted FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
 -- Each wrapped key is nonce(12) || encrypted key(32) || tag(16).
 SELECT count(*) AS keys, bool_and(octet_length(wrapped_key) = 60) AS wrapped_60_bytes FROM vetassist_auth.keys;

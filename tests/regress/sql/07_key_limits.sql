@@ -4,6 +4,7 @@
 SELECT setval('vetassist_auth.phi_encryptions_seq', counter_base + (2 ^ 30)::bigint / 128 - 1) > 0 AS near_warning
 FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
 SELECT count(vetassist_auth.encrypt_text('x', 'c')) AS encrypted_with_warning FROM generate_series(1, 300);
+SELECT vetassist_auth.refresh_encrypt_counts() AS keys_mirrored;
 SELECT encrypt_count >= 2 ^ 30 AS count_mirrored FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
 
 SELECT setval('vetassist_auth.phi_encryptions_seq', counter_base + (2 ^ 31)::bigint / 128) > 0 AS at_limit
