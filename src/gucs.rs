@@ -136,14 +136,19 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"vetassist_auth.sweep_database",
-        c"Database in which the background worker expires sessions and seals the audit log.",
-        c"Needs shared_preload_libraries = 'vetassist_auth'. Unset: no worker; schedule the functions yourself.",
-        &SWEEP_DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // A postmaster setting can only be defined while the library is preloaded (defining it
+    // later is FATAL); without preloading there is no worker to configure.
+    // SAFETY: a flag the postmaster sets around loading shared_preload_libraries.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"vetassist_auth.sweep_database",
+            c"Database in which the background worker expires sessions and seals the audit log.",
+            c"Needs shared_preload_libraries = 'vetassist_auth'. Unset: no worker; schedule the functions yourself.",
+            &SWEEP_DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     seconds_guc(
         c"vetassist_auth.sweep_interval",
         c"How often the background worker runs its sweep.",

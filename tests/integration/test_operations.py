@@ -207,6 +207,17 @@ def test_an_admin_can_bring_a_retired_key_back_until_it_is_destroyed(ops):
         assert events[-3:] == ["key_unretired", "key_retired", "key_destroyed"]
 
 
+def test_the_extension_works_without_preloading():
+    """Preloading is recommended (log redaction from the first statement, the worker), not
+    required: CREATE EXTENSION and the API work in a server that never loaded the library."""
+    with installed_cluster("nopreload", preload="") as c:
+        with c.connect("vetassist", "app_user") as app:
+            uid = sign_in(app, "9900000021V1", "Nopre")
+            assert profile(app, uid)[2] == "Nopre"
+        with c.connect("vetassist") as su:
+            assert su.execute("SELECT count(*) FROM pg_settings WHERE name = 'vetassist_auth.sweep_database'").fetchone()[0] == 0
+
+
 def test_changing_the_master_key_under_traffic_sees_no_error():
     """The runbook: new key file, both settings and one reload, rewrap_keys(), drop the old
     setting. Eight clients read old values, hash and write the whole time."""
