@@ -29,8 +29,9 @@ COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored cipherte
 -- Call it until it returns 0; a call that moves nothing retires decrypt_only keys that nothing
 -- can need any more (retire_unused_keys: usually that call, else a later one once older
 -- snapshots have ended). Rows locked by other transactions are skipped (SKIP LOCKED) and
--- picked up by a later call. A row with a value under a retired or unknown key cannot be
--- opened: it is left as it is (never a failed call) and reported in a WARNING.
+-- picked up by a later call. A row with a value that does not open (retired key, damaged,
+-- restored from another database) is left as it is (never a failed call) and reported in a
+-- WARNING once nothing else moves.
 -- Mirrors each active key's encryption count (kept exactly by its purpose's sequence, in leases
 -- of 128) into keys.encrypt_count for administrators. Run by reencrypt and the background
 -- worker, never by writers: an application transaction holding a key row would hold up
@@ -60,8 +61,6 @@ DECLARE
     phi_key   integer := vetassist_auth.active_key_id('phi');
     token_key integer := vetassist_auth.active_key_id('token');
     hash_key  integer := vetassist_auth.active_key_id('hash');
-    -- Keys whose values can be opened; a row with any other key is left alone.
-    usable    integer[] := ARRAY(SELECT key_id FROM vetassist_auth.keys WHERE status <> 'retired');
     moved     bigint := 0;
     n         bigint;
 BEGIN
@@ -79,10 +78,11 @@ BEGIN
            OR vetassist_auth.hash_key_id(u.email_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.first_name_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.last_name_hash) <> hash_key)
-          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(u.va_icn_encrypted),
-                                 vetassist_auth.envelope_key_id(u.email_encrypted),
-                                 vetassist_auth.envelope_key_id(u.first_name_encrypted),
-                                 vetassist_auth.envelope_key_id(u.last_name_encrypted)], NULL) <@ usable
+          -- Only rows whose every value opens (a damaged, foreign or retired-key value stays).
+          AND vetassist_auth.opens(u.va_icn_encrypted, 'users.va_icn:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.email_encrypted, 'users.email:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.first_name_encrypted, 'users.first_name:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.last_name_encrypted, 'users.last_name:' || u.id, 'phi')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), plain AS (
@@ -110,8 +110,8 @@ BEGIN
         SELECT t.id FROM vetassist_auth.va_tokens t
         WHERE (vetassist_auth.envelope_key_id(t.access_token_encrypted) <> token_key
            OR vetassist_auth.envelope_key_id(t.refresh_token_encrypted) <> token_key)
-          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(t.access_token_encrypted),
-                                 vetassist_auth.envelope_key_id(t.refresh_token_encrypted)], NULL) <@ usable
+          AND vetassist_auth.opens(t.access_token_encrypted, 'va_tokens.access_token:' || t.user_id, 'token')
+          AND vetassist_auth.opens(t.refresh_token_encrypted, 'va_tokens.refresh_token:' || t.user_id, 'token')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -129,7 +129,7 @@ BEGIN
     WITH batch AS (
         SELECT s.id FROM vetassist_auth.sessions s
         WHERE vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) <> token_key
-          AND vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) = ANY (usable)
+          AND vetassist_auth.opens(s.refresh_successor_encrypted, 'sessions.refresh_successor:' || s.id, 'token')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -144,7 +144,7 @@ BEGIN
     WITH batch AS (
         SELECT m.user_id FROM vetassist_auth.mfa_settings m
         WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
-          AND vetassist_auth.envelope_key_id(m.totp_secret_encrypted) = ANY (usable)
+          AND vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -158,11 +158,13 @@ BEGIN
 
     IF moved = 0 THEN
         PERFORM vetassist_auth.retire_unused_keys();
-        SELECT count(*) INTO n FROM vetassist_auth.key_usage k
-        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND NOT k.key_id = ANY (usable);
+        -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
+        -- damaged, or restored from another database), or another transaction holds their row.
+        SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
+        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND keys.status <> 'active';
         IF n > 0 THEN
-            RAISE WARNING 'vetassist_auth: % stored value(s) are under retired or unknown keys and cannot be moved', n
-                USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
+            RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
+                USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them.';
         END IF;
     END IF;
     -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").

@@ -25,15 +25,15 @@ CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
     FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
 
 -- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every sequence of the extension
--- past the values in use, so new rows get fresh ids and encryption counters never count low.
--- Returns one row per sequence moved. Safe to run at any time: sequences only move forward.
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
 CREATE FUNCTION vetassist_auth.resync_sequences()
 RETURNS TABLE (sequence_name text, new_value bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
-    slack bigint := 9 * current_setting('max_connections')::bigint;
     r record;
     now_at bigint;
     moved integer := 0;
@@ -44,12 +44,6 @@ BEGIN
         UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
         UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
         UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
-        -- base plus its mirrored count, with room for leases not mirrored yet.
-        UNION ALL SELECT purpose || '_encryptions_seq',
-                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
-                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
-                  FROM (VALUES ('phi'), ('token')) p(purpose)
     LOOP
         EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
             INTO now_at;
@@ -61,9 +55,14 @@ BEGIN
             RETURN NEXT;
         END IF;
     END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
     PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved));
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';

@@ -108,7 +108,7 @@ BEGIN
     RETURN QUERY
     SELECT t.user_id FROM vetassist_auth.va_tokens t
     JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= now() + within AND t.refresh_token_encrypted IS NOT NULL
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
     ORDER BY t.expires_at;
 END
 $$;

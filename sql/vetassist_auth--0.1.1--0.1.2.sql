@@ -54,6 +54,16 @@ STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_creation_in_progress_wrapper';
 
+CREATE  FUNCTION "opens"(
+	"ciphertext" bytea, /* Option < & [u8] > */
+	"context" TEXT, /* & str */
+	"purpose" TEXT /* & str */
+) RETURNS bool /* bool */
+STABLE SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'opens_wrapper';
+
 CREATE  FUNCTION "refresh_reuse_grace"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
@@ -106,8 +116,6 @@ DECLARE
     phi_key   integer := vetassist_auth.active_key_id('phi');
     token_key integer := vetassist_auth.active_key_id('token');
     hash_key  integer := vetassist_auth.active_key_id('hash');
-    -- Keys whose values can be opened; a row with any other key is left alone.
-    usable    integer[] := ARRAY(SELECT key_id FROM vetassist_auth.keys WHERE status <> 'retired');
     moved     bigint := 0;
     n         bigint;
 BEGIN
@@ -125,10 +133,11 @@ BEGIN
            OR vetassist_auth.hash_key_id(u.email_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.first_name_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.last_name_hash) <> hash_key)
-          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(u.va_icn_encrypted),
-                                 vetassist_auth.envelope_key_id(u.email_encrypted),
-                                 vetassist_auth.envelope_key_id(u.first_name_encrypted),
-                                 vetassist_auth.envelope_key_id(u.last_name_encrypted)], NULL) <@ usable
+          -- Only rows whose every value opens (a damaged, foreign or retired-key value stays).
+          AND vetassist_auth.opens(u.va_icn_encrypted, 'users.va_icn:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.email_encrypted, 'users.email:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.first_name_encrypted, 'users.first_name:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.last_name_encrypted, 'users.last_name:' || u.id, 'phi')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), plain AS (
@@ -156,8 +165,8 @@ BEGIN
         SELECT t.id FROM vetassist_auth.va_tokens t
         WHERE (vetassist_auth.envelope_key_id(t.access_token_encrypted) <> token_key
            OR vetassist_auth.envelope_key_id(t.refresh_token_encrypted) <> token_key)
-          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(t.access_token_encrypted),
-                                 vetassist_auth.envelope_key_id(t.refresh_token_encrypted)], NULL) <@ usable
+          AND vetassist_auth.opens(t.access_token_encrypted, 'va_tokens.access_token:' || t.user_id, 'token')
+          AND vetassist_auth.opens(t.refresh_token_encrypted, 'va_tokens.refresh_token:' || t.user_id, 'token')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -175,7 +184,7 @@ BEGIN
     WITH batch AS (
         SELECT s.id FROM vetassist_auth.sessions s
         WHERE vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) <> token_key
-          AND vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) = ANY (usable)
+          AND vetassist_auth.opens(s.refresh_successor_encrypted, 'sessions.refresh_successor:' || s.id, 'token')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -190,7 +199,7 @@ BEGIN
     WITH batch AS (
         SELECT m.user_id FROM vetassist_auth.mfa_settings m
         WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
-          AND vetassist_auth.envelope_key_id(m.totp_secret_encrypted) = ANY (usable)
+          AND vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -204,11 +213,13 @@ BEGIN
 
     IF moved = 0 THEN
         PERFORM vetassist_auth.retire_unused_keys();
-        SELECT count(*) INTO n FROM vetassist_auth.key_usage k
-        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND NOT k.key_id = ANY (usable);
+        -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
+        -- damaged, or restored from another database), or another transaction holds their row.
+        SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
+        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND keys.status <> 'active';
         IF n > 0 THEN
-            RAISE WARNING 'vetassist_auth: % stored value(s) are under retired or unknown keys and cannot be moved', n
-                USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
+            RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
+                USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them.';
         END IF;
     END IF;
     -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").
@@ -257,8 +268,6 @@ CREATE FUNCTION vetassist_auth.resync_sequences()
 RETURNS TABLE (sequence_name text, new_value bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
-    slack bigint := 9 * current_setting('max_connections')::bigint;
     r record;
     now_at bigint;
     moved integer := 0;
@@ -269,12 +278,6 @@ BEGIN
         UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
         UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
         UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
-        -- base plus its mirrored count, with room for leases not mirrored yet.
-        UNION ALL SELECT purpose || '_encryptions_seq',
-                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
-                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
-                  FROM (VALUES ('phi'), ('token')) p(purpose)
     LOOP
         EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
             INTO now_at;
@@ -286,13 +289,18 @@ BEGIN
             RETURN NEXT;
         END IF;
     END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
     PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved));
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
 END
 $$;
 
 COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.upsert_va_user(
     va_icn text, veteran_status text, email text, first_name text, last_name text)
@@ -464,6 +472,20 @@ BEGIN
     RETURN vetassist_auth.decrypt_token(
         CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
         'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
 END
 $$;
 
@@ -913,6 +935,7 @@ $$;
 -- Privileges: nothing new is executable by PUBLIC; each role gets its new API.
 REVOKE ALL ON FUNCTION
     vetassist_auth.claim_new_account(text),
+    vetassist_auth.opens(bytea, text, text),
     vetassist_auth.key_creation_in_progress(),
     vetassist_auth.refresh_reuse_grace(),
     vetassist_auth.refresh_encrypt_counts(),

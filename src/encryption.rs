@@ -31,6 +31,21 @@ pub fn open(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8
     Ok(envelope::open(key.cipher(), ciphertext, context)?)
 }
 
+/// Whether a stored ciphertext opens under a usable key of `purpose` (NULL: nothing to open).
+/// reencrypt moves only values that open, so a damaged or foreign one never fails or stalls it.
+#[pg_extern(stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn opens(ciphertext: Option<&[u8]>, context: &str, purpose: &str) -> bool {
+    let Some(ciphertext) = ciphertext else {
+        return true;
+    };
+    match open(Purpose::parse(purpose).or_raise(), ciphertext, context) {
+        Ok(_) => true,
+        Err(failure) if matches!(failure.kind, Kind::DataCorrupted) => false,
+        Err(failure) => failure.raise(),
+    }
+}
+
 fn utf8(bytes: Vec<u8>) -> String {
     // Only our own encrypt_text wrote these bytes, after authentication; anything else is damage.
     String::from_utf8(bytes)

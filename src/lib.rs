@@ -31,6 +31,7 @@ extension_sql_file!(
         encryption::field_hash,
         encryption::envelope_key_id,
         encryption::hash_key_id,
+        encryption::opens,
         keys::active_key_id,
         keys::retire_unused_keys
     ]
@@ -96,7 +97,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/operations.sql",
     name = "operations",
-    requires = ["keys_sql", "audit_sql", keys::key_creation_in_progress]
+    requires = [
+        "keys_sql",
+        "audit_sql",
+        keys::key_creation_in_progress,
+        keys::rotate_key
+    ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

@@ -315,7 +315,7 @@ AS 'MODULE_PATHNAME', 'audit_purge_in_progress_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:246
+-- src/audit/chain.rs:258
 -- vetassist_auth::audit::chain::audit_seal_matches
 CREATE  FUNCTION "audit_seal_matches"(
 	"key_id" INT, /* i32 */
@@ -368,7 +368,7 @@ AS 'MODULE_PATHNAME', 'current_session_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:49
+-- src/encryption.rs:64
 -- vetassist_auth::encryption::decrypt
 CREATE  FUNCTION "decrypt"(
 	"ciphertext" bytea, /* & [u8] */
@@ -381,7 +381,7 @@ AS 'MODULE_PATHNAME', 'decrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:61
+-- src/encryption.rs:76
 -- vetassist_auth::encryption::decrypt_text
 CREATE  FUNCTION "decrypt_text"(
 	"ciphertext" bytea, /* & [u8] */
@@ -394,7 +394,7 @@ AS 'MODULE_PATHNAME', 'decrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:74
+-- src/encryption.rs:89
 -- vetassist_auth::encryption::decrypt_token
 CREATE  FUNCTION "decrypt_token"(
 	"ciphertext" bytea, /* & [u8] */
@@ -419,7 +419,7 @@ AS 'MODULE_PATHNAME', 'destroy_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:43
+-- src/encryption.rs:58
 -- vetassist_auth::encryption::encrypt
 CREATE  FUNCTION "encrypt"(
 	"plaintext" bytea, /* & [u8] */
@@ -432,7 +432,7 @@ AS 'MODULE_PATHNAME', 'encrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:55
+-- src/encryption.rs:70
 -- vetassist_auth::encryption::encrypt_text
 CREATE  FUNCTION "encrypt_text"(
 	"plaintext" TEXT, /* & str */
@@ -445,7 +445,7 @@ AS 'MODULE_PATHNAME', 'encrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:68
+-- src/encryption.rs:83
 -- vetassist_auth::encryption::encrypt_token
 CREATE  FUNCTION "encrypt_token"(
 	"plaintext" TEXT, /* & str */
@@ -458,7 +458,7 @@ AS 'MODULE_PATHNAME', 'encrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:81
+-- src/encryption.rs:96
 -- vetassist_auth::encryption::envelope_key_id
 CREATE  FUNCTION "envelope_key_id"(
 	"ciphertext" bytea /* & [u8] */
@@ -469,7 +469,7 @@ AS 'MODULE_PATHNAME', 'envelope_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:148
+-- src/encryption.rs:163
 -- vetassist_auth::encryption::field_hash
 CREATE  FUNCTION "field_hash"(
 	"value" TEXT, /* & str */
@@ -482,7 +482,7 @@ AS 'MODULE_PATHNAME', 'field_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:156
+-- src/encryption.rs:171
 -- vetassist_auth::encryption::field_hashes
 CREATE  FUNCTION "field_hashes"(
 	"value" TEXT, /* & str */
@@ -495,7 +495,7 @@ AS 'MODULE_PATHNAME', 'field_hashes_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:87
+-- src/encryption.rs:102
 -- vetassist_auth::encryption::hash_key_id
 CREATE  FUNCTION "hash_key_id"(
 	"hash" bytea /* & [u8] */
@@ -562,7 +562,21 @@ AS 'MODULE_PATHNAME', 'mfa_normalize_backup_code_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:407
+-- src/encryption.rs:36
+-- vetassist_auth::encryption::opens
+CREATE  FUNCTION "opens"(
+	"ciphertext" bytea, /* Option < & [u8] > */
+	"context" TEXT, /* & str */
+	"purpose" TEXT /* & str */
+) RETURNS bool /* bool */
+STABLE SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'opens_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/audit/chain.rs:419
 -- vetassist_auth::audit::chain::purge_audit_log
 CREATE  FUNCTION "purge_audit_log"(
 	"older_than" interval /* Interval */
@@ -603,6 +617,7 @@ AS 'MODULE_PATHNAME', 'retire_unused_keys_wrapper';
 --   encryption::field_hash
 --   encryption::envelope_key_id
 --   encryption::hash_key_id
+--   encryption::opens
 --   keys::active_key_id
 --   keys::retire_unused_keys
 
@@ -637,8 +652,9 @@ COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored cipherte
 -- Call it until it returns 0; a call that moves nothing retires decrypt_only keys that nothing
 -- can need any more (retire_unused_keys: usually that call, else a later one once older
 -- snapshots have ended). Rows locked by other transactions are skipped (SKIP LOCKED) and
--- picked up by a later call. A row with a value under a retired or unknown key cannot be
--- opened: it is left as it is (never a failed call) and reported in a WARNING.
+-- picked up by a later call. A row with a value that does not open (retired key, damaged,
+-- restored from another database) is left as it is (never a failed call) and reported in a
+-- WARNING once nothing else moves.
 -- Mirrors each active key's encryption count (kept exactly by its purpose's sequence, in leases
 -- of 128) into keys.encrypt_count for administrators. Run by reencrypt and the background
 -- worker, never by writers: an application transaction holding a key row would hold up
@@ -668,8 +684,6 @@ DECLARE
     phi_key   integer := vetassist_auth.active_key_id('phi');
     token_key integer := vetassist_auth.active_key_id('token');
     hash_key  integer := vetassist_auth.active_key_id('hash');
-    -- Keys whose values can be opened; a row with any other key is left alone.
-    usable    integer[] := ARRAY(SELECT key_id FROM vetassist_auth.keys WHERE status <> 'retired');
     moved     bigint := 0;
     n         bigint;
 BEGIN
@@ -687,10 +701,11 @@ BEGIN
            OR vetassist_auth.hash_key_id(u.email_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.first_name_hash) <> hash_key
            OR vetassist_auth.hash_key_id(u.last_name_hash) <> hash_key)
-          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(u.va_icn_encrypted),
-                                 vetassist_auth.envelope_key_id(u.email_encrypted),
-                                 vetassist_auth.envelope_key_id(u.first_name_encrypted),
-                                 vetassist_auth.envelope_key_id(u.last_name_encrypted)], NULL) <@ usable
+          -- Only rows whose every value opens (a damaged, foreign or retired-key value stays).
+          AND vetassist_auth.opens(u.va_icn_encrypted, 'users.va_icn:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.email_encrypted, 'users.email:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.first_name_encrypted, 'users.first_name:' || u.id, 'phi')
+          AND vetassist_auth.opens(u.last_name_encrypted, 'users.last_name:' || u.id, 'phi')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), plain AS (
@@ -718,8 +733,8 @@ BEGIN
         SELECT t.id FROM vetassist_auth.va_tokens t
         WHERE (vetassist_auth.envelope_key_id(t.access_token_encrypted) <> token_key
            OR vetassist_auth.envelope_key_id(t.refresh_token_encrypted) <> token_key)
-          AND array_remove(ARRAY[vetassist_auth.envelope_key_id(t.access_token_encrypted),
-                                 vetassist_auth.envelope_key_id(t.refresh_token_encrypted)], NULL) <@ usable
+          AND vetassist_auth.opens(t.access_token_encrypted, 'va_tokens.access_token:' || t.user_id, 'token')
+          AND vetassist_auth.opens(t.refresh_token_encrypted, 'va_tokens.refresh_token:' || t.user_id, 'token')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -737,7 +752,7 @@ BEGIN
     WITH batch AS (
         SELECT s.id FROM vetassist_auth.sessions s
         WHERE vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) <> token_key
-          AND vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) = ANY (usable)
+          AND vetassist_auth.opens(s.refresh_successor_encrypted, 'sessions.refresh_successor:' || s.id, 'token')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -752,7 +767,7 @@ BEGIN
     WITH batch AS (
         SELECT m.user_id FROM vetassist_auth.mfa_settings m
         WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
-          AND vetassist_auth.envelope_key_id(m.totp_secret_encrypted) = ANY (usable)
+          AND vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi')
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
@@ -766,11 +781,13 @@ BEGIN
 
     IF moved = 0 THEN
         PERFORM vetassist_auth.retire_unused_keys();
-        SELECT count(*) INTO n FROM vetassist_auth.key_usage k
-        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND NOT k.key_id = ANY (usable);
+        -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
+        -- damaged, or restored from another database), or another transaction holds their row.
+        SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
+        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND keys.status <> 'active';
         IF n > 0 THEN
-            RAISE WARNING 'vetassist_auth: % stored value(s) are under retired or unknown keys and cannot be moved', n
-                USING HINT = 'SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them; unretire_key(key_id) brings a retired key back.';
+            RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
+                USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them.';
         END IF;
     END IF;
     -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").
@@ -783,7 +800,7 @@ COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:91
+-- src/lib.rs:92
 -- requires:
 --   keys_sql
 
@@ -1060,7 +1077,7 @@ AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:389
+-- src/audit/chain.rs:401
 -- vetassist_auth::audit::chain::verify_audit_chain
 CREATE  FUNCTION "verify_audit_chain"() RETURNS TABLE (
 	"ok" bool,  /* bool */
@@ -1100,7 +1117,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:38
+-- src/lib.rs:39
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1267,11 +1284,12 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:96
+-- src/lib.rs:97
 -- requires:
 --   keys_sql
 --   audit_sql
 --   keys::key_creation_in_progress
+--   keys::rotate_key
 
 -- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
 
@@ -1300,15 +1318,15 @@ CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
     FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
 
 -- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every sequence of the extension
--- past the values in use, so new rows get fresh ids and encryption counters never count low.
--- Returns one row per sequence moved. Safe to run at any time: sequences only move forward.
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
 CREATE FUNCTION vetassist_auth.resync_sequences()
 RETURNS TABLE (sequence_name text, new_value bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    -- Leases a backend may hold between two mirrors of keys.encrypt_count, for every backend.
-    slack bigint := 9 * current_setting('max_connections')::bigint;
     r record;
     now_at bigint;
     moved integer := 0;
@@ -1319,12 +1337,6 @@ BEGIN
         UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
         UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
         UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-        -- A key's count is (lease - counter_base) * 128: the counter must be past every key's
-        -- base plus its mirrored count, with room for leases not mirrored yet.
-        UNION ALL SELECT purpose || '_encryptions_seq',
-                         (SELECT max(k.counter_base + k.encrypt_count / 128) + slack
-                          FROM vetassist_auth.keys k WHERE k.purpose = p.purpose)
-                  FROM (VALUES ('phi'), ('token')) p(purpose)
     LOOP
         EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
             INTO now_at;
@@ -1336,16 +1348,21 @@ BEGIN
             RETURN NEXT;
         END IF;
     END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
     PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved));
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'Moves the extension''s sequences past the ids and encryption counts in use (after a failover to a logical replica); returns what moved.';
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:51
+-- src/lib.rs:52
 -- requires:
 --   keys_sql
 --   audit_sql
@@ -1552,7 +1569,7 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:56
+-- src/lib.rs:57
 -- requires:
 --   identity_sql
 
@@ -1666,7 +1683,7 @@ BEGIN
     RETURN QUERY
     SELECT t.user_id FROM vetassist_auth.va_tokens t
     JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= now() + within AND t.refresh_token_encrypted IS NOT NULL
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
     ORDER BY t.expires_at;
 END
 $$;
@@ -1690,7 +1707,7 @@ COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tok
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:61
+-- src/lib.rs:62
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -2076,7 +2093,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:76
+-- src/lib.rs:77
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -2347,7 +2364,7 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:101
+-- src/lib.rs:107
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 

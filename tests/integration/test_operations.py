@@ -165,6 +165,34 @@ def test_rotating_and_reencrypting_in_a_loop_under_writers_and_readers(ops):
         assert rotations > 3 * len(PHI_PURPOSES)  # the admin really rotated during the load
 
 
+def test_a_value_that_does_not_open_never_fails_or_stalls_reencrypt(ops):
+    """A damaged or foreign ciphertext under a usable key id (a partial restore from another
+    database, say): reencrypt moves every other row, warns about it, and its key stays."""
+    with ops.connect("vetassist", "app_user") as app, ops.connect("vetassist", "admin_user") as admin, \
+            ops.connect("vetassist") as su:
+        uids = [sign_in(app, f"99000002{i:02d}V1", "Good") for i in range(3)]
+        bad = sign_in(app, "9900000299V1", "Bad")
+        # A ciphertext that names the active phi key but was sealed for another row.
+        su.execute("""UPDATE vetassist_auth.users SET email_encrypted = vetassist_auth.encrypt_text('x@y.z', 'users.email:elsewhere')
+                      WHERE id = %s""", (bad,))
+        bad_key = su.execute("SELECT vetassist_auth.envelope_key_id(email_encrypted) FROM vetassist_auth.users WHERE id = %s",
+                             (bad,)).fetchone()[0]
+        warnings = []
+        admin.add_notice_handler(lambda diag: warnings.append(diag.message_primary))
+        admin.execute("SELECT vetassist_auth.rotate_key('phi')")
+        drain_reencrypt(admin, until_retired=False)
+        assert any("remain under old keys" in w for w in warnings), warnings
+        new_phi = su.execute("SELECT key_id FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active'").fetchone()[0]
+        for uid in uids:  # every other row moved
+            assert su.execute("SELECT vetassist_auth.envelope_key_id(email_encrypted) FROM vetassist_auth.users WHERE id = %s",
+                              (uid,)).fetchone()[0] == new_phi
+            assert profile(app, uid)[2] == "Good"
+        assert key_status(su, bad_key) == "decrypt_only"  # still named by a stored value
+        su.execute("DELETE FROM vetassist_auth.users WHERE id = %s", (bad,))
+        drain_reencrypt(admin)
+        assert key_status(su, bad_key) == "retired"
+
+
 def test_an_admin_can_bring_a_retired_key_back_until_it_is_destroyed(ops):
     """A value kept outside the extension's tables (here: the application's own table) is not
     tracked, so its key retires; unretire_key brings it back, destroy_key shreds it, audited."""
@@ -379,8 +407,11 @@ def test_failover_to_a_logical_replica_after_resync_sequences():
                     sign_in(app, "9900000020V1")
                 assert err.value.sqlstate == "23505"
             with replica.connect("vetassist", "admin_user") as admin:
-                moved = {r[0] for r in admin.execute("SELECT * FROM vetassist_auth.resync_sequences()").fetchall()}
+                moved = dict(admin.execute("SELECT * FROM vetassist_auth.resync_sequences()").fetchall())
                 assert "audit_log_id_seq" in moved
+                # The encryptions counted since the last mirror went with the primary: new keys.
+                active = dict(admin.execute("SELECT purpose, key_id FROM vetassist_auth.keys WHERE status = 'active'").fetchall())
+                assert moved["phi key rotated"] == active["phi"] and moved["token key rotated"] == active["token"]
             with replica.connect("vetassist", "app_user") as app:
                 assert profile(app, uid)[2] == "Repl"
                 assert sign_in(app, "9900000020V1") is not None
