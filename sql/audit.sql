@@ -18,6 +18,11 @@ BEGIN
     IF length(category) > 64 OR length(event_type) > 128 OR octet_length(details::text) > 65536 THEN
         RAISE EXCEPTION 'vetassist_auth: audit event is too large' USING ERRCODE = '22023';
     END IF;
+    -- The categories of the extension's own rows: an application event never passes for one.
+    IF lower(btrim(category)) IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
+        RAISE EXCEPTION 'vetassist_auth: this category is reserved for the extension''s own audit rows' USING ERRCODE = '22023',
+            HINT = 'Application events use categories of their own, such as phi for PHI the application shows.';
+    END IF;
     RETURN vetassist_auth.write_audit(category, event_type, outcome,
                                       vetassist_auth.current_actor(), NULL, NULL, details);
 END
@@ -134,7 +139,7 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_co
 
 -- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
 CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
-RETURNS TABLE (occurred_at timestamptz, category text, event_type text, outcome text,
+RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
                actor_user_id uuid, db_role text, session_id uuid, details jsonb)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -142,13 +147,16 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: a subject and a period (from_time <= to_time) are required' USING ERRCODE = '22023';
     END IF;
     RETURN QUERY
-    SELECT a.occurred_at, a.category, a.event_type, a.outcome, a.actor_user_id, a.db_role, a.session_id, a.details
+    -- phi_access rows are the extension's own (audit_event refuses that category); phi rows are
+    -- what the application reported through audit_event. Listed apart, the extension's first.
+    SELECT CASE a.category WHEN 'phi_access' THEN 'extension' ELSE 'application' END,
+           a.occurred_at, a.category, a.event_type, a.outcome, a.actor_user_id, a.db_role, a.session_id, a.details
     FROM vetassist_auth.audit_log a
     WHERE a.subject_user_id = phi_disclosures.subject_user_id
       AND a.occurred_at >= from_time AND a.occurred_at < to_time
       AND a.category IN ('phi', 'phi_access')
-    ORDER BY a.occurred_at, a.id;
+    ORDER BY a.category = 'phi', a.occurred_at, a.id;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
-    'PHI access events about one veteran in [from_time, to_time): what an accounting-of-disclosures request needs.';
+    'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';

@@ -42,6 +42,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.rotate_session_refresh_token(text, text, text),
     vetassist_auth.refresh_session_token(text, text, text),
     vetassist_auth.log_session_event(text, text, text, jsonb),
+    vetassist_auth.verify_crisis_notice(text),
     vetassist_auth.expire_sessions(integer),
     vetassist_auth.mfa_enroll_totp(uuid),
     vetassist_auth.mfa_confirm_totp(uuid, text),
@@ -68,6 +69,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.expire_sessions(integer),
     vetassist_auth.mfa_disable(uuid),
     vetassist_auth.seal_audit_log(integer),
+    vetassist_auth.audit_seal_status(),
     vetassist_auth.verify_audit_chain(),
     vetassist_auth.purge_audit_log(interval),
     vetassist_auth.enable_row_audit(regclass, text[], text[]),
@@ -82,5 +84,6 @@ GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassis
 GRANT EXECUTE ON FUNCTION
     vetassist_auth.verify_installation(),
     vetassist_auth.verify_audit_chain(),
+    vetassist_auth.audit_seal_status(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 TO vetassist_auditor;

@@ -310,15 +310,46 @@ BEGIN
         'session_event', 'info', s.user_id, 'session_events', event_id::text,
         jsonb_build_object('event_type', event_type, 'severity', severity, 'session_id', s.id));
     IF severity = 'crisis' THEN
-        -- Delivered to every LISTENer when this transaction commits; ids only, no PHI.
-        PERFORM pg_notify('vetassist_auth_crisis',
-                          jsonb_build_object('session_id', s.id, 'event_id', event_id)::text);
+        -- Delivered to every LISTENer when this transaction commits; ids only, no PHI. Any role
+        -- can NOTIFY on the channel too: the keyed mac lets a responder tell ours apart
+        -- (verify_crisis_notice).
+        PERFORM pg_notify('vetassist_auth_crisis', jsonb_build_object(
+            'session_id', s.id, 'event_id', event_id,
+            'mac', encode(vetassist_auth.field_hash(s.id || ':' || event_id, 'crisis_notice'), 'hex'))::text);
     END IF;
     RETURN event_id;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.log_session_event(text, text, text, jsonb) IS
     'Records a security or clinical event; a crisis event is also sent with NOTIFY vetassist_auth_crisis (ids only).';
+
+-- Whether a vetassist_auth_crisis payload is one this extension sent: its mac is the keyed
+-- hash of the ids (under any usable hash key, so rotation does not break it) and the event is
+-- a stored crisis event of that session. Never raises on a malformed payload: false.
+CREATE FUNCTION vetassist_auth.verify_crisis_notice(payload text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    notice jsonb;
+    session_id uuid;
+    event_id bigint;
+BEGIN
+    BEGIN
+        notice := payload::jsonb;
+        session_id := (notice ->> 'session_id')::uuid;
+        event_id := (notice ->> 'event_id')::bigint;
+        IF session_id IS NULL OR event_id IS NULL
+           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(session_id || ':' || event_id, 'crisis_notice')) THEN
+            RETURN false;
+        END IF;
+    EXCEPTION WHEN data_exception THEN
+        RETURN false;  -- not JSON, not a uuid or number, not hex
+    END;
+    RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
+                   WHERE e.id = event_id AND e.session_id = verify_crisis_notice.session_id AND e.severity = 'crisis');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.verify_crisis_notice(text) IS
+    'Whether a NOTIFY vetassist_auth_crisis payload was sent by this extension for a stored crisis event (any role can NOTIFY on the channel).';
 
 -- Sweep: ends overdue sessions and deletes ended ones past session_retention, batch_size rows
 -- of each per call, skipping rows other transactions hold. Returns rows changed: call it until 0.

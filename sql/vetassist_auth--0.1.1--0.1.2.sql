@@ -2,7 +2,8 @@
 -- Day-2 operations: key retirement that never strands a value (pins and a snapshot horizon),
 -- unretire_key/destroy_key, an old and a new master key at once, clock-based time-outs, a
 -- refresh-token reuse grace, a restore guard on the keys table, resync_sequences() for
--- failover, and a sealer whose cost does not grow with the sealed log.
+-- failover, a sealer whose cost does not grow with the sealed log; audit: locks no role can
+-- take, row text independent of session settings, reserved categories, verifiable crisis NOTIFY.
 \echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.1.2'" to load this file. \quit
 
 -- Keys: retirement waits recorded per key; destroyed keys keep their row without material.
@@ -30,8 +31,23 @@ SET sealed_through_id = coalesce((SELECT max(audit_id) FROM vetassist_auth.audit
 COMMENT ON TABLE vetassist_auth.audit_seal_state IS
     'Sealer state (one row, written by the first seal): every audit row not yet sealed is above sealed_through_id or at or after scan_from; the chain continues from the purge checkpoint.';
 
+-- phi_disclosures gained a reported_by column: a new result type is a new function.
+DROP FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz);
+
 -- Functions, views and triggers new or changed since 0.1.1, as in this release's install script
 -- (scripts/upgrade-functions.py prints them).
+
+CREATE  FUNCTION "audit_seal_status"() RETURNS TABLE (
+	"head_seq" bigint,  /* Option < i64 > */
+	"head_sealed_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"sealed_through_id" bigint,  /* Option < i64 > */
+	"waiting_rows" bigint,  /* Option < i64 > */
+	"sealer_pid" INT  /* Option < i32 > */
+)
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'audit_seal_status_wrapper';
 
 CREATE  FUNCTION "claim_new_account"(
 	"va_icn" TEXT /* & str */
@@ -244,63 +260,52 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
 
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
+CREATE OR REPLACE FUNCTION vetassist_auth.audit_event(category text, event_type text, outcome text, details jsonb DEFAULT '{}')
+RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
 BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
+    IF coalesce(btrim(category), '') = '' OR coalesce(btrim(event_type), '') = '' THEN
+        RAISE EXCEPTION 'vetassist_auth: category and event_type must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF outcome IS NULL OR outcome NOT IN ('success', 'failure', 'denied', 'info') THEN
+        RAISE EXCEPTION 'vetassist_auth: outcome must be success, failure, denied or info' USING ERRCODE = '22023';
+    END IF;
+    IF length(category) > 64 OR length(event_type) > 128 OR octet_length(details::text) > 65536 THEN
+        RAISE EXCEPTION 'vetassist_auth: audit event is too large' USING ERRCODE = '22023';
+    END IF;
+    -- The categories of the extension's own rows: an application event never passes for one.
+    IF lower(btrim(category)) IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
+        RAISE EXCEPTION 'vetassist_auth: this category is reserved for the extension''s own audit rows' USING ERRCODE = '22023',
+            HINT = 'Application events use categories of their own, such as phi for PHI the application shows.';
+    END IF;
+    RETURN vetassist_auth.write_audit(category, event_type, outcome,
+                                      vetassist_auth.current_actor(), NULL, NULL, details);
 END
 $$;
 
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
+CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
+RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
+               actor_user_id uuid, db_role text, session_id uuid, details jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF subject_user_id IS NULL OR from_time IS NULL OR to_time IS NULL OR from_time > to_time THEN
+        RAISE EXCEPTION 'vetassist_auth: a subject and a period (from_time <= to_time) are required' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    -- phi_access rows are the extension's own (audit_event refuses that category); phi rows are
+    -- what the application reported through audit_event. Listed apart, the extension's first.
+    SELECT CASE a.category WHEN 'phi_access' THEN 'extension' ELSE 'application' END,
+           a.occurred_at, a.category, a.event_type, a.outcome, a.actor_user_id, a.db_role, a.session_id, a.details
+    FROM vetassist_auth.audit_log a
+    WHERE a.subject_user_id = phi_disclosures.subject_user_id
+      AND a.occurred_at >= from_time AND a.occurred_at < to_time
+      AND a.category IN ('phi', 'phi_access')
+    ORDER BY a.category = 'phi', a.occurred_at, a.id;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
+    'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.upsert_va_user(
     va_icn text, veteran_status text, email text, first_name text, last_name text)
@@ -683,6 +688,67 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.rotate_session_refresh_token(text, text, text) IS
     'refresh_session_token returning only the generation (NULL after ending the session on reuse).';
 
+CREATE OR REPLACE FUNCTION vetassist_auth.log_session_event(jwt_id text, event_type text, severity text, details jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+    event_id bigint;
+BEGIN
+    IF coalesce(event_type, '') = '' OR length(event_type) > 128 THEN
+        RAISE EXCEPTION 'vetassist_auth: event_type must be 1 to 128 characters' USING ERRCODE = '22023';
+    END IF;
+    IF severity IS NULL OR severity NOT IN ('info', 'warning', 'critical', 'crisis') THEN
+        RAISE EXCEPTION 'vetassist_auth: severity must be info, warning, critical or crisis' USING ERRCODE = '22023';
+    END IF;
+    IF details IS NOT NULL AND (jsonb_typeof(details) <> 'object' OR octet_length(details::text) > 65536) THEN
+        RAISE EXCEPTION 'vetassist_auth: details must be a JSON object of at most 64 KiB' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO vetassist_auth.session_events (session_id, user_id, event_type, severity, details)
+    VALUES (s.id, s.user_id, event_type, severity, coalesce(details, '{}'))
+    RETURNING id INTO event_id;
+    -- The audit row names the event, never its details (they may hold clinical information).
+    PERFORM vetassist_auth.write_audit(CASE WHEN severity = 'crisis' THEN 'clinical' ELSE 'session' END,
+        'session_event', 'info', s.user_id, 'session_events', event_id::text,
+        jsonb_build_object('event_type', event_type, 'severity', severity, 'session_id', s.id));
+    IF severity = 'crisis' THEN
+        -- Delivered to every LISTENer when this transaction commits; ids only, no PHI. Any role
+        -- can NOTIFY on the channel too: the keyed mac lets a responder tell ours apart
+        -- (verify_crisis_notice).
+        PERFORM pg_notify('vetassist_auth_crisis', jsonb_build_object(
+            'session_id', s.id, 'event_id', event_id,
+            'mac', encode(vetassist_auth.field_hash(s.id || ':' || event_id, 'crisis_notice'), 'hex'))::text);
+    END IF;
+    RETURN event_id;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.verify_crisis_notice(payload text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    notice jsonb;
+    session_id uuid;
+    event_id bigint;
+BEGIN
+    BEGIN
+        notice := payload::jsonb;
+        session_id := (notice ->> 'session_id')::uuid;
+        event_id := (notice ->> 'event_id')::bigint;
+        IF session_id IS NULL OR event_id IS NULL
+           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(session_id || ':' || event_id, 'crisis_notice')) THEN
+            RETURN false;
+        END IF;
+    EXCEPTION WHEN data_exception THEN
+        RETURN false;  -- not JSON, not a uuid or number, not hex
+    END;
+    RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
+                   WHERE e.id = event_id AND e.session_id = verify_crisis_notice.session_id AND e.severity = 'crisis');
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.verify_crisis_notice(text) IS
+    'Whether a NOTIFY vetassist_auth_crisis payload was sent by this extension for a stored crisis event (any role can NOTIFY on the channel).';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -931,6 +997,64 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
+
 
 -- Privileges: nothing new is executable by PUBLIC; each role gets its new API.
 REVOKE ALL ON FUNCTION
@@ -942,13 +1066,24 @@ REVOKE ALL ON FUNCTION
     vetassist_auth.unretire_key(integer),
     vetassist_auth.destroy_key(integer),
     vetassist_auth.refresh_session_token(text, text, text),
+    vetassist_auth.verify_crisis_notice(text),
     vetassist_auth.refuse_foreign_keys(),
-    vetassist_auth.resync_sequences()
+    vetassist_auth.resync_sequences(),
+    vetassist_auth.audit_seal_status(),
+    vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION vetassist_auth.refresh_session_token(text, text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION
+    vetassist_auth.refresh_session_token(text, text, text),
+    vetassist_auth.verify_crisis_notice(text)
+TO vetassist_app;
 GRANT EXECUTE ON FUNCTION
     vetassist_auth.unretire_key(integer),
     vetassist_auth.destroy_key(integer),
-    vetassist_auth.resync_sequences()
+    vetassist_auth.resync_sequences(),
+    vetassist_auth.audit_seal_status()
 TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION
+    vetassist_auth.audit_seal_status(),
+    vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
+TO vetassist_auditor;
 GRANT SELECT (retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;

@@ -447,8 +447,29 @@ fn acquire(tag: pg_sys::LOCKTAG, mode: u32, wait: bool) -> bool {
 }
 
 /// The subid of identity claims in the keys table's object-lock space, apart from pins
-/// (key id, 0) and purpose locks (0, purpose ordinal + 1).
+/// (key id, 0), purpose locks (0, purpose ordinal + 1) and the audit chain (0, AUDIT_CHAIN).
 const IDENTITY_CLAIM: u16 = u16::MAX;
+const AUDIT_CHAIN: u16 = u16::MAX - 1;
+
+/// Serialises sealing and purging of the audit chain to the end of the transaction; false when
+/// `wait` is off and another transaction holds it. No SQL function can take this lock, so no
+/// role can stall the chain by holding it.
+pub fn lock_audit_chain(wait: bool) -> bool {
+    acquire(key_lock_tag(0, AUDIT_CHAIN), pg_sys::ExclusiveLock, wait)
+}
+
+/// The backend holding the audit chain lock, if any (for the sealer's WARNING and status).
+/// pg_locks shows the 16-bit subid as a signed smallint.
+pub fn audit_chain_holder() -> Option<i32> {
+    Spi::get_one_with_args::<i32>(
+        "SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'object' AND granted \
+           AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
+           AND classid = $1 AND objid = 0 AND (objsubid::integer & 65535) = $2 AND pid <> pg_catalog.pg_backend_pid() LIMIT 1",
+        &[keys_relid().into(), (AUDIT_CHAIN as i32).into()],
+    )
+    .ok()
+    .flatten()
+}
 
 /// Holds, to the end of the transaction, the claim on a new account whose field hash starts
 /// with `hash_prefix` (HMAC bytes, which say nothing about the value). Two transactions

@@ -294,7 +294,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:868
+-- src/keys.rs:889
 -- vetassist_auth::keys::active_key_id
 CREATE  FUNCTION "active_key_id"(
 	"purpose" TEXT /* & str */
@@ -315,7 +315,7 @@ AS 'MODULE_PATHNAME', 'audit_purge_in_progress_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:258
+-- src/audit/chain.rs:262
 -- vetassist_auth::audit::chain::audit_seal_matches
 CREATE  FUNCTION "audit_seal_matches"(
 	"key_id" INT, /* i32 */
@@ -326,6 +326,22 @@ CREATE  FUNCTION "audit_seal_matches"(
 STRICT STABLE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'audit_seal_matches_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/audit/chain.rs:427
+-- vetassist_auth::audit::chain::audit_seal_status
+CREATE  FUNCTION "audit_seal_status"() RETURNS TABLE (
+	"head_seq" bigint,  /* Option < i64 > */
+	"head_sealed_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"sealed_through_id" bigint,  /* Option < i64 > */
+	"waiting_rows" bigint,  /* Option < i64 > */
+	"sealer_pid" INT  /* Option < i32 > */
+)
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'audit_seal_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -407,7 +423,7 @@ AS 'MODULE_PATHNAME', 'decrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1031
+-- src/keys.rs:1052
 -- vetassist_auth::keys::destroy_key
 CREATE  FUNCTION "destroy_key"(
 	"key_id" INT /* i32 */
@@ -506,7 +522,7 @@ AS 'MODULE_PATHNAME', 'hash_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:560
+-- src/keys.rs:581
 -- vetassist_auth::keys::key_creation_in_progress
 CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
 STRICT
@@ -576,7 +592,7 @@ AS 'MODULE_PATHNAME', 'opens_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:419
+-- src/audit/chain.rs:474
 -- vetassist_auth::audit::chain::purge_audit_log
 CREATE  FUNCTION "purge_audit_log"(
 	"older_than" interval /* Interval */
@@ -597,7 +613,7 @@ AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:888
+-- src/keys.rs:909
 -- vetassist_auth::keys::retire_unused_keys
 CREATE  FUNCTION "retire_unused_keys"() RETURNS INT /* i32 */
 STRICT SECURITY DEFINER
@@ -912,7 +928,7 @@ COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:800
+-- src/keys.rs:821
 -- vetassist_auth::keys::rewrap_keys
 CREATE  FUNCTION "rewrap_keys"(
 	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
@@ -924,7 +940,7 @@ AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:773
+-- src/keys.rs:794
 -- vetassist_auth::keys::rotate_key
 CREATE  FUNCTION "rotate_key"(
 	"purpose" TEXT /* & str */
@@ -1065,7 +1081,7 @@ AS 'MODULE_PATHNAME', 'totp_uri_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1018
+-- src/keys.rs:1039
 -- vetassist_auth::keys::unretire_key
 CREATE  FUNCTION "unretire_key"(
 	"key_id" INT /* i32 */
@@ -1077,7 +1093,7 @@ AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:401
+-- src/audit/chain.rs:408
 -- vetassist_auth::audit::chain::verify_audit_chain
 CREATE  FUNCTION "verify_audit_chain"() RETURNS TABLE (
 	"ok" bool,  /* bool */
@@ -1146,6 +1162,11 @@ BEGIN
     END IF;
     IF length(category) > 64 OR length(event_type) > 128 OR octet_length(details::text) > 65536 THEN
         RAISE EXCEPTION 'vetassist_auth: audit event is too large' USING ERRCODE = '22023';
+    END IF;
+    -- The categories of the extension's own rows: an application event never passes for one.
+    IF lower(btrim(category)) IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
+        RAISE EXCEPTION 'vetassist_auth: this category is reserved for the extension''s own audit rows' USING ERRCODE = '22023',
+            HINT = 'Application events use categories of their own, such as phi for PHI the application shows.';
     END IF;
     RETURN vetassist_auth.write_audit(category, event_type, outcome,
                                       vetassist_auth.current_actor(), NULL, NULL, details);
@@ -1263,7 +1284,7 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_co
 
 -- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
 CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
-RETURNS TABLE (occurred_at timestamptz, category text, event_type text, outcome text,
+RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
                actor_user_id uuid, db_role text, session_id uuid, details jsonb)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -1271,94 +1292,19 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: a subject and a period (from_time <= to_time) are required' USING ERRCODE = '22023';
     END IF;
     RETURN QUERY
-    SELECT a.occurred_at, a.category, a.event_type, a.outcome, a.actor_user_id, a.db_role, a.session_id, a.details
+    -- phi_access rows are the extension's own (audit_event refuses that category); phi rows are
+    -- what the application reported through audit_event. Listed apart, the extension's first.
+    SELECT CASE a.category WHEN 'phi_access' THEN 'extension' ELSE 'application' END,
+           a.occurred_at, a.category, a.event_type, a.outcome, a.actor_user_id, a.db_role, a.session_id, a.details
     FROM vetassist_auth.audit_log a
     WHERE a.subject_user_id = phi_disclosures.subject_user_id
       AND a.occurred_at >= from_time AND a.occurred_at < to_time
       AND a.category IN ('phi', 'phi_access')
-    ORDER BY a.occurred_at, a.id;
+    ORDER BY a.category = 'phi', a.occurred_at, a.id;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
-    'PHI access events about one veteran in [from_time, to_time): what an accounting-of-disclosures request needs.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:97
--- requires:
---   keys_sql
---   audit_sql
---   keys::key_creation_in_progress
---   keys::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
+    'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2031,15 +1977,46 @@ BEGIN
         'session_event', 'info', s.user_id, 'session_events', event_id::text,
         jsonb_build_object('event_type', event_type, 'severity', severity, 'session_id', s.id));
     IF severity = 'crisis' THEN
-        -- Delivered to every LISTENer when this transaction commits; ids only, no PHI.
-        PERFORM pg_notify('vetassist_auth_crisis',
-                          jsonb_build_object('session_id', s.id, 'event_id', event_id)::text);
+        -- Delivered to every LISTENer when this transaction commits; ids only, no PHI. Any role
+        -- can NOTIFY on the channel too: the keyed mac lets a responder tell ours apart
+        -- (verify_crisis_notice).
+        PERFORM pg_notify('vetassist_auth_crisis', jsonb_build_object(
+            'session_id', s.id, 'event_id', event_id,
+            'mac', encode(vetassist_auth.field_hash(s.id || ':' || event_id, 'crisis_notice'), 'hex'))::text);
     END IF;
     RETURN event_id;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.log_session_event(text, text, text, jsonb) IS
     'Records a security or clinical event; a crisis event is also sent with NOTIFY vetassist_auth_crisis (ids only).';
+
+-- Whether a vetassist_auth_crisis payload is one this extension sent: its mac is the keyed
+-- hash of the ids (under any usable hash key, so rotation does not break it) and the event is
+-- a stored crisis event of that session. Never raises on a malformed payload: false.
+CREATE FUNCTION vetassist_auth.verify_crisis_notice(payload text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    notice jsonb;
+    session_id uuid;
+    event_id bigint;
+BEGIN
+    BEGIN
+        notice := payload::jsonb;
+        session_id := (notice ->> 'session_id')::uuid;
+        event_id := (notice ->> 'event_id')::bigint;
+        IF session_id IS NULL OR event_id IS NULL
+           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(session_id || ':' || event_id, 'crisis_notice')) THEN
+            RETURN false;
+        END IF;
+    EXCEPTION WHEN data_exception THEN
+        RETURN false;  -- not JSON, not a uuid or number, not hex
+    END;
+    RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
+                   WHERE e.id = event_id AND e.session_id = verify_crisis_notice.session_id AND e.severity = 'crisis');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.verify_crisis_notice(text) IS
+    'Whether a NOTIFY vetassist_auth_crisis payload was sent by this extension for a stored crisis event (any role can NOTIFY on the channel).';
 
 -- Sweep: ends overdue sessions and deletes ended ones past session_retention, batch_size rows
 -- of each per call, skipping rows other transactions hold. Returns rows changed: call it until 0.
@@ -2364,6 +2341,84 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/lib.rs:97
+-- requires:
+--   keys_sql
+--   audit_sql
+--   keys::key_creation_in_progress
+--   keys::rotate_key
+
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/lib.rs:107
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
@@ -2410,6 +2465,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.rotate_session_refresh_token(text, text, text),
     vetassist_auth.refresh_session_token(text, text, text),
     vetassist_auth.log_session_event(text, text, text, jsonb),
+    vetassist_auth.verify_crisis_notice(text),
     vetassist_auth.expire_sessions(integer),
     vetassist_auth.mfa_enroll_totp(uuid),
     vetassist_auth.mfa_confirm_totp(uuid, text),
@@ -2436,6 +2492,7 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.expire_sessions(integer),
     vetassist_auth.mfa_disable(uuid),
     vetassist_auth.seal_audit_log(integer),
+    vetassist_auth.audit_seal_status(),
     vetassist_auth.verify_audit_chain(),
     vetassist_auth.purge_audit_log(interval),
     vetassist_auth.enable_row_audit(regclass, text[], text[]),
@@ -2450,6 +2507,7 @@ GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassis
 GRANT EXECUTE ON FUNCTION
     vetassist_auth.verify_installation(),
     vetassist_auth.verify_audit_chain(),
+    vetassist_auth.audit_seal_status(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 TO vetassist_auditor;
 /* </end connected objects> */

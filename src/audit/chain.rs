@@ -81,20 +81,19 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         )
         .raise();
     }
-    let locked = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_try_advisory_xact_lock($1, 2)",
-        &[SEAL_LOCK_CLASS.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if !locked {
+    if !keys::lock_audit_chain(false) {
+        // Never silent: a call that seals nothing because another one runs must not look idle.
+        let holder = keys::audit_chain_holder()
+            .map(|pid| format!(" (backend {pid})"))
+            .unwrap_or_default();
+        pgrx::warning!(
+            "vetassist_auth: another transaction{holder} is sealing or purging the audit log; this call sealed nothing"
+        );
         return 0;
     }
     let key = keys::key_for_writing(Purpose::Audit).or_raise();
     Spi::connect_mut(|client| -> Outcome<i32> {
-        // The row text is hashed: fix the time zone it is printed in (undone at function exit).
-        client.update("SELECT pg_catalog.set_config('TimeZone', 'UTC', true)", None, &[]).map_err(spi_failed)?;
+        client.update(ROW_TEXT_SETTINGS, None, &[]).map_err(spi_failed)?;
         // The cost of a call must not depend on statistics (a backlog that autovacuum has not
         // analyzed yet looks tiny): index scans and per-row probes only, whatever the estimates.
         client
@@ -205,7 +204,12 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
     .or_raise()
 }
 
-const SEAL_LOCK_CLASS: i32 = 0x7661_6b32; // "vak2"
+/// The row text that is hashed must not depend on the session: every setting that changes how
+/// to_jsonb prints a column of audit_log is fixed for the call (the function's SET clause undoes
+/// it at exit).
+const ROW_TEXT_SETTINGS: &str = "SELECT pg_catalog.set_config(s.name, s.value, true) FROM (VALUES \
+    ('TimeZone', 'UTC'), ('DateStyle', 'ISO, MDY'), ('IntervalStyle', 'postgres'), \
+    ('bytea_output', 'hex'), ('extra_float_digits', '1')) AS s (name, value)";
 
 /// Where the sealer's scan starts: rows at or after `scan_from` may be unsealed, and so may
 /// every row above `sealed_through_id`.
@@ -276,12 +280,15 @@ fn audit_seal_matches(key_id: i32, prev_hash: &[u8], row_text: &str, hash: &[u8]
 /// order: the first bad seq is the lowest one either pass finds.
 fn walk_chain() -> Outcome<Verdict> {
     Spi::connect_mut(|client| -> Outcome<Verdict> {
-        // Local to this call (the function's SET clause undoes them): the row text is hashed in
-        // UTC, and the planner must not sort a million wide rows when two index scans will do.
+        // Local to this call (the function's SET clause undoes them): the row text is printed as
+        // the sealer printed it, and the planner must not sort a million wide rows when two
+        // index scans will do.
+        client
+            .update(ROW_TEXT_SETTINGS, None, &[])
+            .map_err(spi_failed)?;
         client
             .update(
-                "SELECT pg_catalog.set_config('TimeZone', 'UTC', true), \
-                        pg_catalog.set_config('enable_sort', 'off', true), \
+                "SELECT pg_catalog.set_config('enable_sort', 'off', true), \
                         pg_catalog.set_config('enable_hashjoin', 'off', true)",
                 None,
                 &[],
@@ -413,6 +420,54 @@ fn verify_audit_chain() -> TableIterator<
     TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
 }
 
+/// Where sealing stands, for administrators and auditors: the chain head, the committed rows
+/// waiting above the highest sealed id, and the backend sealing or purging right now, if any.
+// pgrx reads the column names from this signature, so it cannot hide behind a type alias.
+#[allow(clippy::type_complexity)]
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn audit_seal_status() -> TableIterator<
+    'static,
+    (
+        name!(head_seq, Option<i64>),
+        name!(head_sealed_at, Option<TimestampWithTimeZone>),
+        name!(sealed_through_id, Option<i64>),
+        name!(waiting_rows, Option<i64>),
+        name!(sealer_pid, Option<i32>),
+    ),
+> {
+    let sealer_pid = keys::audit_chain_holder();
+    let status = Spi::connect(|client| -> Outcome<_> {
+        let rows = client
+            .select(
+                "SELECT h.seq, h.sealed_at, st.sealed_through_id, \
+                        (SELECT pg_catalog.count(*) FROM vetassist_auth.audit_log a \
+                         WHERE a.id > coalesce(st.sealed_through_id, 0)) \
+                 FROM (SELECT 1) one \
+                 LEFT JOIN (SELECT seq, sealed_at FROM vetassist_auth.audit_seals ORDER BY seq DESC LIMIT 1) h ON true \
+                 LEFT JOIN vetassist_auth.audit_seal_state st ON true",
+                None,
+                &[],
+            )
+            .map_err(spi_failed)?;
+        let row = rows.first();
+        Ok((
+            row.get::<i64>(1).map_err(spi_failed)?,
+            row.get::<TimestampWithTimeZone>(2).map_err(spi_failed)?,
+            row.get::<i64>(3).map_err(spi_failed)?,
+            row.get::<i64>(4).map_err(spi_failed)?,
+        ))
+    });
+    let (head_seq, head_sealed_at, sealed_through_id, waiting_rows) = status.or_raise();
+    TableIterator::once((
+        head_seq,
+        head_sealed_at,
+        sealed_through_id,
+        waiting_rows,
+        sealer_pid,
+    ))
+}
+
 /// Removes sealed rows older than `older_than` from the start of the chain, keeps a checkpoint
 /// (seq and hash of the last removed seal) so verification still works, and is audited.
 /// Returns the number of audit rows removed.
@@ -431,9 +486,7 @@ fn purge_audit_log(older_than: Interval) -> i64 {
         .raise();
     }
     Spi::connect_mut(|client| -> Outcome<i64> {
-        client
-            .update("SELECT pg_catalog.pg_advisory_xact_lock($1, 2)", None, &[SEAL_LOCK_CLASS.into()])
-            .map_err(spi_failed)?;
+        keys::lock_audit_chain(true);
         // The longest prefix of the chain whose rows are all older than the cut-off.
         let through: Option<i64> = select_one(
             client,

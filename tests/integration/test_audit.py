@@ -127,3 +127,106 @@ def test_an_aborted_purge_leaves_the_log_append_only():
             su.execute("DROP TRIGGER zz_fail_purge ON vetassist_auth.audit_log")
             assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type LIKE 'e_'").fetchone()[0] == 3
             assert su.execute("SELECT ok FROM vetassist_auth.verify_audit_chain()").fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """A cluster of this module's own, so sealing here is not disturbed by other tests' rows."""
+    with installed_cluster("chain") as c:
+        yield c
+
+
+def write_events(cluster, n, ip="203.0.113.9"):
+    """n application audit events with a hashed client address (a bytea column in the row)."""
+    with cluster.connect("vetassist", "app_user") as app, app.transaction():
+        app.execute("SELECT vetassist_auth.set_actor(NULL, %s)", (ip,))
+        for i in range(n):
+            app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', %s)", (f'{{"n": {i}}}',))
+
+
+def test_no_role_can_stall_the_sealer_or_key_management_with_advisory_locks(chain):
+    """The locks the 0.1.1 sealer and key creation used were advisory: any role could hold them."""
+    write_events(chain, 3)
+    with chain.connect("vetassist", "outsider") as squatter:
+        squatter.execute("SELECT pg_advisory_lock(1986095922, 2)")
+        squatter.execute("SELECT pg_advisory_lock(1986095921, hashtext('phi'))")
+        with chain.connect("vetassist", "admin_user") as admin:
+            admin.execute("SET lock_timeout = '5s'")  # a regression fails here instead of hanging
+            assert admin.execute("SELECT vetassist_auth.seal_audit_log()").fetchone()[0] >= 3
+            assert admin.execute("SELECT vetassist_auth.rotate_key('phi')").fetchone()[0] > 0
+            admin.execute("SELECT vetassist_auth.purge_audit_log('100 years')")
+
+
+def test_a_sealer_that_cannot_proceed_says_so(chain):
+    write_events(chain, 2)
+    with chain.connect("vetassist", "admin_user", autocommit=False) as first, \
+            chain.connect("vetassist", "admin_user") as second, chain.connect("vetassist", "auditor_user") as auditor:
+        first.execute("SELECT vetassist_auth.seal_audit_log(1)")  # holds the chain lock until commit
+        first_pid = first.execute("SELECT pg_backend_pid()").fetchone()[0]
+        warnings = []
+        second.add_notice_handler(lambda diag: warnings.append((diag.severity_nonlocalized, diag.message_primary)))
+        assert second.execute("SELECT vetassist_auth.seal_audit_log()").fetchone()[0] == 0
+        assert any(sev == "WARNING" and f"backend {first_pid}" in msg for sev, msg in warnings), warnings
+        head_seq, _, _, waiting, sealer = auditor.execute("SELECT * FROM vetassist_auth.audit_seal_status()").fetchone()
+        assert sealer == first_pid and waiting >= 1
+        first.commit()
+        seal_all(second)
+        head_after, _, _, waiting, sealer = auditor.execute("SELECT * FROM vetassist_auth.audit_seal_status()").fetchone()
+        assert sealer is None and waiting == 0 and head_after > head_seq
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("bytea_output", "escape"), ("DateStyle", "SQL, DMY"), ("IntervalStyle", "sql_standard"),
+    ("extra_float_digits", "-15"), ("TimeZone", "Asia/Kolkata"),
+    ("default_transaction_isolation", "repeatable read"),
+])
+def test_sealing_and_verifying_do_not_depend_on_session_settings(chain, setting, value):
+    write_events(chain, 3)
+    with chain.connect("vetassist", "admin_user") as odd, chain.connect("vetassist", "admin_user") as plain:
+        odd.execute("SELECT set_config(%s, %s, false)", (setting, value))
+        seal_all(odd)
+        for conn in (plain, odd):
+            ok, checked, first_bad, problem = verify(conn)
+            assert ok, (setting, first_bad, problem)
+        write_events(chain, 2)
+        seal_all(plain)
+        ok, _, first_bad, problem = verify(odd)
+        assert ok, (setting, first_bad, problem)
+
+
+def test_a_repeatable_read_sealer_passes_no_row_by(chain):
+    """Rows committed after the sealer's snapshot are invisible to it; they must be sealed later,
+    never skipped (0.1.1 moved its scan start past them)."""
+    with chain.connect("vetassist", "admin_user") as admin:
+        seal_all(admin)
+    with chain.connect("vetassist", "admin_user", autocommit=False) as sealer:
+        sealer.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        sealer.execute("SELECT 1")  # the snapshot
+        write_events(chain, 3)
+        time.sleep(1.2)
+        sealer.execute("SELECT vetassist_auth.seal_audit_log()")
+        sealer.commit()
+    with chain.connect("vetassist", "admin_user") as admin, chain.connect("vetassist") as su:
+        seal_all(admin)
+        unsealed = su.execute("""SELECT count(*) FROM vetassist_auth.audit_log a
+                                 WHERE NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = a.id)""").fetchone()[0]
+        assert unsealed == 0
+        assert verify(admin)[0]
+
+
+def test_the_application_cannot_forge_the_extensions_own_events(chain):
+    with chain.connect("vetassist", "app_user") as app, chain.connect("vetassist", "auditor_user") as auditor:
+        uid = app.execute("SELECT vetassist_auth.upsert_va_user('9900000030V1', 'veteran', 'f@example.org', 'Fay', 'Doe')").fetchone()[0]
+        app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
+        for category, event_type in (("phi_access", "user_profile_read"), ("mfa", "mfa_verified"),
+                                     ("audit", "audit_log_purged"), (" MFA ", "mfa_verified"), ("key", "key_retired")):
+            with pytest.raises(psycopg.Error) as err:
+                app.execute("SELECT vetassist_auth.audit_event(%s, %s, 'success', '{}')", (category, event_type))
+            assert err.value.sqlstate == "22023", category
+        with app.transaction():
+            app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
+            app.execute("SELECT vetassist_auth.audit_event('phi', 'chart_viewed', 'success', '{}')")
+            app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
+        rows = auditor.execute("""SELECT reported_by, category, event_type FROM vetassist_auth.phi_disclosures(
+                                      %s, now() - interval '1 hour', now() + interval '1 hour')""", (uid,)).fetchall()
+        assert rows == [("extension", "phi_access", "user_profile_read"), ("application", "phi", "chart_viewed")]

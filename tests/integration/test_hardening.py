@@ -11,7 +11,7 @@ APP = {
     "va_access_token(uuid)", "va_refresh_token(uuid)", "va_tokens_due(interval)", "delete_va_tokens(uuid)",
     "create_session(uuid,text,timestamp with time zone,inet,text,text,jsonb)", "touch_session(text)",
     "session_status(text)", "end_session(text,text)", "end_user_sessions(uuid,text)", "lock_session(text,text)",
-    "rotate_session_refresh_token(text,text,text)", "refresh_session_token(text,text,text)", "log_session_event(text,text,text,jsonb)", "expire_sessions(integer)",
+    "rotate_session_refresh_token(text,text,text)", "refresh_session_token(text,text,text)", "log_session_event(text,text,text,jsonb)", "verify_crisis_notice(text)", "expire_sessions(integer)",
     "mfa_enroll_totp(uuid)", "mfa_confirm_totp(uuid,text)", "mfa_verify(text,text)", "mfa_generate_backup_codes(uuid,integer)",
     "mfa_trust_device(text,integer)", "mfa_trusted_devices(uuid)", "mfa_revoke_device(uuid,uuid)", "mfa_required(text)",
     "mfa_disable(uuid)",
@@ -19,11 +19,11 @@ APP = {
 ADMIN = {
     "rotate_key(text)", "reencrypt(integer)", "rewrap_keys(text)", "unretire_key(integer)", "destroy_key(integer)",
     "resync_sequences()", "verify_installation()", "deactivate_user(uuid,text)",
-    "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)",
+    "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)", "audit_seal_status()",
     "verify_audit_chain()", "purge_audit_log(interval)", "enable_row_audit(regclass,text[],text[])",
     "disable_row_audit(regclass)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)",
 }
-AUDITOR = {"verify_installation()", "verify_audit_chain()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)"}
+AUDITOR = {"verify_installation()", "verify_audit_chain()", "audit_seal_status()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)"}
 EXPECTED_FUNCTIONS = {"vetassist_app": APP, "vetassist_admin": ADMIN, "vetassist_auditor": AUDITOR, "public": set()}
 AUDITOR_TABLES = {"audit_log", "audit_seals"}
 

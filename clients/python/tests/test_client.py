@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -274,9 +275,16 @@ def test_crisis_event_is_notified_after_commit(client: VetAssistClient, su: Conn
         assert time.monotonic() < deadline, "the listener did not start"
         time.sleep(0.02)
 
+    sid = su.execute("SELECT id FROM vetassist_auth.sessions WHERE jwt_id = %s", (jwt_id,)).fetchone()
+    assert sid is not None
+    # Any role may NOTIFY on the channel: forged payloads (no mac, a made-up mac, a mac copied
+    # onto another event) never reach the responder.
+    for forged in ({"session_id": str(sid[0]), "event_id": 424242},
+                   {"session_id": str(sid[0]), "event_id": 424242, "mac": "00" * 36}):
+        su.execute("SELECT pg_notify('vetassist_auth_crisis', %s)", (json.dumps(forged),))
+    su.execute("SELECT pg_notify('vetassist_auth_crisis', 'not json')")
     with client.request(actor_user_id=uid) as r:
         r.log_session_event(jwt_id, "login_anomaly", "warning", {"reason": "new device"})
-        sid = su.execute("SELECT id FROM vetassist_auth.sessions WHERE jwt_id = %s", (jwt_id,)).fetchone()
         event_id = r.log_session_event(jwt_id, "crisis_language_detected", "crisis", {"score": 0.97})
         time.sleep(0.2)
         assert not received, "notified before commit"

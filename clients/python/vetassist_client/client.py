@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from .errors import translated_errors
+
+log = logging.getLogger("vetassist_client")
 
 
 class SessionStatus(enum.Enum):
@@ -230,14 +233,20 @@ class VetAssistClient:
         """Crisis notifications arriving within ``timeout`` seconds, on a dedicated connection.
 
         NOTIFY reaches only current listeners: treat session_events as the record and this as
-        a wake-up.
+        a wake-up. Any role may NOTIFY on the channel: a payload the extension did not send
+        (verify_crisis_notice) is dropped, never yielded.
         """
         # The pool's settings; psycopg_pool 3.3 also accepts callables for both.
         conninfo, kwargs = self._pool.conninfo, self._pool.kwargs or {}
         conninfo = conninfo() if callable(conninfo) else conninfo
         kwargs = kwargs() if callable(kwargs) else kwargs
-        with translated_errors(), psycopg.connect(conninfo, **{**kwargs, "autocommit": True}) as conn:
+        with translated_errors(), psycopg.connect(conninfo, **{**kwargs, "autocommit": True}) as conn, \
+                psycopg.connect(conninfo, **{**kwargs, "autocommit": True}) as checker:
             conn.execute("LISTEN vetassist_auth_crisis")
             for notify in conn.notifies(timeout=timeout):
+                verified = checker.execute("SELECT vetassist_auth.verify_crisis_notice(%s)", (notify.payload,)).fetchone()
+                if not (verified and verified[0]):
+                    log.warning("dropped a forged vetassist_auth_crisis notification from backend %s", notify.pid)
+                    continue
                 payload = json.loads(notify.payload)
                 yield CrisisNotice(UUID(payload["session_id"]), int(payload["event_id"]))
