@@ -138,6 +138,18 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.trusted_devices', '{}', '
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_count}');
 
 -- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
+-- The newest seal (or, with every seal purged, the purge checkpoint): an anchor to keep outside
+-- the database and check later with verify_audit_chain(seq, hash). No row before the first seal.
+CREATE FUNCTION vetassist_auth.audit_chain_head() RETURNS TABLE (seq bigint, hash bytea, sealed_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    (SELECT s.seq, s.hash, s.sealed_at FROM vetassist_auth.audit_seals s ORDER BY s.seq DESC LIMIT 1)
+    UNION ALL
+    (SELECT st.checkpoint_seq, st.checkpoint_hash, st.checkpoint_at FROM vetassist_auth.audit_seal_state st
+     WHERE st.checkpoint_seq > 0 AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_seals))
+$$;
+COMMENT ON FUNCTION vetassist_auth.audit_chain_head() IS
+    'The head of the audit chain (seq, hash, when sealed): an anchor to keep outside the database for verify_audit_chain(seq, hash).';
+
 CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
 RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
                actor_user_id uuid, db_role text, session_id uuid, details jsonb)

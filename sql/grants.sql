@@ -70,7 +70,9 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.mfa_disable(uuid),
     vetassist_auth.seal_audit_log(integer),
     vetassist_auth.audit_seal_status(),
+    vetassist_auth.audit_chain_head(),
     vetassist_auth.verify_audit_chain(),
+    vetassist_auth.verify_audit_chain(bigint, bytea),
     vetassist_auth.purge_audit_log(interval),
     vetassist_auth.enable_row_audit(regclass, text[], text[]),
     vetassist_auth.disable_row_audit(regclass),
@@ -84,6 +86,8 @@ GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassis
 GRANT EXECUTE ON FUNCTION
     vetassist_auth.verify_installation(),
     vetassist_auth.verify_audit_chain(),
+    vetassist_auth.verify_audit_chain(bigint, bytea),
     vetassist_auth.audit_seal_status(),
+    vetassist_auth.audit_chain_head(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 TO vetassist_auditor;

@@ -330,22 +330,22 @@ CREATE FUNCTION vetassist_auth.verify_crisis_notice(payload text) RETURNS boolea
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     notice jsonb;
-    session_id uuid;
-    event_id bigint;
+    notice_session uuid;
+    notice_event bigint;
 BEGIN
     BEGIN
         notice := payload::jsonb;
-        session_id := (notice ->> 'session_id')::uuid;
-        event_id := (notice ->> 'event_id')::bigint;
-        IF session_id IS NULL OR event_id IS NULL
-           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(session_id || ':' || event_id, 'crisis_notice')) THEN
+        notice_session := (notice ->> 'session_id')::uuid;
+        notice_event := (notice ->> 'event_id')::bigint;
+        IF notice_session IS NULL OR notice_event IS NULL OR notice ->> 'mac' IS NULL
+           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(notice_session || ':' || notice_event, 'crisis_notice')) THEN
             RETURN false;
         END IF;
     EXCEPTION WHEN data_exception THEN
         RETURN false;  -- not JSON, not a uuid or number, not hex
     END;
     RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
-                   WHERE e.id = event_id AND e.session_id = verify_crisis_notice.session_id AND e.severity = 'crisis');
+                   WHERE e.id = notice_event AND e.session_id = notice_session AND e.severity = 'crisis');
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.verify_crisis_notice(text) IS

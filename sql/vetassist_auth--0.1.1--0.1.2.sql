@@ -3,7 +3,8 @@
 -- unretire_key/destroy_key, an old and a new master key at once, clock-based time-outs, a
 -- refresh-token reuse grace, a restore guard on the keys table, resync_sequences() for
 -- failover, a sealer whose cost does not grow with the sealed log; audit: locks no role can
--- take, row text independent of session settings, reserved categories, verifiable crisis NOTIFY.
+-- take, row text independent of session settings, anchors and a minimum retention, reserved
+-- categories, verifiable crisis NOTIFY.
 \echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.1.2'" to load this file. \quit
 
 -- Keys: retirement waits recorded per key; destroyed keys keep their row without material.
@@ -260,6 +261,20 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
 
+CREATE OR REPLACE FUNCTION "verify_audit_chain"(
+	"anchor_seq" bigint, /* i64 */
+	"anchor_hash" bytea /* & [u8] */
+) RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"checked" bigint,  /* i64 */
+	"first_bad_seq" bigint,  /* Option < i64 > */
+	"problem" TEXT  /* Option < String > */
+)
+STRICT SECURITY DEFINER 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'verify_audit_chain_against_wrapper';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.audit_event(category text, event_type text, outcome text, details jsonb DEFAULT '{}')
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -282,6 +297,17 @@ BEGIN
                                       vetassist_auth.current_actor(), NULL, NULL, details);
 END
 $$;
+
+CREATE FUNCTION vetassist_auth.audit_chain_head() RETURNS TABLE (seq bigint, hash bytea, sealed_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    (SELECT s.seq, s.hash, s.sealed_at FROM vetassist_auth.audit_seals s ORDER BY s.seq DESC LIMIT 1)
+    UNION ALL
+    (SELECT st.checkpoint_seq, st.checkpoint_hash, st.checkpoint_at FROM vetassist_auth.audit_seal_state st
+     WHERE st.checkpoint_seq > 0 AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_seals))
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.audit_chain_head() IS
+    'The head of the audit chain (seq, hash, when sealed): an anchor to keep outside the database for verify_audit_chain(seq, hash).';
 
 CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
 RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
@@ -306,6 +332,64 @@ $$;
 
 COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
     'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
+
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.upsert_va_user(
     va_icn text, veteran_status text, email text, first_name text, last_name text)
@@ -727,22 +811,22 @@ CREATE FUNCTION vetassist_auth.verify_crisis_notice(payload text) RETURNS boolea
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     notice jsonb;
-    session_id uuid;
-    event_id bigint;
+    notice_session uuid;
+    notice_event bigint;
 BEGIN
     BEGIN
         notice := payload::jsonb;
-        session_id := (notice ->> 'session_id')::uuid;
-        event_id := (notice ->> 'event_id')::bigint;
-        IF session_id IS NULL OR event_id IS NULL
-           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(session_id || ':' || event_id, 'crisis_notice')) THEN
+        notice_session := (notice ->> 'session_id')::uuid;
+        notice_event := (notice ->> 'event_id')::bigint;
+        IF notice_session IS NULL OR notice_event IS NULL OR notice ->> 'mac' IS NULL
+           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(notice_session || ':' || notice_event, 'crisis_notice')) THEN
             RETURN false;
         END IF;
     EXCEPTION WHEN data_exception THEN
         RETURN false;  -- not JSON, not a uuid or number, not hex
     END;
     RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
-                   WHERE e.id = event_id AND e.session_id = verify_crisis_notice.session_id AND e.severity = 'crisis');
+                   WHERE e.id = notice_event AND e.session_id = notice_session AND e.severity = 'crisis');
 END
 $$;
 
@@ -997,64 +1081,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
-
 
 -- Privileges: nothing new is executable by PUBLIC; each role gets its new API.
 REVOKE ALL ON FUNCTION
@@ -1070,6 +1096,8 @@ REVOKE ALL ON FUNCTION
     vetassist_auth.refuse_foreign_keys(),
     vetassist_auth.resync_sequences(),
     vetassist_auth.audit_seal_status(),
+    vetassist_auth.audit_chain_head(),
+    vetassist_auth.verify_audit_chain(bigint, bytea),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
@@ -1080,10 +1108,14 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.unretire_key(integer),
     vetassist_auth.destroy_key(integer),
     vetassist_auth.resync_sequences(),
-    vetassist_auth.audit_seal_status()
+    vetassist_auth.audit_seal_status(),
+    vetassist_auth.audit_chain_head(),
+    vetassist_auth.verify_audit_chain(bigint, bytea)
 TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION
     vetassist_auth.audit_seal_status(),
+    vetassist_auth.audit_chain_head(),
+    vetassist_auth.verify_audit_chain(bigint, bytea),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 TO vetassist_auditor;
 GRANT SELECT (retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;

@@ -19,6 +19,9 @@ pub static SESSION_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 *
 pub static MAX_SESSIONS_PER_USER: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static REFRESH_REUSE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(5);
 
+// Audit.
+pub static AUDIT_MIN_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(6 * 365 * DAY);
+
 // MFA.
 pub static MFA_MAX_FAILURES: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static MFA_LOCKOUT: GucSetting<i32> = GucSetting::<i32>::new(15 * 60);
@@ -149,6 +152,14 @@ pub fn init() {
             GucFlags::default(),
         );
     }
+    seconds_guc(
+        c"vetassist_auth.audit_min_retention",
+        c"purge_audit_log never removes audit rows younger than this (HIPAA 164.316(b)(2): 6 years).",
+        &AUDIT_MIN_RETENTION,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+    );
     seconds_guc(
         c"vetassist_auth.sweep_interval",
         c"How often the background worker runs its sweep.",

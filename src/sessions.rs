@@ -80,7 +80,7 @@ fn message_of(caught: &pg_sys::panic::CaughtError) -> String {
 
 /// One maintenance pass in its own transaction; an error is logged, rolled back, and the next
 /// pass runs as usual.
-fn run_in_transaction(what: &str, sql: &str) -> Option<i64> {
+fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str) -> Option<T> {
     // SAFETY: the worker runs one transaction at a time, outside any other; the isolation level
     // is set before the first snapshot, as SET TRANSACTION would.
     unsafe {
@@ -92,7 +92,7 @@ fn run_in_transaction(what: &str, sql: &str) -> Option<i64> {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let outcome = PgTryBuilder::new(|| {
-        Spi::get_one::<i64>(sql)
+        Spi::get_one::<T>(sql)
             .map(Option::unwrap_or_default)
             .map_err(|e| e.to_string())
     })
@@ -130,7 +130,7 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     );
     loop {
         // Expire and purge sessions in short batches until there is nothing left to do.
-        while let Some(changed) = run_in_transaction(
+        while let Some(changed) = run_in_transaction::<i64>(
             "expire_sessions",
             "SELECT vetassist_auth.expire_sessions(10000)::bigint",
         ) {
@@ -139,7 +139,7 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
             }
         }
         // Then seal what finished since the last pass.
-        while let Some(sealed) = run_in_transaction(
+        while let Some(sealed) = run_in_transaction::<i64>(
             "seal_audit_log",
             "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
         ) {
@@ -148,10 +148,21 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
             }
         }
         // And show administrators the keys' current encryption counts.
-        run_in_transaction(
+        run_in_transaction::<i64>(
             "refresh_encrypt_counts",
             "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
         );
+        // An anchor outside the database's reach: log shipping keeps the chain head where no
+        // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
+        if let Some(head) = run_in_transaction::<String>(
+            "audit_chain_head",
+            "SELECT pg_catalog.format('seq=%s hash=%s', seq, pg_catalog.encode(hash, 'hex')) \
+             FROM vetassist_auth.audit_chain_head()",
+        )
+        .filter(|head| !head.is_empty())
+        {
+            pgrx::log!("vetassist_auth audit chain head {head}");
+        }
         let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
         if !BackgroundWorker::wait_latch(Some(interval)) {
             break; // postmaster death or SIGTERM

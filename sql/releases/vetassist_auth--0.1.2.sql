@@ -315,7 +315,7 @@ AS 'MODULE_PATHNAME', 'audit_purge_in_progress_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:262
+-- src/audit/chain.rs:263
 -- vetassist_auth::audit::chain::audit_seal_matches
 CREATE  FUNCTION "audit_seal_matches"(
 	"key_id" INT, /* i32 */
@@ -329,7 +329,7 @@ AS 'MODULE_PATHNAME', 'audit_seal_matches_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:427
+-- src/audit/chain.rs:496
 -- vetassist_auth::audit::chain::audit_seal_status
 CREATE  FUNCTION "audit_seal_status"() RETURNS TABLE (
 	"head_seq" bigint,  /* Option < i64 > */
@@ -592,7 +592,7 @@ AS 'MODULE_PATHNAME', 'opens_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:474
+-- src/audit/chain.rs:543
 -- vetassist_auth::audit::chain::purge_audit_log
 CREATE  FUNCTION "purge_audit_log"(
 	"older_than" interval /* Interval */
@@ -952,7 +952,7 @@ AS 'MODULE_PATHNAME', 'rotate_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:74
+-- src/audit/chain.rs:75
 -- vetassist_auth::audit::chain::seal_audit_log
 CREATE  FUNCTION "seal_audit_log"(
 	"max_rows" INT DEFAULT 10000 /* i32 */
@@ -1093,7 +1093,7 @@ AS 'MODULE_PATHNAME', 'unretire_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:408
+-- src/audit/chain.rs:426
 -- vetassist_auth::audit::chain::verify_audit_chain
 CREATE  FUNCTION "verify_audit_chain"() RETURNS TABLE (
 	"ok" bool,  /* bool */
@@ -1105,6 +1105,24 @@ STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'verify_audit_chain_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/audit/chain.rs:444
+-- vetassist_auth::audit::chain::verify_audit_chain
+CREATE  FUNCTION "verify_audit_chain"(
+	"anchor_seq" bigint, /* i64 */
+	"anchor_hash" bytea /* & [u8] */
+) RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"checked" bigint,  /* i64 */
+	"first_bad_seq" bigint,  /* Option < i64 > */
+	"problem" TEXT  /* Option < String > */
+)
+STRICT SECURITY DEFINER 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'verify_audit_chain_against_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1283,6 +1301,18 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.trusted_devices', '{}', '
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_count}');
 
 -- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
+-- The newest seal (or, with every seal purged, the purge checkpoint): an anchor to keep outside
+-- the database and check later with verify_audit_chain(seq, hash). No row before the first seal.
+CREATE FUNCTION vetassist_auth.audit_chain_head() RETURNS TABLE (seq bigint, hash bytea, sealed_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    (SELECT s.seq, s.hash, s.sealed_at FROM vetassist_auth.audit_seals s ORDER BY s.seq DESC LIMIT 1)
+    UNION ALL
+    (SELECT st.checkpoint_seq, st.checkpoint_hash, st.checkpoint_at FROM vetassist_auth.audit_seal_state st
+     WHERE st.checkpoint_seq > 0 AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_seals))
+$$;
+COMMENT ON FUNCTION vetassist_auth.audit_chain_head() IS
+    'The head of the audit chain (seq, hash, when sealed): an anchor to keep outside the database for verify_audit_chain(seq, hash).';
+
 CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
 RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
                actor_user_id uuid, db_role text, session_id uuid, details jsonb)
@@ -1305,6 +1335,84 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
     'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:97
+-- requires:
+--   keys_sql
+--   audit_sql
+--   keys::key_creation_in_progress
+--   keys::rotate_key
+
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1997,22 +2105,22 @@ CREATE FUNCTION vetassist_auth.verify_crisis_notice(payload text) RETURNS boolea
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     notice jsonb;
-    session_id uuid;
-    event_id bigint;
+    notice_session uuid;
+    notice_event bigint;
 BEGIN
     BEGIN
         notice := payload::jsonb;
-        session_id := (notice ->> 'session_id')::uuid;
-        event_id := (notice ->> 'event_id')::bigint;
-        IF session_id IS NULL OR event_id IS NULL
-           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(session_id || ':' || event_id, 'crisis_notice')) THEN
+        notice_session := (notice ->> 'session_id')::uuid;
+        notice_event := (notice ->> 'event_id')::bigint;
+        IF notice_session IS NULL OR notice_event IS NULL OR notice ->> 'mac' IS NULL
+           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(notice_session || ':' || notice_event, 'crisis_notice')) THEN
             RETURN false;
         END IF;
     EXCEPTION WHEN data_exception THEN
         RETURN false;  -- not JSON, not a uuid or number, not hex
     END;
     RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
-                   WHERE e.id = event_id AND e.session_id = verify_crisis_notice.session_id AND e.severity = 'crisis');
+                   WHERE e.id = notice_event AND e.session_id = notice_session AND e.severity = 'crisis');
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.verify_crisis_notice(text) IS
@@ -2341,84 +2449,6 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:97
--- requires:
---   keys_sql
---   audit_sql
---   keys::key_creation_in_progress
---   keys::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:107
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
@@ -2493,7 +2523,9 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.mfa_disable(uuid),
     vetassist_auth.seal_audit_log(integer),
     vetassist_auth.audit_seal_status(),
+    vetassist_auth.audit_chain_head(),
     vetassist_auth.verify_audit_chain(),
+    vetassist_auth.verify_audit_chain(bigint, bytea),
     vetassist_auth.purge_audit_log(interval),
     vetassist_auth.enable_row_audit(regclass, text[], text[]),
     vetassist_auth.disable_row_audit(regclass),
@@ -2507,7 +2539,9 @@ GRANT SELECT ON vetassist_auth.audit_log, vetassist_auth.audit_seals TO vetassis
 GRANT EXECUTE ON FUNCTION
     vetassist_auth.verify_installation(),
     vetassist_auth.verify_audit_chain(),
+    vetassist_auth.verify_audit_chain(bigint, bytea),
     vetassist_auth.audit_seal_status(),
+    vetassist_auth.audit_chain_head(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 TO vetassist_auditor;
 /* </end connected objects> */

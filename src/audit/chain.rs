@@ -4,6 +4,7 @@
 use super::PURGING;
 use crate::crypto::audit_chain;
 use crate::error::{Failure, Kind, OrRaise};
+use crate::gucs;
 use crate::keys::{self, Purpose};
 use pgrx::prelude::*;
 
@@ -296,6 +297,23 @@ fn walk_chain() -> Outcome<Verdict> {
             .map_err(spi_failed)?;
         let (start_seq, start_hash) = checkpoint(client)?;
         let mut first_bad = FirstBad::default();
+        // A checkpoint stands in for the purged seals only together with the audit row of the
+        // purge that left it (rows from before 0.1.2 name no hash).
+        let recorded = start_seq == 0
+            || select_one::<bool>(
+                client,
+                "SELECT EXISTS (SELECT 1 FROM vetassist_auth.audit_log a \
+                   WHERE a.category = 'audit' AND a.event_type = 'audit_log_purged' \
+                     AND (a.details ->> 'through_seq')::bigint = $1 \
+                     AND coalesce(a.details ->> 'checkpoint_hash', pg_catalog.encode($2, 'hex')) = pg_catalog.encode($2, 'hex'))",
+                &[start_seq.into(), start_hash.clone().into()],
+            )?
+            .unwrap_or(false);
+        if !recorded {
+            first_bad.note(start_seq + 1, || {
+                format!("the purge checkpoint at seal {start_seq} is not recorded by a purge's audit row (forged or its record removed)")
+            });
+        }
 
         let link = client
             .select(
@@ -420,6 +438,57 @@ fn verify_audit_chain() -> TableIterator<
     TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
 }
 
+/// The chain checked against an anchor kept outside the database (audit_chain_head() or the
+/// worker's log line, saved earlier): not ok when the chain no longer holds that seal with that
+/// hash, because it was cut short, rewritten, or purged past it without a recorded purge.
+#[pg_extern(security_definer, name = "verify_audit_chain")]
+#[search_path(pg_catalog, pg_temp)]
+fn verify_audit_chain_against(
+    anchor_seq: i64,
+    anchor_hash: &[u8],
+) -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(checked, i64),
+        name!(first_bad_seq, Option<i64>),
+        name!(problem, Option<String>),
+    ),
+> {
+    let mut v = walk_chain().or_raise();
+    if let Some(problem) = anchor_problem(anchor_seq, anchor_hash).or_raise() {
+        if v.first_bad_seq.is_none_or(|bad| anchor_seq < bad) {
+            v.first_bad_seq = Some(anchor_seq);
+            v.problem = Some(problem);
+        }
+        v.ok = false;
+    }
+    TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
+}
+
+fn anchor_problem(anchor_seq: i64, anchor_hash: &[u8]) -> Outcome<Option<String>> {
+    Spi::connect(|client| {
+        let (checkpoint_seq, checkpoint_hash) = checkpoint(client)?;
+        let sealed = select_one::<Vec<u8>>(
+            client,
+            "SELECT (SELECT hash FROM vetassist_auth.audit_seals WHERE seq = $1)",
+            &[anchor_seq.into()],
+        )?;
+        let problem = match sealed {
+            Some(hash) if hash == anchor_hash => None,
+            Some(_) => Some("the seal at the anchor's seq has another hash: the chain was rewritten"),
+            None if anchor_seq == checkpoint_seq && checkpoint_hash == anchor_hash => None,
+            None if anchor_seq == checkpoint_seq => {
+                Some("the purge checkpoint at the anchor's seq has another hash: the chain was rewritten")
+            }
+            // Purged, and walk_chain checked that the purge was recorded.
+            None if anchor_seq < checkpoint_seq => None,
+            None => Some("the chain ends before the anchor's seq: seals were removed from its end"),
+        };
+        Ok(problem.map(str::to_owned))
+    })
+}
+
 /// Where sealing stands, for administrators and auditors: the chain head, the committed rows
 /// waiting above the highest sealed id, and the backend sealing or purging right now, if any.
 // pgrx reads the column names from this signature, so it cannot hide behind a type alias.
@@ -485,6 +554,21 @@ fn purge_audit_log(older_than: Interval) -> i64 {
         )
         .raise();
     }
+    let too_young = Spi::get_one_with_args::<bool>(
+        "SELECT $1 < pg_catalog.make_interval(secs => $2)",
+        &[older_than.into(), gucs::AUDIT_MIN_RETENTION.get().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(true);
+    if too_young {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: older_than is shorter than the minimum audit retention",
+        )
+        .with_hint("vetassist_auth.audit_min_retention (6 years by default, HIPAA 164.316(b)(2)) is set by a superuser.")
+        .raise();
+    }
     Spi::connect_mut(|client| -> Outcome<i64> {
         keys::lock_audit_chain(true);
         // The longest prefix of the chain whose rows are all older than the cut-off.
@@ -531,7 +615,8 @@ fn purge_audit_log(older_than: Interval) -> i64 {
         client
             .update(
                 "SELECT vetassist_auth.write_audit('audit', 'audit_log_purged', 'success', NULL, 'audit_log', NULL, \
-                        pg_catalog.jsonb_build_object('rows', $1, 'through_seq', $2))",
+                        pg_catalog.jsonb_build_object('rows', $1, 'through_seq', $2, 'checkpoint_hash', \
+                            (SELECT pg_catalog.encode(checkpoint_hash, 'hex') FROM vetassist_auth.audit_seal_state)))",
                 None,
                 &[removed.into(), through.into()],
             )

@@ -120,6 +120,7 @@ def test_an_aborted_purge_leaves_the_log_append_only():
                           $$ BEGIN IF OLD.event_type = 'e1' THEN RAISE EXCEPTION 'disk on fire'; END IF; RETURN OLD; END $$""")
             su.execute("""CREATE TRIGGER zz_fail_purge BEFORE DELETE ON vetassist_auth.audit_log
                           FOR EACH ROW EXECUTE FUNCTION public.fail_purge()""")
+            su.execute("SET vetassist_auth.audit_min_retention = 0")
             with pytest.raises(psycopg.errors.RaiseException):
                 su.execute("SELECT vetassist_auth.purge_audit_log('0')")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -230,3 +231,76 @@ def test_the_application_cannot_forge_the_extensions_own_events(chain):
         rows = auditor.execute("""SELECT reported_by, category, event_type FROM vetassist_auth.phi_disclosures(
                                       %s, now() - interval '1 hour', now() + interval '1 hour')""", (uid,)).fetchall()
         assert rows == [("extension", "phi_access", "user_profile_read"), ("application", "phi", "chart_viewed")]
+
+
+def head(conn):
+    return conn.execute("SELECT seq, hash FROM vetassist_auth.audit_chain_head()").fetchone()
+
+
+def verify_against(conn, anchor):
+    return conn.execute("SELECT ok, checked, first_bad_seq, problem FROM vetassist_auth.verify_audit_chain(%s, %s)",
+                        anchor).fetchone()
+
+
+def test_anchors_expose_truncation_rewrites_and_forged_checkpoints():
+    with installed_cluster("anchors") as c:
+        with c.connect("vetassist", "admin_user") as admin, c.connect("vetassist", "auditor_user") as auditor, \
+                c.connect("vetassist") as su:
+            write_events(c, 6)
+            seal_all(admin)
+            anchor = head(auditor)
+            assert verify_against(auditor, anchor)[0]
+            su.execute("SET session_replication_role = replica")  # a superuser past the append-only triggers
+
+            # Cut the newest two rows and their seals: the chain alone still looks whole.
+            su.execute("""WITH cut AS (DELETE FROM vetassist_auth.audit_seals WHERE seq > %s - 2 RETURNING audit_id)
+                          DELETE FROM vetassist_auth.audit_log WHERE id IN (SELECT audit_id FROM cut)""", (anchor[0],))
+            su.execute("UPDATE vetassist_auth.audit_seal_state SET sealed_through_id = (SELECT max(audit_id) FROM vetassist_auth.audit_seals)")
+            assert verify(auditor)[0]
+            ok, _, bad, problem = verify_against(auditor, anchor)
+            assert not ok and bad == anchor[0] and "ends before" in problem
+
+            # Rewrite a row and seal again from there: same seq, another hash.
+            write_events(c, 2)
+            seal_all(admin)
+            anchor = head(auditor)
+            su.execute("""WITH cut AS (DELETE FROM vetassist_auth.audit_seals WHERE seq >= %s - 1 RETURNING audit_id)
+                          UPDATE vetassist_auth.audit_log SET details = '{"n": 999}' WHERE id IN (SELECT audit_id FROM cut)""",
+                       (anchor[0],))
+            su.execute("""UPDATE vetassist_auth.audit_seal_state
+                          SET sealed_through_id = (SELECT max(audit_id) FROM vetassist_auth.audit_seals), scan_from = '-infinity'""")
+            seal_all(admin)
+            assert verify(auditor)[0] and head(auditor)[0] == anchor[0]
+            ok, _, _, problem = verify_against(auditor, anchor)
+            assert not ok and "another hash" in problem
+
+            # Forge a checkpoint over a deleted prefix: no purge recorded it.
+            first = su.execute("SELECT seq, hash, audit_id FROM vetassist_auth.audit_seals ORDER BY seq LIMIT 2").fetchall()[-1]
+            su.execute("DELETE FROM vetassist_auth.audit_log WHERE id IN (SELECT audit_id FROM vetassist_auth.audit_seals WHERE seq <= %s)",
+                       (first[0],))
+            su.execute("DELETE FROM vetassist_auth.audit_seals WHERE seq <= %s", (first[0],))
+            su.execute("UPDATE vetassist_auth.audit_seal_state SET checkpoint_seq = %s, checkpoint_hash = %s", (first[0], first[1]))
+            ok, _, _, problem = verify(auditor)
+            assert not ok and "not recorded" in problem
+
+
+def test_purging_respects_the_minimum_retention_and_stays_verifiable():
+    with installed_cluster("retention") as c:
+        with c.connect("vetassist", "admin_user") as admin, c.connect("vetassist", "auditor_user") as auditor, \
+                c.connect("vetassist") as su:
+            write_events(c, 4)
+            seal_all(admin)
+            anchor = head(auditor)
+            for older_than in ("0", "1 day", "5 years"):
+                with pytest.raises(psycopg.Error) as err:
+                    admin.execute("SELECT vetassist_auth.purge_audit_log(%s)", (older_than,))
+                assert err.value.sqlstate == "22023" and "retention" in err.value.diag.message_primary
+            with pytest.raises(psycopg.Error) as err:  # the admin cannot lower it
+                admin.execute("SET vetassist_auth.audit_min_retention = 0")
+            assert err.value.sqlstate == "42501"
+            su.execute("ALTER ROLE admin_user SET vetassist_auth.audit_min_retention = 0")
+        with c.connect("vetassist", "admin_user") as admin, c.connect("vetassist", "auditor_user") as auditor:
+            assert admin.execute("SELECT vetassist_auth.purge_audit_log('0')").fetchone()[0] > 0
+            seal_all(admin)
+            assert verify(auditor)[0]
+            assert verify_against(auditor, anchor)[0]  # purged past it, and the purge is on record

@@ -19,11 +19,13 @@ APP = {
 ADMIN = {
     "rotate_key(text)", "reencrypt(integer)", "rewrap_keys(text)", "unretire_key(integer)", "destroy_key(integer)",
     "resync_sequences()", "verify_installation()", "deactivate_user(uuid,text)",
-    "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)", "audit_seal_status()",
+    "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)", "audit_seal_status()", "audit_chain_head()",
+    "verify_audit_chain(bigint,bytea)",
     "verify_audit_chain()", "purge_audit_log(interval)", "enable_row_audit(regclass,text[],text[])",
     "disable_row_audit(regclass)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)",
 }
-AUDITOR = {"verify_installation()", "verify_audit_chain()", "audit_seal_status()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)"}
+AUDITOR = {"verify_installation()", "verify_audit_chain()", "verify_audit_chain(bigint,bytea)", "audit_seal_status()",
+           "audit_chain_head()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)"}
 EXPECTED_FUNCTIONS = {"vetassist_app": APP, "vetassist_admin": ADMIN, "vetassist_auditor": AUDITOR, "public": set()}
 AUDITOR_TABLES = {"audit_log", "audit_seals"}
 

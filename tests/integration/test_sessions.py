@@ -1,6 +1,7 @@
 """Sessions with real clients: crisis notifications, concurrency, the background sweeper."""
 import concurrent.futures
 import json
+import re
 import time
 
 from conftest import installed_cluster
@@ -21,8 +22,13 @@ def test_a_listening_responder_receives_the_crisis_notification(cluster, app):
         notes = list(responder.notifies(timeout=5, stop_after=1))
     assert len(notes) == 1
     payload = json.loads(notes[0].payload)
-    assert payload["event_id"] == event_id and set(payload) == {"event_id", "session_id"}
+    assert payload["event_id"] == event_id and set(payload) == {"event_id", "session_id", "mac"}
     assert "PHI" not in notes[0].payload
+    # The responder can tell the extension's payload from one any role could send.
+    assert app.execute("SELECT vetassist_auth.verify_crisis_notice(%s)", (notes[0].payload,)).fetchone()[0]
+    unsigned = {key: value for key, value in payload.items() if key != "mac"}
+    for forged in ({**payload, "event_id": event_id + 1}, unsigned, {**payload, "mac": "00" * 36}):
+        assert not app.execute("SELECT vetassist_auth.verify_crisis_notice(%s)", (json.dumps(forged),)).fetchone()[0], forged
 
 
 def test_session_status_takes_a_text_parameter_from_a_driver(app):
@@ -125,5 +131,7 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
                 raise AssertionError("the sweeper did not come back within its restart interval")
         log = c.log()
         assert "vetassist_auth sweeper: expire_sessions failed" in log
+        # The anchor for auditors, in the server log every interval (no PHI: a seq and a hash).
+        assert re.search(r"LOG:  vetassist_auth audit chain head seq=\d+ hash=[0-9a-f]{64}\n", log)
         assert "terminated by signal" not in log and "server process" not in log
     assert "vetassist_auth sweeper stopped" in c.log()

@@ -120,6 +120,11 @@ SELECT regress.try('SELECT vetassist_auth.purge_audit_log(''0''::interval)') AS 
 RESET ROLE;
 SET ROLE vetassist_admin;
 SELECT regress.try('SELECT vetassist_auth.purge_audit_log(''-1 day'')') AS negative;
+-- Nothing younger than vetassist_auth.audit_min_retention (6 years) leaves; a superuser lowers it.
+SELECT regress.try('SELECT vetassist_auth.purge_audit_log(''1 day'')') AS within_retention;
+RESET ROLE;
+SET vetassist_auth.audit_min_retention = 0;
+SET ROLE vetassist_admin;
 SELECT vetassist_auth.purge_audit_log('1 day') AS purged_nothing_recent;
 SELECT vetassist_auth.purge_audit_log('0') > 0 AS purged;
 SELECT vetassist_auth.seal_audit_log() AS sealed_purge_event;
