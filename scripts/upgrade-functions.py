@@ -9,7 +9,7 @@ an upgrade script (tables and privileges are written by hand around it).
 import re
 import sys
 
-KINDS = re.compile(r"^(CREATE(\s+OR\s+REPLACE)?\s+(FUNCTION|VIEW|TRIGGER)|COMMENT\s+ON\s+(FUNCTION|VIEW))\b",
+KINDS = re.compile(r"^(CREATE(\s+OR\s+REPLACE)?\s+(FUNCTION|VIEW|TRIGGER|EVENT\s+TRIGGER)|COMMENT\s+ON\s+(FUNCTION|VIEW))\b",
                    re.I)
 
 

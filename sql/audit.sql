@@ -138,6 +138,31 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.trusted_devices', '{}', '
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_count}');
 
 -- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
+-- A table owner can switch row audit off with ALTER TABLE … DISABLE TRIGGER: every ALTER TABLE
+-- of a row-audited table is audited with the trigger's state afterwards (and
+-- verify_installation reports a disabled one). Only a superuser with session_replication_role
+-- = replica, which event triggers also respect, gets past this.
+CREATE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    altered record;
+BEGIN
+    FOR altered IN
+        SELECT DISTINCT d.objid, d.object_identity, g.tgenabled
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_trigger g ON g.tgrelid = d.objid AND g.tgname = 'vetassist_row_audit'
+        WHERE d.classid = 'pg_class'::regclass
+    LOOP
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
+            CASE WHEN altered.tgenabled = 'D' THEN 'denied' ELSE 'info' END, NULL, altered.object_identity, NULL,
+            jsonb_build_object('row_audit', CASE WHEN altered.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END,
+                               'by', session_user));
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER vetassist_auth_audited_table_altered ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION vetassist_auth.audit_table_altered();
+
 -- The newest seal (or, with every seal purged, the purge checkpoint): an anchor to keep outside
 -- the database and check later with verify_audit_chain(seq, hash). No row before the first seal.
 CREATE FUNCTION vetassist_auth.audit_chain_head() RETURNS TABLE (seq bigint, hash bytea, sealed_at timestamptz)

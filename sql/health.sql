@@ -88,6 +88,13 @@ BEGIN
     detail := coalesce('not audited: ' || missing, 'all audited');
     RETURN NEXT;
 
+    check_name := 'audit: row audit enabled everywhere it was enabled';
+    SELECT string_agg(g.tgrelid::regclass::text, ', ' ORDER BY g.tgrelid::regclass::text) INTO missing
+    FROM pg_trigger g WHERE g.tgname = 'vetassist_row_audit' AND g.tgenabled = 'D';
+    ok := missing IS NULL;
+    detail := coalesce('disabled (ALTER TABLE … DISABLE TRIGGER) on: ' || missing, 'no row-audit trigger is disabled');
+    RETURN NEXT;
+
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
         check_name := 'key ' || p;
         BEGIN

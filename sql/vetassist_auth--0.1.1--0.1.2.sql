@@ -4,7 +4,7 @@
 -- refresh-token reuse grace, a restore guard on the keys table, resync_sequences() for
 -- failover, a sealer whose cost does not grow with the sealed log; audit: locks no role can
 -- take, row text independent of session settings, anchors and a minimum retention, reserved
--- categories, verifiable crisis NOTIFY.
+-- categories, verifiable crisis NOTIFY, row audit that COPY and DISABLE TRIGGER cannot dodge.
 \echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.1.2'" to load this file. \quit
 
 -- Keys: retirement waits recorded per key; destroyed keys keep their row without material.
@@ -245,6 +245,116 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.verify_installation()
+RETURNS TABLE (check_name text, ok boolean, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t text;
+    p text;
+    missing text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
+                             'audit_seal_state'] LOOP
+        check_name := 'table ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+        IF ok THEN
+            check_name := 'backup ' || t;
+            ok := EXISTS (SELECT 1 FROM pg_extension e
+                          WHERE e.extname = 'vetassist_auth'
+                            AND ('vetassist_auth.' || t)::regclass::oid = ANY (e.extconfig));
+            detail := CASE WHEN ok THEN 'registered with pg_extension_config_dump' ELSE 'not dumped by pg_dump' END;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+
+    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_va_icn_hash_key', 'users_email_hash',
+                             'va_tokens_user_id_key', 'va_tokens_expiry', 'sessions_jwt_id_key',
+                             'sessions_live_by_expiry', 'sessions_by_user', 'audit_log_by_subject',
+                             'audit_seals_audit_id_key'] LOOP
+        check_name := 'index ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    FOREACH t IN ARRAY ARRAY['vetassist_app', 'vetassist_auditor', 'vetassist_admin'] LOOP
+        check_name := 'role ' || t;
+        ok := EXISTS (SELECT 1 FROM pg_roles WHERE rolname = t);
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    check_name := 'grants: no function executable by PUBLIC';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace
+      AND has_function_privilege('public', f.oid, 'EXECUTE');
+    ok := missing IS NULL;
+    detail := coalesce('executable by PUBLIC: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'grants: SECURITY DEFINER functions pin search_path';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace AND f.prosecdef
+      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false);
+    ok := missing IS NULL;
+    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp');
+    RETURN NEXT;
+
+    check_name := 'grants: vetassist_app has no direct table access';
+    SELECT string_agg(c.relname, ', ') INTO missing
+    FROM pg_class c
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+      AND (has_table_privilege('vetassist_app', c.oid, 'SELECT')
+           OR has_table_privilege('vetassist_app', c.oid, 'INSERT')
+           OR has_table_privilege('vetassist_app', c.oid, 'UPDATE')
+           OR has_table_privilege('vetassist_app', c.oid, 'DELETE'));
+    ok := missing IS NULL;
+    detail := coalesce('readable or writable: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'audit: append-only triggers';
+    SELECT string_agg(tab, ', ') INTO missing FROM unnest(ARRAY['audit_log', 'audit_seals']) tab
+    WHERE (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+             AND g.tgname IN ('append_only', 'append_only_truncate') AND g.tgenabled <> 'D') < 2;
+    ok := missing IS NULL;
+    detail := coalesce('missing or disabled on: ' || missing, 'audit_log and audit_seals refuse UPDATE, DELETE, TRUNCATE');
+    RETURN NEXT;
+
+    check_name := 'audit: row audit on the extension''s tables';
+    SELECT string_agg(tab, ', ') INTO missing
+    FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
+    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled <> 'D');
+    ok := missing IS NULL;
+    detail := coalesce('not audited: ' || missing, 'all audited');
+    RETURN NEXT;
+
+    check_name := 'audit: row audit enabled everywhere it was enabled';
+    SELECT string_agg(g.tgrelid::regclass::text, ', ' ORDER BY g.tgrelid::regclass::text) INTO missing
+    FROM pg_trigger g WHERE g.tgname = 'vetassist_row_audit' AND g.tgenabled = 'D';
+    ok := missing IS NULL;
+    detail := coalesce('disabled (ALTER TABLE … DISABLE TRIGGER) on: ' || missing, 'no row-audit trigger is disabled');
+    RETURN NEXT;
+
+    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
+        check_name := 'key ' || p;
+        BEGIN
+            detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+            detail := SQLSTATE || ': ' || SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION "rewrap_keys"(
 	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
 ) RETURNS INT /* i32 */
@@ -297,6 +407,28 @@ BEGIN
                                       vetassist_auth.current_actor(), NULL, NULL, details);
 END
 $$;
+
+CREATE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    altered record;
+BEGIN
+    FOR altered IN
+        SELECT DISTINCT d.objid, d.object_identity, g.tgenabled
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_trigger g ON g.tgrelid = d.objid AND g.tgname = 'vetassist_row_audit'
+        WHERE d.classid = 'pg_class'::regclass
+    LOOP
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
+            CASE WHEN altered.tgenabled = 'D' THEN 'denied' ELSE 'info' END, NULL, altered.object_identity, NULL,
+            jsonb_build_object('row_audit', CASE WHEN altered.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END,
+                               'by', session_user));
+    END LOOP;
+END
+$$;
+
+CREATE EVENT TRIGGER vetassist_auth_audited_table_altered ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION vetassist_auth.audit_table_altered();
 
 CREATE FUNCTION vetassist_auth.audit_chain_head() RETURNS TABLE (seq bigint, hash bytea, sealed_at timestamptz)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -485,96 +617,6 @@ BEGIN
     PERFORM vetassist_auth.write_audit('identity', 'user_signed_in', 'success', uid, 'users', uid::text,
                                        jsonb_build_object('changed_fields', changed));
     RETURN uid;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = clock_timestamp()
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    row vetassist_auth.va_tokens;
-BEGIN
-    SELECT t.* INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
 END
 $$;
 
@@ -1081,6 +1123,96 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row vetassist_auth.va_tokens;
+BEGIN
+    SELECT t.* INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+
 
 -- Privileges: nothing new is executable by PUBLIC; each role gets its new API.
 REVOKE ALL ON FUNCTION
@@ -1093,6 +1225,7 @@ REVOKE ALL ON FUNCTION
     vetassist_auth.destroy_key(integer),
     vetassist_auth.refresh_session_token(text, text, text),
     vetassist_auth.verify_crisis_notice(text),
+    vetassist_auth.audit_table_altered(),
     vetassist_auth.refuse_foreign_keys(),
     vetassist_auth.resync_sequences(),
     vetassist_auth.audit_seal_status(),

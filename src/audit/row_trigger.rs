@@ -72,14 +72,47 @@ unsafe fn value_of(
     (!is_null).then_some(value)
 }
 
-fn statement_is_copy() -> bool {
+/// Whether the client's statement is `COPY <this table> FROM …` (pg_restore bringing back rows
+/// whose audit trail comes with them). Parsed, not matched as text: `COPY (SELECT …) TO` and a
+/// COPY ahead of other statements in one query string are not restores of this table.
+fn restoring_into(schema: &str, table: &str) -> bool {
     let statement = unsafe { pg_sys::debug_query_string };
-    !statement.is_null()
-        && unsafe { CStr::from_ptr(statement) }
-            .to_bytes()
-            .trim_ascii_start()
-            .get(..4)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"copy"))
+    if statement.is_null() {
+        return false;
+    }
+    let mentions_copy = unsafe { CStr::from_ptr(statement) }
+        .to_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"copy"));
+    if !mentions_copy {
+        return false;
+    }
+    PgTryBuilder::new(|| {
+        // SAFETY: raw_parser reads the NUL-terminated query string of this backend and returns
+        // a List of RawStmt allocated in the current (trigger) memory context; it is only read.
+        unsafe {
+            let statements = pg_sys::raw_parser(statement, pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+            if statements.is_null() {
+                return false;
+            }
+            (0..(*statements).length as usize).any(|i| {
+                let raw = (*(*statements).elements.add(i)).ptr_value as *mut pg_sys::RawStmt;
+                let node = (*raw).stmt;
+                if (*node).type_ != pg_sys::NodeTag::T_CopyStmt {
+                    return false;
+                }
+                let copy = node as *mut pg_sys::CopyStmt;
+                let relation = (*copy).relation;
+                (*copy).is_from
+                    && !relation.is_null()
+                    && CStr::from_ptr((*relation).relname).to_bytes() == table.as_bytes()
+                    && ((*relation).schemaname.is_null()
+                        || CStr::from_ptr((*relation).schemaname).to_bytes() == schema.as_bytes())
+            })
+        }
+    })
+    .catch_others(|_| false)
+    .execute()
 }
 
 #[pg_trigger]
@@ -97,12 +130,16 @@ fn row_audit<'a>(
             config
         }
     };
+    let op = trigger.op()?;
     // The extension's own tables are filled by COPY only when pg_restore brings back rows
     // whose audit trail is restored with them.
-    if config.skip_copy && statement_is_copy() {
+    if config.skip_copy
+        && matches!(op, PgTriggerOperation::Insert)
+        && restoring_into(&trigger.table_schema()?, &trigger.table_name()?)
+    {
         return Ok(None);
     }
-    let (op, old, new) = match trigger.op()? {
+    let (op, old, new) = match op {
         PgTriggerOperation::Insert => ("insert", None, Some(data.tg_trigtuple)),
         PgTriggerOperation::Update => ("update", Some(data.tg_trigtuple), Some(data.tg_newtuple)),
         PgTriggerOperation::Delete => ("delete", Some(data.tg_trigtuple), None),

@@ -1,5 +1,6 @@
 """The audit chain under concurrent writers, with transactions still running, and after purge."""
 import concurrent.futures
+import subprocess
 import threading
 import time
 
@@ -304,3 +305,37 @@ def test_purging_respects_the_minimum_retention_and_stays_verifiable():
             seal_all(admin)
             assert verify(auditor)[0]
             assert verify_against(auditor, anchor)[0]  # purged past it, and the purge is on record
+
+
+def test_row_audit_is_not_dodged_by_copy_nor_silently_disabled(chain):
+    with chain.connect("vetassist") as su:
+        su.execute("CREATE TABLE IF NOT EXISTS public.notes (id int PRIMARY KEY, body text)")
+        su.execute("GRANT ALL ON public.notes TO app_user")
+    with chain.connect("vetassist", "admin_user") as admin:
+        admin.execute("SELECT vetassist_auth.enable_row_audit('public.notes')")
+    with chain.connect("vetassist", "app_user") as app:
+        uid = app.execute("SELECT vetassist_auth.upsert_va_user('9900000031V1', 'veteran', NULL, NULL, NULL)").fetchone()[0]
+        # A statement that starts with COPY is not a restore: its row changes are audited.
+        with app.cursor().copy("COPY (SELECT vetassist_auth.create_session(%s, 'jwt-copy', now() + interval '1 hour')) TO STDOUT",
+                               (uid,)) as copy:
+            list(copy)
+    out = subprocess.run(["psql", "-X", "-q", chain.conninfo("vetassist", "app_user"), "-c",
+                          "copy (select 1) to stdout; select vetassist_auth.end_session('jwt-copy', 'logout')"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    with chain.connect("vetassist") as su:
+        events = {r[0] for r in su.execute("""SELECT a.event_type FROM vetassist_auth.audit_log a
+                                              JOIN vetassist_auth.sessions s ON a.target_id = s.id::text
+                                              WHERE s.jwt_id = 'jwt-copy' AND a.target_table = 'vetassist_auth.sessions'""").fetchall()}
+        assert {"insert", "update"} <= events, events
+        # The table owner switches row audit off: the change is audited, and the check says so.
+        su.execute("ALTER TABLE public.notes DISABLE TRIGGER vetassist_row_audit")
+        row = su.execute("""SELECT outcome, details ->> 'row_audit' FROM vetassist_auth.audit_log
+                            WHERE event_type = 'audited_table_altered' ORDER BY id DESC LIMIT 1""").fetchone()
+        assert row == ("denied", "disabled")
+        ok, detail = su.execute("""SELECT ok, detail FROM vetassist_auth.verify_installation()
+                                   WHERE check_name LIKE 'audit: row audit enabled%'""").fetchone()
+        assert not ok and "public.notes" in detail
+        su.execute("ALTER TABLE public.notes ENABLE TRIGGER vetassist_row_audit")
+        assert su.execute("""SELECT ok FROM vetassist_auth.verify_installation()
+                             WHERE check_name LIKE 'audit: row audit enabled%'""").fetchone()[0]
