@@ -18,8 +18,12 @@ BEGIN
     IF length(category) > 64 OR length(event_type) > 128 OR octet_length(details::text) > 65536 THEN
         RAISE EXCEPTION 'vetassist_auth: audit event is too large' USING ERRCODE = '22023';
     END IF;
-    -- The categories of the extension's own rows: an application event never passes for one.
-    IF lower(btrim(category)) IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
+    -- Plain lower-case names only, so no look-alike (a tab, a no-break space, a Cyrillic letter)
+    -- of the extension's own categories can be written; those are reserved outright.
+    IF category !~ '^[a-z][a-z0-9_.-]{0,63}$' THEN
+        RAISE EXCEPTION 'vetassist_auth: category must be lower-case ASCII letters, digits, _ . or -, starting with a letter' USING ERRCODE = '22023';
+    END IF;
+    IF category IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
         RAISE EXCEPTION 'vetassist_auth: this category is reserved for the extension''s own audit rows' USING ERRCODE = '22023',
             HINT = 'Application events use categories of their own, such as phi for PHI the application shows.';
     END IF;
@@ -138,30 +142,57 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.trusted_devices', '{}', '
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_count}');
 
 -- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
--- A table owner can switch row audit off with ALTER TABLE … DISABLE TRIGGER: every ALTER TABLE
--- of a row-audited table is audited with the trigger's state afterwards (and
--- verify_installation reports a disabled one). Only a superuser with session_replication_role
--- = replica, which event triggers also respect, gets past this.
+-- A table owner can switch row audit off: ALTER TABLE … DISABLE TRIGGER (or ENABLE REPLICA),
+-- ALTER TRIGGER … RENAME, CREATE OR REPLACE TRIGGER, DROP TRIGGER. Every such command on a
+-- row-audited table is audited with the row audit's state afterwards (outcome denied when it no
+-- longer fires), and verify_installation reports every table whose row audit an administrator
+-- enabled and that no longer has it. Only a superuser with session_replication_role = replica,
+-- which event triggers respect too, gets past this; the anchors are for that.
+CREATE FUNCTION vetassist_auth.row_audit_fires(tab oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_trigger g
+                   WHERE g.tgrelid = tab AND g.tgname = 'vetassist_row_audit'
+                     AND g.tgenabled IN ('O', 'A') AND g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure)
+$$;
+
 CREATE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     altered record;
 BEGIN
     FOR altered IN
-        SELECT DISTINCT d.objid, d.object_identity, g.tgenabled
+        SELECT DISTINCT t.tab
         FROM pg_event_trigger_ddl_commands() d
-        JOIN pg_trigger g ON g.tgrelid = d.objid AND g.tgname = 'vetassist_row_audit'
-        WHERE d.classid = 'pg_class'::regclass
+        CROSS JOIN LATERAL (SELECT CASE WHEN d.classid = 'pg_class'::regclass THEN d.objid
+                                        ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab) t
+        WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)
+          AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
+                        AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
-            CASE WHEN altered.tgenabled = 'D' THEN 'denied' ELSE 'info' END, NULL, altered.object_identity, NULL,
-            jsonb_build_object('row_audit', CASE WHEN altered.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END,
-                               'by', session_user));
+            CASE WHEN vetassist_auth.row_audit_fires(altered.tab) THEN 'info' ELSE 'denied' END,
+            NULL, altered.tab::regclass::text, NULL,
+            jsonb_build_object('row_audit', CASE WHEN vetassist_auth.row_audit_fires(altered.tab) THEN 'enabled' ELSE 'disabled' END,
+                               'command', tg_tag, 'by', session_user));
     END LOOP;
 END
 $$;
-CREATE EVENT TRIGGER vetassist_auth_audited_table_altered ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
-    EXECUTE FUNCTION vetassist_auth.audit_table_altered();
+
+CREATE FUNCTION vetassist_auth.audit_row_audit_dropped() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    dropped record;
+BEGIN
+    FOR dropped IN
+        SELECT o.object_identity FROM pg_event_trigger_dropped_objects() o
+        WHERE o.object_type = 'trigger' AND o.object_identity LIKE 'vetassist\_row\_audit on %'
+    LOOP
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL,
+            regexp_replace(dropped.object_identity, '^vetassist_row_audit on ', ''), NULL,
+            jsonb_build_object('row_audit', 'dropped', 'command', tg_tag, 'by', session_user));
+    END LOOP;
+END
+$$;
 
 -- The newest seal (or, with every seal purged, the purge checkpoint): an anchor to keep outside
 -- the database and check later with verify_audit_chain(seq, hash). No row before the first seal.

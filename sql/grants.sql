@@ -91,3 +91,12 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.audit_chain_head(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 TO vetassist_auditor;
+
+-- Last, so that the install's own CREATE TRIGGERs are not audited (a fresh install writes no
+-- audit row, and a data-only restore into it finds the ids free): from here on every change to
+-- a row-audited table's triggers is (audit.sql, audit_table_altered).
+CREATE EVENT TRIGGER vetassist_auth_audited_table_altered ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    EXECUTE FUNCTION vetassist_auth.audit_table_altered();
+CREATE EVENT TRIGGER vetassist_auth_row_audit_dropped ON sql_drop
+    EXECUTE FUNCTION vetassist_auth.audit_row_audit_dropped();

@@ -83,16 +83,25 @@ BEGIN
     SELECT string_agg(tab, ', ') INTO missing
     FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
     WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
-                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled <> 'D');
+                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled IN ('O', 'A'));
     ok := missing IS NULL;
     detail := coalesce('not audited: ' || missing, 'all audited');
     RETURN NEXT;
 
+    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
+    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
+    -- renamed, replaced or dropped.
     check_name := 'audit: row audit enabled everywhere it was enabled';
-    SELECT string_agg(g.tgrelid::regclass::text, ', ' ORDER BY g.tgrelid::regclass::text) INTO missing
-    FROM pg_trigger g WHERE g.tgname = 'vetassist_row_audit' AND g.tgenabled = 'D';
+    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
+    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
+          FROM vetassist_auth.audit_log a
+          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
+          ORDER BY a.target_table, a.id DESC) r
+    WHERE r.event_type = 'row_audit_enabled'
+      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
     ok := missing IS NULL;
-    detail := coalesce('disabled (ALTER TABLE … DISABLE TRIGGER) on: ' || missing, 'no row-audit trigger is disabled');
+    detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
+                       'every table put under row audit still has it');
     RETURN NEXT;
 
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP

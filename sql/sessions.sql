@@ -337,14 +337,19 @@ BEGIN
         notice := payload::jsonb;
         notice_session := (notice ->> 'session_id')::uuid;
         notice_event := (notice ->> 'event_id')::bigint;
-        IF notice_session IS NULL OR notice_event IS NULL OR notice ->> 'mac' IS NULL
-           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(notice_session || ':' || notice_event, 'crisis_notice')) THEN
-            RETURN false;
-        END IF;
-    EXCEPTION WHEN data_exception THEN
-        RETURN false;  -- not JSON, not a uuid or number, not hex
+    EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
+        RETURN false;  -- not JSON (or nested too deep), not a uuid or number
     END;
-    RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
+    IF notice_session IS NULL OR notice_event IS NULL THEN
+        RETURN false;
+    END IF;
+    -- Byte for byte what log_session_event sends (under any usable hash key): no extra keys,
+    -- no other spelling of the same ids.
+    RETURN payload = ANY (ARRAY(
+               SELECT jsonb_build_object('session_id', notice_session, 'event_id', notice_event,
+                                         'mac', encode(h, 'hex'))::text
+               FROM unnest(vetassist_auth.field_hashes(notice_session || ':' || notice_event, 'crisis_notice')) h))
+       AND EXISTS (SELECT 1 FROM vetassist_auth.session_events e
                    WHERE e.id = notice_event AND e.session_id = notice_session AND e.severity = 'crisis');
 END
 $$;

@@ -329,7 +329,7 @@ AS 'MODULE_PATHNAME', 'audit_seal_matches_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:496
+-- src/audit/chain.rs:508
 -- vetassist_auth::audit::chain::audit_seal_status
 CREATE  FUNCTION "audit_seal_status"() RETURNS TABLE (
 	"head_seq" bigint,  /* Option < i64 > */
@@ -592,7 +592,7 @@ AS 'MODULE_PATHNAME', 'opens_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:543
+-- src/audit/chain.rs:555
 -- vetassist_auth::audit::chain::purge_audit_log
 CREATE  FUNCTION "purge_audit_log"(
 	"older_than" interval /* Interval */
@@ -905,16 +905,25 @@ BEGIN
     SELECT string_agg(tab, ', ') INTO missing
     FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
     WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
-                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled <> 'D');
+                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled IN ('O', 'A'));
     ok := missing IS NULL;
     detail := coalesce('not audited: ' || missing, 'all audited');
     RETURN NEXT;
 
+    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
+    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
+    -- renamed, replaced or dropped.
     check_name := 'audit: row audit enabled everywhere it was enabled';
-    SELECT string_agg(g.tgrelid::regclass::text, ', ' ORDER BY g.tgrelid::regclass::text) INTO missing
-    FROM pg_trigger g WHERE g.tgname = 'vetassist_row_audit' AND g.tgenabled = 'D';
+    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
+    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
+          FROM vetassist_auth.audit_log a
+          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
+          ORDER BY a.target_table, a.id DESC) r
+    WHERE r.event_type = 'row_audit_enabled'
+      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
     ok := missing IS NULL;
-    detail := coalesce('disabled (ALTER TABLE … DISABLE TRIGGER) on: ' || missing, 'no row-audit trigger is disabled');
+    detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
+                       'every table put under row audit still has it');
     RETURN NEXT;
 
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
@@ -1118,15 +1127,15 @@ AS 'MODULE_PATHNAME', 'verify_audit_chain_wrapper';
 -- src/audit/chain.rs:444
 -- vetassist_auth::audit::chain::verify_audit_chain
 CREATE  FUNCTION "verify_audit_chain"(
-	"anchor_seq" bigint, /* i64 */
-	"anchor_hash" bytea /* & [u8] */
+	"anchor_seq" bigint, /* Option < i64 > */
+	"anchor_hash" bytea /* Option < & [u8] > */
 ) RETURNS TABLE (
 	"ok" bool,  /* bool */
 	"checked" bigint,  /* i64 */
 	"first_bad_seq" bigint,  /* Option < i64 > */
 	"problem" TEXT  /* Option < String > */
 )
-STRICT SECURITY DEFINER 
+SECURITY DEFINER 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'verify_audit_chain_against_wrapper';
@@ -1149,7 +1158,7 @@ AS 'MODULE_PATHNAME', 'write_audit_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/row_trigger.rs:118
+-- src/audit/row_trigger.rs:119
 -- vetassist_auth::audit::row_trigger::row_audit
 CREATE FUNCTION "row_audit"()
 	RETURNS TRIGGER
@@ -1188,8 +1197,12 @@ BEGIN
     IF length(category) > 64 OR length(event_type) > 128 OR octet_length(details::text) > 65536 THEN
         RAISE EXCEPTION 'vetassist_auth: audit event is too large' USING ERRCODE = '22023';
     END IF;
-    -- The categories of the extension's own rows: an application event never passes for one.
-    IF lower(btrim(category)) IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
+    -- Plain lower-case names only, so no look-alike (a tab, a no-break space, a Cyrillic letter)
+    -- of the extension's own categories can be written; those are reserved outright.
+    IF category !~ '^[a-z][a-z0-9_.-]{0,63}$' THEN
+        RAISE EXCEPTION 'vetassist_auth: category must be lower-case ASCII letters, digits, _ . or -, starting with a letter' USING ERRCODE = '22023';
+    END IF;
+    IF category IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
         RAISE EXCEPTION 'vetassist_auth: this category is reserved for the extension''s own audit rows' USING ERRCODE = '22023',
             HINT = 'Application events use categories of their own, such as phi for PHI the application shows.';
     END IF;
@@ -1308,30 +1321,57 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.trusted_devices', '{}', '
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_count}');
 
 -- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
--- A table owner can switch row audit off with ALTER TABLE … DISABLE TRIGGER: every ALTER TABLE
--- of a row-audited table is audited with the trigger's state afterwards (and
--- verify_installation reports a disabled one). Only a superuser with session_replication_role
--- = replica, which event triggers also respect, gets past this.
+-- A table owner can switch row audit off: ALTER TABLE … DISABLE TRIGGER (or ENABLE REPLICA),
+-- ALTER TRIGGER … RENAME, CREATE OR REPLACE TRIGGER, DROP TRIGGER. Every such command on a
+-- row-audited table is audited with the row audit's state afterwards (outcome denied when it no
+-- longer fires), and verify_installation reports every table whose row audit an administrator
+-- enabled and that no longer has it. Only a superuser with session_replication_role = replica,
+-- which event triggers respect too, gets past this; the anchors are for that.
+CREATE FUNCTION vetassist_auth.row_audit_fires(tab oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_trigger g
+                   WHERE g.tgrelid = tab AND g.tgname = 'vetassist_row_audit'
+                     AND g.tgenabled IN ('O', 'A') AND g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure)
+$$;
+
 CREATE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     altered record;
 BEGIN
     FOR altered IN
-        SELECT DISTINCT d.objid, d.object_identity, g.tgenabled
+        SELECT DISTINCT t.tab
         FROM pg_event_trigger_ddl_commands() d
-        JOIN pg_trigger g ON g.tgrelid = d.objid AND g.tgname = 'vetassist_row_audit'
-        WHERE d.classid = 'pg_class'::regclass
+        CROSS JOIN LATERAL (SELECT CASE WHEN d.classid = 'pg_class'::regclass THEN d.objid
+                                        ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab) t
+        WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)
+          AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
+                        AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
-            CASE WHEN altered.tgenabled = 'D' THEN 'denied' ELSE 'info' END, NULL, altered.object_identity, NULL,
-            jsonb_build_object('row_audit', CASE WHEN altered.tgenabled = 'D' THEN 'disabled' ELSE 'enabled' END,
-                               'by', session_user));
+            CASE WHEN vetassist_auth.row_audit_fires(altered.tab) THEN 'info' ELSE 'denied' END,
+            NULL, altered.tab::regclass::text, NULL,
+            jsonb_build_object('row_audit', CASE WHEN vetassist_auth.row_audit_fires(altered.tab) THEN 'enabled' ELSE 'disabled' END,
+                               'command', tg_tag, 'by', session_user));
     END LOOP;
 END
 $$;
-CREATE EVENT TRIGGER vetassist_auth_audited_table_altered ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
-    EXECUTE FUNCTION vetassist_auth.audit_table_altered();
+
+CREATE FUNCTION vetassist_auth.audit_row_audit_dropped() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    dropped record;
+BEGIN
+    FOR dropped IN
+        SELECT o.object_identity FROM pg_event_trigger_dropped_objects() o
+        WHERE o.object_type = 'trigger' AND o.object_identity LIKE 'vetassist\_row\_audit on %'
+    LOOP
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL,
+            regexp_replace(dropped.object_identity, '^vetassist_row_audit on ', ''), NULL,
+            jsonb_build_object('row_audit', 'dropped', 'command', tg_tag, 'by', session_user));
+    END LOOP;
+END
+$$;
 
 -- The newest seal (or, with every seal purged, the purge checkpoint): an anchor to keep outside
 -- the database and check later with verify_audit_chain(seq, hash). No row before the first seal.
@@ -1367,84 +1407,6 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
     'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:97
--- requires:
---   keys_sql
---   audit_sql
---   keys::key_creation_in_progress
---   keys::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1652,6 +1614,144 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
     'Marks the account inactive, ends every session and deletes its VA tokens; audited.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:57
+-- requires:
+--   identity_sql
+
+-- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
+-- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
+-- Every operation is audited (category auth) without any token bytes.
+
+CREATE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
+    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
+
+-- Shared by the two readers: decrypts one column, audits the access. One query finds both
+-- the user (P0002 when unknown) and the token row.
+CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row vetassist_auth.va_tokens;
+BEGIN
+    SELECT t.* INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
+    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
+
+CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
+
+CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
+    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
+
+CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deleted boolean;
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
+    deleted := FOUND;
+    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('existed', deleted));
+    RETURN deleted;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2006,14 +2106,19 @@ BEGIN
         notice := payload::jsonb;
         notice_session := (notice ->> 'session_id')::uuid;
         notice_event := (notice ->> 'event_id')::bigint;
-        IF notice_session IS NULL OR notice_event IS NULL OR notice ->> 'mac' IS NULL
-           OR NOT decode(notice ->> 'mac', 'hex') = ANY (vetassist_auth.field_hashes(notice_session || ':' || notice_event, 'crisis_notice')) THEN
-            RETURN false;
-        END IF;
-    EXCEPTION WHEN data_exception THEN
-        RETURN false;  -- not JSON, not a uuid or number, not hex
+    EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
+        RETURN false;  -- not JSON (or nested too deep), not a uuid or number
     END;
-    RETURN EXISTS (SELECT 1 FROM vetassist_auth.session_events e
+    IF notice_session IS NULL OR notice_event IS NULL THEN
+        RETURN false;
+    END IF;
+    -- Byte for byte what log_session_event sends (under any usable hash key): no extra keys,
+    -- no other spelling of the same ids.
+    RETURN payload = ANY (ARRAY(
+               SELECT jsonb_build_object('session_id', notice_session, 'event_id', notice_event,
+                                         'mac', encode(h, 'hex'))::text
+               FROM unnest(vetassist_auth.field_hashes(notice_session || ':' || notice_event, 'crisis_notice')) h))
+       AND EXISTS (SELECT 1 FROM vetassist_auth.session_events e
                    WHERE e.id = notice_event AND e.session_id = notice_session AND e.severity = 'crisis');
 END
 $$;
@@ -2343,141 +2448,81 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:57
+-- src/lib.rs:97
 -- requires:
---   identity_sql
+--   keys_sql
+--   audit_sql
+--   keys::key_creation_in_progress
+--   keys::rotate_key
 
--- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
--- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
--- Every operation is audited (category auth) without any token bytes.
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
 
-CREATE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = clock_timestamp()
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
-    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
-
--- Shared by the two readers: decrypts one column, audits the access. One query finds both
--- the user (P0002 when unknown) and the token row.
-CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    row vetassist_auth.va_tokens;
 BEGIN
-    SELECT t.* INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
     END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
     END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
+    RETURN NEW;
 END
 $$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
 
-CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
-    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
-
-CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
-
-CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
-    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
-
-CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    deleted boolean;
+    r record;
+    now_at bigint;
+    moved integer := 0;
 BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
-    deleted := FOUND;
-    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('existed', deleted));
-    RETURN deleted;
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
 END
 $$;
-COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2576,5 +2621,14 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.audit_chain_head(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz)
 TO vetassist_auditor;
+
+-- Last, so that the install's own CREATE TRIGGERs are not audited (a fresh install writes no
+-- audit row, and a data-only restore into it finds the ids free): from here on every change to
+-- a row-audited table's triggers is (audit.sql, audit_table_altered).
+CREATE EVENT TRIGGER vetassist_auth_audited_table_altered ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'CREATE TRIGGER', 'ALTER TRIGGER')
+    EXECUTE FUNCTION vetassist_auth.audit_table_altered();
+CREATE EVENT TRIGGER vetassist_auth_row_audit_dropped ON sql_drop
+    EXECUTE FUNCTION vetassist_auth.audit_row_audit_dropped();
 /* </end connected objects> */
 

@@ -444,8 +444,8 @@ fn verify_audit_chain() -> TableIterator<
 #[pg_extern(security_definer, name = "verify_audit_chain")]
 #[search_path(pg_catalog, pg_temp)]
 fn verify_audit_chain_against(
-    anchor_seq: i64,
-    anchor_hash: &[u8],
+    anchor_seq: Option<i64>,
+    anchor_hash: Option<&[u8]>,
 ) -> TableIterator<
     'static,
     (
@@ -455,6 +455,15 @@ fn verify_audit_chain_against(
         name!(problem, Option<String>),
     ),
 > {
+    let (Some(anchor_seq), Some(anchor_hash)) = (anchor_seq.filter(|seq| *seq > 0), anchor_hash)
+    else {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: an anchor is a positive seq and its hash",
+        )
+        .with_hint("Take one from audit_chain_head() or the worker's log line.")
+        .raise();
+    };
     let mut v = walk_chain().or_raise();
     if let Some(problem) = anchor_problem(anchor_seq, anchor_hash).or_raise() {
         if v.first_bad_seq.is_none_or(|bad| anchor_seq < bad) {
@@ -481,8 +490,11 @@ fn anchor_problem(anchor_seq: i64, anchor_hash: &[u8]) -> Outcome<Option<String>
             None if anchor_seq == checkpoint_seq => {
                 Some("the purge checkpoint at the anchor's seq has another hash: the chain was rewritten")
             }
-            // Purged, and walk_chain checked that the purge was recorded.
-            None if anchor_seq < checkpoint_seq => None,
+            // Its seal is gone and its hash cannot be checked: whoever can forge a purge can
+            // forge its record too. Anchors younger than audit_min_retention are never purged.
+            None if anchor_seq < checkpoint_seq => {
+                Some("the anchor's seal was purged (the chain now starts after it): its hash cannot be checked; use a newer anchor")
+            }
             None => Some("the chain ends before the anchor's seq: seals were removed from its end"),
         };
         Ok(problem.map(str::to_owned))
@@ -543,10 +555,15 @@ fn audit_seal_status() -> TableIterator<
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn purge_audit_log(older_than: Interval) -> i64 {
-    let negative = Spi::get_one_with_args::<bool>("SELECT $1 < interval '0'", &[older_than.into()])
-        .ok()
-        .flatten()
-        .unwrap_or(true);
+    // Compared as the cut-off times they give (an interval compares months as 30 days, the
+    // calendar does not: '-6000 months 182190 days' is "longer" than 6 years yet in the future).
+    let negative = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.now() - $1 > pg_catalog.now()",
+        &[older_than.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(true);
     if negative {
         Failure::new(
             Kind::InvalidArgument,
@@ -555,7 +572,7 @@ fn purge_audit_log(older_than: Interval) -> i64 {
         .raise();
     }
     let too_young = Spi::get_one_with_args::<bool>(
-        "SELECT $1 < pg_catalog.make_interval(secs => $2)",
+        "SELECT pg_catalog.now() - $1 > pg_catalog.now() - pg_catalog.make_interval(secs => $2)",
         &[older_than.into(), gucs::AUDIT_MIN_RETENTION.get().into()],
     )
     .ok()
@@ -570,7 +587,13 @@ fn purge_audit_log(older_than: Interval) -> i64 {
         .raise();
     }
     Spi::connect_mut(|client| -> Outcome<i64> {
-        keys::lock_audit_chain(true);
+        if !keys::lock_audit_chain(false) {
+            let holder = keys::audit_chain_holder()
+                .map(|pid| format!(" (backend {pid})"))
+                .unwrap_or_default();
+            pgrx::warning!("vetassist_auth: waiting for another transaction{holder} that is sealing or purging the audit log");
+            keys::lock_audit_chain(true);
+        }
         // The longest prefix of the chain whose rows are all older than the cut-off.
         let through: Option<i64> = select_one(
             client,
@@ -616,9 +639,10 @@ fn purge_audit_log(older_than: Interval) -> i64 {
             .update(
                 "SELECT vetassist_auth.write_audit('audit', 'audit_log_purged', 'success', NULL, 'audit_log', NULL, \
                         pg_catalog.jsonb_build_object('rows', $1, 'through_seq', $2, 'checkpoint_hash', \
-                            (SELECT pg_catalog.encode(checkpoint_hash, 'hex') FROM vetassist_auth.audit_seal_state)))",
+                            (SELECT pg_catalog.encode(checkpoint_hash, 'hex') FROM vetassist_auth.audit_seal_state), \
+                            'older_than', $3::text, 'cut_off', pg_catalog.now() - $3))",
                 None,
-                &[removed.into(), through.into()],
+                &[removed.into(), through.into(), older_than.into()],
             )
             .map_err(spi_failed)?;
         Ok(removed)

@@ -72,9 +72,10 @@ unsafe fn value_of(
     (!is_null).then_some(value)
 }
 
-/// Whether the client's statement is `COPY <this table> FROM …` (pg_restore bringing back rows
-/// whose audit trail comes with them). Parsed, not matched as text: `COPY (SELECT …) TO` and a
-/// COPY ahead of other statements in one query string are not restores of this table.
+/// Whether the client's query is `COPY <this table> FROM …` and nothing else (pg_restore sends
+/// each COPY on its own, bringing back rows whose audit trail comes with them). Parsed, not
+/// matched as text: `COPY (SELECT …) TO`, and any query string holding other statements too,
+/// are not restores of this table.
 fn restoring_into(schema: &str, table: &str) -> bool {
     let statement = unsafe { pg_sys::debug_query_string };
     if statement.is_null() {
@@ -92,11 +93,11 @@ fn restoring_into(schema: &str, table: &str) -> bool {
         // a List of RawStmt allocated in the current (trigger) memory context; it is only read.
         unsafe {
             let statements = pg_sys::raw_parser(statement, pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
-            if statements.is_null() {
+            if statements.is_null() || (*statements).length != 1 {
                 return false;
             }
-            (0..(*statements).length as usize).any(|i| {
-                let raw = (*(*statements).elements.add(i)).ptr_value as *mut pg_sys::RawStmt;
+            {
+                let raw = (*(*statements).elements).ptr_value as *mut pg_sys::RawStmt;
                 let node = (*raw).stmt;
                 if (*node).type_ != pg_sys::NodeTag::T_CopyStmt {
                     return false;
@@ -108,7 +109,7 @@ fn restoring_into(schema: &str, table: &str) -> bool {
                     && CStr::from_ptr((*relation).relname).to_bytes() == table.as_bytes()
                     && ((*relation).schemaname.is_null()
                         || CStr::from_ptr((*relation).schemaname).to_bytes() == schema.as_bytes())
-            })
+            }
         }
     })
     .catch_others(|_| false)

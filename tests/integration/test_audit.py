@@ -221,7 +221,9 @@ def test_the_application_cannot_forge_the_extensions_own_events(chain):
         uid = app.execute("SELECT vetassist_auth.upsert_va_user('9900000030V1', 'veteran', 'f@example.org', 'Fay', 'Doe')").fetchone()[0]
         app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
         for category, event_type in (("phi_access", "user_profile_read"), ("mfa", "mfa_verified"),
-                                     ("audit", "audit_log_purged"), (" MFA ", "mfa_verified"), ("key", "key_retired")):
+                                     ("audit", "audit_log_purged"), (" MFA ", "mfa_verified"), ("key", "key_retired"),
+                                     ("audit\t", "audit_log_purged"), ("audit\u00a0", "audit_log_purged"),
+                                     ("phi_\u0430ccess", "user_profile_read"), ("audit;", "audit_log_purged")):
             with pytest.raises(psycopg.Error) as err:
                 app.execute("SELECT vetassist_auth.audit_event(%s, %s, 'success', '{}')", (category, event_type))
             assert err.value.sqlstate == "22023", category
@@ -292,19 +294,29 @@ def test_purging_respects_the_minimum_retention_and_stays_verifiable():
             write_events(c, 4)
             seal_all(admin)
             anchor = head(auditor)
-            for older_than in ("0", "1 day", "5 years"):
+            # '-6000 months 182190 days' compares as longer than 6 years, yet cuts off in the future.
+            for older_than in ("0", "1 day", "5 years", "-6000 months 182190 days"):
                 with pytest.raises(psycopg.Error) as err:
                     admin.execute("SELECT vetassist_auth.purge_audit_log(%s)", (older_than,))
-                assert err.value.sqlstate == "22023" and "retention" in err.value.diag.message_primary
+                assert err.value.sqlstate == "22023", older_than
             with pytest.raises(psycopg.Error) as err:  # the admin cannot lower it
                 admin.execute("SET vetassist_auth.audit_min_retention = 0")
             assert err.value.sqlstate == "42501"
             su.execute("ALTER ROLE admin_user SET vetassist_auth.audit_min_retention = 0")
+            write_events(c, 2)  # the purge will go past the anchor
+            seal_all(admin)
         with c.connect("vetassist", "admin_user") as admin, c.connect("vetassist", "auditor_user") as auditor:
             assert admin.execute("SELECT vetassist_auth.purge_audit_log('0')").fetchone()[0] > 0
             seal_all(admin)
             assert verify(auditor)[0]
-            assert verify_against(auditor, anchor)[0]  # purged past it, and the purge is on record
+            # Purged past it: the purge is on record, but a record can be forged; the anchor's
+            # hash cannot be checked any more, and the report says so.
+            ok, _, _, problem = verify_against(auditor, anchor)
+            assert not ok and "purged" in problem
+            for bad in ((0, b"\x00" * 32), (-5, b""), (anchor[0], None)):
+                with pytest.raises(psycopg.Error) as err:
+                    verify_against(auditor, bad)
+                assert err.value.sqlstate == "22023"
 
 
 def test_row_audit_is_not_dodged_by_copy_nor_silently_disabled(chain):
@@ -323,11 +335,18 @@ def test_row_audit_is_not_dodged_by_copy_nor_silently_disabled(chain):
                           "copy (select 1) to stdout; select vetassist_auth.end_session('jwt-copy', 'logout')"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    # A failing COPY ... FROM of the same table appended to the query is no restore either.
+    out = subprocess.run(["psql", "-X", "-q", chain.conninfo("vetassist", "app_user"), "-c",
+                          f"begin; select vetassist_auth.create_session('{uid}', 'jwt-copy2', now() + interval '1 hour'); commit; "
+                          "copy vetassist_auth.sessions from stdin"], capture_output=True, text=True)
+    assert "permission denied" in out.stderr
     with chain.connect("vetassist") as su:
         events = {r[0] for r in su.execute("""SELECT a.event_type FROM vetassist_auth.audit_log a
                                               JOIN vetassist_auth.sessions s ON a.target_id = s.id::text
                                               WHERE s.jwt_id = 'jwt-copy' AND a.target_table = 'vetassist_auth.sessions'""").fetchall()}
         assert {"insert", "update"} <= events, events
+        assert su.execute("""SELECT count(*) FROM vetassist_auth.audit_log a JOIN vetassist_auth.sessions s
+                             ON a.target_id = s.id::text WHERE s.jwt_id = 'jwt-copy2' AND a.event_type = 'insert'""").fetchone()[0] == 1
         # The table owner switches row audit off: the change is audited, and the check says so.
         su.execute("ALTER TABLE public.notes DISABLE TRIGGER vetassist_row_audit")
         row = su.execute("""SELECT outcome, details ->> 'row_audit' FROM vetassist_auth.audit_log
@@ -337,5 +356,28 @@ def test_row_audit_is_not_dodged_by_copy_nor_silently_disabled(chain):
                                    WHERE check_name LIKE 'audit: row audit enabled%'""").fetchone()
         assert not ok and "public.notes" in detail
         su.execute("ALTER TABLE public.notes ENABLE TRIGGER vetassist_row_audit")
-        assert su.execute("""SELECT ok FROM vetassist_auth.verify_installation()
-                             WHERE check_name LIKE 'audit: row audit enabled%'""").fetchone()[0]
+        check = """SELECT ok FROM vetassist_auth.verify_installation() WHERE check_name LIKE 'audit: row audit enabled%'"""
+        assert su.execute(check).fetchone()[0]
+        # Every other way to make it stop firing is audited as denied and flagged too.
+        su.execute("CREATE OR REPLACE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
+        def reenable():
+            with chain.connect("vetassist", "admin_user") as admin:
+                admin.execute("SELECT vetassist_auth.enable_row_audit('public.notes')")
+
+        for switch_off, switch_on in (
+                ("ALTER TABLE public.notes ENABLE REPLICA TRIGGER vetassist_row_audit",
+                 lambda: su.execute("ALTER TABLE public.notes ENABLE TRIGGER vetassist_row_audit")),
+                ("ALTER TRIGGER vetassist_row_audit ON public.notes RENAME TO zz",
+                 lambda: su.execute("ALTER TRIGGER zz ON public.notes RENAME TO vetassist_row_audit")),
+                ("DROP TRIGGER vetassist_row_audit ON public.notes", reenable),
+                ("CREATE OR REPLACE TRIGGER vetassist_row_audit AFTER INSERT ON public.notes FOR EACH ROW EXECUTE FUNCTION public.noop()",
+                 lambda: (su.execute("DROP TRIGGER vetassist_row_audit ON public.notes"), reenable()))):
+            before = su.execute("SELECT max(id) FROM vetassist_auth.audit_log").fetchone()[0]
+            su.execute(switch_off)
+            outcome = su.execute("""SELECT outcome FROM vetassist_auth.audit_log WHERE id > %s
+                                    AND event_type = 'audited_table_altered' ORDER BY id DESC LIMIT 1""", (before,)).fetchone()
+            assert outcome == ("denied",), switch_off
+            assert not su.execute(check).fetchone()[0], switch_off
+            switch_on()
+            assert su.execute(check).fetchone()[0], switch_off
+        assert su.execute(check).fetchone()[0]

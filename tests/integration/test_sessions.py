@@ -27,7 +27,9 @@ def test_a_listening_responder_receives_the_crisis_notification(cluster, app):
     # The responder can tell the extension's payload from one any role could send.
     assert app.execute("SELECT vetassist_auth.verify_crisis_notice(%s)", (notes[0].payload,)).fetchone()[0]
     unsigned = {key: value for key, value in payload.items() if key != "mac"}
-    for forged in ({**payload, "event_id": event_id + 1}, unsigned, {**payload, "mac": "00" * 36}):
+    for forged in ({**payload, "event_id": event_id + 1}, unsigned, {**payload, "mac": "00" * 36},
+                   {**payload, "mac": payload["mac"].upper()}, {**payload, "severity": "info"},
+                   {**payload, "event_id": f"000{event_id}"}, {**payload, "session_id": payload["session_id"].upper()}):
         assert not app.execute("SELECT vetassist_auth.verify_crisis_notice(%s)", (json.dumps(forged),)).fetchone()[0], forged
 
 
