@@ -161,11 +161,11 @@ def run(c):
         for category, event, n in rows:
             say(f"{category:10} {event:26} {n}")
         say("accounting of disclosures for this veteran (phi_disclosures):")
-        for when, category, event, details in officer.execute(
-                """SELECT occurred_at, category, event_type, details
+        for by, when, category, event, details in officer.execute(
+                """SELECT reported_by, occurred_at, category, event_type, details
                    FROM vetassist_auth.phi_disclosures(%s, now() - interval '1 day', now() + interval '1 minute')""",
                 (uid,)).fetchall():
-            say(f"  {when:%H:%M:%S}  {category:10} {event:18} {json.dumps(details)}")
+            say(f"  {when:%H:%M:%S}  {by:11} {category:10} {event:18} {json.dumps(details)}")
         leaked = officer.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE audit_log::text LIKE %s",
                                  (f"%{access}%",)).fetchone()[0]
         say(f"token bytes anywhere in the audit log: {GREEN if leaked == 0 else RED}{leaked}{RESET}")
