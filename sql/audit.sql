@@ -161,18 +161,18 @@ DECLARE
     altered record;
 BEGIN
     FOR altered IN
-        SELECT DISTINCT t.tab
-        FROM pg_event_trigger_ddl_commands() d
-        CROSS JOIN LATERAL (SELECT CASE WHEN d.classid = 'pg_class'::regclass THEN d.objid
-                                        ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab) t
-        WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)
-          AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
+        SELECT t.tab, vetassist_auth.row_audit_fires(t.tab) AS fires
+        FROM (SELECT DISTINCT CASE WHEN d.classid = 'pg_class'::regclass THEN d.objid
+                                   ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab
+              FROM pg_event_trigger_ddl_commands() d
+              WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)) t
+        WHERE EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
                         AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
-            CASE WHEN vetassist_auth.row_audit_fires(altered.tab) THEN 'info' ELSE 'denied' END,
+            CASE WHEN altered.fires THEN 'info' ELSE 'denied' END,
             NULL, altered.tab::regclass::text, NULL,
-            jsonb_build_object('row_audit', CASE WHEN vetassist_auth.row_audit_fires(altered.tab) THEN 'enabled' ELSE 'disabled' END,
+            jsonb_build_object('row_audit', CASE WHEN altered.fires THEN 'enabled' ELSE 'disabled' END,
                                'command', tg_tag, 'by', session_user));
     END LOOP;
 END

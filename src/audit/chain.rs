@@ -84,9 +84,7 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
     }
     if !keys::lock_audit_chain(false) {
         // Never silent: a call that seals nothing because another one runs must not look idle.
-        let holder = keys::audit_chain_holder()
-            .map(|pid| format!(" (backend {pid})"))
-            .unwrap_or_default();
+        let holder = chain_holder_note();
         pgrx::warning!(
             "vetassist_auth: another transaction{holder} is sealing or purging the audit log; this call sealed nothing"
         );
@@ -203,6 +201,13 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         Ok(sealed)
     })
     .or_raise()
+}
+
+/// " (backend N)" naming who holds the audit chain lock, for the sealer's and purge's WARNINGs.
+fn chain_holder_note() -> String {
+    keys::audit_chain_holder()
+        .map(|pid| format!(" (backend {pid})"))
+        .unwrap_or_default()
 }
 
 /// The row text that is hashed must not depend on the session: every setting that changes how
@@ -440,7 +445,8 @@ fn verify_audit_chain() -> TableIterator<
 
 /// The chain checked against an anchor kept outside the database (audit_chain_head() or the
 /// worker's log line, saved earlier): not ok when the chain no longer holds that seal with that
-/// hash, because it was cut short, rewritten, or purged past it without a recorded purge.
+/// hash, because it was cut short or rewritten; an anchor a purge went past cannot be checked
+/// any more (a purge's record can be forged with it) and is reported so.
 #[pg_extern(security_definer, name = "verify_audit_chain")]
 #[search_path(pg_catalog, pg_temp)]
 fn verify_audit_chain_against(
@@ -588,9 +594,7 @@ fn purge_audit_log(older_than: Interval) -> i64 {
     }
     Spi::connect_mut(|client| -> Outcome<i64> {
         if !keys::lock_audit_chain(false) {
-            let holder = keys::audit_chain_holder()
-                .map(|pid| format!(" (backend {pid})"))
-                .unwrap_or_default();
+            let holder = chain_holder_note();
             pgrx::warning!("vetassist_auth: waiting for another transaction{holder} that is sealing or purging the audit log");
             keys::lock_audit_chain(true);
         }
