@@ -209,11 +209,14 @@ COMMENT ON FUNCTION vetassist_auth.audit_chain_head() IS
 CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
 RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
                actor_user_id uuid, db_role text, session_id uuid, details jsonb)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF subject_user_id IS NULL OR from_time IS NULL OR to_time IS NULL OR from_time > to_time THEN
         RAISE EXCEPTION 'vetassist_auth: a subject and a period (from_time <= to_time) are required' USING ERRCODE = '22023';
     END IF;
+    -- Reading a veteran's accounting is itself a disclosure: recorded before it is returned.
+    PERFORM vetassist_auth.write_audit_durably('audit', 'phi_disclosures_read', 'success', subject_user_id, 'audit_log', NULL,
+        jsonb_build_object('from_time', from_time, 'to_time', to_time));
     RETURN QUERY
     -- phi_access rows are the extension's own (audit_event refuses that category); phi rows are
     -- what the application reported through audit_event. Listed apart, the extension's first.

@@ -104,6 +104,12 @@ BEGIN
                        'every table put under row audit still has it');
     RETURN NEXT;
 
+    check_name := 'audit: disclosures and failed authentications survive a rollback';
+    detail := vetassist_auth.durable_audit_problem();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
+    RETURN NEXT;
+
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
         check_name := 'key ' || p;
         BEGIN

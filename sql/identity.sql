@@ -82,6 +82,9 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: concurrent change to this account, retry' USING ERRCODE = '40001';
     END IF;
     IF NOT old.is_active THEN
+        -- A refused sign-in is recorded whatever becomes of the caller's transaction.
+        PERFORM vetassist_auth.write_audit_durably('identity', 'sign_in_refused', 'denied', uid, 'users', uid::text,
+                                                   '{"reason": "account_deactivated"}');
         RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
     END IF;
     -- Re-encrypt only what changed, judged by the field hashes; NULL keeps the stored value.
@@ -155,16 +158,16 @@ RETURNS TABLE (id uuid, va_icn text, veteran_status text, email text, first_name
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM vetassist_auth.require_user(user_id);
-    -- Disclosure of PHI: audited before it is returned.
-    PERFORM vetassist_auth.write_audit('phi_access', 'user_profile_read', 'success', user_id, 'users', user_id::text,
-                                       '{"fields": ["va_icn", "email", "first_name", "last_name"]}');
+    -- Disclosure of PHI: recorded, beyond the reach of the caller's ROLLBACK, before it is returned.
+    PERFORM vetassist_auth.write_audit_durably('phi_access', 'user_profile_read', 'success', user_id, 'users', user_id::text,
+                                               '{"fields": ["va_icn", "email", "first_name", "last_name"]}');
     RETURN QUERY
     SELECT u.id,
-           vetassist_auth.decrypt_text(u.va_icn_encrypted, 'users.va_icn:' || u.id),
+           vetassist_auth.open_phi_text(u.va_icn_encrypted, 'users.va_icn:' || u.id),
            u.va_veteran_status,
-           vetassist_auth.decrypt_text(u.email_encrypted, 'users.email:' || u.id),
-           vetassist_auth.decrypt_text(u.first_name_encrypted, 'users.first_name:' || u.id),
-           vetassist_auth.decrypt_text(u.last_name_encrypted, 'users.last_name:' || u.id),
+           vetassist_auth.open_phi_text(u.email_encrypted, 'users.email:' || u.id),
+           vetassist_auth.open_phi_text(u.first_name_encrypted, 'users.first_name:' || u.id),
+           vetassist_auth.open_phi_text(u.last_name_encrypted, 'users.last_name:' || u.id),
            u.is_active,
            coalesce(m.totp_enabled, false),
            u.created_at, u.last_login_at
@@ -174,7 +177,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.user_profile(uuid) IS
-    'The decrypted profile of one veteran; every call is audited as PHI access (category phi_access).';
+    'The decrypted profile of one veteran; every call is audited as PHI access (category phi_access), and the audit row survives a rollback.';
 
 CREATE FUNCTION vetassist_auth.deactivate_user(user_id uuid, reason text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

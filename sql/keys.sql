@@ -87,10 +87,10 @@ BEGIN
         FOR UPDATE SKIP LOCKED
     ), plain AS (
         SELECT u.id,
-               vetassist_auth.decrypt_text(u.va_icn_encrypted, 'users.va_icn:' || u.id) AS va_icn,
-               vetassist_auth.decrypt_text(u.email_encrypted, 'users.email:' || u.id) AS email,
-               vetassist_auth.decrypt_text(u.first_name_encrypted, 'users.first_name:' || u.id) AS first_name,
-               vetassist_auth.decrypt_text(u.last_name_encrypted, 'users.last_name:' || u.id) AS last_name
+               vetassist_auth.open_phi_text(u.va_icn_encrypted, 'users.va_icn:' || u.id) AS va_icn,
+               vetassist_auth.open_phi_text(u.email_encrypted, 'users.email:' || u.id) AS email,
+               vetassist_auth.open_phi_text(u.first_name_encrypted, 'users.first_name:' || u.id) AS first_name,
+               vetassist_auth.open_phi_text(u.last_name_encrypted, 'users.last_name:' || u.id) AS last_name
         FROM batch JOIN vetassist_auth.users u USING (id)
     )
     UPDATE vetassist_auth.users u SET
@@ -150,7 +150,7 @@ BEGIN
     )
     UPDATE vetassist_auth.mfa_settings m SET
         totp_secret_encrypted = vetassist_auth.encrypt(
-            vetassist_auth.decrypt(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
+            vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
             'mfa_settings.totp_secret:' || m.user_id)
     FROM batch WHERE m.user_id = batch.user_id;
     GET DIAGNOSTICS n = ROW_COUNT;

@@ -1,5 +1,6 @@
--- MFA (DESIGN sections 5-6): TOTP (RFC 6238, SHA-1, 30 s, 6 digits, one step either side),
--- single-use backup codes, trusted devices and lockout. The TOTP secret is stored encrypted
+-- MFA: TOTP (RFC 6238, SHA-1, 30 s, 6 digits, one step either side), single-use backup codes,
+-- trusted devices and a lock-out that counts the failures the audit log holds (docs/ARCHITECTURE.md,
+-- "Records that survive a rollback"). The TOTP secret is stored encrypted
 -- (context mfa_settings.totp_secret:<user id>) and leaves the database only in the enrolment URI.
 
 -- The MFA row of a user, locked, so concurrent verifications of one user take turns (a code
@@ -17,25 +18,70 @@ BEGIN
 END
 $$;
 
--- Checks a TOTP or backup code against a user's settings; on failure counts it and, at
--- mfa_max_failures, locks the user out. Returns the accepted time step (0 for a backup code)
--- or NULL. Raises 28000 while a lock-out lasts. Internal.
-CREATE FUNCTION vetassist_auth.mfa_check(m vetassist_auth.mfa_settings, code text, require_enabled boolean)
+-- The lock-out state of a user, computed from the failed codes the audit log holds (recorded
+-- durably, so a ROLLBACK does not take a failure back): how many failures count now, until when
+-- the user is locked out (NULL: not locked), and from when failures count (a lock-out that has
+-- ended starts the count again from its end). Failures before counted_from do not count. Internal.
+CREATE FUNCTION vetassist_auth.mfa_lock_state(user_id uuid, counted_from timestamptz,
+    OUT failures integer, OUT locked_until timestamptz, OUT counting_from timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    times timestamptz[] := vetassist_auth.mfa_failure_times(user_id, counted_from);
+    max_failures integer := vetassist_auth.mfa_max_failures();
+    first integer := 1;
+    lock_end timestamptz;
+BEGIN
+    counting_from := counted_from;
+    WHILE cardinality(times) - first + 1 >= max_failures LOOP
+        lock_end := times[first + max_failures - 1] + vetassist_auth.mfa_lockout();
+        IF lock_end > clock_timestamp() THEN
+            locked_until := lock_end;
+            EXIT;
+        END IF;
+        counting_from := lock_end;
+        first := first + max_failures;
+        WHILE first <= cardinality(times) AND times[first] < lock_end LOOP
+            first := first + 1;
+        END LOOP;
+    END LOOP;
+    failures := cardinality(times) - first + 1;
+END
+$$;
+
+-- Until when the user is locked out of MFA, or NULL. Internal.
+CREATE FUNCTION vetassist_auth.mfa_locked_until(user_id uuid) RETURNS timestamptz
+LANGUAGE sql AS $$
+    SELECT (vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from)).locked_until
+    FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_locked_until.user_id
+$$;
+
+-- Checks a TOTP or backup code against a user's settings. A failure is recorded in the audit
+-- log as `event_type` (outcome failure) before this returns, whatever becomes of the caller's
+-- transaction, and at mfa_max_failures it locks the user out. Returns the accepted time step
+-- (0 for a backup code) or NULL. Raises 28000 while a lock-out lasts. Internal.
+CREATE FUNCTION vetassist_auth.mfa_check(m vetassist_auth.mfa_settings, code text, require_enabled boolean,
+                                         event_type text, target_table text, target_id text)
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     secret bytea;
     step bigint;
     backup bigint;
+    state record := vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from);
 BEGIN
-    IF m.locked_until > clock_timestamp() THEN
+    IF state.locked_until IS NOT NULL THEN
+        PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'denied', m.user_id, target_table, target_id,
+            jsonb_build_object('reason', 'locked_out', 'locked_until', state.locked_until));
         RAISE EXCEPTION 'vetassist_auth: too many failed codes; MFA is locked for this user' USING ERRCODE = '28000',
             HINT = 'Wait for the lock-out to end (vetassist_auth.mfa_lockout).';
+    END IF;
+    IF state.counting_from IS DISTINCT FROM m.failures_counted_from THEN
+        UPDATE vetassist_auth.mfa_settings s SET failures_counted_from = state.counting_from WHERE s.user_id = m.user_id;
     END IF;
     IF require_enabled AND NOT m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
     END IF;
-    secret := vetassist_auth.decrypt(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
+    secret := vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
     IF step IS NULL AND require_enabled THEN
@@ -51,18 +97,17 @@ BEGIN
         END IF;
     END IF;
     IF step IS NULL THEN
-        -- Counting starts again once an earlier lock-out has ended.
-        UPDATE vetassist_auth.mfa_settings s
-        SET failed_attempts = CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END,
-            locked_until = CASE WHEN (CASE WHEN s.locked_until IS NULL THEN s.failed_attempts + 1 ELSE 1 END)
-                                     >= vetassist_auth.mfa_max_failures()
-                                THEN clock_timestamp() + vetassist_auth.mfa_lockout() END,
-            updated_at = clock_timestamp()
-        WHERE s.user_id = m.user_id;
+        PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'failure', m.user_id, target_table, target_id,
+            jsonb_build_object('failed_attempts', state.failures + 1));
+        IF state.failures + 1 >= vetassist_auth.mfa_max_failures() THEN
+            PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_locked_out', 'denied', m.user_id, 'mfa_settings',
+                m.user_id::text, jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
+        END IF;
         RETURN NULL;
     END IF;
+    -- A success starts the count again.
     UPDATE vetassist_auth.mfa_settings s
-    SET failed_attempts = 0, locked_until = NULL, updated_at = clock_timestamp(),
+    SET failures_counted_from = clock_timestamp(), updated_at = clock_timestamp(),
         last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END
     WHERE s.user_id = m.user_id;
     RETURN step;
@@ -88,7 +133,7 @@ BEGIN
             vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
     ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
         totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = clock_timestamp(), confirmed_at = NULL,
-        last_used_step = NULL, failed_attempts = 0, locked_until = NULL, updated_at = clock_timestamp();
+        last_used_step = NULL, updated_at = clock_timestamp();
     PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_started', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN vetassist_auth.totp_uri(secret, 'veteran-' || left(user_id::text, 8));
 END
@@ -105,14 +150,14 @@ BEGIN
     IF m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
     END IF;
-    step := vetassist_auth.mfa_check(m, code, false);
-    IF step IS NOT NULL THEN
-        UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = clock_timestamp()
-        WHERE s.user_id = mfa_confirm_totp.user_id;
+    step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'mfa_settings', user_id::text);
+    IF step IS NULL THEN
+        RETURN false;  -- mfa_check recorded the failure
     END IF;
-    PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed',
-        CASE WHEN step IS NULL THEN 'failure' ELSE 'success' END, user_id, 'mfa_settings', user_id::text);
-    RETURN step IS NOT NULL;
+    UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = clock_timestamp()
+    WHERE s.user_id = mfa_confirm_totp.user_id;
+    PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed', 'success', user_id, 'mfa_settings', user_id::text);
+    RETURN true;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text) IS 'Enables TOTP once the user proves the authenticator works.';
@@ -126,20 +171,16 @@ DECLARE
 BEGIN
     PERFORM vetassist_auth.require_live(s);
     m := vetassist_auth.mfa_row(s.user_id);
-    step := vetassist_auth.mfa_check(m, code, true);
+    step := vetassist_auth.mfa_check(m, code, true, 'mfa_verified', 'sessions', s.id::text);
     IF step IS NOT NULL THEN
         UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = clock_timestamp() WHERE t.id = s.id;
         PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'success', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('method', CASE WHEN step = 0 THEN 'backup_code' ELSE 'totp' END));
         RETURN true;
     END IF;
-    SELECT * INTO m FROM vetassist_auth.mfa_settings t WHERE t.user_id = s.user_id;
-    PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'failure', s.user_id, 'sessions', s.id::text,
-        jsonb_build_object('failed_attempts', m.failed_attempts));
-    IF m.locked_until > clock_timestamp() THEN
+    -- mfa_check recorded the failure (and a lock-out it caused).
+    IF vetassist_auth.mfa_locked_until(s.user_id) IS NOT NULL THEN
         PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
-        PERFORM vetassist_auth.write_audit('mfa', 'mfa_locked_out', 'denied', s.user_id, 'mfa_settings', s.user_id::text,
-            jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
     END IF;
     RETURN false;
 END

@@ -179,12 +179,13 @@ CREATE TABLE vetassist_auth.mfa_settings (
     enrolled_at             timestamptz,
     confirmed_at            timestamptz,
     last_used_step          bigint,
-    failed_attempts         integer NOT NULL DEFAULT 0,
-    locked_until            timestamptz,
-    updated_at              timestamptz NOT NULL DEFAULT now()
+    updated_at              timestamptz NOT NULL DEFAULT now(),
+    failures_counted_from   timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 COMMENT ON TABLE vetassist_auth.mfa_settings IS
     'TOTP enrolment per user; the secret is encrypted (context mfa_settings.totp_secret:<user_id>).';
+COMMENT ON COLUMN vetassist_auth.mfa_settings.failures_counted_from IS
+    'Failed codes the audit log holds from this time on count toward the lock-out (moved by a success and by the end of a lock-out).';
 
 CREATE TABLE vetassist_auth.mfa_backup_codes (
     id          bigserial PRIMARY KEY,

@@ -94,6 +94,8 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
     ELSIF NOT active THEN
+        PERFORM vetassist_auth.write_audit_durably('session', 'sign_in_refused', 'denied', user_id, 'users', user_id::text,
+                                                   '{"reason": "account_deactivated"}');
         RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
     END IF;
     ends := least(expires_at, started + vetassist_auth.session_absolute_timeout());
@@ -270,7 +272,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM vetassist_auth.close_session(s, 'TERMINATED', 'refresh_token_reuse');
-    PERFORM vetassist_auth.write_audit('session', 'refresh_token_reuse', 'denied', s.user_id, 'sessions', s.id::text,
+    PERFORM vetassist_auth.write_audit_durably('session', 'refresh_token_reuse', 'denied', s.user_id, 'sessions', s.id::text,
         jsonb_build_object('generation', s.refresh_generation));
     RETURN QUERY SELECT NULL::integer, NULL::text;
 END

@@ -54,7 +54,7 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
     'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
 
--- Shared by the two readers: decrypts one column, audits the access. One query finds both
+-- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
 -- the user (P0002 when unknown) and the token row.
 CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -74,8 +74,9 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
             HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
     END IF;
-    PERFORM vetassist_auth.write_audit('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('generation', row.generation));
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
     RETURN vetassist_auth.decrypt_token(
         CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
         'va_tokens.' || which || ':' || user_id);

@@ -1,6 +1,8 @@
 //! The SQL face of the crypto core: envelope encryption (DESIGN section 3) and searchable
 //! field hashes (section 4), using cached data keys from `keys`.
 
+use crate::audit::recorder;
+use crate::audit::AuditRow;
 use crate::crypto::{self, envelope};
 use crate::error::{Failure, Kind, OrRaise, Result};
 use crate::keys::{self, Purpose};
@@ -61,9 +63,67 @@ fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
     seal(Purpose::Phi, plaintext, context).or_raise()
 }
 
-#[pg_extern(strict, stable, security_definer)]
+/// The veteran a context of one of the extension's own PHI columns names (`users.email:<id>`,
+/// `mfa_settings.totp_secret:<id>`): decrypting such a value is a disclosure about them.
+fn disclosed_column(context: &str) -> Option<(&'static str, &'static str, pgrx::Uuid)> {
+    const COLUMNS: [(&str, &str); 5] = [
+        ("users", "va_icn"),
+        ("users", "email"),
+        ("users", "first_name"),
+        ("users", "last_name"),
+        ("mfa_settings", "totp_secret"),
+    ];
+    let (name, id) = context.split_once(':')?;
+    let &(table, column) = COLUMNS.iter().find(|(table, column)| {
+        name.strip_prefix(table).and_then(|c| c.strip_prefix('.')) == Some(column)
+    })?;
+    let id = uuid::Uuid::parse_str(id).ok()?;
+    Some((table, column, pgrx::Uuid::from_bytes(*id.as_bytes())))
+}
+
+/// Decrypts for a caller outside the extension: a value of one of the extension's own columns
+/// is recorded as a PHI disclosure (durably, before it is returned).
+fn open_for_caller(ciphertext: &[u8], context: &str) -> Vec<u8> {
+    let plaintext = open(Purpose::Phi, ciphertext, context).or_raise();
+    if let Some((table, column, subject)) = disclosed_column(context) {
+        // Fixed names only: no JSON escaping needed.
+        let details =
+            std::ffi::CString::new(format!(r#"{{"field": "{column}", "through": "decrypt"}}"#))
+                .expect("no NUL");
+        // SAFETY: jsonb_in parses a NUL-terminated string into a new jsonb datum.
+        let details = unsafe {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::jsonb_in,
+                &[Some(pg_sys::Datum::from(details.as_ptr()))],
+            )
+        };
+        let id = subject.to_string();
+        let row = AuditRow {
+            category: "phi_access",
+            event_type: "value_decrypted",
+            outcome: "success",
+            subject_user_id: Some(subject),
+            target_table: Some(table),
+            target_id: Some(&id),
+            changed_columns: None,
+            details: details.into_datum(),
+        };
+        recorder::record(&row).or_raise();
+    }
+    plaintext
+}
+
+#[pg_extern(strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn decrypt(ciphertext: &[u8], context: &str) -> Vec<u8> {
+    open_for_caller(ciphertext, context)
+}
+
+/// `decrypt` for the extension's own SQL functions, which audit what they disclose themselves.
+/// Internal: not granted to any role.
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn open_phi(ciphertext: &[u8], context: &str) -> Vec<u8> {
     open(Purpose::Phi, ciphertext, context).or_raise()
 }
 
@@ -73,9 +133,16 @@ fn encrypt_text(plaintext: &str, context: &str) -> Vec<u8> {
     seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
 }
 
-#[pg_extern(strict, stable, security_definer)]
+#[pg_extern(strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn decrypt_text(ciphertext: &[u8], context: &str) -> String {
+    utf8(open_for_caller(ciphertext, context))
+}
+
+/// `decrypt_text` for the extension's own SQL functions. Internal: not granted to any role.
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn open_phi_text(ciphertext: &[u8], context: &str) -> String {
     utf8(open(Purpose::Phi, ciphertext, context).or_raise())
 }
 

@@ -16,6 +16,8 @@ pub enum Kind {
     InsufficientPrivilege,
     /// P0002: the object named does not exist (or is not in the state asked for).
     NotFound,
+    /// 53000: the audit recorder cannot take a row now (no worker slot, outbox full).
+    InsufficientResources,
 }
 
 impl Kind {
@@ -26,6 +28,7 @@ impl Kind {
             Kind::InvalidArgument => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Kind::InsufficientPrivilege => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             Kind::NotFound => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+            Kind::InsufficientResources => PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
         }
     }
 }

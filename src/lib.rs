@@ -32,6 +32,8 @@ extension_sql_file!(
         encryption::envelope_key_id,
         encryption::hash_key_id,
         encryption::opens,
+        encryption::open_phi,
+        encryption::open_phi_text,
         keys::active_key_id,
         keys::retire_unused_keys
     ]
@@ -46,7 +48,9 @@ extension_sql_file!(
         audit::current_session_id,
         audit::audit_purge_in_progress,
         audit::row_trigger::row_audit,
-        audit::writer::write_audit
+        audit::writer::write_audit,
+        audit::recorder::write_audit_durably,
+        audit::recorder::durable_audit_problem
     ]
 );
 extension_sql_file!(
@@ -86,7 +90,8 @@ extension_sql_file!(
         mfa::mfa_new_backup_code,
         mfa::mfa_normalize_backup_code,
         mfa::mfa_max_failures,
-        mfa::mfa_lockout
+        mfa::mfa_lockout,
+        mfa::mfa_failure_times
     ]
 );
 extension_sql_file!(
@@ -112,7 +117,9 @@ pub extern "C-unwind" fn _PG_init() {
     keys::register_callbacks();
     audit::register_callbacks();
     log_redaction::install();
+    // SAFETY: a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        audit::recorder::request_shared_memory();
         sessions::register_worker();
     }
 }

@@ -2,8 +2,9 @@
 //! secret only ever leaves the database inside the enrolment URI.
 
 use crate::crypto::{self, totp};
-use crate::error::OrRaise;
+use crate::error::{Failure, Kind, OrRaise};
 use crate::gucs;
+use crate::keys;
 use pgrx::prelude::*;
 
 /// A fresh 160-bit TOTP secret from the OS RNG. Internal.
@@ -96,4 +97,36 @@ fn mfa_normalize_backup_code(code: &str) -> String {
         return String::new();
     }
     normalized
+}
+
+/// When each failed MFA code of a user at or after `since` was recorded, oldest first, read on
+/// a snapshot taken now: the lock-out counts failures recorded by the audit recorder after the
+/// caller's snapshot (a REPEATABLE READ caller would not see them). Internal.
+#[pg_extern(strict, volatile)]
+fn mfa_failure_times(
+    user_id: pgrx::Uuid,
+    since: TimestampWithTimeZone,
+) -> Vec<TimestampWithTimeZone> {
+    let since = pg_sys::TimestampTz::from(since);
+    let since = if since == i64::MIN {
+        "'-infinity'::timestamptz".to_owned()
+    } else {
+        // Microseconds after the Postgres epoch: exact, and independent of DateStyle and TimeZone.
+        format!("'2000-01-01 00:00:00+00'::timestamptz + {since} * interval '1 microsecond'")
+    };
+    let sql = format!(
+        "SELECT a.occurred_at FROM vetassist_auth.audit_log a \
+         WHERE a.subject_user_id = '{user_id}'::uuid AND a.occurred_at >= {since} \
+           AND a.category = 'mfa' AND a.outcome = 'failure' \
+         ORDER BY a.occurred_at"
+    );
+    keys::latest_rows(&sql, |row| {
+        row.get::<TimestampWithTimeZone>(1).ok_or_else(|| {
+            Failure::new(
+                Kind::NotConfigured,
+                "vetassist_auth: audit row without a time",
+            )
+        })
+    })
+    .or_raise()
 }

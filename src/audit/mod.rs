@@ -100,6 +100,9 @@ fn audit_purge_in_progress() -> bool {
     PURGING.get()
 }
 
+pub use writer::AuditRow;
+
 mod chain;
+pub mod recorder;
 mod row_trigger;
 mod writer;

@@ -78,16 +78,44 @@ pub fn register_callbacks() {
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_log_oids), pg_sys::Datum::from(0)) };
 }
 
-/// Appends one row to audit_log and returns its id.
+/// Who stands behind an audit row: the application user and session named in the caller's
+/// transaction, the end user's client address (as its field hash) and the database role.
+pub struct Who {
+    pub actor: Option<Uuid>,
+    pub session: Option<Uuid>,
+    pub ip_hash: Option<Vec<u8>>,
+    pub db_role: String,
+}
+
+impl Who {
+    /// The current transaction's.
+    pub fn current() -> Who {
+        let (actor, session, ip_hash) =
+            ACTOR.with_borrow(|a| (a.user_id, a.session_id, a.ip_hash.clone()));
+        // SAFETY: the session user of a connected backend always has a name.
+        let db_role =
+            unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false)) };
+        Who {
+            actor,
+            session,
+            ip_hash,
+            db_role: db_role.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+/// Appends one row to audit_log in the current transaction and returns its id.
 pub fn append(row: &AuditRow<'_>) -> i64 {
-    let (actor, mut ip_hash, session) =
-        ACTOR.with_borrow(|a| (a.user_id, a.ip_hash.clone(), a.session_id));
+    append_as(row, &Who::current())
+}
+
+/// Appends one row on behalf of `who` (the recorder writes rows of other backends).
+pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
     let (table, sequence) = log_oids();
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as i32);
         let desc = (*rel).rd_att;
         let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
-        let db_role = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
         let details = row.details.unwrap_or_else(|| jsonb_details(None, None));
 
         let natts = (*desc).natts as usize;
@@ -102,10 +130,10 @@ pub fn append(row: &AuditRow<'_>) -> i64 {
                 b"id" => id.into_datum(),
                 b"occurred_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTimestamp())),
                 b"xact_id" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
-                b"db_role" => Some(pg_sys::Datum::from(pg_sys::cstring_to_text(db_role))),
-                b"actor_user_id" => actor.into_datum(),
+                b"db_role" => who.db_role.as_str().into_datum(),
+                b"actor_user_id" => who.actor.into_datum(),
                 b"subject_user_id" => row.subject_user_id.into_datum(),
-                b"session_id" => session.into_datum(),
+                b"session_id" => who.session.into_datum(),
                 b"category" => row.category.into_datum(),
                 b"event_type" => row.event_type.into_datum(),
                 b"outcome" => row.outcome.into_datum(),
@@ -113,7 +141,7 @@ pub fn append(row: &AuditRow<'_>) -> i64 {
                 b"target_id" => row.target_id.into_datum(),
                 b"changed_columns" => row.changed_columns.map(<[&str]>::to_vec).into_datum(),
                 b"details" => Some(details),
-                b"ip_hash" => ip_hash.take().into_datum(),
+                b"ip_hash" => who.ip_hash.as_deref().into_datum(),
                 // A column this version does not know: NULL, or its NOT NULL constraint says so.
                 _ => None,
             };
@@ -205,6 +233,12 @@ pub fn jsonb_details(
 /// through serde (write_audit is called by nearly every API function).
 pub struct JsonbDatum(pg_sys::Datum);
 
+impl JsonbDatum {
+    pub fn datum(&self) -> pg_sys::Datum {
+        self.0
+    }
+}
+
 impl pgrx::FromDatum for JsonbDatum {
     unsafe fn from_polymorphic_datum(
         datum: pg_sys::Datum,
@@ -246,6 +280,17 @@ unsafe impl pgrx::pgrx_sql_entity_graph::metadata::SqlTranslatable for JsonbDatu
 
 const OUTCOMES: [&str; 4] = ["success", "failure", "denied", "info"];
 
+/// Raises 22023 unless `outcome` is one of the four the audit log knows.
+pub fn check_outcome(outcome: &str) {
+    if !OUTCOMES.contains(&outcome) {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: outcome must be success, failure, denied or info",
+        )
+        .raise();
+    }
+}
+
 /// Writes one audit row; the API functions (running as the extension owner) call it.
 /// Internal: not granted to any role.
 #[pg_extern]
@@ -265,13 +310,7 @@ fn write_audit(
         )
         .raise();
     };
-    if !OUTCOMES.contains(&outcome) {
-        Failure::new(
-            Kind::InvalidArgument,
-            "vetassist_auth: outcome must be success, failure, denied or info",
-        )
-        .raise();
-    }
+    check_outcome(outcome);
     append(&AuditRow {
         category,
         event_type,

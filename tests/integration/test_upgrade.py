@@ -36,6 +36,9 @@ def fill(c, dbname):
         app.execute("SELECT vetassist_auth.create_session(%s, 'jti-before-upgrade', now() + interval '8 hours')", (uid,))
         uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
         assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
+        # Two failed codes: a streak the lock-out must still count after the upgrade.
+        for _ in range(2):
+            assert not app.execute("SELECT vetassist_auth.mfa_verify('jti-before-upgrade', '000000')").fetchone()[0]
         with app.transaction():
             app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
             app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{\"page\": \"labs\"}')")
@@ -56,6 +59,9 @@ def test_each_release_upgrades_with_its_data(upgrade_cluster):
         c.psql("ALTER EXTENSION vetassist_auth UPDATE", db)
         with c.connect(db) as su:
             assert su.execute("SELECT extversion FROM pg_extension WHERE extname = 'vetassist_auth'").fetchone()[0] == current
+            assert su.execute("""SELECT s.failures FROM vetassist_auth.mfa_settings m,
+                                  vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from) s
+                                  WHERE m.user_id = %s""", (uid,)).fetchone()[0] == 2
 
         with c.connect(db, "app_user") as app:
             # Data written before the upgrade still decrypts, under the rotated and the old key.

@@ -213,6 +213,19 @@ def test_request_rolls_back_when_the_block_raises(client: VetAssistClient, icn: 
         assert r.find_user_by_icn(icn) is None
 
 
+def test_a_disclosure_in_a_request_that_raises_stays_on_record(client: VetAssistClient, su: Conn, icn: str) -> None:
+    """The rollback of a failed request undoes its writes, never the record of what it disclosed."""
+    with client.request() as r:
+        uid = r.upsert_va_user(icn, "veteran", "rollback@example.org", None, None)
+    with pytest.raises(RuntimeError), client.request(actor_user_id=uid) as r:
+        profile = r.user_profile(uid)
+        assert profile is not None and profile.email == "rollback@example.org"
+        raise RuntimeError("the page failed to render")
+    recorded = su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE subject_user_id = %s"
+                          " AND event_type = 'user_profile_read' AND actor_user_id = %s", (uid, uid)).fetchone()
+    assert recorded == (1,)
+
+
 def test_session_lifecycle(client: VetAssistClient, su: Conn, icn: str) -> None:
     uid = sign_in(client, icn)
     jwt_id = f"jwt-{uuid.uuid4()}"

@@ -45,7 +45,7 @@ SELECT vetassist_auth.mfa_verify('jwt-mfa-1', c.code) AS replayed FROM codes c W
 SELECT vetassist_auth.mfa_required('jwt-mfa-1') AS required_after;
 RESET ROLE;
 SELECT mfa_verified, mfa_verified_at IS NOT NULL AS verified_at FROM vetassist_auth.sessions WHERE jwt_id = 'jwt-mfa-1';
-SELECT failed_attempts FROM vetassist_auth.mfa_settings m JOIN t ON m.user_id = t.id;
+SELECT s.failures, s.locked_until IS NOT NULL AS locked FROM t, vetassist_auth.mfa_settings m, vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from) s WHERE m.user_id = t.id;
 
 -- Backup codes: shown once, each works once, a new set voids the old one.
 SET ROLE vetassist_app;
@@ -74,9 +74,11 @@ SELECT vetassist_auth.mfa_required('jwt-mfa-4') AS required_after_revoke;
 RESET ROLE;
 
 -- Lock-out after mfa_max_failures consecutive failures: 28000, and the failing session is LOCKED.
--- (The two failed backup codes above already count: start from zero.)
-UPDATE vetassist_auth.mfa_settings m SET failed_attempts = 0 FROM t WHERE m.user_id = t.id;
+-- (The two failed backup codes above already count: start from zero.) The failures are counted
+-- from the audit log, where they are recorded whatever becomes of the caller's transaction.
+UPDATE vetassist_auth.mfa_settings m SET failures_counted_from = clock_timestamp() FROM t WHERE m.user_id = t.id;
 SET vetassist_auth.mfa_max_failures = 3;
+SET vetassist_auth.mfa_lockout = 1;
 SET ROLE vetassist_app;
 SELECT vetassist_auth.mfa_verify('jwt-mfa-5', '000000') AS f1, vetassist_auth.mfa_verify('jwt-mfa-5', 'nonsense') AS f2;
 SELECT vetassist_auth.mfa_verify('jwt-mfa-5', '999999') AS f3;
@@ -87,13 +89,15 @@ INSERT INTO codes SELECT 'locked', pg_temp.code_now(id, 1) FROM t;
 SET ROLE vetassist_app;
 SELECT regress.try(format('SELECT vetassist_auth.mfa_verify(%L, %L)', 'jwt-mfa-4', c.code)) AS right_code_while_locked FROM codes c WHERE c.name = 'locked';
 RESET ROLE;
--- The lock-out ends.
-UPDATE vetassist_auth.mfa_settings m SET locked_until = now() - interval '1 second' FROM t WHERE m.user_id = t.id;
+SELECT s.failures, s.locked_until IS NOT NULL AS locked FROM t, vetassist_auth.mfa_settings m, vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from) s WHERE m.user_id = t.id;
+-- The lock-out ends (mfa_lockout = 1 s).
+SELECT pg_sleep(1.1);
 SET ROLE vetassist_app;
 SELECT vetassist_auth.mfa_verify('jwt-mfa-4', c.code) AS after_lockout FROM codes c WHERE c.name = 'locked';
 RESET ROLE;
 RESET vetassist_auth.mfa_max_failures;
-SELECT failed_attempts, locked_until FROM vetassist_auth.mfa_settings m JOIN t ON m.user_id = t.id;
+RESET vetassist_auth.mfa_lockout;
+SELECT s.failures, s.locked_until IS NOT NULL AS locked FROM t, vetassist_auth.mfa_settings m, vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from) s WHERE m.user_id = t.id;
 
 -- Disable: audited; enrolment state shows in the profile.
 SET ROLE vetassist_app;

@@ -1,0 +1,719 @@
+//! Audit rows that outlive the caller's transaction (docs/ARCHITECTURE.md, "Records that survive
+//! a rollback"): PHI and token disclosures and failed authentications.
+//!
+//! The caller puts the row into a slot of a shared-memory outbox and waits until a recorder, a
+//! background worker connected to the caller's database, has committed it in a transaction of
+//! its own. Only then does the caller go on and return what it discloses. So a ROLLBACK, a
+//! ROLLBACK TO SAVEPOINT, an error, a cancel or an exiting backend cannot take the row back, and
+//! a crash of the whole server loses only rows whose callers never got an answer.
+//!
+//! One recorder runs per database while there is work, started on demand as a dynamic background
+//! worker and gone after a second without any (an idle connection would keep DROP DATABASE out).
+//! Without `shared_preload_libraries` there is no outbox: rows are written in the caller's
+//! transaction, and `verify_installation()` says the guarantee is not in force.
+
+use super::writer::{self, AuditRow, Who};
+use crate::error::{Failure, Kind, Result};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::Uuid;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::time::Duration;
+
+/// Rows waiting at once, across databases, and the largest encoded row.
+const SLOTS: usize = 256;
+const PAYLOAD: usize = 4096;
+/// Databases with a recorder at once.
+const RECORDERS: usize = 32;
+/// A recorder with nothing to do for this long exits.
+const IDLE_EXIT: Duration = Duration::from_secs(1);
+/// A recorder that was asked for but has not started after this long is asked for again.
+const START_TIMEOUT_US: i64 = 10_000_000;
+/// A caller gives up waiting for its row after this long (the row may still be written).
+const WAIT_LIMIT_US: i64 = 10_000_000;
+/// How long a recorder waits for a lock before the write fails (its caller may hold it).
+const RECORDER_LOCK_TIMEOUT: &std::ffi::CStr = c"5s";
+
+const FREE: u32 = 0;
+const QUEUED: u32 = 1;
+const WRITING: u32 = 2;
+const FAILED: u32 = 3;
+
+const NO_RECORDER: u32 = 0;
+const STARTING: u32 = 1;
+const RUNNING: u32 = 2;
+
+#[repr(C)]
+struct Slot {
+    state: u32,
+    database: pg_sys::Oid,
+    ticket: u64,
+    changed_at: pg_sys::TimestampTz,
+    len: usize,
+    payload: [u8; PAYLOAD],
+}
+
+#[repr(C)]
+struct Recorder {
+    database: pg_sys::Oid,
+    state: u32,
+    since: pg_sys::TimestampTz,
+    pid: i32,
+    latch: *mut pg_sys::Latch,
+}
+
+#[repr(C)]
+struct Outbox {
+    lock: *mut pg_sys::LWLock,
+    /// Broadcast whenever a recorder has written (or failed) rows, or stopped.
+    written: pg_sys::ConditionVariable,
+    next_ticket: u64,
+    recorders: [Recorder; RECORDERS],
+    slots: [Slot; SLOTS],
+}
+
+/// Set in the postmaster by the shared-memory start-up hook (and inherited by every backend);
+/// null when the library was not preloaded.
+static OUTBOX: AtomicPtr<Outbox> = AtomicPtr::new(std::ptr::null_mut());
+const TRANCHE: &std::ffi::CStr = c"vetassist_auth recorder";
+
+static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+
+/// Asks for the outbox's shared memory; called from `_PG_init` while preloading.
+pub fn request_shared_memory() {
+    // SAFETY: _PG_init runs once in the postmaster while shared_preload_libraries loads, before
+    // any hook runs; each hook calls the one it replaced.
+    unsafe {
+        PREV_SHMEM_REQUEST_HOOK = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(on_shmem_request);
+        PREV_SHMEM_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(on_shmem_startup);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_shmem_request() {
+    // SAFETY: called by the postmaster in its shared-memory request phase, the only time these
+    // requests are allowed.
+    unsafe {
+        if let Some(previous) = PREV_SHMEM_REQUEST_HOOK {
+            previous();
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Outbox>());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_shmem_startup() {
+    // SAFETY: the postmaster runs this after creating shared memory (again after a crash
+    // restart); AddinShmemInitLock (MainLWLockArray[21]) serialises it with other extensions.
+    // The struct is zeroed and initialised only by whoever creates it.
+    unsafe {
+        if let Some(previous) = PREV_SHMEM_STARTUP_HOOK {
+            previous();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let outbox = pg_sys::ShmemInitStruct(
+            c"vetassist_auth audit outbox".as_ptr(),
+            std::mem::size_of::<Outbox>(),
+            &mut found,
+        ) as *mut Outbox;
+        if !found {
+            std::ptr::write_bytes(outbox as *mut u8, 0, std::mem::size_of::<Outbox>());
+            (*outbox).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+            pg_sys::ConditionVariableInit(&raw mut (*outbox).written);
+            (*outbox).next_ticket = 1;
+        }
+        pg_sys::LWLockRelease(init_lock);
+        OUTBOX.store(outbox, Ordering::Release);
+    }
+}
+
+/// The outbox under its lock, held exclusively until the guard drops. Nothing that can raise
+/// an ERROR runs while it is held.
+struct Locked(*mut Outbox);
+
+impl Locked {
+    fn take() -> Option<Locked> {
+        let outbox = OUTBOX.load(Ordering::Acquire);
+        if outbox.is_null() {
+            return None;
+        }
+        // SAFETY: the outbox lives in shared memory for the life of the server.
+        unsafe { pg_sys::LWLockAcquire((*outbox).lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+        Some(Locked(outbox))
+    }
+
+    fn outbox(&mut self) -> &mut Outbox {
+        // SAFETY: the lock is held, so no other process touches the outbox meanwhile.
+        unsafe { &mut *self.0 }
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // SAFETY: taken in Locked::take.
+        unsafe { pg_sys::LWLockRelease((*self.0).lock) };
+    }
+}
+
+fn written_cv() -> *mut pg_sys::ConditionVariable {
+    // SAFETY: only called once the outbox exists; the field's address never changes.
+    unsafe { &raw mut (*OUTBOX.load(Ordering::Acquire)).written }
+}
+
+fn now() -> pg_sys::TimestampTz {
+    // SAFETY: reads the clock; cannot fail.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Whether rows written through `record` survive the caller's rollback.
+pub fn in_force() -> bool {
+    !OUTBOX.load(Ordering::Acquire).is_null()
+}
+
+/// Writes an audit row that the caller's rollback cannot take back, and returns once it is
+/// committed. Without the outbox (library not preloaded) it is written in the caller's
+/// transaction instead.
+pub fn record(row: &AuditRow<'_>) -> Result<()> {
+    let who = Who::current();
+    if !in_force() {
+        writer::append_as(row, &who);
+        return Ok(());
+    }
+    let payload = encode(row, &who)?;
+    let (slot, ticket) = enqueue(&payload)?;
+    // The row is only as good as a recorder that writes it.
+    if let Err(failure) = wake_recorder() {
+        if let Some(mut locked) = Locked::take() {
+            let s = &mut locked.outbox().slots[slot];
+            if s.ticket == ticket && s.state == QUEUED {
+                s.state = FREE;
+            }
+        }
+        return Err(failure);
+    }
+    wait_until_written(slot, ticket)
+}
+
+fn database() -> pg_sys::Oid {
+    // SAFETY: set once the backend is connected; our functions run only in connected backends.
+    unsafe { pg_sys::MyDatabaseId }
+}
+
+fn unavailable(message: &str) -> Failure {
+    Failure::new(Kind::InsufficientResources, message.to_owned()).with_hint(
+        "Nothing was disclosed. The recorder needs a free background worker slot \
+         (max_worker_processes) per database in use; see verify_installation().",
+    )
+}
+
+/// Takes a free slot, waiting a while for one when every slot is in use.
+fn enqueue(payload: &[u8]) -> Result<(usize, u64)> {
+    let deadline = now() + WAIT_LIMIT_US;
+    loop {
+        {
+            let mut locked = Locked::take().expect("the outbox exists");
+            let outbox = locked.outbox();
+            if let Some(i) = outbox.slots.iter().position(|s| s.state == FREE) {
+                let ticket = outbox.next_ticket;
+                outbox.next_ticket += 1;
+                let s = &mut outbox.slots[i];
+                s.state = QUEUED;
+                s.database = database();
+                s.ticket = ticket;
+                s.changed_at = now();
+                s.len = payload.len();
+                s.payload[..payload.len()].copy_from_slice(payload);
+                return Ok((i, ticket));
+            }
+        }
+        if now() > deadline {
+            return Err(unavailable(
+                "vetassist_auth: the audit outbox is full; the audit row could not be recorded",
+            ));
+        }
+        // SAFETY: a timed sleep on the outbox's condition variable; interrupts are checked.
+        unsafe {
+            pg_sys::ConditionVariableTimedSleep(written_cv(), 100, pg_sys::PG_WAIT_EXTENSION);
+        }
+    }
+}
+
+/// Wakes this database's recorder, or starts one when none is running (or one asked for did
+/// not come up in time).
+fn wake_recorder() -> Result<()> {
+    let db = database();
+    let (latch, start) = {
+        let mut locked = Locked::take().expect("the outbox exists");
+        let outbox = locked.outbox();
+        let t = now();
+        let index = outbox
+            .recorders
+            .iter()
+            .position(|r| r.state != NO_RECORDER && r.database == db)
+            .or_else(|| outbox.recorders.iter().position(|r| r.state == NO_RECORDER));
+        let Some(index) = index else {
+            return Err(unavailable(
+                "vetassist_auth: too many databases are recording audit rows at once",
+            ));
+        };
+        let r = &mut outbox.recorders[index];
+        match r.state {
+            RUNNING => (r.latch, false),
+            STARTING if t - r.since < START_TIMEOUT_US => (std::ptr::null_mut(), false),
+            _ => {
+                r.database = db;
+                r.state = STARTING;
+                r.since = t;
+                r.pid = 0;
+                r.latch = std::ptr::null_mut();
+                (std::ptr::null_mut(), true)
+            }
+        }
+    };
+    if !latch.is_null() {
+        // SAFETY: a latch in the PGPROC of a running recorder, in shared memory.
+        unsafe { pg_sys::SetLatch(latch) };
+    }
+    if start {
+        let started = BackgroundWorkerBuilder::new("vetassist_auth recorder")
+            .set_type("vetassist_auth recorder")
+            .set_library("vetassist_auth")
+            .set_function("vetassist_auth_recorder_main")
+            .set_argument(Some(pg_sys::Datum::from(db.to_u32())))
+            .enable_spi_access()
+            .set_restart_time(None)
+            .load_dynamic();
+        if started.is_err() {
+            if let Some(mut locked) = Locked::take() {
+                if let Some(r) = locked
+                    .outbox()
+                    .recorders
+                    .iter_mut()
+                    .find(|r| r.state == STARTING && r.database == db)
+                {
+                    r.state = NO_RECORDER;
+                }
+            }
+            return Err(unavailable(
+                "vetassist_auth: no background worker slot is free for the audit recorder",
+            ));
+        }
+    }
+    Ok(())
+}
+
+enum Progress {
+    Written,
+    Failed,
+    Pending,
+}
+
+/// Sleeps until the recorder has committed the row (or failed to), starting a recorder again
+/// should the one that was to write it have stopped.
+fn wait_until_written(slot: usize, ticket: u64) -> Result<()> {
+    let deadline = now() + WAIT_LIMIT_US;
+    PgTryBuilder::new(|| loop {
+        let progress = {
+            let mut locked = Locked::take().expect("the outbox exists");
+            let s = &mut locked.outbox().slots[slot];
+            if s.ticket != ticket || s.state == FREE {
+                Progress::Written
+            } else if s.state == FAILED {
+                s.state = FREE;
+                Progress::Failed
+            } else {
+                Progress::Pending
+            }
+        };
+        match progress {
+            Progress::Written => return Ok(()),
+            Progress::Failed => {
+                return Err(Failure::new(
+                    Kind::InsufficientResources,
+                    "vetassist_auth: the audit row could not be recorded",
+                )
+                .with_hint("Nothing was disclosed. The server log names the cause."))
+            }
+            Progress::Pending if now() > deadline => {
+                return Err(unavailable(
+                    "vetassist_auth: the audit recorder did not record the row in time",
+                ))
+            }
+            Progress::Pending => wake_recorder()?,
+        }
+        // SAFETY: a timed sleep on the outbox's condition variable; interrupts are checked.
+        unsafe {
+            pg_sys::ConditionVariableTimedSleep(written_cv(), 100, pg_sys::PG_WAIT_EXTENSION);
+        }
+    })
+    .finally(|| {
+        // SAFETY: ends the sleep begun above, on success and on error alike.
+        unsafe { pg_sys::ConditionVariableCancelSleep() };
+    })
+    .execute()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding: a row and who stands behind it, as length-prefixed fields.
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn field(&mut self, bytes: Option<&[u8]>) {
+        match bytes {
+            Some(b) => {
+                self.0.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                self.0.extend_from_slice(b);
+            }
+            None => self.0.extend_from_slice(&u32::MAX.to_le_bytes()),
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn field(&mut self) -> Option<&'a [u8]> {
+        let (len, rest) = self.0.split_at(4);
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes"));
+        if len == u32::MAX {
+            self.0 = rest;
+            return None;
+        }
+        let (value, rest) = rest.split_at(len as usize);
+        self.0 = rest;
+        Some(value)
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        self.field()
+            .map(|b| std::str::from_utf8(b).expect("written from a &str"))
+    }
+
+    fn uuid(&mut self) -> Option<Uuid> {
+        self.field()
+            .map(|b| Uuid::from_bytes(b.try_into().expect("16 bytes")))
+    }
+}
+
+fn encode(row: &AuditRow<'_>, who: &Who) -> Result<Vec<u8>> {
+    let mut w = Writer(Vec::with_capacity(512));
+    w.field(Some(row.category.as_bytes()));
+    w.field(Some(row.event_type.as_bytes()));
+    w.field(Some(row.outcome.as_bytes()));
+    w.field(
+        row.subject_user_id
+            .as_ref()
+            .map(|u| u.as_bytes().as_slice()),
+    );
+    w.field(row.target_table.map(str::as_bytes));
+    w.field(row.target_id.map(str::as_bytes));
+    // SAFETY: details is a detoasted jsonb datum; VARSIZE_ANY covers its whole varlena.
+    let details = row.details.map(|d| unsafe {
+        let ptr = d.cast_mut_ptr::<pg_sys::varlena>();
+        std::slice::from_raw_parts(ptr as *const u8, pgrx::varsize_any(ptr))
+    });
+    w.field(details);
+    w.field(who.actor.as_ref().map(|u| u.as_bytes().as_slice()));
+    w.field(who.session.as_ref().map(|u| u.as_bytes().as_slice()));
+    w.field(who.ip_hash.as_deref());
+    w.field(Some(who.db_role.as_bytes()));
+    if w.0.len() > PAYLOAD {
+        return Err(Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: audit details are too large to record",
+        ));
+    }
+    Ok(w.0)
+}
+
+/// Writes one encoded row in the current transaction.
+fn write_encoded(payload: &[u8]) {
+    let mut r = Reader(payload);
+    let category = r.text().unwrap_or_default();
+    let event_type = r.text().unwrap_or_default();
+    let outcome = r.text().unwrap_or_default();
+    let subject_user_id = r.uuid();
+    let target_table = r.text();
+    let target_id = r.text();
+    // SAFETY: a palloc'd copy of the jsonb varlena the caller encoded; it lives to the end of
+    // the transaction's memory context, past the insert.
+    let details = r.field().map(|bytes| unsafe {
+        let copy = pg_sys::palloc(bytes.len()) as *mut u8;
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), copy, bytes.len());
+        pg_sys::Datum::from(copy)
+    });
+    let who = Who {
+        actor: r.uuid(),
+        session: r.uuid(),
+        ip_hash: r.field().map(<[u8]>::to_vec),
+        db_role: r.text().unwrap_or_default().to_owned(),
+    };
+    let row = AuditRow {
+        category,
+        event_type,
+        outcome,
+        subject_user_id,
+        target_table,
+        target_id,
+        changed_columns: None,
+        details,
+    };
+    writer::append_as(&row, &who);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recorder: one background worker per database with rows to write.
+
+/// Forgets this process as its database's recorder, puts back rows it had taken but not
+/// written, and wakes the waiters so they start another recorder if need be.
+#[pg_guard]
+unsafe extern "C-unwind" fn recorder_exit(_code: i32, _arg: pg_sys::Datum) {
+    // SAFETY: MyProcPid is this process's pid; the outbox exists (the recorder needs it).
+    let pid = unsafe { pg_sys::MyProcPid };
+    if let Some(mut locked) = Locked::take() {
+        let outbox = locked.outbox();
+        for r in outbox.recorders.iter_mut().filter(|r| r.pid == pid) {
+            r.state = NO_RECORDER;
+            r.pid = 0;
+            r.latch = std::ptr::null_mut();
+        }
+        let db = database();
+        for s in outbox
+            .slots
+            .iter_mut()
+            .filter(|s| s.state == WRITING && s.database == db)
+        {
+            s.state = QUEUED;
+        }
+    }
+    // SAFETY: the outbox exists.
+    unsafe { pg_sys::ConditionVariableBroadcast(written_cv()) };
+}
+
+/// Takes this database's queued rows (marking them WRITING); frees failed slots no waiter
+/// collected. Returns the slots and their payloads.
+fn take_queued() -> Vec<(usize, u64, Vec<u8>)> {
+    let db = database();
+    let mut locked = Locked::take().expect("the outbox exists");
+    let t = now();
+    let mut taken = Vec::new();
+    for (i, s) in locked.outbox().slots.iter_mut().enumerate() {
+        if s.database != db {
+            continue;
+        }
+        if s.state == QUEUED {
+            s.state = WRITING;
+            taken.push((i, s.ticket, s.payload[..s.len].to_vec()));
+        } else if s.state == FAILED && t - s.changed_at > WAIT_LIMIT_US {
+            s.state = FREE;
+        }
+    }
+    taken
+}
+
+/// Runs `write` in a transaction of its own; false (and the error in the log) when it fails.
+fn in_transaction(write: impl FnOnce() + std::panic::UnwindSafe) -> bool {
+    // SAFETY: the recorder runs one transaction at a time, outside any other.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let ok = PgTryBuilder::new(|| {
+        write();
+        true
+    })
+    .catch_others(|caught| {
+        let message = match &caught {
+            pg_sys::panic::CaughtError::PostgresError(report)
+            | pg_sys::panic::CaughtError::ErrorReport(report)
+            | pg_sys::panic::CaughtError::RustPanic {
+                ereport: report, ..
+            } => report.message().to_owned(),
+        };
+        pgrx::log!("vetassist_auth recorder: writing an audit row failed: {message}");
+        false
+    })
+    .execute();
+    // SAFETY: ends the transaction begun above, committing or rolling back.
+    unsafe {
+        if ok {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    ok
+}
+
+/// Marks slots written (free) or failed, and wakes the waiters.
+fn settle(slots: &[(usize, u64)], state: u32) {
+    {
+        let mut locked = Locked::take().expect("the outbox exists");
+        let t = now();
+        for &(i, ticket) in slots {
+            let s = &mut locked.outbox().slots[i];
+            if s.ticket == ticket && s.state == WRITING {
+                s.state = state;
+                s.changed_at = t;
+            }
+        }
+    }
+    // SAFETY: the outbox exists.
+    unsafe { pg_sys::ConditionVariableBroadcast(written_cv()) };
+}
+
+/// Claims this database's recorder entry; false when another recorder already runs for it.
+fn claim_entry() -> bool {
+    let db = database();
+    let mut locked = Locked::take().expect("the outbox exists");
+    let outbox = locked.outbox();
+    if outbox
+        .recorders
+        .iter()
+        .any(|r| r.state == RUNNING && r.database == db)
+    {
+        return false;
+    }
+    let index = outbox
+        .recorders
+        .iter()
+        .position(|r| r.state == STARTING && r.database == db)
+        .or_else(|| outbox.recorders.iter().position(|r| r.state == NO_RECORDER));
+    let Some(index) = index else { return false };
+    let r = &mut outbox.recorders[index];
+    r.database = db;
+    r.state = RUNNING;
+    r.since = now();
+    // SAFETY: this process's pid and latch (in its PGPROC, in shared memory).
+    unsafe {
+        r.pid = pg_sys::MyProcPid;
+        r.latch = pg_sys::MyLatch;
+    }
+    true
+}
+
+/// Leaves when nothing is queued for this database; false when something is.
+fn release_entry_if_idle() -> bool {
+    let db = database();
+    let mut locked = Locked::take().expect("the outbox exists");
+    let outbox = locked.outbox();
+    if outbox
+        .slots
+        .iter()
+        .any(|s| s.state == QUEUED && s.database == db)
+    {
+        return false;
+    }
+    // SAFETY: this process's pid.
+    let pid = unsafe { pg_sys::MyProcPid };
+    for r in outbox.recorders.iter_mut().filter(|r| r.pid == pid) {
+        r.state = NO_RECORDER;
+        r.pid = 0;
+        r.latch = std::ptr::null_mut();
+    }
+    true
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    // SAFETY: registered once, after connecting; runs at exit (FATAL included) before
+    // shared memory is detached.
+    unsafe { pg_sys::before_shmem_exit(Some(recorder_exit), pg_sys::Datum::from(0)) };
+    if !claim_entry() {
+        return;
+    }
+    // A row is committed only once it is durable, whatever the database's or role's defaults;
+    // a caller holding a lock the write needs must not hang it for ever.
+    // SAFETY: plain settings of this process, set outside any transaction.
+    unsafe {
+        for (name, value) in [
+            (c"synchronous_commit", c"on"),
+            (c"lock_timeout", RECORDER_LOCK_TIMEOUT),
+            (c"default_transaction_read_only", c"off"),
+        ] {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
+    }
+    let mut idle_since = std::time::Instant::now();
+    let mut stopping = false;
+    loop {
+        let batch = take_queued();
+        if batch.is_empty() {
+            // At shutdown, what is queued is still written first.
+            if (stopping || idle_since.elapsed() >= IDLE_EXIT) && release_entry_if_idle() {
+                break;
+            }
+            stopping |= !BackgroundWorker::wait_latch(Some(Duration::from_millis(200)));
+            continue;
+        }
+        let slots: Vec<(usize, u64)> = batch.iter().map(|(i, t, _)| (*i, *t)).collect();
+        if in_transaction(|| batch.iter().for_each(|(_, _, p)| write_encoded(p))) {
+            settle(&slots, FREE);
+        } else {
+            // One at a time, so one bad row fails alone.
+            for (i, ticket, payload) in &batch {
+                let ok = in_transaction(|| write_encoded(payload));
+                settle(&[(*i, *ticket)], if ok { FREE } else { FAILED });
+            }
+        }
+        idle_since = std::time::Instant::now();
+    }
+}
+
+/// Whether audit rows of disclosures and failed authentications survive the caller's rollback,
+/// for verify_installation: NULL when they do, else why not. Internal.
+#[pg_extern]
+fn durable_audit_problem() -> Option<&'static str> {
+    (!in_force()).then_some(
+        "vetassist_auth is not in shared_preload_libraries: disclosure and failed-authentication \
+         audit rows are written in the caller's transaction and a ROLLBACK removes them",
+    )
+}
+
+/// Like write_audit, but the row survives whatever becomes of the caller's transaction: it is
+/// committed by the recorder before this returns. For PHI and token disclosures and failed
+/// authentications. Internal: not granted to any role.
+#[pg_extern]
+fn write_audit_durably(
+    category: &str,
+    event_type: &str,
+    outcome: &str,
+    subject_user_id: default!(Option<Uuid>, "NULL"),
+    target_table: default!(Option<&str>, "NULL"),
+    target_id: default!(Option<&str>, "NULL"),
+    details: default!(Option<writer::JsonbDatum>, "'{}'"),
+) {
+    writer::check_outcome(outcome);
+    let row = AuditRow {
+        category,
+        event_type,
+        outcome,
+        subject_user_id,
+        target_table,
+        target_id,
+        changed_columns: None,
+        details: details.map(|d| d.datum()),
+    };
+    if let Err(failure) = record(&row) {
+        failure.raise();
+    }
+}

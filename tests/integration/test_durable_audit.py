@@ -1,0 +1,285 @@
+"""Issue 13 part 1: every PHI or token disclosure and every failed authentication is in the audit
+log whatever becomes of the caller's transaction: ROLLBACK, ROLLBACK TO SAVEPOINT, an error, a
+cancelled statement, a backend that exits. Each test is an attack that left no row on 0.1.2."""
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import authenticator_code, installed_cluster
+
+MFA_LOCKED = "28000"
+
+
+def rows(su, uid, category, event_type, outcome=None):
+    return su.execute("""SELECT count(*) FROM vetassist_auth.audit_log
+                         WHERE subject_user_id = %s AND category = %s AND event_type = %s
+                           AND (%s::text IS NULL OR outcome = %s)""",
+                      (uid, category, event_type, outcome, outcome)).fetchone()[0]
+
+
+def veteran(app, icn, tokens=True):
+    uid = app.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', %s, 'Rosa', 'Parks')",
+                      (icn, f"{icn.lower()}@example.org")).fetchone()[0]
+    if tokens:
+        app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'VA-ACCESS-' || %s, 'VA-REFRESH-' || %s, now() + interval '1 hour')",
+                    (uid, icn, icn))
+    return uid
+
+
+def test_disclosures_rolled_back_are_still_recorded(cluster, su):
+    with cluster.connect("vetassist", "app_user", autocommit=False) as app:
+        uid = veteran(app, "7000000001V1")
+        app.commit()
+        before = (rows(su, uid, "phi_access", "user_profile_read"), rows(su, uid, "auth", "va_access_token_read"),
+                  rows(su, uid, "auth", "va_refresh_token_read"))
+        profile = app.execute("SELECT email FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()
+        access = app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0]
+        refresh = app.execute("SELECT vetassist_auth.va_refresh_token(%s)", (uid,)).fetchone()[0]
+        assert profile[0] == "7000000001v1@example.org" and access.startswith("VA-ACCESS") and refresh.startswith("VA-REFRESH")
+        app.rollback()
+    after = (rows(su, uid, "phi_access", "user_profile_read"), rows(su, uid, "auth", "va_access_token_read"),
+             rows(su, uid, "auth", "va_refresh_token_read"))
+    assert after == tuple(n + 1 for n in before)
+
+
+def test_a_disclosure_undone_by_rollback_to_savepoint_is_recorded(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid = veteran(app, "7000000002V1")
+        with app.transaction():
+            try:
+                with app.transaction():  # SAVEPOINT ... ROLLBACK TO SAVEPOINT
+                    app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
+                    app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))
+                    raise RuntimeError("the application changes its mind")
+            except RuntimeError:
+                pass
+            app.execute("SELECT 1")
+    assert rows(su, uid, "phi_access", "user_profile_read") == 1
+    assert rows(su, uid, "auth", "va_access_token_read") == 1
+
+
+def test_a_disclosure_followed_by_an_error_is_recorded(cluster, su):
+    with cluster.connect("vetassist", "app_user", autocommit=False) as app:
+        uid = veteran(app, "7000000003V1")
+        app.commit()
+        app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            app.execute("SELECT 1 / 0")
+        app.rollback()
+    assert rows(su, uid, "phi_access", "user_profile_read") == 1
+
+
+def test_a_cancelled_statement_and_a_terminated_backend_leave_their_rows(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid = veteran(app, "7000000004V1")
+        app.execute("SET statement_timeout = '300ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            app.execute("SELECT p.email, pg_sleep(5) FROM vetassist_auth.user_profile(%s) p", (uid,))
+    assert rows(su, uid, "phi_access", "user_profile_read") == 1
+
+    victim = cluster.connect("vetassist", "app_user", autocommit=False)
+    victim.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))
+    pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]
+    su.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    with pytest.raises(psycopg.OperationalError):
+        victim.execute("SELECT 1")
+    victim.close()
+    assert rows(su, uid, "auth", "va_access_token_read") == 1
+
+
+def mfa_session(cluster, app, su, icn, jti):
+    uid = veteran(app, icn, tokens=False)
+    uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
+    assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
+    app.execute("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 hour')", (uid, jti))
+    return uid, uri
+
+
+def test_fifty_rolled_back_mfa_failures_lock_the_user_out(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid, uri = mfa_session(cluster, app, su, "7000000006V1", "jti-mfa-rollback")
+        outcomes = []
+        for _ in range(50):
+            try:
+                with app.transaction():
+                    ok = app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rollback', '000000')").fetchone()[0]
+                    outcomes.append(ok)
+                    raise psycopg.Rollback()
+            except psycopg.errors.InvalidAuthorizationSpecification:
+                outcomes.append(MFA_LOCKED)
+        # mfa_max_failures (5) failures, then locked out for every later attempt.
+        assert outcomes == [False] * 5 + [MFA_LOCKED] * 45
+        # Even the right code is refused while the lock-out lasts.
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+            app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rollback', %s)", (authenticator_code(uri),))
+    assert rows(su, uid, "mfa", "mfa_verified", "failure") == 5
+    assert rows(su, uid, "mfa", "mfa_locked_out", "denied") == 1
+    assert rows(su, uid, "mfa", "mfa_verified", "denied") == 46
+
+
+def test_one_repeatable_read_transaction_cannot_try_more_codes_than_the_limit(cluster, su):
+    """Its snapshot never shows the recorder's rows; the lock-out reads them on a fresh one."""
+    with cluster.connect("vetassist", "app_user") as app:
+        uid, _ = mfa_session(cluster, app, su, "7000000007V1", "jti-mfa-rr")
+        app.autocommit = False
+        app.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        app.execute("SELECT 1")
+        results = []
+        for _ in range(8):
+            app.execute("SAVEPOINT attempt")
+            try:
+                results.append(app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rr', '111111')").fetchone()[0])
+                app.execute("RELEASE SAVEPOINT attempt")
+            except psycopg.errors.InvalidAuthorizationSpecification:
+                results.append(MFA_LOCKED)
+                app.execute("ROLLBACK TO SAVEPOINT attempt")
+        app.rollback()
+    assert results == [False] * 5 + [MFA_LOCKED] * 3
+    assert rows(su, uid, "mfa", "mfa_verified", "failure") == 5
+
+
+def test_the_lockout_ends_and_a_success_starts_the_count_again(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid, uri = mfa_session(cluster, app, su, "7000000008V1", "jti-mfa-ends")
+    # A superuser-only setting: the application role gets it from ALTER ROLE.
+    with cluster.connect("vetassist") as owner:
+        owner.execute("ALTER ROLE app_user SET vetassist_auth.mfa_lockout = 2")
+    try:
+        with cluster.connect("vetassist", "app_user") as app:
+            for _ in range(5):
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends', '222222')").fetchone()[0] is False
+            app.execute("SELECT vetassist_auth.create_session(%s, 'jti-mfa-ends-2', now() + interval '1 hour')", (uid,))
+            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+                app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', '222222')")
+            time.sleep(2.2)
+            # The lock-out is over: a full set of attempts again, then a success resets the count.
+            for _ in range(4):
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', '333333')").fetchone()[0] is False
+            assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', %s)", (authenticator_code(uri, 1),)).fetchone()[0]
+            app.execute("SELECT vetassist_auth.create_session(%s, 'jti-mfa-ends-3', now() + interval '1 hour')", (uid,))
+            for _ in range(4):
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-3', '444444')").fetchone()[0] is False
+    finally:
+        with cluster.connect("vetassist") as owner:
+            owner.execute("ALTER ROLE app_user RESET vetassist_auth.mfa_lockout")
+    assert rows(su, uid, "mfa", "mfa_locked_out", "denied") == 1
+
+
+def test_refresh_token_reuse_and_refused_sign_ins_survive_a_rollback(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid = veteran(app, "7000000009V1", tokens=False)
+        app.execute("SELECT vetassist_auth.create_session(%s, 'jti-reuse', now() + interval '1 hour')", (uid,))
+        app.execute("SELECT vetassist_auth.refresh_session_token('jti-reuse', NULL, 'rt-1')")
+        app.execute("SELECT vetassist_auth.refresh_session_token('jti-reuse', 'rt-1', 'rt-2')")
+        # No grace: presenting the replaced token at once is reuse.
+        with cluster.connect("vetassist") as owner:
+            owner.execute("ALTER ROLE app_user SET vetassist_auth.refresh_reuse_grace = 0")
+    try:
+        with cluster.connect("vetassist", "app_user") as app:
+            with app.transaction():
+                gen, token = app.execute("SELECT * FROM vetassist_auth.refresh_session_token('jti-reuse', 'rt-1', 'rt-3')").fetchone()
+                assert (gen, token) == (None, None)
+                raise psycopg.Rollback()
+            # Rolled back, the session lives on; the reuse is on record all the same.
+            assert app.execute("SELECT vetassist_auth.session_status('jti-reuse'::text)").fetchone()[0] == "ACTIVE"
+    finally:
+        with cluster.connect("vetassist") as owner:
+            owner.execute("ALTER ROLE app_user RESET vetassist_auth.refresh_reuse_grace")
+    assert rows(su, uid, "session", "refresh_token_reuse", "denied") == 1
+
+    with cluster.connect("vetassist", "admin_user") as admin:
+        admin.execute("SELECT vetassist_auth.deactivate_user(%s, 'left the program')", (uid,))
+    with cluster.connect("vetassist", "app_user") as app:
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+            app.execute("SELECT vetassist_auth.upsert_va_user('7000000009V1', 'veteran', NULL, NULL, NULL)")
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+            app.execute("SELECT vetassist_auth.create_session(%s, 'jti-refused', now() + interval '1 hour')", (uid,))
+    assert rows(su, uid, "identity", "sign_in_refused", "denied") == 1
+    assert rows(su, uid, "session", "sign_in_refused", "denied") == 1
+
+
+def test_decrypting_a_stored_phi_value_and_reading_the_accounting_are_recorded(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid = veteran(app, "7000000010V1", tokens=False)
+    # A ciphertext that left the database (a dump, a copy): the app role opens it.
+    email_ct = su.execute("SELECT email_encrypted FROM vetassist_auth.users WHERE id = %s", (uid,)).fetchone()[0]
+    with cluster.connect("vetassist", "app_user") as app:
+        with app.transaction():
+            assert app.execute("SELECT vetassist_auth.decrypt_text(%s, 'users.email:' || %s)",
+                               (email_ct, str(uid))).fetchone()[0] == "7000000010v1@example.org"
+            raise psycopg.Rollback()
+        # A value of the application's own context is not the extension's PHI: not recorded.
+        ct = app.execute("SELECT vetassist_auth.encrypt_text('note', 'notes.body:1')").fetchone()[0]
+        app.execute("SELECT vetassist_auth.decrypt_text(%s, 'notes.body:1')", (ct,))
+    got = su.execute("""SELECT target_table, details->>'field' FROM vetassist_auth.audit_log
+                        WHERE subject_user_id = %s AND event_type = 'value_decrypted'""", (uid,)).fetchall()
+    assert got == [("users", "email")]
+    assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type = 'value_decrypted' AND subject_user_id IS NULL").fetchone()[0] == 0
+
+    with cluster.connect("vetassist", "auditor_user") as auditor:
+        with auditor.transaction():
+            auditor.execute("SELECT * FROM vetassist_auth.phi_disclosures(%s, '-infinity', 'infinity')", (uid,)).fetchall()
+            raise psycopg.Rollback()
+    assert rows(su, uid, "audit", "phi_disclosures_read", "success") == 1
+
+
+def test_concurrent_disclosures_from_many_backends_are_each_recorded_once(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid = veteran(app, "7000000011V1")
+    errors = []
+
+    def reader():
+        try:
+            with cluster.connect("vetassist", "app_user", autocommit=False) as conn:
+                for _ in range(25):
+                    conn.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))
+                    conn.rollback()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert rows(su, uid, "auth", "va_access_token_read") == 200
+
+
+def test_a_terminated_recorder_is_replaced(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid = veteran(app, "7000000012V1")
+        app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))
+        su.execute("""SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                      WHERE backend_type = 'vetassist_auth recorder'""")
+        for _ in range(3):
+            with app.transaction():
+                app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))
+                raise psycopg.Rollback()
+    assert rows(su, uid, "auth", "va_access_token_read") == 4
+
+
+def test_without_a_worker_slot_nothing_is_disclosed():
+    """Fail closed: when no recorder can start, the caller gets 53000 and no PHI."""
+    with installed_cluster("norecorder", "max_worker_processes = 1", "vetassist_auth.sweep_database = 'vetassist'") as c:
+        with c.connect("vetassist", "app_user") as app:
+            uid = veteran(app, "7000000013V1")
+            with pytest.raises(psycopg.errors.InsufficientResources) as refused:
+                app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
+            assert "7000000013" not in str(refused.value)
+
+
+def test_verify_installation_reports_when_the_guarantee_is_not_in_force():
+    def check(c):
+        with c.connect("vetassist", "auditor_user") as auditor:
+            return auditor.execute("""SELECT ok, detail FROM vetassist_auth.verify_installation()
+                                      WHERE check_name = 'audit: disclosures and failed authentications survive a rollback'""").fetchone()
+
+    with installed_cluster("durable-off", preload="") as c:
+        ok, detail = check(c)
+        assert not ok and "shared_preload_libraries" in detail
+        # Still recorded, in the caller's transaction.
+        with c.connect("vetassist", "app_user") as app, c.connect("vetassist") as su:
+            uid = veteran(app, "7000000014V1")
+            app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
+            assert rows(su, uid, "phi_access", "user_profile_read") == 1
