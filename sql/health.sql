@@ -104,13 +104,19 @@ BEGIN
                        'every table put under row audit still has it');
     RETURN NEXT;
 
+    check_name := 'logs: every channel in force can be redacted';
+    detail := vetassist_auth.unredactable_log_channels();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'statements of the extension reach the log with their literals masked');
+    RETURN NEXT;
+
     check_name := 'audit: disclosures and failed authentications survive a rollback';
     detail := vetassist_auth.durable_audit_problem();
     ok := detail IS NULL;
     detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
     RETURN NEXT;
 
-    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
+    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
         check_name := 'key ' || p;
         BEGIN
             detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';

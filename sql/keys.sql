@@ -42,6 +42,8 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
         UNION ALL
         SELECT 'token', last_value FROM vetassist_auth.token_encryptions_seq WHERE is_called
+        UNION ALL
+        SELECT 'mfa', last_value FROM vetassist_auth.mfa_encryptions_seq WHERE is_called
     ), due AS (
         SELECT k.key_id, (c.lease - k.counter_base) * 128 AS counted
         FROM vetassist_auth.keys k JOIN counters c ON c.purpose = k.purpose
@@ -61,6 +63,7 @@ DECLARE
     phi_key   integer := vetassist_auth.active_key_id('phi');
     token_key integer := vetassist_auth.active_key_id('token');
     hash_key  integer := vetassist_auth.active_key_id('hash');
+    mfa_key   integer := vetassist_auth.active_key_id('mfa');
     moved     bigint := 0;
     n         bigint;
 BEGIN
@@ -143,14 +146,16 @@ BEGIN
 
     WITH batch AS (
         SELECT m.user_id FROM vetassist_auth.mfa_settings m
-        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
-          AND vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi')
+        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> mfa_key
+          -- Under an mfa key, or under a phi key as written before 0.1.3.
+          AND (vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'mfa')
+               OR vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi'))
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
     UPDATE vetassist_auth.mfa_settings m SET
-        totp_secret_encrypted = vetassist_auth.encrypt(
-            vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
+        totp_secret_encrypted = vetassist_auth.encrypt_mfa_secret(
+            vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
             'mfa_settings.totp_secret:' || m.user_id)
     FROM batch WHERE m.user_id = batch.user_id;
     GET DIAGNOSTICS n = ROW_COUNT;

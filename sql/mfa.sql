@@ -81,7 +81,7 @@ BEGIN
     IF require_enabled AND NOT m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
     END IF;
-    secret := vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
+    secret := vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
     IF step IS NULL AND require_enabled THEN
@@ -130,7 +130,7 @@ BEGIN
     END IF;
     INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at)
     VALUES (mfa_enroll_totp.user_id,
-            vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
+            vetassist_auth.encrypt_mfa_secret(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
     ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
         totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = clock_timestamp(), confirmed_at = NULL,
         last_used_step = NULL, updated_at = clock_timestamp();
@@ -220,7 +220,8 @@ BEGIN
     IF days IS NULL OR days < 1 OR days > 90 THEN
         RAISE EXCEPTION 'vetassist_auth: days must be between 1 and 90' USING ERRCODE = '22023';
     END IF;
-    IF s.status <> 'ACTIVE' OR NOT s.mfa_verified THEN
+    -- Live by the clock (an idle session not swept yet is over), and MFA-verified.
+    IF s.status <> 'ACTIVE' OR clock_timestamp() >= s.live_until OR NOT s.mfa_verified THEN
         RAISE EXCEPTION 'vetassist_auth: only a live, MFA-verified session can trust its device' USING ERRCODE = '28000';
     END IF;
     IF s.device_fingerprint_hash IS NULL THEN

@@ -25,7 +25,7 @@ CREATE SEQUENCE vetassist_auth.keys_key_id_seq AS integer;
 
 CREATE TABLE vetassist_auth.keys (
     key_id        integer PRIMARY KEY DEFAULT nextval('vetassist_auth.keys_key_id_seq'),
-    purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit')),
+    purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit', 'mfa')),
     status        text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'decrypt_only', 'retired')),
     wrapped_key   bytea CHECK (octet_length(wrapped_key) = 60),
     created_at    timestamptz NOT NULL DEFAULT now(),
@@ -56,6 +56,7 @@ COMMENT ON COLUMN vetassist_auth.keys.destroyed_at IS
 -- never block, so counting survives aborts and cannot deadlock with the caller's locks.
 CREATE SEQUENCE vetassist_auth.phi_encryptions_seq;
 CREATE SEQUENCE vetassist_auth.token_encryptions_seq;
+CREATE SEQUENCE vetassist_auth.mfa_encryptions_seq;
 
 -- Identity ----------------------------------------------------------------------------------
 
@@ -266,6 +267,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys_key_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.phi_encryptions_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.token_encryptions_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.mfa_encryptions_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.users', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.va_tokens', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.sessions', '');

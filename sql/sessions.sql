@@ -90,7 +90,13 @@ BEGIN
     IF device_info IS NOT NULL AND (jsonb_typeof(device_info) <> 'object' OR octet_length(device_info::text) > 16384) THEN
         RAISE EXCEPTION 'vetassist_auth: device_info must be a JSON object of at most 16 KiB' USING ERRCODE = '22023';
     END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    -- With a cap, concurrent sign-ins of one user take turns, so each sees the sessions of the
+    -- one before (FOR NO KEY UPDATE leaves the sessions' foreign-key checks alone).
+    IF cap > 0 THEN
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR NO KEY UPDATE;
+    ELSE
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
     ELSIF NOT active THEN

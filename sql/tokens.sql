@@ -22,7 +22,8 @@ BEGIN
     IF length(scope) > 2048 THEN
         RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
     END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
     ELSIF NOT active THEN
@@ -59,13 +60,16 @@ COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz
 CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-    row vetassist_auth.va_tokens;
+    row record;
 BEGIN
-    SELECT t.* INTO row FROM vetassist_auth.users u
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
     LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
     WHERE u.id = read_va_token.user_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
     END IF;
     IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
         RETURN NULL;

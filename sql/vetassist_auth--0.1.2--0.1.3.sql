@@ -2,7 +2,10 @@
 -- Audit rows that survive the caller's transaction: PHI and token disclosures (user_profile,
 -- va_access_token, va_refresh_token, decrypt of the extension's own PHI values, phi_disclosures)
 -- and failed authentications (MFA failures, refresh-token reuse, refused sign-ins) are committed
--- by a background recorder before the call returns; the MFA lock-out counts those rows.
+-- by a background recorder before the call returns; the MFA lock-out counts those rows. TOTP
+-- secrets get a key purpose of their own (mfa): run reencrypt() to move the existing ones.
+-- Secrets: redaction decided from the statement's tokens, an unredactable channel reported;
+-- a session cap, token storage and device trust that hold under races and idle sessions.
 \echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.1.3'" to load this file. \quit
 
 -- MFA: the lock-out is computed from the failures the audit log holds, counted from
@@ -20,6 +23,13 @@ SET failures_counted_from = coalesce(
     m.failures_counted_from)
 WHERE m.failed_attempts > 0;
 ALTER TABLE vetassist_auth.mfa_settings DROP COLUMN failed_attempts, DROP COLUMN locked_until;
+
+-- Keys: TOTP secrets under a purpose of their own, with its encryption counter.
+ALTER TABLE vetassist_auth.keys DROP CONSTRAINT keys_purpose_check;
+ALTER TABLE vetassist_auth.keys ADD CONSTRAINT keys_purpose_check CHECK (purpose IN ('token', 'phi', 'hash', 'audit', 'mfa'));
+CREATE SEQUENCE vetassist_auth.mfa_encryptions_seq;
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.mfa_encryptions_seq', '');
+REVOKE ALL ON SEQUENCE vetassist_auth.mfa_encryptions_seq FROM PUBLIC;
 
 -- mfa_check records failures itself and so takes the event to record them as.
 DROP FUNCTION vetassist_auth.mfa_check(vetassist_auth.mfa_settings, text, boolean);
@@ -49,6 +59,15 @@ STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'durable_audit_problem_wrapper';
 
+CREATE  FUNCTION "encrypt_mfa_secret"(
+	"secret" bytea, /* & [u8] */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'encrypt_mfa_secret_wrapper';
+
 CREATE  FUNCTION "mfa_failure_times"(
 	"user_id" uuid, /* pgrx :: Uuid */
 	"since" timestamp with time zone /* TimestampWithTimeZone */
@@ -56,6 +75,15 @@ CREATE  FUNCTION "mfa_failure_times"(
 STRICT VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'mfa_failure_times_wrapper';
+
+CREATE  FUNCTION "open_mfa_secret"(
+	"ciphertext" bytea, /* & [u8] */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT STABLE SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'open_mfa_secret_wrapper';
 
 CREATE  FUNCTION "open_phi"(
 	"ciphertext" bytea, /* & [u8] */
@@ -75,12 +103,34 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'open_phi_text_wrapper';
 
+CREATE OR REPLACE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH counters (purpose, lease) AS (
+        SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
+        UNION ALL
+        SELECT 'token', last_value FROM vetassist_auth.token_encryptions_seq WHERE is_called
+        UNION ALL
+        SELECT 'mfa', last_value FROM vetassist_auth.mfa_encryptions_seq WHERE is_called
+    ), due AS (
+        SELECT k.key_id, (c.lease - k.counter_base) * 128 AS counted
+        FROM vetassist_auth.keys k JOIN counters c ON c.purpose = k.purpose
+        WHERE k.status = 'active' AND k.encrypt_count < (c.lease - k.counter_base) * 128
+        FOR UPDATE OF k SKIP LOCKED
+    ), mirrored AS (
+        UPDATE vetassist_auth.keys k SET encrypt_count = due.counted
+        FROM due WHERE k.key_id = due.key_id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM mirrored
+$$;
+
 CREATE OR REPLACE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     phi_key   integer := vetassist_auth.active_key_id('phi');
     token_key integer := vetassist_auth.active_key_id('token');
     hash_key  integer := vetassist_auth.active_key_id('hash');
+    mfa_key   integer := vetassist_auth.active_key_id('mfa');
     moved     bigint := 0;
     n         bigint;
 BEGIN
@@ -163,14 +213,16 @@ BEGIN
 
     WITH batch AS (
         SELECT m.user_id FROM vetassist_auth.mfa_settings m
-        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
-          AND vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi')
+        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> mfa_key
+          -- Under an mfa key, or under a phi key as written before 0.1.3.
+          AND (vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'mfa')
+               OR vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi'))
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
     UPDATE vetassist_auth.mfa_settings m SET
-        totp_secret_encrypted = vetassist_auth.encrypt(
-            vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
+        totp_secret_encrypted = vetassist_auth.encrypt_mfa_secret(
+            vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
             'mfa_settings.totp_secret:' || m.user_id)
     FROM batch WHERE m.user_id = batch.user_id;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -192,6 +244,11 @@ BEGIN
     RETURN moved;
 END
 $$;
+
+CREATE  FUNCTION "unredactable_log_channels"() RETURNS TEXT /* Option < String > */
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'unredactable_log_channels_wrapper';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.verify_installation()
 RETURNS TABLE (check_name text, ok boolean, detail text)
@@ -298,13 +355,19 @@ BEGIN
                        'every table put under row audit still has it');
     RETURN NEXT;
 
+    check_name := 'logs: every channel in force can be redacted';
+    detail := vetassist_auth.unredactable_log_channels();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'statements of the extension reach the log with their literals masked');
+    RETURN NEXT;
+
     check_name := 'audit: disclosures and failed authentications survive a rollback';
     detail := vetassist_auth.durable_audit_problem();
     ok := detail IS NULL;
     detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
     RETURN NEXT;
 
-    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
+    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
         check_name := 'key ' || p;
         BEGIN
             detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
@@ -353,6 +416,44 @@ BEGIN
     ORDER BY a.category = 'phi', a.occurred_at, a.id;
 END
 $$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.upsert_va_user(
     va_icn text, veteran_status text, email text, first_name text, last_name text)
@@ -482,33 +583,6 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.user_profile(uuid) IS
     'The decrypted profile of one veteran; every call is audited as PHI access (category phi_access), and the audit row survives a rollback.';
 
-CREATE OR REPLACE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    row vetassist_auth.va_tokens;
-BEGIN
-    SELECT t.* INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
-    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                               jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
-END
-$$;
-
 CREATE OR REPLACE FUNCTION vetassist_auth.create_session(
     user_id uuid, jwt_id text, expires_at timestamptz, ip inet DEFAULT NULL, user_agent text DEFAULT NULL,
     device_fingerprint text DEFAULT NULL, device_info jsonb DEFAULT NULL)
@@ -535,7 +609,13 @@ BEGIN
     IF device_info IS NOT NULL AND (jsonb_typeof(device_info) <> 'object' OR octet_length(device_info::text) > 16384) THEN
         RAISE EXCEPTION 'vetassist_auth: device_info must be a JSON object of at most 16 KiB' USING ERRCODE = '22023';
     END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    -- With a cap, concurrent sign-ins of one user take turns, so each sees the sessions of the
+    -- one before (FOR NO KEY UPDATE leaves the sessions' foreign-key checks alone).
+    IF cap > 0 THEN
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR NO KEY UPDATE;
+    ELSE
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
     ELSIF NOT active THEN
@@ -671,7 +751,7 @@ BEGIN
     IF require_enabled AND NOT m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
     END IF;
-    secret := vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
+    secret := vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
     IF step IS NULL AND require_enabled THEN
@@ -720,7 +800,7 @@ BEGIN
     END IF;
     INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at)
     VALUES (mfa_enroll_totp.user_id,
-            vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
+            vetassist_auth.encrypt_mfa_secret(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
     ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
         totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = clock_timestamp(), confirmed_at = NULL,
         last_used_step = NULL, updated_at = clock_timestamp();
@@ -773,12 +853,121 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_trust_device(jwt_id text, days integer DEFAULT 30) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+    device uuid;
+BEGIN
+    IF days IS NULL OR days < 1 OR days > 90 THEN
+        RAISE EXCEPTION 'vetassist_auth: days must be between 1 and 90' USING ERRCODE = '22023';
+    END IF;
+    -- Live by the clock (an idle session not swept yet is over), and MFA-verified.
+    IF s.status <> 'ACTIVE' OR clock_timestamp() >= s.live_until OR NOT s.mfa_verified THEN
+        RAISE EXCEPTION 'vetassist_auth: only a live, MFA-verified session can trust its device' USING ERRCODE = '28000';
+    END IF;
+    IF s.device_fingerprint_hash IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has no device fingerprint' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO vetassist_auth.trusted_devices (user_id, device_fingerprint_hash, trusted_until)
+    VALUES (s.user_id, s.device_fingerprint_hash, clock_timestamp() + make_interval(days => days))
+    RETURNING id INTO device;
+    PERFORM vetassist_auth.write_audit('mfa', 'device_trusted', 'success', s.user_id, 'trusted_devices', device::text,
+                                       jsonb_build_object('days', days));
+    RETURN device;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row record;
+BEGIN
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
 -- Privileges: nothing new is executable by PUBLIC; every new function is internal.
 REVOKE ALL ON FUNCTION
     vetassist_auth.durable_audit_problem(),
+    vetassist_auth.encrypt_mfa_secret(bytea, text),
     vetassist_auth.mfa_failure_times(uuid, timestamptz),
+    vetassist_auth.open_mfa_secret(bytea, text),
     vetassist_auth.open_phi(bytea, text),
     vetassist_auth.open_phi_text(bytea, text),
+    vetassist_auth.unredactable_log_channels(),
     vetassist_auth.write_audit_durably(text, text, text, uuid, text, text, jsonb),
     vetassist_auth.mfa_lock_state(uuid, timestamptz),
     vetassist_auth.mfa_locked_until(uuid),

@@ -49,6 +49,15 @@ fn opens(ciphertext: Option<&[u8]>, context: &str, purpose: &str) -> bool {
 }
 
 fn utf8(bytes: Vec<u8>) -> String {
+    // A NUL is valid UTF-8 but no Postgres text holds one: refused as text input is (22021).
+    if bytes.contains(&0) {
+        Failure::new(
+            Kind::NotText,
+            "vetassist_auth: the decrypted value contains a NUL byte and is not text",
+        )
+        .with_hint("Use decrypt() for binary values.")
+        .raise();
+    }
     // Only our own encrypt_text wrote these bytes, after authentication; anything else is damage.
     String::from_utf8(bytes)
         .map_err(|_| Failure::from(crypto::Error::Authentication))
@@ -157,6 +166,24 @@ fn encrypt_token(plaintext: &str, context: &str) -> Vec<u8> {
 #[search_path(pg_catalog, pg_temp)]
 fn decrypt_token(ciphertext: &[u8], context: &str) -> String {
     utf8(open(Purpose::Token, ciphertext, context).or_raise())
+}
+
+/// TOTP secrets have a purpose of their own, so no public function opens one. Internal: not
+/// granted to any role.
+#[pg_extern(strict, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn encrypt_mfa_secret(secret: &[u8], context: &str) -> Vec<u8> {
+    seal(Purpose::Mfa, secret, context).or_raise()
+}
+
+/// Opens a TOTP secret: under an `mfa` key, or (written before 0.1.3, until `reencrypt` moves
+/// it) under a `phi` key. Internal: not granted to any role.
+#[pg_extern(strict, stable, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn open_mfa_secret(ciphertext: &[u8], context: &str) -> Vec<u8> {
+    open(Purpose::Mfa, ciphertext, context)
+        .or_else(|_| open(Purpose::Phi, ciphertext, context))
+        .or_raise()
 }
 
 /// The key id inside an envelope, or NULL for something that is not an envelope.

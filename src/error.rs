@@ -18,6 +18,8 @@ pub enum Kind {
     NotFound,
     /// 53000: the audit recorder cannot take a row now (no worker slot, outbox full).
     InsufficientResources,
+    /// 22021: a decrypted value is not valid text (a NUL byte).
+    NotText,
 }
 
 impl Kind {
@@ -29,6 +31,7 @@ impl Kind {
             Kind::InsufficientPrivilege => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             Kind::NotFound => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
             Kind::InsufficientResources => PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+            Kind::NotText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
         }
     }
 }

@@ -168,30 +168,89 @@ pub fn init() {
         DAY,
         GucContext::Sighup,
     );
-    GucRegistry::define_string_guc(
+    secret_string_guc(
         c"vetassist_auth.master_key_file",
         c"Path of a file holding the 32-byte master key as 64 hex characters.",
         c"Preferred over vetassist_auth.master_key. The file should be readable by the server's OS user only.",
         &MASTER_KEY_FILE,
-        GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+        Some(show_master_key_file),
     );
-    GucRegistry::define_string_guc(
+    secret_string_guc(
         c"vetassist_auth.previous_master_key_file",
         c"During a master key change: the old master key's file, so data keys open under either key until rewrap_keys.",
         c"Unset it once rewrap_keys() has committed.",
         &PREVIOUS_MASTER_KEY_FILE,
-        GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+        Some(show_previous_master_key_file),
     );
-    GucRegistry::define_string_guc(
+    secret_string_guc(
         c"vetassist_auth.master_key",
         c"The 32-byte master key as 64 hex characters (used when master_key_file is not set).",
-        c"Hidden from SHOW ALL and from non-superusers.",
+        c"Hidden from SHOW ALL; only a superuser sees its value.",
         &MASTER_KEY,
-        GucContext::Sighup,
         GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
+        Some(show_master_key),
     );
+}
+
+/// A SIGHUP string setting about the master key. SUPERUSER_ONLY alone lets every member of
+/// pg_read_all_settings (pg_monitor) read it; the show hook masks the value for anyone but a
+/// superuser (SHOW, current_setting, pg_settings).
+fn secret_string_guc(
+    name: &'static CStr,
+    short: &'static CStr,
+    long: &'static CStr,
+    setting: &'static GucSetting<Option<CString>>,
+    flags: GucFlags,
+    show: pgrx::pg_sys::GucShowHook,
+) {
+    // SAFETY: the setting's storage is a static that outlives the server; Postgres owns the
+    // string it points to from here on, as with GucRegistry::define_string_guc.
+    unsafe {
+        pgrx::pg_sys::DefineCustomStringVariable(
+            name.as_ptr(),
+            short.as_ptr(),
+            long.as_ptr(),
+            setting.as_ptr(),
+            std::ptr::null(),
+            pgrx::pg_sys::GucContext::PGC_SIGHUP,
+            flags.bits(),
+            None,
+            None,
+            show,
+        );
+    }
+}
+
+/// What a show hook returns: the value for a superuser, else only whether it is set.
+fn shown(setting: &'static GucSetting<Option<CString>>) -> *const std::ffi::c_char {
+    let Some(value) = string_setting(setting) else {
+        return c"".as_ptr();
+    };
+    // SAFETY: superuser() reads the catalog, so only inside a transaction; outside one the
+    // value is masked.
+    let superuser = unsafe { pgrx::pg_sys::IsTransactionState() && pgrx::pg_sys::superuser() };
+    if superuser {
+        value.as_ptr()
+    } else {
+        c"(set; shown to superusers only)".as_ptr()
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_master_key_file() -> *const std::ffi::c_char {
+    shown(&MASTER_KEY_FILE)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_previous_master_key_file() -> *const std::ffi::c_char {
+    shown(&PREVIOUS_MASTER_KEY_FILE)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_master_key() -> *const std::ffi::c_char {
+    shown(&MASTER_KEY)
 }
 
 /// The raw value of a string setting without copying it; None when unset or empty.

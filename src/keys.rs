@@ -49,10 +49,19 @@ pub enum Purpose {
     Phi,
     Hash,
     Audit,
+    /// TOTP secrets: opened by no public function.
+    Mfa,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 4] = [Purpose::Token, Purpose::Phi, Purpose::Hash, Purpose::Audit];
+    /// In the order of their lock ordinals (lock_purpose): new purposes go last.
+    pub const ALL: [Purpose; 5] = [
+        Purpose::Token,
+        Purpose::Phi,
+        Purpose::Hash,
+        Purpose::Audit,
+        Purpose::Mfa,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -60,6 +69,7 @@ impl Purpose {
             Purpose::Phi => "phi",
             Purpose::Hash => "hash",
             Purpose::Audit => "audit",
+            Purpose::Mfa => "mfa",
         }
     }
 
@@ -68,6 +78,7 @@ impl Purpose {
         match self {
             Purpose::Token => Some("vetassist_auth.token_encryptions_seq"),
             Purpose::Phi => Some("vetassist_auth.phi_encryptions_seq"),
+            Purpose::Mfa => Some("vetassist_auth.mfa_encryptions_seq"),
             Purpose::Hash | Purpose::Audit => None,
         }
     }
@@ -92,6 +103,9 @@ pub struct DataKey {
     pub id: u32,
     pub purpose: Purpose,
     counter_base: i64,
+    /// Tells this key from another with the same id (the extension dropped and created again),
+    /// so a lease survives dropping the cache but never counts for another key.
+    lease_tag: [u8; 8],
     secret: SecretKey,
     cipher: Aes256Gcm,
 }
@@ -116,8 +130,10 @@ struct Ring {
     previous_kek: Option<Rc<SecretKey>>,
     keys: HashMap<u32, Rc<DataKey>>,
     active: HashMap<Purpose, u32>,
-    /// Encryptions left in this backend's current lease, per key.
-    leases: HashMap<u32, i64>,
+    /// Encryptions left in this backend's current lease, per key id (with the key's lease tag).
+    /// Kept when the cached keys are dropped (after an abort, a rotation): the counter handed
+    /// the lease out for good, and a lease thrown away is budget lost.
+    leases: HashMap<u32, ([u8; 8], i64)>,
     /// Ids of each purpose's `decrypt_only` keys, newest first.
     decrypt_only: HashMap<Purpose, Vec<u32>>,
     field_keys: HashMap<(u32, String), Rc<FieldKey>>,
@@ -127,7 +143,6 @@ impl Ring {
     fn drop_data_keys(&mut self) {
         self.keys.clear();
         self.active.clear();
-        self.leases.clear();
         self.decrypt_only.clear();
         self.field_keys.clear();
     }
@@ -249,6 +264,7 @@ fn refresh() -> Result<()> {
     if CHECKED_THIS_XACT.get() {
         return Ok(());
     }
+    crate::log_redaction::warn_about_unsafe_channels();
     let checked = master_source().and_then(|source| Ok((master_fingerprint(&source)?, source)));
     let (fingerprint, source) = match checked {
         Ok(checked) => checked,
@@ -287,7 +303,7 @@ fn kek() -> Result<Rc<SecretKey>> {
         .ok_or_else(no_master_key)
 }
 
-fn keys_relid() -> pg_sys::Oid {
+pub fn keys_relid() -> pg_sys::Oid {
     let cached = KEYS_RELID.get();
     if cached != pg_sys::InvalidOid {
         return cached;
@@ -324,10 +340,12 @@ fn unwrap_row(id: i32, purpose: &str, wrapped: &[u8], counter_base: i64) -> Resu
                 .with_hint("The master key differs from the one that wrapped the data keys: set vetassist_auth.previous_master_key_file to the old key's file and run rewrap_keys (README, \"Changing the master key\").")
         })?;
     let cipher = secret.cipher();
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(secret.0);
     let key = Rc::new(DataKey {
         id: id as u32,
         purpose,
         counter_base,
+        lease_tag: digest[..8].try_into().expect("8 bytes"),
         secret,
         cipher,
     });
@@ -490,7 +508,8 @@ fn lock_purpose(purpose: Purpose) {
 }
 
 /// Creates the active key of a purpose unless another transaction already did.
-fn create_active_key(purpose: Purpose) -> Result<()> {
+pub fn create_active_key(purpose: Purpose) -> Result<()> {
+    refresh()?; // the recorder calls this first thing in its transaction
     let kek = kek()?;
     lock_purpose(purpose);
     // Read after the lock, on a fresh snapshot: a key another transaction created while we
@@ -599,7 +618,13 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
     let key = match load_active_key(purpose)? {
         Some(key) => key,
         None => {
-            create_active_key(purpose)?;
+            // First use: the recorder creates it in a transaction of its own, so this caller
+            // holds no lock on key creation while its transaction lasts (docs/ARCHITECTURE.md,
+            // "Locks no role can take"); without a recorder the caller creates it.
+            kek()?;
+            if !crate::audit::recorder::create_key(purpose)? {
+                create_active_key(purpose)?;
+            }
             load_active_key(purpose)?
                 .ok_or_else(|| spi_failure(pgrx::spi::SpiError::InvalidPosition))?
         }
@@ -643,7 +668,7 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
 }
 pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     let taken = RING.with_borrow_mut(|ring| match ring.leases.get_mut(&key.id) {
-        Some(remaining) if *remaining > 0 => {
+        Some((tag, remaining)) if *tag == key.lease_tag && *remaining > 0 => {
             *remaining -= 1;
             true
         }
@@ -676,16 +701,17 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
         )));
     }
     if count >= ENCRYPT_WARN_AT {
+        crate::audit::recorder::rotate_worn_key_soon(key.purpose, key.id);
         pgrx::ereport!(
             WARNING,
             PgSqlErrorCode::ERRCODE_WARNING,
             format!(
-                "vetassist_auth: data key {} ({purpose}) has been used {count} times; rotate it soon with rotate_key('{purpose}')",
+                "vetassist_auth: data key {} ({purpose}) has been used {count} times; it is rotated automatically (or rotate_key('{purpose}'))",
                 key.id
             )
         );
     }
-    RING.with_borrow_mut(|ring| ring.leases.insert(key.id, LEASE - 1));
+    RING.with_borrow_mut(|ring| ring.leases.insert(key.id, (key.lease_tag, LEASE - 1)));
     Ok(())
 }
 
@@ -795,25 +821,52 @@ pub fn register_callbacks() {
 #[search_path(pg_catalog, pg_temp)]
 fn rotate_key(purpose: &str) -> i32 {
     let purpose = Purpose::parse(purpose).or_raise();
-    refresh().or_raise();
-    kek().or_raise();
+    rotate(purpose, None).or_raise().unwrap_or_default() as i32
+}
+
+/// Makes a new active key of `purpose` and turns the old one decrypt_only; with `only_if`, only
+/// while that key is still the active one (None otherwise). Returns the new key's id.
+fn rotate(purpose: Purpose, only_if: Option<u32>) -> Result<Option<u32>> {
+    refresh()?;
+    kek()?;
     // The retiring key's final count comes from the counter before the new key takes it over.
     lock_purpose(purpose);
-    let position = Spi::connect(|client| counter_position(client, purpose)).or_raise();
+    if let Some(expected) = only_if {
+        if load_active_key(purpose)?.map(|key| key.id) != Some(expected) {
+            return Ok(None);
+        }
+    }
+    let position = Spi::connect(|client| counter_position(client, purpose))?;
     Spi::run_with_args(
         "UPDATE vetassist_auth.keys \
          SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, ($2 - counter_base) * $3) \
          WHERE purpose = $1 AND status = 'active'",
         &[purpose.as_str().into(), position.into(), LEASE.into()],
     )
-    .map_err(spi_failure)
-    .or_raise();
+    .map_err(spi_failure)?;
     // create_active_key tells every backend, this one included, to drop its cached keys.
-    create_active_key(purpose).or_raise();
-    let key = load_active_key(purpose)
-        .or_raise()
-        .expect("the key was just created");
-    key.id as i32
+    create_active_key(purpose)?;
+    let key = load_active_key(purpose)?.expect("the key was just created");
+    Ok(Some(key.id))
+}
+
+/// Rotates a key that reached the warning mark of its encryption budget, unless it has been
+/// rotated already; audited. The recorder runs it (in a transaction of its own), so reaching the
+/// mark never turns into every writer being refused at the limit.
+pub fn rotate_worn_key(purpose: Purpose, key_id: u32) -> Result<()> {
+    if let Some(new_key) = rotate(purpose, Some(key_id))? {
+        let details = format!(
+            r#"{{"purpose": "{}", "retired_from_writing": {key_id}, "new_key": {new_key}, "reason": "encryption count reached {ENCRYPT_WARN_AT}"}}"#,
+            purpose.as_str()
+        );
+        Spi::run_with_args(
+            "SELECT vetassist_auth.write_audit('key', 'key_rotated_automatically', 'success', \
+             NULL, 'keys', $1, $2::jsonb)",
+            &[key_id.to_string().into(), details.into()],
+        )
+        .map_err(spi_failure)?;
+    }
+    Ok(())
 }
 
 /// Re-wraps every data key under the current master key after the master key was changed.

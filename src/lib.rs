@@ -34,6 +34,8 @@ extension_sql_file!(
         encryption::opens,
         encryption::open_phi,
         encryption::open_phi_text,
+        encryption::encrypt_mfa_secret,
+        encryption::open_mfa_secret,
         keys::active_key_id,
         keys::retire_unused_keys
     ]
@@ -97,7 +99,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/health.sql",
     name = "health",
-    requires = ["keys_sql"]
+    requires = ["keys_sql", log_redaction::unredactable_log_channels]
 );
 extension_sql_file!(
     "../sql/operations.sql",

@@ -36,7 +36,7 @@ CREATE SEQUENCE vetassist_auth.keys_key_id_seq AS integer;
 
 CREATE TABLE vetassist_auth.keys (
     key_id        integer PRIMARY KEY DEFAULT nextval('vetassist_auth.keys_key_id_seq'),
-    purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit')),
+    purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit', 'mfa')),
     status        text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'decrypt_only', 'retired')),
     wrapped_key   bytea CHECK (octet_length(wrapped_key) = 60),
     created_at    timestamptz NOT NULL DEFAULT now(),
@@ -67,6 +67,7 @@ COMMENT ON COLUMN vetassist_auth.keys.destroyed_at IS
 -- never block, so counting survives aborts and cannot deadlock with the caller's locks.
 CREATE SEQUENCE vetassist_auth.phi_encryptions_seq;
 CREATE SEQUENCE vetassist_auth.token_encryptions_seq;
+CREATE SEQUENCE vetassist_auth.mfa_encryptions_seq;
 
 -- Identity ----------------------------------------------------------------------------------
 
@@ -277,6 +278,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.keys_key_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.phi_encryptions_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.token_encryptions_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.mfa_encryptions_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.users', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.va_tokens', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.sessions', '');
@@ -295,7 +297,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:889
+-- src/keys.rs:941
 -- vetassist_auth::keys::active_key_id
 CREATE  FUNCTION "active_key_id"(
 	"purpose" TEXT /* & str */
@@ -385,7 +387,7 @@ AS 'MODULE_PATHNAME', 'current_session_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:115
+-- src/encryption.rs:125
 -- vetassist_auth::encryption::decrypt
 CREATE  FUNCTION "decrypt"(
 	"ciphertext" bytea, /* & [u8] */
@@ -398,7 +400,7 @@ AS 'MODULE_PATHNAME', 'decrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:135
+-- src/encryption.rs:145
 -- vetassist_auth::encryption::decrypt_text
 CREATE  FUNCTION "decrypt_text"(
 	"ciphertext" bytea, /* & [u8] */
@@ -411,7 +413,7 @@ AS 'MODULE_PATHNAME', 'decrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:155
+-- src/encryption.rs:165
 -- vetassist_auth::encryption::decrypt_token
 CREATE  FUNCTION "decrypt_token"(
 	"ciphertext" bytea, /* & [u8] */
@@ -424,7 +426,7 @@ AS 'MODULE_PATHNAME', 'decrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1052
+-- src/keys.rs:1104
 -- vetassist_auth::keys::destroy_key
 CREATE  FUNCTION "destroy_key"(
 	"key_id" INT /* i32 */
@@ -436,7 +438,7 @@ AS 'MODULE_PATHNAME', 'destroy_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/recorder.rs:685
+-- src/audit/recorder.rs:810
 -- vetassist_auth::audit::recorder::durable_audit_problem
 CREATE  FUNCTION "durable_audit_problem"() RETURNS TEXT /* Option < & '_ str > */
 STRICT
@@ -445,7 +447,7 @@ AS 'MODULE_PATHNAME', 'durable_audit_problem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:60
+-- src/encryption.rs:69
 -- vetassist_auth::encryption::encrypt
 CREATE  FUNCTION "encrypt"(
 	"plaintext" bytea, /* & [u8] */
@@ -458,7 +460,20 @@ AS 'MODULE_PATHNAME', 'encrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:129
+-- src/encryption.rs:173
+-- vetassist_auth::encryption::encrypt_mfa_secret
+CREATE  FUNCTION "encrypt_mfa_secret"(
+	"secret" bytea, /* & [u8] */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'encrypt_mfa_secret_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/encryption.rs:139
 -- vetassist_auth::encryption::encrypt_text
 CREATE  FUNCTION "encrypt_text"(
 	"plaintext" TEXT, /* & str */
@@ -471,7 +486,7 @@ AS 'MODULE_PATHNAME', 'encrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:149
+-- src/encryption.rs:159
 -- vetassist_auth::encryption::encrypt_token
 CREATE  FUNCTION "encrypt_token"(
 	"plaintext" TEXT, /* & str */
@@ -484,7 +499,7 @@ AS 'MODULE_PATHNAME', 'encrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:162
+-- src/encryption.rs:190
 -- vetassist_auth::encryption::envelope_key_id
 CREATE  FUNCTION "envelope_key_id"(
 	"ciphertext" bytea /* & [u8] */
@@ -495,7 +510,7 @@ AS 'MODULE_PATHNAME', 'envelope_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:229
+-- src/encryption.rs:257
 -- vetassist_auth::encryption::field_hash
 CREATE  FUNCTION "field_hash"(
 	"value" TEXT, /* & str */
@@ -508,7 +523,7 @@ AS 'MODULE_PATHNAME', 'field_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:237
+-- src/encryption.rs:265
 -- vetassist_auth::encryption::field_hashes
 CREATE  FUNCTION "field_hashes"(
 	"value" TEXT, /* & str */
@@ -521,7 +536,7 @@ AS 'MODULE_PATHNAME', 'field_hashes_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:168
+-- src/encryption.rs:196
 -- vetassist_auth::encryption::hash_key_id
 CREATE  FUNCTION "hash_key_id"(
 	"hash" bytea /* & [u8] */
@@ -532,7 +547,7 @@ AS 'MODULE_PATHNAME', 'hash_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:581
+-- src/keys.rs:599
 -- vetassist_auth::keys::key_creation_in_progress
 CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
 STRICT
@@ -600,7 +615,20 @@ AS 'MODULE_PATHNAME', 'mfa_normalize_backup_code_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:123
+-- src/encryption.rs:181
+-- vetassist_auth::encryption::open_mfa_secret
+CREATE  FUNCTION "open_mfa_secret"(
+	"ciphertext" bytea, /* & [u8] */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT STABLE SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'open_mfa_secret_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/encryption.rs:133
 -- vetassist_auth::encryption::open_phi
 CREATE  FUNCTION "open_phi"(
 	"ciphertext" bytea, /* & [u8] */
@@ -613,7 +641,7 @@ AS 'MODULE_PATHNAME', 'open_phi_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:142
+-- src/encryption.rs:152
 -- vetassist_auth::encryption::open_phi_text
 CREATE  FUNCTION "open_phi_text"(
 	"ciphertext" bytea, /* & [u8] */
@@ -661,7 +689,7 @@ AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:909
+-- src/keys.rs:961
 -- vetassist_auth::keys::retire_unused_keys
 CREATE  FUNCTION "retire_unused_keys"() RETURNS INT /* i32 */
 STRICT SECURITY DEFINER
@@ -684,6 +712,8 @@ AS 'MODULE_PATHNAME', 'retire_unused_keys_wrapper';
 --   encryption::opens
 --   encryption::open_phi
 --   encryption::open_phi_text
+--   encryption::encrypt_mfa_secret
+--   encryption::open_mfa_secret
 --   keys::active_key_id
 --   keys::retire_unused_keys
 
@@ -731,6 +761,8 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
         UNION ALL
         SELECT 'token', last_value FROM vetassist_auth.token_encryptions_seq WHERE is_called
+        UNION ALL
+        SELECT 'mfa', last_value FROM vetassist_auth.mfa_encryptions_seq WHERE is_called
     ), due AS (
         SELECT k.key_id, (c.lease - k.counter_base) * 128 AS counted
         FROM vetassist_auth.keys k JOIN counters c ON c.purpose = k.purpose
@@ -750,6 +782,7 @@ DECLARE
     phi_key   integer := vetassist_auth.active_key_id('phi');
     token_key integer := vetassist_auth.active_key_id('token');
     hash_key  integer := vetassist_auth.active_key_id('hash');
+    mfa_key   integer := vetassist_auth.active_key_id('mfa');
     moved     bigint := 0;
     n         bigint;
 BEGIN
@@ -832,14 +865,16 @@ BEGIN
 
     WITH batch AS (
         SELECT m.user_id FROM vetassist_auth.mfa_settings m
-        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> phi_key
-          AND vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi')
+        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> mfa_key
+          -- Under an mfa key, or under a phi key as written before 0.1.3.
+          AND (vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'mfa')
+               OR vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi'))
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     )
     UPDATE vetassist_auth.mfa_settings m SET
-        totp_secret_encrypted = vetassist_auth.encrypt(
-            vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
+        totp_secret_encrypted = vetassist_auth.encrypt_mfa_secret(
+            vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
             'mfa_settings.totp_secret:' || m.user_id)
     FROM batch WHERE m.user_id = batch.user_id;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -866,141 +901,7 @@ COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:97
--- requires:
---   keys_sql
-
--- verify_installation(): one row per check, for operators and monitoring.
-CREATE FUNCTION vetassist_auth.verify_installation()
-RETURNS TABLE (check_name text, ok boolean, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    t text;
-    p text;
-    missing text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_activity', 'session_events',
-                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
-                             'audit_seal_state'] LOOP
-        check_name := 'table ' || t;
-        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
-        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
-        RETURN NEXT;
-        IF ok THEN
-            check_name := 'backup ' || t;
-            ok := EXISTS (SELECT 1 FROM pg_extension e
-                          WHERE e.extname = 'vetassist_auth'
-                            AND ('vetassist_auth.' || t)::regclass::oid = ANY (e.extconfig));
-            detail := CASE WHEN ok THEN 'registered with pg_extension_config_dump' ELSE 'not dumped by pg_dump' END;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-
-    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_va_icn_hash_key', 'users_email_hash',
-                             'va_tokens_user_id_key', 'va_tokens_expiry', 'sessions_jwt_id_key',
-                             'sessions_live_by_expiry', 'sessions_by_user', 'audit_log_by_subject',
-                             'audit_seals_audit_id_key'] LOOP
-        check_name := 'index ' || t;
-        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
-        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
-        RETURN NEXT;
-    END LOOP;
-
-    FOREACH t IN ARRAY ARRAY['vetassist_app', 'vetassist_auditor', 'vetassist_admin'] LOOP
-        check_name := 'role ' || t;
-        ok := EXISTS (SELECT 1 FROM pg_roles WHERE rolname = t);
-        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
-        RETURN NEXT;
-    END LOOP;
-
-    check_name := 'grants: no function executable by PUBLIC';
-    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
-    FROM pg_proc f
-    WHERE f.pronamespace = 'vetassist_auth'::regnamespace
-      AND has_function_privilege('public', f.oid, 'EXECUTE');
-    ok := missing IS NULL;
-    detail := coalesce('executable by PUBLIC: ' || missing, 'none');
-    RETURN NEXT;
-
-    check_name := 'grants: SECURITY DEFINER functions pin search_path';
-    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
-    FROM pg_proc f
-    WHERE f.pronamespace = 'vetassist_auth'::regnamespace AND f.prosecdef
-      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false);
-    ok := missing IS NULL;
-    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp');
-    RETURN NEXT;
-
-    check_name := 'grants: vetassist_app has no direct table access';
-    SELECT string_agg(c.relname, ', ') INTO missing
-    FROM pg_class c
-    WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind IN ('r', 'v', 'p')
-      AND (has_table_privilege('vetassist_app', c.oid, 'SELECT')
-           OR has_table_privilege('vetassist_app', c.oid, 'INSERT')
-           OR has_table_privilege('vetassist_app', c.oid, 'UPDATE')
-           OR has_table_privilege('vetassist_app', c.oid, 'DELETE'));
-    ok := missing IS NULL;
-    detail := coalesce('readable or writable: ' || missing, 'none');
-    RETURN NEXT;
-
-    check_name := 'audit: append-only triggers';
-    SELECT string_agg(tab, ', ') INTO missing FROM unnest(ARRAY['audit_log', 'audit_seals']) tab
-    WHERE (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
-             AND g.tgname IN ('append_only', 'append_only_truncate') AND g.tgenabled <> 'D') < 2;
-    ok := missing IS NULL;
-    detail := coalesce('missing or disabled on: ' || missing, 'audit_log and audit_seals refuse UPDATE, DELETE, TRUNCATE');
-    RETURN NEXT;
-
-    check_name := 'audit: row audit on the extension''s tables';
-    SELECT string_agg(tab, ', ') INTO missing
-    FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
-    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
-                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled IN ('O', 'A'));
-    ok := missing IS NULL;
-    detail := coalesce('not audited: ' || missing, 'all audited');
-    RETURN NEXT;
-
-    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
-    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
-    -- renamed, replaced or dropped.
-    check_name := 'audit: row audit enabled everywhere it was enabled';
-    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
-    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
-          FROM vetassist_auth.audit_log a
-          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
-          ORDER BY a.target_table, a.id DESC) r
-    WHERE r.event_type = 'row_audit_enabled'
-      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
-    ok := missing IS NULL;
-    detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
-                       'every table put under row audit still has it');
-    RETURN NEXT;
-
-    check_name := 'audit: disclosures and failed authentications survive a rollback';
-    detail := vetassist_auth.durable_audit_problem();
-    ok := detail IS NULL;
-    detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
-    RETURN NEXT;
-
-    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit'] LOOP
-        check_name := 'key ' || p;
-        BEGIN
-            detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
-            ok := true;
-        EXCEPTION WHEN OTHERS THEN
-            ok := false;
-            detail := SQLSTATE || ': ' || SQLERRM;
-        END;
-        RETURN NEXT;
-    END LOOP;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
-    'Checks tables, backups, indexes, roles, grants and key access; one row per check.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/keys.rs:821
+-- src/keys.rs:873
 -- vetassist_auth::keys::rewrap_keys
 CREATE  FUNCTION "rewrap_keys"(
 	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
@@ -1012,7 +913,7 @@ AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:794
+-- src/keys.rs:819
 -- vetassist_auth::keys::rotate_key
 CREATE  FUNCTION "rotate_key"(
 	"purpose" TEXT /* & str */
@@ -1153,7 +1054,157 @@ AS 'MODULE_PATHNAME', 'totp_uri_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1039
+-- src/log_redaction/mod.rs:335
+-- vetassist_auth::log_redaction::unredactable_log_channels
+CREATE  FUNCTION "unredactable_log_channels"() RETURNS TEXT /* Option < String > */
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'unredactable_log_channels_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:99
+-- requires:
+--   keys_sql
+--   log_redaction::unredactable_log_channels
+
+-- verify_installation(): one row per check, for operators and monitoring.
+CREATE FUNCTION vetassist_auth.verify_installation()
+RETURNS TABLE (check_name text, ok boolean, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t text;
+    p text;
+    missing text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
+                             'audit_seal_state'] LOOP
+        check_name := 'table ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+        IF ok THEN
+            check_name := 'backup ' || t;
+            ok := EXISTS (SELECT 1 FROM pg_extension e
+                          WHERE e.extname = 'vetassist_auth'
+                            AND ('vetassist_auth.' || t)::regclass::oid = ANY (e.extconfig));
+            detail := CASE WHEN ok THEN 'registered with pg_extension_config_dump' ELSE 'not dumped by pg_dump' END;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+
+    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_va_icn_hash_key', 'users_email_hash',
+                             'va_tokens_user_id_key', 'va_tokens_expiry', 'sessions_jwt_id_key',
+                             'sessions_live_by_expiry', 'sessions_by_user', 'audit_log_by_subject',
+                             'audit_seals_audit_id_key'] LOOP
+        check_name := 'index ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    FOREACH t IN ARRAY ARRAY['vetassist_app', 'vetassist_auditor', 'vetassist_admin'] LOOP
+        check_name := 'role ' || t;
+        ok := EXISTS (SELECT 1 FROM pg_roles WHERE rolname = t);
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    check_name := 'grants: no function executable by PUBLIC';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace
+      AND has_function_privilege('public', f.oid, 'EXECUTE');
+    ok := missing IS NULL;
+    detail := coalesce('executable by PUBLIC: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'grants: SECURITY DEFINER functions pin search_path';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace AND f.prosecdef
+      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false);
+    ok := missing IS NULL;
+    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp');
+    RETURN NEXT;
+
+    check_name := 'grants: vetassist_app has no direct table access';
+    SELECT string_agg(c.relname, ', ') INTO missing
+    FROM pg_class c
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+      AND (has_table_privilege('vetassist_app', c.oid, 'SELECT')
+           OR has_table_privilege('vetassist_app', c.oid, 'INSERT')
+           OR has_table_privilege('vetassist_app', c.oid, 'UPDATE')
+           OR has_table_privilege('vetassist_app', c.oid, 'DELETE'));
+    ok := missing IS NULL;
+    detail := coalesce('readable or writable: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'audit: append-only triggers';
+    SELECT string_agg(tab, ', ') INTO missing FROM unnest(ARRAY['audit_log', 'audit_seals']) tab
+    WHERE (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+             AND g.tgname IN ('append_only', 'append_only_truncate') AND g.tgenabled <> 'D') < 2;
+    ok := missing IS NULL;
+    detail := coalesce('missing or disabled on: ' || missing, 'audit_log and audit_seals refuse UPDATE, DELETE, TRUNCATE');
+    RETURN NEXT;
+
+    check_name := 'audit: row audit on the extension''s tables';
+    SELECT string_agg(tab, ', ') INTO missing
+    FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
+    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled IN ('O', 'A'));
+    ok := missing IS NULL;
+    detail := coalesce('not audited: ' || missing, 'all audited');
+    RETURN NEXT;
+
+    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
+    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
+    -- renamed, replaced or dropped.
+    check_name := 'audit: row audit enabled everywhere it was enabled';
+    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
+    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
+          FROM vetassist_auth.audit_log a
+          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
+          ORDER BY a.target_table, a.id DESC) r
+    WHERE r.event_type = 'row_audit_enabled'
+      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
+    ok := missing IS NULL;
+    detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
+                       'every table put under row audit still has it');
+    RETURN NEXT;
+
+    check_name := 'logs: every channel in force can be redacted';
+    detail := vetassist_auth.unredactable_log_channels();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'statements of the extension reach the log with their literals masked');
+    RETURN NEXT;
+
+    check_name := 'audit: disclosures and failed authentications survive a rollback';
+    detail := vetassist_auth.durable_audit_problem();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
+    RETURN NEXT;
+
+    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
+        check_name := 'key ' || p;
+        BEGIN
+            detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+            detail := SQLSTATE || ': ' || SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
+    'Checks tables, backups, indexes, roles, grants and key access; one row per check.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/keys.rs:1091
 -- vetassist_auth::keys::unretire_key
 CREATE  FUNCTION "unretire_key"(
 	"key_id" INT /* i32 */
@@ -1198,7 +1249,7 @@ AS 'MODULE_PATHNAME', 'verify_audit_chain_against_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/writer.rs:297
+-- src/audit/writer.rs:296
 -- vetassist_auth::audit::writer::write_audit
 CREATE  FUNCTION "write_audit"(
 	"category" TEXT, /* Option < & str > */
@@ -1214,7 +1265,7 @@ AS 'MODULE_PATHNAME', 'write_audit_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/recorder.rs:696
+-- src/audit/recorder.rs:821
 -- vetassist_auth::audit::recorder::write_audit_durably
 CREATE  FUNCTION "write_audit_durably"(
 	"category" TEXT, /* & str */
@@ -1239,7 +1290,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:41
+-- src/lib.rs:43
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1487,7 +1538,85 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:56
+-- src/lib.rs:104
+-- requires:
+--   keys_sql
+--   audit_sql
+--   keys::key_creation_in_progress
+--   keys::rotate_key
+
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:58
 -- requires:
 --   keys_sql
 --   audit_sql
@@ -1697,146 +1826,7 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:61
--- requires:
---   identity_sql
-
--- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
--- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
--- Every operation is audited (category auth) without any token bytes.
-
-CREATE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = clock_timestamp()
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
-    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
-
--- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
--- the user (P0002 when unknown) and the token row.
-CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    row vetassist_auth.va_tokens;
-BEGIN
-    SELECT t.* INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
-    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                               jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
-    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
-
-CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
-
-CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
-    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
-
-CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    deleted boolean;
-BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
-    deleted := FOUND;
-    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('existed', deleted));
-    RETURN deleted;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:66
+-- src/lib.rs:68
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -1940,7 +1930,13 @@ BEGIN
     IF device_info IS NOT NULL AND (jsonb_typeof(device_info) <> 'object' OR octet_length(device_info::text) > 16384) THEN
         RAISE EXCEPTION 'vetassist_auth: device_info must be a JSON object of at most 16 KiB' USING ERRCODE = '22023';
     END IF;
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    -- With a cap, concurrent sign-ins of one user take turns, so each sees the sessions of the
+    -- one before (FOR NO KEY UPDATE leaves the sessions' foreign-key checks alone).
+    IF cap > 0 THEN
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR NO KEY UPDATE;
+    ELSE
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
     ELSIF NOT active THEN
@@ -2260,7 +2256,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:81
+-- src/lib.rs:83
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -2356,7 +2352,7 @@ BEGIN
     IF require_enabled AND NOT m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
     END IF;
-    secret := vetassist_auth.open_phi(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
+    secret := vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
     IF step IS NULL AND require_enabled THEN
@@ -2405,7 +2401,7 @@ BEGIN
     END IF;
     INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at)
     VALUES (mfa_enroll_totp.user_id,
-            vetassist_auth.encrypt(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
+            vetassist_auth.encrypt_mfa_secret(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
     ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
         totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = clock_timestamp(), confirmed_at = NULL,
         last_used_step = NULL, updated_at = clock_timestamp();
@@ -2495,7 +2491,8 @@ BEGIN
     IF days IS NULL OR days < 1 OR days > 90 THEN
         RAISE EXCEPTION 'vetassist_auth: days must be between 1 and 90' USING ERRCODE = '22023';
     END IF;
-    IF s.status <> 'ACTIVE' OR NOT s.mfa_verified THEN
+    -- Live by the clock (an idle session not swept yet is over), and MFA-verified.
+    IF s.status <> 'ACTIVE' OR clock_timestamp() >= s.live_until OR NOT s.mfa_verified THEN
         RAISE EXCEPTION 'vetassist_auth: only a live, MFA-verified session can trust its device' USING ERRCODE = '28000';
     END IF;
     IF s.device_fingerprint_hash IS NULL THEN
@@ -2573,85 +2570,150 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:102
+-- src/lib.rs:63
 -- requires:
---   keys_sql
---   audit_sql
---   keys::key_creation_in_progress
---   keys::rotate_key
+--   identity_sql
 
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+-- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
+-- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
+-- Every operation is audited (category auth) without any token bytes.
 
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
+CREATE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
+    new_generation integer;
+    active boolean;
 BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token']));
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
 END
 $$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi and token keys (their encryption counts since the last mirror are unknown); returns what changed.';
+COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
+    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
+
+-- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
+-- the user (P0002 when unknown) and the token row.
+CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row record;
+BEGIN
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
+    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
+
+CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
+
+CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
+    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
+
+CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deleted boolean;
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
+    deleted := FOUND;
+    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('existed', deleted));
+    RETURN deleted;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:112
+-- src/lib.rs:114
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 

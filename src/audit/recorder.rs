@@ -1,5 +1,6 @@
 //! Audit rows that outlive the caller's transaction (docs/ARCHITECTURE.md, "Records that survive
-//! a rollback"): PHI and token disclosures and failed authentications.
+//! a rollback"): PHI and token disclosures and failed authentications. The same recorder creates
+//! a purpose's first data key, so no application transaction holds key creation.
 //!
 //! The caller puts the row into a slot of a shared-memory outbox and waits until a recorder, a
 //! background worker connected to the caller's database, has committed it in a transaction of
@@ -14,6 +15,7 @@
 
 use super::writer::{self, AuditRow, Who};
 use crate::error::{Failure, Kind, Result};
+use crate::keys::{self, Purpose};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::Uuid;
@@ -176,18 +178,109 @@ pub fn in_force() -> bool {
     !OUTBOX.load(Ordering::Acquire).is_null()
 }
 
+/// What a slot asks the recorder to do: its payload's first byte.
+const JOB_AUDIT_ROW: u8 = 0;
+const JOB_CREATE_KEY: u8 = 1;
+const JOB_ROTATE_WORN_KEY: u8 = 2;
+
+thread_local! {
+    /// Set in the recorder process: jobs run there directly.
+    static IS_RECORDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether jobs on `table` are handed to a recorder: the outbox exists, this is not the
+/// recorder, and this transaction did not create or alter the table (a recorder could not see
+/// it, or would wait for its lock: CREATE EXTENSION and its use in one transaction).
+fn delegated(table: pg_sys::Oid) -> bool {
+    in_force() && !IS_RECORDER.get() && !changed_in_this_transaction(table)
+}
+
+fn changed_in_this_transaction(table: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache look-up of the table's pg_class row, released before returning; the
+    // row's xmin is read from its header.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(table),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
+        let mine = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
+        pg_sys::ReleaseSysCache(tuple);
+        mine
+    }
+}
+
 /// Writes an audit row that the caller's rollback cannot take back, and returns once it is
 /// committed. Without the outbox (library not preloaded) it is written in the caller's
 /// transaction instead.
 pub fn record(row: &AuditRow<'_>) -> Result<()> {
     let who = Who::current();
-    if !in_force() {
+    if !delegated(writer::log_oids().0) {
         writer::append_as(row, &who);
         return Ok(());
     }
-    let payload = encode(row, &who)?;
-    let (slot, ticket) = enqueue(&payload)?;
-    // The row is only as good as a recorder that writes it.
+    let mut payload = vec![JOB_AUDIT_ROW];
+    encode(row, &who, &mut payload)?;
+    submit(&payload).map_err(|failure| {
+        failure.unwrap_or_else(|| {
+            Failure::new(
+                Kind::InsufficientResources,
+                "vetassist_auth: the audit row could not be recorded",
+            )
+            .with_hint("Nothing was disclosed. The server log names the cause.")
+        })
+    })
+}
+
+/// Has the recorder create the first active key of a purpose in a transaction of its own, so
+/// the caller holds no lock on key creation for the rest of its transaction. False when no
+/// recorder can run it (the caller then creates the key itself).
+pub fn create_key(purpose: Purpose) -> Result<bool> {
+    if !delegated(keys::keys_relid()) {
+        return Ok(false);
+    }
+    let ordinal = Purpose::ALL.iter().position(|p| *p == purpose).unwrap_or(0) as u8;
+    match submit(&[JOB_CREATE_KEY, ordinal]) {
+        Ok(()) => Ok(true),
+        Err(Some(_unavailable)) => Ok(false),
+        Err(None) => Err(Failure::new(
+            Kind::NotConfigured,
+            "vetassist_auth: the data key could not be created",
+        )
+        .with_hint("The server log names the cause.")),
+    }
+}
+
+/// Asks the recorder to rotate a key that reached the warning mark of its encryption budget,
+/// without waiting: the caller goes on with its lease. Without a recorder, or when the outbox is
+/// full, nothing happens (the caller's WARNING still says to rotate; the next lease asks again).
+pub fn rotate_worn_key_soon(purpose: Purpose, key_id: u32) {
+    if !delegated(keys::keys_relid()) {
+        return;
+    }
+    let ordinal = Purpose::ALL.iter().position(|p| *p == purpose).unwrap_or(0) as u8;
+    let mut payload = vec![JOB_ROTATE_WORN_KEY, ordinal];
+    payload.extend_from_slice(&key_id.to_le_bytes());
+    if let Ok((slot, ticket)) = enqueue_now(&payload) {
+        if wake_recorder().is_err() {
+            if let Some(mut locked) = Locked::take() {
+                let s = &mut locked.outbox().slots[slot];
+                if s.ticket == ticket && s.state == QUEUED {
+                    s.state = FREE;
+                }
+            }
+        }
+    }
+}
+
+/// Queues a job and waits until a recorder has committed it. Err(None) when the recorder ran
+/// the job and it failed; Err(Some) when it could not be run at all.
+fn submit(payload: &[u8]) -> std::result::Result<(), Option<Failure>> {
+    let (slot, ticket) = enqueue(payload).map_err(Some)?;
+    // The job is only as good as a recorder that runs it.
     if let Err(failure) = wake_recorder() {
         if let Some(mut locked) = Locked::take() {
             let s = &mut locked.outbox().slots[slot];
@@ -195,9 +288,9 @@ pub fn record(row: &AuditRow<'_>) -> Result<()> {
                 s.state = FREE;
             }
         }
-        return Err(failure);
+        return Err(Some(failure));
     }
-    wait_until_written(slot, ticket)
+    wait_until_done(slot, ticket)
 }
 
 fn database() -> pg_sys::Oid {
@@ -212,25 +305,33 @@ fn unavailable(message: &str) -> Failure {
     )
 }
 
+/// Takes a free slot for the job at once, if there is one.
+fn enqueue_now(payload: &[u8]) -> std::result::Result<(usize, u64), ()> {
+    let mut locked = Locked::take().expect("the outbox exists");
+    let outbox = locked.outbox();
+    let i = outbox
+        .slots
+        .iter()
+        .position(|s| s.state == FREE)
+        .ok_or(())?;
+    let ticket = outbox.next_ticket;
+    outbox.next_ticket += 1;
+    let s = &mut outbox.slots[i];
+    s.state = QUEUED;
+    s.database = database();
+    s.ticket = ticket;
+    s.changed_at = now();
+    s.len = payload.len();
+    s.payload[..payload.len()].copy_from_slice(payload);
+    Ok((i, ticket))
+}
+
 /// Takes a free slot, waiting a while for one when every slot is in use.
 fn enqueue(payload: &[u8]) -> Result<(usize, u64)> {
     let deadline = now() + WAIT_LIMIT_US;
     loop {
-        {
-            let mut locked = Locked::take().expect("the outbox exists");
-            let outbox = locked.outbox();
-            if let Some(i) = outbox.slots.iter().position(|s| s.state == FREE) {
-                let ticket = outbox.next_ticket;
-                outbox.next_ticket += 1;
-                let s = &mut outbox.slots[i];
-                s.state = QUEUED;
-                s.database = database();
-                s.ticket = ticket;
-                s.changed_at = now();
-                s.len = payload.len();
-                s.payload[..payload.len()].copy_from_slice(payload);
-                return Ok((i, ticket));
-            }
+        if let Ok(taken) = enqueue_now(payload) {
+            return Ok(taken);
         }
         if now() > deadline {
             return Err(unavailable(
@@ -314,9 +415,9 @@ enum Progress {
     Pending,
 }
 
-/// Sleeps until the recorder has committed the row (or failed to), starting a recorder again
-/// should the one that was to write it have stopped.
-fn wait_until_written(slot: usize, ticket: u64) -> Result<()> {
+/// Sleeps until the recorder has committed the job (or failed to), starting a recorder again
+/// should the one that was to run it have stopped.
+fn wait_until_done(slot: usize, ticket: u64) -> std::result::Result<(), Option<Failure>> {
     let deadline = now() + WAIT_LIMIT_US;
     PgTryBuilder::new(|| loop {
         let progress = {
@@ -333,19 +434,13 @@ fn wait_until_written(slot: usize, ticket: u64) -> Result<()> {
         };
         match progress {
             Progress::Written => return Ok(()),
-            Progress::Failed => {
-                return Err(Failure::new(
-                    Kind::InsufficientResources,
-                    "vetassist_auth: the audit row could not be recorded",
-                )
-                .with_hint("Nothing was disclosed. The server log names the cause."))
-            }
+            Progress::Failed => return Err(None),
             Progress::Pending if now() > deadline => {
-                return Err(unavailable(
-                    "vetassist_auth: the audit recorder did not record the row in time",
-                ))
+                return Err(Some(unavailable(
+                    "vetassist_auth: the audit recorder did not run in time",
+                )))
             }
-            Progress::Pending => wake_recorder()?,
+            Progress::Pending => wake_recorder().map_err(Some)?,
         }
         // SAFETY: a timed sleep on the outbox's condition variable; interrupts are checked.
         unsafe {
@@ -402,8 +497,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn encode(row: &AuditRow<'_>, who: &Who) -> Result<Vec<u8>> {
-    let mut w = Writer(Vec::with_capacity(512));
+fn encode(row: &AuditRow<'_>, who: &Who, out: &mut Vec<u8>) -> Result<()> {
+    let mut w = Writer(std::mem::take(out));
     w.field(Some(row.category.as_bytes()));
     w.field(Some(row.event_type.as_bytes()));
     w.field(Some(row.outcome.as_bytes()));
@@ -430,7 +525,31 @@ fn encode(row: &AuditRow<'_>, who: &Who) -> Result<Vec<u8>> {
             "vetassist_auth: audit details are too large to record",
         ));
     }
-    Ok(w.0)
+    *out = w.0;
+    Ok(())
+}
+
+fn purpose_of(ordinal: u8) -> Purpose {
+    Purpose::ALL[usize::from(ordinal) % Purpose::ALL.len()]
+}
+
+/// Runs one job in the current transaction.
+fn run_job(payload: &[u8]) {
+    match payload.split_first() {
+        Some((&JOB_AUDIT_ROW, row)) => write_encoded(row),
+        Some((&JOB_CREATE_KEY, [ordinal])) => {
+            if let Err(failure) = keys::create_active_key(purpose_of(*ordinal)) {
+                failure.raise();
+            }
+        }
+        Some((&JOB_ROTATE_WORN_KEY, [ordinal, id @ ..])) => {
+            let id = u32::from_le_bytes(id.try_into().expect("a key id"));
+            if let Err(failure) = keys::rotate_worn_key(purpose_of(*ordinal), id) {
+                failure.raise();
+            }
+        }
+        _ => pgrx::error!("vetassist_auth recorder: unknown job"),
+    }
 }
 
 /// Writes one encoded row in the current transaction.
@@ -539,7 +658,7 @@ fn in_transaction(write: impl FnOnce() + std::panic::UnwindSafe) -> bool {
                 ereport: report, ..
             } => report.message().to_owned(),
         };
-        pgrx::log!("vetassist_auth recorder: writing an audit row failed: {message}");
+        pgrx::log!("vetassist_auth recorder: a job failed: {message}");
         false
     })
     .execute();
@@ -630,6 +749,7 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    IS_RECORDER.set(true);
     // SAFETY: registered once, after connecting; runs at exit (FATAL included) before
     // shared memory is detached.
     unsafe { pg_sys::before_shmem_exit(Some(recorder_exit), pg_sys::Datum::from(0)) };
@@ -663,15 +783,20 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
                 break;
             }
             stopping |= !BackgroundWorker::wait_latch(Some(Duration::from_millis(200)));
+            if BackgroundWorker::sighup_received() {
+                // A new master key file, among others.
+                // SAFETY: between transactions, as every backend reloads.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            }
             continue;
         }
         let slots: Vec<(usize, u64)> = batch.iter().map(|(i, t, _)| (*i, *t)).collect();
-        if in_transaction(|| batch.iter().for_each(|(_, _, p)| write_encoded(p))) {
+        if in_transaction(|| batch.iter().for_each(|(_, _, p)| run_job(p))) {
             settle(&slots, FREE);
         } else {
-            // One at a time, so one bad row fails alone.
+            // One at a time, so one bad job fails alone.
             for (i, ticket, payload) in &batch {
-                let ok = in_transaction(|| write_encoded(payload));
+                let ok = in_transaction(|| run_job(payload));
                 settle(&[(*i, *ticket)], if ok { FREE } else { FAILED });
             }
         }

@@ -125,7 +125,20 @@ fn row_audit<'a>(
     let config = match ROW_AUDIT_TRIGGERS.with_borrow(|cache| cache.get(&trigger_oid).cloned()) {
         Some(config) => config,
         None => {
-            let table = format!("{}.{}", trigger.table_schema()?, trigger.table_name()?);
+            // Quoted where needed, as regclass prints it: "a.b".c and a."b.c" stay apart.
+            let (schema, name) = (
+                std::ffi::CString::new(trigger.table_schema()?).unwrap_or_default(),
+                std::ffi::CString::new(trigger.table_name()?).unwrap_or_default(),
+            );
+            // SAFETY: both are NUL-terminated; the result is a palloc'd C string.
+            let table = unsafe {
+                std::ffi::CStr::from_ptr(pg_sys::quote_qualified_identifier(
+                    schema.as_ptr(),
+                    name.as_ptr(),
+                ))
+            }
+            .to_string_lossy()
+            .into_owned();
             let config = std::rc::Rc::new(RowAuditConfig::from_args(table, &trigger.extra_args()?));
             ROW_AUDIT_TRIGGERS.with_borrow_mut(|cache| cache.insert(trigger_oid, config.clone()));
             config

@@ -54,7 +54,7 @@ thread_local! {
     static LOG_OIDS: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
 }
 
-fn log_oids() -> (pg_sys::Oid, pg_sys::Oid) {
+pub fn log_oids() -> (pg_sys::Oid, pg_sys::Oid) {
     LOG_OIDS.get().unwrap_or_else(|| {
         let oids = (
             relation_oid(c"audit_log"),

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import authenticator_code, installed_cluster
+from conftest import authenticator_code, install, installed_cluster
 
 MFA_LOCKED = "28000"
 
@@ -283,3 +283,34 @@ def test_verify_installation_reports_when_the_guarantee_is_not_in_force():
             uid = veteran(app, "7000000014V1")
             app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
             assert rows(su, uid, "phi_access", "user_profile_read") == 1
+
+
+def test_a_transaction_that_first_used_a_key_holds_nothing_up(cluster):
+    """Issue 13 part 2, found by the adversary: the first use of a purpose created its key in the
+    caller's transaction, which then held key creation and rotate_key until it ended. The
+    recorder creates it now, in a transaction of its own."""
+    install(cluster, "firstuse")
+    with cluster.connect("firstuse", "app_user") as idle, cluster.connect("firstuse", "app_user") as other, \
+            cluster.connect("firstuse", "admin_user") as admin:
+        idle.autocommit = False
+        idle.execute("SELECT vetassist_auth.encrypt_text('first', 'notes:1')")  # creates the phi key
+        # ... and stays open, idle in transaction.
+        for conn in (other, admin):
+            conn.execute("SET statement_timeout = '5s'")
+        assert other.execute("SELECT vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('second', 'notes:2'), 'notes:2')").fetchone()[0] == "second"
+        assert admin.execute("SELECT vetassist_auth.rotate_key('phi')").fetchone()[0] > 0
+        idle.rollback()
+        # The key the rolled-back transaction had created is still there: it was the recorder's.
+        assert admin.execute("SELECT count(*) FROM vetassist_auth.keys WHERE purpose = 'phi'").fetchone()[0] == 2
+
+
+def test_create_extension_and_its_use_in_one_transaction(cluster):
+    """A recorder cannot see an extension created by a transaction still open: such a
+    transaction writes its rows and creates its keys itself."""
+    cluster.psql("CREATE DATABASE onetx")
+    with cluster.connect("onetx") as su:
+        with su.transaction():
+            su.execute("CREATE EXTENSION vetassist_auth")
+            uid = su.execute("SELECT vetassist_auth.upsert_va_user('7000000015V1', 'veteran', 'one@tx.org', NULL, NULL)").fetchone()[0]
+            assert su.execute("SELECT email FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()[0] == "one@tx.org"
+        assert rows(su, uid, "phi_access", "user_profile_read") == 1

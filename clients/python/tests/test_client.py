@@ -141,9 +141,11 @@ def test_deactivated_account_is_refused(client: VetAssistClient, icn: str) -> No
         r.store_va_tokens(uid, "access", "refresh", later(hours=1), None)
         r.deactivate_user(uid, "requested by the veteran")
         profile = r.user_profile(uid)
-        assert r.va_access_token(uid) is None
         assert r.touch_session(jwt_id) is SessionStatus.TERMINATED
     assert profile is not None and not profile.is_active
+    # Reads check the account too: no token of a deactivated account is handed out.
+    with pytest.raises(AuthenticationRefused), client.request() as r:
+        r.va_access_token(uid)
     with pytest.raises(AuthenticationRefused) as refused, client.request() as r:
         r.upsert_va_user(icn, None, None, None, None)
     assert refused.value.sqlstate == "28000"

@@ -3,7 +3,7 @@
 CREATE TEMP TABLE t AS SELECT vetassist_auth.upsert_va_user('1012660000V000009', 'veteran', 'mfa@example.org', NULL, NULL) AS id;
 GRANT SELECT ON t TO vetassist_app;
 CREATE FUNCTION pg_temp.secret(user_id uuid) RETURNS bytea LANGUAGE sql AS $$
-    SELECT vetassist_auth.decrypt(totp_secret_encrypted, 'mfa_settings.totp_secret:' || user_id)
+    SELECT vetassist_auth.open_mfa_secret(totp_secret_encrypted, 'mfa_settings.totp_secret:' || user_id)
     FROM vetassist_auth.mfa_settings WHERE mfa_settings.user_id = secret.user_id $$;
 CREATE FUNCTION pg_temp.code_now(user_id uuid, offset_steps integer DEFAULT 0) RETURNS text LANGUAGE sql AS $$
     SELECT vetassist_auth.totp_code(pg_temp.secret(user_id), extract(epoch FROM clock_timestamp())::bigint / 30 + offset_steps) $$;
