@@ -1,16 +1,25 @@
 # vetassist_auth — every target installs what it needs first (scripts/ensure-toolchain.sh).
+# PG=16 (or 17, 18) builds and tests against that PostgreSQL instead of Debian's 15; it is
+# installed on first use outside the repository (scripts/ensure-postgres.sh).
 SHELL      := /bin/bash
-PG_CONFIG  ?= /usr/lib/postgresql/15/bin/pg_config
+PG         ?= 15
+# The pg_config of PostgreSQL $(PG); everything (clusters, tests, bench, demo) follows it.
+PG_CONFIG  ?= $(shell scripts/ensure-postgres.sh $(PG))
+export PG_CONFIG
+FEATURES   := --no-default-features --features pg$(PG)
 # make bench BENCH="audit chain" runs only those sections (crypto tokens sessions audit chain).
 BENCH      ?=
 SUDO_FLAG  := $(if $(filter 0,$(shell id -u)),,--sudo)
+# The versions `make test` also checks (build, pg_regress, upgrade, integration without load).
+OTHER_PG   ?= 16 18
+ALL_PG     := 15 16 18
 
-.PHONY: all toolchain install install-release lint test demo bench clean
+.PHONY: all toolchain install install-release lint test test-one test-compat test-all demo bench clean
 
 all: test
 
 toolchain:
-	@scripts/ensure-toolchain.sh
+	@scripts/ensure-toolchain.sh $(PG)
 
 install: toolchain
 	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
@@ -20,12 +29,26 @@ install-release: toolchain
 
 lint: toolchain
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets $(FEATURES) -- -D warnings
 
-# The whole suite: crypto unit tests, pg_regress, integration tests. CI runs exactly this.
-test: lint install
-	cargo test --lib
+# CI runs exactly this: the whole suite on $(PG), then the compatibility suite on each other
+# supported version.
+test: test-one
+	@for v in $(OTHER_PG); do $(MAKE) --no-print-directory test-compat PG=$$v PG_CONFIG=$$(scripts/ensure-postgres.sh $$v) || exit 1; done
+
+# The whole suite on one version: crypto unit tests, pg_regress, integration tests, clients.
+test-one: lint install
+	cargo test --lib $(FEATURES)
 	tests/run.sh
+
+# Another version: clippy and the build, pg_regress, the upgrade test and the integration tests
+# that need no load run.
+test-compat: lint install
+	COMPAT=1 tests/run.sh
+
+# Everything on every version.
+test-all:
+	@for v in $(ALL_PG); do $(MAKE) --no-print-directory test-one PG=$$v PG_CONFIG=$$(scripts/ensure-postgres.sh $$v) || exit 1; done
 
 demo: install-release
 	target/venv/bin/python scripts/demo.py

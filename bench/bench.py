@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import installed_cluster  # noqa: E402
+from conftest import BIN, installed_cluster  # noqa: E402
 
 ROWS = 20_000
 REPEATS = 7
@@ -88,7 +88,7 @@ def pgbench_run(cluster, scripts, user, clients=8, seconds=PGBENCH_SECONDS, dbna
         for sql in ("TRUNCATE pgbench_history", "VACUUM", "CHECKPOINT"):
             cluster.psql(sql, dbname)
     return subprocess.run(
-        ["/usr/lib/postgresql/15/bin/pgbench", "-n", "-h", str(cluster.dir), "-p", str(cluster.port),
+        [str(BIN / "pgbench"), "-n", "-h", str(cluster.dir), "-p", str(cluster.port),
          "-U", user, "-c", str(clients), "-j", "2", "-T", str(seconds), *files, *extra, dbname],
         check=True, capture_output=True, text=True).stdout
 
@@ -247,7 +247,7 @@ def audit_bench(cluster, conn):
     """TPC-B-like writes on pgbench_accounts: unaudited, row-audited by us, and by a plpgsql
     jsonb trigger (the supa_audit / audit-trigger style); in turns, interleaved, and
     in one session."""
-    subprocess.run(["/usr/lib/postgresql/15/bin/pgbench", "-i", "-q", "-s", "10", "-h", str(cluster.dir),
+    subprocess.run([str(BIN / "pgbench"), "-i", "-q", "-s", "10", "-h", str(cluster.dir),
                     "-p", str(cluster.port), "-U", "postgres", "vetassist"], check=True, capture_output=True)
     conn.execute(PLPGSQL_AUDIT)
     script = TPCB.replace(":scale", "10")

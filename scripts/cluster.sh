@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Throw-away PostgreSQL 15 clusters under target/clusters/NAME, run as the postgres OS user
-# (initdb refuses root). Sockets live in the cluster directory; nothing listens on TCP except
-# loopback on the chosen port.
+# Throw-away PostgreSQL clusters under target/clusters/NAME, run as the postgres OS user
+# (initdb refuses root), of the PostgreSQL whose pg_config $PG_CONFIG names (Debian's 15 when
+# unset). Sockets live in the cluster directory; nothing listens on TCP except loopback on the
+# chosen port (`auto`: a free one, printed on the line before the directory).
 #
-#   scripts/cluster.sh start NAME PORT [extra postgresql.conf lines...]
+#   scripts/cluster.sh start NAME PORT|auto [extra postgresql.conf lines...]
 #   scripts/cluster.sh stop NAME
 #   scripts/cluster.sh keyfile NAME         # prints the path of the cluster's master key file
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-BIN=/usr/lib/postgresql/15/bin
+BIN=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
 action=$1 name=$2
 
 as_pg() { if [ "$(id -u)" = 0 ]; then sudo -u postgres "$@"; else "$@"; fi; }
@@ -28,6 +29,10 @@ dir="$base/$name"
 case "$action" in
 start)
     port=$3; shift 3
+    if [ "$port" = auto ]; then
+        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        echo "$port"
+    fi
     as_pg "$BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
     rm -rf "$dir"; mkdir -p "$dir"
     chown postgres: "$dir" 2>/dev/null || true

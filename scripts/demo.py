@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import Cluster, authenticator_code  # noqa: E402
+from conftest import PG_MAJOR, Cluster, authenticator_code  # noqa: E402
 
 BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
 if not sys.stdout.isatty():
@@ -33,7 +33,7 @@ def sql(text):
 
 
 def main():
-    step("Start a throw-away PostgreSQL 15 cluster with a generated master key")
+    step(f"Start a throw-away PostgreSQL {PG_MAJOR} cluster with a generated master key")
     c = Cluster("demo", "shared_preload_libraries = 'vetassist_auth'")
     key_mode = oct(os.stat(c.key_file).st_mode & 0o777)
     say(f"cluster: {c.dir}  (socket), port {c.port}")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs what building and testing need, skipping whatever is already there:
-# Debian's PostgreSQL 15 and build packages, cargo-pgrx 0.18.1, pgrx's config for PG 15,
-# and a Python virtualenv (psycopg 3, pytest) under target/venv.
+# Installs what building and testing need, skipping whatever is already there: Debian's build
+# packages (and PostgreSQL 15, the default), PostgreSQL NN (scripts/ensure-postgres.sh),
+# cargo-pgrx 0.18.1, pgrx's config for every version installed so far, and a Python
+# virtualenv (psycopg 3, pytest) under target/venv.
+# Usage: scripts/ensure-toolchain.sh [NN]   (default 15)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+version=${1:-15}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo)
@@ -18,14 +20,24 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+pg_config=$("$ROOT/scripts/ensure-postgres.sh" "$version")
+
 if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.1'; then
     echo "==> installing cargo-pgrx 0.18.1 (about 5 minutes, once)"
     cargo install cargo-pgrx --version 0.18.1 --locked --quiet
 fi
 
-if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-    echo "==> cargo pgrx init --pg15 $PG_CONFIG"
-    cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+# pgrx keeps one config for all versions, and its build checks every pg_config listed: drop
+# versions no longer where they were, then add this one.
+config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
+if [ -f "$config" ]; then
+    while IFS= read -r path; do
+        [ -x "$path" ] || sed -i "\|\"$path\"|d" "$config"
+    done < <(sed -n 's/^pg[0-9][0-9] = "\(.*\)"$/\1/p' "$config")
+fi
+if ! grep -qs "^pg$version = \"$pg_config\"" "$config"; then
+    echo "==> cargo pgrx init --pg$version $pg_config"
+    cargo pgrx init --pg"$version" "$pg_config" >/dev/null
 fi
 
 # The venv is rebuilt whenever tests/requirements.txt changes.

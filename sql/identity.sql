@@ -60,10 +60,10 @@ BEGIN
             (id, va_icn_encrypted, va_icn_hash, va_veteran_status,
              email_encrypted, email_hash, first_name_encrypted, first_name_hash,
              last_name_encrypted, last_name_hash, last_login_at)
-        VALUES (uid, vetassist_auth.encrypt_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
-                vetassist_auth.encrypt_text(email, 'users.email:' || uid), email_h,
-                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), first_h,
-                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), last_h,
+        VALUES (uid, vetassist_auth.seal_phi_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
+                vetassist_auth.seal_phi_text(email, 'users.email:' || uid), email_h,
+                vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid), first_h,
+                vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid), last_h,
                 now())
         ON CONFLICT (va_icn_hash) DO NOTHING;
         IF FOUND THEN
@@ -101,11 +101,11 @@ BEGIN
         changed := changed || 'va_veteran_status'::text;
     END IF;
     UPDATE vetassist_auth.users u SET
-        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.encrypt_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
+        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.seal_phi_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
         email_hash = CASE WHEN 'email' = ANY (changed) THEN email_h ELSE u.email_hash END,
-        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
+        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
         first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN first_h ELSE u.first_name_hash END,
-        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
+        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
         last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
         va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
         updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,

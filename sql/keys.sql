@@ -97,13 +97,13 @@ BEGIN
         FROM batch JOIN vetassist_auth.users u USING (id)
     )
     UPDATE vetassist_auth.users u SET
-        va_icn_encrypted     = vetassist_auth.encrypt_text(p.va_icn, 'users.va_icn:' || u.id),
+        va_icn_encrypted     = vetassist_auth.seal_phi_text(p.va_icn, 'users.va_icn:' || u.id),
         va_icn_hash          = vetassist_auth.field_hash(p.va_icn, 'va_icn'),
-        email_encrypted      = vetassist_auth.encrypt_text(p.email, 'users.email:' || u.id),
+        email_encrypted      = vetassist_auth.seal_phi_text(p.email, 'users.email:' || u.id),
         email_hash           = vetassist_auth.field_hash(p.email, 'email'),
-        first_name_encrypted = vetassist_auth.encrypt_text(p.first_name, 'users.first_name:' || u.id),
+        first_name_encrypted = vetassist_auth.seal_phi_text(p.first_name, 'users.first_name:' || u.id),
         first_name_hash      = vetassist_auth.field_hash(p.first_name, 'first_name'),
-        last_name_encrypted  = vetassist_auth.encrypt_text(p.last_name, 'users.last_name:' || u.id),
+        last_name_encrypted  = vetassist_auth.seal_phi_text(p.last_name, 'users.last_name:' || u.id),
         last_name_hash       = vetassist_auth.field_hash(p.last_name, 'last_name')
     FROM plain p WHERE u.id = p.id;
     GET DIAGNOSTICS n = ROW_COUNT;

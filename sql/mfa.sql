@@ -18,8 +18,9 @@ BEGIN
 END
 $$;
 
--- The lock-out state of a user, computed from the failed codes the audit log holds (recorded
--- durably, so a ROLLBACK does not take a failure back): how many failures count now, until when
+-- The lock-out state of a user, computed from the attempts the audit log holds (recorded durably
+-- before each code is checked, so a ROLLBACK takes none back; a success moves counted_from past
+-- its own attempt): how many failures count now, until when
 -- the user is locked out (NULL: not locked), and from when failures count (a lock-out that has
 -- ended starts the count again from its end). Failures before counted_from do not count. Internal.
 CREATE FUNCTION vetassist_auth.mfa_lock_state(user_id uuid, counted_from timestamptz,
@@ -81,6 +82,11 @@ BEGIN
     IF require_enabled AND NOT m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
     END IF;
+    -- Every attempt is on record before the code is looked at: it counts toward the lock-out
+    -- unless a success moves the count past it. Should the record fail, nothing about the code
+    -- has been learnt (no right-or-wrong oracle while the recorder is down).
+    PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_attempt', 'info', m.user_id, target_table, target_id,
+        jsonb_build_object('for', event_type));
     secret := vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
@@ -98,7 +104,7 @@ BEGIN
     END IF;
     IF step IS NULL THEN
         PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'failure', m.user_id, target_table, target_id,
-            jsonb_build_object('failed_attempts', state.failures + 1));
+            jsonb_build_object('failed_attempts', state.failures + 1, 'counted_as', 'mfa_attempt'));
         IF state.failures + 1 >= vetassist_auth.mfa_max_failures() THEN
             PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_locked_out', 'denied', m.user_id, 'mfa_settings',
                 m.user_id::text, jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));

@@ -271,7 +271,8 @@ BEGIN
     IF presented IS NOT NULL AND s.refresh_successor_encrypted IS NOT NULL
        AND ts < s.refresh_rotated_at + vetassist_auth.refresh_reuse_grace()
        AND s.previous_refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
-        PERFORM vetassist_auth.write_audit('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
+        -- Hands out a live token: recorded, beyond the caller's ROLLBACK, before it is returned.
+        PERFORM vetassist_auth.write_audit_durably('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('generation', s.refresh_generation));
         RETURN QUERY SELECT s.refresh_generation,
                             vetassist_auth.decrypt_token(s.refresh_successor_encrypted, successor_context);

@@ -103,6 +103,15 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'open_phi_text_wrapper';
 
+CREATE  FUNCTION "seal_phi_text"(
+	"plaintext" TEXT, /* & str */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH counters (purpose, lease) AS (
@@ -164,13 +173,13 @@ BEGIN
         FROM batch JOIN vetassist_auth.users u USING (id)
     )
     UPDATE vetassist_auth.users u SET
-        va_icn_encrypted     = vetassist_auth.encrypt_text(p.va_icn, 'users.va_icn:' || u.id),
+        va_icn_encrypted     = vetassist_auth.seal_phi_text(p.va_icn, 'users.va_icn:' || u.id),
         va_icn_hash          = vetassist_auth.field_hash(p.va_icn, 'va_icn'),
-        email_encrypted      = vetassist_auth.encrypt_text(p.email, 'users.email:' || u.id),
+        email_encrypted      = vetassist_auth.seal_phi_text(p.email, 'users.email:' || u.id),
         email_hash           = vetassist_auth.field_hash(p.email, 'email'),
-        first_name_encrypted = vetassist_auth.encrypt_text(p.first_name, 'users.first_name:' || u.id),
+        first_name_encrypted = vetassist_auth.seal_phi_text(p.first_name, 'users.first_name:' || u.id),
         first_name_hash      = vetassist_auth.field_hash(p.first_name, 'first_name'),
-        last_name_encrypted  = vetassist_auth.encrypt_text(p.last_name, 'users.last_name:' || u.id),
+        last_name_encrypted  = vetassist_auth.seal_phi_text(p.last_name, 'users.last_name:' || u.id),
         last_name_hash       = vetassist_auth.field_hash(p.last_name, 'last_name')
     FROM plain p WHERE u.id = p.id;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -498,10 +507,10 @@ BEGIN
             (id, va_icn_encrypted, va_icn_hash, va_veteran_status,
              email_encrypted, email_hash, first_name_encrypted, first_name_hash,
              last_name_encrypted, last_name_hash, last_login_at)
-        VALUES (uid, vetassist_auth.encrypt_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
-                vetassist_auth.encrypt_text(email, 'users.email:' || uid), email_h,
-                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), first_h,
-                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), last_h,
+        VALUES (uid, vetassist_auth.seal_phi_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
+                vetassist_auth.seal_phi_text(email, 'users.email:' || uid), email_h,
+                vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid), first_h,
+                vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid), last_h,
                 now())
         ON CONFLICT (va_icn_hash) DO NOTHING;
         IF FOUND THEN
@@ -539,11 +548,11 @@ BEGIN
         changed := changed || 'va_veteran_status'::text;
     END IF;
     UPDATE vetassist_auth.users u SET
-        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.encrypt_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
+        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.seal_phi_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
         email_hash = CASE WHEN 'email' = ANY (changed) THEN email_h ELSE u.email_hash END,
-        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
+        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
         first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN first_h ELSE u.first_name_hash END,
-        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
+        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
         last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
         va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
         updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
@@ -684,7 +693,8 @@ BEGIN
     IF presented IS NOT NULL AND s.refresh_successor_encrypted IS NOT NULL
        AND ts < s.refresh_rotated_at + vetassist_auth.refresh_reuse_grace()
        AND s.previous_refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
-        PERFORM vetassist_auth.write_audit('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
+        -- Hands out a live token: recorded, beyond the caller's ROLLBACK, before it is returned.
+        PERFORM vetassist_auth.write_audit_durably('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('generation', s.refresh_generation));
         RETURN QUERY SELECT s.refresh_generation,
                             vetassist_auth.decrypt_token(s.refresh_successor_encrypted, successor_context);
@@ -751,6 +761,11 @@ BEGIN
     IF require_enabled AND NOT m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
     END IF;
+    -- Every attempt is on record before the code is looked at: it counts toward the lock-out
+    -- unless a success moves the count past it. Should the record fail, nothing about the code
+    -- has been learnt (no right-or-wrong oracle while the recorder is down).
+    PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_attempt', 'info', m.user_id, target_table, target_id,
+        jsonb_build_object('for', event_type));
     secret := vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
@@ -768,7 +783,7 @@ BEGIN
     END IF;
     IF step IS NULL THEN
         PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'failure', m.user_id, target_table, target_id,
-            jsonb_build_object('failed_attempts', state.failures + 1));
+            jsonb_build_object('failed_attempts', state.failures + 1, 'counted_as', 'mfa_attempt'));
         IF state.failures + 1 >= vetassist_auth.mfa_max_failures() THEN
             PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_locked_out', 'denied', m.user_id, 'mfa_settings',
                 m.user_id::text, jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
@@ -967,6 +982,7 @@ REVOKE ALL ON FUNCTION
     vetassist_auth.open_mfa_secret(bytea, text),
     vetassist_auth.open_phi(bytea, text),
     vetassist_auth.open_phi_text(bytea, text),
+    vetassist_auth.seal_phi_text(text, text),
     vetassist_auth.unredactable_log_channels(),
     vetassist_auth.write_audit_durably(text, text, text, uuid, text, text, jsonb),
     vetassist_auth.mfa_lock_state(uuid, timestamptz),

@@ -66,9 +66,26 @@ fn utf8(bytes: Vec<u8>) -> String {
 
 /// Encrypts with the active `phi` key; `context` is bound into the ciphertext and must be
 /// given again to decrypt.
+/// Contexts of the extension's own columns (`users.email:<id>`, …) are sealed only by its own
+/// functions: a value the application sealed under one would pass, once decrypted, for a
+/// disclosure of the veteran's stored PHI.
+fn check_context_is_not_reserved(context: &str) {
+    let table = context.split_once(':').map_or("", |(name, _)| name);
+    let table = table.split_once('.').map_or("", |(table, _)| table);
+    if matches!(table, "users" | "mfa_settings" | "va_tokens" | "sessions") {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: this context is reserved for the extension's own columns",
+        )
+        .with_hint("Use a context of the application's own, such as notes.body:<id>.")
+        .raise();
+    }
+}
+
 #[pg_extern(strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
+    check_context_is_not_reserved(context);
     seal(Purpose::Phi, plaintext, context).or_raise()
 }
 
@@ -139,6 +156,14 @@ fn open_phi(ciphertext: &[u8], context: &str) -> Vec<u8> {
 #[pg_extern(strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn encrypt_text(plaintext: &str, context: &str) -> Vec<u8> {
+    check_context_is_not_reserved(context);
+    seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
+}
+
+/// `encrypt_text` for the extension's own columns. Internal: not granted to any role.
+#[pg_extern(strict, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn seal_phi_text(plaintext: &str, context: &str) -> Vec<u8> {
     seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
 }
 

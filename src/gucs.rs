@@ -173,7 +173,8 @@ pub fn init() {
         c"Path of a file holding the 32-byte master key as 64 hex characters.",
         c"Preferred over vetassist_auth.master_key. The file should be readable by the server's OS user only.",
         &MASTER_KEY_FILE,
-        GucFlags::SUPERUSER_ONLY,
+        // NO_SHOW_ALL too: pg_settings shows reset_val unmasked to pg_read_all_settings.
+        GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
         Some(show_master_key_file),
     );
     secret_string_guc(
@@ -181,7 +182,7 @@ pub fn init() {
         c"During a master key change: the old master key's file, so data keys open under either key until rewrap_keys.",
         c"Unset it once rewrap_keys() has committed.",
         &PREVIOUS_MASTER_KEY_FILE,
-        GucFlags::SUPERUSER_ONLY,
+        GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
         Some(show_previous_master_key_file),
     );
     secret_string_guc(

@@ -34,6 +34,7 @@ extension_sql_file!(
         encryption::opens,
         encryption::open_phi,
         encryption::open_phi_text,
+        encryption::seal_phi_text,
         encryption::encrypt_mfa_secret,
         encryption::open_mfa_secret,
         keys::active_key_id,
@@ -122,6 +123,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         audit::recorder::request_shared_memory();
+        audit::recorder::register_resident();
         sessions::register_worker();
     }
 }

@@ -99,9 +99,10 @@ fn mfa_normalize_backup_code(code: &str) -> String {
     normalized
 }
 
-/// When each failed MFA code of a user at or after `since` was recorded, oldest first, read on
-/// a snapshot taken now: the lock-out counts failures recorded by the audit recorder after the
-/// caller's snapshot (a REPEATABLE READ caller would not see them). Internal.
+/// When each MFA attempt of a user at or after `since` was recorded, oldest first, read on a
+/// snapshot taken now: the lock-out counts attempts recorded by the audit recorder after the
+/// caller's snapshot (a REPEATABLE READ caller would not see them). Failures written by 0.1.2,
+/// before attempts were recorded, count as attempts. Internal.
 #[pg_extern(strict, volatile)]
 fn mfa_failure_times(
     user_id: pgrx::Uuid,
@@ -117,7 +118,9 @@ fn mfa_failure_times(
     let sql = format!(
         "SELECT a.occurred_at FROM vetassist_auth.audit_log a \
          WHERE a.subject_user_id = '{user_id}'::uuid AND a.occurred_at >= {since} \
-           AND a.category = 'mfa' AND a.outcome = 'failure' \
+           AND a.category = 'mfa' \
+           AND (a.event_type = 'mfa_attempt' \
+                OR (a.outcome = 'failure' AND NOT pg_catalog.jsonb_exists(a.details, 'counted_as'))) \
          ORDER BY a.occurred_at"
     );
     keys::latest_rows(&sql, |row| {

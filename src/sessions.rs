@@ -124,6 +124,17 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     let database =
         gucs::string_setting(&gucs::SWEEP_DATABASE).map(|d| d.to_string_lossy().into_owned());
     BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);
+    // A superuser in a database whose owner may have set a search_path for it: nothing of
+    // theirs may be found before pg_catalog.
+    // SAFETY: a plain setting of this process, set outside any transaction.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
     pgrx::log!(
         "vetassist_auth sweeper started in database {}",
         database.as_deref().unwrap_or("?")

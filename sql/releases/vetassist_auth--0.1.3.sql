@@ -297,7 +297,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:941
+-- src/keys.rs:942
 -- vetassist_auth::keys::active_key_id
 CREATE  FUNCTION "active_key_id"(
 	"purpose" TEXT /* & str */
@@ -387,7 +387,7 @@ AS 'MODULE_PATHNAME', 'current_session_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:125
+-- src/encryption.rs:142
 -- vetassist_auth::encryption::decrypt
 CREATE  FUNCTION "decrypt"(
 	"ciphertext" bytea, /* & [u8] */
@@ -400,7 +400,7 @@ AS 'MODULE_PATHNAME', 'decrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:145
+-- src/encryption.rs:170
 -- vetassist_auth::encryption::decrypt_text
 CREATE  FUNCTION "decrypt_text"(
 	"ciphertext" bytea, /* & [u8] */
@@ -413,7 +413,7 @@ AS 'MODULE_PATHNAME', 'decrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:165
+-- src/encryption.rs:190
 -- vetassist_auth::encryption::decrypt_token
 CREATE  FUNCTION "decrypt_token"(
 	"ciphertext" bytea, /* & [u8] */
@@ -426,7 +426,7 @@ AS 'MODULE_PATHNAME', 'decrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1104
+-- src/keys.rs:1105
 -- vetassist_auth::keys::destroy_key
 CREATE  FUNCTION "destroy_key"(
 	"key_id" INT /* i32 */
@@ -438,7 +438,7 @@ AS 'MODULE_PATHNAME', 'destroy_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/recorder.rs:810
+-- src/audit/recorder.rs:877
 -- vetassist_auth::audit::recorder::durable_audit_problem
 CREATE  FUNCTION "durable_audit_problem"() RETURNS TEXT /* Option < & '_ str > */
 STRICT
@@ -447,7 +447,7 @@ AS 'MODULE_PATHNAME', 'durable_audit_problem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:69
+-- src/encryption.rs:85
 -- vetassist_auth::encryption::encrypt
 CREATE  FUNCTION "encrypt"(
 	"plaintext" bytea, /* & [u8] */
@@ -460,7 +460,7 @@ AS 'MODULE_PATHNAME', 'encrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:173
+-- src/encryption.rs:198
 -- vetassist_auth::encryption::encrypt_mfa_secret
 CREATE  FUNCTION "encrypt_mfa_secret"(
 	"secret" bytea, /* & [u8] */
@@ -473,7 +473,7 @@ AS 'MODULE_PATHNAME', 'encrypt_mfa_secret_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:139
+-- src/encryption.rs:156
 -- vetassist_auth::encryption::encrypt_text
 CREATE  FUNCTION "encrypt_text"(
 	"plaintext" TEXT, /* & str */
@@ -486,7 +486,7 @@ AS 'MODULE_PATHNAME', 'encrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:159
+-- src/encryption.rs:184
 -- vetassist_auth::encryption::encrypt_token
 CREATE  FUNCTION "encrypt_token"(
 	"plaintext" TEXT, /* & str */
@@ -499,7 +499,7 @@ AS 'MODULE_PATHNAME', 'encrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:190
+-- src/encryption.rs:215
 -- vetassist_auth::encryption::envelope_key_id
 CREATE  FUNCTION "envelope_key_id"(
 	"ciphertext" bytea /* & [u8] */
@@ -510,7 +510,7 @@ AS 'MODULE_PATHNAME', 'envelope_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:257
+-- src/encryption.rs:282
 -- vetassist_auth::encryption::field_hash
 CREATE  FUNCTION "field_hash"(
 	"value" TEXT, /* & str */
@@ -523,7 +523,7 @@ AS 'MODULE_PATHNAME', 'field_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:265
+-- src/encryption.rs:290
 -- vetassist_auth::encryption::field_hashes
 CREATE  FUNCTION "field_hashes"(
 	"value" TEXT, /* & str */
@@ -536,7 +536,7 @@ AS 'MODULE_PATHNAME', 'field_hashes_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:196
+-- src/encryption.rs:221
 -- vetassist_auth::encryption::hash_key_id
 CREATE  FUNCTION "hash_key_id"(
 	"hash" bytea /* & [u8] */
@@ -547,7 +547,7 @@ AS 'MODULE_PATHNAME', 'hash_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:599
+-- src/keys.rs:600
 -- vetassist_auth::keys::key_creation_in_progress
 CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
 STRICT
@@ -565,7 +565,7 @@ AS 'MODULE_PATHNAME', 'max_sessions_per_user_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/mfa.rs:105
+-- src/mfa.rs:106
 -- vetassist_auth::mfa::mfa_failure_times
 CREATE  FUNCTION "mfa_failure_times"(
 	"user_id" uuid, /* pgrx :: Uuid */
@@ -615,7 +615,7 @@ AS 'MODULE_PATHNAME', 'mfa_normalize_backup_code_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:181
+-- src/encryption.rs:206
 -- vetassist_auth::encryption::open_mfa_secret
 CREATE  FUNCTION "open_mfa_secret"(
 	"ciphertext" bytea, /* & [u8] */
@@ -628,7 +628,7 @@ AS 'MODULE_PATHNAME', 'open_mfa_secret_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:133
+-- src/encryption.rs:150
 -- vetassist_auth::encryption::open_phi
 CREATE  FUNCTION "open_phi"(
 	"ciphertext" bytea, /* & [u8] */
@@ -641,7 +641,7 @@ AS 'MODULE_PATHNAME', 'open_phi_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:152
+-- src/encryption.rs:177
 -- vetassist_auth::encryption::open_phi_text
 CREATE  FUNCTION "open_phi_text"(
 	"ciphertext" bytea, /* & [u8] */
@@ -689,13 +689,62 @@ AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:961
+-- src/keys.rs:962
 -- vetassist_auth::keys::retire_unused_keys
 CREATE  FUNCTION "retire_unused_keys"() RETURNS INT /* i32 */
 STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'retire_unused_keys_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/keys.rs:874
+-- vetassist_auth::keys::rewrap_keys
+CREATE  FUNCTION "rewrap_keys"(
+	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS INT /* i32 */
+SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/keys.rs:820
+-- vetassist_auth::keys::rotate_key
+CREATE  FUNCTION "rotate_key"(
+	"purpose" TEXT /* & str */
+) RETURNS INT /* i32 */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rotate_key_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/audit/chain.rs:75
+-- vetassist_auth::audit::chain::seal_audit_log
+CREATE  FUNCTION "seal_audit_log"(
+	"max_rows" INT DEFAULT 10000 /* i32 */
+) RETURNS INT /* i32 */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'seal_audit_log_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/encryption.rs:164
+-- vetassist_auth::encryption::seal_phi_text
+CREATE  FUNCTION "seal_phi_text"(
+	"plaintext" TEXT, /* & str */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -712,6 +761,7 @@ AS 'MODULE_PATHNAME', 'retire_unused_keys_wrapper';
 --   encryption::opens
 --   encryption::open_phi
 --   encryption::open_phi_text
+--   encryption::seal_phi_text
 --   encryption::encrypt_mfa_secret
 --   encryption::open_mfa_secret
 --   keys::active_key_id
@@ -816,13 +866,13 @@ BEGIN
         FROM batch JOIN vetassist_auth.users u USING (id)
     )
     UPDATE vetassist_auth.users u SET
-        va_icn_encrypted     = vetassist_auth.encrypt_text(p.va_icn, 'users.va_icn:' || u.id),
+        va_icn_encrypted     = vetassist_auth.seal_phi_text(p.va_icn, 'users.va_icn:' || u.id),
         va_icn_hash          = vetassist_auth.field_hash(p.va_icn, 'va_icn'),
-        email_encrypted      = vetassist_auth.encrypt_text(p.email, 'users.email:' || u.id),
+        email_encrypted      = vetassist_auth.seal_phi_text(p.email, 'users.email:' || u.id),
         email_hash           = vetassist_auth.field_hash(p.email, 'email'),
-        first_name_encrypted = vetassist_auth.encrypt_text(p.first_name, 'users.first_name:' || u.id),
+        first_name_encrypted = vetassist_auth.seal_phi_text(p.first_name, 'users.first_name:' || u.id),
         first_name_hash      = vetassist_auth.field_hash(p.first_name, 'first_name'),
-        last_name_encrypted  = vetassist_auth.encrypt_text(p.last_name, 'users.last_name:' || u.id),
+        last_name_encrypted  = vetassist_auth.seal_phi_text(p.last_name, 'users.last_name:' || u.id),
         last_name_hash       = vetassist_auth.field_hash(p.last_name, 'last_name')
     FROM plain p WHERE u.id = p.id;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -898,42 +948,6 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
     'Moves stored ciphertexts and field hashes onto the active keys, batch_size rows per table per call; returns rows moved.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/keys.rs:873
--- vetassist_auth::keys::rewrap_keys
-CREATE  FUNCTION "rewrap_keys"(
-	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
-) RETURNS INT /* i32 */
-SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/keys.rs:819
--- vetassist_auth::keys::rotate_key
-CREATE  FUNCTION "rotate_key"(
-	"purpose" TEXT /* & str */
-) RETURNS INT /* i32 */
-STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'rotate_key_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/audit/chain.rs:75
--- vetassist_auth::audit::chain::seal_audit_log
-CREATE  FUNCTION "seal_audit_log"(
-	"max_rows" INT DEFAULT 10000 /* i32 */
-) RETURNS INT /* i32 */
-STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'seal_audit_log_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1054,7 +1068,7 @@ AS 'MODULE_PATHNAME', 'totp_uri_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/log_redaction/mod.rs:335
+-- src/log_redaction/mod.rs:339
 -- vetassist_auth::log_redaction::unredactable_log_channels
 CREATE  FUNCTION "unredactable_log_channels"() RETURNS TEXT /* Option < String > */
 STRICT
@@ -1063,7 +1077,7 @@ AS 'MODULE_PATHNAME', 'unredactable_log_channels_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:99
+-- src/lib.rs:100
 -- requires:
 --   keys_sql
 --   log_redaction::unredactable_log_channels
@@ -1204,7 +1218,7 @@ COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1091
+-- src/keys.rs:1092
 -- vetassist_auth::keys::unretire_key
 CREATE  FUNCTION "unretire_key"(
 	"key_id" INT /* i32 */
@@ -1249,7 +1263,7 @@ AS 'MODULE_PATHNAME', 'verify_audit_chain_against_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/writer.rs:296
+-- src/audit/writer.rs:337
 -- vetassist_auth::audit::writer::write_audit
 CREATE  FUNCTION "write_audit"(
 	"category" TEXT, /* Option < & str > */
@@ -1265,7 +1279,7 @@ AS 'MODULE_PATHNAME', 'write_audit_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/recorder.rs:821
+-- src/audit/recorder.rs:888
 -- vetassist_auth::audit::recorder::write_audit_durably
 CREATE  FUNCTION "write_audit_durably"(
 	"category" TEXT, /* & str */
@@ -1290,7 +1304,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:43
+-- src/lib.rs:44
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1538,85 +1552,7 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:104
--- requires:
---   keys_sql
---   audit_sql
---   keys::key_creation_in_progress
---   keys::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:58
+-- src/lib.rs:59
 -- requires:
 --   keys_sql
 --   audit_sql
@@ -1684,10 +1620,10 @@ BEGIN
             (id, va_icn_encrypted, va_icn_hash, va_veteran_status,
              email_encrypted, email_hash, first_name_encrypted, first_name_hash,
              last_name_encrypted, last_name_hash, last_login_at)
-        VALUES (uid, vetassist_auth.encrypt_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
-                vetassist_auth.encrypt_text(email, 'users.email:' || uid), email_h,
-                vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid), first_h,
-                vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid), last_h,
+        VALUES (uid, vetassist_auth.seal_phi_text(icn, 'users.va_icn:' || uid), icn_hash, veteran_status,
+                vetassist_auth.seal_phi_text(email, 'users.email:' || uid), email_h,
+                vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid), first_h,
+                vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid), last_h,
                 now())
         ON CONFLICT (va_icn_hash) DO NOTHING;
         IF FOUND THEN
@@ -1725,11 +1661,11 @@ BEGIN
         changed := changed || 'va_veteran_status'::text;
     END IF;
     UPDATE vetassist_auth.users u SET
-        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.encrypt_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
+        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.seal_phi_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
         email_hash = CASE WHEN 'email' = ANY (changed) THEN email_h ELSE u.email_hash END,
-        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.encrypt_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
+        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
         first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN first_h ELSE u.first_name_hash END,
-        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.encrypt_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
+        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
         last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
         va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
         updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
@@ -1826,7 +1762,150 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:68
+-- src/lib.rs:64
+-- requires:
+--   identity_sql
+
+-- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
+-- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
+-- Every operation is audited (category auth) without any token bytes.
+
+CREATE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
+    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
+
+-- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
+-- the user (P0002 when unknown) and the token row.
+CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row record;
+BEGIN
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
+    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
+
+CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
+
+CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
+    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
+
+CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deleted boolean;
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
+    deleted := FOUND;
+    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('existed', deleted));
+    RETURN deleted;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:69
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -2111,7 +2190,8 @@ BEGIN
     IF presented IS NOT NULL AND s.refresh_successor_encrypted IS NOT NULL
        AND ts < s.refresh_rotated_at + vetassist_auth.refresh_reuse_grace()
        AND s.previous_refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
-        PERFORM vetassist_auth.write_audit('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
+        -- Hands out a live token: recorded, beyond the caller's ROLLBACK, before it is returned.
+        PERFORM vetassist_auth.write_audit_durably('session', 'refresh_token_grace_reuse', 'info', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('generation', s.refresh_generation));
         RETURN QUERY SELECT s.refresh_generation,
                             vetassist_auth.decrypt_token(s.refresh_successor_encrypted, successor_context);
@@ -2256,7 +2336,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:83
+-- src/lib.rs:84
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -2289,8 +2369,9 @@ BEGIN
 END
 $$;
 
--- The lock-out state of a user, computed from the failed codes the audit log holds (recorded
--- durably, so a ROLLBACK does not take a failure back): how many failures count now, until when
+-- The lock-out state of a user, computed from the attempts the audit log holds (recorded durably
+-- before each code is checked, so a ROLLBACK takes none back; a success moves counted_from past
+-- its own attempt): how many failures count now, until when
 -- the user is locked out (NULL: not locked), and from when failures count (a lock-out that has
 -- ended starts the count again from its end). Failures before counted_from do not count. Internal.
 CREATE FUNCTION vetassist_auth.mfa_lock_state(user_id uuid, counted_from timestamptz,
@@ -2352,6 +2433,11 @@ BEGIN
     IF require_enabled AND NOT m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
     END IF;
+    -- Every attempt is on record before the code is looked at: it counts toward the lock-out
+    -- unless a success moves the count past it. Should the record fail, nothing about the code
+    -- has been learnt (no right-or-wrong oracle while the recorder is down).
+    PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_attempt', 'info', m.user_id, target_table, target_id,
+        jsonb_build_object('for', event_type));
     secret := vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
@@ -2369,7 +2455,7 @@ BEGIN
     END IF;
     IF step IS NULL THEN
         PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'failure', m.user_id, target_table, target_id,
-            jsonb_build_object('failed_attempts', state.failures + 1));
+            jsonb_build_object('failed_attempts', state.failures + 1, 'counted_as', 'mfa_attempt'));
         IF state.failures + 1 >= vetassist_auth.mfa_max_failures() THEN
             PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_locked_out', 'denied', m.user_id, 'mfa_settings',
                 m.user_id::text, jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
@@ -2570,150 +2656,85 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:63
+-- src/lib.rs:105
 -- requires:
---   identity_sql
+--   keys_sql
+--   audit_sql
+--   keys::key_creation_in_progress
+--   keys::rotate_key
 
--- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
--- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
--- Every operation is audited (category auth) without any token bytes.
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
 
-CREATE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = clock_timestamp()
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
-    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
-
--- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
--- the user (P0002 when unknown) and the token row.
-CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    row record;
 BEGIN
-    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
     END IF;
-    IF NOT row.user_active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
     END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
-    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                               jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
+    RETURN NEW;
 END
 $$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
 
-CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
-    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
-
-CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
-
-CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
-    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
-
-CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    deleted boolean;
+    r record;
+    now_at bigint;
+    moved integer := 0;
 BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
-    deleted := FOUND;
-    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('existed', deleted));
-    RETURN deleted;
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
 END
 $$;
-COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:114
+-- src/lib.rs:115
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 

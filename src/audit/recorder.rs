@@ -15,10 +15,12 @@
 
 use super::writer::{self, AuditRow, Who};
 use crate::error::{Failure, Kind, Result};
+use crate::gucs;
 use crate::keys::{self, Purpose};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::Uuid;
+use std::ffi::CStr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::Duration;
 
@@ -189,27 +191,25 @@ thread_local! {
 }
 
 /// Whether jobs on `table` are handed to a recorder: the outbox exists, this is not the
-/// recorder, and this transaction did not create or alter the table (a recorder could not see
-/// it, or would wait for its lock: CREATE EXTENSION and its use in one transaction).
+/// recorder, and this transaction did not create the table (a recorder could not see it:
+/// CREATE EXTENSION and its use in one transaction).
 fn delegated(table: pg_sys::Oid) -> bool {
-    in_force() && !IS_RECORDER.get() && !changed_in_this_transaction(table)
+    in_force() && !IS_RECORDER.get() && !created_in_this_transaction(table)
 }
 
-fn changed_in_this_transaction(table: pg_sys::Oid) -> bool {
-    // SAFETY: a syscache look-up of the table's pg_class row, released before returning; the
-    // row's xmin is read from its header.
+fn created_in_this_transaction(table: pg_sys::Oid) -> bool {
+    // SAFETY: the relcache entry is taken and released without a lock; only its creation
+    // subtransaction is read. A table merely altered in this transaction does not count: the
+    // recorder then waits for its lock, times out and the call fails (fail closed).
     unsafe {
-        let tuple = pg_sys::SearchSysCache1(
-            pg_sys::SysCacheIdentifier::RELOID as i32,
-            pg_sys::Datum::from(table),
-        );
-        if tuple.is_null() {
+        let rel = pg_sys::RelationIdGetRelation(table);
+        if rel.is_null() {
             return false;
         }
-        let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
-        let mine = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
-        pg_sys::ReleaseSysCache(tuple);
-        mine
+        // InvalidSubTransactionId is 0.
+        let created = (*rel).rd_createSubid != 0;
+        pg_sys::RelationClose(rel);
+        created
     }
 }
 
@@ -305,10 +305,32 @@ fn unavailable(message: &str) -> Failure {
     )
 }
 
-/// Takes a free slot for the job at once, if there is one.
+/// A job no recorder took for this long belongs to a database whose recorder cannot start
+/// (dropped, refusing connections); its caller gave up long ago, disclosing nothing.
+const ABANDONED_US: i64 = 3 * WAIT_LIMIT_US;
+/// Most slots one database may hold, so no database can fill the outbox for the others.
+const SLOTS_PER_DATABASE: usize = SLOTS / 2;
+
+/// Takes a free slot for the job at once, if there is one (and the database is within its
+/// share).
 fn enqueue_now(payload: &[u8]) -> std::result::Result<(usize, u64), ()> {
     let mut locked = Locked::take().expect("the outbox exists");
     let outbox = locked.outbox();
+    let t = now();
+    for s in outbox.slots.iter_mut() {
+        if matches!(s.state, QUEUED | FAILED) && t - s.changed_at > ABANDONED_US {
+            s.state = FREE;
+        }
+    }
+    let db = database();
+    let held = outbox
+        .slots
+        .iter()
+        .filter(|s| s.state != FREE && s.database == db)
+        .count();
+    if held >= SLOTS_PER_DATABASE {
+        return Err(());
+    }
     let i = outbox
         .slots
         .iter()
@@ -747,8 +769,28 @@ fn release_entry_if_idle() -> bool {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let db = pg_sys::Oid::from(arg.value() as u32);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    // Argument 0: the resident recorder of vetassist_auth.sweep_database, registered at server
+    // start; otherwise the oid of the database a backend started this one for.
+    let resident = arg.value() == 0;
+    // SAFETY: connecting is the first thing a background worker does. A database that no
+    // longer accepts connections may still have sessions whose rows must be written.
+    unsafe {
+        if resident {
+            let name =
+                gucs::string_setting(&gucs::SWEEP_DATABASE).map_or(std::ptr::null(), CStr::as_ptr);
+            pg_sys::BackgroundWorkerInitializeConnection(
+                name,
+                std::ptr::null(),
+                pg_sys::BGWORKER_BYPASS_ALLOWCONN,
+            );
+        } else {
+            pg_sys::BackgroundWorkerInitializeConnectionByOid(
+                pg_sys::Oid::from(arg.value() as u32),
+                pg_sys::InvalidOid,
+                pg_sys::BGWORKER_BYPASS_ALLOWCONN,
+            );
+        }
+    }
     IS_RECORDER.set(true);
     // SAFETY: registered once, after connecting; runs at exit (FATAL included) before
     // shared memory is detached.
@@ -756,11 +798,14 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     if !claim_entry() {
         return;
     }
-    // A row is committed only once it is durable, whatever the database's or role's defaults;
-    // a caller holding a lock the write needs must not hang it for ever.
+    // The recorder runs as a superuser in a database whose owner may have set anything for it
+    // (ALTER DATABASE ... SET): the search_path is pinned so no object of theirs is ever found
+    // before pg_catalog; a row is committed only once it is durable; a caller holding a lock the
+    // write needs must not hang it for ever.
     // SAFETY: plain settings of this process, set outside any transaction.
     unsafe {
         for (name, value) in [
+            (c"search_path", c"pg_catalog, pg_temp"),
             (c"synchronous_commit", c"on"),
             (c"lock_timeout", RECORDER_LOCK_TIMEOUT),
             (c"default_transaction_read_only", c"off"),
@@ -778,8 +823,9 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     loop {
         let batch = take_queued();
         if batch.is_empty() {
-            // At shutdown, what is queued is still written first.
-            if (stopping || idle_since.elapsed() >= IDLE_EXIT) && release_entry_if_idle() {
+            // At shutdown, what is queued is still written first. The resident recorder stays.
+            let idle = !resident && idle_since.elapsed() >= IDLE_EXIT;
+            if (stopping || idle) && release_entry_if_idle() {
                 break;
             }
             stopping |= !BackgroundWorker::wait_latch(Some(Duration::from_millis(200)));
@@ -802,6 +848,28 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
         }
         idle_since = std::time::Instant::now();
     }
+    if resident {
+        // Status 1 asks the postmaster to start it again (it starts none during a shutdown).
+        // SAFETY: proc_exit runs the exit callbacks and does not return.
+        unsafe { pg_sys::proc_exit(1) };
+    }
+}
+
+/// Registers the resident recorder of `vetassist_auth.sweep_database` while the library is
+/// preloaded: always running, so the application's database never waits for a recorder to
+/// start and never competes for a worker slot with parallel queries.
+pub fn register_resident() {
+    if gucs::string_setting(&gucs::SWEEP_DATABASE).is_none() {
+        return;
+    }
+    BackgroundWorkerBuilder::new("vetassist_auth recorder")
+        .set_type("vetassist_auth recorder")
+        .set_library("vetassist_auth")
+        .set_function("vetassist_auth_recorder_main")
+        .set_argument(Some(pg_sys::Datum::from(0)))
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
 }
 
 /// Whether audit rows of disclosures and failed authentications survive the caller's rollback,

@@ -160,14 +160,15 @@ fn row_audit<'a>(
         PgTriggerOperation::Truncate => return Ok(None),
     };
     let desc = unsafe { (*data.tg_relation).rd_att };
-    let natts = unsafe { (*desc).natts } as usize;
 
     // Only columns whose bytes differ are printed: an UPDATE of one column of a wide row prints
     // two values, plus the key.
     let mut changed = Vec::new();
     let (mut old_values, mut new_values) = (Vec::new(), Vec::new());
     let (mut key_values, mut subject) = (vec![None; config.pk.len()], None);
-    for (i, attr) in unsafe { (*desc).attrs.as_slice(natts) }.iter().enumerate() {
+    // SAFETY: the trigger's tuple descriptor lives as long as the trigger call.
+    let attributes = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(desc) };
+    for (i, attr) in attributes.iter().enumerate() {
         if attr.attisdropped {
             continue;
         }

@@ -121,7 +121,11 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
         let natts = (*desc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![true; natts];
-        for (i, attr) in (*desc).attrs.as_slice(natts).iter().enumerate() {
+        // PgTupleDesc reads the attributes wherever the version keeps them (18 moved them).
+        for (i, attr) in pgrx::PgTupleDesc::from_pg_unchecked(desc)
+            .iter()
+            .enumerate()
+        {
             if attr.attisdropped {
                 continue;
             }
@@ -165,15 +169,7 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
         }
         pg_sys::simple_heap_insert(rel, tuple);
         (*slot).tts_tid = (*tuple).t_self;
-        pg_sys::ExecInsertIndexTuples(
-            result_rel,
-            slot,
-            estate,
-            false,
-            false,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
+        insert_index_entries(result_rel, slot, estate);
         // Like the table, the indexes stay locked to the end of the transaction: the next
         // audit row in it then finds its locks already held.
         for i in 0..(*result_rel).ri_NumIndices as usize {
@@ -186,6 +182,51 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
         pg_sys::FreeExecutorState(estate);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
         id
+    }
+}
+
+/// Index entries for the tuple just inserted: not an update, no conflict handling.
+#[cfg(feature = "pg15")]
+unsafe fn insert_index_entries(
+    result_rel: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+) {
+    // SAFETY: the relation's indexes were opened by ExecOpenIndices on this result_rel, and
+    // the slot holds the tuple just inserted with its tid set.
+    unsafe {
+        pg_sys::ExecInsertIndexTuples(
+            result_rel,
+            slot,
+            estate,
+            false,
+            false,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+    }
+}
+
+/// Index entries for the tuple just inserted; since 16 the call also asks whether only
+/// summarizing indexes (BRIN) need it, which is for HOT updates: an insert needs every index.
+#[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+unsafe fn insert_index_entries(
+    result_rel: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+) {
+    // SAFETY: as above.
+    unsafe {
+        pg_sys::ExecInsertIndexTuples(
+            result_rel,
+            slot,
+            estate,
+            false,
+            false,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            false,
+        );
     }
 }
 

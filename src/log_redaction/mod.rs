@@ -24,6 +24,10 @@ use std::ffi::{CStr, CString};
 static mut PREVIOUS_HOOK: pg_sys::emit_log_hook_type = None;
 
 const REDACTED: &str = "<redacted by vetassist_auth>";
+/// Literal values of a statement looked for in its messages, and the longest message searched:
+/// the hook runs inside error reporting, where no cancel is served, so its work is bounded.
+const MAX_VALUES: usize = 64;
+const MAX_SEARCHED: usize = 16 * 1024;
 
 pub fn install() {
     // SAFETY: _PG_init runs once per process before any log entry; the previous hook is called
@@ -57,10 +61,10 @@ fn prepared_statement_text(name: &str) -> Option<String> {
 fn calls_extension(sql: &str) -> bool {
     let classified = classify(sql, standard_strings(), CODE_DEPTH);
     classified.calls_extension
-        || classified
-            .executes
-            .and_then(|name| prepared_statement_text(&name))
-            .is_some_and(|text| classify(&text, standard_strings(), CODE_DEPTH).calls_extension)
+        || classified.executes.iter().any(|name| {
+            prepared_statement_text(name)
+                .is_some_and(|text| classify(&text, standard_strings(), CODE_DEPTH).calls_extension)
+        })
 }
 
 /// The statement this backend is running, as decided once per statement.
@@ -111,10 +115,14 @@ unsafe fn current_statement_of_ours() -> Option<(String, String, Vec<String>)> {
     }
     let masked = mask(&original, standard_strings());
     let tokens = sql_tokens::tokens(&original, standard_strings());
-    let values: Vec<String> = literal_values(&tokens)
+    // Bounded work: the hook runs inside error reporting, where no cancel is served.
+    let mut values: Vec<String> = literal_values(&tokens)
         .into_iter()
         .map(str::to_owned)
         .collect();
+    values.sort_unstable();
+    values.dedup();
+    values.truncate(MAX_VALUES);
     let masked_c = CString::new(masked.replace('\0', "")).unwrap_or_default();
     // The copy lives in TopMemoryContext until the next statement of ours replaces it, so
     // debug_query_string never dangles.
@@ -168,14 +176,23 @@ fn redact_setting_change(message: &str) -> Option<String> {
 /// in a DO block or function); other statements stay as they are.
 fn mask_context_statements(context: &str) -> String {
     const OPEN: &str = "SQL statement \"";
+    // What Postgres puts after a quoted statement: the next context line (the statement may
+    // hold quotes and line breaks itself).
+    const NEXT: [&str; 4] = [
+        "\"\nPL/pgSQL function",
+        "\"\nSQL function",
+        "\"\nSQL statement \"",
+        "\"\nJSON data",
+    ];
     let mut out = String::with_capacity(context.len());
     let mut rest = context;
     while let Some(at) = rest.find(OPEN) {
         let body_start = at + OPEN.len();
         out.push_str(&rest[..body_start]);
-        // The statement ends at the quote that ends its line (it may hold quotes itself).
-        let body_end = rest[body_start..]
-            .find("\"\n")
+        let body_end = NEXT
+            .iter()
+            .filter_map(|next| rest[body_start..].find(next))
+            .min()
             .map(|k| body_start + k)
             .unwrap_or_else(|| rest.len() - usize::from(rest.ends_with('"')));
         let statement = &rest[body_start..body_end];
@@ -191,18 +208,16 @@ fn mask_context_statements(context: &str) -> String {
 }
 
 /// Deadlock reports list each process's statement in the log-only detail (`Process N: …`):
-/// one session's log line would carry another's tokens.
+/// one session's log line would carry another's tokens. Their literals are masked, whichever
+/// statements they are.
 fn mask_process_statements(detail: &str) -> String {
     let mut out = Vec::new();
     let mut statement: Option<(String, Vec<&str>)> = None;
     let flush = |statement: &mut Option<(String, Vec<&str>)>, out: &mut Vec<String>| {
         if let Some((head, lines)) = statement.take() {
-            let text = lines.join("\n");
-            let text = if calls_extension(&text) {
-                mask(&text, standard_strings())
-            } else {
-                text
-            };
+            // A statement cut short (track_activity_query_size) may no longer show the call
+            // that makes it ours: every statement in the report is masked.
+            let text = mask(&lines.join("\n"), standard_strings());
             out.push(format!("{head}{text}"));
         }
     };
@@ -226,11 +241,31 @@ fn mask_process_statements(detail: &str) -> String {
     out.join("\n")
 }
 
-/// Replaces every literal value of the statement that a message quotes.
+/// Replaces every literal value of the statement that a message quotes. A message too long to
+/// search in bounded time is replaced whole.
 fn without_values(text: &str, values: &[String]) -> String {
+    if text.len() > MAX_SEARCHED {
+        return REDACTED.to_owned();
+    }
     values.iter().fold(text.to_owned(), |text, value| {
         text.replace(value.as_str(), sql_tokens::MASK)
     })
+}
+
+/// An error about a statement of ours quotes the offending input in double quotes (`invalid
+/// input syntax for type uuid: "…"`, `Token "…" is invalid`), whether it came from a literal
+/// or a bind parameter: every quoted part is masked.
+fn without_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut parts = text.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        out.push('"');
+        out.push_str(if i % 2 == 0 { sql_tokens::MASK } else { part });
+    }
+    out
 }
 
 /// Context lines that show an argument's text (a malformed jsonb literal) or bind parameters.
@@ -240,6 +275,9 @@ fn mask_argument_context(context: &str) -> String {
         .map(|line| {
             if line.starts_with("JSON data") {
                 format!("JSON data: {REDACTED}")
+            } else if let Some(at) = line.find(" parameter $") {
+                // `unnamed portal parameter $1 = '…'`: a bind parameter that failed to parse.
+                format!("{} parameter {REDACTED}", &line[..at])
             } else if line.contains("with parameters:") {
                 format!(
                     "{}with parameters: {REDACTED}",
@@ -272,14 +310,21 @@ unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
         }
     });
     if let Some((original, masked, values)) = current_statement_of_ours() {
+        // An error about a statement of ours may quote an argument (a literal or a bind
+        // parameter) in double quotes.
+        let error = e.elevel >= pg_sys::PGERROR as i32; // ERROR, as elog.h names it
+        let mask_quoted = |text: String| if error { without_quoted(&text) } else { text };
         rewrite(&mut e.message, |message| {
-            without_values(&message.replace(&original, &masked), &values)
+            mask_quoted(without_values(
+                &message.replace(&original, &masked),
+                &values,
+            ))
         });
         rewrite(&mut e.detail, |detail| {
             if detail.starts_with("parameters:") {
                 format!("parameters: {REDACTED}")
             } else {
-                without_values(detail, &values)
+                mask_quoted(without_values(detail, &values))
             }
         });
         rewrite(&mut e.hint, |hint| without_values(hint, &values));
@@ -307,6 +352,17 @@ pub fn unsafe_log_channels() -> Option<String> {
     }
     if setting(c"pg_stat_statements.track_utility").as_deref() == Some("on") {
         found.push("pg_stat_statements keeps utility statements with their literals (pg_stat_statements.track_utility is on)");
+    }
+    let debug_print = [
+        c"debug_print_parse",
+        c"debug_print_rewritten",
+        c"debug_print_plan",
+    ];
+    if debug_print
+        .iter()
+        .any(|name| setting(name).as_deref() == Some("on"))
+    {
+        found.push("debug_print_parse, debug_print_rewritten or debug_print_plan prints query trees with their constants");
     }
     (!found.is_empty()).then(|| found.join("; "))
 }
@@ -369,6 +425,21 @@ mod tests {
     }
 
     #[test]
+    fn quoted_input_in_an_error_is_masked() {
+        assert_eq!(
+            without_quoted("invalid input syntax for type uuid: \"LEAK-BIND\""),
+            "invalid input syntax for type uuid: \"<redacted>\""
+        );
+        assert_eq!(without_quoted("no quotes"), "no quotes");
+    }
+
+    #[test]
+    fn a_message_too_long_to_search_is_replaced_whole() {
+        let long = "x".repeat(MAX_SEARCHED + 1);
+        assert_eq!(without_values(&long, &["abc".to_owned()]), REDACTED);
+    }
+
+    #[test]
     fn json_and_parameter_context_lines_are_dropped() {
         assert_eq!(
             mask_argument_context("JSON data, line 1: {\"dx\": \"PTSD\", }\nSQL function x"),
@@ -377,6 +448,10 @@ mod tests {
         assert_eq!(
             mask_argument_context("unnamed portal with parameters: $1 = 'TOKEN'"),
             format!("unnamed portal with parameters: {REDACTED}")
+        );
+        assert_eq!(
+            mask_argument_context("unnamed portal parameter $1 = '...'"),
+            format!("unnamed portal parameter {REDACTED}")
         );
     }
 }

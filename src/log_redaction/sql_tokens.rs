@@ -124,6 +124,16 @@ pub fn tokens(sql: &str, standard_strings: bool) -> Vec<Token> {
             ));
             continue;
         }
+        if c.eq_ignore_ascii_case(&b'u')
+            && b.get(i + 1) == Some(&b'&')
+            && b.get(i + 2) == Some(&b'"')
+        {
+            // U&"vetassist\005fauth": a name spelled with Unicode escapes.
+            i = quoted_end(i + 3, b'"', false);
+            let name = unescape_unicode(&unquote(&sql[start + 3..i], b'"'));
+            out.push(token(Kind::Ident(name), start, i));
+            continue;
+        }
         if c == b'$' {
             // $1 is a parameter; $tag$ or $$ opens a dollar-quoted string.
             if b.get(i + 1).is_some_and(u8::is_ascii_digit) {
@@ -191,6 +201,40 @@ pub fn tokens(sql: &str, standard_strings: bool) -> Vec<Token> {
         i += 1;
         out.push(token(Kind::Operator, start, i));
     }
+    out
+}
+
+/// Resolves \XXXX and \+XXXXXX escapes (the default escape character; a UESCAPE clause is
+/// not read, and an undecodable escape is kept as written).
+fn unescape_unicode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (digits, skip) = match after.strip_prefix('+') {
+            Some(six) => (six.get(..6), 7),
+            None => (after.get(..4), 4),
+        };
+        match digits
+            .and_then(|d| u32::from_str_radix(d, 16).ok())
+            .and_then(char::from_u32)
+        {
+            Some(ch) => {
+                out.push(ch);
+                rest = &after[skip..];
+            }
+            None if after.starts_with('\\') => {
+                out.push('\\');
+                rest = &after[1..];
+            }
+            None => {
+                out.push('\\');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -270,10 +314,10 @@ pub const SCHEMA: &str = "vetassist_auth";
 
 /// How a statement relates to the extension.
 pub struct Classified {
-    /// It names the extension's schema or calls one of its functions.
+    /// It calls a function of the extension's schema (qualified) or one of its API functions.
     pub calls_extension: bool,
-    /// The name of a prepared statement it runs (`EXECUTE name`), to be looked up.
-    pub executes: Option<String>,
+    /// The names of the prepared statements it runs (`EXECUTE name`), to be looked up.
+    pub executes: Vec<String>,
 }
 
 /// Decides from the tokens alone whether `sql` calls the extension. In code (a DO block's body,
@@ -286,19 +330,31 @@ pub fn classify(sql: &str, standard_strings: bool, depth: u8) -> Classified {
         _ => None,
     };
     let first = names(0);
+    let punct = |i: usize| match tokens.get(i).map(|t| &t.kind) {
+        Some(Kind::Punct(c)) => Some(*c),
+        _ => None,
+    };
     let mut calls_extension = false;
-    let mut executes = None;
+    let mut executes = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
         match &t.kind {
-            Kind::Ident(name) if name == SCHEMA => calls_extension = true,
+            // vetassist_auth.anything(: a call (a column or parameter named so is not).
             Kind::Ident(name)
-                if API_FUNCTIONS.binary_search(&name.as_str()).is_ok()
-                    && tokens.get(i + 1).map(|t| &t.kind) == Some(&Kind::Punct('(')) =>
+                if name == SCHEMA
+                    && punct(i + 1) == Some('.')
+                    && names(i + 2).is_some()
+                    && punct(i + 3) == Some('(') =>
             {
                 calls_extension = true
             }
-            Kind::Ident(name) if name == "execute" && executes.is_none() => {
-                executes = names(i + 1).map(str::to_owned);
+            Kind::Ident(name)
+                if API_FUNCTIONS.binary_search(&name.as_str()).is_ok()
+                    && punct(i + 1) == Some('(') =>
+            {
+                calls_extension = true
+            }
+            Kind::Ident(name) if name == "execute" => {
+                executes.extend(names(i + 1).map(str::to_owned));
             }
             // At the top only a DO block's strings are code; inside code, every string may be.
             Kind::Str(Some(content))
@@ -407,6 +463,31 @@ mod tests {
     }
 
     #[test]
+    fn escaped_and_commented_names_are_still_calls() {
+        assert!(calls(
+            r#"SELECT U&"vetassist\005fauth".U&"encrypt\005ftext"('a', 'b')"#
+        ));
+        assert!(calls(
+            "SELECT vetassist_auth . /* x */ store_va_tokens('a')"
+        ));
+    }
+
+    #[test]
+    fn a_name_that_is_no_call_decides_nothing() {
+        assert!(!calls(
+            "CREATE FUNCTION h(vetassist_auth int) RETURNS int LANGUAGE sql AS 'SELECT 1'"
+        ));
+        assert!(!calls("SELECT 1 AS vetassist_auth, 'x'"));
+        assert!(!calls("SELECT * FROM vetassist_auth.users WHERE id = '1'"));
+    }
+
+    #[test]
+    fn every_prepared_statement_executed_is_named() {
+        let c = classify("EXECUTE harmless; EXECUTE st('TOKEN')", true, CODE_DEPTH);
+        assert_eq!(c.executes, vec!["harmless".to_owned(), "st".to_owned()]);
+    }
+
+    #[test]
     fn comments_strings_and_column_names_decide_nothing() {
         assert!(!calls("ALTER ROLE x CREATEDB /* vetassist_auth */"));
         assert!(!calls("SELECT 1 -- session vetassist_auth.encrypt"));
@@ -432,7 +513,7 @@ mod tests {
     fn execute_names_the_prepared_statement() {
         let c = classify("EXECUTE st('u', 'TOKEN', 'RT')", true, CODE_DEPTH);
         assert!(!c.calls_extension);
-        assert_eq!(c.executes.as_deref(), Some("st"));
+        assert_eq!(c.executes, vec!["st".to_owned()]);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 import base64
 import hashlib
 import hmac
-import itertools
 import os
+import socket
 import struct
 import subprocess
 import urllib.parse
@@ -15,21 +15,54 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The PostgreSQL under test: the Makefile exports PG_CONFIG (Debian's 15 when run by hand).
+PG_CONFIG = os.environ.get("PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
+
+
+def pg_config(option):
+    return subprocess.run([PG_CONFIG, option], capture_output=True, text=True, check=True).stdout.strip()
+
+
+BIN = Path(pg_config("--bindir"))
+PG_MAJOR = int(pg_config("--version").split()[1].split(".")[0])
 # Where `cargo pgrx install` puts the control file and the install and upgrade scripts.
-EXTENSION_DIR = Path(subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True,
-                                    text=True, check=True).stdout.strip()) / "extension"
-_ports = itertools.count(28830)
+EXTENSION_DIR = Path(pg_config("--sharedir")) / "extension"
+
+
+def has_module(name):
+    """Whether this PostgreSQL ships a contrib module (the 16 wheel has none)."""
+    return (Path(pg_config("--pkglibdir")) / f"{name}.so").exists()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "load: a load or soak run (make test runs it on the default version only)")
+
+
+def needs_modules(*names):
+    """Skips a test on a PostgreSQL without these contrib modules (the 16 wheel ships none)."""
+    missing = [n for n in names if not has_module(n)]
+    return pytest.mark.skipif(bool(missing), reason=f"this PostgreSQL has no {', '.join(missing)}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Cluster:
-    """A PostgreSQL 15 cluster under target/clusters/NAME, run as the postgres OS user."""
+    """A cluster of the PostgreSQL under test, under target/clusters/NAME, run as the postgres OS user."""
 
-    def __init__(self, name, *conf_lines):
+    def __init__(self, name, *conf_lines, pg_config=None):
+        """`pg_config`: another PostgreSQL than the one under test (its bin directory is `self.bin`)."""
         self.name = name
-        self.port = next(_ports)
+        self.port = free_port()
+        self.env = {**os.environ, "PG_CONFIG": pg_config or PG_CONFIG}
+        self.bin = Path(subprocess.run([self.env["PG_CONFIG"], "--bindir"], capture_output=True, text=True,
+                                       check=True).stdout.strip())
         out = subprocess.run(
             [ROOT / "scripts/cluster.sh", "start", name, str(self.port), *conf_lines],
-            check=True, capture_output=True, text=True)
+            check=True, capture_output=True, text=True, env=self.env)
         self.dir = Path(out.stdout.strip().splitlines()[-1])
         self.key_file = self.dir / "master.key"
 
@@ -40,7 +73,7 @@ class Cluster:
         return psycopg.connect(self.conninfo(dbname, user), autocommit=autocommit)
 
     def psql(self, sql, dbname="postgres"):
-        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", self.conninfo(dbname), "-c", sql],
+        subprocess.run([str(self.bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", self.conninfo(dbname), "-c", sql],
                        check=True, capture_output=True)
 
     def log(self):
@@ -63,7 +96,7 @@ class Cluster:
         raise AssertionError(f"{name} was not reloaded")
 
     def stop(self):
-        subprocess.run([ROOT / "scripts/cluster.sh", "stop", self.name], check=False)
+        subprocess.run([ROOT / "scripts/cluster.sh", "stop", self.name], check=False, env=self.env)
 
 
 def authenticator_code(uri, step_offset=0):

@@ -7,13 +7,14 @@ import time
 import psycopg
 import pytest
 
-from conftest import installed_cluster, seal_all
+from conftest import BIN, installed_cluster, seal_all
 
 
 def verify(conn):
     return conn.execute("SELECT ok, checked, first_bad_seq, problem FROM vetassist_auth.verify_audit_chain()").fetchone()
 
 
+@pytest.mark.load
 def test_sixteen_writers_then_seal_then_verify_without_gaps():
     with installed_cluster("audit16", "max_connections = 40") as c:
         barrier = threading.Barrier(16)
@@ -331,12 +332,12 @@ def test_row_audit_is_not_dodged_by_copy_nor_silently_disabled(chain):
         with app.cursor().copy("COPY (SELECT vetassist_auth.create_session(%s, 'jwt-copy', now() + interval '1 hour')) TO STDOUT",
                                (uid,)) as copy:
             list(copy)
-    out = subprocess.run(["psql", "-X", "-q", chain.conninfo("vetassist", "app_user"), "-c",
+    out = subprocess.run([str(BIN / "psql"), "-X", "-q", chain.conninfo("vetassist", "app_user"), "-c",
                           "copy (select 1) to stdout; select vetassist_auth.end_session('jwt-copy', 'logout')"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     # A failing COPY ... FROM of the same table appended to the query is no restore either.
-    out = subprocess.run(["psql", "-X", "-q", chain.conninfo("vetassist", "app_user"), "-c",
+    out = subprocess.run([str(BIN / "psql"), "-X", "-q", chain.conninfo("vetassist", "app_user"), "-c",
                           f"begin; select vetassist_auth.create_session('{uid}', 'jwt-copy2', now() + interval '1 hour'); commit; "
                           "copy vetassist_auth.sessions from stdin"], capture_output=True, text=True)
     assert "permission denied" in out.stderr

@@ -3,23 +3,23 @@ import subprocess
 
 import psycopg
 
-from conftest import installed_cluster
+from conftest import BIN, installed_cluster
 
 
 def test_dump_and_restore_into_a_second_database(cluster, su):
     su.execute("""
         INSERT INTO vetassist_auth.users (id, va_icn_encrypted, va_icn_hash, email_encrypted, email_hash)
-        SELECT id, vetassist_auth.encrypt_text('ICN' || n, 'users.va_icn:' || id), vetassist_auth.field_hash('ICN' || n, 'va_icn'),
-               vetassist_auth.encrypt_text('vet' || n || '@example.org', 'users.email:' || id), vetassist_auth.field_hash('vet' || n || '@example.org', 'email')
+        SELECT id, vetassist_auth.seal_phi_text('ICN' || n, 'users.va_icn:' || id), vetassist_auth.field_hash('ICN' || n, 'va_icn'),
+               vetassist_auth.seal_phi_text('vet' || n || '@example.org', 'users.email:' || id), vetassist_auth.field_hash('vet' || n || '@example.org', 'email')
         FROM (SELECT gen_random_uuid() AS id, n FROM generate_series(1, 50) n) s""")
     before = su.execute("SELECT id, va_icn_encrypted, email_hash FROM vetassist_auth.users ORDER BY id").fetchall()
     keys_before = su.execute("SELECT key_id, purpose, status, wrapped_key FROM vetassist_auth.keys ORDER BY key_id").fetchall()
     dump = cluster.dir / "vetassist.dump"
-    cluster.as_postgres("pg_dump", "-Fc", "-h", str(cluster.dir), "-p", str(cluster.port), "-U", "postgres",
+    cluster.as_postgres(str(BIN / "pg_dump"), "-Fc", "-h", str(cluster.dir), "-p", str(cluster.port), "-U", "postgres",
                         "-f", str(dump), "vetassist")
     cluster.psql("DROP DATABASE IF EXISTS restored")
     cluster.psql("CREATE DATABASE restored")
-    cluster.as_postgres("pg_restore", "--exit-on-error", "-h", str(cluster.dir), "-p", str(cluster.port),
+    cluster.as_postgres(str(BIN / "pg_restore"), "--exit-on-error", "-h", str(cluster.dir), "-p", str(cluster.port),
                         "-U", "postgres", "-d", "restored", str(dump))
     with cluster.connect("restored") as restored:
         after = restored.execute("SELECT id, va_icn_encrypted, email_hash FROM vetassist_auth.users ORDER BY id").fetchall()

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import authenticator_code, install, installed_cluster
+from conftest import BIN, authenticator_code, install, installed_cluster
 
 MFA_LOCKED = "28000"
 
@@ -259,14 +259,82 @@ def test_a_terminated_recorder_is_replaced(cluster, su):
     assert rows(su, uid, "auth", "va_access_token_read") == 4
 
 
-def test_without_a_worker_slot_nothing_is_disclosed():
-    """Fail closed: when no recorder can start, the caller gets 53000 and no PHI."""
-    with installed_cluster("norecorder", "max_worker_processes = 1", "vetassist_auth.sweep_database = 'vetassist'") as c:
+def test_without_a_recorder_nothing_is_disclosed_and_mfa_gives_no_oracle():
+    """Fail closed: when no recorder can start, the caller gets 53000 and no PHI. An MFA attempt
+    is recorded before its code is checked, so a wrong and a right code fail alike (the adversary
+    brute-forced TOTP while parallel queries held every worker slot)."""
+    with installed_cluster("norecorder") as c:
         with c.connect("vetassist", "app_user") as app:
-            uid = veteran(app, "7000000013V1")
+            uid, uri = mfa_session(c, app, None, "7000000013V1", "jti-no-recorder")
+        # Restarted with one worker slot, which the logical replication launcher takes.
+        c.as_postgres("bash", "-c", f"echo 'max_worker_processes = 1' >> '{c.dir}/data/postgresql.conf'")
+        c.as_postgres(str(BIN / "pg_ctl"), "-D", str(c.dir / "data"), "-l", str(c.dir / "server.log"), "-w", "restart")
+        with c.connect("vetassist", "app_user") as app:
             with pytest.raises(psycopg.errors.InsufficientResources) as refused:
                 app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
             assert "7000000013" not in str(refused.value)
+            for code in ("000000", authenticator_code(uri), authenticator_code(uri, 1)):
+                with pytest.raises(psycopg.errors.InsufficientResources):
+                    app.execute("SELECT vetassist_auth.mfa_verify('jti-no-recorder', %s)", (code,))
+
+
+def test_a_database_owner_cannot_run_code_in_the_recorder():
+    """The recorder is a superuser in a database whose owner may have set a search_path for it:
+    an operator planted ahead of pg_catalog must never run there (the adversary became
+    superuser this way)."""
+    with installed_cluster("dbowner") as c:
+        c.psql("CREATE ROLE dbo LOGIN")
+        c.psql("CREATE DATABASE owned OWNER dbo")
+        c.psql("CREATE EXTENSION vetassist_auth", "owned")
+        c.psql("GRANT vetassist_app TO dbo")
+        with c.connect("owned", "dbo") as dbo:
+            dbo.execute("CREATE SCHEMA evil")
+            dbo.execute("""CREATE FUNCTION evil.texteq(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
+                           BEGIN
+                               IF pg_catalog.current_setting('is_superuser') OPERATOR(pg_catalog.=) 'on' THEN
+                                   EXECUTE 'ALTER ROLE dbo SUPERUSER';
+                               END IF;
+                               RETURN pg_catalog.texteq(a, b);
+                           END $$""")
+            dbo.execute("CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.texteq)")
+            dbo.execute("ALTER DATABASE owned SET search_path = evil, pg_catalog")
+        with c.connect("owned", "dbo") as dbo:
+            dbo.execute("SELECT vetassist_auth.field_hash('a', 'email')")       # the recorder creates the hash key
+            dbo.execute("SELECT vetassist_auth.encrypt_text('a', 'notes:1')")   # ... and the phi key
+            dbo.execute("SELECT vetassist_auth.upsert_va_user('7000000016V1', 'veteran', NULL, NULL, NULL)")
+        with c.connect() as su:
+            assert su.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'dbo'").fetchone()[0] is False
+
+
+def test_a_database_closed_to_connections_still_gets_its_rows_written():
+    with installed_cluster("closeddb") as c:
+        with c.connect("vetassist", "app_user") as app, c.connect() as su:
+            uid = veteran(app, "7000000017V1")
+            su.execute("ALTER DATABASE vetassist ALLOW_CONNECTIONS false")
+            time.sleep(1.5)  # the recorder that signed the veteran in has left
+            app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
+            su.execute("ALTER DATABASE vetassist ALLOW_CONNECTIONS true")
+        with c.connect("vetassist") as su:
+            assert rows(su, uid, "phi_access", "user_profile_read") == 1
+
+
+def test_the_refresh_grace_path_and_a_granting_transaction_stay_on_record(cluster, su):
+    with cluster.connect("vetassist", "app_user") as app:
+        uid = veteran(app, "7000000018V1")
+        app.execute("SELECT vetassist_auth.create_session(%s, 'jti-grace-rollback', now() + interval '1 hour')", (uid,))
+        app.execute("SELECT vetassist_auth.refresh_session_token('jti-grace-rollback', NULL, 'rt-1')")
+        app.execute("SELECT vetassist_auth.refresh_session_token('jti-grace-rollback', 'rt-1', 'rt-secret-2')")
+        with app.transaction():
+            got = app.execute("SELECT refresh_token FROM vetassist_auth.refresh_session_token('jti-grace-rollback', 'rt-1', 'x')").fetchone()[0]
+            assert got == "rt-secret-2"  # a live token handed out again ...
+            raise psycopg.Rollback()
+    assert rows(su, uid, "session", "refresh_token_grace_reuse") == 1  # ... and on record
+    # A transaction that changed audit_log (GRANT) still records durably.
+    with su.transaction():
+        su.execute("GRANT SELECT ON vetassist_auth.audit_log TO auditor_user")
+        su.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))
+        raise psycopg.Rollback()
+    assert rows(su, uid, "auth", "va_access_token_read") == 1
 
 
 def test_verify_installation_reports_when_the_guarantee_is_not_in_force():

@@ -8,11 +8,12 @@ import time
 import psycopg
 import pytest
 
-from conftest import installed_cluster, seal_all
+from conftest import BIN, installed_cluster, needs_modules, seal_all
 
 DOCUMENTED = {"22023", "P0002", "28000", "23505", "42501", "XX001", "55000", "VA001", "40001", "22P02"}
 
 
+@pytest.mark.load
 def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifies():
     with installed_cluster("crash", "max_connections = 40") as c:
         with c.connect("vetassist", "app_user") as app:
@@ -40,11 +41,11 @@ def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifi
         for t in threads:
             t.start()
         time.sleep(3)
-        c.as_postgres("/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(c.dir / "data"), "-m", "immediate", "stop")
+        c.as_postgres(str(BIN / "pg_ctl"), "-D", str(c.dir / "data"), "-m", "immediate", "stop")
         stop.set()
         for t in threads:
             t.join()
-        c.as_postgres("/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(c.dir / "data"), "-l", str(c.dir / "server.log"),
+        c.as_postgres(str(BIN / "pg_ctl"), "-D", str(c.dir / "data"), "-l", str(c.dir / "server.log"),
                       "-w", "start")
         assert committed, "the load made no progress before the crash"
         with c.connect("vetassist", "app_user") as app:
@@ -63,7 +64,7 @@ def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifi
 
 def test_cancelled_reencrypt_and_sweep_leave_consistent_data_that_a_rerun_finishes(cluster, su):
     su.execute("""INSERT INTO vetassist_auth.users (id, va_icn_encrypted, va_icn_hash)
-                  SELECT id, vetassist_auth.encrypt_text('CANCEL' || n, 'users.va_icn:' || id), vetassist_auth.field_hash('CANCEL' || n, 'va_icn')
+                  SELECT id, vetassist_auth.seal_phi_text('CANCEL' || n, 'users.va_icn:' || id), vetassist_auth.field_hash('CANCEL' || n, 'va_icn')
                   FROM (SELECT gen_random_uuid() AS id, n FROM generate_series(1, 20000) n) s""")
     su.execute("SELECT vetassist_auth.rotate_key('phi')")
     with cluster.connect("vetassist", "admin_user") as admin:
@@ -106,6 +107,7 @@ def call_and_classify(conn, sql, params):
         return e.sqlstate
 
 
+@pytest.mark.load
 def test_fuzzed_null_and_random_input_only_ever_gives_documented_sqlstates(app):
     rng = random.Random(20261122)
     uid = app.execute("SELECT vetassist_auth.upsert_va_user('1012660000V000555', 'veteran', NULL, NULL, NULL)").fetchone()[0]
@@ -155,6 +157,7 @@ def test_huge_values_round_trip_or_are_refused_cleanly(app):
     assert state in ("22023", "54000")
 
 
+@needs_modules("pg_stat_statements")
 def test_secrets_stay_out_of_pg_stat_statements():
     with installed_cluster("pgss", preload="vetassist_auth,pg_stat_statements") as c:
         c.psql("CREATE EXTENSION pg_stat_statements", "vetassist")
@@ -176,6 +179,7 @@ def rss_kb(pid):
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.load
 def test_backend_memory_does_not_grow_over_a_million_calls(app):
     pid = app.execute("SELECT pg_backend_pid()").fetchone()[0]
     batch = """SELECT count(vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('payload-' || n, 'ctx'), 'ctx'))
@@ -202,6 +206,7 @@ SELECT vetassist_auth.expire_sessions(100);
 """
 
 
+@pytest.mark.load
 def test_32_clients_for_60_seconds_mixing_the_api_see_no_errors():
     with installed_cluster("load", "max_connections = 60",
                            "vetassist_auth.sweep_database = 'vetassist'", "vetassist_auth.sweep_interval = 5") as c:
@@ -213,7 +218,7 @@ def test_32_clients_for_60_seconds_mixing_the_api_see_no_errors():
         script = c.dir / "load.sql"
         c.as_postgres("bash", "-c", f"cat > '{script}' <<'EOF'\n{LOAD_SCRIPT}\nEOF")
         seconds = int(os.environ.get("VETASSIST_LOAD_SECONDS", "60"))
-        out = subprocess.run(["/usr/lib/postgresql/15/bin/pgbench", "-n", "-h", str(c.dir), "-p", str(c.port), "-U", "app_user",
+        out = subprocess.run([str(BIN / "pgbench"), "-n", "-h", str(c.dir), "-p", str(c.port), "-U", "app_user",
                               "-c", "32", "-j", "4", "-T", str(seconds), "-f", str(script), "vetassist"],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]

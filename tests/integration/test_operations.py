@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import Cluster, install, installed_cluster
+from conftest import BIN, Cluster, install, installed_cluster
 
 PHI_PURPOSES = ("token", "phi", "hash")
 
@@ -109,6 +109,7 @@ def test_a_prepared_transaction_keeps_the_key_it_wrote_under(ops):
         assert profile(app, uid)[2] == "Prep"
 
 
+@pytest.mark.load
 def test_rotating_and_reencrypting_in_a_loop_under_writers_and_readers(ops):
     """8 application clients sign in (the same ICNs from several clients), store tokens and read
     them back in multi-statement transactions while an admin rotates every purpose and
@@ -173,7 +174,7 @@ def test_a_value_that_does_not_open_never_fails_or_stalls_reencrypt(ops):
         uids = [sign_in(app, f"99000002{i:02d}V1", "Good") for i in range(3)]
         bad = sign_in(app, "9900000299V1", "Bad")
         # A ciphertext that names the active phi key but was sealed for another row.
-        su.execute("""UPDATE vetassist_auth.users SET email_encrypted = vetassist_auth.encrypt_text('x@y.z', 'users.email:elsewhere')
+        su.execute("""UPDATE vetassist_auth.users SET email_encrypted = vetassist_auth.seal_phi_text('x@y.z', 'users.email:elsewhere')
                       WHERE id = %s""", (bad,))
         bad_key = su.execute("SELECT vetassist_auth.envelope_key_id(email_encrypted) FROM vetassist_auth.users WHERE id = %s",
                              (bad,)).fetchone()[0]
@@ -246,6 +247,7 @@ def test_the_extension_works_without_preloading():
             assert su.execute("SELECT count(*) FROM pg_settings WHERE name = 'vetassist_auth.sweep_database'").fetchone()[0] == 0
 
 
+@pytest.mark.load
 def test_changing_the_master_key_under_traffic_sees_no_error():
     """The runbook: new key file, both settings and one reload, rewrap_keys(), drop the old
     setting. Eight clients read old values, hash and write the whole time."""
@@ -340,7 +342,7 @@ def test_two_tabs_refreshing_at_once_keep_the_session(ops):
 
 
 def pg_tool(cluster, *args):
-    return subprocess.run(["sudo", "-u", "postgres", *args, "-h", str(cluster.dir), "-p", str(cluster.port), "-U", "postgres"],
+    return subprocess.run(["sudo", "-u", "postgres", str(BIN / args[0]), *args[1:], "-h", str(cluster.dir), "-p", str(cluster.port), "-U", "postgres"],
                           capture_output=True, text=True)
 
 
@@ -372,6 +374,7 @@ def test_a_data_only_restore_is_refused_in_a_used_database_and_works_in_a_fresh_
         assert sign_in(fresh, "9900000017V1", "After") is not None  # the sequences came along
 
 
+@pytest.mark.load
 def test_failover_to_a_logical_replica_after_resync_sequences():
     with installed_cluster("primary", "wal_level = logical") as primary:
         replica = Cluster("replica", "shared_preload_libraries = 'vetassist_auth'")
@@ -425,6 +428,7 @@ def test_failover_to_a_logical_replica_after_resync_sequences():
                 conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
 
 
+@pytest.mark.load
 def test_sealing_a_backlog_reads_a_bounded_number_of_rows_per_batch():
     """20,000 unsealed rows sealed 1,000 at a time: each call reads about its batch, not the log.
     (Autovacuum is off so that no worker's transaction start holds the time range open.)"""

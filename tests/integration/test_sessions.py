@@ -4,6 +4,8 @@ import json
 import re
 import time
 
+import pytest
+
 from conftest import installed_cluster
 
 
@@ -40,6 +42,7 @@ def test_session_status_takes_a_text_parameter_from_a_driver(app):
     assert app.execute("SELECT vetassist_auth.touch_session(%s)", ("jwt-param",)).fetchone()[0] == "ACTIVE"
 
 
+@pytest.mark.load
 def test_concurrent_touches_and_sweeps_neither_deadlock_nor_lose_updates(cluster, su):
     with cluster.connect("vetassist", "app_user") as app:
         uid = new_user(app, "1012660000V000103")

@@ -1,8 +1,9 @@
-"""A throw-away cluster (scripts/cluster.sh, name pyclient, port 28870) with the extension
+"""A throw-away cluster (scripts/cluster.sh, name pyclient, a free port) with the extension
 installed in database vetassist; the client connects as app_user (member of vetassist_app)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,7 +16,16 @@ from vetassist_client import VetAssistClient
 
 ROOT = Path(__file__).resolve().parents[3]
 NAME = "pyclient"
-PORT = 28870
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# A port free now, so a busy one never collides (scripts/cluster.sh listens on it).
+PORT = _free_port()
 
 
 def conninfo(socket_dir: Path, user: str, dbname: str = "vetassist") -> str:

@@ -2,8 +2,11 @@
 SET ROLE vetassist_app;
 
 SELECT vetassist_auth.decrypt(vetassist_auth.encrypt('\x00ff10'::bytea, 'ctx'), 'ctx') = '\x00ff10'::bytea AS bytea_round_trip,
-       vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('Vétéran ✓ 退役軍人', 'users.email:1'), 'users.email:1') AS text_round_trip,
+       vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('Vétéran ✓ 退役軍人', 'notes.body:1'), 'notes.body:1') AS text_round_trip,
        vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('', ''), '') = '' AS empty_round_trip;
+-- The extension's own contexts are sealed only by the extension (a forged value would decrypt as
+-- a disclosure of the veteran's stored PHI).
+SELECT regress.try('SELECT vetassist_auth.encrypt_text(''x'', ''users.email:11111111-2222-3333-4444-555555555555'')') AS reserved_context;
 
 -- Layout: version 1, a 4-byte key id, 12-byte nonce, ciphertext, 16-byte tag.
 SELECT get_byte(c, 0) AS version,
@@ -23,22 +26,22 @@ SELECT count(DISTINCT substr(vetassist_auth.encrypt_text('x', 'ctx'), 6, 12)) AS
 FROM generate_series(1, 10000);
 
 -- Every way a ciphertext can be wrong raises XX001 with the same message, echoing nothing.
-CREATE TEMP TABLE sample AS SELECT vetassist_auth.encrypt_text('secret-token-value', 'users.email:abc') AS c;
-SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', c, 'users.email:abd')) AS wrong_context FROM sample;
+CREATE TEMP TABLE sample AS SELECT vetassist_auth.encrypt_text('secret-token-value', 'notes.body:abc') AS c;
+SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', c, 'notes.body:abd')) AS wrong_context FROM sample;
 SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', c, '')) AS empty_context FROM sample;
 SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)',
-                          set_byte(c, i, get_byte(c, i) # 1), 'users.email:abc')) AS flipped, count(*)
+                          set_byte(c, i, get_byte(c, i) # 1), 'notes.body:abc')) AS flipped, count(*)
 FROM sample, generate_series(0, octet_length((SELECT c FROM sample)) - 1) AS i
 GROUP BY 1;
-SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', substr(c, 1, n), 'users.email:abc')) AS truncated, count(*)
+SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', substr(c, 1, n), 'notes.body:abc')) AS truncated, count(*)
 FROM sample, generate_series(0, octet_length((SELECT c FROM sample)) - 1) AS n
 GROUP BY 1;
-SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', set_byte(c, 0, 2), 'users.email:abc')) AS unknown_version FROM sample;
+SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', set_byte(c, 0, 2), 'notes.body:abc')) AS unknown_version FROM sample;
 -- A key id that does not exist.
 SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)',
-                          overlay(c placing '\x7fffffff'::bytea from 2 for 4), 'users.email:abc')) AS unknown_key FROM sample;
+                          overlay(c placing '\x7fffffff'::bytea from 2 for 4), 'notes.body:abc')) AS unknown_key FROM sample;
 SELECT regress.try('SELECT vetassist_auth.decrypt_text(''\x''::bytea, ''c'')') AS empty_input;
-SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', c || '\x00'::bytea, 'users.email:abc')) AS extended FROM sample;
+SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', c || '\x00'::bytea, 'notes.body:abc')) AS extended FROM sample;
 -- Bytes that are not UTF-8 cannot come back as text.
 SELECT regress.try(format('SELECT vetassist_auth.decrypt_text(%L::bytea, %L)', vetassist_auth.encrypt('\xff'::bytea, 'b'), 'b')) AS not_utf8;
 RESET ROLE;

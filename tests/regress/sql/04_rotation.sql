@@ -3,10 +3,10 @@
 INSERT INTO vetassist_auth.users (id, va_icn_encrypted, va_icn_hash, email_encrypted, email_hash,
                                   first_name_encrypted, first_name_hash, last_name_encrypted, last_name_hash)
 SELECT id,
-       vetassist_auth.encrypt_text('1012667985V123', 'users.va_icn:' || id), vetassist_auth.field_hash('1012667985V123', 'va_icn'),
-       vetassist_auth.encrypt_text('vet@example.org', 'users.email:' || id), vetassist_auth.field_hash('vet@example.org', 'email'),
-       vetassist_auth.encrypt_text('Maria', 'users.first_name:' || id), vetassist_auth.field_hash('Maria', 'first_name'),
-       vetassist_auth.encrypt_text('Lopez', 'users.last_name:' || id), vetassist_auth.field_hash('Lopez', 'last_name')
+       vetassist_auth.seal_phi_text('1012667985V123', 'users.va_icn:' || id), vetassist_auth.field_hash('1012667985V123', 'va_icn'),
+       vetassist_auth.seal_phi_text('vet@example.org', 'users.email:' || id), vetassist_auth.field_hash('vet@example.org', 'email'),
+       vetassist_auth.seal_phi_text('Maria', 'users.first_name:' || id), vetassist_auth.field_hash('Maria', 'first_name'),
+       vetassist_auth.seal_phi_text('Lopez', 'users.last_name:' || id), vetassist_auth.field_hash('Lopez', 'last_name')
 FROM (VALUES ('6b0c1f7e-3a57-4d6e-9a55-0d8c3c1f2a10'::uuid)) v(id);
 INSERT INTO vetassist_auth.va_tokens (user_id, access_token_encrypted, refresh_token_encrypted, expires_at)
 SELECT id, vetassist_auth.encrypt_token('access-1', 'va_tokens.access_token:' || id),
