@@ -11,8 +11,8 @@ FEATURES   := --no-default-features --features pg$(PG)
 BENCH      ?=
 SUDO_FLAG  := $(if $(filter 0,$(shell id -u)),,--sudo)
 # The versions `make test` also checks (build, pg_regress, upgrade, integration without load).
-OTHER_PG   ?= 16 18
-ALL_PG     := 15 16 18
+OTHER_PG   ?= 16 17 18
+ALL_PG     := 15 16 17 18
 
 .PHONY: all toolchain install install-release lint test test-one test-compat test-all demo bench clean
 

@@ -1,4 +1,4 @@
--- Audit writing (DESIGN section 8). Sealing, verification and retention build on this table.
+-- Audit writing (docs/ARCHITECTURE.md, "Audit chain"). Sealing, verification and retention build on this table.
 
 -- Rows enter audit_log only through vetassist_auth.write_audit() (Rust, src/audit/writer.rs):
 -- a direct heap insert, without an INSERT statement's executor start-up per event. Internal:

@@ -1,4 +1,4 @@
--- Veteran identity (DESIGN section 6): accounts keyed by the ICN's field hash, PHI stored
+-- Veteran identity: accounts keyed by the ICN's field hash, PHI stored
 -- only encrypted (context users.<column>:<user id>) next to its field hash.
 
 -- Validates and normalizes one optional PHI value; raises 22023 naming only the field.

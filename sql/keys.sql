@@ -1,4 +1,4 @@
--- Key usage and re-encryption (DESIGN section 2).
+-- Key usage and re-encryption (docs/ARCHITECTURE.md, "Keys").
 
 -- Every stored value that depends on a data key, by key id. A decrypt_only key that appears
 -- nowhere here may be retired.

@@ -1,4 +1,4 @@
--- vetassist_auth schema (DESIGN section 5). Runs first, before the generated functions.
+-- vetassist_auth schema. Runs first, before the generated functions.
 -- Every table and sequence is registered with pg_extension_config_dump so pg_dump keeps the
 -- rows; restored rows are plain bytes, so nothing is encrypted twice.
 

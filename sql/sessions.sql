@@ -1,4 +1,4 @@
--- Session lifecycle (DESIGN sections 6-7). A session is ACTIVE until it ends for good:
+-- Session lifecycle (docs/ARCHITECTURE.md, "Sessions and time"). A session is ACTIVE until it ends for good:
 -- EXPIRED (idle or absolute time-out), TERMINATED (logout, revocation, limits) or LOCKED.
 -- live_until = least(expires_at, last_activity_at + idle_timeout) is the moment it expires
 -- unless touched; touch_session moves it at most once per session_touch_interval.

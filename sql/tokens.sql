@@ -1,4 +1,4 @@
--- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
+-- The VA token vault: one row per user, tokens encrypted under the token
 -- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
 -- Every operation is audited (category auth) without any token bytes.
 

@@ -6,6 +6,8 @@
 -- secrets get a key purpose of their own (mfa): run reencrypt() to move the existing ones.
 -- Secrets: redaction decided from the statement's tokens, an unredactable channel reported;
 -- a session cap, token storage and device trust that hold under races and idle sessions.
+-- encrypt/encrypt_text refuse the contexts of the extension's own columns (22023); until this
+-- script runs, the new library keeps the old binding for the old release's SQL.
 \echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.1.3'" to load this file. \quit
 
 -- MFA: the lock-out is computed from the failures the audit log holds, counted from
@@ -59,6 +61,15 @@ STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'durable_audit_problem_wrapper';
 
+CREATE OR REPLACE FUNCTION "encrypt"(
+	"plaintext" bytea, /* & [u8] */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'encrypt_for_application_wrapper';
+
 CREATE  FUNCTION "encrypt_mfa_secret"(
 	"secret" bytea, /* & [u8] */
 	"context" TEXT /* & str */
@@ -67,6 +78,15 @@ STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'encrypt_mfa_secret_wrapper';
+
+CREATE OR REPLACE FUNCTION "encrypt_text"(
+	"plaintext" TEXT, /* & str */
+	"context" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'encrypt_text_for_application_wrapper';
 
 CREATE  FUNCTION "mfa_failure_times"(
 	"user_id" uuid, /* pgrx :: Uuid */
@@ -254,6 +274,14 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION "totp_uri"(
+	"secret" bytea, /* & [u8] */
+	"account" TEXT /* & str */
+) RETURNS TEXT /* String */
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'totp_uri_wrapper';
+
 CREATE  FUNCTION "unredactable_log_channels"() RETURNS TEXT /* Option < String > */
 STRICT
 LANGUAGE c /* Rust */
@@ -426,44 +454,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
-
 CREATE OR REPLACE FUNCTION vetassist_auth.upsert_va_user(
     va_icn text, veteran_status text, email text, first_name text, last_name text)
 RETURNS uuid
@@ -591,6 +581,87 @@ $$;
 
 COMMENT ON FUNCTION vetassist_auth.user_profile(uuid) IS
     'The decrypted profile of one veteran; every call is audited as PHI access (category phi_access), and the audit row survives a rollback.';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row record;
+BEGIN
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
 
 CREATE OR REPLACE FUNCTION vetassist_auth.create_session(
     user_id uuid, jwt_id text, expires_at timestamptz, ip inet DEFAULT NULL, user_agent text DEFAULT NULL,
@@ -893,86 +964,44 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
+CREATE OR REPLACE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    new_generation integer;
-    active boolean;
+    r record;
+    now_at bigint;
+    moved integer := 0;
 BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = clock_timestamp()
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
 END
 $$;
 
-CREATE OR REPLACE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    row record;
-BEGIN
-    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    END IF;
-    IF NOT row.user_active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
-    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                               jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
-END
-$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
+
 
 -- Privileges: nothing new is executable by PUBLIC; every new function is internal.
 REVOKE ALL ON FUNCTION

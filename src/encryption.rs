@@ -1,5 +1,5 @@
-//! The SQL face of the crypto core: envelope encryption (DESIGN section 3) and searchable
-//! field hashes (section 4), using cached data keys from `keys`.
+//! The SQL face of the crypto core: envelope encryption and searchable
+//! field hashes (docs/ARCHITECTURE.md, "Formats"), using cached data keys from `keys`.
 
 use crate::audit::recorder;
 use crate::audit::AuditRow;
@@ -82,10 +82,18 @@ fn check_context_is_not_reserved(context: &str) {
     }
 }
 
-#[pg_extern(strict, security_definer)]
+#[pg_extern(strict, security_definer, name = "encrypt")]
 #[search_path(pg_catalog, pg_temp)]
-fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
+fn encrypt_for_application(plaintext: &[u8], context: &str) -> Vec<u8> {
     check_context_is_not_reserved(context);
+    seal(Purpose::Phi, plaintext, context).or_raise()
+}
+
+/// The C symbol releases before 0.1.3 bind `encrypt` to: their own SQL seals the extension's
+/// columns through it, so it keeps working for them until `ALTER EXTENSION UPDATE` rebinds
+/// `encrypt` to `encrypt_for_application`.
+#[pg_extern(strict, sql = false)]
+fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
     seal(Purpose::Phi, plaintext, context).or_raise()
 }
 
@@ -153,10 +161,16 @@ fn open_phi(ciphertext: &[u8], context: &str) -> Vec<u8> {
     open(Purpose::Phi, ciphertext, context).or_raise()
 }
 
-#[pg_extern(strict, security_definer)]
+#[pg_extern(strict, security_definer, name = "encrypt_text")]
 #[search_path(pg_catalog, pg_temp)]
-fn encrypt_text(plaintext: &str, context: &str) -> Vec<u8> {
+fn encrypt_text_for_application(plaintext: &str, context: &str) -> Vec<u8> {
     check_context_is_not_reserved(context);
+    seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
+}
+
+/// The C symbol releases before 0.1.3 bind `encrypt_text` to (see `encrypt`).
+#[pg_extern(strict, sql = false)]
+fn encrypt_text(plaintext: &str, context: &str) -> Vec<u8> {
     seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
 }
 

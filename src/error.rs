@@ -87,14 +87,6 @@ impl From<crate::crypto::Error> for Failure {
 
 pub type Result<T> = std::result::Result<T, Failure>;
 
-/// `raise!(Kind, "fmt", args..)`: build and raise a failure in one line.
-#[macro_export]
-macro_rules! raise {
-    ($kind:ident, $($fmt:tt)+) => {
-        $crate::error::Failure::new($crate::error::Kind::$kind, format!($($fmt)+)).raise()
-    };
-}
-
 /// Unwraps a result or raises its failure as a Postgres ERROR.
 pub trait OrRaise<T> {
     fn or_raise(self) -> T;

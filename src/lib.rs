@@ -15,6 +15,7 @@ mod keys;
 mod log_redaction;
 mod mfa;
 mod sessions;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -37,8 +38,8 @@ extension_sql_file!(
         encryption::seal_phi_text,
         encryption::encrypt_mfa_secret,
         encryption::open_mfa_secret,
-        keys::active_key_id,
-        keys::retire_unused_keys
+        keys::admin::active_key_id,
+        keys::admin::retire_unused_keys
     ]
 );
 extension_sql_file!(
@@ -108,8 +109,8 @@ extension_sql_file!(
     requires = [
         "keys_sql",
         "audit_sql",
-        keys::key_creation_in_progress,
-        keys::rotate_key
+        keys::store::key_creation_in_progress,
+        keys::admin::rotate_key
     ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
@@ -124,7 +125,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         audit::recorder::request_shared_memory();
         audit::recorder::register_resident();
-        sessions::register_worker();
+        worker::register();
     }
 }
 

@@ -15,8 +15,8 @@ fn totp_new_secret() -> Vec<u8> {
     secret
 }
 
-/// The enrolment URI for an authenticator app. Internal.
-#[pg_extern(immutable, strict)]
+/// The enrolment URI for an authenticator app; STABLE, as it reads the issuer setting. Internal.
+#[pg_extern(stable, strict)]
 fn totp_uri(secret: &[u8], account: &str) -> String {
     let issuer =
         gucs::string_setting(&gucs::MFA_ISSUER).map_or("VetAssist".into(), |s| s.to_string_lossy());

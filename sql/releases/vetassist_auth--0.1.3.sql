@@ -7,9 +7,9 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:21
+-- src/lib.rs:22
 -- bootstrap
--- vetassist_auth schema (DESIGN section 5). Runs first, before the generated functions.
+-- vetassist_auth schema. Runs first, before the generated functions.
 -- Every table and sequence is registered with pg_extension_config_dump so pg_dump keeps the
 -- rows; restored rows are plain bytes, so nothing is encrypted twice.
 
@@ -297,8 +297,8 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:942
--- vetassist_auth::keys::active_key_id
+-- src/keys/admin.rs:128
+-- vetassist_auth::keys::admin::active_key_id
 CREATE  FUNCTION "active_key_id"(
 	"purpose" TEXT /* & str */
 ) RETURNS INT /* i32 */
@@ -387,7 +387,7 @@ AS 'MODULE_PATHNAME', 'current_session_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:142
+-- src/encryption.rs:150
 -- vetassist_auth::encryption::decrypt
 CREATE  FUNCTION "decrypt"(
 	"ciphertext" bytea, /* & [u8] */
@@ -400,7 +400,7 @@ AS 'MODULE_PATHNAME', 'decrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:170
+-- src/encryption.rs:184
 -- vetassist_auth::encryption::decrypt_text
 CREATE  FUNCTION "decrypt_text"(
 	"ciphertext" bytea, /* & [u8] */
@@ -413,7 +413,7 @@ AS 'MODULE_PATHNAME', 'decrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:190
+-- src/encryption.rs:204
 -- vetassist_auth::encryption::decrypt_token
 CREATE  FUNCTION "decrypt_token"(
 	"ciphertext" bytea, /* & [u8] */
@@ -426,8 +426,8 @@ AS 'MODULE_PATHNAME', 'decrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1105
--- vetassist_auth::keys::destroy_key
+-- src/keys/admin.rs:291
+-- vetassist_auth::keys::admin::destroy_key
 CREATE  FUNCTION "destroy_key"(
 	"key_id" INT /* i32 */
 ) RETURNS bool /* bool */
@@ -447,20 +447,26 @@ AS 'MODULE_PATHNAME', 'durable_audit_problem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/encryption.rs:95
+-- vetassist_auth::encryption::encrypt
+-- Skipped due to `#[pgrx(sql = false)]`
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/encryption.rs:85
 -- vetassist_auth::encryption::encrypt
 CREATE  FUNCTION "encrypt"(
 	"plaintext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
 ) RETURNS bytea /* Vec < u8 > */
-STRICT SECURITY DEFINER
+STRICT SECURITY DEFINER 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'encrypt_wrapper';
+AS 'MODULE_PATHNAME', 'encrypt_for_application_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:198
+-- src/encryption.rs:212
 -- vetassist_auth::encryption::encrypt_mfa_secret
 CREATE  FUNCTION "encrypt_mfa_secret"(
 	"secret" bytea, /* & [u8] */
@@ -473,20 +479,26 @@ AS 'MODULE_PATHNAME', 'encrypt_mfa_secret_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:156
+-- src/encryption.rs:172
+-- vetassist_auth::encryption::encrypt_text
+-- Skipped due to `#[pgrx(sql = false)]`
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/encryption.rs:164
 -- vetassist_auth::encryption::encrypt_text
 CREATE  FUNCTION "encrypt_text"(
 	"plaintext" TEXT, /* & str */
 	"context" TEXT /* & str */
 ) RETURNS bytea /* Vec < u8 > */
-STRICT SECURITY DEFINER
+STRICT SECURITY DEFINER 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'encrypt_text_wrapper';
+AS 'MODULE_PATHNAME', 'encrypt_text_for_application_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:184
+-- src/encryption.rs:198
 -- vetassist_auth::encryption::encrypt_token
 CREATE  FUNCTION "encrypt_token"(
 	"plaintext" TEXT, /* & str */
@@ -499,7 +511,7 @@ AS 'MODULE_PATHNAME', 'encrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:215
+-- src/encryption.rs:229
 -- vetassist_auth::encryption::envelope_key_id
 CREATE  FUNCTION "envelope_key_id"(
 	"ciphertext" bytea /* & [u8] */
@@ -510,7 +522,7 @@ AS 'MODULE_PATHNAME', 'envelope_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:282
+-- src/encryption.rs:296
 -- vetassist_auth::encryption::field_hash
 CREATE  FUNCTION "field_hash"(
 	"value" TEXT, /* & str */
@@ -523,7 +535,7 @@ AS 'MODULE_PATHNAME', 'field_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:290
+-- src/encryption.rs:304
 -- vetassist_auth::encryption::field_hashes
 CREATE  FUNCTION "field_hashes"(
 	"value" TEXT, /* & str */
@@ -536,7 +548,7 @@ AS 'MODULE_PATHNAME', 'field_hashes_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:221
+-- src/encryption.rs:235
 -- vetassist_auth::encryption::hash_key_id
 CREATE  FUNCTION "hash_key_id"(
 	"hash" bytea /* & [u8] */
@@ -547,8 +559,8 @@ AS 'MODULE_PATHNAME', 'hash_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:600
--- vetassist_auth::keys::key_creation_in_progress
+-- src/keys/store.rs:167
+-- vetassist_auth::keys::store::key_creation_in_progress
 CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
 STRICT
 LANGUAGE c /* Rust */
@@ -556,7 +568,7 @@ AS 'MODULE_PATHNAME', 'key_creation_in_progress_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sessions.rs:45
+-- src/sessions.rs:43
 -- vetassist_auth::sessions::max_sessions_per_user
 CREATE  FUNCTION "max_sessions_per_user"() RETURNS INT /* i32 */
 STRICT STABLE PARALLEL SAFE
@@ -615,7 +627,7 @@ AS 'MODULE_PATHNAME', 'mfa_normalize_backup_code_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:206
+-- src/encryption.rs:220
 -- vetassist_auth::encryption::open_mfa_secret
 CREATE  FUNCTION "open_mfa_secret"(
 	"ciphertext" bytea, /* & [u8] */
@@ -628,7 +640,7 @@ AS 'MODULE_PATHNAME', 'open_mfa_secret_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:150
+-- src/encryption.rs:158
 -- vetassist_auth::encryption::open_phi
 CREATE  FUNCTION "open_phi"(
 	"ciphertext" bytea, /* & [u8] */
@@ -641,7 +653,7 @@ AS 'MODULE_PATHNAME', 'open_phi_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:177
+-- src/encryption.rs:191
 -- vetassist_auth::encryption::open_phi_text
 CREATE  FUNCTION "open_phi_text"(
 	"ciphertext" bytea, /* & [u8] */
@@ -680,7 +692,7 @@ AS 'MODULE_PATHNAME', 'purge_audit_log_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sessions.rs:40
+-- src/sessions.rs:38
 -- vetassist_auth::sessions::refresh_reuse_grace
 CREATE  FUNCTION "refresh_reuse_grace"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
@@ -689,8 +701,8 @@ AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:962
--- vetassist_auth::keys::retire_unused_keys
+-- src/keys/admin.rs:148
+-- vetassist_auth::keys::admin::retire_unused_keys
 CREATE  FUNCTION "retire_unused_keys"() RETURNS INT /* i32 */
 STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
@@ -699,8 +711,8 @@ AS 'MODULE_PATHNAME', 'retire_unused_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:874
--- vetassist_auth::keys::rewrap_keys
+-- src/keys/admin.rs:60
+-- vetassist_auth::keys::admin::rewrap_keys
 CREATE  FUNCTION "rewrap_keys"(
 	"old_master_key_file" TEXT DEFAULT NULL /* Option < & str > */
 ) RETURNS INT /* i32 */
@@ -711,8 +723,8 @@ AS 'MODULE_PATHNAME', 'rewrap_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:820
--- vetassist_auth::keys::rotate_key
+-- src/keys/admin.rs:6
+-- vetassist_auth::keys::admin::rotate_key
 CREATE  FUNCTION "rotate_key"(
 	"purpose" TEXT /* & str */
 ) RETURNS INT /* i32 */
@@ -735,7 +747,7 @@ AS 'MODULE_PATHNAME', 'seal_audit_log_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:164
+-- src/encryption.rs:178
 -- vetassist_auth::encryption::seal_phi_text
 CREATE  FUNCTION "seal_phi_text"(
 	"plaintext" TEXT, /* & str */
@@ -748,7 +760,7 @@ AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:22
+-- src/lib.rs:23
 -- requires:
 --   schema
 --   encryption::encrypt
@@ -764,10 +776,10 @@ AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
 --   encryption::seal_phi_text
 --   encryption::encrypt_mfa_secret
 --   encryption::open_mfa_secret
---   keys::active_key_id
---   keys::retire_unused_keys
+--   keys::admin::active_key_id
+--   keys::admin::retire_unused_keys
 
--- Key usage and re-encryption (DESIGN section 2).
+-- Key usage and re-encryption (docs/ARCHITECTURE.md, "Keys").
 
 -- Every stored value that depends on a data key, by key id. A decrypt_only key that appears
 -- nowhere here may be retired.
@@ -951,7 +963,7 @@ COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sessions.rs:20
+-- src/sessions.rs:18
 -- vetassist_auth::sessions::session_absolute_timeout
 CREATE  FUNCTION "session_absolute_timeout"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
@@ -960,7 +972,7 @@ AS 'MODULE_PATHNAME', 'session_absolute_timeout_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sessions.rs:15
+-- src/sessions.rs:13
 -- vetassist_auth::sessions::session_idle_timeout
 CREATE  FUNCTION "session_idle_timeout"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
@@ -969,7 +981,7 @@ AS 'MODULE_PATHNAME', 'session_idle_timeout_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sessions.rs:25
+-- src/sessions.rs:23
 -- vetassist_auth::sessions::session_idle_warning
 CREATE  FUNCTION "session_idle_warning"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
@@ -978,7 +990,7 @@ AS 'MODULE_PATHNAME', 'session_idle_warning_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sessions.rs:35
+-- src/sessions.rs:33
 -- vetassist_auth::sessions::session_retention
 CREATE  FUNCTION "session_retention"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
@@ -987,7 +999,7 @@ AS 'MODULE_PATHNAME', 'session_retention_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sessions.rs:30
+-- src/sessions.rs:28
 -- vetassist_auth::sessions::session_touch_interval
 CREATE  FUNCTION "session_touch_interval"() RETURNS interval /* Interval */
 STRICT STABLE PARALLEL SAFE
@@ -1062,13 +1074,13 @@ CREATE  FUNCTION "totp_uri"(
 	"secret" bytea, /* & [u8] */
 	"account" TEXT /* & str */
 ) RETURNS TEXT /* String */
-IMMUTABLE STRICT
+STRICT STABLE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'totp_uri_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/log_redaction/mod.rs:339
+-- src/log_redaction/mod.rs:395
 -- vetassist_auth::log_redaction::unredactable_log_channels
 CREATE  FUNCTION "unredactable_log_channels"() RETURNS TEXT /* Option < String > */
 STRICT
@@ -1077,7 +1089,7 @@ AS 'MODULE_PATHNAME', 'unredactable_log_channels_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:100
+-- src/lib.rs:101
 -- requires:
 --   keys_sql
 --   log_redaction::unredactable_log_channels
@@ -1218,8 +1230,8 @@ COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1092
--- vetassist_auth::keys::unretire_key
+-- src/keys/admin.rs:278
+-- vetassist_auth::keys::admin::unretire_key
 CREATE  FUNCTION "unretire_key"(
 	"key_id" INT /* i32 */
 ) RETURNS bool /* bool */
@@ -1304,7 +1316,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:44
+-- src/lib.rs:45
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1316,7 +1328,7 @@ CREATE FUNCTION "row_audit"()
 --   audit::recorder::write_audit_durably
 --   audit::recorder::durable_audit_problem
 
--- Audit writing (DESIGN section 8). Sealing, verification and retention build on this table.
+-- Audit writing (docs/ARCHITECTURE.md, "Audit chain"). Sealing, verification and retention build on this table.
 
 -- Rows enter audit_log only through vetassist_auth.write_audit() (Rust, src/audit/writer.rs):
 -- a direct heap insert, without an INSERT statement's executor start-up per event. Internal:
@@ -1552,13 +1564,13 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:59
+-- src/lib.rs:60
 -- requires:
 --   keys_sql
 --   audit_sql
 --   identity::claim_new_account
 
--- Veteran identity (DESIGN section 6): accounts keyed by the ICN's field hash, PHI stored
+-- Veteran identity: accounts keyed by the ICN's field hash, PHI stored
 -- only encrypted (context users.<column>:<user id>) next to its field hash.
 
 -- Validates and normalizes one optional PHI value; raises 22023 naming only the field.
@@ -1762,150 +1774,7 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:64
--- requires:
---   identity_sql
-
--- The VA token vault (DESIGN section 6): one row per user, tokens encrypted under the token
--- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
--- Every operation is audited (category auth) without any token bytes.
-
-CREATE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = clock_timestamp()
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
-    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
-
--- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
--- the user (P0002 when unknown) and the token row.
-CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    row record;
-BEGIN
-    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    END IF;
-    IF NOT row.user_active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
-    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                               jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
-    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
-
-CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
-
-CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
-    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
-
-CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    deleted boolean;
-BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
-    deleted := FOUND;
-    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('existed', deleted));
-    RETURN deleted;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:69
+-- src/lib.rs:70
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -1917,7 +1786,7 @@ COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tok
 --   sessions::refresh_reuse_grace
 --   audit::set_current_session
 
--- Session lifecycle (DESIGN sections 6-7). A session is ACTIVE until it ends for good:
+-- Session lifecycle (docs/ARCHITECTURE.md, "Sessions and time"). A session is ACTIVE until it ends for good:
 -- EXPIRED (idle or absolute time-out), TERMINATED (logout, revocation, limits) or LOCKED.
 -- live_until = least(expires_at, last_activity_at + idle_timeout) is the moment it expires
 -- unless touched; touch_session moves it at most once per session_touch_interval.
@@ -2336,7 +2205,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:84
+-- src/lib.rs:85
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -2656,12 +2525,155 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:105
+-- src/lib.rs:65
+-- requires:
+--   identity_sql
+
+-- The VA token vault: one row per user, tokens encrypted under the token
+-- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
+-- Every operation is audited (category auth) without any token bytes.
+
+CREATE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at)
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = clock_timestamp()
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
+    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
+
+-- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
+-- the user (P0002 when unknown) and the token row.
+CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row record;
+BEGIN
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
+    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
+
+CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
+
+CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
+    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
+
+CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deleted boolean;
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
+    deleted := FOUND;
+    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('existed', deleted));
+    RETURN deleted;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:106
 -- requires:
 --   keys_sql
 --   audit_sql
---   keys::key_creation_in_progress
---   keys::rotate_key
+--   keys::store::key_creation_in_progress
+--   keys::admin::rotate_key
 
 -- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
 
@@ -2734,7 +2746,7 @@ COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:115
+-- src/lib.rs:116
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 

@@ -1,4 +1,4 @@
-//! Tamper evidence (DESIGN section 8): sealing audit rows into an HMAC chain, verifying it, and
+//! Tamper evidence (docs/ARCHITECTURE.md, "Audit chain"): sealing audit rows into an HMAC chain, verifying it, and
 //! purging its oldest part behind a checkpoint.
 
 use super::PURGING;

@@ -1,4 +1,4 @@
-//! The audit log (DESIGN section 8): `writer` appends rows, `row_trigger` audits table changes,
+//! The audit log (docs/ARCHITECTURE.md, "Audit chain"): `writer` appends rows, `row_trigger` audits table changes,
 //! `chain` seals, verifies and purges. This module keeps the audit context: who the application
 //! says is acting in this transaction.
 //!
@@ -86,7 +86,7 @@ fn current_session_id() -> Option<Uuid> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tamper evidence: sealing and verification (DESIGN section 8)
+// Tamper evidence: sealing and verification (docs/ARCHITECTURE.md, "Audit chain")
 
 thread_local! {
     /// Set only while purge_audit_log deletes (cleared after them, and at transaction end

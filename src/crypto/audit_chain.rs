@@ -1,4 +1,4 @@
-//! The audit HMAC chain (DESIGN section 8): each seal commits to the previous one and to the
+//! The audit HMAC chain (docs/ARCHITECTURE.md, "Audit chain"): each seal commits to the previous one and to the
 //! exact text of one audit row, so editing, deleting, inserting or reordering rows or seals
 //! breaks every later link.
 

@@ -1,4 +1,4 @@
-//! Ciphertext envelope v1 (DESIGN section 3):
+//! Ciphertext envelope v1 (docs/ARCHITECTURE.md, "Formats"):
 //!
 //! ```text
 //! 0x01 | key_id u32 BE | nonce[12] | AES-256-GCM(ciphertext || tag[16])
@@ -35,7 +35,7 @@ pub fn seal(
 }
 
 /// Encrypts with a caller-chosen nonce, which must never repeat under one key.
-pub fn seal_with_nonce(
+fn seal_with_nonce(
     cipher: &Aes256Gcm,
     key_id: u32,
     nonce: &[u8; NONCE_LEN],
@@ -155,7 +155,7 @@ mod tests {
 
     #[test]
     fn a_standard_aes_gcm_library_reads_the_envelope() {
-        // DESIGN section 3: any AES-GCM implementation holding the DEK can decrypt.
+        // The envelope format promises that any AES-GCM implementation holding the DEK can decrypt.
         let c = cipher(3);
         let env = seal(&c, 42, b"hello", "ctx").unwrap();
         let mut aad = env[..5].to_vec();

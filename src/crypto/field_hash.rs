@@ -1,4 +1,4 @@
-//! Searchable field hashes (blind indexes, DESIGN section 4):
+//! Searchable field hashes (blind indexes; docs/ARCHITECTURE.md, "Formats"):
 //! `key_id (u32 BE) || HMAC-SHA256(K_f, normalize(field, value))`, with a per-field key
 //! `K_f = HMAC-SHA256(DEK_hash, "field:<field>")` so equal values in different fields never
 //! produce equal hashes.

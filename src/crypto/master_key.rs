@@ -1,4 +1,4 @@
-//! Master key handling (DESIGN section 2): the master key never encrypts data itself. It
+//! Master key handling (docs/ARCHITECTURE.md, "Formats"): the master key never encrypts data itself. It
 //! derives a key-encryption key (KEK) with HKDF, and the KEK wraps the random data keys.
 
 use super::{Error, SecretKey, KEY_LEN, NONCE_LEN};

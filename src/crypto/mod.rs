@@ -1,7 +1,7 @@
 //! The cryptographic core: pure Rust, no pgrx, so it is unit-tested without a database.
 //!
 //! Everything here is built from RustCrypto primitives (AES-256-GCM, HMAC-SHA256, HKDF-SHA256);
-//! this module only fixes the formats of DESIGN sections 2-4.
+//! this module only fixes the formats described in docs/ARCHITECTURE.md, "Formats".
 
 pub mod audit_chain;
 pub mod envelope;

@@ -1,0 +1,300 @@
+//! Administration functions, granted to `vetassist_admin`: rotation, re-wrapping under a new
+//! master key, retirement and destruction of old keys.
+
+use super::*;
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn rotate_key(purpose: &str) -> i32 {
+    let purpose = Purpose::parse(purpose).or_raise();
+    rotate(purpose, None).or_raise().unwrap_or_default() as i32
+}
+
+/// Makes a new active key of `purpose` and turns the old one decrypt_only; with `only_if`, only
+/// while that key is still the active one (None otherwise). Returns the new key's id.
+fn rotate(purpose: Purpose, only_if: Option<u32>) -> Result<Option<u32>> {
+    refresh()?;
+    kek()?;
+    // The retiring key's final count comes from the counter before the new key takes it over.
+    lock_purpose(purpose);
+    if let Some(expected) = only_if {
+        if load_active_key(purpose)?.map(|key| key.id) != Some(expected) {
+            return Ok(None);
+        }
+    }
+    let position = Spi::connect(|client| counter_position(client, purpose))?;
+    Spi::run_with_args(
+        "UPDATE vetassist_auth.keys \
+         SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, ($2 - counter_base) * $3) \
+         WHERE purpose = $1 AND status = 'active'",
+        &[purpose.as_str().into(), position.into(), LEASE.into()],
+    )
+    .map_err(spi_failure)?;
+    // create_active_key tells every backend, this one included, to drop its cached keys.
+    create_active_key(purpose)?;
+    let key = load_active_key(purpose)?.expect("the key was just created");
+    Ok(Some(key.id))
+}
+
+/// Rotates a key that reached the warning mark of its encryption budget, unless it has been
+/// rotated already; audited. The recorder runs it (in a transaction of its own), so reaching the
+/// mark never turns into every writer being refused at the limit.
+pub fn rotate_worn_key(purpose: Purpose, key_id: u32) -> Result<()> {
+    if let Some(new_key) = rotate(purpose, Some(key_id))? {
+        let details = format!(
+            r#"{{"purpose": "{}", "retired_from_writing": {key_id}, "new_key": {new_key}, "reason": "encryption count reached {ENCRYPT_WARN_AT}"}}"#,
+            purpose.as_str()
+        );
+        Spi::run_with_args(
+            "SELECT vetassist_auth.write_audit('key', 'key_rotated_automatically', 'success', \
+             NULL, 'keys', $1, $2::jsonb)",
+            &[key_id.to_string().into(), details.into()],
+        )
+        .map_err(spi_failure)?;
+    }
+    Ok(())
+}
+
+/// Re-wraps every data key under the current master key after the master key was changed.
+/// Keys already wrapped under the current master key are left alone, so a rerun is harmless.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
+    let allowed = Spi::get_one::<bool>(
+        "SELECT pg_catalog.pg_has_role(session_user, 'pg_read_server_files', 'USAGE')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !allowed {
+        Failure::new(
+            Kind::InsufficientPrivilege,
+            "vetassist_auth: rewrap_keys reads a server file",
+        )
+        .with_hint("The session user needs the privileges of pg_read_server_files.")
+        .raise();
+    }
+    let old_file = old_master_key_file
+        .or_else(previous_master_file)
+        .unwrap_or_else(|| {
+            Failure::new(
+                Kind::InvalidArgument,
+                "vetassist_auth: no old master key file was given",
+            )
+            .with_hint("Pass its path, or set vetassist_auth.previous_master_key_file.")
+            .raise()
+        });
+    let old_kek = crypto::derive_kek(&read_master_key_file(old_file).or_raise());
+    refresh().or_raise();
+    let new_kek = kek().or_raise();
+    let rows: Vec<(i32, String, Vec<u8>)> = Spi::connect(|client| {
+        client
+            .select("SELECT key_id, purpose, wrapped_key FROM vetassist_auth.keys WHERE wrapped_key IS NOT NULL ORDER BY key_id FOR UPDATE", None, &[])?
+            .map(|row| Ok((row.get::<i32>(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default())))
+            .collect::<std::result::Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .map_err(spi_failure)
+    .or_raise();
+    let mut rewrapped = 0;
+    for (id, purpose, wrapped) in rows {
+        if crypto::unwrap_dek(&new_kek, id as u32, &purpose, &wrapped).is_ok() {
+            continue;
+        }
+        let dek = crypto::unwrap_dek(&old_kek, id as u32, &purpose, &wrapped)
+            .map_err(|_| {
+                Failure::new(
+                    Kind::DataCorrupted,
+                    format!("vetassist_auth: data key {id} opens with neither master key"),
+                )
+                .with_hint(
+                    "Pass the file of the master key that wrapped the keys before the change.",
+                )
+            })
+            .or_raise();
+        let new_wrapped = crypto::wrap_dek(&new_kek, id as u32, &purpose, &dek).or_raise();
+        Spi::run_with_args(
+            "UPDATE vetassist_auth.keys SET wrapped_key = $2 WHERE key_id = $1",
+            &[id.into(), new_wrapped.into()],
+        )
+        .map_err(spi_failure)
+        .or_raise();
+        rewrapped += 1;
+    }
+    invalidate_all_backends();
+    rewrapped
+}
+
+/// The active key id of a purpose (creating it on first use), for reencrypt and health checks.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn active_key_id(purpose: &str) -> i32 {
+    active_key(Purpose::parse(purpose).or_raise()).or_raise().id as i32
+}
+
+/// How `retire_unused_keys` found each `decrypt_only` key.
+enum Retirement {
+    Retired,
+    /// No value uses it, but a snapshot from before the last move off it may still be open.
+    Waiting,
+    /// A stored value, or an open transaction holding the key, still needs it.
+    InUse,
+}
+
+/// Retires `decrypt_only` keys that nothing can need any more (docs/ARCHITECTURE.md,
+/// "Retiring a key"): no open transaction holds the key (it would have pinned it), no committed
+/// value uses it on a fresh snapshot, and no snapshot older than that check is still open in
+/// this database. The first call that finds a key unused records the check's transaction
+/// horizon; a later call retires the key once every older snapshot has ended.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn retire_unused_keys() -> i32 {
+    refresh().or_raise();
+    // A transaction that has already written may have moved values off a key itself: a snapshot
+    // taken between this check and its commit would still see them under the key. It only
+    // records the horizon, and a later transaction retires.
+    // SAFETY: reads this backend's own transaction state.
+    let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+    // A schema from before 0.1.2 cannot record the wait: retire nothing until it is updated.
+    if !schema_has_column("keys", "retire_after") {
+        return 0;
+    }
+    let candidates = latest_rows(
+        "SELECT key_id, retire_after FROM vetassist_auth.keys WHERE status = 'decrypt_only' ORDER BY key_id",
+        |row| Ok((row.get::<i32>(1).unwrap_or_default(), row.get::<i64>(2))),
+    )
+    .or_raise();
+    // Without waiting: a key some open transaction has pinned is simply not retired this time.
+    let free: Vec<(i32, Option<i64>)> = candidates
+        .into_iter()
+        .filter(|(id, _)| acquire(key_lock_tag(*id as u32, 0), pg_sys::ExclusiveLock, false))
+        .collect();
+    if free.is_empty() {
+        return 0;
+    }
+    // SAFETY: reads the shared transaction counter; no lock is needed for a lower bound.
+    let horizon = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
+    let used: HashSet<i32> = latest_rows(
+        "SELECT DISTINCT key_id FROM vetassist_auth.key_usage WHERE key_id IS NOT NULL",
+        |row| Ok(row.get::<i32>(1).unwrap_or_default()),
+    )
+    .or_raise()
+    .into_iter()
+    .collect();
+    let mut retired = 0;
+    for (id, retire_after) in free {
+        let outcome = if used.contains(&id) {
+            Retirement::InUse
+        } else if !wrote && no_snapshot_before(retire_after.unwrap_or(horizon)).or_raise() {
+            Retirement::Retired
+        } else {
+            Retirement::Waiting
+        };
+        let (sql, args): (&str, Vec<pgrx::datum::DatumWithOid>) = match outcome {
+            Retirement::Retired => {
+                retired += 1;
+                ("UPDATE vetassist_auth.keys SET status = 'retired', retired_at = pg_catalog.now(), retire_after = NULL WHERE key_id = $1",
+                 vec![id.into()])
+            }
+            Retirement::Waiting if wrote || retire_after.is_none() => (
+                "UPDATE vetassist_auth.keys SET retire_after = $2 WHERE key_id = $1",
+                vec![id.into(), horizon.into()],
+            ),
+            Retirement::InUse if retire_after.is_some() => (
+                "UPDATE vetassist_auth.keys SET retire_after = NULL WHERE key_id = $1",
+                vec![id.into()],
+            ),
+            _ => continue,
+        };
+        Spi::run_with_args(sql, &args)
+            .map_err(spi_failure)
+            .or_raise();
+        if matches!(outcome, Retirement::Retired) {
+            audit_key_event("key_retired", id);
+        }
+    }
+    if retired > 0 {
+        invalidate_all_backends();
+    }
+    retired
+}
+
+/// Whether every other backend of this database (and every standby feeding back through a
+/// WAL sender) took its oldest snapshot at or after transaction id `full_xid`.
+fn no_snapshot_before(full_xid: i64) -> Result<bool> {
+    // SAFETY: drops this transaction's cached copy of the backend status table, so the query
+    // below reads every backend's current xmin rather than one read earlier in the transaction.
+    unsafe { pg_sys::pgstat_clear_snapshot() };
+    let older = Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+         WHERE pid <> pg_catalog.pg_backend_pid() \
+           AND (datname = pg_catalog.current_database() OR datname IS NULL) \
+           AND backend_xmin IS NOT NULL \
+           AND ((backend_xmin::text::bigint - ($1 & 4294967295)) & 4294967295) >= 2147483648",
+        &[full_xid.into()],
+    )
+    .map_err(spi_failure)?
+    .unwrap_or_default();
+    Ok(older == 0)
+}
+
+fn audit_key_event(event_type: &str, key_id: i32) {
+    Spi::run_with_args(
+        "SELECT vetassist_auth.write_audit('key', $1, 'success', NULL, 'keys', $2::text, '{}'::jsonb)",
+        &[event_type.into(), key_id.into()],
+    )
+    .map_err(spi_failure)
+    .or_raise();
+}
+
+/// Applies `set` (an assignment list of our own) to a retired key whose material still exists,
+/// audits it as `event_type`, and tells every backend; P0002 when there is no such key.
+fn change_retired_key(key_id: i32, set: &str, event_type: &str, hint: &str) -> bool {
+    let changed = Spi::get_one_with_args::<i64>(
+        &format!(
+            "WITH k AS (UPDATE vetassist_auth.keys SET {set} \
+                        WHERE key_id = $1 AND status = 'retired' AND wrapped_key IS NOT NULL RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM k"
+        ),
+        &[key_id.into()],
+    )
+    .map_err(spi_failure)
+    .or_raise()
+    .unwrap_or_default();
+    if changed == 0 {
+        Failure::new(
+            Kind::NotFound,
+            "vetassist_auth: no retired key with this id whose material still exists",
+        )
+        .with_hint(hint)
+        .raise();
+    }
+    audit_key_event(event_type, key_id);
+    invalidate_all_backends();
+    true
+}
+
+/// Brings a retired key back to `decrypt_only`, for values found under it after all (restored
+/// from a backup, written outside the extension's tables). Its material must still exist.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn unretire_key(key_id: i32) -> bool {
+    change_retired_key(
+        key_id,
+        "status = 'decrypt_only', retired_at = NULL",
+        "key_unretired",
+        "A destroyed key cannot be brought back.",
+    )
+}
+
+/// Destroys a retired key's material for good (crypto-shredding): values under it can never
+/// be read again, and it can no longer be brought back.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn destroy_key(key_id: i32) -> bool {
+    change_retired_key(
+        key_id,
+        "wrapped_key = NULL, destroyed_at = pg_catalog.now()",
+        "key_destroyed",
+        "Only retired keys are destroyed; reencrypt() retires keys no value uses.",
+    )
+}

@@ -1,0 +1,177 @@
+//! Keeping the per-backend key cache (`RING`) true: re-checking the master key once per
+//! transaction, unwrapping data keys into it, and dropping it on any backend's key change
+//! (a relcache invalidation of the keys table) or an abort.
+
+use super::*;
+
+/// Brings the cache up to date; called at every entry point before any lookup.
+pub(super) fn refresh() -> Result<()> {
+    if STALE.replace(false) {
+        RING.with_borrow_mut(Ring::drop_data_keys);
+    }
+    keys_relid(); // so this backend recognises the next invalidation of the keys table
+    if CHECKED_THIS_XACT.get() {
+        return Ok(());
+    }
+    crate::log_redaction::warn_about_unsafe_channels();
+    let checked = master_source().and_then(|source| Ok((master_fingerprint(&source)?, source)));
+    let (fingerprint, source) = match checked {
+        Ok(checked) => checked,
+        Err(e) => {
+            // A removed key disables the cached keys too, not just new ones.
+            RING.with_borrow_mut(|ring| {
+                ring.drop_data_keys();
+                ring.kek = None;
+                ring.previous_kek = None;
+                ring.master_fingerprint = None;
+            });
+            return Err(e);
+        }
+    };
+    let changed = RING.with_borrow(|ring| ring.master_fingerprint != Some(fingerprint));
+    if changed {
+        let master = load_master_key(&source)?;
+        let kek = Rc::new(crypto::derive_kek(&master));
+        // A previous key that cannot be read only means no fallback: the current key works.
+        let previous_kek = previous_master_file()
+            .and_then(|path| read_master_key_file(path).ok())
+            .map(|previous| Rc::new(crypto::derive_kek(&previous)));
+        RING.with_borrow_mut(|ring| {
+            ring.drop_data_keys();
+            ring.kek = Some(kek);
+            ring.previous_kek = previous_kek;
+            ring.master_fingerprint = Some(fingerprint);
+        });
+    }
+    CHECKED_THIS_XACT.set(true);
+    Ok(())
+}
+
+pub(super) fn kek() -> Result<Rc<SecretKey>> {
+    RING.with_borrow(|ring| ring.kek.clone())
+        .ok_or_else(no_master_key)
+}
+
+pub fn keys_relid() -> pg_sys::Oid {
+    let cached = KEYS_RELID.get();
+    if cached != pg_sys::InvalidOid {
+        return cached;
+    }
+    let oid =
+        Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass('vetassist_auth.keys')::oid")
+            .ok()
+            .flatten()
+            .unwrap_or(pg_sys::InvalidOid);
+    KEYS_RELID.set(oid);
+    oid
+}
+
+/// Tells every backend (at its next statement) and this one to drop cached keys.
+pub(super) fn invalidate_all_backends() {
+    let relid = keys_relid();
+    if relid != pg_sys::InvalidOid {
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    }
+    STALE.set(true);
+}
+
+pub(super) fn unwrap_row(
+    id: i32,
+    purpose: &str,
+    wrapped: &[u8],
+    counter_base: i64,
+) -> Result<Rc<DataKey>> {
+    let purpose = Purpose::parse(purpose)?;
+    let kek = kek()?;
+    let previous = RING.with_borrow(|ring| ring.previous_kek.clone());
+    let secret = crypto::unwrap_dek(&kek, id as u32, purpose.as_str(), wrapped)
+        .or_else(|e| match &previous {
+            Some(previous) => crypto::unwrap_dek(previous, id as u32, purpose.as_str(), wrapped),
+            None => Err(e),
+        })
+        .map_err(|_| {
+            Failure::new(Kind::DataCorrupted, format!("vetassist_auth: data key {id} cannot be unwrapped"))
+                .with_hint("The master key differs from the one that wrapped the data keys: set vetassist_auth.previous_master_key_file to the old key's file and run rewrap_keys (README, \"Changing the master key\").")
+        })?;
+    let cipher = secret.cipher();
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(secret.0);
+    let key = Rc::new(DataKey {
+        id: id as u32,
+        purpose,
+        counter_base,
+        lease_tag: digest[..8].try_into().expect("8 bytes"),
+        secret,
+        cipher,
+    });
+    RING.with_borrow_mut(|ring| ring.keys.insert(key.id, key.clone()));
+    Ok(key)
+}
+
+// Transaction and invalidation callbacks, registered once per backend from _PG_init.
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
+            CHECKED_THIS_XACT.set(false);
+            forget_pins();
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            CHECKED_THIS_XACT.set(false);
+            STALE.set(true);
+            CREATING_KEY.set(false);
+            forget_pins();
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        STALE.set(true);
+        // Locks the subtransaction took are gone; pinning again is cheap and idempotent.
+        forget_pins();
+    }
+}
+
+/// The transaction's key locks were released (or handed to a prepared transaction).
+fn forget_pins() {
+    PINNED.with(|pinned| {
+        if let Ok(mut pinned) = pinned.try_borrow_mut() {
+            pinned.clear();
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let ours = KEYS_RELID.get();
+    // While our oid is unknown (looked up again after the last invalidation of the keys table),
+    // any relation's invalidation may be ours: ignoring it would keep a rotated key in use.
+    if relid == pg_sys::InvalidOid || relid == ours || ours == pg_sys::InvalidOid {
+        STALE.set(true);
+        // The extension may have been dropped and recreated: look the oid up again.
+        KEYS_RELID.set(pg_sys::InvalidOid);
+    }
+}
+
+pub fn register_callbacks() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! Counting encryptions per key against the NIST SP 800-38D limit, in leases of a sequence.
+
+use super::*;
+
+/// NIST SP 800-38D: with random 96-bit nonces a key must stay far below 2^32 encryptions.
+pub(super) const ENCRYPT_WARN_AT: i64 = 1 << 30;
+pub(super) const ENCRYPT_REFUSE_AT: i64 = 1 << 31;
+pub(super) const LEASE: i64 = 128;
+
+/// How many leases a purpose's counter has handed out so far (0 for purposes that only MAC).
+pub(super) const COUNTER_POSITION: &str =
+    "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM ";
+
+pub(super) fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Result<i64> {
+    let Some(counter) = purpose.counter() else {
+        return Ok(0);
+    };
+    client
+        .select(&format!("{COUNTER_POSITION}{counter}"), None, &[])
+        .map_err(spi_failure)?
+        .first()
+        .get_one::<i64>()
+        .map_err(spi_failure)
+        .map(Option::unwrap_or_default)
+}
+
+pub fn reserve_encryption(key: &DataKey) -> Result<()> {
+    let taken = RING.with_borrow_mut(|ring| match ring.leases.get_mut(&key.id) {
+        Some((tag, remaining)) if *tag == key.lease_tag && *remaining > 0 => {
+            *remaining -= 1;
+            true
+        }
+        _ => false,
+    });
+    if taken {
+        return Ok(());
+    }
+    let counter = key.purpose.counter().ok_or_else(|| {
+        Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: this key purpose does not encrypt",
+        )
+    })?;
+    let lease = Spi::get_one::<i64>(&format!("SELECT pg_catalog.nextval('{counter}')"))
+        .map_err(spi_failure)?
+        .unwrap_or_default();
+    let count = (lease - key.counter_base) * LEASE;
+    let purpose = key.purpose.as_str();
+    if count >= ENCRYPT_REFUSE_AT {
+        return Err(Failure::new(
+            Kind::NotConfigured,
+            format!(
+                "vetassist_auth: data key {} ({purpose}) has reached its encryption limit",
+                key.id
+            ),
+        )
+        .with_hint(format!(
+            "Rotate it: SELECT vetassist_auth.rotate_key('{purpose}');"
+        )));
+    }
+    if count >= ENCRYPT_WARN_AT {
+        crate::audit::recorder::rotate_worn_key_soon(key.purpose, key.id);
+        pgrx::ereport!(
+            WARNING,
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!(
+                "vetassist_auth: data key {} ({purpose}) has been used {count} times; it is rotated automatically (or rotate_key('{purpose}'))",
+                key.id
+            )
+        );
+    }
+    RING.with_borrow_mut(|ring| ring.leases.insert(key.id, (key.lease_tag, LEASE - 1)));
+    Ok(())
+}

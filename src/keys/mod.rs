@@ -1,0 +1,268 @@
+//! Key management (docs/ARCHITECTURE.md, "Keys"): the master key from the server configuration, data keys
+//! wrapped in `vetassist_auth.keys`, and a per-backend cache so encrypting a row does not touch
+//! the keys table.
+//!
+//! Cache invalidation:
+//! - the master key source is re-checked once per transaction (a `stat` of the key file, or a
+//!   hash of the inline setting); any change drops every cached key;
+//! - `rotate_key`, key creation, retirement and `rewrap_keys` send a relcache invalidation for
+//!   the keys table, which every backend receives and answers by dropping its cache;
+//! - an aborted (sub)transaction drops the cache too, since a key it created is gone.
+//!
+//! Keys are read on a snapshot taken at the moment of reading, never the caller's: a
+//! repeatable-read transaction must not keep encrypting with a key that was rotated and
+//! retired after its snapshot (docs/ARCHITECTURE.md, "Retiring a key").
+//!
+//! Pinning: a transaction that writes a value under a key first takes a share lock on that key
+//! (an object lock on (keys, key_id), which no SQL function can take), held to its end, prepared
+//! transactions included. Retirement takes the same lock exclusively without waiting, so a key
+//! is never retired while a transaction that may still commit a value under it is open; and it
+//! waits until no snapshot older than the last move off the key exists, so no reader can still
+//! see a value under it.
+//!
+//! Counting encryptions (NIST SP 800-38D limit): each purpose that encrypts has a sequence, and
+//! one `nextval` reserves a lease of 128 encryptions. Sequences never roll back and never wait
+//! on a row lock, so the count cannot be lost by an abort and counting cannot deadlock with the
+//! caller's own locks. A key's count is `(lease number - counter_base) * 128`, where
+//! `counter_base` is the sequence position when the key became active. `keys.encrypt_count`
+//! mirrors it for administrators: exactly at rotation, and by `refresh_encrypt_counts` (each
+//! `reencrypt` call and each background sweep), never by a writer, whose row lock on the key
+//! would hold up rotation until its transaction ends. The limits are enforced on the sequence,
+//! not the mirror. A lease over-counts by at most 127 per backend, never under-counts.
+
+mod admin;
+mod cache;
+mod counter;
+mod locks;
+mod master;
+mod store;
+
+pub use admin::rotate_worn_key;
+pub use cache::{keys_relid, register_callbacks};
+pub use counter::reserve_encryption;
+pub use locks::{audit_chain_holder, claim_identity, lock_audit_chain};
+pub use store::{create_active_key, latest_rows, schema_has_column};
+
+use cache::*;
+use counter::*;
+use locks::*;
+use master::*;
+use store::*;
+
+use crate::crypto::{self, FieldKey, SecretKey};
+use crate::error::{Failure, Kind, OrRaise, Result};
+use crate::gucs;
+use aes_gcm::Aes256Gcm;
+use pgrx::prelude::*;
+use pgrx::spi::Spi;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+/// What a data key is for; each purpose has exactly one active key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    Token,
+    Phi,
+    Hash,
+    Audit,
+    /// TOTP secrets: opened by no public function.
+    Mfa,
+}
+
+impl Purpose {
+    /// In the order of their lock ordinals (lock_purpose): new purposes go last.
+    pub const ALL: [Purpose; 5] = [
+        Purpose::Token,
+        Purpose::Phi,
+        Purpose::Hash,
+        Purpose::Audit,
+        Purpose::Mfa,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Token => "token",
+            Purpose::Phi => "phi",
+            Purpose::Hash => "hash",
+            Purpose::Audit => "audit",
+            Purpose::Mfa => "mfa",
+        }
+    }
+
+    /// The sequence that counts this purpose's encryptions; None for the purposes that only MAC.
+    fn counter(self) -> Option<&'static str> {
+        match self {
+            Purpose::Token => Some("vetassist_auth.token_encryptions_seq"),
+            Purpose::Phi => Some("vetassist_auth.phi_encryptions_seq"),
+            Purpose::Mfa => Some("vetassist_auth.mfa_encryptions_seq"),
+            Purpose::Hash | Purpose::Audit => None,
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Purpose> {
+        Purpose::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| {
+                Failure::new(Kind::InvalidArgument, "vetassist_auth: unknown key purpose")
+                    .with_hint("The purposes are token, phi, hash and audit.")
+            })
+    }
+}
+
+pub struct DataKey {
+    pub id: u32,
+    pub purpose: Purpose,
+    counter_base: i64,
+    /// Tells this key from another with the same id (the extension dropped and created again),
+    /// so a lease survives dropping the cache but never counts for another key.
+    lease_tag: [u8; 8],
+    secret: SecretKey,
+    cipher: Aes256Gcm,
+}
+
+impl DataKey {
+    pub fn cipher(&self) -> &Aes256Gcm {
+        &self.cipher
+    }
+
+    /// The raw key, for MACs computed by the crypto core (the audit chain).
+    pub fn secret(&self) -> &[u8; 32] {
+        &self.secret.0
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Ring {
+    pub(super) master_fingerprint: Option<[u8; 32]>,
+    pub(super) kek: Option<Rc<SecretKey>>,
+    /// The master key being replaced (vetassist_auth.previous_master_key_file): data keys not
+    /// yet rewrapped still open under it.
+    pub(super) previous_kek: Option<Rc<SecretKey>>,
+    pub(super) keys: HashMap<u32, Rc<DataKey>>,
+    pub(super) active: HashMap<Purpose, u32>,
+    /// Encryptions left in this backend's current lease, per key id (with the key's lease tag).
+    /// Kept when the cached keys are dropped (after an abort, a rotation): the counter handed
+    /// the lease out for good, and a lease thrown away is budget lost.
+    pub(super) leases: HashMap<u32, ([u8; 8], i64)>,
+    /// Ids of each purpose's `decrypt_only` keys, newest first.
+    pub(super) decrypt_only: HashMap<Purpose, Vec<u32>>,
+    pub(super) field_keys: HashMap<(u32, String), Rc<FieldKey>>,
+}
+
+impl Ring {
+    pub(super) fn drop_data_keys(&mut self) {
+        self.keys.clear();
+        self.active.clear();
+        self.decrypt_only.clear();
+        self.field_keys.clear();
+    }
+}
+
+thread_local! {
+    pub(super) static RING: RefCell<Ring> = RefCell::new(Ring::default());
+    /// Set by invalidation callbacks, which may run in the middle of our own SPI calls and
+    /// so must not borrow RING; the next entry point drops the cached data keys.
+    pub(super) static STALE: Cell<bool> = const { Cell::new(false) };
+    pub(super) static CHECKED_THIS_XACT: Cell<bool> = const { Cell::new(false) };
+    /// Set while this backend inserts a key of its own making (see sql/operations.sql).
+    pub(super) static CREATING_KEY: Cell<bool> = const { Cell::new(false) };
+    /// Keys this transaction holds a pin (share lock) on; emptied when the locks go away.
+    pub(super) static PINNED: RefCell<HashSet<u32>> = RefCell::new(HashSet::new());
+    pub(super) static KEYS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
+/// The active key of a purpose, created on first use. For reading and look-ups; a value that
+/// will be stored is made with `key_for_writing`.
+pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
+    refresh()?;
+    let cached = RING.with_borrow(|ring| {
+        ring.active
+            .get(&purpose)
+            .and_then(|id| ring.keys.get(id))
+            .cloned()
+    });
+    if let Some(key) = cached {
+        return Ok(key);
+    }
+    let key = match load_active_key(purpose)? {
+        Some(key) => key,
+        None => {
+            // First use: the recorder creates it in a transaction of its own, so this caller
+            // holds no lock on key creation while its transaction lasts (docs/ARCHITECTURE.md,
+            // "Locks no role can take"); without a recorder the caller creates it.
+            kek()?;
+            if !crate::audit::recorder::create_key(purpose)? {
+                create_active_key(purpose)?;
+            }
+            load_active_key(purpose)?
+                .ok_or_else(|| spi_failure(pgrx::spi::SpiError::InvalidPosition))?
+        }
+    };
+    RING.with_borrow_mut(|ring| ring.active.insert(purpose, key.id));
+    Ok(key)
+}
+
+/// The active key of a purpose, pinned for the rest of the transaction: it cannot be retired
+/// until this transaction ends, so whatever it writes under the key stays readable.
+pub fn key_for_writing(purpose: Purpose) -> Result<Rc<DataKey>> {
+    loop {
+        let key = active_key(purpose)?;
+        if PINNED.with_borrow(|pinned| pinned.contains(&key.id)) {
+            return Ok(key);
+        }
+        acquire(key_lock_tag(key.id, 0), pg_sys::ShareLock, true);
+        PINNED.with_borrow_mut(|pinned| pinned.insert(key.id));
+        // A retirement or rotation that committed while we waited for the lock sent its
+        // invalidation before releasing the lock: take it in and look again.
+        // SAFETY: processing invalidations between statements' steps is what every relation
+        // lock acquisition does; our callback only sets a flag.
+        unsafe { pg_sys::AcceptInvalidationMessages() };
+        if !STALE.get() {
+            return Ok(key);
+        }
+    }
+}
+
+/// Any key that may still decrypt (`active` or `decrypt_only`) by id. Retired and unknown
+/// keys are reported exactly like a failed authentication.
+pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
+    refresh()?;
+    if let Some(key) = RING.with_borrow(|ring| ring.keys.get(&id).cloned()) {
+        return Ok(key);
+    }
+    let id = i32::try_from(id).map_err(|_| Failure::from(crypto::Error::Authentication))?;
+    load_keys(&format!("key_id = {id} AND status <> 'retired'"))?
+        .pop()
+        .ok_or_else(|| crypto::Error::Authentication.into())
+}
+
+/// The per-field HMAC key for a hash data key, derived once per backend.
+pub fn field_key(key: &DataKey, field: &str) -> Rc<FieldKey> {
+    RING.with_borrow_mut(|ring| {
+        ring.field_keys
+            .entry((key.id, field.to_owned()))
+            .or_insert_with(|| Rc::new(FieldKey::new(key.id, &key.secret.0, field)))
+            .clone()
+    })
+}
+
+/// Every key of a purpose that may still be found in stored data (active first).
+pub fn usable_keys(purpose: Purpose) -> Result<Vec<Rc<DataKey>>> {
+    let active = active_key(purpose)?;
+    let cached = RING.with_borrow(|ring| ring.decrypt_only.get(&purpose).cloned());
+    let others = match cached {
+        Some(ids) => ids.into_iter().map(key_by_id).collect::<Result<Vec<_>>>()?,
+        None => {
+            let keys = load_keys(&format!(
+                "purpose = '{}' AND status = 'decrypt_only'",
+                purpose.as_str()
+            ))?;
+            let ids = keys.iter().map(|key| key.id).collect();
+            RING.with_borrow_mut(|ring| ring.decrypt_only.insert(purpose, ids));
+            keys
+        }
+    };
+    Ok(std::iter::once(active).chain(others).collect())
+}

@@ -1,0 +1,155 @@
+//! The sweeper: a background worker that expires and purges sessions, seals the audit log,
+//! refreshes key counters and logs the chain head (docs/ARCHITECTURE.md, "Background worker").
+
+use crate::gucs;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// How soon Postgres starts the sweeper again after it stopped.
+pub const RESTART_AFTER: Duration = Duration::from_secs(10);
+
+/// Registers the sweeper when the library is preloaded and a database is configured.
+pub fn register() {
+    if gucs::string_setting(&gucs::SWEEP_DATABASE).is_none() {
+        return;
+    }
+    BackgroundWorkerBuilder::new("vetassist_auth sweeper")
+        .set_type("vetassist_auth sweeper")
+        .set_function("vetassist_auth_sweeper_main")
+        .set_library("vetassist_auth")
+        .enable_spi_access()
+        // Postgres starts the worker again this long after it exits with status 1, which it does
+        // whenever it is stopped (pg_terminate_backend included); only a server shutdown, which
+        // restarts no worker, ends it for good.
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+fn message_of(caught: &pg_sys::panic::CaughtError) -> String {
+    use pg_sys::panic::CaughtError::*;
+    match caught {
+        PostgresError(report)
+        | ErrorReport(report)
+        | RustPanic {
+            ereport: report, ..
+        } => report.message().to_owned(),
+    }
+}
+
+/// One maintenance pass in its own transaction; an error is logged, rolled back, and the next
+/// pass runs as usual.
+fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str) -> Option<T> {
+    // SAFETY: the worker runs one transaction at a time, outside any other; the isolation level
+    // is set before the first snapshot, as SET TRANSACTION would.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        // Whatever default_transaction_isolation says: the sweep and the sealer work on fresh
+        // snapshots, one per statement.
+        pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let outcome = PgTryBuilder::new(|| {
+        Spi::get_one::<T>(sql)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| e.to_string())
+    })
+    .catch_others(|caught| Err(message_of(&caught)))
+    .execute();
+    match outcome {
+        Ok(changed) => {
+            // SAFETY: pops the snapshot pushed above and commits the transaction started above.
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Some(changed)
+        }
+        Err(message) => {
+            // SAFETY: the caught error left the transaction started above in an aborted state;
+            // this cleans it up, snapshot included, as the top-level error handler would.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            pgrx::warning!("vetassist_auth sweeper: {what} failed: {message}");
+            None
+        }
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // Maintenance yields the CPU to backends serving requests: a big sweep must not slow
+    // down touch_session on a busy server.
+    // SAFETY: nice() changes only this process's scheduling priority.
+    unsafe { libc::nice(10) };
+    let database =
+        gucs::string_setting(&gucs::SWEEP_DATABASE).map(|d| d.to_string_lossy().into_owned());
+    BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);
+    // A superuser in a database whose owner may have set a search_path for it: nothing of
+    // theirs may be found before pg_catalog.
+    // SAFETY: a plain setting of this process, set outside any transaction.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+    pgrx::log!(
+        "vetassist_auth sweeper started in database {}",
+        database.as_deref().unwrap_or("?")
+    );
+    loop {
+        // Expire and purge sessions in short batches until there is nothing left to do.
+        while let Some(changed) = run_in_transaction::<i64>(
+            "expire_sessions",
+            "SELECT vetassist_auth.expire_sessions(10000)::bigint",
+        ) {
+            if changed == 0 || BackgroundWorker::sigterm_received() {
+                break;
+            }
+        }
+        // Then seal what finished since the last pass.
+        while let Some(sealed) = run_in_transaction::<i64>(
+            "seal_audit_log",
+            "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
+        ) {
+            if sealed < 10_000 || BackgroundWorker::sigterm_received() {
+                break;
+            }
+        }
+        // And show administrators the keys' current encryption counts.
+        run_in_transaction::<i64>(
+            "refresh_encrypt_counts",
+            "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
+        );
+        // An anchor outside the database's reach: log shipping keeps the chain head where no
+        // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
+        if let Some(head) = run_in_transaction::<String>(
+            "audit_chain_head",
+            "SELECT pg_catalog.format('seq=%s hash=%s', seq, pg_catalog.encode(hash, 'hex')) \
+             FROM vetassist_auth.audit_chain_head()",
+        )
+        .filter(|head| !head.is_empty())
+        {
+            pgrx::log!("vetassist_auth audit chain head {head}");
+        }
+        let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
+        if !BackgroundWorker::wait_latch(Some(interval)) {
+            break; // postmaster death or SIGTERM
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: outside any transaction, as the postmaster's own children reload.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+    pgrx::log!("vetassist_auth sweeper stopped; it restarts unless the server is shutting down");
+    // Exit status 0 would unregister the worker for good; 1 asks the postmaster to start it
+    // again after RESTART_AFTER (it starts no worker during a shutdown).
+    // SAFETY: proc_exit runs the backend's exit callbacks and does not return; no Rust value
+    // with a destructor that matters is alive here.
+    unsafe { pg_sys::proc_exit(1) };
+}
