@@ -89,14 +89,21 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);
     // A superuser in a database whose owner may have set a search_path for it: nothing of
     // theirs may be found before pg_catalog.
-    // SAFETY: a plain setting of this process, set outside any transaction.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+    // In a deadlock with a session (DROP EXTENSION, an administrator's DDL) the sweeper finds
+    // it first and gives way: its pass is retried, the session's statement goes through.
+    for (name, value) in [
+        (c"search_path", c"pg_catalog, pg_temp"),
+        (c"deadlock_timeout", c"100ms"),
+    ] {
+        // SAFETY: plain settings of this process, set outside any transaction.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
     }
     pgrx::log!(
         "vetassist_auth sweeper started in database {}",

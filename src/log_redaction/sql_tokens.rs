@@ -312,6 +312,17 @@ const API_FUNCTIONS: &[&str] = &[
 
 pub const SCHEMA: &str = "vetassist_auth";
 
+/// Keywords after which `name (` is a relation and its column list, not a call.
+const RELATION_KEYWORDS: &[&str] = &[
+    "analyze",
+    "copy",
+    "into",
+    "on",
+    "references",
+    "table",
+    "view",
+];
+
 /// How a statement relates to the extension.
 pub struct Classified {
     /// It calls a function of the extension's schema (qualified) or one of its API functions.
@@ -338,12 +349,17 @@ pub fn classify(sql: &str, standard_strings: bool, depth: u8) -> Classified {
     let mut executes = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
         match &t.kind {
-            // vetassist_auth.anything(: a call (a column or parameter named so is not).
+            // vetassist_auth.anything(: a call (a column or parameter named so is not), unless
+            // it is a table with a column list (COPY vetassist_auth.audit_log (id, …)).
             Kind::Ident(name)
                 if name == SCHEMA
                     && punct(i + 1) == Some('.')
                     && names(i + 2).is_some()
-                    && punct(i + 3) == Some('(') =>
+                    && punct(i + 3) == Some('(')
+                    && !i
+                        .checked_sub(1)
+                        .and_then(names)
+                        .is_some_and(|keyword| RELATION_KEYWORDS.contains(&keyword)) =>
             {
                 calls_extension = true
             }
@@ -479,6 +495,16 @@ mod tests {
         ));
         assert!(!calls("SELECT 1 AS vetassist_auth, 'x'"));
         assert!(!calls("SELECT * FROM vetassist_auth.users WHERE id = '1'"));
+        assert!(!calls(
+            "COPY vetassist_auth.audit_log (id, details) FROM stdin"
+        ));
+        assert!(!calls(
+            "INSERT INTO vetassist_auth.keys (key_id) VALUES (1)"
+        ));
+        assert!(!calls(
+            "CREATE INDEX i ON vetassist_auth.users (email_hash)"
+        ));
+        assert!(calls("SELECT * FROM vetassist_auth.user_profile('u')"));
     }
 
     #[test]
