@@ -173,10 +173,9 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
         // Like the table, the indexes stay locked to the end of the transaction: the next
         // audit row in it then finds its locks already held.
         for i in 0..(*result_rel).ri_NumIndices as usize {
-            pg_sys::index_close(
-                *(*result_rel).ri_IndexRelationDescs.add(i),
-                pg_sys::NoLock as i32,
-            );
+            let index = *(*result_rel).ri_IndexRelationDescs.add(i);
+            finish_index_inserts(index, *(*result_rel).ri_IndexRelationInfo.add(i));
+            pg_sys::index_close(index, pg_sys::NoLock as i32);
         }
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
         pg_sys::FreeExecutorState(estate);
@@ -228,6 +227,19 @@ unsafe fn insert_index_entries(
             false,
         );
     }
+}
+
+/// Before 17 an index keeps nothing between inserts.
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+unsafe fn finish_index_inserts(_index: pg_sys::Relation, _info: *mut pg_sys::IndexInfo) {}
+
+/// Since 17 an index may keep state between the inserts of one statement (BRIN keeps its
+/// revmap pages pinned), released here as ExecCloseIndices would release it.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+unsafe fn finish_index_inserts(index: pg_sys::Relation, info: *mut pg_sys::IndexInfo) {
+    // SAFETY: `index` and `info` are an index and its IndexInfo opened by ExecOpenIndices,
+    // after the last insert into it; the index is still open.
+    unsafe { pg_sys::index_insert_cleanup(index, info) };
 }
 
 /// `{"old": {...}, "new": {...}}` (either part may be absent) as a jsonb datum, built directly

@@ -321,8 +321,12 @@ unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
             ))
         });
         rewrite(&mut e.detail, |detail| {
-            if detail.starts_with("parameters:") {
-                format!("parameters: {REDACTED}")
+            // "parameters: …" until 16, "Parameters: …" since 17.
+            if let Some(label) = ["parameters:", "Parameters:"]
+                .into_iter()
+                .find(|label| detail.starts_with(label))
+            {
+                format!("{label} {REDACTED}")
             } else {
                 mask_quoted(without_values(detail, &values))
             }
