@@ -10,11 +10,12 @@ FEATURES   := --no-default-features --features pg$(PG)
 # make bench BENCH="audit chain" runs only those sections (crypto tokens sessions audit chain).
 BENCH      ?=
 SUDO_FLAG  := $(if $(filter 0,$(shell id -u)),,--sudo)
+SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
 # The versions `make test` also checks (build, pg_regress, upgrade, integration without load).
-OTHER_PG   ?= 16 17 18
+OTHER_PG   ?= $(filter-out $(PG),$(ALL_PG))
 ALL_PG     := 15 16 17 18
 
-.PHONY: all toolchain install install-release lint test test-one test-compat test-all demo bench clean
+.PHONY: all toolchain install install-release lint pg-test test test-one test-compat test-all demo bench clean
 
 all: test
 
@@ -36,14 +37,23 @@ lint: toolchain
 test: test-one
 	@for v in $(OTHER_PG); do $(MAKE) --no-print-directory test-compat PG=$$v PG_CONFIG=$$(scripts/ensure-postgres.sh $$v) || exit 1; done
 
-# The whole suite on one version: crypto unit tests, pg_regress, integration tests, clients.
-test-one: lint install
-	cargo test --lib $(FEATURES)
+# The crypto unit tests and the in-process tests (src/pg_tests.rs), in a cluster that cargo pgrx
+# starts as the postgres OS user (initdb refuses root). It installs a test build of the
+# extension, so the targets below install the real one after it.
+pg-test: toolchain
+	$(SUDO) install -d -o postgres target/pg-test
+	cargo pgrx test pg$(PG) --no-default-features --runas postgres --pgdata $(CURDIR)/target/pg-test/pg$(PG)
+
+# The whole suite on one version: unit and in-process tests, pg_regress, integration tests,
+# clients.
+test-one: lint pg-test
+	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
 	tests/run.sh
 
-# Another version: clippy and the build, pg_regress, the upgrade test and the integration tests
-# that need no load run.
-test-compat: lint install
+# Another version: clippy, unit and in-process tests, pg_regress, the upgrade test and the
+# integration tests that need no load run.
+test-compat: lint pg-test
+	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
 	COMPAT=1 tests/run.sh
 
 # Everything on every version.

@@ -17,6 +17,9 @@ mod mfa;
 mod sessions;
 mod worker;
 
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
@@ -25,7 +28,7 @@ extension_sql_file!(
     name = "keys_sql",
     requires = [
         "schema",
-        encryption::encrypt,
+        encryption::encrypt_for_application,
         encryption::decrypt,
         encryption::encrypt_token,
         encryption::decrypt_token,
