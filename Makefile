@@ -6,7 +6,6 @@ PG         ?= 15
 # The pg_config of PostgreSQL $(PG); everything (clusters, tests, bench, demo) follows it.
 PG_CONFIG  ?= $(shell scripts/ensure-postgres.sh $(PG))
 export PG_CONFIG
-FEATURES   := --no-default-features --features pg$(PG)
 # make bench BENCH="audit chain" runs only those sections (crypto tokens sessions audit chain).
 BENCH      ?=
 SUDO_FLAG  := $(if $(filter 0,$(shell id -u)),,--sudo)
@@ -30,7 +29,7 @@ install-release: toolchain
 
 lint: toolchain
 	cargo fmt --check
-	cargo clippy --all-targets $(FEATURES) -- -D warnings
+	cargo clippy --all-targets --no-default-features --features "pg$(PG) pg_test" -- -D warnings
 
 # CI runs exactly this: the whole suite on $(PG), then the compatibility suite on each other
 # supported version.

@@ -253,6 +253,8 @@ fn canonical_ip(value: &str) -> Result<String> {
         return Err(bad());
     }
     let cstr = std::ffi::CString::new(trimmed).map_err(|_| bad())?;
+    // SAFETY: inet_in and inet_out take and return datums as called here; an error they raise
+    // is caught by the PgTryBuilder.
     let canonical = PgTryBuilder::new(|| unsafe {
         let inet = pgrx::direct_function_call_as_datum(
             pg_sys::inet_in,

@@ -256,11 +256,12 @@ unsafe extern "C-unwind" fn show_master_key() -> *const std::ffi::c_char {
 
 /// The raw value of a string setting without copying it; None when unset or empty.
 pub fn string_setting(setting: &GucSetting<Option<CString>>) -> Option<&'static CStr> {
+    // SAFETY: the GUC's storage is a static pointer that Postgres sets; read here only.
     let raw = unsafe { *setting.as_ptr() };
     if raw.is_null() {
         return None;
     }
-    // Safety: Postgres keeps the current value alive until the setting changes, which only
+    // SAFETY: Postgres keeps the current value alive until the setting changes, which only
     // happens between statements; callers use the value immediately.
     let value = unsafe { CStr::from_ptr(raw) };
     (!value.to_bytes().is_empty()).then_some(value)

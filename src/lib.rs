@@ -17,7 +17,7 @@ mod mfa;
 mod sessions;
 mod worker;
 
-#[cfg(any(test, feature = "pg_test"))]
+#[cfg(feature = "pg_test")]
 mod pg_tests;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -45,6 +45,7 @@ unsafe extern "C-unwind" fn reset_at_transaction_end(
 }
 
 pub fn register_callbacks() {
+    // SAFETY: called once per backend from _PG_init; the callback is a static function.
     unsafe { pg_sys::RegisterXactCallback(Some(reset_at_transaction_end), std::ptr::null_mut()) };
     writer::register_callbacks();
 }

@@ -44,7 +44,8 @@ impl RowAuditConfig {
 }
 
 extern "C-unwind" {
-    // utils/datum.h; not in pgrx's bindings. Compares two non-null datums byte for byte.
+    // utils/datum.h; not in pgrx's bindings, with the same signature in 15 through 18.
+    // Compares two non-null datums byte for byte.
     fn datumIsEqual(
         value1: pg_sys::Datum,
         value2: pg_sys::Datum,
@@ -77,10 +78,12 @@ unsafe fn value_of(
 /// matched as text: `COPY (SELECT …) TO`, and any query string holding other statements too,
 /// are not restores of this table.
 fn restoring_into(schema: &str, table: &str) -> bool {
+    // SAFETY: a global of this backend, read in the backend's only thread.
     let statement = unsafe { pg_sys::debug_query_string };
     if statement.is_null() {
         return false;
     }
+    // SAFETY: non-null, and Postgres keeps the query string alive while it runs.
     let mentions_copy = unsafe { CStr::from_ptr(statement) }
         .to_bytes()
         .windows(4)
@@ -121,6 +124,7 @@ fn row_audit<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
     let data = trigger.trigger_data();
+    // SAFETY: Postgres passes a valid Trigger for the duration of the trigger call.
     let trigger_oid = unsafe { (*data.tg_trigger).tgoid };
     let config = match ROW_AUDIT_TRIGGERS.with_borrow(|cache| cache.get(&trigger_oid).cloned()) {
         Some(config) => config,
@@ -159,6 +163,7 @@ fn row_audit<'a>(
         PgTriggerOperation::Delete => ("delete", Some(data.tg_trigtuple), None),
         PgTriggerOperation::Truncate => return Ok(None),
     };
+    // SAFETY: the trigger's relation is open for the duration of the trigger call.
     let desc = unsafe { (*data.tg_relation).rd_att };
 
     // Only columns whose bytes differ are printed: an UPDATE of one column of a wide row prints
@@ -173,11 +178,14 @@ fn row_audit<'a>(
             continue;
         }
         let attnum = (i + 1) as i32;
+        // SAFETY: attname is a NUL-terminated NameData inside the descriptor.
         let name = unsafe { CStr::from_ptr(attr.attname.data.as_ptr()) };
         let name_str = name.to_str().unwrap_or_default();
+        // SAFETY: the tuples are the trigger's own, described by `desc`; attnum is in range.
         let (before, after) = unsafe { (value_of(old, attnum, desc), value_of(new, attnum, desc)) };
         let mut texts = None;
         let mut text = || {
+            // SAFETY: the datums were just read from the tuples with this column's type.
             *texts.get_or_insert_with(|| unsafe {
                 (
                     text_of(before, attr.atttypid),
@@ -187,6 +195,7 @@ fn row_audit<'a>(
         };
         let included = match (before, after) {
             (Some(b), Some(a)) => {
+                // SAFETY: two non-null datums of the same column, with its byval and length.
                 !unsafe { datumIsEqual(b, a, attr.attbyval, attr.attlen as i32) } && {
                     let (b, a) = text();
                     b != a
@@ -203,6 +212,7 @@ fn row_audit<'a>(
         if config.subject.as_deref() == Some(name_str) && attr.atttypid == pg_sys::UUIDOID {
             subject = after
                 .or(before)
+                // SAFETY: a non-null datum of a column whose type was checked to be uuid.
                 .and_then(|d| unsafe { Uuid::from_datum(d, false) });
         }
         if !included {

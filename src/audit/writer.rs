@@ -28,12 +28,14 @@ pub struct AuditRow<'a> {
 }
 
 extern "C-unwind" {
-    // commands/sequence.h; not in pgrx's bindings. Without the permission check: the caller
-    // (a trigger on an application table) need not hold USAGE on the audit sequence.
+    // commands/sequence.h; not in pgrx's bindings, with the same signature in 15 through 18.
+    // Without the permission check: the caller (a trigger on an application table) need not
+    // hold USAGE on the audit sequence.
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
 fn relation_oid(name: &CStr) -> pg_sys::Oid {
+    // SAFETY: catalog look-ups by NUL-terminated names, inside a transaction.
     let oid = unsafe {
         let schema = pg_sys::get_namespace_oid(c"vetassist_auth".as_ptr(), false);
         pg_sys::get_relname_relid(name.as_ptr(), schema)
@@ -75,6 +77,7 @@ unsafe extern "C-unwind" fn forget_log_oids(_arg: pg_sys::Datum, relid: pg_sys::
 }
 
 pub fn register_callbacks() {
+    // SAFETY: called once per backend from _PG_init; the callback is a static function.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_log_oids), pg_sys::Datum::from(0)) };
 }
 
@@ -112,6 +115,9 @@ pub fn append(row: &AuditRow<'_>) -> i64 {
 /// Appends one row on behalf of `who` (the recorder writes rows of other backends).
 pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
     let (table, sequence) = log_oids();
+    // SAFETY: the table is opened and locked here and closed at the end; values and nulls
+    // have one entry per attribute of its descriptor; every palloc'd object lives in the
+    // current memory context, and the executor state is freed after the insert.
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as i32);
         let desc = (*rel).rd_att;
@@ -256,6 +262,8 @@ pub fn jsonb_details(
         value
     }
     use pg_sys::JsonbIteratorToken::*;
+    // SAFETY: a JSONB parse state built with Postgres' own push API, from values whose strings
+    // outlive it (borrowed from the caller until JsonbValueToJsonb copies them).
     unsafe {
         let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
         pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, std::ptr::null_mut());

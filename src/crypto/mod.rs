@@ -27,6 +27,7 @@ impl Drop for SecretKey {
     fn drop(&mut self) {
         // Volatile writes so the wipe is not optimised away.
         for byte in self.0.iter_mut() {
+            // SAFETY: `byte` is a valid, aligned &mut u8.
             unsafe { std::ptr::write_volatile(byte, 0) };
         }
     }

@@ -70,6 +70,7 @@ pub fn keys_relid() -> pg_sys::Oid {
 pub(super) fn invalidate_all_backends() {
     let relid = keys_relid();
     if relid != pg_sys::InvalidOid {
+        // SAFETY: queues an invalidation of an existing relation, inside a transaction.
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
     }
     STALE.set(true);
@@ -166,6 +167,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 }
 
 pub fn register_callbacks() {
+    // SAFETY: called once per backend from _PG_init; the callbacks are static functions.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());

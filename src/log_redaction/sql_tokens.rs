@@ -312,16 +312,9 @@ const API_FUNCTIONS: &[&str] = &[
 
 pub const SCHEMA: &str = "vetassist_auth";
 
-/// Keywords after which `name (` is a relation and its column list, not a call.
-const RELATION_KEYWORDS: &[&str] = &[
-    "analyze",
-    "copy",
-    "into",
-    "on",
-    "references",
-    "table",
-    "view",
-];
+/// Keywords after which `name (` can only be a relation and its column list, not a call. (Not
+/// `ON`: `JOIN … ON vetassist_auth.field_hash('…', 'email') = …` is a call.)
+const RELATION_KEYWORDS: &[&str] = &["analyze", "copy", "into", "references", "table", "view"];
 
 /// How a statement relates to the extension.
 pub struct Classified {
@@ -502,9 +495,12 @@ mod tests {
             "INSERT INTO vetassist_auth.keys (key_id) VALUES (1)"
         ));
         assert!(!calls(
-            "CREATE INDEX i ON vetassist_auth.users (email_hash)"
+            "CREATE TABLE notes (user_id uuid REFERENCES vetassist_auth.users (id))"
         ));
         assert!(calls("SELECT * FROM vetassist_auth.user_profile('u')"));
+        assert!(calls(
+            "SELECT 1 FROM t JOIN u ON vetassist_auth.field_hash('m@x.org', 'email') = u.h"
+        ));
     }
 
     #[test]
