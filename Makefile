@@ -34,7 +34,7 @@ lint: toolchain
 # CI runs exactly this: the whole suite on $(PG), then the compatibility suite on each other
 # supported version.
 test: test-one
-	@for v in $(OTHER_PG); do $(MAKE) --no-print-directory test-compat PG=$$v PG_CONFIG=$$(scripts/ensure-postgres.sh $$v) || exit 1; done
+	@for v in $(OTHER_PG); do pg_config=$$(scripts/ensure-postgres.sh $$v) && $(MAKE) --no-print-directory test-compat PG=$$v PG_CONFIG=$$pg_config || exit 1; done
 
 # The crypto unit tests and the in-process tests (src/pg_tests.rs), in a cluster that cargo pgrx
 # starts as the postgres OS user (initdb refuses root). It installs a test build of the
@@ -57,7 +57,7 @@ test-compat: lint pg-test
 
 # Everything on every version.
 test-all:
-	@for v in $(ALL_PG); do $(MAKE) --no-print-directory test-one PG=$$v PG_CONFIG=$$(scripts/ensure-postgres.sh $$v) || exit 1; done
+	@for v in $(ALL_PG); do pg_config=$$(scripts/ensure-postgres.sh $$v) && $(MAKE) --no-print-directory test-one PG=$$v PG_CONFIG=$$pg_config || exit 1; done
 
 demo: install-release
 	target/venv/bin/python scripts/demo.py

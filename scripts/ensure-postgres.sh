@@ -64,6 +64,9 @@ case "$version" in
         curl -fsSL -o "$tmp/$tarball" "http://deb.debian.org/debian/pool/main/p/postgresql-17/$tarball"
         echo "$sha256  $tmp/$tarball" | sha256sum -c --quiet - >&2
         $SUDO rm -rf "$target.partial"
+        # Run from a make (make test): PostgreSQL's build must not inherit its MAKELEVEL and
+        # MAKEFLAGS, or it takes itself for a sub-make and skips generating its headers.
+        unset MAKELEVEL MAKEFLAGS MFLAGS MAKEOVERRIDES
         (cd "$tmp" && tar xf "$tarball" && cd postgresql-17.11 \
             && ./configure --prefix="$target.partial" --without-icu --with-openssl >&2 \
             && make -j"$(nproc)" -s >&2 && make -s install >&2 \
