@@ -130,7 +130,7 @@ pub fn tokens(sql: &str, standard_strings: bool) -> Vec<Token> {
         {
             // U&"vetassist\005fauth": a name spelled with Unicode escapes.
             i = quoted_end(i + 3, b'"', false);
-            let name = unescape_unicode(&unquote(&sql[start + 3..i], b'"'));
+            let name = unescape_unicode(&unquote(&sql[start + 3..i], b'"'), '\\');
             out.push(token(Kind::Ident(name), start, i));
             continue;
         }
@@ -201,17 +201,42 @@ pub fn tokens(sql: &str, standard_strings: bool) -> Vec<Token> {
         i += 1;
         out.push(token(Kind::Operator, start, i));
     }
+    apply_uescape(sql, &mut out);
     out
 }
 
-/// Resolves \XXXX and \+XXXXXX escapes (the default escape character; a UESCAPE clause is
-/// not read, and an undecodable escape is kept as written).
-fn unescape_unicode(text: &str) -> String {
+/// `U&"d!0061ta" UESCAPE '!'`: the name is spelled with another escape character. The name is
+/// decoded with it, and the clause becomes part of the name's token.
+fn apply_uescape(sql: &str, tokens: &mut Vec<Token>) {
+    let mut k = 0;
+    while k + 2 < tokens.len() {
+        let unicode_name = sql.as_bytes()[tokens[k].start..].starts_with(b"U&\"")
+            || sql.as_bytes()[tokens[k].start..].starts_with(b"u&\"");
+        let escape = match (&tokens[k + 1].kind, &tokens[k + 2].kind) {
+            (Kind::Ident(keyword), Kind::Str(Some(escape))) if keyword == "uescape" => {
+                let mut chars = escape.chars();
+                chars.next().filter(|_| chars.next().is_none())
+            }
+            _ => None,
+        };
+        if let (true, Some(escape)) = (unicode_name, escape) {
+            let raw = &sql[tokens[k].start + 3..tokens[k].end];
+            tokens[k].kind = Kind::Ident(unescape_unicode(&unquote(raw, b'"'), escape));
+            tokens[k].end = tokens[k + 2].end;
+            tokens.drain(k + 1..k + 3);
+        }
+        k += 1;
+    }
+}
+
+/// Resolves `escape`XXXX and `escape`+XXXXXX escapes (`\` unless a UESCAPE clause names
+/// another character); an undecodable escape is kept as written.
+fn unescape_unicode(text: &str, escape: char) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = rest.find('\\') {
+    while let Some(at) = rest.find(escape) {
         out.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
+        let after = &rest[at + escape.len_utf8()..];
         let (digits, skip) = match after.strip_prefix('+') {
             Some(six) => (six.get(..6), 7),
             None => (after.get(..4), 4),
@@ -224,12 +249,12 @@ fn unescape_unicode(text: &str) -> String {
                 out.push(ch);
                 rest = &after[skip..];
             }
-            None if after.starts_with('\\') => {
-                out.push('\\');
-                rest = &after[1..];
+            None if after.starts_with(escape) => {
+                out.push(escape);
+                rest = &after[escape.len_utf8()..];
             }
             None => {
-                out.push('\\');
+                out.push(escape);
                 rest = after;
             }
         }
@@ -479,6 +504,19 @@ mod tests {
         assert!(calls(
             "SELECT vetassist_auth . /* x */ store_va_tokens('a')"
         ));
+        assert!(calls(
+            r#"SELECT U&"vetassist!005fauth" UESCAPE '!' . U&"encrypt!005ftext" /* c */ UESCAPE '!' ('a', 'b')"#
+        ));
+        assert!(calls(
+            r#"SELECT u&"encrypt#005ftext" uescape '#'('a', 'b')"#
+        ));
+        assert_eq!(
+            mask(
+                r#"SELECT u&"encrypt#005ftext" uescape '#'('LEAK', 'b')"#,
+                true
+            ),
+            r#"SELECT u&"encrypt#005ftext" uescape '#'(<redacted>, <redacted>)"#
+        );
     }
 
     #[test]
