@@ -1,28 +1,22 @@
 -- Key usage and re-encryption (docs/ARCHITECTURE.md, "Keys").
 
--- Every stored value that depends on a data key, by key id. A decrypt_only key that appears
--- nowhere here may be retired.
-CREATE VIEW vetassist_auth.key_usage AS
-          SELECT vetassist_auth.envelope_key_id(va_icn_encrypted) AS key_id, 'users.va_icn_encrypted' AS used_by FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.envelope_key_id(email_encrypted), 'users.email_encrypted' FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.envelope_key_id(first_name_encrypted), 'users.first_name_encrypted' FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.envelope_key_id(last_name_encrypted), 'users.last_name_encrypted' FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.hash_key_id(va_icn_hash), 'users.va_icn_hash' FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.hash_key_id(email_hash), 'users.email_hash' FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.hash_key_id(first_name_hash), 'users.first_name_hash' FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.hash_key_id(last_name_hash), 'users.last_name_hash' FROM vetassist_auth.users
-UNION ALL SELECT vetassist_auth.envelope_key_id(access_token_encrypted), 'va_tokens.access_token_encrypted' FROM vetassist_auth.va_tokens
-UNION ALL SELECT vetassist_auth.envelope_key_id(refresh_token_encrypted), 'va_tokens.refresh_token_encrypted' FROM vetassist_auth.va_tokens
-UNION ALL SELECT vetassist_auth.envelope_key_id(totp_secret_encrypted), 'mfa_settings.totp_secret_encrypted' FROM vetassist_auth.mfa_settings
-UNION ALL SELECT vetassist_auth.hash_key_id(ip_hash), 'sessions.ip_hash' FROM vetassist_auth.sessions
-UNION ALL SELECT vetassist_auth.hash_key_id(device_fingerprint_hash), 'sessions.device_fingerprint_hash' FROM vetassist_auth.sessions
-UNION ALL SELECT vetassist_auth.hash_key_id(refresh_token_hash), 'sessions.refresh_token_hash' FROM vetassist_auth.sessions
-UNION ALL SELECT vetassist_auth.hash_key_id(previous_refresh_token_hash), 'sessions.previous_refresh_token_hash' FROM vetassist_auth.sessions
-UNION ALL SELECT vetassist_auth.envelope_key_id(refresh_successor_encrypted), 'sessions.refresh_successor_encrypted' FROM vetassist_auth.sessions
-UNION ALL SELECT vetassist_auth.hash_key_id(device_fingerprint_hash), 'trusted_devices.device_fingerprint_hash' FROM vetassist_auth.trusted_devices
-UNION ALL SELECT vetassist_auth.hash_key_id(code_hash), 'mfa_backup_codes.code_hash' FROM vetassist_auth.mfa_backup_codes
-UNION ALL SELECT vetassist_auth.hash_key_id(ip_hash), 'audit_log.ip_hash' FROM vetassist_auth.audit_log
-UNION ALL SELECT key_id, 'audit_seals' FROM vetassist_auth.audit_seals;
+-- Every stored value that depends on a data key, by key id: one branch per column of
+-- protected_columns() (src/protected_columns.rs), generated here. A decrypt_only key that
+-- appears nowhere here may be retired.
+DO $key_usage$
+BEGIN
+    EXECUTE 'CREATE VIEW vetassist_auth.key_usage AS ' || (
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
+                   CASE c.purpose
+                       WHEN 'hash' THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
+                       WHEN 'audit' THEN pg_catalog.quote_ident(c.column_name)
+                       ELSE pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
+                   END,
+                   c.table_name || '.' || c.column_name, c.table_name),
+               ' UNION ALL ' ORDER BY c.ordinality)
+        FROM vetassist_auth.protected_columns() WITH ORDINALITY c);
+END
+$key_usage$;
 COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
 
 -- Moves up to batch_size rows per table onto the active keys and returns how many rows moved.
@@ -60,113 +54,58 @@ $$;
 CREATE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    phi_key   integer := vetassist_auth.active_key_id('phi');
-    token_key integer := vetassist_auth.active_key_id('token');
-    hash_key  integer := vetassist_auth.active_key_id('hash');
-    mfa_key   integer := vetassist_auth.active_key_id('mfa');
-    moved     bigint := 0;
-    n         bigint;
+    t     record;
+    moved bigint := 0;
+    n     bigint;
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
     END IF;
 
-    WITH batch AS (
-        SELECT u.id FROM vetassist_auth.users u
-        WHERE (vetassist_auth.envelope_key_id(u.va_icn_encrypted) <> phi_key
-           OR vetassist_auth.envelope_key_id(u.email_encrypted) <> phi_key
-           OR vetassist_auth.envelope_key_id(u.first_name_encrypted) <> phi_key
-           OR vetassist_auth.envelope_key_id(u.last_name_encrypted) <> phi_key
-           OR vetassist_auth.hash_key_id(u.va_icn_hash) <> hash_key
-           OR vetassist_auth.hash_key_id(u.email_hash) <> hash_key
-           OR vetassist_auth.hash_key_id(u.first_name_hash) <> hash_key
-           OR vetassist_auth.hash_key_id(u.last_name_hash) <> hash_key)
-          -- Only rows whose every value opens (a damaged, foreign or retired-key value stays).
-          AND vetassist_auth.opens(u.va_icn_encrypted, 'users.va_icn:' || u.id, 'phi')
-          AND vetassist_auth.opens(u.email_encrypted, 'users.email:' || u.id, 'phi')
-          AND vetassist_auth.opens(u.first_name_encrypted, 'users.first_name:' || u.id, 'phi')
-          AND vetassist_auth.opens(u.last_name_encrypted, 'users.last_name:' || u.id, 'phi')
-        LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
-    ), plain AS (
-        SELECT u.id,
-               vetassist_auth.open_phi_text(u.va_icn_encrypted, 'users.va_icn:' || u.id) AS va_icn,
-               vetassist_auth.open_phi_text(u.email_encrypted, 'users.email:' || u.id) AS email,
-               vetassist_auth.open_phi_text(u.first_name_encrypted, 'users.first_name:' || u.id) AS first_name,
-               vetassist_auth.open_phi_text(u.last_name_encrypted, 'users.last_name:' || u.id) AS last_name
-        FROM batch JOIN vetassist_auth.users u USING (id)
-    )
-    UPDATE vetassist_auth.users u SET
-        va_icn_encrypted     = vetassist_auth.seal_phi_text(p.va_icn, 'users.va_icn:' || u.id),
-        va_icn_hash          = vetassist_auth.field_hash(p.va_icn, 'va_icn'),
-        email_encrypted      = vetassist_auth.seal_phi_text(p.email, 'users.email:' || u.id),
-        email_hash           = vetassist_auth.field_hash(p.email, 'email'),
-        first_name_encrypted = vetassist_auth.seal_phi_text(p.first_name, 'users.first_name:' || u.id),
-        first_name_hash      = vetassist_auth.field_hash(p.first_name, 'first_name'),
-        last_name_encrypted  = vetassist_auth.seal_phi_text(p.last_name, 'users.last_name:' || u.id),
-        last_name_hash       = vetassist_auth.field_hash(p.last_name, 'last_name')
-    FROM plain p WHERE u.id = p.id;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    moved := moved + n;
-
-    WITH batch AS (
-        SELECT t.id FROM vetassist_auth.va_tokens t
-        WHERE (vetassist_auth.envelope_key_id(t.access_token_encrypted) <> token_key
-           OR vetassist_auth.envelope_key_id(t.refresh_token_encrypted) <> token_key)
-          AND vetassist_auth.opens(t.access_token_encrypted, 'va_tokens.access_token:' || t.user_id, 'token')
-          AND vetassist_auth.opens(t.refresh_token_encrypted, 'va_tokens.refresh_token:' || t.user_id, 'token')
-        LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE vetassist_auth.va_tokens t SET
-        access_token_encrypted = vetassist_auth.encrypt_token(
-            vetassist_auth.decrypt_token(t.access_token_encrypted, 'va_tokens.access_token:' || t.user_id),
-            'va_tokens.access_token:' || t.user_id),
-        refresh_token_encrypted = vetassist_auth.encrypt_token(
-            vetassist_auth.decrypt_token(t.refresh_token_encrypted, 'va_tokens.refresh_token:' || t.user_id),
-            'va_tokens.refresh_token:' || t.user_id)
-    FROM batch WHERE t.id = batch.id;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    moved := moved + n;
-
-    WITH batch AS (
-        SELECT s.id FROM vetassist_auth.sessions s
-        WHERE vetassist_auth.envelope_key_id(s.refresh_successor_encrypted) <> token_key
-          AND vetassist_auth.opens(s.refresh_successor_encrypted, 'sessions.refresh_successor:' || s.id, 'token')
-        LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE vetassist_auth.sessions s SET
-        refresh_successor_encrypted = vetassist_auth.encrypt_token(
-            vetassist_auth.decrypt_token(s.refresh_successor_encrypted, 'sessions.refresh_successor:' || s.id),
-            'sessions.refresh_successor:' || s.id)
-    FROM batch WHERE s.id = batch.id;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    moved := moved + n;
-
-    WITH batch AS (
-        SELECT m.user_id FROM vetassist_auth.mfa_settings m
-        WHERE vetassist_auth.envelope_key_id(m.totp_secret_encrypted) <> mfa_key
-          -- Under an mfa key, or under a phi key as written before 0.1.3.
-          AND (vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'mfa')
-               OR vetassist_auth.opens(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id, 'phi'))
-        LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE vetassist_auth.mfa_settings m SET
-        totp_secret_encrypted = vetassist_auth.encrypt_mfa_secret(
-            vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id),
-            'mfa_settings.totp_secret:' || m.user_id)
-    FROM batch WHERE m.user_id = batch.user_id;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    moved := moved + n;
+    -- One statement per table of protected_columns(): its rows with an envelope, or a hash of
+    -- one, under a key that is not the active one, and whose every envelope opens (a damaged,
+    -- foreign or retired-key value stays). Envelopes are sealed again and hashes computed again
+    -- from the envelope they hash, inside reseal and rehash: no plaintext passes through here.
+    FOR t IN
+        WITH c AS (
+            SELECT p.*,
+                   CASE WHEN p.context_name IS NOT NULL
+                        THEN format('%L || t.%I', p.context_name || ':', p.context_id) END AS context,
+                   CASE WHEN p.context_name IS NOT NULL OR p.hash_of IS NOT NULL
+                        THEN vetassist_auth.active_key_id(p.purpose) END AS active_key
+            FROM vetassist_auth.protected_columns() WITH ORDINALITY p
+        )
+        SELECT c.table_name, min(c.row_id) AS row_id,
+               string_agg(format('vetassist_auth.%s(t.%I) <> %s',
+                                 CASE WHEN c.purpose = 'hash' THEN 'hash_key_id' ELSE 'envelope_key_id' END,
+                                 c.column_name, c.active_key), ' OR ' ORDER BY c.ordinality) AS stale,
+               coalesce(string_agg(format('vetassist_auth.opens(t.%I, %s, %L)', c.column_name, c.context, c.purpose),
+                                   ' AND ' ORDER BY c.ordinality) FILTER (WHERE c.context IS NOT NULL), 'true') AS opens,
+               string_agg(CASE WHEN c.context IS NOT NULL
+                               THEN format('%I = vetassist_auth.reseal(t.%I, %s, %L)', c.column_name, c.column_name, c.context, c.purpose)
+                               ELSE format('%I = vetassist_auth.rehash(t.%I, %s, %L, %L)', c.column_name, source.column_name,
+                                           source.context, source.purpose, c.hash_field)
+                          END, ', ' ORDER BY c.ordinality) AS assignments
+        FROM c LEFT JOIN c source ON source.table_name = c.table_name AND source.column_name = c.hash_of
+        WHERE c.active_key IS NOT NULL
+        GROUP BY c.table_name
+        ORDER BY min(c.ordinality)
+    LOOP
+        EXECUTE format('WITH batch AS (SELECT t.%1$I FROM vetassist_auth.%2$I t WHERE (%3$s) AND %4$s '
+                       'LIMIT $1 FOR UPDATE SKIP LOCKED) '
+                       'UPDATE vetassist_auth.%2$I t SET %5$s FROM batch WHERE t.%1$I = batch.%1$I',
+                       t.row_id, t.table_name, t.stale, t.opens, t.assignments)
+            USING batch_size;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        moved := moved + n;
+    END LOOP;
 
     IF moved = 0 THEN
         PERFORM vetassist_auth.retire_unused_keys();
         -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
         -- damaged, or restored from another database), or another transaction holds their row.
         SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
-        WHERE k.used_by NOT LIKE '%hash' AND k.used_by <> 'audit_seals' AND keys.status <> 'active';
+        WHERE keys.purpose IN ('phi', 'token', 'mfa') AND keys.status <> 'active';
         IF n > 0 THEN
             RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
                 USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them.';

@@ -6,6 +6,7 @@ use crate::audit::AuditRow;
 use crate::crypto::{self, envelope};
 use crate::error::{Failure, Kind, OrRaise, Result};
 use crate::keys::{self, Purpose};
+use crate::protected_columns;
 use pgrx::prelude::*;
 
 /// Postgres refuses values over 1 GB anyway; this keeps the envelope within a varlena.
@@ -33,6 +34,16 @@ pub fn open(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8
     Ok(envelope::open(key.cipher(), ciphertext, context)?)
 }
 
+/// `open` for a value stored in one of the extension's columns: a TOTP secret written before
+/// 0.1.3 is under a `phi` key until `reencrypt` moves it.
+pub fn open_stored(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
+    match purpose {
+        Purpose::Mfa => open(Purpose::Mfa, ciphertext, context)
+            .or_else(|_| open(Purpose::Phi, ciphertext, context)),
+        _ => open(purpose, ciphertext, context),
+    }
+}
+
 /// Whether a stored ciphertext opens under a usable key of `purpose` (NULL: nothing to open).
 /// reencrypt moves only values that open, so a damaged or foreign one never fails or stalls it.
 #[pg_extern(stable, security_definer)]
@@ -41,14 +52,14 @@ fn opens(ciphertext: Option<&[u8]>, context: &str, purpose: &str) -> bool {
     let Some(ciphertext) = ciphertext else {
         return true;
     };
-    match open(Purpose::parse(purpose).or_raise(), ciphertext, context) {
+    match open_stored(Purpose::parse(purpose).or_raise(), ciphertext, context) {
         Ok(_) => true,
         Err(failure) if matches!(failure.kind, Kind::DataCorrupted) => false,
         Err(failure) => failure.raise(),
     }
 }
 
-fn utf8(bytes: Vec<u8>) -> String {
+pub fn utf8(bytes: Vec<u8>) -> String {
     // A NUL is valid UTF-8 but no Postgres text holds one: refused as text input is (22021).
     if bytes.contains(&0) {
         Failure::new(
@@ -64,15 +75,11 @@ fn utf8(bytes: Vec<u8>) -> String {
         .or_raise()
 }
 
-/// Encrypts with the active `phi` key; `context` is bound into the ciphertext and must be
-/// given again to decrypt.
 /// Contexts of the extension's own columns (`users.email:<id>`, …) are sealed only by its own
 /// functions: a value the application sealed under one would pass, once decrypted, for a
 /// disclosure of the veteran's stored PHI.
 fn check_context_is_not_reserved(context: &str) {
-    let table = context.split_once(':').map_or("", |(name, _)| name);
-    let table = table.split_once('.').map_or("", |(table, _)| table);
-    if matches!(table, "users" | "mfa_settings" | "va_tokens" | "sessions") {
+    if protected_columns::is_reserved_context(context) {
         Failure::new(
             Kind::InvalidArgument,
             "vetassist_auth: this context is reserved for the extension's own columns",
@@ -82,6 +89,8 @@ fn check_context_is_not_reserved(context: &str) {
     }
 }
 
+/// Encrypts with the active `phi` key; `context` is bound into the ciphertext and must be
+/// given again to decrypt.
 #[pg_extern(strict, security_definer, name = "encrypt")]
 #[search_path(pg_catalog, pg_temp)]
 fn encrypt_for_application(plaintext: &[u8], context: &str) -> Vec<u8> {
@@ -97,29 +106,11 @@ fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
     seal(Purpose::Phi, plaintext, context).or_raise()
 }
 
-/// The veteran a context of one of the extension's own PHI columns names (`users.email:<id>`,
-/// `mfa_settings.totp_secret:<id>`): decrypting such a value is a disclosure about them.
-fn disclosed_column(context: &str) -> Option<(&'static str, &'static str, pgrx::Uuid)> {
-    const COLUMNS: [(&str, &str); 5] = [
-        ("users", "va_icn"),
-        ("users", "email"),
-        ("users", "first_name"),
-        ("users", "last_name"),
-        ("mfa_settings", "totp_secret"),
-    ];
-    let (name, id) = context.split_once(':')?;
-    let &(table, column) = COLUMNS.iter().find(|(table, column)| {
-        name.strip_prefix(table).and_then(|c| c.strip_prefix('.')) == Some(column)
-    })?;
-    let id = uuid::Uuid::parse_str(id).ok()?;
-    Some((table, column, pgrx::Uuid::from_bytes(*id.as_bytes())))
-}
-
 /// Decrypts for a caller outside the extension: a value of one of the extension's own columns
 /// is recorded as a PHI disclosure (durably, before it is returned).
 fn open_for_caller(ciphertext: &[u8], context: &str) -> Vec<u8> {
     let plaintext = open(Purpose::Phi, ciphertext, context).or_raise();
-    if let Some((table, column, subject)) = disclosed_column(context) {
+    if let Some((table, column, subject)) = protected_columns::disclosed_by(context) {
         // Fixed names only: no JSON escaping needed.
         let details =
             std::ffi::CString::new(format!(r#"{{"field": "{column}", "through": "decrypt"}}"#))
@@ -220,9 +211,7 @@ fn encrypt_mfa_secret(secret: &[u8], context: &str) -> Vec<u8> {
 #[pg_extern(strict, stable, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn open_mfa_secret(ciphertext: &[u8], context: &str) -> Vec<u8> {
-    open(Purpose::Mfa, ciphertext, context)
-        .or_else(|_| open(Purpose::Phi, ciphertext, context))
-        .or_raise()
+    open_stored(Purpose::Mfa, ciphertext, context).or_raise()
 }
 
 /// The key id inside an envelope, or NULL for something that is not an envelope.

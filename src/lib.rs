@@ -14,6 +14,7 @@ mod identity;
 mod keys;
 mod log_redaction;
 mod mfa;
+mod protected_columns;
 mod sessions;
 mod worker;
 
@@ -41,6 +42,9 @@ extension_sql_file!(
         encryption::seal_phi_text,
         encryption::encrypt_mfa_secret,
         encryption::open_mfa_secret,
+        protected_columns::protected_columns,
+        protected_columns::reseal,
+        protected_columns::rehash,
         keys::admin::active_key_id,
         keys::admin::retire_unused_keys
     ]

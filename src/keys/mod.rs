@@ -106,7 +106,7 @@ impl Purpose {
             .find(|p| p.as_str() == text)
             .ok_or_else(|| {
                 Failure::new(Kind::InvalidArgument, "vetassist_auth: unknown key purpose")
-                    .with_hint("The purposes are token, phi, hash and audit.")
+                    .with_hint("The purposes are token, phi, hash, audit and mfa.")
             })
     }
 }

@@ -22,10 +22,11 @@ ADMIN = {
     "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)", "audit_seal_status()", "audit_chain_head()",
     "verify_audit_chain(bigint,bytea)",
     "verify_audit_chain()", "purge_audit_log(interval)", "enable_row_audit(regclass,text[],text[])",
-    "disable_row_audit(regclass)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)",
+    "disable_row_audit(regclass)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)", "protected_columns()",
 }
 AUDITOR = {"verify_installation()", "verify_audit_chain()", "verify_audit_chain(bigint,bytea)", "audit_seal_status()",
-           "audit_chain_head()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)"}
+           "audit_chain_head()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)",
+           "protected_columns()"}
 EXPECTED_FUNCTIONS = {"vetassist_app": APP, "vetassist_admin": ADMIN, "vetassist_auditor": AUDITOR, "public": set()}
 AUDITOR_TABLES = {"audit_log", "audit_seals"}
 

@@ -1,0 +1,138 @@
+-- vetassist_auth 0.1.3 -> 0.1.4
+-- One registry of the columns that depend on a data key (protected_columns(), from
+-- src/protected_columns.rs) generates key_usage and drives reencrypt, which now seals again and
+-- hashes again inside reseal/rehash, so no plaintext passes through its SQL. key_usage names
+-- the audit seals' column as 'audit_seals.key_id' (was 'audit_seals').
+\echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.1.4'" to load this file. \quit
+
+-- Functions new or changed since 0.1.3, as in this release's install script
+-- (scripts/upgrade-functions.py prints them).
+CREATE  FUNCTION "protected_columns"() RETURNS TABLE (
+	"table_name" TEXT,  /* & '_ str */
+	"column_name" TEXT,  /* & '_ str */
+	"purpose" TEXT,  /* & '_ str */
+	"row_id" TEXT,  /* & '_ str */
+	"context_name" TEXT,  /* Option < & '_ str > */
+	"context_id" TEXT,  /* Option < & '_ str > */
+	"hash_field" TEXT,  /* Option < & '_ str > */
+	"hash_of" TEXT,  /* Option < & '_ str > */
+	"decrypt_is_disclosure" bool  /* bool */
+)
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'protected_columns_wrapper';
+
+CREATE  FUNCTION "rehash"(
+	"ciphertext" bytea, /* & [u8] */
+	"context" TEXT, /* & str */
+	"purpose" TEXT, /* & str */
+	"field" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rehash_wrapper';
+
+CREATE  FUNCTION "reseal"(
+	"ciphertext" bytea, /* & [u8] */
+	"context" TEXT, /* & str */
+	"purpose" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'reseal_wrapper';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t     record;
+    moved bigint := 0;
+    n     bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
+    END IF;
+
+    -- One statement per table of protected_columns(): its rows with an envelope, or a hash of
+    -- one, under a key that is not the active one, and whose every envelope opens (a damaged,
+    -- foreign or retired-key value stays). Envelopes are sealed again and hashes computed again
+    -- from the envelope they hash, inside reseal and rehash: no plaintext passes through here.
+    FOR t IN
+        WITH c AS (
+            SELECT p.*,
+                   CASE WHEN p.context_name IS NOT NULL
+                        THEN format('%L || t.%I', p.context_name || ':', p.context_id) END AS context,
+                   CASE WHEN p.context_name IS NOT NULL OR p.hash_of IS NOT NULL
+                        THEN vetassist_auth.active_key_id(p.purpose) END AS active_key
+            FROM vetassist_auth.protected_columns() WITH ORDINALITY p
+        )
+        SELECT c.table_name, min(c.row_id) AS row_id,
+               string_agg(format('vetassist_auth.%s(t.%I) <> %s',
+                                 CASE WHEN c.purpose = 'hash' THEN 'hash_key_id' ELSE 'envelope_key_id' END,
+                                 c.column_name, c.active_key), ' OR ' ORDER BY c.ordinality) AS stale,
+               coalesce(string_agg(format('vetassist_auth.opens(t.%I, %s, %L)', c.column_name, c.context, c.purpose),
+                                   ' AND ' ORDER BY c.ordinality) FILTER (WHERE c.context IS NOT NULL), 'true') AS opens,
+               string_agg(CASE WHEN c.context IS NOT NULL
+                               THEN format('%I = vetassist_auth.reseal(t.%I, %s, %L)', c.column_name, c.column_name, c.context, c.purpose)
+                               ELSE format('%I = vetassist_auth.rehash(t.%I, %s, %L, %L)', c.column_name, source.column_name,
+                                           source.context, source.purpose, c.hash_field)
+                          END, ', ' ORDER BY c.ordinality) AS assignments
+        FROM c LEFT JOIN c source ON source.table_name = c.table_name AND source.column_name = c.hash_of
+        WHERE c.active_key IS NOT NULL
+        GROUP BY c.table_name
+        ORDER BY min(c.ordinality)
+    LOOP
+        EXECUTE format('WITH batch AS (SELECT t.%1$I FROM vetassist_auth.%2$I t WHERE (%3$s) AND %4$s '
+                       'LIMIT $1 FOR UPDATE SKIP LOCKED) '
+                       'UPDATE vetassist_auth.%2$I t SET %5$s FROM batch WHERE t.%1$I = batch.%1$I',
+                       t.row_id, t.table_name, t.stale, t.opens, t.assignments)
+            USING batch_size;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        moved := moved + n;
+    END LOOP;
+
+    IF moved = 0 THEN
+        PERFORM vetassist_auth.retire_unused_keys();
+        -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
+        -- damaged, or restored from another database), or another transaction holds their row.
+        SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
+        WHERE keys.purpose IN ('phi', 'token', 'mfa') AND keys.status <> 'active';
+        IF n > 0 THEN
+            RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
+                USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them.';
+        END IF;
+    END IF;
+    -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").
+    PERFORM vetassist_auth.refresh_encrypt_counts();
+    RETURN moved;
+END
+$$;
+
+
+-- key_usage, generated from the registry as in keys.sql.
+DROP VIEW vetassist_auth.key_usage;
+DO $key_usage$
+BEGIN
+    EXECUTE 'CREATE VIEW vetassist_auth.key_usage AS ' || (
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
+                   CASE c.purpose
+                       WHEN 'hash' THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
+                       WHEN 'audit' THEN pg_catalog.quote_ident(c.column_name)
+                       ELSE pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
+                   END,
+                   c.table_name || '.' || c.column_name, c.table_name),
+               ' UNION ALL ' ORDER BY c.ordinality)
+        FROM vetassist_auth.protected_columns() WITH ORDINALITY c);
+END
+$key_usage$;
+COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
+REVOKE ALL ON vetassist_auth.key_usage FROM PUBLIC;
+
+-- Privileges: reseal and rehash are internal; administrators and auditors may read the registry.
+REVOKE ALL ON FUNCTION
+    vetassist_auth.protected_columns(),
+    vetassist_auth.reseal(bytea, text, text),
+    vetassist_auth.rehash(bytea, text, text, text)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.protected_columns() TO vetassist_admin, vetassist_auditor;
