@@ -128,14 +128,17 @@ pub fn fill_random(buf: &mut [u8]) -> Result<(), Error> {
     getrandom::getrandom(buf).map_err(|_| Error::Random)
 }
 
-/// Nonces are read from the OS RNG in blocks, which saves a system call per encryption.
-/// The block belongs to one process: a forked child never reuses its parent's bytes.
-struct NoncePool {
-    /// The value of FORKS when the block was read.
+/// Nonces come from ChaCha20 (rand_chacha) seeded with 32 bytes from the OS RNG, one generator
+/// per process: a system call per nonce cost more than the encryption of a token. A fork (every
+/// backend is one) or 2^20 nonces make it draw a fresh seed, so no two processes share a stream.
+struct NonceSource {
+    /// The value of FORKS when the generator was seeded.
     forks: u64,
-    bytes: [u8; 4096],
-    used: usize,
+    drawn: u32,
+    rng: Option<rand_chacha::ChaCha20Rng>,
 }
+
+const RESEED_AFTER: u32 = 1 << 20;
 
 /// Counts forks in this process's ancestry (a pthread_atfork child handler): comparing it is
 /// cheaper than asking the OS for the pid on every nonce.
@@ -158,24 +161,32 @@ fn forks_so_far() -> Result<u64, Error> {
 }
 
 thread_local! {
-    static NONCE_POOL: std::cell::RefCell<NoncePool> =
-        const { std::cell::RefCell::new(NoncePool { forks: 0, bytes: [0; 4096], used: 4096 }) };
+    static NONCES: std::cell::RefCell<NonceSource> =
+        const { std::cell::RefCell::new(NonceSource { forks: 0, drawn: 0, rng: None }) };
 }
 
-/// A fresh 96-bit nonce: bytes straight from the OS RNG, each handed out once.
+/// A fresh 96-bit nonce, unpredictable and, for all practical purposes, never repeated
+/// (random 96-bit nonces under one key stay within NIST's 2^32 budget, which keys::counter
+/// enforces).
 pub fn random_nonce() -> Result<[u8; NONCE_LEN], Error> {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
     let forks = forks_so_far()?;
-    NONCE_POOL.with_borrow_mut(|pool| {
-        if pool.forks != forks || pool.used + NONCE_LEN > pool.bytes.len() {
-            fill_random(&mut pool.bytes)?;
-            pool.forks = forks;
-            pool.used = 0;
+    NONCES.with_borrow_mut(|source| {
+        if source.rng.is_none() || source.forks != forks || source.drawn >= RESEED_AFTER {
+            let mut seed = [0u8; 32];
+            fill_random(&mut seed)?;
+            source.rng = Some(rand_chacha::ChaCha20Rng::from_seed(seed));
+            seed.fill(0);
+            source.forks = forks;
+            source.drawn = 0;
         }
         let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&pool.bytes[pool.used..pool.used + NONCE_LEN]);
-        // Wipe what was handed out, so the pool never holds a nonce twice.
-        pool.bytes[pool.used..pool.used + NONCE_LEN].fill(0);
-        pool.used += NONCE_LEN;
+        source
+            .rng
+            .as_mut()
+            .expect("seeded above")
+            .fill_bytes(&mut nonce);
+        source.drawn += 1;
         Ok(nonce)
     })
 }

@@ -148,6 +148,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
 
 /// The transaction's key locks were released (or handed to a prepared transaction).
 fn forget_pins() {
+    forget_writing_keys();
     PINNED.with(|pinned| {
         if let Ok(mut pinned) = pinned.try_borrow_mut() {
             pinned.clear();

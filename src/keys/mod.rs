@@ -154,8 +154,19 @@ pub(super) struct Ring {
     pub(super) field_keys: HashMap<u32, HashMap<String, Rc<FieldKey>>>,
 }
 
+/// Empties WRITING. Also called from transaction callbacks, so it never waits on a borrow (none
+/// is held across a call that could run one).
+pub(super) fn forget_writing_keys() {
+    WRITING.with(|writing| {
+        if let Ok(mut writing) = writing.try_borrow_mut() {
+            *writing = Default::default();
+        }
+    });
+}
+
 impl Ring {
     pub(super) fn drop_data_keys(&mut self) {
+        forget_writing_keys();
         self.keys.clear();
         self.active.clear();
         self.decrypt_only.clear();
@@ -173,6 +184,10 @@ thread_local! {
     pub(super) static CREATING_KEY: Cell<bool> = const { Cell::new(false) };
     /// Keys this transaction holds a pin (share lock) on; emptied when the locks go away.
     pub(super) static PINNED: RefCell<HashSet<u32>> = RefCell::new(HashSet::default());
+    /// Per purpose, the active key `key_for_writing` pinned in this transaction: emptied with
+    /// PINNED and with the cached keys, so it is only ever a pinned, current key.
+    pub(super) static WRITING: RefCell<[Option<Rc<DataKey>>; Purpose::ALL.len()]> =
+        const { RefCell::new([const { None }; Purpose::ALL.len()]) };
     pub(super) static KEYS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
@@ -210,6 +225,16 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
 /// The active key of a purpose, pinned for the rest of the transaction: it cannot be retired
 /// until this transaction ends, so whatever it writes under the key stays readable.
 pub fn key_for_writing(purpose: Purpose) -> Result<Rc<DataKey>> {
+    refresh()?;
+    if let Some(key) = WRITING.with_borrow(|writing| writing[purpose as usize].clone()) {
+        return Ok(key);
+    }
+    let key = pin_active_key(purpose)?;
+    WRITING.with_borrow_mut(|writing| writing[purpose as usize] = Some(key.clone()));
+    Ok(key)
+}
+
+fn pin_active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
     loop {
         let key = active_key(purpose)?;
         if PINNED.with_borrow(|pinned| pinned.contains(&key.id)) {
