@@ -162,20 +162,21 @@ fn protected_columns() -> TableIterator<
     ),
 > {
     TableIterator::new(PROTECTED_COLUMNS.iter().map(|c| {
-        let (context_name, context_id, hash_field, hash_of) = match c.stored {
+        let (context_name, context_id, hash_field, hash_of, disclosure) = match c.stored {
             Stored::Envelope {
-                name, id_column, ..
-            } => (Some(name), Some(id_column), None, None),
-            Stored::Hash { field, of } => (None, None, Some(field), of),
-            Stored::KeyId => (None, None, None, None),
+                name,
+                id_column,
+                ref id_names,
+            } => (
+                Some(name),
+                Some(id_column),
+                None,
+                None,
+                matches!(id_names, Veteran),
+            ),
+            Stored::Hash { field, of } => (None, None, Some(field), of, false),
+            Stored::KeyId => (None, None, None, None, false),
         };
-        let disclosure = matches!(
-            c.stored,
-            Stored::Envelope {
-                id_names: Veteran,
-                ..
-            }
-        );
         (
             c.table,
             c.column,

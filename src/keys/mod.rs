@@ -56,10 +56,11 @@ use crate::gucs;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
 // Looked up on every call of the hot path: a fast hasher, as the keys are our own ids.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
-use std::rc::Rc;
 
 /// What a data key is for; each purpose has exactly one active key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
