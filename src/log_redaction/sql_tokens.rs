@@ -229,8 +229,8 @@ fn apply_uescape(sql: &str, tokens: &mut Vec<Token>) {
     }
 }
 
-/// Resolves `escape`XXXX and `escape`+XXXXXX escapes (`\` unless a UESCAPE clause names
-/// another character); an undecodable escape is kept as written.
+/// Resolves `escape`hhhh and `escape`+hhhhhh escapes, h a hex digit (`\` unless a UESCAPE
+/// clause names another character); an undecodable escape is kept as written.
 fn unescape_unicode(text: &str, escape: char) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
