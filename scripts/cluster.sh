@@ -7,6 +7,9 @@
 #   scripts/cluster.sh start NAME PORT|auto [extra postgresql.conf lines...]
 #   scripts/cluster.sh stop NAME
 #   scripts/cluster.sh keyfile NAME         # prints the path of the cluster's master key file
+#
+# MASTER_KEY_FROM=FILE gives the new cluster a copy of that master key file instead of a fresh
+# key (the nodes of a Citus cluster share one master key).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,8 +40,12 @@ start)
     rm -rf "$dir"; mkdir -p "$dir"
     chown postgres: "$dir" 2>/dev/null || true
     as_pg "$BIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
-    # A fresh random master key, readable by the server's OS user only.
-    as_pg bash -c "umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > '$dir/master.key'"
+    # A fresh random master key (or MASTER_KEY_FROM's), readable by the server's OS user only.
+    if [ -n "${MASTER_KEY_FROM:-}" ]; then
+        as_pg bash -c "umask 077; cat '$MASTER_KEY_FROM' > '$dir/master.key'"
+    else
+        as_pg bash -c "umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > '$dir/master.key'"
+    fi
     {
         echo "port = $port"
         echo "listen_addresses = '127.0.0.1'"

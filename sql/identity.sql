@@ -27,6 +27,8 @@ DECLARE
     email_h   bytea;
     first_h   bytea;
     last_h    bytea;
+    icn_hashes bytea[];
+    sealed    bytea[];
     uid       uuid;
     old       vetassist_auth.users;
     changed   text[] := '{}';
@@ -48,10 +50,14 @@ BEGIN
     last_h := vetassist_auth.field_hash(last_name, 'last_name');
 
     FOR attempt IN 1..2 LOOP
-        SELECT * INTO old FROM vetassist_auth.users u
-        WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(icn, 'va_icn'))
-        FOR UPDATE;
-        EXIT WHEN FOUND;
+        -- Found by its hash, then locked by its id: on Citus the hash is looked up on every
+        -- shard (an index probe each), and only the account's own shard is locked.
+        icn_hashes := vetassist_auth.field_hashes(icn, 'va_icn');
+        uid := (SELECT u.id FROM vetassist_auth.users u WHERE u.va_icn_hash = ANY (icn_hashes) LIMIT 1);
+        IF uid IS NOT NULL THEN
+            SELECT * INTO old FROM vetassist_auth.users u WHERE u.id = uid FOR UPDATE;
+            EXIT WHEN FOUND;
+        END IF;
         -- A transaction creating the same account under another hash key (a rotation between
         -- the two) would not conflict in the unique index: wait for it and look again.
         CONTINUE WHEN vetassist_auth.claim_new_account(icn);
@@ -65,7 +71,9 @@ BEGIN
                 vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid), first_h,
                 vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid), last_h,
                 now())
-        ON CONFLICT (va_icn_hash) DO NOTHING;
+        -- On one node the unique index on va_icn_hash; on Citus, which cannot keep a unique index
+        -- without the distribution column, the claim above alone keeps one account per ICN.
+        ON CONFLICT DO NOTHING;
         IF FOUND THEN
             PERFORM vetassist_auth.write_audit('identity', 'user_created', 'success', uid, 'users', uid::text,
                 jsonb_build_object('fields', array_remove(ARRAY['va_icn',
@@ -100,12 +108,18 @@ BEGIN
     IF veteran_status IS NOT NULL AND old.va_veteran_status IS DISTINCT FROM veteran_status THEN
         changed := changed || 'va_veteran_status'::text;
     END IF;
+    -- Sealed here, not in the UPDATE: on Citus a statement's expressions may run on a worker,
+    -- and values are encrypted and decrypted on the coordinator only.
+    sealed := ARRAY[
+        CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.seal_phi_text(email, 'users.email:' || uid) END,
+        CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid) END,
+        CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid) END];
     UPDATE vetassist_auth.users u SET
-        email_encrypted = CASE WHEN 'email' = ANY (changed) THEN vetassist_auth.seal_phi_text(email, 'users.email:' || uid) ELSE u.email_encrypted END,
+        email_encrypted = coalesce(sealed[1], u.email_encrypted),
         email_hash = CASE WHEN 'email' = ANY (changed) THEN email_h ELSE u.email_hash END,
-        first_name_encrypted = CASE WHEN 'first_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(first_name, 'users.first_name:' || uid) ELSE u.first_name_encrypted END,
+        first_name_encrypted = coalesce(sealed[2], u.first_name_encrypted),
         first_name_hash = CASE WHEN 'first_name' = ANY (changed) THEN first_h ELSE u.first_name_hash END,
-        last_name_encrypted = CASE WHEN 'last_name' = ANY (changed) THEN vetassist_auth.seal_phi_text(last_name, 'users.last_name:' || uid) ELSE u.last_name_encrypted END,
+        last_name_encrypted = coalesce(sealed[3], u.last_name_encrypted),
         last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
         va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
         updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
@@ -119,21 +133,23 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.upsert_va_user(text, text, text, text, text) IS
     'After VA.gov sign-in: creates or updates the account keyed by the ICN; returns the user id. NULL arguments keep stored values.';
 
--- Look-ups try every usable hash key, so they keep working during a hash-key rotation.
+-- Look-ups try every usable hash key, so they keep working during a hash-key rotation. The
+-- hashes are computed first: on Citus the look-up runs on every shard, the hashing here.
 CREATE FUNCTION vetassist_auth.find_user_by_icn(va_icn text) RETURNS uuid
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hashes bytea[] := vetassist_auth.field_hashes(va_icn, 'va_icn');
 BEGIN
-    RETURN (SELECT u.id FROM vetassist_auth.users u
-            WHERE u.va_icn_hash = ANY (vetassist_auth.field_hashes(va_icn, 'va_icn'))
-            LIMIT 1);
+    RETURN (SELECT u.id FROM vetassist_auth.users u WHERE u.va_icn_hash = ANY (hashes) LIMIT 1);
 END
 $$;
 
 CREATE FUNCTION vetassist_auth.find_users_by_email(email text) RETURNS SETOF uuid
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hashes bytea[] := vetassist_auth.field_hashes(email, 'email');
 BEGIN
-    RETURN QUERY SELECT u.id FROM vetassist_auth.users u
-                 WHERE u.email_hash = ANY (vetassist_auth.field_hashes(email, 'email'))
+    RETURN QUERY SELECT u.id FROM vetassist_auth.users u WHERE u.email_hash = ANY (hashes)
                  ORDER BY u.created_at;
 END
 $$;
@@ -156,11 +172,22 @@ CREATE FUNCTION vetassist_auth.user_profile(user_id uuid)
 RETURNS TABLE (id uuid, va_icn text, veteran_status text, email text, first_name text, last_name text,
                is_active boolean, mfa_enabled boolean, created_at timestamptz, last_login_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    u vetassist_auth.users;
+    mfa_enabled boolean;
 BEGIN
     PERFORM vetassist_auth.require_user(user_id);
     -- Disclosure of PHI: recorded, beyond the reach of the caller's ROLLBACK, before it is returned.
     PERFORM vetassist_auth.write_audit_durably('phi_access', 'user_profile_read', 'success', user_id, 'users', user_id::text,
                                                '{"fields": ["va_icn", "email", "first_name", "last_name"]}');
+    -- The row is read first and opened here: on Citus a statement's expressions may run on a
+    -- worker, and values are decrypted on the coordinator only.
+    SELECT * INTO u FROM vetassist_auth.users x WHERE x.id = user_profile.user_id;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    mfa_enabled := coalesce((SELECT m.totp_enabled FROM vetassist_auth.mfa_settings m
+                             WHERE m.user_id = user_profile.user_id), false);
     RETURN QUERY
     SELECT u.id,
            vetassist_auth.open_phi_text(u.va_icn_encrypted, 'users.va_icn:' || u.id),
@@ -168,12 +195,7 @@ BEGIN
            vetassist_auth.open_phi_text(u.email_encrypted, 'users.email:' || u.id),
            vetassist_auth.open_phi_text(u.first_name_encrypted, 'users.first_name:' || u.id),
            vetassist_auth.open_phi_text(u.last_name_encrypted, 'users.last_name:' || u.id),
-           u.is_active,
-           coalesce(m.totp_enabled, false),
-           u.created_at, u.last_login_at
-    FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.mfa_settings m ON m.user_id = u.id
-    WHERE u.id = user_profile.user_id;
+           u.is_active, mfa_enabled, u.created_at, u.last_login_at;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.user_profile(uuid) IS

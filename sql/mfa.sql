@@ -68,6 +68,8 @@ DECLARE
     secret bytea;
     step bigint;
     backup bigint;
+    code_hashes bytea[];
+    checked_at timestamptz := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
     state record := vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from);
 BEGIN
     IF state.locked_until IS NOT NULL THEN
@@ -91,11 +93,11 @@ BEGIN
     step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
                                       m.last_used_step);
     IF step IS NULL AND require_enabled THEN
-        UPDATE vetassist_auth.mfa_backup_codes b SET used_at = clock_timestamp()
-        WHERE b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
-                      WHERE c.user_id = m.user_id AND c.used_at IS NULL
-                        AND c.code_hash = ANY (vetassist_auth.field_hashes(
-                                m.user_id || ':' || vetassist_auth.mfa_normalize_backup_code(coalesce(code, '')), 'mfa_backup_code'))
+        code_hashes := vetassist_auth.field_hashes(
+            m.user_id || ':' || vetassist_auth.mfa_normalize_backup_code(coalesce(code, '')), 'mfa_backup_code');
+        UPDATE vetassist_auth.mfa_backup_codes b SET used_at = checked_at
+        WHERE b.user_id = m.user_id AND b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
+                      WHERE c.user_id = m.user_id AND c.used_at IS NULL AND c.code_hash = ANY (code_hashes)
                       LIMIT 1 FOR UPDATE)
         RETURNING b.id INTO backup;
         IF backup IS NOT NULL THEN
@@ -113,7 +115,7 @@ BEGIN
     END IF;
     -- A success starts the count again.
     UPDATE vetassist_auth.mfa_settings s
-    SET failures_counted_from = clock_timestamp(), updated_at = clock_timestamp(),
+    SET failures_counted_from = checked_at, updated_at = checked_at,
         last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END
     WHERE s.user_id = m.user_id;
     RETURN step;
@@ -134,12 +136,14 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023',
             HINT = 'Call mfa_disable first to enrol a new authenticator.';
     END IF;
-    INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at)
+    INSERT INTO vetassist_auth.mfa_settings AS s (user_id, totp_secret_encrypted, enrolled_at, updated_at)
     VALUES (mfa_enroll_totp.user_id,
-            vetassist_auth.encrypt_mfa_secret(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id), clock_timestamp())
+            vetassist_auth.encrypt_mfa_secret(secret, 'mfa_settings.totp_secret:' || mfa_enroll_totp.user_id),
+            clock_timestamp(), clock_timestamp())
+    -- The clock is read in VALUES only: Citus runs the DO UPDATE on a worker.
     ON CONFLICT ON CONSTRAINT mfa_settings_pkey DO UPDATE SET
-        totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = clock_timestamp(), confirmed_at = NULL,
-        last_used_step = NULL, updated_at = clock_timestamp();
+        totp_secret_encrypted = excluded.totp_secret_encrypted, enrolled_at = excluded.enrolled_at, confirmed_at = NULL,
+        last_used_step = NULL, updated_at = excluded.updated_at;
     PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_started', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN vetassist_auth.totp_uri(secret, 'veteran-' || left(user_id::text, 8));
 END
@@ -152,6 +156,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     m vetassist_auth.mfa_settings := vetassist_auth.mfa_row(user_id);
     step bigint;
+    confirmed timestamptz;
 BEGIN
     IF m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
@@ -160,7 +165,8 @@ BEGIN
     IF step IS NULL THEN
         RETURN false;  -- mfa_check recorded the failure
     END IF;
-    UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = clock_timestamp()
+    confirmed := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
+    UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = confirmed
     WHERE s.user_id = mfa_confirm_totp.user_id;
     PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN true;
@@ -174,12 +180,15 @@ DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
     m vetassist_auth.mfa_settings;
     step bigint;
+    verified timestamptz;
 BEGIN
     PERFORM vetassist_auth.require_live(s);
     m := vetassist_auth.mfa_row(s.user_id);
     step := vetassist_auth.mfa_check(m, code, true, 'mfa_verified', 'sessions', s.id::text);
     IF step IS NOT NULL THEN
-        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = clock_timestamp() WHERE t.id = s.id;
+        verified := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
+        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = verified
+        WHERE t.user_id = s.user_id AND t.id = s.id;
         PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'success', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('method', CASE WHEN step = 0 THEN 'backup_code' ELSE 'totp' END));
         RETURN true;
@@ -257,9 +266,11 @@ $$;
 
 CREATE FUNCTION vetassist_auth.mfa_revoke_device(user_id uuid, device_id uuid) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    revoked timestamptz := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
 BEGIN
-    UPDATE vetassist_auth.trusted_devices d SET revoked_at = clock_timestamp()
-    WHERE d.id = device_id AND d.user_id = mfa_revoke_device.user_id AND d.revoked_at IS NULL;
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = revoked
+    WHERE d.user_id = mfa_revoke_device.user_id AND d.id = device_id AND d.revoked_at IS NULL;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -288,6 +299,8 @@ COMMENT ON FUNCTION vetassist_auth.mfa_required(text) IS
 
 CREATE FUNCTION vetassist_auth.mfa_disable(user_id uuid) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    revoked timestamptz := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
 BEGIN
     PERFORM vetassist_auth.require_user(user_id);
     DELETE FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_disable.user_id;
@@ -295,7 +308,7 @@ BEGIN
         RETURN false;
     END IF;
     DELETE FROM vetassist_auth.mfa_backup_codes b WHERE b.user_id = mfa_disable.user_id;
-    UPDATE vetassist_auth.trusted_devices d SET revoked_at = clock_timestamp()
+    UPDATE vetassist_auth.trusted_devices d SET revoked_at = revoked
     WHERE d.user_id = mfa_disable.user_id AND d.revoked_at IS NULL;
     PERFORM vetassist_auth.write_audit('mfa', 'mfa_disabled', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN true;

@@ -146,6 +146,17 @@ COMMENT ON COLUMN vetassist_auth.sessions.refresh_successor_encrypted IS
 COMMENT ON COLUMN vetassist_auth.sessions.status IS
     'ACTIVE while usable; EXPIRED (idle or absolute time-out), TERMINATED (logout, revocation) and LOCKED are final. IDLE is reported, not stored.';
 
+-- Which user a JWT id belongs to. A request names only its JWT id; this look-up gives the user
+-- id every further statement is keyed by. On Citus (vetassist_auth.distribute()) it is
+-- distributed by jwt_id, so the look-up is one single-shard query, and its primary key keeps
+-- JWT ids unique across the cluster; on one node it is one more index probe.
+CREATE TABLE vetassist_auth.session_routes (
+    jwt_id   text PRIMARY KEY,
+    user_id  uuid NOT NULL
+);
+COMMENT ON TABLE vetassist_auth.session_routes IS
+    'The user of each session''s JWT id: how a request that names only its JWT finds its user''s rows (on Citus, its shard).';
+
 CREATE TABLE vetassist_auth.session_activity (
     id             bigserial PRIMARY KEY,
     session_id     uuid NOT NULL REFERENCES vetassist_auth.sessions (id) ON DELETE CASCADE,
@@ -271,6 +282,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.mfa_encryptions_seq',
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.users', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.va_tokens', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.sessions', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_routes', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_activity', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_activity_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.session_events', '');

@@ -11,11 +11,13 @@ CREATE FUNCTION vetassist_auth.close_session(
     session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
+DECLARE
+    ended timestamptz := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
 BEGIN
     UPDATE vetassist_auth.sessions s
-    SET status = new_status, ended_at = clock_timestamp(), end_reason = reason,
+    SET status = new_status, ended_at = ended, end_reason = reason,
         refresh_successor_encrypted = NULL
-    WHERE s.id = session.id AND s.status = 'ACTIVE';
+    WHERE s.user_id = session.user_id AND s.id = session.id AND s.status = 'ACTIVE';
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -45,17 +47,21 @@ BEGIN
 END
 $$;
 
--- The session of a JWT id, locked for update when asked; P0002 when there is none.
+-- The session of a JWT id, locked for update when asked; P0002 when there is none. Every
+-- statement is keyed by the user id its route names (on Citus: one shard each).
 CREATE FUNCTION vetassist_auth.session_by_jwt(jwt text, for_update boolean DEFAULT false)
 RETURNS vetassist_auth.sessions
 LANGUAGE plpgsql AS $$
 DECLARE
     found_session vetassist_auth.sessions;
+    owner uuid;
 BEGIN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = jwt;
     IF for_update THEN
-        SELECT * INTO found_session FROM vetassist_auth.sessions s WHERE s.jwt_id = jwt FOR UPDATE;
+        SELECT * INTO found_session FROM vetassist_auth.sessions s
+        WHERE s.user_id = owner AND s.jwt_id = jwt FOR UPDATE;
     ELSE
-        SELECT * INTO found_session FROM vetassist_auth.sessions s WHERE s.jwt_id = jwt;
+        SELECT * INTO found_session FROM vetassist_auth.sessions s WHERE s.user_id = owner AND s.jwt_id = jwt;
     END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
@@ -106,6 +112,7 @@ BEGIN
     END IF;
     ends := least(expires_at, started + vetassist_auth.session_absolute_timeout());
     BEGIN
+        INSERT INTO vetassist_auth.session_routes (jwt_id, user_id) VALUES (jwt_id, user_id);
         INSERT INTO vetassist_auth.sessions
             (id, user_id, jwt_id, ip_hash, user_agent, device_fingerprint_hash, device_info,
              idle_timeout, created_at, last_activity_at, expires_at, live_until)
@@ -143,8 +150,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions;
     now_ts timestamptz := clock_timestamp();
+    owner uuid;
 BEGIN
-    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.jwt_id = touch_session.jwt_id;
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = touch_session.jwt_id;
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = touch_session.jwt_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
     END IF;
@@ -160,9 +169,9 @@ BEGIN
     IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
         UPDATE vetassist_auth.sessions t
         SET last_activity_at = now_ts, live_until = least(t.expires_at, now_ts + t.idle_timeout)
-        WHERE t.id = s.id AND t.status = 'ACTIVE';
+        WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
         IF NOT FOUND THEN  -- ended by someone else a moment ago
-            RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.id = s.id);
+            RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id);
         END IF;
         INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
         VALUES (s.id, s.user_id, 'request');
@@ -247,6 +256,8 @@ DECLARE
     s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id, true);
     ts timestamptz := clock_timestamp();
     successor_context text;
+    successor bytea;
+    replacement_hash bytea;
 BEGIN
     IF coalesce(replacement, '') = '' OR octet_length(replacement) > 4096 THEN
         RAISE EXCEPTION 'vetassist_auth: replacement must be 1 byte to 4 KiB' USING ERRCODE = '22023';
@@ -255,14 +266,19 @@ BEGIN
     successor_context := 'sessions.refresh_successor:' || s.id;
     IF s.refresh_token_hash IS NULL AND presented IS NULL
        OR s.refresh_token_hash = ANY (vetassist_auth.field_hashes(presented, 'session_refresh_token')) THEN
+        -- Hashed and sealed here, not in the UPDATE (on Citus, values are encrypted on the
+        -- coordinator only).
+        replacement_hash := vetassist_auth.field_hash(replacement, 'session_refresh_token');
+        IF vetassist_auth.refresh_reuse_grace() > interval '0' THEN
+            successor := vetassist_auth.encrypt_token(replacement, successor_context);
+        END IF;
         UPDATE vetassist_auth.sessions t
         SET previous_refresh_token_hash = t.refresh_token_hash,
-            refresh_token_hash = vetassist_auth.field_hash(replacement, 'session_refresh_token'),
+            refresh_token_hash = replacement_hash,
             refresh_generation = t.refresh_generation + 1,
             refresh_rotated_at = ts,
-            refresh_successor_encrypted = CASE WHEN vetassist_auth.refresh_reuse_grace() > interval '0'
-                THEN vetassist_auth.encrypt_token(replacement, successor_context) END
-        WHERE t.id = s.id;
+            refresh_successor_encrypted = successor
+        WHERE t.user_id = s.user_id AND t.id = s.id;
         PERFORM vetassist_auth.write_audit('session', 'refresh_token_rotated', 'success', s.user_id, 'sessions', s.id::text,
             jsonb_build_object('generation', s.refresh_generation + 1));
         RETURN QUERY SELECT s.refresh_generation + 1, replacement;
@@ -377,6 +393,9 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
     END IF;
+    IF vetassist_auth.distributed() THEN
+        RETURN vetassist_auth.expire_distributed_sessions(ts);
+    END IF;
     WITH due AS (
         SELECT s.id FROM vetassist_auth.sessions s
         WHERE s.status = 'ACTIVE' AND s.live_until <= ts
@@ -402,8 +421,10 @@ BEGIN
         WHERE s.ended_at < ts - vetassist_auth.session_retention()
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM vetassist_auth.sessions s USING old WHERE s.id = old.id RETURNING s.jwt_id
     )
-    DELETE FROM vetassist_auth.sessions s USING old WHERE s.id = old.id;
+    DELETE FROM vetassist_auth.session_routes r USING gone WHERE r.jwt_id = gone.jwt_id;
     GET DIAGNOSTICS purged = ROW_COUNT;
     IF purged > 0 THEN
         PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,

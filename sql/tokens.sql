@@ -31,18 +31,18 @@ BEGIN
     END IF;
     -- A refresh response without a new refresh token keeps the stored one.
     INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at)
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
     VALUES (user_id,
             vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
             vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at)
+            scope, expires_at, clock_timestamp())
     ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
         access_token_encrypted = excluded.access_token_encrypted,
         refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
         scope = coalesce(excluded.scope, t.scope),
         expires_at = excluded.expires_at,
         generation = t.generation + 1,
-        refreshed_at = clock_timestamp()
+        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
     RETURNING t.generation INTO new_generation;
     PERFORM vetassist_auth.write_audit('auth',
         CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,

@@ -121,6 +121,11 @@ extension_sql_file!(
         keys::admin::rotate_key
     ]
 );
+extension_sql_file!(
+    "../sql/citus.sql",
+    name = "citus",
+    requires = ["sessions_sql", "audit_sql"]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]

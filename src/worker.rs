@@ -128,6 +128,11 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
                 break;
             }
         }
+        // On a Citus coordinator, the workers' logs too: one scheduler for the cluster.
+        run_in_transaction::<i64>(
+            "seal_worker_audit_logs",
+            "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
+        );
         // And show administrators the keys' current encryption counts.
         run_in_transaction::<i64>(
             "refresh_encrypt_counts",

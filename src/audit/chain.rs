@@ -427,7 +427,9 @@ fn walk_chain() -> Outcome<Verdict> {
     })
 }
 
-/// Walks the whole chain: every seal follows the previous one and matches its row.
+/// Walks the whole chain: every seal follows the previous one and matches its row. On the
+/// coordinator of a distributed installation, every worker's chain too (each verified on its
+/// node); a bad one is named by its node, and `first_bad_seq` is that node's.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn verify_audit_chain() -> TableIterator<
@@ -439,8 +441,35 @@ fn verify_audit_chain() -> TableIterator<
         name!(problem, Option<String>),
     ),
 > {
-    let v = walk_chain().or_raise();
+    let mut v = walk_chain().or_raise();
+    with_worker_chains(&mut v).or_raise();
     TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
+}
+
+/// Adds the workers' chains (`worker_audit_chains()`, empty on one node) to the coordinator's
+/// verdict: counts add up, and the first bad chain (the coordinator's, then by node) speaks.
+fn with_worker_chains(v: &mut Verdict) -> Outcome<()> {
+    Spi::connect(|client| {
+        let workers = client
+            .select(
+                "SELECT node, ok, checked, first_bad_seq, problem FROM vetassist_auth.worker_audit_chains()",
+                None,
+                &[],
+            )
+            .map_err(spi_failed)?;
+        for row in workers {
+            let node = row.get::<String>(1).map_err(spi_failed)?.unwrap_or_default();
+            let ok = row.get::<bool>(2).map_err(spi_failed)?.unwrap_or(false);
+            v.checked += row.get::<i64>(3).map_err(spi_failed)?.unwrap_or(0);
+            if !ok && v.ok {
+                v.ok = false;
+                v.first_bad_seq = row.get::<i64>(4).map_err(spi_failed)?;
+                let problem = row.get::<String>(5).map_err(spi_failed)?.unwrap_or_default();
+                v.problem = Some(format!("node {node}: {problem}"));
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The chain checked against an anchor kept outside the database (audit_chain_head() or the

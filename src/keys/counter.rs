@@ -41,11 +41,21 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             "vetassist_auth: this key purpose does not encrypt",
         )
     })?;
+    // A Citus worker has counters of its own, which would let the cluster as a whole pass the
+    // limit: values are encrypted on the coordinator only (README, "Scale-out on Citus").
     let lease = search_path::pinned(|| {
-        Spi::get_one::<i64>(&format!("SELECT pg_catalog.nextval('{counter}')"))
+        Spi::get_one::<i64>(&format!(
+            "SELECT CASE WHEN NOT vetassist_auth.citus_worker() THEN pg_catalog.nextval('{counter}') END"
+        ))
     })
     .map_err(spi_failure)?
-    .unwrap_or_default();
+    .ok_or_else(|| {
+        Failure::new(
+            Kind::NotConfigured,
+            "vetassist_auth: values are encrypted on the Citus coordinator only",
+        )
+        .with_hint("Connect the application to the coordinator.")
+    })?;
     let count = (lease - key.counter_base) * LEASE;
     let purpose = key.purpose.as_str();
     if count >= ENCRYPT_REFUSE_AT {
