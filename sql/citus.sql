@@ -156,6 +156,30 @@ BEGIN
 END
 $$;
 
+-- refresh_encrypt_counts() on a distributed installation: the keys are a reference table, which
+-- Citus updates on every node (no SKIP LOCKED across nodes); the counters are the coordinator's.
+CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+    counted bigint;
+    mirrored integer := 0;
+BEGIN
+    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
+             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
+                       k.purpose || '_encryptions_seq')
+            INTO counted USING k.counter_base;
+        IF counted > k.encrypt_count THEN
+            UPDATE vetassist_auth.keys SET encrypt_count = counted
+            WHERE key_id = k.key_id AND encrypt_count < counted;
+            mirrored := mirrored + 1;
+        END IF;
+    END LOOP;
+    RETURN mirrored;
+END
+$$;
+
 -- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
 -- own); returns the rows sealed. Each worker seals its own rows under its own chain lock.
 CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint

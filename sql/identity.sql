@@ -29,6 +29,7 @@ DECLARE
     last_h    bytea;
     icn_hashes bytea[];
     sealed    bytea[];
+    signed_in timestamptz := now();  -- a variable: Citus allows no function in an UPDATE's CASE
     uid       uuid;
     old       vetassist_auth.users;
     changed   text[] := '{}';
@@ -122,8 +123,8 @@ BEGIN
         last_name_encrypted = coalesce(sealed[3], u.last_name_encrypted),
         last_name_hash = CASE WHEN 'last_name' = ANY (changed) THEN last_h ELSE u.last_name_hash END,
         va_veteran_status = coalesce(veteran_status, u.va_veteran_status),
-        updated_at = CASE WHEN cardinality(changed) > 0 THEN now() ELSE u.updated_at END,
-        last_login_at = now()
+        updated_at = CASE WHEN cardinality(changed) > 0 THEN signed_in ELSE u.updated_at END,
+        last_login_at = signed_in
     WHERE u.id = uid;
     PERFORM vetassist_auth.write_audit('identity', 'user_signed_in', 'success', uid, 'users', uid::text,
                                        jsonb_build_object('changed_fields', changed));

@@ -31,7 +31,13 @@ COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored cipherte
 -- worker, never by writers: an application transaction holding a key row would hold up
 -- rotate_key until it ends. Skips a row someone else holds; returns keys updated.
 CREATE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mirrored_keys integer;
+BEGIN
+    IF vetassist_auth.distributed() THEN
+        RETURN vetassist_auth.refresh_distributed_encrypt_counts();
+    END IF;
     WITH counters (purpose, lease) AS (
         SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
         UNION ALL
@@ -48,7 +54,9 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         FROM due WHERE k.key_id = due.key_id
         RETURNING 1
     )
-    SELECT count(*)::integer FROM mirrored
+    SELECT count(*)::integer INTO mirrored_keys FROM mirrored;
+    RETURN mirrored_keys;
+END
 $$;
 
 CREATE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
@@ -57,6 +65,7 @@ DECLARE
     t     record;
     moved bigint := 0;
     n     bigint;
+    distributed boolean := vetassist_auth.distributed();
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
@@ -81,16 +90,29 @@ BEGIN
                                  c.column_name, c.active_key), ' OR ' ORDER BY c.ordinality) AS stale,
                coalesce(string_agg(format('vetassist_auth.opens(t.%I, %s, %L)', c.column_name, c.context, c.purpose),
                                    ' AND ' ORDER BY c.ordinality) FILTER (WHERE c.context IS NOT NULL), 'true') AS opens,
-               string_agg(CASE WHEN c.context IS NOT NULL
-                               THEN format('%I = vetassist_auth.reseal(t.%I, %s, %L)', c.column_name, c.column_name, c.context, c.purpose)
-                               ELSE format('%I = vetassist_auth.rehash(t.%I, %s, %L, %L)', c.column_name, source.column_name,
-                                           source.context, source.purpose, c.hash_field)
-                          END, ', ' ORDER BY c.ordinality) AS assignments
-        FROM c LEFT JOIN c source ON source.table_name = c.table_name AND source.column_name = c.hash_of
+               string_agg(format('%I = %s', c.column_name, c.sealed_again), ', ' ORDER BY c.ordinality) AS assignments,
+               -- Citus: the values as read, sealed again, and the write-back (below).
+               string_agg(format('t.%I AS %I, %s AS %I', c.column_name, 'old_' || c.column_name,
+                                 c.sealed_again, 'new_' || c.column_name), ', ' ORDER BY c.ordinality) AS resealed,
+               string_agg(format('%I = b.%I', c.column_name, 'new_' || c.column_name), ', ' ORDER BY c.ordinality) AS write_back,
+               string_agg(format('t.%I IS NOT DISTINCT FROM b.%I', c.column_name, 'old_' || c.column_name),
+                          ' AND ' ORDER BY c.ordinality) AS unchanged
+        FROM (SELECT c.*,
+                     CASE WHEN c.context IS NOT NULL
+                          THEN format('vetassist_auth.reseal(t.%I, %s, %L)', c.column_name, c.context, c.purpose)
+                          ELSE format('vetassist_auth.rehash(t.%I, %s, %L, %L)', source.column_name,
+                                      source.context, source.purpose, c.hash_field)
+                     END AS sealed_again
+              FROM c LEFT JOIN c source ON source.table_name = c.table_name AND source.column_name = c.hash_of) c
         WHERE c.active_key IS NOT NULL
         GROUP BY c.table_name
         ORDER BY min(c.ordinality)
     LOOP
+        IF distributed THEN
+            moved := moved + vetassist_auth.reencrypt_distributed(t.table_name, t.row_id, t.stale, t.opens,
+                                                                  t.resealed, t.write_back, t.unchanged, batch_size);
+            CONTINUE;
+        END IF;
         EXECUTE format('WITH batch AS (SELECT t.%1$I FROM vetassist_auth.%2$I t WHERE (%3$s) AND %4$s '
                        'LIMIT $1 FOR UPDATE SKIP LOCKED) '
                        'UPDATE vetassist_auth.%2$I t SET %5$s FROM batch WHERE t.%1$I = batch.%1$I',
@@ -118,3 +140,29 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
     'Moves stored ciphertexts and field hashes onto the active keys, batch_size rows per table per call; returns rows moved.';
+
+-- reencrypt() on a distributed installation, for one table: Citus would run reseal and rehash on
+-- the workers (and refuses a volatile function in a multi-shard UPDATE), so the batch is read
+-- into a temporary table on the coordinator, sealed again there, and written back where the
+-- values are still the ones read (a row changed meanwhile is left for the next call). Internal.
+CREATE FUNCTION vetassist_auth.reencrypt_distributed(table_name text, row_id text, stale text, opens text,
+                                                     resealed text, write_back text, unchanged text,
+                                                     batch_size integer)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    dist text := CASE WHEN table_name = 'users' THEN 'id' ELSE 'user_id' END;
+    n bigint;
+BEGIN
+    EXECUTE format('CREATE TEMPORARY TABLE reencrypt_batch ON COMMIT DROP AS '
+                   'SELECT t.%1$I AS dist_value, t.%2$I AS row_value, %3$s '
+                   'FROM (SELECT * FROM vetassist_auth.%4$I t WHERE (%5$s) LIMIT %6$s) t WHERE %7$s',
+                   dist, row_id, resealed, table_name, stale, batch_size, opens);
+    EXECUTE format('UPDATE vetassist_auth.%1$I t SET %2$s FROM reencrypt_batch b '
+                   'WHERE t.%3$I = b.dist_value AND t.%4$I = b.row_value AND %5$s',
+                   table_name, write_back, dist, row_id, unchanged);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE reencrypt_batch;
+    RETURN n;
+END
+$$;
