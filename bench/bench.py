@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 from conftest import BIN, ROOT, installed_cluster  # noqa: E402
 
@@ -365,24 +367,166 @@ def chain_bench(cluster, conn):
     return sealed, seal_s, checked, verify_s
 
 
-SECTIONS = ("crypto", "tokens", "sessions", "audit", "chain")
+CITUS_VETERANS = 2_000
+CITUS_SECONDS = 10
+CITUS_SHARDS = 32
+CITUS_TOKEN = "'eyJ' || repeat('x', 1024) || :n"
+
+
+class Node:
+    """A running node that pgbench_run can drive: a Citus coordinator of scripts/citus-cluster.sh."""
+
+    def __init__(self, port, directory):
+        self.port, self.dir = int(port), Path(directory)
+
+    def conninfo(self, dbname="postgres", user="postgres"):
+        return f"host={self.dir} port={self.port} dbname={dbname} user={user}"
+
+    def connect(self, dbname="postgres", user="postgres", autocommit=True):
+        return psycopg.connect(self.conninfo(dbname, user), autocommit=autocommit)
+
+    def psql(self, sql, dbname="postgres"):
+        subprocess.run([str(BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", self.conninfo(dbname), "-c", sql],
+                       check=True, capture_output=True)
+
+
+def citus_start(name, workers):
+    """scripts/citus-cluster.sh start NAME WORKERS vetassist: returns the coordinator as a Node."""
+    out = subprocess.run([str(ROOT / "scripts/citus-cluster.sh"), "start", name, str(workers), "vetassist"],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    nodes = [line.split() for line in out.splitlines() if line.strip()]
+    assert [n[0] for n in nodes] == ["coordinator"] + ["worker"] * workers, out
+    return Node(nodes[0][1], nodes[0][2])
+
+
+def citus_stop(name):
+    subprocess.run([str(ROOT / "scripts/citus-cluster.sh"), "stop", name], cwd=ROOT, check=False)
+
+
+def citus_populate(node, distributed, notices):
+    """The same data on every set-up: CITUS_VETERANS veterans, each with one session and stored
+    tokens, and public.bench_ids (a plain table, local to the node pgbench connects to: the
+    coordinator) from which each pgbench transaction picks a random veteran's user id and JWT id."""
+    with node.connect("vetassist") as conn:
+        conn.add_notice_handler(lambda d: notices.add(f"{d.severity}: {d.message_primary}"))
+        if distributed:
+            conn.execute("CREATE EXTENSION vetassist_auth")
+            conn.execute("SELECT vetassist_auth.distribute(%s)", (CITUS_SHARDS,))
+        conn.execute("CREATE ROLE bench_app LOGIN IN ROLE vetassist_app")
+        conn.execute("CREATE TABLE public.bench_ids (n int PRIMARY KEY, uid uuid NOT NULL, jti text NOT NULL)")
+        conn.execute(f"""INSERT INTO public.bench_ids
+            SELECT n, vetassist_auth.upsert_va_user('20' || lpad(n::text, 8, '0') || 'V000000', 'veteran', NULL, NULL, NULL),
+                   'bench-jti-' || n
+            FROM generate_series(1, {CITUS_VETERANS}) n""")
+        conn.execute("""SELECT count(vetassist_auth.create_session(uid, jti, now() + interval '12 hours'))
+                        FROM public.bench_ids""")
+        conn.execute(f"""SELECT count(vetassist_auth.store_va_tokens(uid, {CITUS_TOKEN.replace(':n', 'n')},
+                                 'refresh-' || n, now() + interval '1 hour', 'openid'))
+                         FROM public.bench_ids""")
+        conn.execute("GRANT SELECT ON public.bench_ids TO bench_app")
+        conn.execute("VACUUM ANALYZE public.bench_ids")
+        if distributed:
+            conn.execute("VACUUM ANALYZE vetassist_auth.users, vetassist_auth.sessions, vetassist_auth.session_routes, "
+                         "vetassist_auth.va_tokens")
+            workers = conn.execute("SELECT count(*) FROM citus_get_active_worker_nodes()").fetchone()[0]
+            placed = conn.execute("""SELECT count(DISTINCT nodeport) FROM pg_dist_shard JOIN pg_dist_shard_placement
+                                     USING (shardid) WHERE logicalrelid = 'vetassist_auth.va_tokens'::regclass""").fetchone()[0]
+            assert workers == placed, (workers, placed)
+        else:
+            conn.execute("VACUUM ANALYZE")
+
+
+def citus_pgbench(node, script):
+    try:
+        return pgbench(node, script, "bench_app", seconds=CITUS_SECONDS)
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"pgbench failed against port {node.port}:\n{e.stderr}")
+
+
+def citus_bench():
+    """touch_session and store_va_tokens + va_access_token through a Citus coordinator with one
+    worker, one with two, and a single plain node; same data, same pgbench scripts, the three
+    set-ups running at once and measured in turn, so a noisy moment is not all one set-up's."""
+    pick = f"\\set n random(1, {CITUS_VETERANS})\n"
+    scripts = {
+        "touch_session": pick + "SELECT vetassist_auth.touch_session((SELECT jti FROM public.bench_ids WHERE n = :n));\n",
+        "store_va_tokens + va_access_token": pick + f"""\
+SELECT vetassist_auth.store_va_tokens((SELECT uid FROM public.bench_ids WHERE n = :n), {CITUS_TOKEN}, 'refresh-' || :n, now() + interval '1 hour', 'openid');
+SELECT vetassist_auth.va_access_token((SELECT uid FROM public.bench_ids WHERE n = :n));
+""",
+    }
+    setups = ("single node", "Citus, 1 worker", "Citus, 2 workers")
+    names = {"Citus, 1 worker": ("bench-citus1", 1), "Citus, 2 workers": ("bench-citus2", 2)}
+    notices = set()
+    tps = {workload: {} for workload in scripts}
+    timings = {}
+    # The single node has the Citus nodes' settings, without Citus.
+    with installed_cluster("bench-single", "wal_level = logical", "max_worker_processes = 32") as single:
+        try:
+            nodes = {"single node": single}
+            for setup in setups:
+                start = time.perf_counter()
+                if setup in names:
+                    citus_stop(names[setup][0])
+                    nodes[setup] = citus_start(*names[setup])
+                citus_populate(nodes[setup], setup in names, notices)
+                timings[setup] = time.perf_counter() - start
+            for i, (workload, script) in enumerate(scripts.items()):
+                # Alternate the order between workloads.
+                for setup in setups if i % 2 == 0 else setups[::-1]:
+                    tps[workload][setup] = citus_pgbench(nodes[setup], script)
+        finally:
+            for name, _ in names.values():
+                citus_stop(name)
+    return tps, timings, sorted(notices)
+
+
+def print_citus(tps, timings, notices):
+    print(f"\nCitus scale-out: pgbench, 8 clients, one {CITUS_SECONDS} s run per cell, a random veteran of "
+          f"{CITUS_VETERANS:,} (each with a session and stored tokens) per transaction, through the coordinator "
+          f"({CITUS_SHARDS} shards); session_touch_interval at its default. Ratio = TPS / the single node's TPS\n")
+    setups = list(next(iter(tps.values())))
+    print("| workload | " + " | ".join(f"{s} TPS" for s in setups) + " | " +
+          " | ".join(f"{s} / single node" for s in setups[1:]) + " |")
+    print("|---" * (2 * len(setups)) + "|")
+    for workload, by_setup in tps.items():
+        base = by_setup["single node"]
+        print(f"| {workload} | " + " | ".join(f"{by_setup[s]:,.0f}" for s in setups) + " | " +
+              " | ".join(f"{by_setup[s] / base:.2f}x" for s in setups[1:]) + " |")
+    print()
+    for workload, by_setup in tps.items():
+        base = by_setup["single node"]
+        print(f"{workload}: " + "; ".join(f"{s.removeprefix('Citus, ')}: {by_setup[s] / base:.2f}x single node"
+                                          for s in setups[1:]))
+    print("\nSet-up (start and load): " + ", ".join(f"{s} {t:.0f} s" for s, t in timings.items()))
+    if notices:
+        print("Notices while setting up: " + "; ".join(notices))
+
+
+# citus is left out of the default: `make bench` runs DEFAULT_SECTIONS.
+DEFAULT_SECTIONS = ("crypto", "tokens", "sessions", "audit", "chain")
+SECTIONS = DEFAULT_SECTIONS + ("citus",)
 
 
 def main(sections):
-    """Runs the named sections (all by default) and prints their tables."""
-    with installed_cluster("bench", "shared_buffers = '512MB'", "max_connections = 50") as c:
-        with c.connect("vetassist") as conn:
-            if "crypto" in sections:
-                print_crypto(*crypto_bench(conn))
-            # The token vault's target belongs to the crypto hot path too.
-            if "tokens" in sections or "crypto" in sections:
-                print_tokens(*token_bench(c, conn))
-            if "sessions" in sections:
-                print_sessions(*session_bench(c, conn))
-            if "audit" in sections:
-                print_audit(*audit_bench(c, conn))
-            if "chain" in sections:
-                print_chain(*chain_bench(c, conn))
+    """Runs the named sections (DEFAULT_SECTIONS by default) and prints their tables."""
+    if set(sections) & set(DEFAULT_SECTIONS):
+        with installed_cluster("bench", "shared_buffers = '512MB'", "max_connections = 50") as c:
+            with c.connect("vetassist") as conn:
+                if "crypto" in sections:
+                    print_crypto(*crypto_bench(conn))
+                # The token vault's target belongs to the crypto hot path too.
+                if "tokens" in sections or "crypto" in sections:
+                    print_tokens(*token_bench(c, conn))
+                if "sessions" in sections:
+                    print_sessions(*session_bench(c, conn))
+                if "audit" in sections:
+                    print_audit(*audit_bench(c, conn))
+                if "chain" in sections:
+                    print_chain(*chain_bench(c, conn))
+    # Clusters of its own (a Citus coordinator with one worker, with two, and a plain node).
+    if "citus" in sections:
+        print_citus(*citus_bench())
 
 
 def verdict(ratio, target):
@@ -466,4 +610,4 @@ if __name__ == "__main__":
     unknown = set(sys.argv[1:]) - set(SECTIONS)
     if unknown:
         sys.exit(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    main(sys.argv[1:] or SECTIONS)
+    main(sys.argv[1:] or DEFAULT_SECTIONS)

@@ -56,7 +56,7 @@ add-worker)
     ;;
 stop)
     for d in "$ROOT"/target/clusters/"$name"-* /tmp/vetassist_auth-clusters-*/"$name"-*; do
-        [ -d "$d" ] && "$ROOT/scripts/cluster.sh" stop "$(basename "$d")"
+        if [ -d "$d" ]; then "$ROOT/scripts/cluster.sh" stop "$(basename "$d")"; fi
     done
     ;;
 *)

@@ -78,7 +78,11 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.disable_row_audit(regclass),
     vetassist_auth.set_actor(uuid, text),
     vetassist_auth.audit_event(text, text, text, jsonb),
-    vetassist_auth.protected_columns()
+    vetassist_auth.protected_columns(),
+    vetassist_auth.distribute(integer),
+    vetassist_auth.veteran_placement(uuid),
+    vetassist_auth.seal_worker_audit_logs(integer),
+    vetassist_auth.audit_chain_heads()
 TO vetassist_admin;
 GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
 
@@ -91,7 +95,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.audit_seal_status(),
     vetassist_auth.audit_chain_head(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz),
-    vetassist_auth.protected_columns()
+    vetassist_auth.protected_columns(),
+    vetassist_auth.audit_chain_heads()
 TO vetassist_auditor;
 
 -- Last, so that the install's own CREATE TRIGGERs are not audited (a fresh install writes no

@@ -7,7 +7,7 @@ DECLARE
     p text;
     missing text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_activity', 'session_events',
+    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_routes', 'session_activity', 'session_events',
                              'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
                              'audit_seal_state'] LOOP
         check_name := 'table ' || t;
@@ -24,15 +24,31 @@ BEGIN
         END IF;
     END LOOP;
 
-    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_va_icn_hash_key', 'users_email_hash',
-                             'va_tokens_user_id_key', 'va_tokens_expiry', 'sessions_jwt_id_key',
-                             'sessions_live_by_expiry', 'sessions_by_user', 'audit_log_by_subject',
-                             'audit_seals_audit_id_key'] LOOP
+    -- distribute() trades the unique indexes Citus cannot keep for plain ones (citus.sql).
+    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_email_hash', 'va_tokens_user_id_key',
+                             'va_tokens_expiry', 'session_routes_pkey', 'sessions_live_by_expiry', 'sessions_by_user',
+                             'audit_log_by_subject', 'audit_seals_audit_id_key']
+                       || CASE WHEN vetassist_auth.distributed() THEN ARRAY['users_by_va_icn_hash']
+                               ELSE ARRAY['users_va_icn_hash_key', 'sessions_jwt_id_key'] END LOOP
         check_name := 'index ' || t;
         ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
         detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
         RETURN NEXT;
     END LOOP;
+
+    IF vetassist_auth.distributed() AND citus_is_coordinator() THEN
+        -- Every worker answers and runs this same version (each verifies its own audit chain).
+        check_name := 'citus workers';
+        SELECT bool_and(w.success AND w.result = e.extversion),
+               string_agg(w.nodename || ':' || w.nodeport || ' ' || w.result, ', ' ORDER BY w.nodename, w.nodeport)
+        INTO ok, detail
+        FROM run_command_on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''') w,
+             pg_extension e
+        WHERE e.extname = 'vetassist_auth';
+        ok := coalesce(ok, false);
+        detail := coalesce(detail, 'no workers');
+        RETURN NEXT;
+    END IF;
 
     FOREACH t IN ARRAY ARRAY['vetassist_app', 'vetassist_auditor', 'vetassist_admin'] LOOP
         check_name := 'role ' || t;

@@ -1,0 +1,282 @@
+"""Scale-out on Citus: a coordinator and two workers (scripts/citus-cluster.sh), the extension's
+tables distributed with vetassist_auth.distribute(), every call made as the application through
+the coordinator. make test runs this on the default PostgreSQL version."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from conftest import PG_CONFIG, ROOT, authenticator_code, seal_all  # noqa: E402
+
+NAME = "citus-test"
+DB = "vetassist"
+
+
+class Node:
+    def __init__(self, role, port, socket_dir):
+        self.role, self.port, self.dir = role, int(port), socket_dir
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def connect(self, user="postgres"):
+        return psycopg.connect(f"host={self.dir} port={self.port} dbname={DB} user={user}", autocommit=True)
+
+
+def citus_cluster(*args):
+    out = subprocess.run([ROOT / "scripts/citus-cluster.sh", *args], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PG_CONFIG": PG_CONFIG})
+    return [Node(*line.split()) for line in out.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    started = citus_cluster("start", NAME, "2", DB)
+    try:
+        with started[0].connect() as su:
+            su.execute("CREATE EXTENSION vetassist_auth")
+            # Eight shards: enough to spread veterans over two workers, and quick to move.
+            su.execute("SELECT vetassist_auth.distribute(8)")
+            su.execute("CREATE ROLE citus_app LOGIN IN ROLE vetassist_app")
+            su.execute("CREATE ROLE citus_admin LOGIN IN ROLE vetassist_admin")
+            su.execute("CREATE ROLE citus_auditor LOGIN IN ROLE vetassist_auditor")
+        yield started
+    finally:
+        citus_cluster("stop", NAME)
+
+
+@pytest.fixture
+def coordinator(nodes):
+    return nodes[0]
+
+
+@pytest.fixture
+def app(coordinator):
+    with coordinator.connect("citus_app") as conn:
+        yield conn
+
+
+def workers(nodes):
+    return [n for n in nodes if n.role == "worker"]
+
+
+def sign_in(app, n):
+    """A veteran signs in: account, VA tokens, a session. Returns (user id, jwt id)."""
+    icn = f"10126679{n:02d}V1234{n:02d}"
+    uid = app.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', %s, 'Maria', 'Lopez')",
+                      (icn, f"vet{n}@example.com")).fetchone()[0]
+    app.execute("SELECT vetassist_auth.store_va_tokens(%s, %s, %s, now() + interval '1 hour', 'openid')",
+                (uid, f"access-{n}", f"refresh-{n}"))
+    jti = f"jti-{n}-{uid}"
+    app.execute("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 day', '203.0.113.7')", (uid, jti))
+    return uid, jti
+
+
+def test_distribute_colocates_per_veteran_tables_and_replicates_keys(coordinator):
+    with coordinator.connect() as su:
+        placement = dict(su.execute(
+            "SELECT logicalrelid::text, CASE partmethod WHEN 'n' THEN 'reference' ELSE colocationid::text END "
+            "FROM pg_dist_partition").fetchall())
+        assert placement["vetassist_auth.keys"] == "reference"
+        users_group = placement["vetassist_auth.users"]
+        for table in ("va_tokens", "sessions", "session_activity", "session_events", "mfa_settings",
+                      "mfa_backup_codes", "trusted_devices"):
+            assert placement[f"vetassist_auth.{table}"] == users_group, table
+        # The JWT routes are distributed by jwt_id, apart from the veterans' group.
+        assert placement["vetassist_auth.session_routes"] not in ("reference", users_group)
+        # Local on every node: each seals its own rows.
+        assert "vetassist_auth.audit_log" not in placement
+        # A second call changes nothing.
+        assert su.execute("SELECT count(*) FROM vetassist_auth.distribute()").fetchone()[0] == 0
+        failed = su.execute("SELECT check_name, detail FROM vetassist_auth.verify_installation() WHERE NOT ok").fetchall()
+        assert failed == []
+        assert su.execute("SELECT ok FROM vetassist_auth.verify_installation() WHERE check_name = 'citus workers'"
+                          ).fetchone() == (True,)
+
+
+def test_the_sign_in_journey_runs_each_veteran_on_one_shard(nodes, coordinator, app):
+    """Every per-veteran call after sign-in reaches a single shard: with
+    citus.multi_task_query_log_level = error, any statement that fanned out would fail the call."""
+    placed = {}
+    for n in range(1, 7):
+        uid, jti = sign_in(app, n)
+        app.execute("SET citus.multi_task_query_log_level = error")
+        try:
+            assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == f"access-{n}"
+            assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "ACTIVE"
+            assert app.execute("SELECT vetassist_auth.session_status(%s::text)", (jti,)).fetchone()[0] == "ACTIVE"
+            uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
+            assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)",
+                               (uid, authenticator_code(uri))).fetchone()[0]
+            assert app.execute("SELECT vetassist_auth.mfa_required(%s)", (jti,)).fetchone()[0]
+            assert app.execute("SELECT vetassist_auth.mfa_verify(%s, %s)",
+                               (jti, authenticator_code(uri, 1))).fetchone()[0]
+            codes = app.execute("SELECT vetassist_auth.mfa_generate_backup_codes(%s, 3)", (uid,)).fetchone()[0]
+            assert len(codes) == 3
+            app.execute("SELECT vetassist_auth.set_actor(%s, '203.0.113.7')", (uid,))
+            app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{}')")
+            assert app.execute("SELECT first_name FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()[0] == "Maria"
+            gen, token = app.execute("SELECT * FROM vetassist_auth.refresh_session_token(%s, NULL, 'r1')",
+                                     (jti,)).fetchone()
+            assert (gen, token) == (1, "r1")
+            assert app.execute("SELECT generation FROM vetassist_auth.refresh_session_token(%s, 'r1', 'r2')",
+                               (jti,)).fetchone()[0] == 2
+            app.execute("SELECT vetassist_auth.log_session_event(%s, 'crisis_line_requested', 'crisis')", (jti,))
+            assert app.execute("SELECT vetassist_auth.end_session(%s, 'logout')", (jti,)).fetchone()[0]
+            assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "TERMINATED"
+            app.execute("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 day')", (uid, jti + "-b"))
+            assert app.execute("SELECT vetassist_auth.end_user_sessions(%s, 'signed out everywhere')",
+                               (uid,)).fetchone()[0] == 1
+            app.execute("SELECT vetassist_auth.set_actor(NULL)")
+        finally:
+            app.execute("RESET citus.multi_task_query_log_level")
+        with coordinator.connect() as su:
+            placed[uid] = su.execute("SELECT node FROM vetassist_auth.veteran_placement(%s)", (uid,)).fetchone()[0]
+    # The veterans are spread over both workers, and each one's rows are on its worker's shard.
+    assert set(placed.values()) == {w.address for w in workers(nodes)}
+    for uid, address in placed.items():
+        worker = next(w for w in workers(nodes) if w.address == address)
+        with coordinator.connect() as su:
+            shard = su.execute("SELECT shard_name('vetassist_auth.va_tokens', "
+                               "get_shard_id_for_distribution_column('vetassist_auth.va_tokens', %s))",
+                               (uid,)).fetchone()[0]
+        with worker.connect() as w:
+            assert w.execute(f"SELECT count(*) FROM {shard} WHERE user_id = %s", (uid,)).fetchone()[0] == 1
+
+
+def test_the_single_shard_check_catches_a_fan_out(app):
+    """The control for the test above: an ICN look-up asks every shard, and the setting refuses it."""
+    sign_in(app, 20)
+    app.execute("SET citus.multi_task_query_log_level = error")
+    try:
+        with pytest.raises(psycopg.Error, match="multi-task"):
+            app.execute("SELECT vetassist_auth.find_user_by_icn('1012667920V123420')")
+    finally:
+        app.execute("RESET citus.multi_task_query_log_level")
+    assert app.execute("SELECT vetassist_auth.find_user_by_icn('1012667920V123420')").fetchone()[0] is not None
+
+
+def test_rotation_on_the_coordinator_reaches_every_node(nodes, coordinator, app):
+    uid, jti = sign_in(app, 30)
+    with coordinator.connect("citus_admin") as admin:
+        new_token_key = admin.execute("SELECT vetassist_auth.rotate_key('token')").fetchone()[0]
+        admin.execute("SELECT vetassist_auth.rotate_key('phi')")
+        admin.execute("SELECT vetassist_auth.rotate_key('hash')")
+        while admin.execute("SELECT vetassist_auth.reencrypt(1000)").fetchone()[0] > 0:
+            pass
+    # Nothing of the veterans' is left under the old keys, on any worker.
+    with coordinator.connect() as su:
+        left = su.execute(
+            "SELECT count(*) FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id) "
+            "WHERE keys.status <> 'active' AND k.used_by LIKE ANY (ARRAY['users.%encrypted', 'va_tokens.%', "
+            "'users.%hash'])").fetchone()[0]
+        assert left == 0
+    for worker in workers(nodes):
+        with worker.connect() as w:
+            assert w.execute("SELECT status FROM vetassist_auth.keys WHERE key_id = %s",
+                             (new_token_key,)).fetchone() == ("active",)
+    # Every value still opens, and a look-up by ICN finds the account under the new hash key.
+    assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == "access-30"
+    assert app.execute("SELECT vetassist_auth.find_user_by_icn('1012667930V123430')").fetchone()[0] == uid
+    assert app.execute("SELECT email FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()[0] == "vet30@example.com"
+    assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "ACTIVE"
+
+
+def test_workers_decrypt_but_only_the_coordinator_encrypts(nodes, app):
+    """Every node holds every key, so a worker opens any value; encrypting there would count
+    against a counter of the worker's own, so it is refused (the limit is the coordinator's)."""
+    sealed = app.execute("SELECT vetassist_auth.encrypt_text('a note', 'app.note:1')").fetchone()[0]
+    for worker in workers(nodes):  # Citus created the login role on every worker
+        with worker.connect("citus_app") as on_worker:
+            assert on_worker.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note:1')",
+                                     (sealed,)).fetchone()[0] == "a note"
+            with pytest.raises(psycopg.Error) as refused:
+                on_worker.execute("SELECT vetassist_auth.encrypt_text('x', 'app.note:2')")
+            assert refused.value.sqlstate == "55000"
+            assert "coordinator" in str(refused.value)
+
+
+def test_one_sweeper_for_the_cluster(nodes, coordinator, app):
+    uid, jti = sign_in(app, 40)
+    with coordinator.connect() as su:
+        su.execute("UPDATE vetassist_auth.sessions SET live_until = now() - interval '1 second' "
+                   "WHERE user_id = %s", (uid,))
+    # A worker's sweep does nothing, even where sweep_database is set: the coordinator sweeps.
+    for worker in workers(nodes):
+        with worker.connect() as w:
+            assert w.execute("SELECT vetassist_auth.expire_sessions()").fetchone()[0] == 0
+    with coordinator.connect("citus_admin") as admin:
+        assert admin.execute("SELECT vetassist_auth.expire_sessions()").fetchone()[0] >= 1
+        assert admin.execute("SELECT vetassist_auth.expire_sessions()").fetchone()[0] == 0
+    assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "EXPIRED"
+
+
+def seal_cluster(coordinator):
+    with coordinator.connect("citus_admin") as admin:
+        seal_all(admin)
+        admin.execute("SELECT vetassist_auth.seal_worker_audit_logs(100000)")
+
+
+def test_a_tampered_row_on_one_worker_is_found_and_named(nodes, coordinator, app):
+    sign_in(app, 50)
+    seal_cluster(coordinator)
+    with coordinator.connect("citus_auditor") as auditor:
+        ok, checked, bad, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+        assert (ok, bad, problem) == (True, None, None)
+        heads = auditor.execute("SELECT node, seq FROM vetassist_auth.audit_chain_heads()").fetchall()
+        assert {node for node, _ in heads} == {"coordinator"} | {w.address for w in workers(nodes)}
+    victim = workers(nodes)[1]
+    with victim.connect() as w:
+        seq, audit_id, event = w.execute(
+            "SELECT s.seq, a.id, a.event_type FROM vetassist_auth.audit_seals s "
+            "JOIN vetassist_auth.audit_log a ON a.id = s.audit_id ORDER BY s.seq DESC LIMIT 1 OFFSET 2").fetchone()
+        w.execute("SET session_replication_role = replica")  # a superuser's edit, past the append-only trigger
+        w.execute("UPDATE vetassist_auth.audit_log SET event_type = 'nothing_to_see' WHERE id = %s", (audit_id,))
+    try:
+        with coordinator.connect("citus_auditor") as auditor:
+            ok, checked, bad, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+        assert not ok
+        assert bad == seq
+        assert problem.startswith(f"node {victim.address}: ")
+        assert checked > 0
+    finally:
+        with victim.connect() as w:
+            w.execute("SET session_replication_role = replica")
+            w.execute("UPDATE vetassist_auth.audit_log SET event_type = %s WHERE id = %s", (event, audit_id))
+    with coordinator.connect("citus_auditor") as auditor:
+        assert auditor.execute("SELECT ok FROM vetassist_auth.verify_audit_chain()").fetchone()[0]
+
+
+def test_a_new_worker_and_a_rebalance_keep_tokens_sessions_and_chains(nodes, coordinator, app):
+    veterans = [sign_in(app, n) for n in range(60, 68)]
+    new = citus_cluster("add-worker", NAME, "3", DB)[0]
+    nodes.append(new)
+    with coordinator.connect() as su:
+        su.execute("SELECT citus_add_node('127.0.0.1', %s)", (new.port,))
+        su.execute("SELECT citus_rebalance_start(shard_transfer_mode => 'block_writes')")
+        su.execute("SELECT citus_rebalance_wait()")
+        moved_here = su.execute("SELECT count(*) FROM pg_dist_shard_placement WHERE nodeport = %s",
+                                (new.port,)).fetchone()[0]
+        assert moved_here > 0
+        on_new = [uid for uid, _ in veterans
+                  if su.execute("SELECT node FROM vetassist_auth.veteran_placement(%s)", (uid,)).fetchone()[0]
+                  == new.address]
+    for n, (uid, jti) in zip(range(60, 68), veterans):
+        assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == f"access-{n}"
+        assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "ACTIVE"
+    # Among them veterans whose shard moved.
+    assert on_new, "no veteran's shard moved to the new worker"
+    seal_cluster(coordinator)
+    with coordinator.connect("citus_auditor") as auditor:
+        ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+        assert ok, problem
+    with coordinator.connect() as su:
+        verified = {row[0] for row in su.execute("SELECT node FROM vetassist_auth.worker_audit_chains()")}
+        assert verified == {w.address for w in workers(nodes)}
+        assert su.execute("SELECT ok FROM vetassist_auth.verify_installation() WHERE check_name = 'citus workers'"
+                          ).fetchone() == (True,)
