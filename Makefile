@@ -14,7 +14,7 @@ SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
 OTHER_PG   ?= $(filter-out $(PG),$(ALL_PG))
 ALL_PG     := 15 16 17 18
 
-.PHONY: all toolchain install install-release lint pg-test test test-one test-compat test-all demo bench clean
+.PHONY: all toolchain install install-release lint pg-test test test-one test-compat test-all demo citus-demo bench clean
 
 all: test
 
@@ -62,8 +62,14 @@ test-all:
 demo: install-release
 	target/venv/bin/python scripts/demo.py
 
+# A coordinator and two workers under target/clusters/citus-demo-* (README, "Scale-out on Citus").
+citus-demo: install-release
+	scripts/ensure-citus.sh $(PG_CONFIG)
+	target/venv/bin/python scripts/citus_demo.py
+
 bench: install-release
 	scripts/ensure-pgsodium.sh $(PG_CONFIG)
+	$(if $(filter citus,$(BENCH)),scripts/ensure-citus.sh $(PG_CONFIG))
 	target/venv/bin/python bench/bench.py $(BENCH)
 
 clean:

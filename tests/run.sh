@@ -34,6 +34,13 @@ fi
 echo "==> pytest (tests/integration) on $("$PG_CONFIG" --version)"
 target/venv/bin/pytest -q tests/integration "$@"
 
+# Citus 13.2 supports PostgreSQL 15 to 17; make test runs this on the default version.
+if [ "$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')" -le 17 ]; then
+    echo "==> pytest (tests/citus): a Citus coordinator and two workers"
+    scripts/ensure-citus.sh "$PG_CONFIG"
+    target/venv/bin/pytest -q tests/citus
+fi
+
 echo "==> examples/walkthrough.sql in psql"
 "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d postgres \
     -c "DROP DATABASE IF EXISTS walkthrough" -c "CREATE DATABASE walkthrough"

@@ -458,13 +458,19 @@ fn with_worker_chains(v: &mut Verdict) -> Outcome<()> {
             )
             .map_err(spi_failed)?;
         for row in workers {
-            let node = row.get::<String>(1).map_err(spi_failed)?.unwrap_or_default();
+            let node = row
+                .get::<String>(1)
+                .map_err(spi_failed)?
+                .unwrap_or_default();
             let ok = row.get::<bool>(2).map_err(spi_failed)?.unwrap_or(false);
             v.checked += row.get::<i64>(3).map_err(spi_failed)?.unwrap_or(0);
             if !ok && v.ok {
                 v.ok = false;
                 v.first_bad_seq = row.get::<i64>(4).map_err(spi_failed)?;
-                let problem = row.get::<String>(5).map_err(spi_failed)?.unwrap_or_default();
+                let problem = row
+                    .get::<String>(5)
+                    .map_err(spi_failed)?
+                    .unwrap_or_default();
                 v.problem = Some(format!("node {node}: {problem}"));
             }
         }
