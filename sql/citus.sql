@@ -16,11 +16,25 @@ BEGIN
 END
 $$;
 
--- Whether this node is a worker of a distributed installation (not its coordinator).
+-- Whether this node is the coordinator, or a worker, of a distributed installation. Apart IFs:
+-- without Citus, an expression naming citus_is_coordinator() would not even parse.
+CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN pg_catalog.citus_is_coordinator();
+END
+$$;
+
 CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN vetassist_auth.distributed() AND NOT pg_catalog.citus_is_coordinator();
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN NOT pg_catalog.citus_is_coordinator();
 END
 $$;
 
@@ -185,7 +199,7 @@ $$;
 CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
+    IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN 0;
     END IF;
     RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
@@ -199,7 +213,7 @@ CREATE FUNCTION vetassist_auth.worker_audit_chains()
 RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
+    IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN;
     END IF;
     RETURN QUERY
@@ -221,7 +235,7 @@ RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
+    IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN;
     END IF;
     RETURN QUERY

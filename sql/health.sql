@@ -36,7 +36,7 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
-    IF vetassist_auth.distributed() AND citus_is_coordinator() THEN
+    IF vetassist_auth.citus_coordinator() THEN
         -- Every worker answers and runs this same version (each verifies its own audit chain).
         check_name := 'citus workers';
         SELECT bool_and(w.success AND w.result = e.extversion),

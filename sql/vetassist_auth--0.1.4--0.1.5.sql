@@ -185,7 +185,7 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
-    IF vetassist_auth.distributed() AND citus_is_coordinator() THEN
+    IF vetassist_auth.citus_coordinator() THEN
         -- Every worker answers and runs this same version (each verifies its own audit chain).
         check_name := 'citus workers';
         SELECT bool_and(w.success AND w.result = e.extversion),
@@ -716,219 +716,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RETURN false;
-    END IF;
-    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
-                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    RETURN vetassist_auth.distributed() AND NOT pg_catalog.citus_is_coordinator();
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
-RETURNS SETOF regclass
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
-                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
-    t text;
-BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
-            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
-    END IF;
-    IF NOT citus_is_coordinator() THEN
-        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
-    END IF;
-    IF vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    IF shard_count IS NOT NULL THEN
-        PERFORM set_config('citus.shard_count', shard_count::text, true);
-    END IF;
-    -- Shard triggers (row audit of distributed tables) fire on the workers.
-    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
-    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
-    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
-    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
-    PERFORM create_reference_table('vetassist_auth.keys');
-
-    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
-    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
-    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
-    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
-    -- session event keeps its session id after the session is purged.
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
-    ALTER TABLE vetassist_auth.sessions
-        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
-        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
-    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.session_activity
-        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
-        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
-
-    PERFORM create_distributed_table('vetassist_auth.users', 'id');
-    RETURN NEXT 'vetassist_auth.users'::regclass;
-    FOREACH t IN ARRAY per_user LOOP
-        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
-                                         colocate_with => 'vetassist_auth.users');
-        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
-    END LOOP;
-    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
-    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
-    RETURN NEXT 'vetassist_auth.keys'::regclass;
-    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
-        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
-                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
-    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
-
-CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
-RETURNS TABLE (shard_id bigint, node text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT s.shardid, p.nodename || ':' || p.nodeport
-    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
-    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
-    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
-
-CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    retained_since timestamptz := ts - vetassist_auth.session_retention();
-    expired integer;
-    purged integer;
-    gone_jwts text[];
-BEGIN
-    IF NOT citus_is_coordinator() THEN
-        RETURN 0;
-    END IF;
-    WITH ended AS (
-        UPDATE vetassist_auth.sessions s
-        SET status = 'EXPIRED', ended_at = ts,
-            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
-        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
-        RETURNING s.id, s.user_id, s.end_reason
-    )
-    INSERT INTO vetassist_auth.audit_log
-        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
-    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
-           jsonb_build_object('reason', ended.end_reason)
-    FROM ended;
-    GET DIAGNOSTICS expired = ROW_COUNT;
-
-    WITH gone AS (
-        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
-    )
-    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
-    purged := coalesce(cardinality(gone_jwts), 0);
-    IF purged > 0 THEN
-        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
-        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
-                                           jsonb_build_object('count', purged));
-    END IF;
-    RETURN expired + purged;
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    k record;
-    counted bigint;
-    mirrored integer := 0;
-BEGIN
-    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
-             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
-                       k.purpose || '_encryptions_seq')
-            INTO counted USING k.counter_base;
-        IF counted > k.encrypt_count THEN
-            UPDATE vetassist_auth.keys SET encrypt_count = counted
-            WHERE key_id = k.key_id AND encrypt_count < counted;
-            mirrored := mirrored + 1;
-        END IF;
-    END LOOP;
-    RETURN mirrored;
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
-        RETURN 0;
-    END IF;
-    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
-            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.worker_audit_chains()
-RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport,
-           coalesce((v ->> 'ok')::boolean, false),
-           coalesce((v ->> 'checked')::bigint, 0),
-           (v ->> 'first_bad_seq')::bigint,
-           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
-    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.audit_chain_heads()
-RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
-           (h ->> 'sealed_at')::timestamptz
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
-    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
-    WHERE w.success AND w.result <> ''
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
-    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
-
 CREATE OR REPLACE FUNCTION vetassist_auth.mfa_check(m vetassist_auth.mfa_settings, code text, require_enabled boolean,
                                          event_type text, target_table text, target_id text)
 RETURNS bigint
@@ -1100,6 +887,232 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN false;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN pg_catalog.citus_is_coordinator();
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN NOT pg_catalog.citus_is_coordinator();
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
+RETURNS SETOF regclass
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
+    t text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
+            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
+    END IF;
+    IF vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    IF shard_count IS NOT NULL THEN
+        PERFORM set_config('citus.shard_count', shard_count::text, true);
+    END IF;
+    -- Shard triggers (row audit of distributed tables) fire on the workers.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
+    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
+    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
+    PERFORM create_reference_table('vetassist_auth.keys');
+
+    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
+    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
+    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
+    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
+    -- session event keeps its session id after the session is purged.
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
+    ALTER TABLE vetassist_auth.sessions
+        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
+        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
+    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.session_activity
+        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
+        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
+
+    PERFORM create_distributed_table('vetassist_auth.users', 'id');
+    RETURN NEXT 'vetassist_auth.users'::regclass;
+    FOREACH t IN ARRAY per_user LOOP
+        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
+                                         colocate_with => 'vetassist_auth.users');
+        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
+    END LOOP;
+    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
+    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
+    RETURN NEXT 'vetassist_auth.keys'::regclass;
+    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
+        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
+                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
+    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
+
+CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
+RETURNS TABLE (shard_id bigint, node text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT s.shardid, p.nodename || ':' || p.nodeport
+    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
+    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
+    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
+
+CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    retained_since timestamptz := ts - vetassist_auth.session_retention();
+    expired integer;
+    purged integer;
+    gone_jwts text[];
+BEGIN
+    IF NOT citus_is_coordinator() THEN
+        RETURN 0;
+    END IF;
+    WITH ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH gone AS (
+        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
+    )
+    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
+    purged := coalesce(cardinality(gone_jwts), 0);
+    IF purged > 0 THEN
+        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+    counted bigint;
+    mirrored integer := 0;
+BEGIN
+    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
+             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
+                       k.purpose || '_encryptions_seq')
+            INTO counted USING k.counter_base;
+        IF counted > k.encrypt_count THEN
+            UPDATE vetassist_auth.keys SET encrypt_count = counted
+            WHERE key_id = k.key_id AND encrypt_count < counted;
+            mirrored := mirrored + 1;
+        END IF;
+    END LOOP;
+    RETURN mirrored;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
+            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.worker_audit_chains()
+RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport,
+           coalesce((v ->> 'ok')::boolean, false),
+           coalesce((v ->> 'checked')::bigint, 0),
+           (v ->> 'first_bad_seq')::bigint,
+           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
+    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.audit_chain_heads()
+RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
+           (h ->> 'sealed_at')::timestamptz
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
+    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
+    WHERE w.success AND w.result <> ''
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
+    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
     user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
 RETURNS integer
@@ -1161,7 +1174,7 @@ BEGIN
                AND p.proname IN ('distributed', 'citus_worker', 'distribute', 'veteran_placement',
                                  'expire_distributed_sessions', 'refresh_distributed_encrypt_counts',
                                  'seal_worker_audit_logs', 'worker_audit_chains', 'audit_chain_heads',
-                                 'reencrypt_distributed') LOOP
+                                 'reencrypt_distributed', 'citus_coordinator') LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
 END

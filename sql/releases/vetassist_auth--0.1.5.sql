@@ -344,7 +344,7 @@ AS 'MODULE_PATHNAME', 'audit_seal_matches_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:543
+-- src/audit/chain.rs:549
 -- vetassist_auth::audit::chain::audit_seal_status
 CREATE  FUNCTION "audit_seal_status"() RETURNS TABLE (
 	"head_seq" bigint,  /* Option < i64 > */
@@ -698,7 +698,7 @@ AS 'MODULE_PATHNAME', 'protected_columns_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:590
+-- src/audit/chain.rs:596
 -- vetassist_auth::audit::chain::purge_audit_log
 CREATE  FUNCTION "purge_audit_log"(
 	"older_than" interval /* Interval */
@@ -1168,7 +1168,7 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
-    IF vetassist_auth.distributed() AND citus_is_coordinator() THEN
+    IF vetassist_auth.citus_coordinator() THEN
         -- Every worker answers and runs this same version (each verifies its own audit chain).
         check_name := 'citus workers';
         SELECT bool_and(w.success AND w.result = e.extversion),
@@ -1315,7 +1315,7 @@ AS 'MODULE_PATHNAME', 'verify_audit_chain_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/chain.rs:479
+-- src/audit/chain.rs:485
 -- vetassist_auth::audit::chain::verify_audit_chain
 CREATE  FUNCTION "verify_audit_chain"(
 	"anchor_seq" bigint, /* Option < i64 > */
@@ -1619,6 +1619,84 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
     'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:114
+-- requires:
+--   keys_sql
+--   audit_sql
+--   keys::store::key_creation_in_progress
+--   keys::admin::rotate_key
+
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2307,252 +2385,6 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:124
--- requires:
---   sessions_sql
---   audit_sql
-
--- Scale-out on Citus (README, "Scale-out on Citus"; docs/ARCHITECTURE.md, "Citus"). Nothing here
--- runs until an administrator calls distribute() on the coordinator; every function works
--- unchanged on one node. The application connects to the coordinator, and every API function
--- runs there: per-veteran statements are keyed by the user id (one shard each), values are
--- encrypted and decrypted on the coordinator only, and each node keeps an audit chain of its own.
-
--- Whether the extension's tables are distributed (Citus is installed and distribute() ran).
-CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RETURN false;
-    END IF;
-    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
-                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
-END
-$$;
-
--- Whether this node is a worker of a distributed installation (not its coordinator).
-CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    RETURN vetassist_auth.distributed() AND NOT pg_catalog.citus_is_coordinator();
-END
-$$;
-
--- The one documented call: distributes the extension's tables over the Citus workers.
---  * every per-veteran table, co-located by user id (users by id): a veteran's rows share a shard;
---  * session_routes by jwt_id: a JWT id finds its user with one single-shard look-up;
---  * keys as a reference table: every node holds every (wrapped) data key, and a rotation on
---    the coordinator reaches every node in the same transaction;
---  * audit_log, audit_seals and audit_seal_state stay local: each node seals its own rows.
--- Citus keeps a unique index or a foreign key only with the distribution column in it, so
--- primary keys become (user_id, id) and sessions' jwt_id is unique through session_routes;
--- one account per ICN is kept by the identity claim (docs/ARCHITECTURE.md, "One account per
--- ICN"), which all run on the coordinator. Idempotent; returns the tables it distributed.
-CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
-RETURNS SETOF regclass
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
-                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
-    t text;
-BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
-            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
-    END IF;
-    IF NOT citus_is_coordinator() THEN
-        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
-    END IF;
-    IF vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    IF shard_count IS NOT NULL THEN
-        PERFORM set_config('citus.shard_count', shard_count::text, true);
-    END IF;
-    -- Shard triggers (row audit of distributed tables) fire on the workers.
-    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
-    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
-    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
-    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
-    PERFORM create_reference_table('vetassist_auth.keys');
-
-    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
-    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
-    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
-    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
-    -- session event keeps its session id after the session is purged.
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
-    ALTER TABLE vetassist_auth.sessions
-        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
-        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
-    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.session_activity
-        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
-        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
-
-    PERFORM create_distributed_table('vetassist_auth.users', 'id');
-    RETURN NEXT 'vetassist_auth.users'::regclass;
-    FOREACH t IN ARRAY per_user LOOP
-        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
-                                         colocate_with => 'vetassist_auth.users');
-        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
-    END LOOP;
-    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
-    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
-    RETURN NEXT 'vetassist_auth.keys'::regclass;
-    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
-        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
-                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
-    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
-
--- Where one veteran's rows live: the shard and the worker that holds it.
-CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
-RETURNS TABLE (shard_id bigint, node text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT s.shardid, p.nodename || ':' || p.nodeport
-    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
-    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
-    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
-
--- The sweep of a distributed installation (expire_sessions calls it): on the coordinator only,
--- so one scheduler sweeps the cluster however many nodes run a sweeper. One multi-shard
--- statement per step; Citus cannot pick a batch (LIMIT ... SKIP LOCKED) across shards.
-CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    retained_since timestamptz := ts - vetassist_auth.session_retention();
-    expired integer;
-    purged integer;
-    gone_jwts text[];
-BEGIN
-    IF NOT citus_is_coordinator() THEN
-        RETURN 0;
-    END IF;
-    WITH ended AS (
-        UPDATE vetassist_auth.sessions s
-        SET status = 'EXPIRED', ended_at = ts,
-            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
-        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
-        RETURNING s.id, s.user_id, s.end_reason
-    )
-    INSERT INTO vetassist_auth.audit_log
-        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
-    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
-           jsonb_build_object('reason', ended.end_reason)
-    FROM ended;
-    GET DIAGNOSTICS expired = ROW_COUNT;
-
-    WITH gone AS (
-        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
-    )
-    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
-    purged := coalesce(cardinality(gone_jwts), 0);
-    IF purged > 0 THEN
-        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
-        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
-                                           jsonb_build_object('count', purged));
-    END IF;
-    RETURN expired + purged;
-END
-$$;
-
--- refresh_encrypt_counts() on a distributed installation: the keys are a reference table, which
--- Citus updates on every node (no SKIP LOCKED across nodes); the counters are the coordinator's.
-CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    k record;
-    counted bigint;
-    mirrored integer := 0;
-BEGIN
-    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
-             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
-                       k.purpose || '_encryptions_seq')
-            INTO counted USING k.counter_base;
-        IF counted > k.encrypt_count THEN
-            UPDATE vetassist_auth.keys SET encrypt_count = counted
-            WHERE key_id = k.key_id AND encrypt_count < counted;
-            mirrored := mirrored + 1;
-        END IF;
-    END LOOP;
-    RETURN mirrored;
-END
-$$;
-
--- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
--- own); returns the rows sealed. Each worker seals its own rows under its own chain lock.
-CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
-        RETURN 0;
-    END IF;
-    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
-            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
-END
-$$;
-
--- Every worker's chain, verified on the worker: what verify_audit_chain() on the coordinator
--- adds to its own. A worker that cannot be reached is a failure, never a pass.
-CREATE FUNCTION vetassist_auth.worker_audit_chains()
-RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport,
-           coalesce((v ->> 'ok')::boolean, false),
-           coalesce((v ->> 'checked')::bigint, 0),
-           (v ->> 'first_bad_seq')::bigint,
-           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
-    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-
--- The head of every node's chain: the anchors to keep outside the database, one per node.
-CREATE FUNCTION vetassist_auth.audit_chain_heads()
-RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
-    IF NOT vetassist_auth.distributed() OR NOT citus_is_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
-           (h ->> 'sealed_at')::timestamptz
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
-    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
-    WHERE w.success AND w.result <> ''
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
-    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:93
 -- requires:
 --   sessions_sql
@@ -2886,6 +2718,266 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/lib.rs:124
+-- requires:
+--   sessions_sql
+--   audit_sql
+
+-- Scale-out on Citus (README, "Scale-out on Citus"; docs/ARCHITECTURE.md, "Citus"). Nothing here
+-- runs until an administrator calls distribute() on the coordinator; every function works
+-- unchanged on one node. The application connects to the coordinator, and every API function
+-- runs there: per-veteran statements are keyed by the user id (one shard each), values are
+-- encrypted and decrypted on the coordinator only, and each node keeps an audit chain of its own.
+
+-- Whether the extension's tables are distributed (Citus is installed and distribute() ran).
+CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN false;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
+END
+$$;
+
+-- Whether this node is the coordinator, or a worker, of a distributed installation. Apart IFs:
+-- without Citus, an expression naming citus_is_coordinator() would not even parse.
+CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN pg_catalog.citus_is_coordinator();
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN NOT pg_catalog.citus_is_coordinator();
+END
+$$;
+
+-- The one documented call: distributes the extension's tables over the Citus workers.
+--  * every per-veteran table, co-located by user id (users by id): a veteran's rows share a shard;
+--  * session_routes by jwt_id: a JWT id finds its user with one single-shard look-up;
+--  * keys as a reference table: every node holds every (wrapped) data key, and a rotation on
+--    the coordinator reaches every node in the same transaction;
+--  * audit_log, audit_seals and audit_seal_state stay local: each node seals its own rows.
+-- Citus keeps a unique index or a foreign key only with the distribution column in it, so
+-- primary keys become (user_id, id) and sessions' jwt_id is unique through session_routes;
+-- one account per ICN is kept by the identity claim (docs/ARCHITECTURE.md, "One account per
+-- ICN"), which all run on the coordinator. Idempotent; returns the tables it distributed.
+CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
+RETURNS SETOF regclass
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
+    t text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
+            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
+    END IF;
+    IF vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    IF shard_count IS NOT NULL THEN
+        PERFORM set_config('citus.shard_count', shard_count::text, true);
+    END IF;
+    -- Shard triggers (row audit of distributed tables) fire on the workers.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
+    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
+    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
+    PERFORM create_reference_table('vetassist_auth.keys');
+
+    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
+    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
+    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
+    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
+    -- session event keeps its session id after the session is purged.
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
+    ALTER TABLE vetassist_auth.sessions
+        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
+        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
+    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.session_activity
+        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
+        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
+
+    PERFORM create_distributed_table('vetassist_auth.users', 'id');
+    RETURN NEXT 'vetassist_auth.users'::regclass;
+    FOREACH t IN ARRAY per_user LOOP
+        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
+                                         colocate_with => 'vetassist_auth.users');
+        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
+    END LOOP;
+    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
+    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
+    RETURN NEXT 'vetassist_auth.keys'::regclass;
+    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
+        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
+                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
+    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
+
+-- Where one veteran's rows live: the shard and the worker that holds it.
+CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
+RETURNS TABLE (shard_id bigint, node text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT s.shardid, p.nodename || ':' || p.nodeport
+    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
+    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
+    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
+
+-- The sweep of a distributed installation (expire_sessions calls it): on the coordinator only,
+-- so one scheduler sweeps the cluster however many nodes run a sweeper. One multi-shard
+-- statement per step; Citus cannot pick a batch (LIMIT ... SKIP LOCKED) across shards.
+CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    retained_since timestamptz := ts - vetassist_auth.session_retention();
+    expired integer;
+    purged integer;
+    gone_jwts text[];
+BEGIN
+    IF NOT citus_is_coordinator() THEN
+        RETURN 0;
+    END IF;
+    WITH ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH gone AS (
+        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
+    )
+    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
+    purged := coalesce(cardinality(gone_jwts), 0);
+    IF purged > 0 THEN
+        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+
+-- refresh_encrypt_counts() on a distributed installation: the keys are a reference table, which
+-- Citus updates on every node (no SKIP LOCKED across nodes); the counters are the coordinator's.
+CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+    counted bigint;
+    mirrored integer := 0;
+BEGIN
+    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
+             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
+                       k.purpose || '_encryptions_seq')
+            INTO counted USING k.counter_base;
+        IF counted > k.encrypt_count THEN
+            UPDATE vetassist_auth.keys SET encrypt_count = counted
+            WHERE key_id = k.key_id AND encrypt_count < counted;
+            mirrored := mirrored + 1;
+        END IF;
+    END LOOP;
+    RETURN mirrored;
+END
+$$;
+
+-- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
+-- own); returns the rows sealed. Each worker seals its own rows under its own chain lock.
+CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
+            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
+END
+$$;
+
+-- Every worker's chain, verified on the worker: what verify_audit_chain() on the coordinator
+-- adds to its own. A worker that cannot be reached is a failure, never a pass.
+CREATE FUNCTION vetassist_auth.worker_audit_chains()
+RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport,
+           coalesce((v ->> 'ok')::boolean, false),
+           coalesce((v ->> 'checked')::bigint, 0),
+           (v ->> 'first_bad_seq')::bigint,
+           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
+    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+-- The head of every node's chain: the anchors to keep outside the database, one per node.
+CREATE FUNCTION vetassist_auth.audit_chain_heads()
+RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
+           (h ->> 'sealed_at')::timestamptz
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
+    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
+    WHERE w.success AND w.result <> ''
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
+    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/lib.rs:73
 -- requires:
 --   identity_sql
@@ -3026,84 +3118,6 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:114
--- requires:
---   keys_sql
---   audit_sql
---   keys::store::key_creation_in_progress
---   keys::admin::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
