@@ -69,7 +69,7 @@ DECLARE
     step bigint;
     backup bigint;
     code_hashes bytea[];
-    checked_at timestamptz := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
+    checked_at timestamptz;  -- the clock, read before each UPDATE: Citus runs an UPDATE's SET on a worker
     state record := vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from);
 BEGIN
     IF state.locked_until IS NOT NULL THEN
@@ -95,6 +95,7 @@ BEGIN
     IF step IS NULL AND require_enabled THEN
         code_hashes := vetassist_auth.field_hashes(
             m.user_id || ':' || vetassist_auth.mfa_normalize_backup_code(coalesce(code, '')), 'mfa_backup_code');
+        checked_at := clock_timestamp();
         UPDATE vetassist_auth.mfa_backup_codes b SET used_at = checked_at
         WHERE b.user_id = m.user_id AND b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
                       WHERE c.user_id = m.user_id AND c.used_at IS NULL AND c.code_hash = ANY (code_hashes)
@@ -113,7 +114,8 @@ BEGIN
         END IF;
         RETURN NULL;
     END IF;
-    -- A success starts the count again.
+    -- A success starts the count again, after every row this call recorded.
+    checked_at := clock_timestamp();
     UPDATE vetassist_auth.mfa_settings s
     SET failures_counted_from = checked_at, updated_at = checked_at,
         last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END

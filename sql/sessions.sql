@@ -167,8 +167,10 @@ BEGIN
     END IF;
     PERFORM vetassist_auth.set_current_session(s.id);
     IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
+        -- Computed here from the row read above (neither column changes): Citus refuses a
+        -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
         UPDATE vetassist_auth.sessions t
-        SET last_activity_at = now_ts, live_until = least(t.expires_at, now_ts + t.idle_timeout)
+        SET last_activity_at = now_ts, live_until = least(s.expires_at, now_ts + s.idle_timeout)
         WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
         IF NOT FOUND THEN  -- ended by someone else a moment ago
             RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id);

@@ -600,8 +600,10 @@ BEGIN
     END IF;
     PERFORM vetassist_auth.set_current_session(s.id);
     IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
+        -- Computed here from the row read above (neither column changes): Citus refuses a
+        -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
         UPDATE vetassist_auth.sessions t
-        SET last_activity_at = now_ts, live_until = least(t.expires_at, now_ts + t.idle_timeout)
+        SET last_activity_at = now_ts, live_until = least(s.expires_at, now_ts + s.idle_timeout)
         WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
         IF NOT FOUND THEN  -- ended by someone else a moment ago
             RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id);
@@ -725,7 +727,7 @@ DECLARE
     step bigint;
     backup bigint;
     code_hashes bytea[];
-    checked_at timestamptz := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
+    checked_at timestamptz;  -- the clock, read before each UPDATE: Citus runs an UPDATE's SET on a worker
     state record := vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from);
 BEGIN
     IF state.locked_until IS NOT NULL THEN
@@ -751,6 +753,7 @@ BEGIN
     IF step IS NULL AND require_enabled THEN
         code_hashes := vetassist_auth.field_hashes(
             m.user_id || ':' || vetassist_auth.mfa_normalize_backup_code(coalesce(code, '')), 'mfa_backup_code');
+        checked_at := clock_timestamp();
         UPDATE vetassist_auth.mfa_backup_codes b SET used_at = checked_at
         WHERE b.user_id = m.user_id AND b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
                       WHERE c.user_id = m.user_id AND c.used_at IS NULL AND c.code_hash = ANY (code_hashes)
@@ -769,7 +772,8 @@ BEGIN
         END IF;
         RETURN NULL;
     END IF;
-    -- A success starts the count again.
+    -- A success starts the count again, after every row this call recorded.
+    checked_at := clock_timestamp();
     UPDATE vetassist_auth.mfa_settings s
     SET failures_counted_from = checked_at, updated_at = checked_at,
         last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END

@@ -109,6 +109,16 @@ def test_the_sign_in_journey_runs_each_veteran_on_one_shard(nodes, coordinator, 
         try:
             assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == f"access-{n}"
             assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "ACTIVE"
+            # A touch past session_touch_interval writes: activity recorded, live_until moved.
+            with coordinator.connect() as su:
+                su.execute("UPDATE vetassist_auth.sessions SET last_activity_at = now() - interval '1 hour' "
+                           "WHERE user_id = %s", (uid,))
+            assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "ACTIVE"
+            with coordinator.connect() as su:
+                assert su.execute("SELECT count(*) FROM vetassist_auth.session_activity WHERE user_id = %s",
+                                  (uid,)).fetchone()[0] == 1
+                assert su.execute("SELECT last_activity_at > now() - interval '1 minute' FROM vetassist_auth.sessions "
+                                  "WHERE user_id = %s", (uid,)).fetchone()[0]
             assert app.execute("SELECT vetassist_auth.session_status(%s::text)", (jti,)).fetchone()[0] == "ACTIVE"
             uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
             assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)",
