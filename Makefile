@@ -6,7 +6,8 @@ PG         ?= 15
 # The pg_config of PostgreSQL $(PG); everything (clusters, tests, bench, demo) follows it.
 PG_CONFIG  ?= $(shell scripts/ensure-postgres.sh $(PG))
 export PG_CONFIG
-# make bench BENCH="audit chain" runs only those sections (crypto tokens sessions audit chain).
+# make bench BENCH="audit chain" runs only those sections (crypto tokens sessions audit chain;
+# citus runs only when named).
 BENCH      ?=
 SUDO_FLAG  := $(if $(filter 0,$(shell id -u)),,--sudo)
 SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
