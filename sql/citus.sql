@@ -16,8 +16,8 @@ BEGIN
 END
 $$;
 
--- Whether this node is the coordinator, or a worker, of a distributed installation. Apart IFs:
--- without Citus, an expression naming citus_is_coordinator() would not even parse.
+-- Whether this node is the coordinator of a distributed installation. Apart IFs: without
+-- Citus, an expression naming citus_is_coordinator() would not even parse.
 CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -28,15 +28,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN false;
-    END IF;
-    RETURN NOT pg_catalog.citus_is_coordinator();
-END
-$$;
 
 -- The one documented call: distributes the extension's tables over the Citus workers.
 --  * every per-veteran table, co-located by user id (users by id): a veteran's rows share a shard;
@@ -250,3 +241,87 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
     'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
+
+-- The audit keys the workers' seals use, one row per key and worker: key_usage adds them, so no
+-- audit key a worker's chain still needs is retired. A worker that cannot be asked stops the
+-- caller (a retirement must not guess).
+CREATE FUNCTION vetassist_auth.worker_audit_seal_keys()
+RETURNS TABLE (key_id integer, node text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 'SELECT pg_catalog.string_agg(DISTINCT key_id::text, '','') FROM vetassist_auth.audit_seals') LOOP
+        IF NOT w.success THEN
+            RAISE EXCEPTION 'vetassist_auth: worker %:% could not say which audit keys its seals use', w.nodename, w.nodeport
+                USING ERRCODE = '55000', DETAIL = w.result;
+        END IF;
+        RETURN QUERY SELECT k::integer, w.nodename || ':' || w.nodeport
+                     FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
+    END LOOP;
+END
+$$;
+
+-- purge_audit_log() on a coordinator purges every worker's log too, each under its own chain
+-- lock and minimum retention; returns the rows the workers removed. A worker that fails is
+-- named in a WARNING and the others go on.
+CREATE FUNCTION vetassist_auth.purge_worker_audit_logs(older_than interval) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    removed bigint := 0;
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN 0;
+    END IF;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than)) LOOP
+        IF w.success THEN
+            removed := removed + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not purged', w.nodename, w.nodeport
+                USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- An anchor of one node (a row of audit_chain_heads(), kept outside the database) checked on that
+-- node: verify_audit_chain(seq, hash) there. 22023 for a node that is not in the cluster.
+CREATE FUNCTION vetassist_auth.verify_audit_chain_at(node text, anchor_seq bigint, anchor_hash bytea)
+RETURNS TABLE (ok boolean, checked bigint, first_bad_seq bigint, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    v jsonb;
+BEGIN
+    IF node = 'coordinator' THEN
+        RETURN QUERY SELECT * FROM vetassist_auth.verify_audit_chain(anchor_seq, anchor_hash);
+        RETURN;
+    END IF;
+    IF vetassist_auth.citus_coordinator() THEN
+        FOR w IN SELECT * FROM run_command_on_workers(
+                     format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
+                            coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
+                 WHERE r.nodename || ':' || r.nodeport = verify_audit_chain_at.node LOOP
+            IF NOT w.success THEN
+                RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
+                RETURN;
+            END IF;
+            v := w.result::jsonb;
+            RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
+                                v ->> 'problem';
+            RETURN;
+        END LOOP;
+    END IF;
+    RAISE EXCEPTION 'vetassist_auth: no node % in this cluster', quote_literal(node) USING ERRCODE = '22023',
+        HINT = 'Nodes are named as in audit_chain_heads(): coordinator, or host:port of a worker.';
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.verify_audit_chain_at(text, bigint, bytea) IS
+    'Checks one node''s anchor (a row of audit_chain_heads()) on that node, as verify_audit_chain(seq, hash) does there.';

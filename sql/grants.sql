@@ -82,7 +82,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.distribute(integer),
     vetassist_auth.veteran_placement(uuid),
     vetassist_auth.seal_worker_audit_logs(integer),
-    vetassist_auth.audit_chain_heads()
+    vetassist_auth.audit_chain_heads(),
+    vetassist_auth.verify_audit_chain_at(text, bigint, bytea)
 TO vetassist_admin;
 GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
 
@@ -96,7 +97,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.audit_chain_head(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz),
     vetassist_auth.protected_columns(),
-    vetassist_auth.audit_chain_heads()
+    vetassist_auth.audit_chain_heads(),
+    vetassist_auth.verify_audit_chain_at(text, bigint, bytea)
 TO vetassist_auditor;
 
 -- Last, so that the install's own CREATE TRIGGERs are not audited (a fresh install writes no

@@ -1,8 +1,9 @@
 -- Key usage and re-encryption (docs/ARCHITECTURE.md, "Keys").
 
 -- Every stored value that depends on a data key, by key id: one branch per column of
--- protected_columns() (src/protected_columns.rs), generated here. A decrypt_only key that
--- appears nowhere here may be retired.
+-- protected_columns() (src/protected_columns.rs), generated here, and on a Citus coordinator the
+-- audit keys of the workers' seals (citus.sql). A decrypt_only key that appears nowhere here
+-- may be retired.
 DO $key_usage$
 BEGIN
     EXECUTE 'CREATE VIEW vetassist_auth.key_usage AS ' || (
@@ -14,7 +15,8 @@ BEGIN
                    END,
                    c.table_name || '.' || c.column_name, c.table_name),
                ' UNION ALL ' ORDER BY c.ordinality)
-        FROM vetassist_auth.protected_columns() WITH ORDINALITY c);
+        FROM vetassist_auth.protected_columns() WITH ORDINALITY c)
+        || ' UNION ALL SELECT w.key_id, ''audit_seals.key_id''::text FROM vetassist_auth.worker_audit_seal_keys() w';
 END
 $key_usage$;
 COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';

@@ -17,6 +17,299 @@ REVOKE ALL ON vetassist_auth.session_routes FROM PUBLIC;
 
 -- Functions new or changed since 0.1.4, as in this release's install script
 -- (scripts/upgrade-functions.py prints them).
+CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN false;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN pg_catalog.citus_is_coordinator();
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
+RETURNS SETOF regclass
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
+    t text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
+            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
+    END IF;
+    IF vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    IF shard_count IS NOT NULL THEN
+        PERFORM set_config('citus.shard_count', shard_count::text, true);
+    END IF;
+    -- Shard triggers (row audit of distributed tables) fire on the workers.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
+    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
+    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
+    PERFORM create_reference_table('vetassist_auth.keys');
+
+    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
+    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
+    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
+    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
+    -- session event keeps its session id after the session is purged.
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
+    ALTER TABLE vetassist_auth.sessions
+        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
+        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
+    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.session_activity
+        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
+        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
+
+    PERFORM create_distributed_table('vetassist_auth.users', 'id');
+    RETURN NEXT 'vetassist_auth.users'::regclass;
+    FOREACH t IN ARRAY per_user LOOP
+        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
+                                         colocate_with => 'vetassist_auth.users');
+        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
+    END LOOP;
+    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
+    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
+    RETURN NEXT 'vetassist_auth.keys'::regclass;
+    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
+        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
+                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
+    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
+
+CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
+RETURNS TABLE (shard_id bigint, node text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT s.shardid, p.nodename || ':' || p.nodeport
+    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
+    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
+    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
+
+CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    retained_since timestamptz := ts - vetassist_auth.session_retention();
+    expired integer;
+    purged integer;
+    gone_jwts text[];
+BEGIN
+    IF NOT citus_is_coordinator() THEN
+        RETURN 0;
+    END IF;
+    WITH ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH gone AS (
+        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
+    )
+    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
+    purged := coalesce(cardinality(gone_jwts), 0);
+    IF purged > 0 THEN
+        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+    counted bigint;
+    mirrored integer := 0;
+BEGIN
+    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
+             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
+                       k.purpose || '_encryptions_seq')
+            INTO counted USING k.counter_base;
+        IF counted > k.encrypt_count THEN
+            UPDATE vetassist_auth.keys SET encrypt_count = counted
+            WHERE key_id = k.key_id AND encrypt_count < counted;
+            mirrored := mirrored + 1;
+        END IF;
+    END LOOP;
+    RETURN mirrored;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
+            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.worker_audit_chains()
+RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport,
+           coalesce((v ->> 'ok')::boolean, false),
+           coalesce((v ->> 'checked')::bigint, 0),
+           (v ->> 'first_bad_seq')::bigint,
+           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
+    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.audit_chain_heads()
+RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
+           (h ->> 'sealed_at')::timestamptz
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
+    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
+    WHERE w.success AND w.result <> ''
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
+    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
+
+CREATE FUNCTION vetassist_auth.worker_audit_seal_keys()
+RETURNS TABLE (key_id integer, node text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 'SELECT pg_catalog.string_agg(DISTINCT key_id::text, '','') FROM vetassist_auth.audit_seals') LOOP
+        IF NOT w.success THEN
+            RAISE EXCEPTION 'vetassist_auth: worker %:% could not say which audit keys its seals use', w.nodename, w.nodeport
+                USING ERRCODE = '55000', DETAIL = w.result;
+        END IF;
+        RETURN QUERY SELECT k::integer, w.nodename || ':' || w.nodeport
+                     FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.purge_worker_audit_logs(older_than interval) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    removed bigint := 0;
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN 0;
+    END IF;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than)) LOOP
+        IF w.success THEN
+            removed := removed + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not purged', w.nodename, w.nodeport
+                USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.verify_audit_chain_at(node text, anchor_seq bigint, anchor_hash bytea)
+RETURNS TABLE (ok boolean, checked bigint, first_bad_seq bigint, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    v jsonb;
+BEGIN
+    IF node = 'coordinator' THEN
+        RETURN QUERY SELECT * FROM vetassist_auth.verify_audit_chain(anchor_seq, anchor_hash);
+        RETURN;
+    END IF;
+    IF vetassist_auth.citus_coordinator() THEN
+        FOR w IN SELECT * FROM run_command_on_workers(
+                     format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
+                            coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
+                 WHERE r.nodename || ':' || r.nodeport = verify_audit_chain_at.node LOOP
+            IF NOT w.success THEN
+                RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
+                RETURN;
+            END IF;
+            v := w.result::jsonb;
+            RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
+                                v ->> 'problem';
+            RETURN;
+        END LOOP;
+    END IF;
+    RAISE EXCEPTION 'vetassist_auth: no node % in this cluster', quote_literal(node) USING ERRCODE = '22023',
+        HINT = 'Nodes are named as in audit_chain_heads(): coordinator, or host:port of a worker.';
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.verify_audit_chain_at(text, bigint, bytea) IS
+    'Checks one node''s anchor (a row of audit_chain_heads()) on that node, as verify_audit_chain(seq, hash) does there.';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -466,6 +759,57 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at, clock_timestamp())
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION vetassist_auth.close_session(
     session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
 RETURNS boolean
@@ -891,282 +1235,25 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
+-- key_usage, generated from the registry as in keys.sql, with the workers' audit seals.
+DROP VIEW vetassist_auth.key_usage;
+DO $key_usage$
 BEGIN
-    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RETURN false;
-    END IF;
-    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
-                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
+    EXECUTE 'CREATE VIEW vetassist_auth.key_usage AS ' || (
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
+                   CASE c.purpose
+                       WHEN 'hash' THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
+                       WHEN 'audit' THEN pg_catalog.quote_ident(c.column_name)
+                       ELSE pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
+                   END,
+                   c.table_name || '.' || c.column_name, c.table_name),
+               ' UNION ALL ' ORDER BY c.ordinality)
+        FROM vetassist_auth.protected_columns() WITH ORDINALITY c)
+        || ' UNION ALL SELECT w.key_id, ''audit_seals.key_id''::text FROM vetassist_auth.worker_audit_seal_keys() w';
 END
-$$;
-
-CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN false;
-    END IF;
-    RETURN pg_catalog.citus_is_coordinator();
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN false;
-    END IF;
-    RETURN NOT pg_catalog.citus_is_coordinator();
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
-RETURNS SETOF regclass
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
-                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
-    t text;
-BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
-            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
-    END IF;
-    IF NOT citus_is_coordinator() THEN
-        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
-    END IF;
-    IF vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    IF shard_count IS NOT NULL THEN
-        PERFORM set_config('citus.shard_count', shard_count::text, true);
-    END IF;
-    -- Shard triggers (row audit of distributed tables) fire on the workers.
-    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
-    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
-    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
-    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
-    PERFORM create_reference_table('vetassist_auth.keys');
-
-    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
-    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
-    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
-    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
-    -- session event keeps its session id after the session is purged.
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
-    ALTER TABLE vetassist_auth.sessions
-        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
-        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
-    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.session_activity
-        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
-        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
-
-    PERFORM create_distributed_table('vetassist_auth.users', 'id');
-    RETURN NEXT 'vetassist_auth.users'::regclass;
-    FOREACH t IN ARRAY per_user LOOP
-        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
-                                         colocate_with => 'vetassist_auth.users');
-        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
-    END LOOP;
-    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
-    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
-    RETURN NEXT 'vetassist_auth.keys'::regclass;
-    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
-        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
-                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
-    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
-
-CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
-RETURNS TABLE (shard_id bigint, node text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT s.shardid, p.nodename || ':' || p.nodeport
-    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
-    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
-    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
-
-CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    retained_since timestamptz := ts - vetassist_auth.session_retention();
-    expired integer;
-    purged integer;
-    gone_jwts text[];
-BEGIN
-    IF NOT citus_is_coordinator() THEN
-        RETURN 0;
-    END IF;
-    WITH ended AS (
-        UPDATE vetassist_auth.sessions s
-        SET status = 'EXPIRED', ended_at = ts,
-            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
-        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
-        RETURNING s.id, s.user_id, s.end_reason
-    )
-    INSERT INTO vetassist_auth.audit_log
-        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
-    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
-           jsonb_build_object('reason', ended.end_reason)
-    FROM ended;
-    GET DIAGNOSTICS expired = ROW_COUNT;
-
-    WITH gone AS (
-        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
-    )
-    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
-    purged := coalesce(cardinality(gone_jwts), 0);
-    IF purged > 0 THEN
-        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
-        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
-                                           jsonb_build_object('count', purged));
-    END IF;
-    RETURN expired + purged;
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    k record;
-    counted bigint;
-    mirrored integer := 0;
-BEGIN
-    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
-             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
-                       k.purpose || '_encryptions_seq')
-            INTO counted USING k.counter_base;
-        IF counted > k.encrypt_count THEN
-            UPDATE vetassist_auth.keys SET encrypt_count = counted
-            WHERE key_id = k.key_id AND encrypt_count < counted;
-            mirrored := mirrored + 1;
-        END IF;
-    END LOOP;
-    RETURN mirrored;
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
-    END IF;
-    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
-            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.worker_audit_chains()
-RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport,
-           coalesce((v ->> 'ok')::boolean, false),
-           coalesce((v ->> 'checked')::bigint, 0),
-           (v ->> 'first_bad_seq')::bigint,
-           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
-    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.audit_chain_heads()
-RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
-           (h ->> 'sealed_at')::timestamptz
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
-    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
-    WHERE w.success AND w.result <> ''
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
-    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
-
-CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at, clock_timestamp())
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
+$key_usage$;
+COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
+REVOKE ALL ON vetassist_auth.key_usage FROM PUBLIC;
 
 -- Privileges: the new functions are internal but for these.
 DO $revoke$
@@ -1175,10 +1262,11 @@ DECLARE
 BEGIN
     FOR f IN SELECT p.oid FROM pg_catalog.pg_proc p
              WHERE p.pronamespace = 'vetassist_auth'::regnamespace
-               AND p.proname IN ('distributed', 'citus_worker', 'distribute', 'veteran_placement',
+               AND p.proname IN ('distributed', 'citus_coordinator', 'distribute', 'veteran_placement',
                                  'expire_distributed_sessions', 'refresh_distributed_encrypt_counts',
                                  'seal_worker_audit_logs', 'worker_audit_chains', 'audit_chain_heads',
-                                 'reencrypt_distributed', 'citus_coordinator') LOOP
+                                 'reencrypt_distributed', 'worker_audit_seal_keys', 'purge_worker_audit_logs',
+                                 'verify_audit_chain_at') LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
 END
@@ -1187,6 +1275,10 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.distribute(integer),
     vetassist_auth.veteran_placement(uuid),
     vetassist_auth.seal_worker_audit_logs(integer),
-    vetassist_auth.audit_chain_heads()
+    vetassist_auth.audit_chain_heads(),
+    vetassist_auth.verify_audit_chain_at(text, bigint, bytea)
 TO vetassist_admin;
-GRANT EXECUTE ON FUNCTION vetassist_auth.audit_chain_heads() TO vetassist_auditor;
+GRANT EXECUTE ON FUNCTION
+    vetassist_auth.audit_chain_heads(),
+    vetassist_auth.verify_audit_chain_at(text, bigint, bytea)
+TO vetassist_auditor;

@@ -25,11 +25,14 @@ mod pg_tests;
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+// Functions in plpgsql only (resolved when they run); first, because key_usage names one.
+extension_sql_file!("../sql/citus.sql", name = "citus", requires = ["schema"]);
 extension_sql_file!(
     "../sql/keys.sql",
     name = "keys_sql",
     requires = [
         "schema",
+        "citus",
         encryption::encrypt_for_application,
         encryption::decrypt,
         encryption::encrypt_token,
@@ -120,11 +123,6 @@ extension_sql_file!(
         keys::store::key_creation_in_progress,
         keys::admin::rotate_key
     ]
-);
-extension_sql_file!(
-    "../sql/citus.sql",
-    name = "citus",
-    requires = ["sessions_sql", "audit_sql"]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

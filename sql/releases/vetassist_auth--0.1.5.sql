@@ -309,6 +309,340 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/lib.rs:29
+-- requires:
+--   schema
+
+-- Scale-out on Citus (README, "Scale-out on Citus"; docs/ARCHITECTURE.md, "Citus"). Nothing here
+-- runs until an administrator calls distribute() on the coordinator; every function works
+-- unchanged on one node. The application connects to the coordinator, and every API function
+-- runs there: per-veteran statements are keyed by the user id (one shard each), values are
+-- encrypted and decrypted on the coordinator only, and each node keeps an audit chain of its own.
+
+-- Whether the extension's tables are distributed (Citus is installed and distribute() ran).
+CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN false;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
+END
+$$;
+
+-- Whether this node is the coordinator of a distributed installation. Apart IFs: without
+-- Citus, an expression naming citus_is_coordinator() would not even parse.
+CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN false;
+    END IF;
+    RETURN pg_catalog.citus_is_coordinator();
+END
+$$;
+
+
+-- The one documented call: distributes the extension's tables over the Citus workers.
+--  * every per-veteran table, co-located by user id (users by id): a veteran's rows share a shard;
+--  * session_routes by jwt_id: a JWT id finds its user with one single-shard look-up;
+--  * keys as a reference table: every node holds every (wrapped) data key, and a rotation on
+--    the coordinator reaches every node in the same transaction;
+--  * audit_log, audit_seals and audit_seal_state stay local: each node seals its own rows.
+-- Citus keeps a unique index or a foreign key only with the distribution column in it, so
+-- primary keys become (user_id, id) and sessions' jwt_id is unique through session_routes;
+-- one account per ICN is kept by the identity claim (docs/ARCHITECTURE.md, "One account per
+-- ICN"), which all run on the coordinator. Idempotent; returns the tables it distributed.
+CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
+RETURNS SETOF regclass
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
+    t text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
+            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
+    END IF;
+    IF vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    IF shard_count IS NOT NULL THEN
+        PERFORM set_config('citus.shard_count', shard_count::text, true);
+    END IF;
+    -- Shard triggers (row audit of distributed tables) fire on the workers.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
+    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
+    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
+    PERFORM create_reference_table('vetassist_auth.keys');
+
+    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
+    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
+    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
+    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
+    -- session event keeps its session id after the session is purged.
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
+    ALTER TABLE vetassist_auth.sessions
+        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
+        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
+    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.session_activity
+        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
+        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
+    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
+    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
+
+    PERFORM create_distributed_table('vetassist_auth.users', 'id');
+    RETURN NEXT 'vetassist_auth.users'::regclass;
+    FOREACH t IN ARRAY per_user LOOP
+        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
+                                         colocate_with => 'vetassist_auth.users');
+        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
+    END LOOP;
+    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
+    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
+    RETURN NEXT 'vetassist_auth.keys'::regclass;
+    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
+        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
+                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
+    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
+
+-- Where one veteran's rows live: the shard and the worker that holds it.
+CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
+RETURNS TABLE (shard_id bigint, node text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.distributed() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT s.shardid, p.nodename || ':' || p.nodeport
+    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
+    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
+    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
+
+-- The sweep of a distributed installation (expire_sessions calls it): on the coordinator only,
+-- so one scheduler sweeps the cluster however many nodes run a sweeper. One multi-shard
+-- statement per step; Citus cannot pick a batch (LIMIT ... SKIP LOCKED) across shards.
+CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    retained_since timestamptz := ts - vetassist_auth.session_retention();
+    expired integer;
+    purged integer;
+    gone_jwts text[];
+BEGIN
+    IF NOT citus_is_coordinator() THEN
+        RETURN 0;
+    END IF;
+    WITH ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH gone AS (
+        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
+    )
+    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
+    purged := coalesce(cardinality(gone_jwts), 0);
+    IF purged > 0 THEN
+        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+
+-- refresh_encrypt_counts() on a distributed installation: the keys are a reference table, which
+-- Citus updates on every node (no SKIP LOCKED across nodes); the counters are the coordinator's.
+CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+    counted bigint;
+    mirrored integer := 0;
+BEGIN
+    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
+             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
+                       k.purpose || '_encryptions_seq')
+            INTO counted USING k.counter_base;
+        IF counted > k.encrypt_count THEN
+            UPDATE vetassist_auth.keys SET encrypt_count = counted
+            WHERE key_id = k.key_id AND encrypt_count < counted;
+            mirrored := mirrored + 1;
+        END IF;
+    END LOOP;
+    RETURN mirrored;
+END
+$$;
+
+-- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
+-- own); returns the rows sealed. Each worker seals its own rows under its own chain lock.
+CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
+            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
+END
+$$;
+
+-- Every worker's chain, verified on the worker: what verify_audit_chain() on the coordinator
+-- adds to its own. A worker that cannot be reached is a failure, never a pass.
+CREATE FUNCTION vetassist_auth.worker_audit_chains()
+RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport,
+           coalesce((v ->> 'ok')::boolean, false),
+           coalesce((v ->> 'checked')::bigint, 0),
+           (v ->> 'first_bad_seq')::bigint,
+           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
+    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+-- The head of every node's chain: the anchors to keep outside the database, one per node.
+CREATE FUNCTION vetassist_auth.audit_chain_heads()
+RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
+           (h ->> 'sealed_at')::timestamptz
+    FROM run_command_on_workers(
+             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
+    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
+    WHERE w.success AND w.result <> ''
+    ORDER BY w.nodename, w.nodeport;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
+    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
+
+-- The audit keys the workers' seals use, one row per key and worker: key_usage adds them, so no
+-- audit key a worker's chain still needs is retired. A worker that cannot be asked stops the
+-- caller (a retirement must not guess).
+CREATE FUNCTION vetassist_auth.worker_audit_seal_keys()
+RETURNS TABLE (key_id integer, node text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 'SELECT pg_catalog.string_agg(DISTINCT key_id::text, '','') FROM vetassist_auth.audit_seals') LOOP
+        IF NOT w.success THEN
+            RAISE EXCEPTION 'vetassist_auth: worker %:% could not say which audit keys its seals use', w.nodename, w.nodeport
+                USING ERRCODE = '55000', DETAIL = w.result;
+        END IF;
+        RETURN QUERY SELECT k::integer, w.nodename || ':' || w.nodeport
+                     FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
+    END LOOP;
+END
+$$;
+
+-- purge_audit_log() on a coordinator purges every worker's log too, each under its own chain
+-- lock and minimum retention; returns the rows the workers removed. A worker that fails is
+-- named in a WARNING and the others go on.
+CREATE FUNCTION vetassist_auth.purge_worker_audit_logs(older_than interval) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    removed bigint := 0;
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN 0;
+    END IF;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than)) LOOP
+        IF w.success THEN
+            removed := removed + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not purged', w.nodename, w.nodeport
+                USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- An anchor of one node (a row of audit_chain_heads(), kept outside the database) checked on that
+-- node: verify_audit_chain(seq, hash) there. 22023 for a node that is not in the cluster.
+CREATE FUNCTION vetassist_auth.verify_audit_chain_at(node text, anchor_seq bigint, anchor_hash bytea)
+RETURNS TABLE (ok boolean, checked bigint, first_bad_seq bigint, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    v jsonb;
+BEGIN
+    IF node = 'coordinator' THEN
+        RETURN QUERY SELECT * FROM vetassist_auth.verify_audit_chain(anchor_seq, anchor_hash);
+        RETURN;
+    END IF;
+    IF vetassist_auth.citus_coordinator() THEN
+        FOR w IN SELECT * FROM run_command_on_workers(
+                     format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
+                            coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
+                 WHERE r.nodename || ':' || r.nodeport = verify_audit_chain_at.node LOOP
+            IF NOT w.success THEN
+                RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
+                RETURN;
+            END IF;
+            v := w.result::jsonb;
+            RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
+                                v ->> 'problem';
+            RETURN;
+        END LOOP;
+    END IF;
+    RAISE EXCEPTION 'vetassist_auth: no node % in this cluster', quote_literal(node) USING ERRCODE = '22023',
+        HINT = 'Nodes are named as in audit_chain_heads(): coordinator, or host:port of a worker.';
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.verify_audit_chain_at(text, bigint, bytea) IS
+    'Checks one node''s anchor (a row of audit_chain_heads()) on that node, as verify_audit_chain(seq, hash) does there.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/keys/admin.rs:128
 -- vetassist_auth::keys::admin::active_key_id
 CREATE  FUNCTION "active_key_id"(
@@ -806,9 +1140,10 @@ AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:28
+-- src/lib.rs:30
 -- requires:
 --   schema
+--   citus
 --   encryption::encrypt_for_application
 --   encryption::decrypt
 --   encryption::encrypt_token
@@ -831,8 +1166,9 @@ AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
 -- Key usage and re-encryption (docs/ARCHITECTURE.md, "Keys").
 
 -- Every stored value that depends on a data key, by key id: one branch per column of
--- protected_columns() (src/protected_columns.rs), generated here. A decrypt_only key that
--- appears nowhere here may be retired.
+-- protected_columns() (src/protected_columns.rs), generated here, and on a Citus coordinator the
+-- audit keys of the workers' seals (citus.sql). A decrypt_only key that appears nowhere here
+-- may be retired.
 DO $key_usage$
 BEGIN
     EXECUTE 'CREATE VIEW vetassist_auth.key_usage AS ' || (
@@ -844,7 +1180,8 @@ BEGIN
                    END,
                    c.table_name || '.' || c.column_name, c.table_name),
                ' UNION ALL ' ORDER BY c.ordinality)
-        FROM vetassist_auth.protected_columns() WITH ORDINALITY c);
+        FROM vetassist_auth.protected_columns() WITH ORDINALITY c)
+        || ' UNION ALL SELECT w.key_id, ''audit_seals.key_id''::text FROM vetassist_auth.worker_audit_seal_keys() w';
 END
 $key_usage$;
 COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
@@ -1125,7 +1462,7 @@ AS 'MODULE_PATHNAME', 'unredactable_log_channels_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:109
+-- src/lib.rs:112
 -- requires:
 --   keys_sql
 --   log_redaction::unredactable_log_channels
@@ -1374,7 +1711,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:53
+-- src/lib.rs:56
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1622,7 +1959,7 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:114
+-- src/lib.rs:117
 -- requires:
 --   keys_sql
 --   audit_sql
@@ -1700,7 +2037,7 @@ COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:68
+-- src/lib.rs:71
 -- requires:
 --   keys_sql
 --   audit_sql
@@ -1933,7 +2270,7 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:73
+-- src/lib.rs:76
 -- requires:
 --   identity_sql
 
@@ -2076,7 +2413,7 @@ COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tok
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:78
+-- src/lib.rs:81
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -2530,267 +2867,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:124
--- requires:
---   sessions_sql
---   audit_sql
-
--- Scale-out on Citus (README, "Scale-out on Citus"; docs/ARCHITECTURE.md, "Citus"). Nothing here
--- runs until an administrator calls distribute() on the coordinator; every function works
--- unchanged on one node. The application connects to the coordinator, and every API function
--- runs there: per-veteran statements are keyed by the user id (one shard each), values are
--- encrypted and decrypted on the coordinator only, and each node keeps an audit chain of its own.
-
--- Whether the extension's tables are distributed (Citus is installed and distribute() ran).
-CREATE FUNCTION vetassist_auth.distributed() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RETURN false;
-    END IF;
-    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
-                   WHERE p.logicalrelid = 'vetassist_auth.sessions'::pg_catalog.regclass);
-END
-$$;
-
--- Whether this node is the coordinator, or a worker, of a distributed installation. Apart IFs:
--- without Citus, an expression naming citus_is_coordinator() would not even parse.
-CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN false;
-    END IF;
-    RETURN pg_catalog.citus_is_coordinator();
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.citus_worker() RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN false;
-    END IF;
-    RETURN NOT pg_catalog.citus_is_coordinator();
-END
-$$;
-
--- The one documented call: distributes the extension's tables over the Citus workers.
---  * every per-veteran table, co-located by user id (users by id): a veteran's rows share a shard;
---  * session_routes by jwt_id: a JWT id finds its user with one single-shard look-up;
---  * keys as a reference table: every node holds every (wrapped) data key, and a rotation on
---    the coordinator reaches every node in the same transaction;
---  * audit_log, audit_seals and audit_seal_state stay local: each node seals its own rows.
--- Citus keeps a unique index or a foreign key only with the distribution column in it, so
--- primary keys become (user_id, id) and sessions' jwt_id is unique through session_routes;
--- one account per ICN is kept by the identity claim (docs/ARCHITECTURE.md, "One account per
--- ICN"), which all run on the coordinator. Idempotent; returns the tables it distributed.
-CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
-RETURNS SETOF regclass
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    per_user text[] := ARRAY['va_tokens', 'sessions', 'session_activity', 'session_events',
-                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices'];
-    t text;
-BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RAISE EXCEPTION 'vetassist_auth: Citus is not installed in this database' USING ERRCODE = '55000',
-            HINT = 'shared_preload_libraries = ''citus,vetassist_auth'', then CREATE EXTENSION citus before CREATE EXTENSION vetassist_auth.';
-    END IF;
-    IF NOT citus_is_coordinator() THEN
-        RAISE EXCEPTION 'vetassist_auth: distribute() runs on the Citus coordinator' USING ERRCODE = '55000';
-    END IF;
-    IF vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    IF shard_count IS NOT NULL THEN
-        PERFORM set_config('citus.shard_count', shard_count::text, true);
-    END IF;
-    -- Shard triggers (row audit of distributed tables) fire on the workers.
-    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
-    -- Keys: the restore guard's trigger reads the whole table, which a reference table's
-    -- placements cannot do from a shard; Citus clusters are restored as a whole (README).
-    DROP TRIGGER IF EXISTS refuse_foreign_keys ON vetassist_auth.keys;
-    PERFORM create_reference_table('vetassist_auth.keys');
-
-    ALTER TABLE vetassist_auth.users DROP CONSTRAINT users_va_icn_hash_key;
-    CREATE INDEX users_by_va_icn_hash ON vetassist_auth.users (va_icn_hash);
-    ALTER TABLE vetassist_auth.session_activity DROP CONSTRAINT session_activity_session_id_fkey;
-    -- Citus cannot SET NULL a column of a foreign key that holds the distribution column: a
-    -- session event keeps its session id after the session is purged.
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_session_id_fkey;
-    ALTER TABLE vetassist_auth.sessions
-        DROP CONSTRAINT sessions_pkey, ADD PRIMARY KEY (user_id, id),
-        DROP CONSTRAINT sessions_jwt_id_key, ADD UNIQUE (user_id, jwt_id);
-    ALTER TABLE vetassist_auth.va_tokens DROP CONSTRAINT va_tokens_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.session_activity
-        DROP CONSTRAINT session_activity_pkey, ADD PRIMARY KEY (user_id, id),
-        ADD FOREIGN KEY (user_id, session_id) REFERENCES vetassist_auth.sessions (user_id, id) ON DELETE CASCADE;
-    ALTER TABLE vetassist_auth.session_events DROP CONSTRAINT session_events_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.mfa_backup_codes DROP CONSTRAINT mfa_backup_codes_pkey, ADD PRIMARY KEY (user_id, id);
-    ALTER TABLE vetassist_auth.trusted_devices DROP CONSTRAINT trusted_devices_pkey, ADD PRIMARY KEY (user_id, id);
-
-    PERFORM create_distributed_table('vetassist_auth.users', 'id');
-    RETURN NEXT 'vetassist_auth.users'::regclass;
-    FOREACH t IN ARRAY per_user LOOP
-        PERFORM create_distributed_table(format('vetassist_auth.%I', t), 'user_id',
-                                         colocate_with => 'vetassist_auth.users');
-        RETURN NEXT format('vetassist_auth.%I', t)::regclass;
-    END LOOP;
-    PERFORM create_distributed_table('vetassist_auth.session_routes', 'jwt_id');
-    RETURN NEXT 'vetassist_auth.session_routes'::regclass;
-    RETURN NEXT 'vetassist_auth.keys'::regclass;
-    PERFORM vetassist_auth.write_audit('key', 'tables_distributed', 'success', NULL, NULL, NULL,
-        jsonb_build_object('shard_count', current_setting('citus.shard_count')::integer,
-                           'workers', (SELECT count(*) FROM citus_get_active_worker_nodes())));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.distribute(integer) IS
-    'On a Citus coordinator: distributes the extension''s tables (per-veteran tables co-located by user id, keys replicated to every node); idempotent.';
-
--- Where one veteran's rows live: the shard and the worker that holds it.
-CREATE FUNCTION vetassist_auth.veteran_placement(user_id uuid)
-RETURNS TABLE (shard_id bigint, node text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT s.shardid, p.nodename || ':' || p.nodeport
-    FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
-    WHERE s.shardid = get_shard_id_for_distribution_column('vetassist_auth.users', user_id);
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.veteran_placement(uuid) IS
-    'On a distributed installation: the shard that holds a veteran''s rows and the worker it is on.';
-
--- The sweep of a distributed installation (expire_sessions calls it): on the coordinator only,
--- so one scheduler sweeps the cluster however many nodes run a sweeper. One multi-shard
--- statement per step; Citus cannot pick a batch (LIMIT ... SKIP LOCKED) across shards.
-CREATE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    retained_since timestamptz := ts - vetassist_auth.session_retention();
-    expired integer;
-    purged integer;
-    gone_jwts text[];
-BEGIN
-    IF NOT citus_is_coordinator() THEN
-        RETURN 0;
-    END IF;
-    WITH ended AS (
-        UPDATE vetassist_auth.sessions s
-        SET status = 'EXPIRED', ended_at = ts,
-            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
-        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
-        RETURNING s.id, s.user_id, s.end_reason
-    )
-    INSERT INTO vetassist_auth.audit_log
-        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
-    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
-           jsonb_build_object('reason', ended.end_reason)
-    FROM ended;
-    GET DIAGNOSTICS expired = ROW_COUNT;
-
-    WITH gone AS (
-        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
-    )
-    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
-    purged := coalesce(cardinality(gone_jwts), 0);
-    IF purged > 0 THEN
-        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
-        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
-                                           jsonb_build_object('count', purged));
-    END IF;
-    RETURN expired + purged;
-END
-$$;
-
--- refresh_encrypt_counts() on a distributed installation: the keys are a reference table, which
--- Citus updates on every node (no SKIP LOCKED across nodes); the counters are the coordinator's.
-CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    k record;
-    counted bigint;
-    mirrored integer := 0;
-BEGIN
-    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
-             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
-                       k.purpose || '_encryptions_seq')
-            INTO counted USING k.counter_base;
-        IF counted > k.encrypt_count THEN
-            UPDATE vetassist_auth.keys SET encrypt_count = counted
-            WHERE key_id = k.key_id AND encrypt_count < counted;
-            mirrored := mirrored + 1;
-        END IF;
-    END LOOP;
-    RETURN mirrored;
-END
-$$;
-
--- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
--- own); returns the rows sealed. Each worker seals its own rows under its own chain lock.
-CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
-    END IF;
-    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
-            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
-END
-$$;
-
--- Every worker's chain, verified on the worker: what verify_audit_chain() on the coordinator
--- adds to its own. A worker that cannot be reached is a failure, never a pass.
-CREATE FUNCTION vetassist_auth.worker_audit_chains()
-RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport,
-           coalesce((v ->> 'ok')::boolean, false),
-           coalesce((v ->> 'checked')::bigint, 0),
-           (v ->> 'first_bad_seq')::bigint,
-           CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
-    LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-
--- The head of every node's chain: the anchors to keep outside the database, one per node.
-CREATE FUNCTION vetassist_auth.audit_chain_heads()
-RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
-           (h ->> 'sealed_at')::timestamptz
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
-    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
-    WHERE w.success AND w.result <> ''
-    ORDER BY w.nodename, w.nodeport;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
-    'The head (seq, hash) of the audit chain of this node and, on a Citus coordinator, of every worker: anchors to keep outside the database.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:93
+-- src/lib.rs:96
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -3125,7 +3202,7 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:129
+-- src/lib.rs:127
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 
@@ -3211,7 +3288,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.distribute(integer),
     vetassist_auth.veteran_placement(uuid),
     vetassist_auth.seal_worker_audit_logs(integer),
-    vetassist_auth.audit_chain_heads()
+    vetassist_auth.audit_chain_heads(),
+    vetassist_auth.verify_audit_chain_at(text, bigint, bytea)
 TO vetassist_admin;
 GRANT SELECT (key_id, purpose, status, created_at, retired_at, encrypt_count, retire_after, destroyed_at) ON vetassist_auth.keys TO vetassist_admin;
 
@@ -3225,7 +3303,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.audit_chain_head(),
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz),
     vetassist_auth.protected_columns(),
-    vetassist_auth.audit_chain_heads()
+    vetassist_auth.audit_chain_heads(),
+    vetassist_auth.verify_audit_chain_at(text, bigint, bytea)
 TO vetassist_auditor;
 
 -- Last, so that the install's own CREATE TRIGGERs are not audited (a fresh install writes no

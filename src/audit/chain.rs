@@ -627,7 +627,7 @@ fn purge_audit_log(older_than: Interval) -> i64 {
         .with_hint("vetassist_auth.audit_min_retention (6 years by default, HIPAA 164.316(b)(2)) is set by a superuser.")
         .raise();
     }
-    Spi::connect_mut(|client| -> Outcome<i64> {
+    let removed = Spi::connect_mut(|client| -> Outcome<i64> {
         if !keys::lock_audit_chain(false) {
             let holder = chain_holder_note();
             pgrx::warning!("vetassist_auth: waiting for another transaction{holder} that is sealing or purging the audit log");
@@ -686,5 +686,14 @@ fn purge_audit_log(older_than: Interval) -> i64 {
             .map_err(spi_failed)?;
         Ok(removed)
     })
+    .or_raise();
+    // On a Citus coordinator, every worker's log too (each under its own lock); 0 elsewhere.
+    let on_workers = Spi::get_one_with_args::<i64>(
+        "SELECT vetassist_auth.purge_worker_audit_logs($1)",
+        &[older_than.into()],
+    )
+    .map_err(spi_failed)
     .or_raise()
+    .unwrap_or(0);
+    removed + on_workers
 }

@@ -290,3 +290,91 @@ def test_a_new_worker_and_a_rebalance_keep_tokens_sessions_and_chains(nodes, coo
         assert verified == {w.address for w in workers(nodes)}
         assert su.execute("SELECT ok FROM vetassist_auth.verify_installation() WHERE check_name = 'citus workers'"
                           ).fetchone() == (True,)
+
+
+def test_each_nodes_anchor_is_checked_on_its_node(nodes, coordinator, app):
+    """A superuser who cuts the newest rows and seals off a worker's chain leaves a chain that
+    still links up; that worker's anchor, kept from audit_chain_heads(), finds the cut."""
+    sign_in(app, 70)
+    seal_cluster(coordinator)
+    with coordinator.connect("citus_auditor") as auditor:
+        anchors = auditor.execute("SELECT node, seq, hash FROM vetassist_auth.audit_chain_heads()").fetchall()
+        assert {node for node, _, _ in anchors} >= {"coordinator"} | {w.address for w in workers(nodes)}
+        for node, seq, digest in anchors:
+            ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain_at(%s, %s, %s)",
+                                                (node, seq, digest)).fetchone()
+            assert ok, (node, problem)
+        with pytest.raises(psycopg.Error) as unknown:
+            auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain_at('127.0.0.1:1', 1, '\\x00')")
+        assert unknown.value.sqlstate == "22023"
+    victim = workers(nodes)[0]
+    seq, digest = next((s, d) for node, s, d in anchors if node == victim.address)
+    with victim.connect() as w:
+        w.execute("SET session_replication_role = replica")
+        w.execute("DELETE FROM vetassist_auth.audit_log WHERE id IN "
+                  "(SELECT audit_id FROM vetassist_auth.audit_seals WHERE seq >= %s)", (seq,))
+        w.execute("DELETE FROM vetassist_auth.audit_seals WHERE seq >= %s", (seq,))
+    with coordinator.connect("citus_auditor") as auditor:
+        # The cut chain still links up ...
+        assert auditor.execute("SELECT ok FROM vetassist_auth.verify_audit_chain()").fetchone()[0]
+        # ... but not to the anchor.
+        ok, _, bad, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain_at(%s, %s, %s)",
+                                              (victim.address, seq, digest)).fetchone()
+        assert not ok and bad == seq
+        assert "removed from its end" in problem
+
+
+def test_the_coordinator_counts_the_workers_audit_keys(nodes, coordinator):
+    """key_usage on the coordinator (which decides what may retire) includes the audit keys
+    of every worker's seals."""
+    seal_cluster(coordinator)
+    with coordinator.connect() as su:
+        counted = {r[0] for r in su.execute(
+            "SELECT key_id FROM vetassist_auth.key_usage WHERE used_by = 'audit_seals.key_id'")}
+    for worker in workers(nodes):
+        with worker.connect() as w:
+            used = {r[0] for r in w.execute("SELECT DISTINCT key_id FROM vetassist_auth.audit_seals")}
+        assert used and used <= counted, worker.address
+
+
+def test_a_purge_on_the_coordinator_purges_every_node(nodes, coordinator, app):
+    sign_in(app, 80)
+    seal_cluster(coordinator)
+    for node in nodes:
+        with node.connect() as su:
+            su.execute("ALTER SYSTEM SET vetassist_auth.audit_min_retention = 0")
+            su.execute("SELECT pg_reload_conf()")
+    try:
+        with coordinator.connect("citus_admin") as admin:
+            assert admin.execute("SELECT vetassist_auth.purge_audit_log('0 seconds')").fetchone()[0] > 0
+        for worker in workers(nodes):
+            with worker.connect() as w:
+                checkpoint = w.execute("SELECT checkpoint_seq FROM vetassist_auth.audit_seal_state").fetchone()[0]
+                assert checkpoint > 0, worker.address
+                assert w.execute("SELECT count(*) FROM vetassist_auth.audit_seals WHERE seq <= %s",
+                                 (checkpoint,)).fetchone()[0] == 0
+        seal_cluster(coordinator)
+        with coordinator.connect("citus_auditor") as auditor:
+            ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+            assert ok, problem
+    finally:
+        for node in nodes:
+            with node.connect() as su:
+                su.execute("ALTER SYSTEM RESET vetassist_auth.audit_min_retention")
+                su.execute("SELECT pg_reload_conf()")
+
+
+def test_retirement_stops_while_a_worker_cannot_be_asked(nodes, coordinator):
+    """The coordinator cannot know which audit keys an unreachable worker's seals use, so the
+    key usage that decides retirement fails (55000) instead of guessing."""
+    down = workers(nodes)[-1]
+    subprocess.run([ROOT / "scripts/cluster.sh", "stop", Path(down.dir).name], check=True,
+                   env={**os.environ, "PG_CONFIG": PG_CONFIG})
+    with coordinator.connect() as su:
+        with pytest.raises(psycopg.Error) as refused:
+            su.execute("SELECT count(*) FROM vetassist_auth.key_usage")
+        assert refused.value.sqlstate == "55000"
+        assert down.address in str(refused.value)
+    with coordinator.connect("citus_auditor") as auditor:
+        ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+        assert not ok and problem.startswith(f"node {down.address}: ")

@@ -23,10 +23,12 @@ ADMIN = {
     "verify_audit_chain(bigint,bytea)",
     "verify_audit_chain()", "purge_audit_log(interval)", "enable_row_audit(regclass,text[],text[])",
     "disable_row_audit(regclass)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)", "protected_columns()",
+    "distribute(integer)", "veteran_placement(uuid)", "seal_worker_audit_logs(integer)", "audit_chain_heads()",
+    "verify_audit_chain_at(text,bigint,bytea)",
 }
 AUDITOR = {"verify_installation()", "verify_audit_chain()", "verify_audit_chain(bigint,bytea)", "audit_seal_status()",
            "audit_chain_head()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)",
-           "protected_columns()"}
+           "protected_columns()", "audit_chain_heads()", "verify_audit_chain_at(text,bigint,bytea)"}
 EXPECTED_FUNCTIONS = {"vetassist_app": APP, "vetassist_admin": ADMIN, "vetassist_auditor": AUDITOR, "public": set()}
 AUDITOR_TABLES = {"audit_log", "audit_seals"}
 
