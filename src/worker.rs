@@ -128,11 +128,19 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
                 break;
             }
         }
-        // On a Citus coordinator, the workers' logs too: one scheduler for the cluster.
-        run_in_transaction::<i64>(
-            "seal_worker_audit_logs",
-            "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
-        );
+        // Since 0.1.5 (this library also serves an older release's SQL until ALTER EXTENSION
+        // UPDATE): on a Citus coordinator, the workers' logs too, one scheduler for the cluster.
+        let cluster_aware = run_in_transaction::<bool>(
+            "version check",
+            "SELECT pg_catalog.to_regprocedure('vetassist_auth.audit_chain_heads()') IS NOT NULL",
+        )
+        .unwrap_or(false);
+        if cluster_aware {
+            run_in_transaction::<i64>(
+                "seal_worker_audit_logs",
+                "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
+            );
+        }
         // And show administrators the keys' current encryption counts.
         run_in_transaction::<i64>(
             "refresh_encrypt_counts",
@@ -140,12 +148,18 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
         );
         // An anchor outside the database's reach: log shipping keeps the chain head where no
         // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
-        if let Some(head) = run_in_transaction::<String>(
-            "audit_chain_head",
+        // On a Citus coordinator, every worker's head too: out of reach of a worker's superuser.
+        let heads = if cluster_aware {
+            "SELECT pg_catalog.string_agg(pg_catalog.format('%sseq=%s hash=%s', \
+                    CASE WHEN node <> 'coordinator' THEN 'node ' || node || ' ' END, \
+                    seq, pg_catalog.encode(hash, 'hex')), '; ' ORDER BY node <> 'coordinator', node) \
+             FROM vetassist_auth.audit_chain_heads()"
+        } else {
             "SELECT pg_catalog.format('seq=%s hash=%s', seq, pg_catalog.encode(hash, 'hex')) \
-             FROM vetassist_auth.audit_chain_head()",
-        )
-        .filter(|head| !head.is_empty())
+             FROM vetassist_auth.audit_chain_head()"
+        };
+        if let Some(head) =
+            run_in_transaction::<String>("audit_chain_head", heads).filter(|head| !head.is_empty())
         {
             pgrx::log!("vetassist_auth audit chain head {head}");
         }

@@ -2,8 +2,10 @@
 tables distributed with vetassist_auth.distribute(), every call made as the application through
 the coordinator. make test runs this on the default PostgreSQL version."""
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -147,7 +149,14 @@ def test_the_sign_in_journey_runs_each_veteran_on_one_shard(nodes, coordinator, 
             app.execute("RESET citus.multi_task_query_log_level")
         with coordinator.connect() as su:
             placed[uid] = su.execute("SELECT node FROM vetassist_auth.veteran_placement(%s)", (uid,)).fetchone()[0]
-    # The veterans are spread over both workers, and each one's rows are on its worker's shard.
+    # Each veteran's rows are on its worker's shard; more veterans sign in until both workers
+    # hold some (hashing puts six on one worker about one time in 32).
+    extra = 100
+    while set(placed.values()) != {w.address for w in workers(nodes)} and extra < 130:
+        uid, _ = sign_in(app, extra)
+        with coordinator.connect() as su:
+            placed[uid] = su.execute("SELECT node FROM vetassist_auth.veteran_placement(%s)", (uid,)).fetchone()[0]
+        extra += 1
     assert set(placed.values()) == {w.address for w in workers(nodes)}
     for uid, address in placed.items():
         worker = next(w for w in workers(nodes) if w.address == address)
@@ -263,7 +272,9 @@ def test_a_tampered_row_on_one_worker_is_found_and_named(nodes, coordinator, app
 
 
 def test_a_new_worker_and_a_rebalance_keep_tokens_sessions_and_chains(nodes, coordinator, app):
-    veterans = [sign_in(app, n) for n in range(60, 68)]
+    # Forty veterans: the shards that move (about three of eight) hold some of them, but for a
+    # chance of about 1 in 10^8.
+    veterans = [sign_in(app, n) for n in range(130, 170)]
     new = citus_cluster("add-worker", NAME, "3", DB)[0]
     nodes.append(new)
     with coordinator.connect() as su:
@@ -276,7 +287,7 @@ def test_a_new_worker_and_a_rebalance_keep_tokens_sessions_and_chains(nodes, coo
         on_new = [uid for uid, _ in veterans
                   if su.execute("SELECT node FROM vetassist_auth.veteran_placement(%s)", (uid,)).fetchone()[0]
                   == new.address]
-    for n, (uid, jti) in zip(range(60, 68), veterans):
+    for n, (uid, jti) in zip(range(130, 170), veterans):
         assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == f"access-{n}"
         assert app.execute("SELECT vetassist_auth.touch_session(%s)", (jti,)).fetchone()[0] == "ACTIVE"
     # Among them veterans whose shard moved.
@@ -362,6 +373,26 @@ def test_a_purge_on_the_coordinator_purges_every_node(nodes, coordinator, app):
             with node.connect() as su:
                 su.execute("ALTER SYSTEM RESET vetassist_auth.audit_min_retention")
                 su.execute("SELECT pg_reload_conf()")
+
+
+def test_the_coordinators_sweeper_logs_every_nodes_chain_head(nodes, coordinator):
+    """Anchors out of a worker superuser's reach: the coordinator's server log."""
+    log = Path(coordinator.dir) / "server.log"
+    with coordinator.connect() as su:
+        su.execute("ALTER SYSTEM SET vetassist_auth.sweep_interval = 1")
+        su.execute("SELECT pg_reload_conf()")
+    try:
+        pattern = re.compile(r"audit chain head seq=\d+ hash=[0-9a-f]{64}((; node 127\.0\.0\.1:\d+ seq=\d+ hash=[0-9a-f]{64})+)")
+        deadline = time.monotonic() + 30
+        while not (found := pattern.findall(log.read_text(errors="replace"))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert found, "no chain heads in the coordinator's log"
+        logged = set(re.findall(r"node (127\.0\.0\.1:\d+)", found[-1][0]))
+        assert logged == {w.address for w in workers(nodes)}
+    finally:
+        with coordinator.connect() as su:
+            su.execute("ALTER SYSTEM RESET vetassist_auth.sweep_interval")
+            su.execute("SELECT pg_reload_conf()")
 
 
 def test_retirement_stops_while_a_worker_cannot_be_asked(nodes, coordinator):
