@@ -186,15 +186,26 @@ END
 $$;
 
 -- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
--- own); returns the rows sealed. Each worker seals its own rows under its own chain lock.
+-- own); returns the rows sealed. Each worker seals its own rows under its own chain lock; one
+-- that fails is named in a WARNING and the others go on.
 CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    sealed bigint := 0;
 BEGIN
     IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN 0;
     END IF;
-    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
-            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
+    FOR w IN SELECT * FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) LOOP
+        IF w.success THEN
+            sealed := sealed + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not sealed', w.nodename, w.nodeport
+                USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN sealed;
 END
 $$;
 
@@ -220,23 +231,37 @@ BEGIN
 END
 $$;
 
--- The head of every node's chain: the anchors to keep outside the database, one per node.
+-- The head of every node's chain: the anchors to keep outside the database, one per node (none
+-- for a node with no seal yet). A worker that cannot be asked is named in a WARNING and gets a
+-- row without a head, never silently none.
 CREATE FUNCTION vetassist_auth.audit_chain_heads()
 RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    h jsonb;
 BEGIN
-    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
+    RETURN QUERY SELECT 'coordinator'::text, c.seq, c.hash, c.sealed_at FROM vetassist_auth.audit_chain_head() c;
     IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN;
     END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
-           (h ->> 'sealed_at')::timestamptz
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
-    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
-    WHERE w.success AND w.result <> ''
-    ORDER BY w.nodename, w.nodeport;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), '
+                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') r
+             ORDER BY r.nodename, r.nodeport LOOP
+        node := w.nodename || ':' || w.nodeport;
+        IF NOT w.success THEN
+            RAISE WARNING 'vetassist_auth: worker % could not give its audit chain head', node USING DETAIL = w.result;
+            seq := NULL; hash := NULL; sealed_at := NULL;
+            RETURN NEXT;
+        ELSIF w.result <> '' THEN
+            h := w.result::jsonb;
+            seq := (h ->> 'seq')::bigint;
+            hash := decode(h ->> 'hash', 'hex');
+            sealed_at := (h ->> 'sealed_at')::timestamptz;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS

@@ -146,7 +146,9 @@ COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
 -- reencrypt() on a distributed installation, for one table: Citus would run reseal and rehash on
 -- the workers (and refuses a volatile function in a multi-shard UPDATE), so the batch is read
 -- into a temporary table on the coordinator, sealed again there, and written back where the
--- values are still the ones read (a row changed meanwhile is left for the next call). Internal.
+-- values are still the ones read (a row changed meanwhile is left for the next call). Nothing
+-- is written when nothing would move: a call that wrote never retires keys (retire_unused_keys).
+-- Internal.
 CREATE FUNCTION vetassist_auth.reencrypt_distributed(table_name text, row_id text, stale text, opens text,
                                                      resealed text, write_back text, unchanged text,
                                                      batch_size integer)
@@ -156,6 +158,12 @@ DECLARE
     dist text := CASE WHEN table_name = 'users' THEN 'id' ELSE 'user_id' END;
     n bigint;
 BEGIN
+    EXECUTE format('SELECT count(*) FROM (SELECT * FROM vetassist_auth.%1$I t WHERE (%2$s) LIMIT %3$s) t WHERE %4$s',
+                   table_name, stale, batch_size, opens)
+        INTO n;
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
     EXECUTE format('CREATE TEMPORARY TABLE reencrypt_batch ON COMMIT DROP AS '
                    'SELECT t.%1$I AS dist_value, t.%2$I AS row_value, %3$s '
                    'FROM (SELECT * FROM vetassist_auth.%4$I t WHERE (%5$s) LIMIT %6$s) t WHERE %7$s',

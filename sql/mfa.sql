@@ -49,11 +49,21 @@ BEGIN
 END
 $$;
 
--- Until when the user is locked out of MFA, or NULL. Internal.
+-- Until when the user is locked out of MFA, or NULL. Internal. The row is read first and the
+-- state computed here: on Citus a statement's expressions run on the shard's worker, whose
+-- audit log holds none of the failures.
 CREATE FUNCTION vetassist_auth.mfa_locked_until(user_id uuid) RETURNS timestamptz
-LANGUAGE sql AS $$
-    SELECT (vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from)).locked_until
-    FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_locked_until.user_id
+LANGUAGE plpgsql AS $$
+DECLARE
+    counted_from timestamptz;
+BEGIN
+    SELECT m.failures_counted_from INTO counted_from
+    FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_locked_until.user_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN (vetassist_auth.mfa_lock_state(user_id, counted_from)).locked_until;
+END
 $$;
 
 -- Checks a TOTP or backup code against a user's settings. A failure is recorded in the audit

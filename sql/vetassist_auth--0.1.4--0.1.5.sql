@@ -182,12 +182,22 @@ $$;
 
 CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    sealed bigint := 0;
 BEGIN
     IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN 0;
     END IF;
-    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
-            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
+    FOR w IN SELECT * FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) LOOP
+        IF w.success THEN
+            sealed := sealed + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not sealed', w.nodename, w.nodeport
+                USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN sealed;
 END
 $$;
 
@@ -214,19 +224,31 @@ $$;
 CREATE FUNCTION vetassist_auth.audit_chain_heads()
 RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    h jsonb;
 BEGIN
-    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
+    RETURN QUERY SELECT 'coordinator'::text, c.seq, c.hash, c.sealed_at FROM vetassist_auth.audit_chain_head() c;
     IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN;
     END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
-           (h ->> 'sealed_at')::timestamptz
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
-    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
-    WHERE w.success AND w.result <> ''
-    ORDER BY w.nodename, w.nodeport;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), '
+                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') r
+             ORDER BY r.nodename, r.nodeport LOOP
+        node := w.nodename || ':' || w.nodeport;
+        IF NOT w.success THEN
+            RAISE WARNING 'vetassist_auth: worker % could not give its audit chain head', node USING DETAIL = w.result;
+            seq := NULL; hash := NULL; sealed_at := NULL;
+            RETURN NEXT;
+        ELSIF w.result <> '' THEN
+            h := w.result::jsonb;
+            seq := (h ->> 'seq')::bigint;
+            hash := decode(h ->> 'hash', 'hex');
+            sealed_at := (h ->> 'sealed_at')::timestamptz;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
 END
 $$;
 
@@ -428,6 +450,12 @@ DECLARE
     dist text := CASE WHEN table_name = 'users' THEN 'id' ELSE 'user_id' END;
     n bigint;
 BEGIN
+    EXECUTE format('SELECT count(*) FROM (SELECT * FROM vetassist_auth.%1$I t WHERE (%2$s) LIMIT %3$s) t WHERE %4$s',
+                   table_name, stale, batch_size, opens)
+        INTO n;
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
     EXECUTE format('CREATE TEMPORARY TABLE reencrypt_batch ON COMMIT DROP AS '
                    'SELECT t.%1$I AS dist_value, t.%2$I AS row_value, %3$s '
                    'FROM (SELECT * FROM vetassist_auth.%4$I t WHERE (%5$s) LIMIT %6$s) t WHERE %7$s',
@@ -759,6 +787,57 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at, clock_timestamp())
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION vetassist_auth.close_session(
     session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
 RETURNS boolean
@@ -1011,6 +1090,20 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_locked_until(user_id uuid) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+DECLARE
+    counted_from timestamptz;
+BEGIN
+    SELECT m.failures_counted_from INTO counted_from
+    FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_locked_until.user_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN (vetassist_auth.mfa_lock_state(user_id, counted_from)).locked_until;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION vetassist_auth.mfa_check(m vetassist_auth.mfa_settings, code text, require_enabled boolean,
                                          event_type text, target_table text, target_id text)
 RETURNS bigint
@@ -1181,57 +1274,6 @@ BEGIN
     WHERE d.user_id = mfa_disable.user_id AND d.revoked_at IS NULL;
     PERFORM vetassist_auth.write_audit('mfa', 'mfa_disabled', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN true;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at, clock_timestamp())
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
 END
 $$;
 

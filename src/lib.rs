@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 mod audit;
 mod bytea;
+mod citus;
 mod crypto;
 mod encryption;
 mod error;

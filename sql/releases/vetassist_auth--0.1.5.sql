@@ -7,7 +7,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:27
+-- src/lib.rs:28
 -- bootstrap
 -- vetassist_auth schema. Runs first, before the generated functions.
 -- Every table and sequence is registered with pg_extension_config_dump so pg_dump keeps the
@@ -309,7 +309,7 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', ''
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:29
+-- src/lib.rs:30
 -- requires:
 --   schema
 
@@ -501,15 +501,26 @@ END
 $$;
 
 -- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
--- own); returns the rows sealed. Each worker seals its own rows under its own chain lock.
+-- own); returns the rows sealed. Each worker seals its own rows under its own chain lock; one
+-- that fails is named in a WARNING and the others go on.
 CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    sealed bigint := 0;
 BEGIN
     IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN 0;
     END IF;
-    RETURN (SELECT coalesce(sum(w.result::bigint) FILTER (WHERE w.success), 0)
-            FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) w);
+    FOR w IN SELECT * FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) LOOP
+        IF w.success THEN
+            sealed := sealed + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not sealed', w.nodename, w.nodeport
+                USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN sealed;
 END
 $$;
 
@@ -535,23 +546,37 @@ BEGIN
 END
 $$;
 
--- The head of every node's chain: the anchors to keep outside the database, one per node.
+-- The head of every node's chain: the anchors to keep outside the database, one per node (none
+-- for a node with no seal yet). A worker that cannot be asked is named in a WARNING and gets a
+-- row without a head, never silently none.
 CREATE FUNCTION vetassist_auth.audit_chain_heads()
 RETURNS TABLE (node text, seq bigint, hash bytea, sealed_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w record;
+    h jsonb;
 BEGIN
-    RETURN QUERY SELECT 'coordinator'::text, h.seq, h.hash, h.sealed_at FROM vetassist_auth.audit_chain_head() h;
+    RETURN QUERY SELECT 'coordinator'::text, c.seq, c.hash, c.sealed_at FROM vetassist_auth.audit_chain_head() c;
     IF NOT vetassist_auth.citus_coordinator() THEN
         RETURN;
     END IF;
-    RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport, (h ->> 'seq')::bigint, decode(h ->> 'hash', 'hex'),
-           (h ->> 'sealed_at')::timestamptz
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), ''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') w
-    CROSS JOIN LATERAL (SELECT w.result::jsonb AS h) r
-    WHERE w.success AND w.result <> ''
-    ORDER BY w.nodename, w.nodeport;
+    FOR w IN SELECT * FROM run_command_on_workers(
+                 'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), '
+                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') r
+             ORDER BY r.nodename, r.nodeport LOOP
+        node := w.nodename || ':' || w.nodeport;
+        IF NOT w.success THEN
+            RAISE WARNING 'vetassist_auth: worker % could not give its audit chain head', node USING DETAIL = w.result;
+            seq := NULL; hash := NULL; sealed_at := NULL;
+            RETURN NEXT;
+        ELSIF w.result <> '' THEN
+            h := w.result::jsonb;
+            seq := (h ->> 'seq')::bigint;
+            hash := decode(h ->> 'hash', 'hex');
+            sealed_at := (h ->> 'sealed_at')::timestamptz;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.audit_chain_heads() IS
@@ -655,7 +680,7 @@ AS 'MODULE_PATHNAME', 'active_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/mod.rs:99
+-- src/audit/mod.rs:100
 -- vetassist_auth::audit::audit_purge_in_progress
 CREATE  FUNCTION "audit_purge_in_progress"() RETURNS bool /* bool */
 STRICT STABLE
@@ -706,7 +731,7 @@ AS 'MODULE_PATHNAME', 'claim_new_account_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/mod.rs:74
+-- src/audit/mod.rs:75
 -- vetassist_auth::audit::current_actor
 CREATE  FUNCTION "current_actor"() RETURNS uuid /* Option < Uuid > */
 STRICT STABLE PARALLEL SAFE
@@ -715,7 +740,7 @@ AS 'MODULE_PATHNAME', 'current_actor_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/mod.rs:79
+-- src/audit/mod.rs:80
 -- vetassist_auth::audit::current_actor_ip_hash
 CREATE  FUNCTION "current_actor_ip_hash"() RETURNS bytea /* :: std :: option :: Option < Vec < u8 > > */
 STRICT STABLE PARALLEL SAFE
@@ -724,7 +749,7 @@ AS 'MODULE_PATHNAME', 'current_actor_ip_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/audit/mod.rs:84
+-- src/audit/mod.rs:85
 -- vetassist_auth::audit::current_session_id
 CREATE  FUNCTION "current_session_id"() RETURNS uuid /* Option < Uuid > */
 STRICT STABLE PARALLEL SAFE
@@ -1140,7 +1165,7 @@ AS 'MODULE_PATHNAME', 'seal_phi_text_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:30
+-- src/lib.rs:31
 -- requires:
 --   schema
 --   citus
@@ -1311,7 +1336,9 @@ COMMENT ON FUNCTION vetassist_auth.reencrypt(integer) IS
 -- reencrypt() on a distributed installation, for one table: Citus would run reseal and rehash on
 -- the workers (and refuses a volatile function in a multi-shard UPDATE), so the batch is read
 -- into a temporary table on the coordinator, sealed again there, and written back where the
--- values are still the ones read (a row changed meanwhile is left for the next call). Internal.
+-- values are still the ones read (a row changed meanwhile is left for the next call). Nothing
+-- is written when nothing would move: a call that wrote never retires keys (retire_unused_keys).
+-- Internal.
 CREATE FUNCTION vetassist_auth.reencrypt_distributed(table_name text, row_id text, stale text, opens text,
                                                      resealed text, write_back text, unchanged text,
                                                      batch_size integer)
@@ -1321,6 +1348,12 @@ DECLARE
     dist text := CASE WHEN table_name = 'users' THEN 'id' ELSE 'user_id' END;
     n bigint;
 BEGIN
+    EXECUTE format('SELECT count(*) FROM (SELECT * FROM vetassist_auth.%1$I t WHERE (%2$s) LIMIT %3$s) t WHERE %4$s',
+                   table_name, stale, batch_size, opens)
+        INTO n;
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
     EXECUTE format('CREATE TEMPORARY TABLE reencrypt_batch ON COMMIT DROP AS '
                    'SELECT t.%1$I AS dist_value, t.%2$I AS row_value, %3$s '
                    'FROM (SELECT * FROM vetassist_auth.%4$I t WHERE (%5$s) LIMIT %6$s) t WHERE %7$s',
@@ -1462,7 +1495,7 @@ AS 'MODULE_PATHNAME', 'unredactable_log_channels_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:112
+-- src/lib.rs:113
 -- requires:
 --   keys_sql
 --   log_redaction::unredactable_log_channels
@@ -1711,7 +1744,7 @@ CREATE FUNCTION "row_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:56
+-- src/lib.rs:57
 -- requires:
 --   schema
 --   audit::current_actor
@@ -1959,7 +1992,85 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:71
+-- src/lib.rs:118
+-- requires:
+--   keys_sql
+--   audit_sql
+--   keys::store::key_creation_in_progress
+--   keys::admin::rotate_key
+
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
+    END IF;
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
+
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_at bigint;
+    moved integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:72
 -- requires:
 --   keys_sql
 --   audit_sql
@@ -2192,7 +2303,150 @@ COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:81
+-- src/lib.rs:77
+-- requires:
+--   identity_sql
+
+-- The VA token vault: one row per user, tokens encrypted under the token
+-- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
+-- Every operation is audited (category auth) without any token bytes.
+
+CREATE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at, clock_timestamp())
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
+    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
+
+-- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
+-- the user (P0002 when unknown) and the token row.
+CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row record;
+BEGIN
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
+    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
+
+CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
+
+CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
+    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
+
+CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deleted boolean;
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
+    deleted := FOUND;
+    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('existed', deleted));
+    RETURN deleted;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:82
 -- requires:
 --   identity_sql
 --   sessions::session_idle_timeout
@@ -2646,7 +2900,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:96
+-- src/lib.rs:97
 -- requires:
 --   sessions_sql
 --   mfa::totp_new_secret
@@ -2710,11 +2964,21 @@ BEGIN
 END
 $$;
 
--- Until when the user is locked out of MFA, or NULL. Internal.
+-- Until when the user is locked out of MFA, or NULL. Internal. The row is read first and the
+-- state computed here: on Citus a statement's expressions run on the shard's worker, whose
+-- audit log holds none of the failures.
 CREATE FUNCTION vetassist_auth.mfa_locked_until(user_id uuid) RETURNS timestamptz
-LANGUAGE sql AS $$
-    SELECT (vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from)).locked_until
-    FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_locked_until.user_id
+LANGUAGE plpgsql AS $$
+DECLARE
+    counted_from timestamptz;
+BEGIN
+    SELECT m.failures_counted_from INTO counted_from
+    FROM vetassist_auth.mfa_settings m WHERE m.user_id = mfa_locked_until.user_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN (vetassist_auth.mfa_lock_state(user_id, counted_from)).locked_until;
+END
 $$;
 
 -- Checks a TOTP or backup code against a user's settings. A failure is recorded in the audit
@@ -2981,228 +3245,7 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:76
--- requires:
---   identity_sql
-
--- The VA token vault: one row per user, tokens encrypted under the token
--- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
--- Every operation is audited (category auth) without any token bytes.
-
-CREATE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at, clock_timestamp())
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
-    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
-
--- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
--- the user (P0002 when unknown) and the token row.
-CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    row record;
-BEGIN
-    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    END IF;
-    IF NOT row.user_active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
-    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                               jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
-END
-$$;
-
-CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
-    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
-
-CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
-
-CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
-    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
-
-CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    deleted boolean;
-BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
-    deleted := FOUND;
-    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('existed', deleted));
-    RETURN deleted;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:117
--- requires:
---   keys_sql
---   audit_sql
---   keys::store::key_creation_in_progress
---   keys::admin::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:127
+-- src/lib.rs:128
 -- finalize
 -- Runs last: nothing is executable by PUBLIC, then each role gets exactly its API.
 

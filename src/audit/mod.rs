@@ -68,6 +68,7 @@ fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
 #[pg_extern(strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_current_session(session_id: Uuid) {
+    crate::citus::require_coordinator();
     ACTOR.with_borrow_mut(|a| a.session_id = Some(session_id));
 }
 

@@ -895,6 +895,7 @@ fn write_audit_durably(
     target_id: default!(Option<&str>, "NULL"),
     details: default!(Option<writer::JsonbDatum>, "'{}'"),
 ) {
+    crate::citus::require_coordinator();
     writer::check_outcome(outcome);
     let row = AuditRow {
         category,

@@ -364,6 +364,7 @@ fn write_audit(
     target_id: default!(Option<&str>, "NULL"),
     details: default!(Option<JsonbDatum>, "'{}'"),
 ) -> i64 {
+    crate::citus::require_coordinator();
     let (Some(category), Some(event_type), Some(outcome)) = (category, event_type, outcome) else {
         Failure::new(
             Kind::InvalidArgument,

@@ -41,7 +41,8 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             "vetassist_auth: this key purpose does not encrypt",
         )
     })?;
-    if on_citus_worker()? {
+    // A worker has counters of its own, which would let the cluster as a whole pass the limit.
+    if crate::citus::on_worker()? {
         return Err(Failure::new(
             Kind::NotConfigured,
             "vetassist_auth: values are encrypted on the Citus coordinator only",
@@ -80,24 +81,4 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     }
     RING.with_borrow_mut(|ring| ring.leases.insert(key.id, (key.lease_tag, LEASE - 1)));
     Ok(())
-}
-
-/// Whether this node is a Citus worker. A worker has counters of its own, which would let the
-/// cluster as a whole pass a key's limit, so values are encrypted on the coordinator only
-/// (README, "Scale-out on Citus"). Asked of Citus itself, not of our SQL: this library also
-/// serves an older release's SQL until `ALTER EXTENSION ... UPDATE`. Once per lease.
-fn on_citus_worker() -> Result<bool> {
-    search_path::pinned(|| {
-        // Citus numbers a node's group 0 on the coordinator (and on a node of its own), above
-        // 0 on a worker.
-        let citus = Spi::get_one::<bool>(
-            "SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NOT NULL",
-        )?;
-        if citus != Some(true) {
-            return Ok(Some(false));
-        }
-        Spi::get_one::<bool>("SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group")
-    })
-    .map(Option::unwrap_or_default)
-    .map_err(spi_failure)
 }

@@ -35,7 +35,7 @@ mod cache;
 mod counter;
 mod locks;
 mod master;
-mod search_path;
+pub(crate) mod search_path;
 mod store;
 
 pub use admin::rotate_worn_key;

@@ -337,13 +337,39 @@ const API_FUNCTIONS: &[&str] = &[
 
 pub const SCHEMA: &str = "vetassist_auth";
 
+/// The extension's tables Citus distributes (`distribute()`, sql/citus.sql). On a worker, the
+/// statements the coordinator sends for a call of ours name their shards, `<table>_<shard id>`,
+/// and carry the call's values as literals: such a statement is ours too.
+const SHARDED_TABLES: &[&str] = &[
+    "keys",
+    "mfa_backup_codes",
+    "mfa_settings",
+    "session_activity",
+    "session_events",
+    "session_routes",
+    "sessions",
+    "trusted_devices",
+    "users",
+    "va_tokens",
+];
+
+/// Whether `name` is a Citus shard of one of SHARDED_TABLES.
+fn is_shard_of_ours(name: &str) -> bool {
+    name.rsplit_once('_').is_some_and(|(table, shard)| {
+        !shard.is_empty()
+            && shard.bytes().all(|b| b.is_ascii_digit())
+            && SHARDED_TABLES.contains(&table)
+    })
+}
+
 /// Keywords after which `name (` can only be a relation and its column list, not a call. (Not
 /// `ON`: `JOIN … ON vetassist_auth.field_hash('…', 'email') = …` is a call.)
 const RELATION_KEYWORDS: &[&str] = &["analyze", "copy", "into", "references", "table", "view"];
 
 /// How a statement relates to the extension.
 pub struct Classified {
-    /// It calls a function of the extension's schema (qualified) or one of its API functions.
+    /// It calls a function of the extension's schema (qualified) or one of its API functions,
+    /// or it is a statement Citus sends a worker for a shard of the extension's tables.
     pub calls_extension: bool,
     /// The names of the prepared statements it runs (`EXECUTE name`), to be looked up.
     pub executes: Vec<String>,
@@ -378,6 +404,13 @@ pub fn classify(sql: &str, standard_strings: bool, depth: u8) -> Classified {
                         .checked_sub(1)
                         .and_then(names)
                         .is_some_and(|keyword| RELATION_KEYWORDS.contains(&keyword)) =>
+            {
+                calls_extension = true
+            }
+            Kind::Ident(name)
+                if name == SCHEMA
+                    && punct(i + 1) == Some('.')
+                    && names(i + 2).is_some_and(is_shard_of_ours) =>
             {
                 calls_extension = true
             }
@@ -539,6 +572,23 @@ mod tests {
         assert!(calls(
             "SELECT 1 FROM t JOIN u ON vetassist_auth.field_hash('m@x.org', 'email') = u.h"
         ));
+    }
+
+    #[test]
+    fn statements_on_shards_of_our_tables_are_ours() {
+        assert!(calls(
+            "INSERT INTO vetassist_auth.session_events_102041 AS citus_table_alias (details) VALUES ('{}')"
+        ));
+        assert!(calls(
+            "UPDATE vetassist_auth.sessions_102008 t SET end_reason = 'x' WHERE (user_id = 'u')"
+        ));
+        assert!(calls(
+            "SELECT user_id FROM \"vetassist_auth\".\"session_routes_102080\" WHERE jwt_id = 'j'"
+        ));
+        assert!(!calls("SELECT * FROM vetassist_auth.users_ WHERE id = '1'"));
+        assert!(!calls("SELECT * FROM vetassist_auth.users_archive WHERE id = '1'"));
+        assert!(!calls("SELECT * FROM app.sessions_102008 WHERE id = '1'"));
+        assert!(!calls("SELECT * FROM vetassist_auth.audit_log_1 WHERE id = '1'"));
     }
 
     #[test]

@@ -183,6 +183,8 @@ def test_the_single_shard_check_catches_a_fan_out(app):
 def test_rotation_on_the_coordinator_reaches_every_node(nodes, coordinator, app):
     uid, jti = sign_in(app, 30)
     with coordinator.connect("citus_admin") as admin:
+        old_token_key = admin.execute("SELECT key_id FROM vetassist_auth.keys WHERE purpose = 'token' "
+                                      "AND status = 'active'").fetchone()[0]
         new_token_key = admin.execute("SELECT vetassist_auth.rotate_key('token')").fetchone()[0]
         admin.execute("SELECT vetassist_auth.rotate_key('phi')")
         admin.execute("SELECT vetassist_auth.rotate_key('hash')")
@@ -199,6 +201,12 @@ def test_rotation_on_the_coordinator_reaches_every_node(nodes, coordinator, app)
         with worker.connect() as w:
             assert w.execute("SELECT status FROM vetassist_auth.keys WHERE key_id = %s",
                              (new_token_key,)).fetchone() == ("active",)
+    # A call that moves nothing (from a fresh session, writing nothing) retires the old keys.
+    with coordinator.connect("citus_admin") as admin:
+        for _ in range(2):
+            assert admin.execute("SELECT vetassist_auth.reencrypt(1000)").fetchone()[0] == 0
+        assert admin.execute("SELECT status FROM vetassist_auth.keys WHERE key_id = %s",
+                             (old_token_key,)).fetchone() == ("retired",)
     # Every value still opens, and a look-up by ICN finds the account under the new hash key.
     assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == "access-30"
     assert app.execute("SELECT vetassist_auth.find_user_by_icn('1012667930V123430')").fetchone()[0] == uid
@@ -218,6 +226,76 @@ def test_workers_decrypt_but_only_the_coordinator_encrypts(nodes, app):
                 on_worker.execute("SELECT vetassist_auth.encrypt_text('x', 'app.note:2')")
             assert refused.value.sqlstate == "55000"
             assert "coordinator" in str(refused.value)
+
+
+def test_the_mfa_lock_out_holds_and_locks_the_session(app):
+    """The lock-out counts the failures the coordinator's log holds; the count must not be taken
+    on the shard's worker, whose log has none of them."""
+    uid, jti = sign_in(app, 45)
+    uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
+    assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
+    wrong = "000000" if authenticator_code(uri) != "000000" else "111111"
+    for _ in range(5):  # mfa_max_failures
+        assert app.execute("SELECT vetassist_auth.mfa_verify(%s, %s)", (jti, wrong)).fetchone()[0] is False
+    assert app.execute("SELECT vetassist_auth.session_status(%s::text)", (jti,)).fetchone()[0] == "LOCKED"
+    other = jti + "-after"
+    app.execute("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 day')", (uid, other))
+    with pytest.raises(psycopg.Error) as locked:
+        app.execute("SELECT vetassist_auth.mfa_verify(%s, %s)", (other, authenticator_code(uri, 1)))
+    assert locked.value.sqlstate == "28000"
+
+
+def test_the_application_cannot_call_the_api_on_a_worker(nodes, app):
+    """On a worker a call would see only that worker's log: its disclosures would miss the
+    coordinator's accounting and its MFA failures the lock-out. Refused (55000) before anything
+    is disclosed."""
+    uid, jti = sign_in(app, 46)
+    uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
+    app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri)))
+    for worker in workers(nodes):
+        with worker.connect("citus_app") as on_worker:
+            for call, args in (("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,)),
+                               ("SELECT vetassist_auth.va_access_token(%s)", (uid,)),
+                               ("SELECT vetassist_auth.mfa_verify(%s, %s)", (jti, authenticator_code(uri, 1))),
+                               ("SELECT vetassist_auth.touch_session(%s)", (jti,)),
+                               ("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 day')",
+                                (uid, jti + "-w")),
+                               ("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{}')", ())):
+                with pytest.raises(psycopg.Error) as refused:
+                    on_worker.execute(call, args)
+                assert refused.value.sqlstate == "55000", call
+                assert "coordinator" in str(refused.value)
+    # Nothing was disclosed or changed: the coordinator still serves the veteran as before.
+    assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == "access-46"
+    with pytest.raises(psycopg.Error) as no_session:
+        app.execute("SELECT vetassist_auth.touch_session(%s)", (jti + "-w",))
+    assert no_session.value.sqlstate == "P0002"
+
+
+def test_worker_logs_keep_no_value_of_our_calls(nodes, coordinator, app):
+    """What the coordinator sends a worker for our calls carries their values as literals
+    (ciphertexts, hashes, JWT ids, clinical details): the worker's log masks them too."""
+    for worker in workers(nodes):
+        with worker.connect() as w:
+            w.execute("ALTER SYSTEM SET log_statement = 'all'")
+            w.execute("SELECT pg_reload_conf()")
+    try:
+        uid, jti = sign_in(app, 47)
+        app.execute("SELECT vetassist_auth.create_session(%s, 'jti-LOGCANARY-47', now() + interval '1 day', "
+                    "'203.0.113.9', 'UA-LOGCANARY-47')", (uid,))
+        app.execute("SELECT vetassist_auth.log_session_event('jti-LOGCANARY-47', 'note', 'info', "
+                    "'{\"note\": \"CLINICAL-LOGCANARY-47\"}')")
+        with pytest.raises(psycopg.Error):  # a unique violation on the worker logs its statement
+            app.execute("SELECT vetassist_auth.create_session(%s, 'jti-LOGCANARY-47', now() + interval '1 day')",
+                        (uid,))
+    finally:
+        for worker in workers(nodes):
+            with worker.connect() as w:
+                w.execute("ALTER SYSTEM RESET log_statement")
+                w.execute("SELECT pg_reload_conf()")
+    logs = "".join((Path(w.dir) / "server.log").read_text(errors="replace") for w in workers(nodes))
+    assert "session_events_" in logs and "<redacted>" in logs  # the shard statements were logged
+    assert "LOGCANARY" not in logs
 
 
 def test_one_sweeper_for_the_cluster(nodes, coordinator, app):
@@ -409,3 +487,6 @@ def test_retirement_stops_while_a_worker_cannot_be_asked(nodes, coordinator):
     with coordinator.connect("citus_auditor") as auditor:
         ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
         assert not ok and problem.startswith(f"node {down.address}: ")
+        # The down worker is named, not left out, where anchors are taken.
+        heads = dict(auditor.execute("SELECT node, seq FROM vetassist_auth.audit_chain_heads()").fetchall())
+        assert down.address in heads and heads[down.address] is None
