@@ -28,7 +28,6 @@ BEGIN
 END
 $$;
 
-
 -- The one documented call: distributes the extension's tables over the Citus workers.
 --  * every per-veteran table, co-located by user id (users by id): a veteran's rows share a shard;
 --  * session_routes by jwt_id: a JWT id finds its user with one single-shard look-up;
@@ -38,7 +37,8 @@ $$;
 -- Citus keeps a unique index or a foreign key only with the distribution column in it, so
 -- primary keys become (user_id, id) and sessions' jwt_id is unique through session_routes;
 -- one account per ICN is kept by the identity claim (docs/ARCHITECTURE.md, "One account per
--- ICN"), which all run on the coordinator. Idempotent; returns the tables it distributed.
+-- ICN"), taken on the coordinator, where every API call runs. Idempotent; returns the tables
+-- it distributed.
 CREATE FUNCTION vetassist_auth.distribute(shard_count integer DEFAULT NULL)
 RETURNS SETOF regclass
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

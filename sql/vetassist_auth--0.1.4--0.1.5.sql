@@ -787,57 +787,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at, clock_timestamp())
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-
 CREATE OR REPLACE FUNCTION vetassist_auth.close_session(
     session vetassist_auth.sessions, new_status vetassist_auth.session_status, reason text)
 RETURNS boolean
@@ -1274,6 +1223,57 @@ BEGIN
     WHERE d.user_id = mfa_disable.user_id AND d.revoked_at IS NULL;
     PERFORM vetassist_auth.write_audit('mfa', 'mfa_disabled', 'success', user_id, 'mfa_settings', user_id::text);
     RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at, clock_timestamp())
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
 END
 $$;
 

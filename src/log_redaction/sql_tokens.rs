@@ -586,9 +586,13 @@ mod tests {
             "SELECT user_id FROM \"vetassist_auth\".\"session_routes_102080\" WHERE jwt_id = 'j'"
         ));
         assert!(!calls("SELECT * FROM vetassist_auth.users_ WHERE id = '1'"));
-        assert!(!calls("SELECT * FROM vetassist_auth.users_archive WHERE id = '1'"));
+        assert!(!calls(
+            "SELECT * FROM vetassist_auth.users_archive WHERE id = '1'"
+        ));
         assert!(!calls("SELECT * FROM app.sessions_102008 WHERE id = '1'"));
-        assert!(!calls("SELECT * FROM vetassist_auth.audit_log_1 WHERE id = '1'"));
+        assert!(!calls(
+            "SELECT * FROM vetassist_auth.audit_log_1 WHERE id = '1'"
+        ));
     }
 
     #[test]
