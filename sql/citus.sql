@@ -185,28 +185,46 @@ BEGIN
 END
 $$;
 
+-- A command run on every worker, from the coordinator of a distributed installation (on any
+-- other node, no worker): each worker named host:port, as audit_chain_heads() names it, in
+-- Citus' order of nodes, with whether the command succeeded and its result (or error). Internal.
+CREATE FUNCTION vetassist_auth.on_workers(command text)
+RETURNS TABLE (node text, success boolean, result text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT w.nodename || ':' || w.nodeport, w.success, w.result
+                 FROM run_command_on_workers(command) w ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+-- The sum of the counts the workers return for `command`, one of the audit log's chores; a
+-- worker that fails is named in a WARNING (its log was not `done`) and the others go on. Internal.
+CREATE FUNCTION vetassist_auth.sum_on_workers(command text, done text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    w record;
+    total bigint := 0;
+BEGIN
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(command) LOOP
+        IF w.success THEN
+            total := total + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker % was not %', w.node, done USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN total;
+END
+$$;
+
 -- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
 -- own); returns the rows sealed. Each worker seals its own rows under its own chain lock; one
 -- that fails is named in a WARNING and the others go on.
 CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    w record;
-    sealed bigint := 0;
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) LOOP
-        IF w.success THEN
-            sealed := sealed + w.result::bigint;
-        ELSE
-            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not sealed', w.nodename, w.nodeport
-                USING DETAIL = w.result;
-        END IF;
-    END LOOP;
-    RETURN sealed;
-END
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT vetassist_auth.sum_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows), 'sealed')
 $$;
 
 -- Every worker's chain, verified on the worker: what verify_audit_chain() on the coordinator
@@ -215,19 +233,16 @@ CREATE FUNCTION vetassist_auth.worker_audit_chains()
 RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
     RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport,
+    SELECT w.node,
            coalesce((v ->> 'ok')::boolean, false),
            coalesce((v ->> 'checked')::bigint, 0),
            (v ->> 'first_bad_seq')::bigint,
            CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
+    FROM vetassist_auth.on_workers(
+             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') WITH ORDINALITY w
     LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
-    ORDER BY w.nodename, w.nodeport;
+    ORDER BY w.ordinality;
 END
 $$;
 
@@ -242,14 +257,10 @@ DECLARE
     h jsonb;
 BEGIN
     RETURN QUERY SELECT 'coordinator'::text, c.seq, c.hash, c.sealed_at FROM vetassist_auth.audit_chain_head() c;
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
                  'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), '
-                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') r
-             ORDER BY r.nodename, r.nodeport LOOP
-        node := w.nodename || ':' || w.nodeport;
+                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') LOOP
+        node := w.node;
         IF NOT w.success THEN
             RAISE WARNING 'vetassist_auth: worker % could not give its audit chain head', node USING DETAIL = w.result;
             seq := NULL; hash := NULL; sealed_at := NULL;
@@ -276,17 +287,13 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     w record;
 BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
                  'SELECT pg_catalog.string_agg(DISTINCT key_id::text, '','') FROM vetassist_auth.audit_seals') LOOP
         IF NOT w.success THEN
-            RAISE EXCEPTION 'vetassist_auth: worker %:% could not say which audit keys its seals use', w.nodename, w.nodeport
+            RAISE EXCEPTION 'vetassist_auth: worker % could not say which audit keys its seals use', w.node
                 USING ERRCODE = '55000', DETAIL = w.result;
         END IF;
-        RETURN QUERY SELECT k::integer, w.nodename || ':' || w.nodeport
-                     FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
+        RETURN QUERY SELECT k::integer, w.node FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
     END LOOP;
 END
 $$;
@@ -295,25 +302,9 @@ $$;
 -- lock and minimum retention; returns the rows the workers removed. A worker that fails is
 -- named in a WARNING and the others go on.
 CREATE FUNCTION vetassist_auth.purge_worker_audit_logs(older_than interval) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    w record;
-    removed bigint := 0;
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
-                 format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than)) LOOP
-        IF w.success THEN
-            removed := removed + w.result::bigint;
-        ELSE
-            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not purged', w.nodename, w.nodeport
-                USING DETAIL = w.result;
-        END IF;
-    END LOOP;
-    RETURN removed;
-END
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT vetassist_auth.sum_on_workers(format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than),
+                                         'purged')
 $$;
 
 -- An anchor of one node (a row of audit_chain_heads(), kept outside the database) checked on that
@@ -329,21 +320,19 @@ BEGIN
         RETURN QUERY SELECT * FROM vetassist_auth.verify_audit_chain(anchor_seq, anchor_hash);
         RETURN;
     END IF;
-    IF vetassist_auth.citus_coordinator() THEN
-        FOR w IN SELECT * FROM run_command_on_workers(
-                     format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
-                            coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
-                 WHERE r.nodename || ':' || r.nodeport = verify_audit_chain_at.node LOOP
-            IF NOT w.success THEN
-                RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
-                RETURN;
-            END IF;
-            v := w.result::jsonb;
-            RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
-                                v ->> 'problem';
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
+                 format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
+                        coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
+             WHERE r.node = verify_audit_chain_at.node LOOP
+        IF NOT w.success THEN
+            RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
             RETURN;
-        END LOOP;
-    END IF;
+        END IF;
+        v := w.result::jsonb;
+        RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
+                            v ->> 'problem';
+        RETURN;
+    END LOOP;
     RAISE EXCEPTION 'vetassist_auth: no node % in this cluster', quote_literal(node) USING ERRCODE = '22023',
         HINT = 'Nodes are named as in audit_chain_heads(): coordinator, or host:port of a worker.';
 END

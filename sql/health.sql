@@ -40,9 +40,10 @@ BEGIN
         -- Every worker answers and runs this same version (each verifies its own audit chain).
         check_name := 'citus workers';
         SELECT bool_and(w.success AND w.result = e.extversion),
-               string_agg(w.nodename || ':' || w.nodeport || ' ' || w.result, ', ' ORDER BY w.nodename, w.nodeport)
+               string_agg(w.node || ' ' || w.result, ', ' ORDER BY w.ordinality)
         INTO ok, detail
-        FROM run_command_on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''') w,
+        FROM vetassist_auth.on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''')
+                 WITH ORDINALITY w,
              pg_extension e
         WHERE e.extname = 'vetassist_auth';
         ok := coalesce(ok, false);

@@ -155,7 +155,10 @@ CREATE FUNCTION vetassist_auth.reencrypt_distributed(table_name text, row_id tex
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    dist text := CASE WHEN table_name = 'users' THEN 'id' ELSE 'user_id' END;
+    -- The column distribute() distributed the table by, as Citus records it.
+    dist text := (SELECT pg_catalog.column_to_column_name(p.logicalrelid, p.partkey)
+                  FROM pg_catalog.pg_dist_partition p
+                  WHERE p.logicalrelid = pg_catalog.format('vetassist_auth.%I', table_name)::pg_catalog.regclass);
     n bigint;
 BEGIN
     EXECUTE format('SELECT count(*) FROM (SELECT * FROM vetassist_auth.%1$I t WHERE (%2$s) LIMIT %3$s) t WHERE %4$s',

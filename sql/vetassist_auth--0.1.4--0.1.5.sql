@@ -180,44 +180,54 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    w record;
-    sealed bigint := 0;
+CREATE FUNCTION vetassist_auth.on_workers(command text)
+RETURNS TABLE (node text, success boolean, result text)
+LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
+        RETURN;
     END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) LOOP
+    RETURN QUERY SELECT w.nodename || ':' || w.nodeport, w.success, w.result
+                 FROM run_command_on_workers(command) w ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.sum_on_workers(command text, done text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    w record;
+    total bigint := 0;
+BEGIN
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(command) LOOP
         IF w.success THEN
-            sealed := sealed + w.result::bigint;
+            total := total + w.result::bigint;
         ELSE
-            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not sealed', w.nodename, w.nodeport
-                USING DETAIL = w.result;
+            RAISE WARNING 'vetassist_auth: the audit log of worker % was not %', w.node, done USING DETAIL = w.result;
         END IF;
     END LOOP;
-    RETURN sealed;
+    RETURN total;
 END
+$$;
+
+CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT vetassist_auth.sum_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows), 'sealed')
 $$;
 
 CREATE FUNCTION vetassist_auth.worker_audit_chains()
 RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
     RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport,
+    SELECT w.node,
            coalesce((v ->> 'ok')::boolean, false),
            coalesce((v ->> 'checked')::bigint, 0),
            (v ->> 'first_bad_seq')::bigint,
            CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
+    FROM vetassist_auth.on_workers(
+             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') WITH ORDINALITY w
     LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
-    ORDER BY w.nodename, w.nodeport;
+    ORDER BY w.ordinality;
 END
 $$;
 
@@ -229,14 +239,10 @@ DECLARE
     h jsonb;
 BEGIN
     RETURN QUERY SELECT 'coordinator'::text, c.seq, c.hash, c.sealed_at FROM vetassist_auth.audit_chain_head() c;
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
                  'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), '
-                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') r
-             ORDER BY r.nodename, r.nodeport LOOP
-        node := w.nodename || ':' || w.nodeport;
+                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') LOOP
+        node := w.node;
         IF NOT w.success THEN
             RAISE WARNING 'vetassist_auth: worker % could not give its audit chain head', node USING DETAIL = w.result;
             seq := NULL; hash := NULL; sealed_at := NULL;
@@ -261,41 +267,21 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     w record;
 BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
                  'SELECT pg_catalog.string_agg(DISTINCT key_id::text, '','') FROM vetassist_auth.audit_seals') LOOP
         IF NOT w.success THEN
-            RAISE EXCEPTION 'vetassist_auth: worker %:% could not say which audit keys its seals use', w.nodename, w.nodeport
+            RAISE EXCEPTION 'vetassist_auth: worker % could not say which audit keys its seals use', w.node
                 USING ERRCODE = '55000', DETAIL = w.result;
         END IF;
-        RETURN QUERY SELECT k::integer, w.nodename || ':' || w.nodeport
-                     FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
+        RETURN QUERY SELECT k::integer, w.node FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
     END LOOP;
 END
 $$;
 
 CREATE FUNCTION vetassist_auth.purge_worker_audit_logs(older_than interval) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    w record;
-    removed bigint := 0;
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
-                 format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than)) LOOP
-        IF w.success THEN
-            removed := removed + w.result::bigint;
-        ELSE
-            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not purged', w.nodename, w.nodeport
-                USING DETAIL = w.result;
-        END IF;
-    END LOOP;
-    RETURN removed;
-END
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT vetassist_auth.sum_on_workers(format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than),
+                                         'purged')
 $$;
 
 CREATE FUNCTION vetassist_auth.verify_audit_chain_at(node text, anchor_seq bigint, anchor_hash bytea)
@@ -309,21 +295,19 @@ BEGIN
         RETURN QUERY SELECT * FROM vetassist_auth.verify_audit_chain(anchor_seq, anchor_hash);
         RETURN;
     END IF;
-    IF vetassist_auth.citus_coordinator() THEN
-        FOR w IN SELECT * FROM run_command_on_workers(
-                     format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
-                            coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
-                 WHERE r.nodename || ':' || r.nodeport = verify_audit_chain_at.node LOOP
-            IF NOT w.success THEN
-                RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
-                RETURN;
-            END IF;
-            v := w.result::jsonb;
-            RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
-                                v ->> 'problem';
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
+                 format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
+                        coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
+             WHERE r.node = verify_audit_chain_at.node LOOP
+        IF NOT w.success THEN
+            RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
             RETURN;
-        END LOOP;
-    END IF;
+        END IF;
+        v := w.result::jsonb;
+        RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
+                            v ->> 'problem';
+        RETURN;
+    END LOOP;
     RAISE EXCEPTION 'vetassist_auth: no node % in this cluster', quote_literal(node) USING ERRCODE = '22023',
         HINT = 'Nodes are named as in audit_chain_heads(): coordinator, or host:port of a worker.';
 END
@@ -447,7 +431,10 @@ CREATE FUNCTION vetassist_auth.reencrypt_distributed(table_name text, row_id tex
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    dist text := CASE WHEN table_name = 'users' THEN 'id' ELSE 'user_id' END;
+    -- The column distribute() distributed the table by, as Citus records it.
+    dist text := (SELECT pg_catalog.column_to_column_name(p.logicalrelid, p.partkey)
+                  FROM pg_catalog.pg_dist_partition p
+                  WHERE p.logicalrelid = pg_catalog.format('vetassist_auth.%I', table_name)::pg_catalog.regclass);
     n bigint;
 BEGIN
     EXECUTE format('SELECT count(*) FROM (SELECT * FROM vetassist_auth.%1$I t WHERE (%2$s) LIMIT %3$s) t WHERE %4$s',
@@ -510,9 +497,10 @@ BEGIN
         -- Every worker answers and runs this same version (each verifies its own audit chain).
         check_name := 'citus workers';
         SELECT bool_and(w.success AND w.result = e.extversion),
-               string_agg(w.nodename || ':' || w.nodeport || ' ' || w.result, ', ' ORDER BY w.nodename, w.nodeport)
+               string_agg(w.node || ' ' || w.result, ', ' ORDER BY w.ordinality)
         INTO ok, detail
-        FROM run_command_on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''') w,
+        FROM vetassist_auth.on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''')
+                 WITH ORDINALITY w,
              pg_extension e
         WHERE e.extname = 'vetassist_auth';
         ok := coalesce(ok, false);
@@ -784,6 +772,57 @@ BEGIN
            vetassist_auth.open_phi_text(u.first_name_encrypted, 'users.first_name:' || u.id),
            vetassist_auth.open_phi_text(u.last_name_encrypted, 'users.last_name:' || u.id),
            u.is_active, mfa_enabled, u.created_at, u.last_login_at;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at, clock_timestamp())
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
 END
 $$;
 
@@ -1226,57 +1265,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at, clock_timestamp())
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-
 -- key_usage, generated from the registry as in keys.sql, with the workers' audit seals.
 DROP VIEW vetassist_auth.key_usage;
 DO $key_usage$
@@ -1308,7 +1296,7 @@ BEGIN
                                  'expire_distributed_sessions', 'refresh_distributed_encrypt_counts',
                                  'seal_worker_audit_logs', 'worker_audit_chains', 'audit_chain_heads',
                                  'reencrypt_distributed', 'worker_audit_seal_keys', 'purge_worker_audit_logs',
-                                 'verify_audit_chain_at') LOOP
+                                 'verify_audit_chain_at', 'on_workers', 'sum_on_workers') LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
 END

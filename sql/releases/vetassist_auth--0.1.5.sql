@@ -500,28 +500,46 @@ BEGIN
 END
 $$;
 
+-- A command run on every worker, from the coordinator of a distributed installation (on any
+-- other node, no worker): each worker named host:port, as audit_chain_heads() names it, in
+-- Citus' order of nodes, with whether the command succeeded and its result (or error). Internal.
+CREATE FUNCTION vetassist_auth.on_workers(command text)
+RETURNS TABLE (node text, success boolean, result text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT vetassist_auth.citus_coordinator() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT w.nodename || ':' || w.nodeport, w.success, w.result
+                 FROM run_command_on_workers(command) w ORDER BY w.nodename, w.nodeport;
+END
+$$;
+
+-- The sum of the counts the workers return for `command`, one of the audit log's chores; a
+-- worker that fails is named in a WARNING (its log was not `done`) and the others go on. Internal.
+CREATE FUNCTION vetassist_auth.sum_on_workers(command text, done text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    w record;
+    total bigint := 0;
+BEGIN
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(command) LOOP
+        IF w.success THEN
+            total := total + w.result::bigint;
+        ELSE
+            RAISE WARNING 'vetassist_auth: the audit log of worker % was not %', w.node, done USING DETAIL = w.result;
+        END IF;
+    END LOOP;
+    RETURN total;
+END
+$$;
+
 -- Seals the audit log of every worker (the coordinator's sweeper calls it after sealing its
 -- own); returns the rows sealed. Each worker seals its own rows under its own chain lock; one
 -- that fails is named in a WARNING and the others go on.
 CREATE FUNCTION vetassist_auth.seal_worker_audit_logs(max_rows integer DEFAULT 10000) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    w record;
-    sealed bigint := 0;
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows)) LOOP
-        IF w.success THEN
-            sealed := sealed + w.result::bigint;
-        ELSE
-            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not sealed', w.nodename, w.nodeport
-                USING DETAIL = w.result;
-        END IF;
-    END LOOP;
-    RETURN sealed;
-END
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT vetassist_auth.sum_on_workers(format('SELECT vetassist_auth.seal_audit_log(%s)', max_rows), 'sealed')
 $$;
 
 -- Every worker's chain, verified on the worker: what verify_audit_chain() on the coordinator
@@ -530,19 +548,16 @@ CREATE FUNCTION vetassist_auth.worker_audit_chains()
 RETURNS TABLE (node text, ok boolean, checked bigint, first_bad_seq bigint, problem text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
     RETURN QUERY
-    SELECT w.nodename || ':' || w.nodeport,
+    SELECT w.node,
            coalesce((v ->> 'ok')::boolean, false),
            coalesce((v ->> 'checked')::bigint, 0),
            (v ->> 'first_bad_seq')::bigint,
            CASE WHEN w.success THEN v ->> 'problem' ELSE 'the worker could not be verified: ' || w.result END
-    FROM run_command_on_workers(
-             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') w
+    FROM vetassist_auth.on_workers(
+             'SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain() v') WITH ORDINALITY w
     LEFT JOIN LATERAL (SELECT CASE WHEN w.success THEN w.result::jsonb END AS v) r ON true
-    ORDER BY w.nodename, w.nodeport;
+    ORDER BY w.ordinality;
 END
 $$;
 
@@ -557,14 +572,10 @@ DECLARE
     h jsonb;
 BEGIN
     RETURN QUERY SELECT 'coordinator'::text, c.seq, c.hash, c.sealed_at FROM vetassist_auth.audit_chain_head() c;
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
                  'SELECT pg_catalog.json_build_object(''seq'', h.seq, ''hash'', pg_catalog.encode(h.hash, ''hex''), '
-                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') r
-             ORDER BY r.nodename, r.nodeport LOOP
-        node := w.nodename || ':' || w.nodeport;
+                 '''sealed_at'', h.sealed_at) FROM vetassist_auth.audit_chain_head() h') LOOP
+        node := w.node;
         IF NOT w.success THEN
             RAISE WARNING 'vetassist_auth: worker % could not give its audit chain head', node USING DETAIL = w.result;
             seq := NULL; hash := NULL; sealed_at := NULL;
@@ -591,17 +602,13 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     w record;
 BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
                  'SELECT pg_catalog.string_agg(DISTINCT key_id::text, '','') FROM vetassist_auth.audit_seals') LOOP
         IF NOT w.success THEN
-            RAISE EXCEPTION 'vetassist_auth: worker %:% could not say which audit keys its seals use', w.nodename, w.nodeport
+            RAISE EXCEPTION 'vetassist_auth: worker % could not say which audit keys its seals use', w.node
                 USING ERRCODE = '55000', DETAIL = w.result;
         END IF;
-        RETURN QUERY SELECT k::integer, w.nodename || ':' || w.nodeport
-                     FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
+        RETURN QUERY SELECT k::integer, w.node FROM unnest(string_to_array(nullif(w.result, ''), ',')) k;
     END LOOP;
 END
 $$;
@@ -610,25 +617,9 @@ $$;
 -- lock and minimum retention; returns the rows the workers removed. A worker that fails is
 -- named in a WARNING and the others go on.
 CREATE FUNCTION vetassist_auth.purge_worker_audit_logs(older_than interval) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    w record;
-    removed bigint := 0;
-BEGIN
-    IF NOT vetassist_auth.citus_coordinator() THEN
-        RETURN 0;
-    END IF;
-    FOR w IN SELECT * FROM run_command_on_workers(
-                 format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than)) LOOP
-        IF w.success THEN
-            removed := removed + w.result::bigint;
-        ELSE
-            RAISE WARNING 'vetassist_auth: the audit log of worker %:% was not purged', w.nodename, w.nodeport
-                USING DETAIL = w.result;
-        END IF;
-    END LOOP;
-    RETURN removed;
-END
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT vetassist_auth.sum_on_workers(format('SELECT vetassist_auth.purge_audit_log(%L::interval)', older_than),
+                                         'purged')
 $$;
 
 -- An anchor of one node (a row of audit_chain_heads(), kept outside the database) checked on that
@@ -644,21 +635,19 @@ BEGIN
         RETURN QUERY SELECT * FROM vetassist_auth.verify_audit_chain(anchor_seq, anchor_hash);
         RETURN;
     END IF;
-    IF vetassist_auth.citus_coordinator() THEN
-        FOR w IN SELECT * FROM run_command_on_workers(
-                     format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
-                            coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
-                 WHERE r.nodename || ':' || r.nodeport = verify_audit_chain_at.node LOOP
-            IF NOT w.success THEN
-                RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
-                RETURN;
-            END IF;
-            v := w.result::jsonb;
-            RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
-                                v ->> 'problem';
+    FOR w IN SELECT * FROM vetassist_auth.on_workers(
+                 format('SELECT pg_catalog.row_to_json(v) FROM vetassist_auth.verify_audit_chain(%s, %L::bytea) v',
+                        coalesce(anchor_seq, 0), coalesce(anchor_hash, ''::bytea))) r
+             WHERE r.node = verify_audit_chain_at.node LOOP
+        IF NOT w.success THEN
+            RETURN QUERY SELECT false, 0::bigint, anchor_seq, 'the worker could not be verified: ' || w.result;
             RETURN;
-        END LOOP;
-    END IF;
+        END IF;
+        v := w.result::jsonb;
+        RETURN QUERY SELECT (v ->> 'ok')::boolean, (v ->> 'checked')::bigint, (v ->> 'first_bad_seq')::bigint,
+                            v ->> 'problem';
+        RETURN;
+    END LOOP;
     RAISE EXCEPTION 'vetassist_auth: no node % in this cluster', quote_literal(node) USING ERRCODE = '22023',
         HINT = 'Nodes are named as in audit_chain_heads(): coordinator, or host:port of a worker.';
 END
@@ -1345,7 +1334,10 @@ CREATE FUNCTION vetassist_auth.reencrypt_distributed(table_name text, row_id tex
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    dist text := CASE WHEN table_name = 'users' THEN 'id' ELSE 'user_id' END;
+    -- The column distribute() distributed the table by, as Citus records it.
+    dist text := (SELECT pg_catalog.column_to_column_name(p.logicalrelid, p.partkey)
+                  FROM pg_catalog.pg_dist_partition p
+                  WHERE p.logicalrelid = pg_catalog.format('vetassist_auth.%I', table_name)::pg_catalog.regclass);
     n bigint;
 BEGIN
     EXECUTE format('SELECT count(*) FROM (SELECT * FROM vetassist_auth.%1$I t WHERE (%2$s) LIMIT %3$s) t WHERE %4$s',
@@ -1542,9 +1534,10 @@ BEGIN
         -- Every worker answers and runs this same version (each verifies its own audit chain).
         check_name := 'citus workers';
         SELECT bool_and(w.success AND w.result = e.extversion),
-               string_agg(w.nodename || ':' || w.nodeport || ' ' || w.result, ', ' ORDER BY w.nodename, w.nodeport)
+               string_agg(w.node || ' ' || w.result, ', ' ORDER BY w.ordinality)
         INTO ok, detail
-        FROM run_command_on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''') w,
+        FROM vetassist_auth.on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''')
+                 WITH ORDINALITY w,
              pg_extension e
         WHERE e.extname = 'vetassist_auth';
         ok := coalesce(ok, false);
@@ -1992,84 +1985,6 @@ COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestampt
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:118
--- requires:
---   keys_sql
---   audit_sql
---   keys::store::key_creation_in_progress
---   keys::admin::rotate_key
-
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
-
--- A data-only restore into a database that already has data keys would mix two key sets under
--- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
--- through the extension's own key creation, or all together into an empty table (a restore);
--- anything else is refused before a row is written. Logical replication's apply does not fire
--- this trigger, so a subscriber receives keys as usual.
-CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF vetassist_auth.key_creation_in_progress() THEN
-        RETURN NEW;
-    END IF;
-    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
-    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
-               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
-        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
-            USING ERRCODE = '55000',
-                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
-    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
-
--- After a failover to a logical-replication subscriber (which receives rows but not sequence
--- positions) or any copy that left sequences behind: moves every id sequence of the extension
--- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
--- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
--- keys count from where the counters are now, and the old ones only decrypt. Returns one row
--- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
-CREATE FUNCTION vetassist_auth.resync_sequences()
-RETURNS TABLE (sequence_name text, new_value bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    now_at bigint;
-    moved integer := 0;
-BEGIN
-    FOR r IN
-        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
-        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
-        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
-        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
-        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
-    LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
-            INTO now_at;
-        IF r.used IS NOT NULL AND r.used > now_at THEN
-            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
-            sequence_name := r.seq;
-            new_value := r.used;
-            moved := moved + 1;
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
-        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
-        new_value := vetassist_auth.rotate_key(r.purpose);
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
-        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
-    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:72
 -- requires:
 --   keys_sql
@@ -2300,6 +2215,149 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
     'Marks the account inactive, ends every session and deletes its VA tokens; audited.';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:77
+-- requires:
+--   identity_sql
+
+-- The VA token vault: one row per user, tokens encrypted under the token
+-- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
+-- Every operation is audited (category auth) without any token bytes.
+
+CREATE FUNCTION vetassist_auth.store_va_tokens(
+    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_generation integer;
+    active boolean;
+BEGIN
+    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
+        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(scope) > 2048 THEN
+        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
+    END IF;
+    -- FOR SHARE waits for a deactivation in flight and then sees it.
+    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    -- A refresh response without a new refresh token keeps the stored one.
+    INSERT INTO vetassist_auth.va_tokens AS t
+        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
+    VALUES (user_id,
+            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
+            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
+            scope, expires_at, clock_timestamp())
+    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
+        access_token_encrypted = excluded.access_token_encrypted,
+        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
+        scope = coalesce(excluded.scope, t.scope),
+        expires_at = excluded.expires_at,
+        generation = t.generation + 1,
+        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
+    RETURNING t.generation INTO new_generation;
+    PERFORM vetassist_auth.write_audit('auth',
+        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
+        'success', user_id, 'va_tokens', user_id::text,
+        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
+                           'refresh_token', refresh_token IS NOT NULL));
+    RETURN new_generation;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
+    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
+
+-- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
+-- the user (P0002 when unknown) and the token row.
+CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    row record;
+BEGIN
+    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
+    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
+    WHERE u.id = read_va_token.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT row.user_active THEN
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
+            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
+    END IF;
+    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
+    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
+                                               jsonb_build_object('generation', row.generation));
+    RETURN vetassist_auth.decrypt_token(
+        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
+        'va_tokens.' || which || ':' || user_id);
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
+    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
+
+CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
+
+CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF within IS NULL OR within < interval '0' THEN
+        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT t.user_id FROM vetassist_auth.va_tokens t
+    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
+    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
+    ORDER BY t.expires_at;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
+    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
+
+CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deleted boolean;
+BEGIN
+    PERFORM vetassist_auth.require_user(user_id);
+    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
+    deleted := FOUND;
+    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
+                                       jsonb_build_object('existed', deleted));
+    RETURN deleted;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -3102,146 +3160,81 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:77
+-- src/lib.rs:118
 -- requires:
---   identity_sql
+--   keys_sql
+--   audit_sql
+--   keys::store::key_creation_in_progress
+--   keys::admin::rotate_key
 
--- The VA token vault: one row per user, tokens encrypted under the token
--- key with contexts va_tokens.access_token:<user id> and va_tokens.refresh_token:<user id>.
--- Every operation is audited (category auth) without any token bytes.
+-- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
 
-CREATE FUNCTION vetassist_auth.store_va_tokens(
-    user_id uuid, access_token text, refresh_token text, expires_at timestamptz, scope text DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_generation integer;
-    active boolean;
-BEGIN
-    IF access_token IS NULL OR access_token = '' OR octet_length(access_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: access_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF refresh_token = '' OR octet_length(refresh_token) > 16384 THEN
-        RAISE EXCEPTION 'vetassist_auth: refresh_token must be 1 byte to 16 KiB' USING ERRCODE = '22023';
-    END IF;
-    IF expires_at IS NULL OR expires_at <= clock_timestamp() OR expires_at = 'infinity' THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
-    END IF;
-    IF length(scope) > 2048 THEN
-        RAISE EXCEPTION 'vetassist_auth: scope is longer than 2048 characters' USING ERRCODE = '22023';
-    END IF;
-    -- FOR SHARE waits for a deactivation in flight and then sees it.
-    SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = store_va_tokens.user_id FOR SHARE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
-    ELSIF NOT active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
-    END IF;
-    -- A refresh response without a new refresh token keeps the stored one.
-    INSERT INTO vetassist_auth.va_tokens AS t
-        (user_id, access_token_encrypted, refresh_token_encrypted, scope, expires_at, created_at)
-    VALUES (user_id,
-            vetassist_auth.encrypt_token(access_token, 'va_tokens.access_token:' || user_id),
-            vetassist_auth.encrypt_token(refresh_token, 'va_tokens.refresh_token:' || user_id),
-            scope, expires_at, clock_timestamp())
-    ON CONFLICT ON CONSTRAINT va_tokens_user_id_key DO UPDATE SET
-        access_token_encrypted = excluded.access_token_encrypted,
-        refresh_token_encrypted = coalesce(excluded.refresh_token_encrypted, t.refresh_token_encrypted),
-        scope = coalesce(excluded.scope, t.scope),
-        expires_at = excluded.expires_at,
-        generation = t.generation + 1,
-        refreshed_at = excluded.created_at  -- the clock, read once (Citus runs the SET on a worker)
-    RETURNING t.generation INTO new_generation;
-    PERFORM vetassist_auth.write_audit('auth',
-        CASE WHEN new_generation = 1 THEN 'va_tokens_stored' ELSE 'va_tokens_refreshed' END,
-        'success', user_id, 'va_tokens', user_id::text,
-        jsonb_build_object('generation', new_generation, 'expires_at', expires_at,
-                           'refresh_token', refresh_token IS NOT NULL));
-    RETURN new_generation;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) IS
-    'Stores (or refreshes) the VA.gov tokens of a user, encrypted; returns the token generation.';
-
--- Shared by the two readers: decrypts one column, audits the access (durably). One query finds both
--- the user (P0002 when unknown) and the token row.
-CREATE FUNCTION vetassist_auth.read_va_token(user_id uuid, which text) RETURNS text
+-- A data-only restore into a database that already has data keys would mix two key sets under
+-- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
+-- through the extension's own key creation, or all together into an empty table (a restore);
+-- anything else is refused before a row is written. Logical replication's apply does not fire
+-- this trigger, so a subscriber receives keys as usual.
+CREATE FUNCTION vetassist_auth.refuse_foreign_keys() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    row record;
 BEGIN
-    SELECT t.*, u.is_active AS user_active INTO row FROM vetassist_auth.users u
-    LEFT JOIN vetassist_auth.va_tokens t ON t.user_id = u.id
-    WHERE u.id = read_va_token.user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    IF vetassist_auth.key_creation_in_progress() THEN
+        RETURN NEW;
     END IF;
-    IF NOT row.user_active THEN
-        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    -- Rows this transaction wrote itself (the earlier rows of the same COPY) do not count.
+    IF EXISTS (SELECT 1 FROM vetassist_auth.keys k
+               WHERE k.xmin::text::bigint <> pg_current_xact_id()::text::bigint % 4294967296) THEN
+        RAISE EXCEPTION 'vetassist_auth: this database already has data keys; restored keys would not match them'
+            USING ERRCODE = '55000',
+                  HINT = 'Restore into a new database (pg_restore --create, or CREATE DATABASE and a full pg_restore), or into a fresh CREATE EXTENSION with pg_restore --data-only --single-transaction.';
     END IF;
-    IF row.user_id IS NULL OR (which = 'refresh_token' AND row.refresh_token_encrypted IS NULL) THEN
-        RETURN NULL;
-    END IF;
-    IF which = 'access_token' AND row.expires_at <= clock_timestamp() THEN
-        RAISE EXCEPTION 'vetassist_auth: the VA access token has expired' USING ERRCODE = 'VA001',
-            HINT = 'Refresh it with the refresh token, then call store_va_tokens.';
-    END IF;
-    -- Recorded, beyond the reach of the caller's ROLLBACK, before the token is returned.
-    PERFORM vetassist_auth.write_audit_durably('auth', 'va_' || which || '_read', 'success', user_id, 'va_tokens', user_id::text,
-                                               jsonb_build_object('generation', row.generation));
-    RETURN vetassist_auth.decrypt_token(
-        CASE which WHEN 'access_token' THEN row.access_token_encrypted ELSE row.refresh_token_encrypted END,
-        'va_tokens.' || which || ':' || user_id);
+    RETURN NEW;
 END
 $$;
+CREATE TRIGGER refuse_foreign_keys BEFORE INSERT ON vetassist_auth.keys
+    FOR EACH ROW EXECUTE FUNCTION vetassist_auth.refuse_foreign_keys();
 
-CREATE FUNCTION vetassist_auth.va_access_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'access_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_access_token(uuid) IS
-    'The decrypted VA access token, NULL when none is stored; SQLSTATE VA001 when it has expired.';
-
-CREATE FUNCTION vetassist_auth.va_refresh_token(user_id uuid) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN vetassist_auth.read_va_token(user_id, 'refresh_token');
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_refresh_token(uuid) IS 'The decrypted VA refresh token, NULL when none is stored.';
-
-CREATE FUNCTION vetassist_auth.va_tokens_due(within interval) RETURNS SETOF uuid
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF within IS NULL OR within < interval '0' THEN
-        RAISE EXCEPTION 'vetassist_auth: within must be a non-negative interval' USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-    SELECT t.user_id FROM vetassist_auth.va_tokens t
-    JOIN vetassist_auth.users u ON u.id = t.user_id AND u.is_active
-    WHERE t.expires_at <= clock_timestamp() + within AND t.refresh_token_encrypted IS NOT NULL
-    ORDER BY t.expires_at;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.va_tokens_due(interval) IS
-    'Users whose VA access token expires within the interval and who have a refresh token: work for a refresher job.';
-
-CREATE FUNCTION vetassist_auth.delete_va_tokens(user_id uuid) RETURNS boolean
+-- After a failover to a logical-replication subscriber (which receives rows but not sequence
+-- positions) or any copy that left sequences behind: moves every id sequence of the extension
+-- past the ids in use, so new rows get fresh ids. The encryption counters cannot be recovered
+-- (the count since the last mirror is unknown), so the phi and token keys are rotated: the new
+-- keys count from where the counters are now, and the old ones only decrypt. Returns one row
+-- per sequence moved and per key rotated. Safe to run at any time: sequences only move forward.
+CREATE FUNCTION vetassist_auth.resync_sequences()
+RETURNS TABLE (sequence_name text, new_value bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    deleted boolean;
+    r record;
+    now_at bigint;
+    moved integer := 0;
 BEGIN
-    PERFORM vetassist_auth.require_user(user_id);
-    DELETE FROM vetassist_auth.va_tokens t WHERE t.user_id = delete_va_tokens.user_id;
-    deleted := FOUND;
-    PERFORM vetassist_auth.write_audit('auth', 'va_tokens_deleted', 'success', user_id, 'va_tokens', user_id::text,
-                                       jsonb_build_object('existed', deleted));
-    RETURN deleted;
+    FOR r IN
+        SELECT 'keys_key_id_seq' AS seq, (SELECT max(key_id) FROM vetassist_auth.keys)::bigint AS used
+        UNION ALL SELECT 'audit_log_id_seq', (SELECT max(id) FROM vetassist_auth.audit_log)
+        UNION ALL SELECT 'session_activity_id_seq', (SELECT max(id) FROM vetassist_auth.session_activity)
+        UNION ALL SELECT 'session_events_id_seq', (SELECT max(id) FROM vetassist_auth.session_events)
+        UNION ALL SELECT 'mfa_backup_codes_id_seq', (SELECT max(id) FROM vetassist_auth.mfa_backup_codes)
+    LOOP
+        EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM vetassist_auth.%I', r.seq)
+            INTO now_at;
+        IF r.used IS NOT NULL AND r.used > now_at THEN
+            PERFORM setval(format('vetassist_auth.%I', r.seq)::regclass, r.used);
+            sequence_name := r.seq;
+            new_value := r.used;
+            moved := moved + 1;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+    FOR r IN SELECT p AS purpose FROM unnest(ARRAY['phi', 'token', 'mfa']) p LOOP
+        sequence_name := r.purpose || ' key rotated';  -- new_value: the new key's id
+        new_value := vetassist_auth.rotate_key(r.purpose);
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'sequences_resynchronised', 'success', NULL, NULL, NULL,
+        jsonb_build_object('sequences_moved', moved, 'keys_rotated', ARRAY['phi', 'token', 'mfa']));
 END
 $$;
-COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
+COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
+    'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
 /* </end connected objects> */
 
 /* <begin connected objects> */
