@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import BIN, ROOT, installed_cluster  # noqa: E402
+from conftest import BIN, ROOT, citus_cluster, installed_cluster  # noqa: E402
 
 ROWS = 20_000
 REPEATS = 7
@@ -392,15 +392,13 @@ class Node:
 
 def citus_start(name, workers):
     """scripts/citus-cluster.sh start NAME WORKERS vetassist: returns the coordinator as a Node."""
-    out = subprocess.run([str(ROOT / "scripts/citus-cluster.sh"), "start", name, str(workers), "vetassist"],
-                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    nodes = [line.split() for line in out.splitlines() if line.strip()]
-    assert [n[0] for n in nodes] == ["coordinator"] + ["worker"] * workers, out
+    nodes = citus_cluster("start", name, workers, "vetassist")
+    assert [n[0] for n in nodes] == ["coordinator"] + ["worker"] * workers, nodes
     return Node(nodes[0][1], nodes[0][2])
 
 
 def citus_stop(name):
-    subprocess.run([str(ROOT / "scripts/citus-cluster.sh"), "stop", name], cwd=ROOT, check=False)
+    citus_cluster("stop", name, check=False)
 
 
 def citus_populate(node, distributed, notices):

@@ -5,48 +5,25 @@ target/clusters/citus-demo-*), showing where each veteran's rows live.
 Every veteran call is a plain SQL call as role vetassist_app on the coordinator.
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import PG_CONFIG, ROOT, authenticator_code  # noqa: E402
+from conftest import authenticator_code, citus_cluster  # noqa: E402
+from demo import DIM, GREEN, RED, RESET, say, sql, step  # noqa: E402
 
-BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
-if not sys.stdout.isatty():
-    BOLD = DIM = GREEN = RED = RESET = ""
 NAME, DB = "citus-demo", "vetassist"
 VETERANS = [("1012667985V123456", "maria@example.com", "Maria", "Lopez"),
             ("1012667986V223344", "james@example.com", "James", "Carter"),
             ("1012667987V334455", "aisha@example.com", "Aisha", "Reed"),
             ("1012667988V445566", "tom@example.com", "Tom", "Nguyen")]
-step_no = 0
-
-
-def step(title):
-    global step_no
-    step_no += 1
-    print(f"\n{BOLD}{step_no}. {title}{RESET}")
-
-
-def say(text):
-    print(f"   {text}")
-
-
-def sql(text):
-    print(f"   {DIM}> {text}{RESET}")
-
-
-def cluster(*args):
-    return subprocess.run([ROOT / "scripts/citus-cluster.sh", *args], check=True, capture_output=True, text=True,
-                          env={**os.environ, "PG_CONFIG": PG_CONFIG}).stdout.split("\n")
 
 
 def main():
     step("Start a coordinator and two workers (one master key file, shared_preload_libraries = 'citus,vetassist_auth')")
-    nodes = [line.split() for line in cluster("start", NAME, "2", DB) if line]
+    nodes = citus_cluster("start", NAME, 2, DB)
     for role, port, socket_dir in nodes:
         say(f"{role:<11} 127.0.0.1:{port}  {socket_dir}")
     _, port, socket_dir = nodes[0]
@@ -56,7 +33,7 @@ def main():
         if os.environ.get("KEEP"):
             say(f"\nKEEP=1: the cluster keeps running: psql 'host={socket_dir} port={port} dbname={DB}'")
         else:
-            cluster("stop", NAME)
+            citus_cluster("stop", NAME)
             print(f"\n{DIM}Cluster stopped (KEEP=1 make citus-demo leaves it running).{RESET}")
 
 

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from conftest import PG_CONFIG, ROOT, authenticator_code, seal_all  # noqa: E402
+from conftest import PG_CONFIG, ROOT, authenticator_code, citus_cluster, seal_all  # noqa: E402
 
 NAME = "citus-test"
 DB = "vetassist"
@@ -30,15 +30,9 @@ class Node:
         return psycopg.connect(f"host={self.dir} port={self.port} dbname={DB} user={user}", autocommit=True)
 
 
-def citus_cluster(*args):
-    out = subprocess.run([ROOT / "scripts/citus-cluster.sh", *args], check=True, capture_output=True, text=True,
-                         env={**os.environ, "PG_CONFIG": PG_CONFIG})
-    return [Node(*line.split()) for line in out.stdout.splitlines()]
-
-
 @pytest.fixture(scope="module")
 def nodes():
-    started = citus_cluster("start", NAME, "2", DB)
+    started = [Node(*n) for n in citus_cluster("start", NAME, 2, DB)]
     try:
         with started[0].connect() as su:
             su.execute("CREATE EXTENSION vetassist_auth")
@@ -353,7 +347,7 @@ def test_a_new_worker_and_a_rebalance_keep_tokens_sessions_and_chains(nodes, coo
     # Forty veterans: the shards that move (about three of eight) hold some of them, but for a
     # chance of about 1 in 10^8.
     veterans = [sign_in(app, n) for n in range(130, 170)]
-    new = citus_cluster("add-worker", NAME, "3", DB)[0]
+    new = Node(*citus_cluster("add-worker", NAME, 3, DB)[0])
     nodes.append(new)
     with coordinator.connect() as su:
         su.execute("SELECT citus_add_node('127.0.0.1', %s)", (new.port,))

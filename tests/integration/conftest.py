@@ -131,6 +131,14 @@ def install(cluster, dbname="vetassist", version=None):
         END $$""", dbname)
 
 
+def citus_cluster(*args, check=True):
+    """scripts/citus-cluster.sh ARGS (start NAME WORKERS DB, add-worker NAME INDEX DB, stop NAME) for
+    the PostgreSQL under test: the nodes it started, as (role, port, socket directory)."""
+    out = subprocess.run([ROOT / "scripts/citus-cluster.sh", *map(str, args)], check=check, capture_output=True,
+                         text=True, env={**os.environ, "PG_CONFIG": PG_CONFIG}).stdout
+    return [tuple(line.split()) for line in out.splitlines() if line.strip()]
+
+
 @contextmanager
 def installed_cluster(name, *conf_lines, preload="vetassist_auth"):
     """A fresh cluster with `preload` in shared_preload_libraries and the extension installed
