@@ -154,8 +154,9 @@ def test_an_upgraded_catalog_is_the_same_as_a_fresh_install(upgrade_cluster):
 
 
 def test_every_release_has_an_upgrade_path_to_this_version():
+    # The version in development has no frozen copy; it is reached from the newest release.
     current = version()
-    assert current in RELEASES, f"version {current} is not frozen in sql/releases/"
+    chain = RELEASES if current in RELEASES else [*RELEASES, current]
     scripts = {p.name for p in (ROOT / "sql").glob("vetassist_auth--*--*.sql")}
-    for older, newer in zip(RELEASES, RELEASES[1:]):
+    for older, newer in zip(chain, chain[1:]):
         assert f"vetassist_auth--{older}--{newer}.sql" in scripts, f"no upgrade script from {older} to {newer}"

@@ -1,0 +1,4 @@
+-- vetassist_auth 0.1.5 -> 0.2.0
+-- Operations: the background processes stop when asked, stay out of restores and replicas, and
+-- leave the operator's procedures intact (docs/ARCHITECTURE.md, "Background worker").
+\echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.2.0'" to load this file. \quit
