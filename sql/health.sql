@@ -134,9 +134,7 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'audit: disclosures and failed authentications survive a rollback';
-    detail := vetassist_auth.durable_audit_problem();
-    ok := detail IS NULL;
-    detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;
 
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP

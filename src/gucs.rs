@@ -31,6 +31,7 @@ pub static MFA_ISSUER: GucSetting<Option<CString>> =
 // Background maintenance (read at server start; interval on reload).
 pub static SWEEP_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 const DAY: i32 = 24 * 60 * 60;
 
@@ -151,6 +152,14 @@ pub fn init() {
             GucContext::Postmaster,
             GucFlags::default(),
         );
+        GucRegistry::define_string_guc(
+            c"vetassist_auth.databases",
+            c"Comma-separated databases whose audit recorder is reserved at server start.",
+            c"A reserved recorder keeps its background worker slot, so parallel query cannot starve disclosures. Unset: sweep_database.",
+            &DATABASES,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
     }
     seconds_guc(
         c"vetassist_auth.audit_min_retention",
@@ -265,4 +274,20 @@ pub fn string_setting(setting: &GucSetting<Option<CString>>) -> Option<&'static 
     // happens between statements; callers use the value immediately.
     let value = unsafe { CStr::from_ptr(raw) };
     (!value.to_bytes().is_empty()).then_some(value)
+}
+
+/// The databases of `vetassist_auth.databases` (default: `sweep_database`), each once, in order.
+pub fn recorder_databases() -> Vec<CString> {
+    let Some(list) = string_setting(&DATABASES).or_else(|| string_setting(&SWEEP_DATABASE)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<CString> = Vec::new();
+    for name in list.to_string_lossy().split(',').map(str::trim) {
+        if let Ok(name) = CString::new(name) {
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
 }

@@ -18,6 +18,7 @@ mod log_redaction;
 mod mfa;
 mod protected_columns;
 mod sessions;
+mod signals;
 mod worker;
 
 #[cfg(feature = "pg_test")]
@@ -66,7 +67,7 @@ extension_sql_file!(
         audit::row_trigger::row_audit,
         audit::writer::write_audit,
         audit::recorder::write_audit_durably,
-        audit::recorder::durable_audit_problem
+        audit::recorder::durable_audit_state
     ]
 );
 extension_sql_file!(
@@ -136,7 +137,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         audit::recorder::request_shared_memory();
-        audit::recorder::register_resident();
+        audit::recorder::register_reserved();
         worker::register();
     }
 }

@@ -1,9 +1,10 @@
 //! The sweeper: a background worker that expires and purges sessions, seals the audit log,
 //! refreshes key counters and logs the chain head (docs/ARCHITECTURE.md, "Background worker").
 
-use crate::gucs;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use crate::{gucs, signals};
+use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::prelude::*;
+use std::ffi::CStr;
 use std::time::Duration;
 
 /// How soon Postgres starts the sweeper again after it stopped.
@@ -40,9 +41,12 @@ fn message_of(caught: &pg_sys::panic::CaughtError) -> String {
 /// One maintenance pass in its own transaction; an error is logged, rolled back, and the next
 /// pass runs as usual.
 fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str) -> Option<T> {
+    // What the sweeper is doing shows in pg_stat_activity, as a backend's statement would.
+    let statement = std::ffi::CString::new(sql).expect("our statements hold no NUL");
     // SAFETY: the worker runs one transaction at a time, outside any other; the isolation level
-    // is set before the first snapshot, as SET TRANSACTION would.
+    // is set before the first snapshot, as SET TRANSACTION would. pgstat copies the statement.
     unsafe {
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, statement.as_ptr());
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         // Whatever default_transaction_isolation says: the sweep and the sealer work on fresh
@@ -63,13 +67,17 @@ fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str)
             unsafe {
                 pg_sys::PopActiveSnapshot();
                 pg_sys::CommitTransactionCommand();
+                pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
             }
             Some(changed)
         }
         Err(message) => {
             // SAFETY: the caught error left the transaction started above in an aborted state;
             // this cleans it up, snapshot included, as the top-level error handler would.
-            unsafe { pg_sys::AbortCurrentTransaction() };
+            unsafe {
+                pg_sys::AbortCurrentTransaction();
+                pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+            }
             pgrx::warning!("vetassist_auth sweeper: {what} failed: {message}");
             None
         }
@@ -79,32 +87,25 @@ fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str)
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    signals::attach();
     // Maintenance yields the CPU to backends serving requests: a big sweep must not slow
     // down touch_session on a busy server.
     // SAFETY: nice() changes only this process's scheduling priority.
     unsafe { libc::nice(10) };
-    let database =
-        gucs::string_setting(&gucs::SWEEP_DATABASE).map(|d| d.to_string_lossy().into_owned());
-    BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);
-    // A superuser in a database whose owner may have set a search_path for it: nothing of
-    // theirs may be found before pg_catalog.
+    let database = gucs::string_setting(&gucs::SWEEP_DATABASE);
+    // SAFETY: connecting is the first thing a background worker does. A database closed to
+    // connections (ALLOW_CONNECTIONS false) still gets its maintenance.
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnection(
+            database.map_or(std::ptr::null(), CStr::as_ptr),
+            std::ptr::null(),
+            pg_sys::BGWORKER_BYPASS_ALLOWCONN,
+        );
+    }
+    let database = database.map(|d| d.to_string_lossy().into_owned());
     // In a deadlock with a session (DROP EXTENSION, an administrator's DDL) the sweeper finds
     // it first and gives way: its pass is retried, the session's statement goes through.
-    for (name, value) in [
-        (c"search_path", c"pg_catalog, pg_temp"),
-        (c"deadlock_timeout", c"100ms"),
-    ] {
-        // SAFETY: plain settings of this process, set outside any transaction.
-        unsafe {
-            pg_sys::SetConfigOption(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
-            );
-        }
-    }
+    signals::pin_settings(&[(c"deadlock_timeout", c"100ms")]);
     pgrx::log!(
         "vetassist_auth sweeper started in database {}",
         database.as_deref().unwrap_or("?")
@@ -115,7 +116,8 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
             "expire_sessions",
             "SELECT vetassist_auth.expire_sessions(10000)::bigint",
         ) {
-            if changed == 0 || BackgroundWorker::sigterm_received() {
+            signals::stop_if_asked();
+            if changed == 0 {
                 break;
             }
         }
@@ -124,7 +126,8 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
             "seal_audit_log",
             "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
         ) {
-            if sealed < 10_000 || BackgroundWorker::sigterm_received() {
+            signals::stop_if_asked();
+            if sealed < 10_000 {
                 break;
             }
         }
@@ -164,17 +167,17 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
             pgrx::log!("vetassist_auth audit chain head {head}");
         }
         let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
-        if !BackgroundWorker::wait_latch(Some(interval)) {
-            break; // postmaster death or SIGTERM
+        if !signals::sleep(interval) {
+            break; // postmaster death
         }
-        if BackgroundWorker::sighup_received() {
+        if signals::reload_asked() {
             // SAFETY: outside any transaction, as the postmaster's own children reload.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     }
-    pgrx::log!("vetassist_auth sweeper stopped; it restarts unless the server is shutting down");
     // Exit status 0 would unregister the worker for good; 1 asks the postmaster to start it
-    // again after RESTART_AFTER (it starts no worker during a shutdown).
+    // again after RESTART_AFTER (it starts no worker during a shutdown). A SIGTERM ends the
+    // process in signals::sleep or mid-statement, with status 1 too.
     // SAFETY: proc_exit runs the backend's exit callbacks and does not return; no Rust value
     // with a destructor that matters is alive here.
     unsafe { pg_sys::proc_exit(1) };

@@ -15,9 +15,9 @@
 
 use super::writer::{self, AuditRow, Who};
 use crate::error::{Failure, Kind, Result};
-use crate::gucs;
 use crate::keys::{self, Purpose};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use crate::{gucs, signals};
+use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::prelude::*;
 use pgrx::Uuid;
 use std::ffi::CStr;
@@ -51,6 +51,8 @@ const RUNNING: u32 = 2;
 struct Slot {
     state: u32,
     database: pg_sys::Oid,
+    /// The recorder writing it (WRITING): only that recorder's exit puts it back in the queue.
+    writer: i32,
     ticket: u64,
     changed_at: pg_sys::TimestampTz,
     len: usize,
@@ -72,6 +74,8 @@ struct Outbox {
     /// Broadcast whenever a recorder has written (or failed) rows, or stopped.
     written: pg_sys::ConditionVariable,
     next_ticket: u64,
+    /// Databases whose reserved recorder has run since the server started.
+    reserved_seen: [pg_sys::Oid; RECORDERS],
     recorders: [Recorder; RECORDERS],
     slots: [Slot; SLOTS],
 }
@@ -385,10 +389,14 @@ fn wake_recorder() -> Result<()> {
                 "vetassist_auth: too many databases are recording audit rows at once",
             ));
         };
+        let reserved = outbox.reserved_seen.contains(&db);
         let r = &mut outbox.recorders[index];
         match r.state {
             RUNNING => (r.latch, false),
             STARTING if t - r.since < START_TIMEOUT_US => (std::ptr::null_mut(), false),
+            // The database's reserved recorder is being started again (it always is): it takes
+            // the queue then, and no dynamic one competes with parallel query for a slot.
+            _ if reserved => (std::ptr::null_mut(), false),
             _ => {
                 r.database = db;
                 r.state = STARTING;
@@ -625,13 +633,13 @@ unsafe extern "C-unwind" fn recorder_exit(_code: i32, _arg: pg_sys::Datum) {
             r.pid = 0;
             r.latch = std::ptr::null_mut();
         }
-        let db = database();
         for s in outbox
             .slots
             .iter_mut()
-            .filter(|s| s.state == WRITING && s.database == db)
+            .filter(|s| s.state == WRITING && s.writer == pid)
         {
             s.state = QUEUED;
+            s.writer = 0;
         }
     }
     // SAFETY: the outbox exists.
@@ -642,6 +650,8 @@ unsafe extern "C-unwind" fn recorder_exit(_code: i32, _arg: pg_sys::Datum) {
 /// collected. Returns the slots and their payloads.
 fn take_queued() -> Vec<(usize, u64, Vec<u8>)> {
     let db = database();
+    // SAFETY: this process's pid.
+    let pid = unsafe { pg_sys::MyProcPid };
     let mut locked = Locked::take().expect("the outbox exists");
     let t = now();
     let mut taken = Vec::new();
@@ -651,6 +661,7 @@ fn take_queued() -> Vec<(usize, u64, Vec<u8>)> {
         }
         if s.state == QUEUED {
             s.state = WRITING;
+            s.writer = pid;
             taken.push((i, s.ticket, s.payload[..s.len].to_vec()));
         } else if s.state == FAILED && t - s.changed_at > WAIT_LIMIT_US {
             s.state = FREE;
@@ -714,10 +725,19 @@ fn settle(slots: &[(usize, u64)], state: u32) {
 }
 
 /// Claims this database's recorder entry; false when another recorder already runs for it.
-fn claim_entry() -> bool {
+fn claim_entry(reserved: bool) -> bool {
     let db = database();
     let mut locked = Locked::take().expect("the outbox exists");
     let outbox = locked.outbox();
+    if reserved && !outbox.reserved_seen.contains(&db) {
+        if let Some(free) = outbox
+            .reserved_seen
+            .iter_mut()
+            .find(|d| **d == pg_sys::InvalidOid)
+        {
+            *free = db;
+        }
+    }
     if outbox
         .recorders
         .iter()
@@ -765,21 +785,23 @@ fn release_entry_if_idle() -> bool {
     true
 }
 
+/// A resident recorder's argument: this bit and its database's place in
+/// `vetassist_auth.databases`; a dynamic recorder's is its database's oid.
+const RESIDENT: u64 = 1 << 32;
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // Argument 0: the resident recorder of vetassist_auth.sweep_database, registered at server
-    // start; otherwise the oid of the database a backend started this one for.
-    let resident = arg.value() == 0;
+    signals::attach();
+    let resident = arg.value() as u64 & RESIDENT != 0;
     // SAFETY: connecting is the first thing a background worker does. A database that no
     // longer accepts connections may still have sessions whose rows must be written.
     unsafe {
         if resident {
-            let name =
-                gucs::string_setting(&gucs::SWEEP_DATABASE).map_or(std::ptr::null(), CStr::as_ptr);
+            let databases = gucs::recorder_databases();
+            let name = &databases[(arg.value() as u64 & !RESIDENT) as usize];
             pg_sys::BackgroundWorkerInitializeConnection(
-                name,
+                name.as_ptr(),
                 std::ptr::null(),
                 pg_sys::BGWORKER_BYPASS_ALLOWCONN,
             );
@@ -795,41 +817,35 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     // SAFETY: registered once, after connecting; runs at exit (FATAL included) before
     // shared memory is detached.
     unsafe { pg_sys::before_shmem_exit(Some(recorder_exit), pg_sys::Datum::from(0)) };
-    if !claim_entry() {
-        return;
+    // A reserved recorder that finds a dynamic one at work waits for it to leave: it must not
+    // exit with status 0, which would unregister it for good.
+    while !claim_entry(resident) {
+        if !resident {
+            return;
+        }
+        signals::sleep(Duration::from_millis(200));
     }
     // The recorder runs as a superuser in a database whose owner may have set anything for it
-    // (ALTER DATABASE ... SET): the search_path is pinned so no object of theirs is ever found
-    // before pg_catalog; a row is committed only once it is durable; a caller holding a lock the
-    // write needs must not hang it for ever.
-    // SAFETY: plain settings of this process, set outside any transaction.
-    unsafe {
-        for (name, value) in [
-            (c"search_path", c"pg_catalog, pg_temp"),
-            (c"synchronous_commit", c"on"),
-            (c"lock_timeout", RECORDER_LOCK_TIMEOUT),
-            (c"default_transaction_read_only", c"off"),
-        ] {
-            pg_sys::SetConfigOption(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
-            );
-        }
-    }
+    // (ALTER DATABASE ... SET): a row is committed only once it is durable; a caller holding a
+    // lock the write needs must not hang it for ever.
+    signals::pin_settings(&[
+        (c"synchronous_commit", c"on"),
+        (c"lock_timeout", RECORDER_LOCK_TIMEOUT),
+        (c"default_transaction_read_only", c"off"),
+    ]);
     let mut idle_since = std::time::Instant::now();
-    let mut stopping = false;
     loop {
         let batch = take_queued();
         if batch.is_empty() {
-            // At shutdown, what is queued is still written first. The resident recorder stays.
-            let idle = !resident && idle_since.elapsed() >= IDLE_EXIT;
-            if (stopping || idle) && release_entry_if_idle() {
+            // A stop (SIGTERM) ends the process in signals::sleep; the rows it had taken go
+            // back to the queue (recorder_exit). A reserved recorder stays.
+            if !resident && idle_since.elapsed() >= IDLE_EXIT && release_entry_if_idle() {
                 break;
             }
-            stopping |= !BackgroundWorker::wait_latch(Some(Duration::from_millis(200)));
-            if BackgroundWorker::sighup_received() {
+            if !signals::sleep(Duration::from_millis(200)) {
+                break; // postmaster death
+            }
+            if signals::reload_asked() {
                 // A new master key file, among others.
                 // SAFETY: between transactions, as every backend reloads.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -855,31 +871,90 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     }
 }
 
-/// Registers the resident recorder of `vetassist_auth.sweep_database` while the library is
-/// preloaded: always running, so the application's database never waits for a recorder to
-/// start and never competes for a worker slot with parallel queries.
-pub fn register_resident() {
-    if gucs::string_setting(&gucs::SWEEP_DATABASE).is_none() {
-        return;
+/// Registers a reserved recorder for each database of `vetassist_auth.databases` while the
+/// library is preloaded: always running, so those databases never wait for a recorder to start
+/// and never compete for a worker slot with parallel queries (a registered worker keeps its
+/// slot across restarts).
+pub fn register_reserved() {
+    for index in 0..gucs::recorder_databases().len() {
+        BackgroundWorkerBuilder::new("vetassist_auth reserved recorder")
+            .set_type("vetassist_auth reserved recorder")
+            .set_library("vetassist_auth")
+            .set_function("vetassist_auth_recorder_main")
+            .set_argument(Some(pg_sys::Datum::from(RESIDENT | index as u64)))
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
     }
-    BackgroundWorkerBuilder::new("vetassist_auth recorder")
-        .set_type("vetassist_auth recorder")
-        .set_library("vetassist_auth")
-        .set_function("vetassist_auth_recorder_main")
-        .set_argument(Some(pg_sys::Datum::from(0)))
-        .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
 }
 
-/// Whether audit rows of disclosures and failed authentications survive the caller's rollback,
-/// for verify_installation: NULL when they do, else why not. Internal.
+/// How long verify_installation waits for a reserved recorder that has not run yet (it starts
+/// with the server).
+const RESERVED_START_US: i64 = 10_000_000;
+
+/// Whether this database's reserved recorder has run since the server started, waiting a while
+/// for one that should but has not yet.
+fn reserved_recorder_ran() -> bool {
+    let db = database();
+    let deadline = now() + RESERVED_START_US;
+    loop {
+        let seen = {
+            let mut locked = Locked::take().expect("the outbox exists");
+            locked.outbox().reserved_seen.contains(&db)
+        };
+        if seen || now() > deadline {
+            return seen;
+        }
+        // SAFETY: a timed sleep on the outbox's condition variable; interrupts are checked.
+        unsafe {
+            pg_sys::ConditionVariableTimedSleep(written_cv(), 100, pg_sys::PG_WAIT_EXTENSION);
+        }
+    }
+}
+
+/// Whether audit rows of disclosures and failed authentications survive the caller's rollback
+/// and can be recorded at all, for verify_installation: `ok` false when not; `detail` says how
+/// they are recorded, or why not. Internal.
 #[pg_extern]
-fn durable_audit_problem() -> Option<&'static str> {
-    (!in_force()).then_some(
-        "vetassist_auth is not in shared_preload_libraries: disclosure and failed-authentication \
-         audit rows are written in the caller's transaction and a ROLLBACK removes them",
-    )
+fn durable_audit_state() -> TableIterator<'static, (name!(ok, bool), name!(detail, &'static str))> {
+    let state = if !in_force() {
+        (
+            false,
+            "vetassist_auth is not in shared_preload_libraries: disclosure and failed-authentication \
+             audit rows are written in the caller's transaction and a ROLLBACK removes them",
+        )
+    } else if !reserved_here() {
+        (
+            true,
+            "recorded by an audit recorder started on demand, committed before the caller goes on; \
+             no recorder is reserved for this database, so it competes with parallel query for \
+             max_worker_processes (name the database in vetassist_auth.databases)",
+        )
+    } else if reserved_recorder_ran() {
+        (
+            true,
+            "recorded by this database's reserved recorder, committed before the caller goes on",
+        )
+    } else {
+        (
+            false,
+            "this database's reserved recorder is not running: max_worker_processes is too small \
+             for the background workers of shared_preload_libraries (the server log says \"too \
+             many background workers\"), so disclosures fail with 53000 when no slot is free",
+        )
+    };
+    TableIterator::once(state)
+}
+
+/// Whether this database is one of `vetassist_auth.databases`.
+fn reserved_here() -> bool {
+    // SAFETY: the current database's name from the syscache, palloc'd; NULL when it is gone.
+    let name = unsafe { pg_sys::get_database_name(database()) };
+    // SAFETY: a NUL-terminated string just returned, when not NULL.
+    !name.is_null()
+        && gucs::recorder_databases()
+            .iter()
+            .any(|d| d.as_c_str() == unsafe { CStr::from_ptr(name) })
 }
 
 /// Like write_audit, but the row survives whatever becomes of the caller's transaction: it is

@@ -251,7 +251,7 @@ def test_a_terminated_recorder_is_replaced(cluster, su):
         uid = veteran(app, "7000000012V1")
         app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))
         su.execute("""SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
-                      WHERE backend_type = 'vetassist_auth recorder'""")
+                      WHERE backend_type IN ('vetassist_auth recorder', 'vetassist_auth reserved recorder')""")
         for _ in range(3):
             with app.transaction():
                 app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,))

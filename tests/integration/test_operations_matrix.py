@@ -1,0 +1,234 @@
+"""Every standard PostgreSQL operation against every background process of ours: stop modes and
+terminations while the sweeper seals, while a reserved or a dynamic recorder writes, worker-slot
+pressure from parallel query, and the exactly-once record of disclosures under terminations.
+Each case is a DBA's procedure that broke on 0.1.5 (docs/ARCHITECTURE.md, "Background worker").
+Durations are printed (pytest -s), never asserted."""
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import PG_MAJOR, install, installed_cluster
+
+SWEEPER = "vetassist_auth sweeper"
+RECORDER = "vetassist_auth recorder"
+RESERVED = "vetassist_auth reserved recorder"
+
+
+def pids(conn, backend_type, dbname=None):
+    return [r[0] for r in conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = %s AND (%s::text IS NULL OR datname = %s) ORDER BY pid",
+        (backend_type, dbname, dbname)).fetchall()]
+
+
+def wait_for(what, check, timeout=60.0):
+    """Polls `check` until it returns something true; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}: {check()}")
+
+
+def backlog(cluster, rows, dbname="vetassist"):
+    """`rows` unsealed audit rows, committed."""
+    with cluster.connect(dbname, "app_user") as app:
+        app.execute("SELECT count(vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')) "
+                    "FROM generate_series(1, %s)", (rows,))
+
+
+def sweeper_sealing(cluster):
+    """The sweeper's pid once it is inside seal_audit_log."""
+    with cluster.connect() as su:
+        row = su.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = %s AND state = 'active' "
+                         "AND query LIKE '%%seal_audit_log%%'", (SWEEPER,)).fetchone()
+    return row and row[0]
+
+
+def pg_ctl_stop(cluster, mode):
+    started = time.monotonic()
+    out = subprocess.run(["sudo", "-u", "postgres", str(cluster.bin / "pg_ctl"), "-D", str(cluster.dir / "data"),
+                          "-m", mode, "-t", "60", "-w", "stop"], capture_output=True, text=True)
+    return out, time.monotonic() - started
+
+
+@pytest.mark.parametrize("mode", ["smart", "fast"])
+def test_a_stop_ends_the_sweeper_in_the_middle_of_sealing(mode):
+    """0.1.5: `pg_ctl stop -m fast` hung while the sweeper sealed (its loop swallowed the SIGTERM),
+    and only -m immediate ended the server."""
+    with installed_cluster(f"stop-{mode}", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as cluster:
+        backlog(cluster, 60_000)
+        wait_for("the sweeper to seal", lambda: sweeper_sealing(cluster))
+        out, took = pg_ctl_stop(cluster, mode)
+        print(f"\npg_ctl stop -m {mode} while sealing: {took:.2f} s")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "parallel worker failed to initialize" not in cluster.log()
+
+
+def test_terminating_the_sweeper_in_the_middle_of_sealing_removes_it_and_it_comes_back():
+    with installed_cluster("terminate-sweeper", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as cluster:
+        backlog(cluster, 60_000)
+        pid = wait_for("the sweeper to seal", lambda: sweeper_sealing(cluster))
+        with cluster.connect() as su:
+            started = time.monotonic()
+            # Waits until the process is gone, or says false after 60 s.
+            assert su.execute("SELECT pg_terminate_backend(%s, 60000)", (pid,)).fetchone()[0]
+            print(f"\npg_terminate_backend(sweeper) while sealing: {time.monotonic() - started:.2f} s")
+            assert pid not in pids(su, SWEEPER)
+            # Postgres starts it again (RESTART_AFTER) and it finishes the backlog.
+            wait_for("a new sweeper", lambda: pids(su, SWEEPER))
+        with cluster.connect("vetassist") as su:
+            wait_for("the backlog sealed", lambda: su.execute(
+                "SELECT NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log l WHERE NOT EXISTS "
+                "(SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = l.id))").fetchone()[0])
+            ok, _, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+            assert ok, problem
+
+
+def disclose(app, uid):
+    return app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0]
+
+
+def veteran(app, icn):
+    uid = app.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', NULL, 'Ada', 'Lovelace')", (icn,)).fetchone()[0]
+    app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'VA-ACCESS', 'VA-REFRESH', now() + interval '1 hour')", (uid,))
+    return uid
+
+
+def disclosures(su, uid):
+    return su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE subject_user_id = %s "
+                      "AND event_type = 'va_access_token_read'", (uid,)).fetchone()[0]
+
+
+def test_a_terminated_reserved_recorder_comes_back_even_after_a_dynamic_one_stood_in():
+    """0.1.5: terminated while a disclosure started a dynamic recorder for its database, the
+    resident recorder found its entry taken, exited with status 0 and was never started again."""
+    with installed_cluster("reserved-back", "vetassist_auth.sweep_database = 'vetassist'") as cluster:
+        with cluster.connect("vetassist", "app_user") as app, cluster.connect("vetassist") as su:
+            uid = veteran(app, "8100000001V1")
+            first = wait_for("the reserved recorder", lambda: pids(su, RESERVED, "vetassist"))[0]
+            assert su.execute("SELECT pg_terminate_backend(%s, 60000)", (first,)).fetchone()[0]
+            # Before the postmaster starts it again (1 s), a disclosure starts a dynamic recorder.
+            assert disclose(app, uid) == "VA-ACCESS"
+            again = wait_for("the reserved recorder again",
+                             lambda: [p for p in pids(su, RESERVED, "vetassist") if p != first])
+            assert again
+            for _ in range(3):
+                assert disclose(app, uid) == "VA-ACCESS"
+            assert disclosures(su, uid) == 4
+
+
+def test_every_returned_disclosure_is_recorded_exactly_once_while_recorders_are_terminated():
+    """0.1.5: a recorder that failed to claim its entry put the running recorder's rows back in the
+    queue: disclosures recorded twice (and MFA failures counted twice toward the lock-out)."""
+    with installed_cluster("exactly-once", "vetassist_auth.sweep_database = 'vetassist'") as cluster:
+        with cluster.connect("vetassist", "app_user") as app:
+            uids = [veteran(app, f"8200000{i:03d}V1") for i in range(4)]
+        returned = {uid: 0 for uid in uids}
+        raised = {uid: 0 for uid in uids}
+        done = threading.Event()
+
+        def client(uid):
+            with cluster.connect("vetassist", "app_user") as app:
+                for _ in range(60):
+                    try:
+                        disclose(app, uid)
+                        returned[uid] += 1
+                    except psycopg.Error:
+                        raised[uid] += 1
+
+        def terminator():
+            with cluster.connect() as su:
+                while not done.is_set():
+                    su.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type IN (%s, %s)",
+                               (RECORDER, RESERVED))
+                    time.sleep(0.05)  # load only: the assertions do not depend on its timing
+
+        killer = threading.Thread(target=terminator)
+        killer.start()
+        clients = [threading.Thread(target=client, args=(uid,)) for uid in uids]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        done.set()
+        killer.join()
+        with cluster.connect("vetassist") as su:
+            for uid in uids:
+                recorded = disclosures(su, uid)
+                assert returned[uid] <= recorded <= returned[uid] + raised[uid], (returned[uid], raised[uid], recorded)
+        print(f"\nunder terminations: {sum(returned.values())} returned, {sum(raised.values())} raised")
+
+
+def sleep_until_cancelled(conn, seconds):
+    try:
+        conn.execute("SELECT pg_sleep(%s)", (seconds,))
+    except psycopg.errors.QueryCanceled:
+        pass
+
+
+def parallel_sleepers(cluster, dbname, count, seconds):
+    """`count` sessions, each holding a parallel worker for `seconds` (as a reporting query would)."""
+    setting = "force_parallel_mode" if PG_MAJOR < 16 else "debug_parallel_query"
+    conns = [cluster.connect(dbname) for _ in range(count)]
+    threads = []
+    for conn in conns:
+        conn.execute(f"SET {setting} = on")
+        t = threading.Thread(target=sleep_until_cancelled, args=(conn, seconds), daemon=True)
+        t.start()
+        threads.append(t)
+    return conns, threads
+
+
+def test_parallel_query_cannot_starve_the_recorders_of_the_named_databases():
+    """0.1.5: with the default max_worker_processes = 8, a few parallel queries in another database
+    made every disclosure of a second extension database fail with 53000."""
+    with installed_cluster("slots", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.databases = 'vetassist, second'",
+                           "max_worker_processes = 8", "max_parallel_workers = 8") as cluster:
+        install(cluster, "second")
+        install(cluster, "unnamed")
+        cluster.psql("CREATE DATABASE reports")
+        with cluster.connect("second", "app_user") as app, cluster.connect() as su:
+            uid = veteran(app, "8300000001V1")
+            wait_for("the reserved recorders", lambda: len(pids(su, RESERVED)) == 2)
+            # The dynamic recorder that created the first keys leaves after a second idle: then
+            # four of the eight slots are ours (sweeper, two recorders) or the replication
+            # launcher's, and the parallel queries can take the other four.
+            wait_for("the dynamic recorder to leave", lambda: not pids(su, RECORDER))
+            conns, threads = parallel_sleepers(cluster, "reports", 8, 30)
+            try:
+                # Every slot left is a parallel worker now.
+                wait_for("the parallel workers", lambda: su.execute(
+                    "SELECT count(*) >= 4 FROM pg_stat_activity WHERE backend_type = 'parallel worker'").fetchone()[0])
+                for _ in range(5):
+                    assert disclose(app, uid) == "VA-ACCESS"
+                with cluster.connect("unnamed", "admin_user") as other:
+                    detail = other.execute("SELECT detail FROM vetassist_auth.verify_installation() "
+                                           "WHERE check_name LIKE 'audit: disclosures%'").fetchone()[0]
+                    assert "no recorder is reserved for this database" in detail
+            finally:
+                for conn in conns:
+                    su.execute("SELECT pg_cancel_backend(%s)", (conn.info.backend_pid,))
+                for t in threads:
+                    t.join()
+                for conn in conns:
+                    conn.close()
+
+
+def test_verify_installation_fails_when_a_named_database_gets_no_recorder():
+    """0.1.5: with too few worker slots every disclosure failed with 53000 while
+    verify_installation() reported nothing."""
+    with installed_cluster("no-slot", "vetassist_auth.databases = 'postgres, vetassist'",
+                           "max_worker_processes = 1") as cluster:
+        with cluster.connect("vetassist", "admin_user") as admin:
+            ok, detail = admin.execute("SELECT ok, detail FROM vetassist_auth.verify_installation() "
+                                       "WHERE check_name LIKE 'audit: disclosures%'").fetchone()
+            assert not ok
+            assert "max_worker_processes" in detail
