@@ -822,6 +822,13 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     let mut stopping = false;
     loop {
         let batch = take_queued();
+        // Between batches, not only when idle: under constant load a key created after a
+        // master key change must be wrapped under the new key. Checked after taking the batch,
+        // so a job queued after a reload's signal always runs with the reloaded settings.
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: between transactions, as every backend reloads.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
         if batch.is_empty() {
             // At shutdown, what is queued is still written first. The resident recorder stays.
             let idle = !resident && idle_since.elapsed() >= IDLE_EXIT;
@@ -829,11 +836,6 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
                 break;
             }
             stopping |= !BackgroundWorker::wait_latch(Some(Duration::from_millis(200)));
-            if BackgroundWorker::sighup_received() {
-                // A new master key file, among others.
-                // SAFETY: between transactions, as every backend reloads.
-                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            }
             continue;
         }
         let slots: Vec<(usize, u64)> = batch.iter().map(|(i, t, _)| (*i, *t)).collect();
