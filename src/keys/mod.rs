@@ -4,7 +4,8 @@
 //!
 //! Cache invalidation:
 //! - the master key source is re-checked once per transaction (a `stat` of the key file, or a
-//!   hash of the inline setting); any change drops every cached key;
+//!   hash of the inline setting), and again whenever a key is wrapped; any change drops every
+//!   cached key;
 //! - `rotate_key`, key creation, retirement and `rewrap_keys` send a relcache invalidation for
 //!   the keys table, which every backend receives and answers by dropping its cache;
 //! - an aborted (sub)transaction drops the cache too, since a key it created is gone.
