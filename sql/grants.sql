@@ -59,6 +59,7 @@ TO vetassist_app;
 GRANT EXECUTE ON FUNCTION
     vetassist_auth.rotate_key(text),
     vetassist_auth.reencrypt(integer),
+    vetassist_auth.key_usage_summary(),
     vetassist_auth.rewrap_keys(text),
     vetassist_auth.unretire_key(integer),
     vetassist_auth.resync_sequences(),

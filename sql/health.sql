@@ -137,6 +137,13 @@ BEGIN
     SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;
 
+    -- Before the previous master key file is removed (README, "Changing the master key").
+    check_name := 'keys: wrapped under the current master key';
+    detail := vetassist_auth.key_wrapping_problem();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'every data key opens under the current master key');
+    RETURN NEXT;
+
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
         check_name := 'key ' || p;
         BEGIN

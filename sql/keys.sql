@@ -21,6 +21,20 @@ END
 $key_usage$;
 COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
 
+-- key_usage counted per key and column, for vetassist_admin (the view itself calls functions
+-- no role is granted): what keeps a key from retiring.
+CREATE FUNCTION vetassist_auth.key_usage_summary()
+RETURNS TABLE (key_id integer, purpose text, status text, used_by text, stored_values bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT u.key_id, k.purpose, k.status, u.used_by, count(*)
+    FROM vetassist_auth.key_usage u LEFT JOIN vetassist_auth.keys k ON k.key_id = u.key_id
+    WHERE u.key_id IS NOT NULL
+    GROUP BY u.key_id, k.purpose, k.status, u.used_by
+    ORDER BY u.key_id, u.used_by
+$$;
+COMMENT ON FUNCTION vetassist_auth.key_usage_summary() IS
+    'How many stored values depend on each data key, per column (key_usage counted).';
+
 -- Moves up to batch_size rows per table onto the active keys and returns how many rows moved.
 -- Call it until it returns 0; a call that moves nothing retires decrypt_only keys that nothing
 -- can need any more (retire_unused_keys: usually that call, else a later one once older
@@ -132,7 +146,7 @@ BEGIN
         WHERE keys.purpose IN ('phi', 'token', 'mfa') AND keys.status <> 'active';
         IF n > 0 THEN
             RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
-                USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT key_id, used_by, count(*) FROM vetassist_auth.key_usage GROUP BY 1, 2 shows them.';
+                USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT * FROM vetassist_auth.key_usage_summary() shows them (as vetassist_admin).';
         END IF;
     END IF;
     -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").

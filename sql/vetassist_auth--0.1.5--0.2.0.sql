@@ -6,3 +6,282 @@
 -- Recorders: verify_installation says whether this database has a reserved recorder and whether
 -- it runs (durable_audit_state replaces durable_audit_problem).
 DROP FUNCTION vetassist_auth.durable_audit_problem();
+
+-- Keys: old keys retire when reencrypt runs once per session (retire_unused_keys, in the library);
+-- verify_installation() names keys that still need the previous master key; key_usage_summary()
+-- lets vetassist_admin see what keeps a key from retiring (the reencrypt WARNING names it); the
+-- sizes of the per-backend key caches, for diagnosis.
+CREATE FUNCTION "key_cache_sizes"() RETURNS TABLE (
+	"cache" TEXT,  /* String */
+	"entries" bigint  /* i64 */
+)
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_cache_sizes_wrapper';
+
+CREATE FUNCTION "key_wrapping_problem"() RETURNS TEXT /* Option < String > */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_wrapping_problem_wrapper';
+
+CREATE FUNCTION vetassist_auth.key_usage_summary()
+RETURNS TABLE (key_id integer, purpose text, status text, used_by text, stored_values bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT u.key_id, k.purpose, k.status, u.used_by, count(*)
+    FROM vetassist_auth.key_usage u LEFT JOIN vetassist_auth.keys k ON k.key_id = u.key_id
+    WHERE u.key_id IS NOT NULL
+    GROUP BY u.key_id, k.purpose, k.status, u.used_by
+    ORDER BY u.key_id, u.used_by
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.key_usage_summary() IS
+    'How many stored values depend on each data key, per column (key_usage counted).';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t     record;
+    moved bigint := 0;
+    n     bigint;
+    distributed boolean := vetassist_auth.distributed();
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
+    END IF;
+
+    -- One statement per table of protected_columns(): its rows with an envelope, or a hash of
+    -- one, under a key that is not the active one, and whose every envelope opens (a damaged,
+    -- foreign or retired-key value stays). Envelopes are sealed again and hashes computed again
+    -- from the envelope they hash, inside reseal and rehash: no plaintext passes through here.
+    FOR t IN
+        WITH c AS (
+            SELECT p.*,
+                   CASE WHEN p.context_name IS NOT NULL
+                        THEN format('%L || t.%I', p.context_name || ':', p.context_id) END AS context,
+                   CASE WHEN p.context_name IS NOT NULL OR p.hash_of IS NOT NULL
+                        THEN vetassist_auth.active_key_id(p.purpose) END AS active_key
+            FROM vetassist_auth.protected_columns() WITH ORDINALITY p
+        )
+        SELECT c.table_name, min(c.row_id) AS row_id,
+               string_agg(format('vetassist_auth.%s(t.%I) <> %s',
+                                 CASE WHEN c.purpose = 'hash' THEN 'hash_key_id' ELSE 'envelope_key_id' END,
+                                 c.column_name, c.active_key), ' OR ' ORDER BY c.ordinality) AS stale,
+               coalesce(string_agg(format('vetassist_auth.opens(t.%I, %s, %L)', c.column_name, c.context, c.purpose),
+                                   ' AND ' ORDER BY c.ordinality) FILTER (WHERE c.context IS NOT NULL), 'true') AS opens,
+               string_agg(format('%I = %s', c.column_name, c.sealed_again), ', ' ORDER BY c.ordinality) AS assignments,
+               -- Citus: the values as read, sealed again, and the write-back (below).
+               string_agg(format('t.%I AS %I, %s AS %I', c.column_name, 'old_' || c.column_name,
+                                 c.sealed_again, 'new_' || c.column_name), ', ' ORDER BY c.ordinality) AS resealed,
+               string_agg(format('%I = b.%I', c.column_name, 'new_' || c.column_name), ', ' ORDER BY c.ordinality) AS write_back,
+               string_agg(format('t.%I IS NOT DISTINCT FROM b.%I', c.column_name, 'old_' || c.column_name),
+                          ' AND ' ORDER BY c.ordinality) AS unchanged
+        FROM (SELECT c.*,
+                     CASE WHEN c.context IS NOT NULL
+                          THEN format('vetassist_auth.reseal(t.%I, %s, %L)', c.column_name, c.context, c.purpose)
+                          ELSE format('vetassist_auth.rehash(t.%I, %s, %L, %L)', source.column_name,
+                                      source.context, source.purpose, c.hash_field)
+                     END AS sealed_again
+              FROM c LEFT JOIN c source ON source.table_name = c.table_name AND source.column_name = c.hash_of) c
+        WHERE c.active_key IS NOT NULL
+        GROUP BY c.table_name
+        ORDER BY min(c.ordinality)
+    LOOP
+        IF distributed THEN
+            moved := moved + vetassist_auth.reencrypt_distributed(t.table_name, t.row_id, t.stale, t.opens,
+                                                                  t.resealed, t.write_back, t.unchanged, batch_size);
+            CONTINUE;
+        END IF;
+        EXECUTE format('WITH batch AS (SELECT t.%1$I FROM vetassist_auth.%2$I t WHERE (%3$s) AND %4$s '
+                       'LIMIT $1 FOR UPDATE SKIP LOCKED) '
+                       'UPDATE vetassist_auth.%2$I t SET %5$s FROM batch WHERE t.%1$I = batch.%1$I',
+                       t.row_id, t.table_name, t.stale, t.opens, t.assignments)
+            USING batch_size;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        moved := moved + n;
+    END LOOP;
+
+    IF moved = 0 THEN
+        PERFORM vetassist_auth.retire_unused_keys();
+        -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
+        -- damaged, or restored from another database), or another transaction holds their row.
+        SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
+        WHERE keys.purpose IN ('phi', 'token', 'mfa') AND keys.status <> 'active';
+        IF n > 0 THEN
+            RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
+                USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT * FROM vetassist_auth.key_usage_summary() shows them (as vetassist_admin).';
+        END IF;
+    END IF;
+    -- After retiring: it writes, and a transaction that wrote first never retires (docs/ARCHITECTURE.md, "Retiring a key").
+    PERFORM vetassist_auth.refresh_encrypt_counts();
+    RETURN moved;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.verify_installation()
+RETURNS TABLE (check_name text, ok boolean, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t text;
+    p text;
+    missing text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_routes', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
+                             'audit_seal_state'] LOOP
+        check_name := 'table ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+        IF ok THEN
+            check_name := 'backup ' || t;
+            ok := EXISTS (SELECT 1 FROM pg_extension e
+                          WHERE e.extname = 'vetassist_auth'
+                            AND ('vetassist_auth.' || t)::regclass::oid = ANY (e.extconfig));
+            detail := CASE WHEN ok THEN 'registered with pg_extension_config_dump' ELSE 'not dumped by pg_dump' END;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+
+    -- distribute() trades the unique indexes Citus cannot keep for plain ones (citus.sql).
+    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_email_hash', 'va_tokens_user_id_key',
+                             'va_tokens_expiry', 'session_routes_pkey', 'sessions_live_by_expiry', 'sessions_by_user',
+                             'audit_log_by_subject', 'audit_seals_audit_id_key']
+                       || CASE WHEN vetassist_auth.distributed() THEN ARRAY['users_by_va_icn_hash']
+                               ELSE ARRAY['users_va_icn_hash_key', 'sessions_jwt_id_key'] END LOOP
+        check_name := 'index ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    IF vetassist_auth.citus_coordinator() THEN
+        -- Every worker answers and runs this same version (each verifies its own audit chain).
+        check_name := 'citus workers';
+        SELECT bool_and(w.success AND w.result = e.extversion),
+               string_agg(w.node || ' ' || w.result, ', ' ORDER BY w.ordinality)
+        INTO ok, detail
+        FROM vetassist_auth.on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''')
+                 WITH ORDINALITY w,
+             pg_extension e
+        WHERE e.extname = 'vetassist_auth';
+        ok := coalesce(ok, false);
+        detail := coalesce(detail, 'no workers');
+        RETURN NEXT;
+    END IF;
+
+    FOREACH t IN ARRAY ARRAY['vetassist_app', 'vetassist_auditor', 'vetassist_admin'] LOOP
+        check_name := 'role ' || t;
+        ok := EXISTS (SELECT 1 FROM pg_roles WHERE rolname = t);
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    check_name := 'grants: no function executable by PUBLIC';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace
+      AND has_function_privilege('public', f.oid, 'EXECUTE');
+    ok := missing IS NULL;
+    detail := coalesce('executable by PUBLIC: ' || missing, 'none');
+    RETURN NEXT;
+
+    -- But the crypto hot path: Rust functions that run no SQL by name and pin the path around
+    -- the key reads they cause (docs/ARCHITECTURE.md, "The hot path and search_path").
+    check_name := 'grants: SECURITY DEFINER functions pin search_path';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace AND f.prosecdef
+      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false)
+      AND NOT (f.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+               AND f.proname IN ('encrypt', 'decrypt', 'encrypt_text', 'decrypt_text', 'field_hash',
+                                 'field_hashes', 'opens', 'open_phi', 'open_phi_text', 'seal_phi_text',
+                                 'encrypt_token', 'decrypt_token', 'encrypt_mfa_secret', 'open_mfa_secret'));
+    ok := missing IS NULL;
+    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp (the Rust crypto functions pin it around their key reads)');
+    RETURN NEXT;
+
+    check_name := 'grants: vetassist_app has no direct table access';
+    SELECT string_agg(c.relname, ', ') INTO missing
+    FROM pg_class c
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+      AND (has_table_privilege('vetassist_app', c.oid, 'SELECT')
+           OR has_table_privilege('vetassist_app', c.oid, 'INSERT')
+           OR has_table_privilege('vetassist_app', c.oid, 'UPDATE')
+           OR has_table_privilege('vetassist_app', c.oid, 'DELETE'));
+    ok := missing IS NULL;
+    detail := coalesce('readable or writable: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'audit: append-only triggers';
+    SELECT string_agg(tab, ', ') INTO missing FROM unnest(ARRAY['audit_log', 'audit_seals']) tab
+    WHERE (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+             AND g.tgname IN ('append_only', 'append_only_truncate') AND g.tgenabled <> 'D') < 2;
+    ok := missing IS NULL;
+    detail := coalesce('missing or disabled on: ' || missing, 'audit_log and audit_seals refuse UPDATE, DELETE, TRUNCATE');
+    RETURN NEXT;
+
+    check_name := 'audit: row audit on the extension''s tables';
+    SELECT string_agg(tab, ', ') INTO missing
+    FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
+    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled IN ('O', 'A'));
+    ok := missing IS NULL;
+    detail := coalesce('not audited: ' || missing, 'all audited');
+    RETURN NEXT;
+
+    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
+    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
+    -- renamed, replaced or dropped.
+    check_name := 'audit: row audit enabled everywhere it was enabled';
+    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
+    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
+          FROM vetassist_auth.audit_log a
+          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
+          ORDER BY a.target_table, a.id DESC) r
+    WHERE r.event_type = 'row_audit_enabled'
+      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
+    ok := missing IS NULL;
+    detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
+                       'every table put under row audit still has it');
+    RETURN NEXT;
+
+    check_name := 'logs: every channel in force can be redacted';
+    detail := vetassist_auth.unredactable_log_channels();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'statements of the extension reach the log with their literals masked');
+    RETURN NEXT;
+
+    check_name := 'audit: disclosures and failed authentications survive a rollback';
+    detail := vetassist_auth.durable_audit_problem();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
+    RETURN NEXT;
+
+    -- Before the previous master key file is removed (README, "Changing the master key").
+    check_name := 'keys: wrapped under the current master key';
+    detail := vetassist_auth.key_wrapping_problem();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'every data key opens under the current master key');
+    RETURN NEXT;
+
+    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
+        check_name := 'key ' || p;
+        BEGIN
+            detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+            detail := SQLSTATE || ': ' || SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+
+REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.key_usage_summary() TO vetassist_admin;

@@ -836,6 +836,14 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     let mut idle_since = std::time::Instant::now();
     loop {
         let batch = take_queued();
+        // Between batches, not only when idle: under constant load a key created after a
+        // master key change must be wrapped under the new key. Checked after taking the batch,
+        // so a job queued after a reload's signal always runs with the reloaded settings.
+        if signals::reload_asked() {
+            // A new master key file, among others.
+            // SAFETY: between transactions, as every backend reloads.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
         if batch.is_empty() {
             // A stop (SIGTERM) ends the process in signals::sleep; the rows it had taken go
             // back to the queue (recorder_exit). A reserved recorder stays.
@@ -844,11 +852,6 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
             }
             if !signals::sleep(Duration::from_millis(200)) {
                 break; // postmaster death
-            }
-            if signals::reload_asked() {
-                // A new master key file, among others.
-                // SAFETY: between transactions, as every backend reloads.
-                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             }
             continue;
         }

@@ -13,6 +13,9 @@ fn rotate_key(purpose: &str) -> i32 {
 /// Makes a new active key of `purpose` and turns the old one decrypt_only; with `only_if`, only
 /// while that key is still the active one (None otherwise). Returns the new key's id.
 fn rotate(purpose: Purpose, only_if: Option<u32>) -> Result<Option<u32>> {
+    // Before any row lock on the keys table, so that a waiting rewrap_keys (which holds the
+    // wrapping lock and then updates rows) and this never wait for each other.
+    lock_key_wrapping(pg_sys::ShareLock);
     refresh()?;
     kek()?;
     // The retiring key's final count comes from the counter before the new key takes it over.
@@ -85,15 +88,22 @@ fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
             .raise()
         });
     let old_kek = crypto::derive_kek(&read_master_key_file(old_file).or_raise());
-    refresh().or_raise();
+    // Waits for every transaction that created a key (it may have wrapped it under the old
+    // master key) and keeps new ones out until this one ends; the rows are then read on a fresh
+    // snapshot, so none of those keys is missed.
+    lock_key_wrapping(pg_sys::ExclusiveLock);
+    refresh_master().or_raise();
     let new_kek = kek().or_raise();
-    let rows: Vec<(i32, String, Vec<u8>)> = Spi::connect(|client| {
-        client
-            .select("SELECT key_id, purpose, wrapped_key FROM vetassist_auth.keys WHERE wrapped_key IS NOT NULL ORDER BY key_id FOR UPDATE", None, &[])?
-            .map(|row| Ok((row.get::<i32>(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default())))
-            .collect::<std::result::Result<Vec<_>, pgrx::spi::SpiError>>()
-    })
-    .map_err(spi_failure)
+    let rows = latest_rows(
+        "SELECT key_id, purpose, wrapped_key FROM vetassist_auth.keys WHERE wrapped_key IS NOT NULL ORDER BY key_id",
+        |row| {
+            Ok((
+                row.get::<i32>(1).unwrap_or_default(),
+                row.get::<String>(2).unwrap_or_default(),
+                row.get::<Vec<u8>>(3).unwrap_or_default(),
+            ))
+        },
+    )
     .or_raise();
     let mut rewrapped = 0;
     for (id, purpose, wrapped) in rows {
@@ -112,16 +122,80 @@ fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
             })
             .or_raise();
         let new_wrapped = crypto::wrap_dek(&new_kek, id as u32, &purpose, &dek).or_raise();
-        Spi::run_with_args(
-            "UPDATE vetassist_auth.keys SET wrapped_key = $2 WHERE key_id = $1",
+        let updated = Spi::get_one_with_args::<i64>(
+            "WITH k AS (UPDATE vetassist_auth.keys SET wrapped_key = $2 \
+                        WHERE key_id = $1 AND wrapped_key IS NOT NULL RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM k",
             &[id.into(), new_wrapped.into()],
         )
         .map_err(spi_failure)
-        .or_raise();
-        rewrapped += 1;
+        .or_raise()
+        .unwrap_or_default();
+        // SAFETY: reads this backend's isolation level.
+        if updated == 0 && unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            // A key created after this transaction's snapshot: its row cannot be updated here.
+            Failure::new(
+                Kind::NotConfigured,
+                "vetassist_auth: a data key newer than this transaction's snapshot was not rewrapped",
+            )
+            .with_hint("Run rewrap_keys() again in a READ COMMITTED transaction of its own.")
+            .raise();
+        }
+        rewrapped += updated as i32;
     }
     invalidate_all_backends();
     rewrapped
+}
+
+/// For verify_installation: NULL when every data key with material opens under the current
+/// master key; otherwise how many need the previous one (so it must not be removed yet) or open
+/// under neither. Read on a fresh snapshot, after re-checking the master key source. Internal.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn key_wrapping_problem() -> Option<String> {
+    if let Err(failure) = refresh_master() {
+        return Some(failure.message);
+    }
+    let (Ok(current), previous) = (kek(), RING.with_borrow(|ring| ring.previous_kek.clone()))
+    else {
+        return Some("vetassist_auth: no master key is configured".to_owned());
+    };
+    let rows = latest_rows(
+        "SELECT key_id, purpose, wrapped_key FROM vetassist_auth.keys WHERE wrapped_key IS NOT NULL",
+        |row| {
+            Ok((
+                row.get::<i32>(1).unwrap_or_default() as u32,
+                row.get::<String>(2).unwrap_or_default(),
+                row.get::<Vec<u8>>(3).unwrap_or_default(),
+            ))
+        },
+    );
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(failure) => return Some(failure.message),
+    };
+    let (mut need_previous, mut neither) = (0, 0);
+    for (id, purpose, wrapped) in rows {
+        if crypto::unwrap_dek(&current, id, &purpose, &wrapped).is_ok() {
+            continue;
+        }
+        match &previous {
+            Some(previous) if crypto::unwrap_dek(previous, id, &purpose, &wrapped).is_ok() => {
+                need_previous += 1;
+            }
+            _ => neither += 1,
+        }
+    }
+    let mut problems = Vec::new();
+    if need_previous > 0 {
+        problems.push(format!("{need_previous} data key(s) open only under the previous master key (vetassist_auth.previous_master_key_file): run rewrap_keys() before removing it"));
+    }
+    if neither > 0 {
+        problems.push(format!(
+            "{neither} data key(s) open under neither master key"
+        ));
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// The active key id of a purpose (creating it on first use), for reencrypt and health checks.
@@ -152,8 +226,7 @@ fn retire_unused_keys() -> i32 {
     // A transaction that has already written may have moved values off a key itself: a snapshot
     // taken between this check and its commit would still see them under the key. It only
     // records the horizon, and a later transaction retires.
-    // SAFETY: reads this backend's own transaction state.
-    let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+    let wrote = wrote_values_under_keys().or_raise();
     // A schema from before 0.1.2 cannot record the wait: retire nothing until it is updated.
     if !schema_has_column("keys", "retire_after") {
         return 0;
@@ -216,6 +289,34 @@ fn retire_unused_keys() -> i32 {
         invalidate_all_backends();
     }
     retired
+}
+
+/// Whether this transaction wrote a value under a key (it pinned one: encrypting, hashing,
+/// reencrypt moving a value) or changed a row of a table that holds such values (an update or
+/// delete moves a value off its key without encrypting anything). Having a transaction id is
+/// not the test: reading a key the first time in a session takes one.
+fn wrote_values_under_keys() -> Result<bool> {
+    if WROTE_UNDER_KEYS.get() {
+        return Ok(true);
+    }
+    // SAFETY: reads this backend's own transaction state.
+    if unsafe { pg_sys::GetTopTransactionIdIfAny() } == pg_sys::InvalidTransactionId {
+        return Ok(false);
+    }
+    // The statistics of this transaction's own row changes (they include changes of this
+    // backend's earlier transactions not yet reported: that only errs on the safe side). Without
+    // track_counts they are not kept: assume a write.
+    search_path::pinned(|| {
+        Spi::get_one::<bool>(
+            "SELECT NOT pg_catalog.current_setting('track_counts')::boolean OR EXISTS ( \
+               SELECT 1 FROM (SELECT DISTINCT pg_catalog.to_regclass('vetassist_auth.' || pg_catalog.quote_ident(p.table_name)) AS rel \
+                              FROM vetassist_auth.protected_columns() p) t \
+               WHERE pg_catalog.pg_stat_get_xact_tuples_inserted(t.rel) + pg_catalog.pg_stat_get_xact_tuples_updated(t.rel) \
+                     + pg_catalog.pg_stat_get_xact_tuples_deleted(t.rel) > 0)",
+        )
+    })
+    .map_err(spi_failure)
+    .map(|wrote| wrote.unwrap_or(true))
 }
 
 /// Whether every other backend of this database (and every standby feeding back through a

@@ -47,6 +47,14 @@ pub(super) fn refresh() -> Result<()> {
     Ok(())
 }
 
+/// `refresh`, re-checking the master key source even if this transaction already did: a key
+/// is wrapped under the master key in force when it is wrapped, and a session reloads its
+/// configuration between statements, inside a transaction too.
+pub(super) fn refresh_master() -> Result<()> {
+    CHECKED_THIS_XACT.set(false);
+    refresh()
+}
+
 pub(super) fn kek() -> Result<Rc<SecretKey>> {
     RING.with_borrow(|ring| ring.kek.clone())
         .ok_or_else(no_master_key)
@@ -105,7 +113,15 @@ pub(super) fn unwrap_row(
         secret,
         cipher,
     });
-    RING.with_borrow_mut(|ring| ring.keys.insert(key.id, key.clone()));
+    RING.with_borrow_mut(|ring| {
+        if ring.keys.len() >= DATA_KEYS_CACHED {
+            // Looked up again by id when needed; the pinned ones stay in WRITING.
+            ring.keys.clear();
+            ring.field_keys.clear();
+            ring.field_keys_cached = 0;
+        }
+        ring.keys.insert(key.id, key.clone())
+    });
     Ok(key)
 }
 
@@ -120,10 +136,12 @@ unsafe extern "C-unwind" fn on_xact_event(
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
             CHECKED_THIS_XACT.set(false);
+            WROTE_UNDER_KEYS.set(false);
             forget_pins();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             CHECKED_THIS_XACT.set(false);
+            WROTE_UNDER_KEYS.set(false);
             STALE.set(true);
             CREATING_KEY.set(false);
             forget_pins();

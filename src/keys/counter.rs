@@ -25,8 +25,8 @@ pub(super) fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpo
 }
 
 pub fn reserve_encryption(key: &DataKey) -> Result<()> {
-    let taken = RING.with_borrow_mut(|ring| match ring.leases.get_mut(&key.id) {
-        Some((tag, remaining)) if *tag == key.lease_tag && *remaining > 0 => {
+    let taken = RING.with_borrow_mut(|ring| match ring.leases.get_mut(&key.purpose) {
+        Some((id, tag, remaining)) if *id == key.id && *tag == key.lease_tag && *remaining > 0 => {
             *remaining -= 1;
             true
         }
@@ -79,6 +79,9 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             )
         );
     }
-    RING.with_borrow_mut(|ring| ring.leases.insert(key.id, (key.lease_tag, LEASE - 1)));
+    RING.with_borrow_mut(|ring| {
+        ring.leases
+            .insert(key.purpose, (key.id, key.lease_tag, LEASE - 1))
+    });
     Ok(())
 }

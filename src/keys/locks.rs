@@ -30,6 +30,14 @@ pub(super) fn acquire(tag: pg_sys::LOCKTAG, mode: u32, wait: bool) -> bool {
 /// (key id, 0), purpose locks (0, purpose ordinal + 1) and the audit chain (0, AUDIT_CHAIN).
 pub(super) const IDENTITY_CLAIM: u16 = u16::MAX;
 pub(super) const AUDIT_CHAIN: u16 = u16::MAX - 1;
+/// Wrapping keys (0, KEY_WRAPPING): every key creation holds it shared to the end of its
+/// transaction, rewrap_keys exclusively, so a rewrap waits for keys wrapped concurrently and
+/// then sees them (docs/ARCHITECTURE.md, "Changing the master key").
+pub(super) const KEY_WRAPPING: u16 = u16::MAX - 2;
+
+pub(super) fn lock_key_wrapping(mode: u32) {
+    acquire(key_lock_tag(0, KEY_WRAPPING), mode, true);
+}
 
 /// Serialises sealing and purging of the audit chain to the end of the transaction; false when
 /// `wait` is off and another transaction holds it. No SQL function can take this lock, so no

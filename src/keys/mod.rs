@@ -4,7 +4,8 @@
 //!
 //! Cache invalidation:
 //! - the master key source is re-checked once per transaction (a `stat` of the key file, or a
-//!   hash of the inline setting); any change drops every cached key;
+//!   hash of the inline setting), and again whenever a key is wrapped; any change drops every
+//!   cached key;
 //! - `rotate_key`, key creation, retirement and `rewrap_keys` send a relcache invalidation for
 //!   the keys table, which every backend receives and answers by dropping its cache;
 //! - an aborted (sub)transaction drops the cache too, since a key it created is gone.
@@ -145,15 +146,24 @@ pub(super) struct Ring {
     pub(super) previous_kek: Option<Rc<SecretKey>>,
     pub(super) keys: HashMap<u32, Rc<DataKey>>,
     pub(super) active: HashMap<Purpose, u32>,
-    /// Encryptions left in this backend's current lease, per key id (with the key's lease tag).
+    /// Encryptions left in this backend's current lease, per purpose (with the key's id and
+    /// lease tag): only a purpose's active key encrypts, so one lease per purpose bounds it.
     /// Kept when the cached keys are dropped (after an abort, a rotation): the counter handed
     /// the lease out for good, and a lease thrown away is budget lost.
-    pub(super) leases: HashMap<u32, ([u8; 8], i64)>,
+    pub(super) leases: HashMap<Purpose, (u32, [u8; 8], i64)>,
     /// Ids of each purpose's `decrypt_only` keys, newest first.
     pub(super) decrypt_only: HashMap<Purpose, Vec<u32>>,
-    /// Per hash key id, per field name.
+    /// Per hash key id, per field name; at most FIELD_KEYS_CACHED entries in all (field_key).
     pub(super) field_keys: HashMap<u32, HashMap<String, Rc<FieldKey>>>,
+    pub(super) field_keys_cached: usize,
 }
+
+/// Bounds of the per-backend caches: callers choose field names, so the cache of per-field
+/// keys is bounded by count and name length; deriving one again costs a single HMAC. Data
+/// keys are bounded by the keys table, and are capped too against a table of many rotations.
+pub(super) const FIELD_KEYS_CACHED: usize = 512;
+pub(super) const FIELD_NAME_CACHED_LEN: usize = 128;
+pub(super) const DATA_KEYS_CACHED: usize = 64;
 
 /// Empties WRITING. Also called from transaction callbacks, so it never waits on a borrow (none
 /// is held across a call that could run one).
@@ -172,6 +182,7 @@ impl Ring {
         self.active.clear();
         self.decrypt_only.clear();
         self.field_keys.clear();
+        self.field_keys_cached = 0;
     }
 }
 
@@ -190,6 +201,10 @@ thread_local! {
     pub(super) static WRITING: RefCell<[Option<Rc<DataKey>>; Purpose::ALL.len()]> =
         const { RefCell::new([const { None }; Purpose::ALL.len()]) };
     pub(super) static KEYS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// Set when this transaction pinned a key to write a value under it (which is how
+    /// reencrypt moves one, too); cleared at its end. retire_unused_keys reads it
+    /// (docs/ARCHITECTURE.md, "Retiring a key", item 4).
+    pub(super) static WROTE_UNDER_KEYS: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The active key of a purpose, created on first use. For reading and look-ups; a value that
@@ -227,6 +242,7 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
 /// until this transaction ends, so whatever it writes under the key stays readable.
 pub fn key_for_writing(purpose: Purpose) -> Result<Rc<DataKey>> {
     refresh()?;
+    WROTE_UNDER_KEYS.set(true);
     if let Some(key) = WRITING.with_borrow(|writing| writing[purpose as usize].clone()) {
         return Ok(key);
     }
@@ -268,16 +284,47 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
 }
 
 /// The per-field HMAC key for a hash data key, derived once per backend.
+/// The per-field HMAC key for a hash data key, derived once per backend and field name while
+/// the cache has room (FIELD_KEYS_CACHED): it starts afresh when full.
 pub fn field_key(key: &DataKey, field: &str) -> Rc<FieldKey> {
     RING.with_borrow_mut(|ring| {
-        let fields = ring.field_keys.entry(key.id).or_default();
-        if let Some(field_key) = fields.get(field) {
+        if let Some(field_key) = ring.field_keys.get(&key.id).and_then(|f| f.get(field)) {
             return field_key.clone();
         }
         let field_key = Rc::new(FieldKey::new(key.id, &key.secret.0, field));
-        fields.insert(field.to_owned(), field_key.clone());
+        if field.len() <= FIELD_NAME_CACHED_LEN {
+            if ring.field_keys_cached >= FIELD_KEYS_CACHED {
+                ring.field_keys.clear();
+                ring.field_keys_cached = 0;
+            }
+            let fields = ring.field_keys.entry(key.id).or_default();
+            fields.insert(field.to_owned(), field_key.clone());
+            ring.field_keys_cached += 1;
+        }
         field_key
     })
+}
+
+/// Entries in this backend's key caches, to check their bounds. Internal: not granted to any
+/// role.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn key_cache_sizes() -> TableIterator<'static, (name!(cache, String), name!(entries, i64))> {
+    let sizes = RING.with_borrow(|ring| {
+        vec![
+            ("data keys".to_owned(), ring.keys.len() as i64),
+            (
+                "field keys".to_owned(),
+                ring.field_keys.values().map(|f| f.len() as i64).sum(),
+            ),
+            ("leases".to_owned(), ring.leases.len() as i64),
+            (
+                "decrypt_only key lists".to_owned(),
+                ring.decrypt_only.values().map(|v| v.len() as i64).sum(),
+            ),
+        ]
+    });
+    TableIterator::new(sizes)
 }
 
 /// Every key of a purpose that may still be found in stored data (active first).

@@ -78,7 +78,9 @@ impl LatestRow {
 
 /// Creates the active key of a purpose unless another transaction already did.
 pub fn create_active_key(purpose: Purpose) -> Result<()> {
-    refresh()?; // the recorder calls this first thing in its transaction
+    // Before reading the master key: a rewrap_keys that starts later waits for this transaction.
+    lock_key_wrapping(pg_sys::ShareLock);
+    refresh_master()?; // the recorder calls this first thing in its transaction
     let kek = kek()?;
     lock_purpose(purpose);
     // Read after the lock, on a fresh snapshot: a key another transaction created while we

@@ -17,7 +17,7 @@ APP = {
     "mfa_disable(uuid)",
 }
 ADMIN = {
-    "rotate_key(text)", "reencrypt(integer)", "rewrap_keys(text)", "unretire_key(integer)", "destroy_key(integer)",
+    "rotate_key(text)", "reencrypt(integer)", "key_usage_summary()", "rewrap_keys(text)", "unretire_key(integer)", "destroy_key(integer)",
     "resync_sequences()", "verify_installation()", "deactivate_user(uuid,text)",
     "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)", "audit_seal_status()", "audit_chain_head()",
     "verify_audit_chain(bigint,bytea)",

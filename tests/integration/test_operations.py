@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import BIN, Cluster, install, installed_cluster
+from conftest import BIN, Cluster, authenticator_code, install, installed_cluster
 
 PHI_PURPOSES = ("token", "phi", "hash")
 
@@ -466,3 +466,213 @@ def seal_backlog(cluster):
     with cluster.connect("vetassist") as su:
         ok, checked, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
         assert ok and checked >= 20000, problem
+
+
+def old_key_ids(admin):
+    return {r[0] for r in admin.execute("SELECT key_id FROM vetassist_auth.keys WHERE status <> 'active'").fetchall()}
+
+
+def test_old_keys_retire_when_reencrypt_runs_once_per_session():
+    """pg_cron or `psql -c` in a loop: one reencrypt() per new connection. The old keys must
+    retire within a few such sessions. (Autovacuum is off: none of its snapshots holds a key.)"""
+    with installed_cluster("oncepersession", "autovacuum = off") as c:
+        with c.connect("vetassist", "app_user") as app:
+            uid = sign_in(app, "9900000030V1", "Once")
+            app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'access-1', 'refresh-1', now() + interval '1 hour', NULL)", (uid,))
+        with c.connect("vetassist", "admin_user") as admin:
+            for purpose in PHI_PURPOSES:
+                admin.execute("SELECT vetassist_auth.rotate_key(%s)", (purpose,))
+            rotated = old_key_ids(admin)
+        assert len(rotated) == len(PHI_PURPOSES)
+        for _ in range(6):
+            with c.connect("vetassist", "admin_user") as admin:
+                admin.execute("SELECT vetassist_auth.reencrypt(1000)")
+        with c.connect("vetassist", "admin_user") as admin:
+            statuses = dict(admin.execute("SELECT key_id, status FROM vetassist_auth.keys WHERE key_id = ANY(%s)",
+                                          (list(rotated),)).fetchall())
+        assert set(statuses.values()) == {"retired"}, statuses
+        with c.connect("vetassist", "app_user") as app:
+            assert profile(app, uid)[2] == "Once"
+            assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == "access-1"
+
+
+def test_the_reencrypt_warning_hint_names_what_an_admin_can_run(ops):
+    """The WARNING about values left under old keys points vetassist_admin to something it may
+    read, and that names the key and the column."""
+    install(ops, "hint")
+    with ops.connect("hint", "app_user") as app, ops.connect("hint", "admin_user") as admin, \
+            ops.connect("hint") as su:
+        sign_in(app, "9900000031V1", "Good")
+        bad = sign_in(app, "9900000032V1", "Bad")
+        # A ciphertext that names the active phi key but was sealed for another row: it never opens.
+        su.execute("""UPDATE vetassist_auth.users SET email_encrypted = vetassist_auth.seal_phi_text('x@y.z', 'users.email:elsewhere')
+                      WHERE id = %s""", (bad,))
+        bad_key = su.execute("SELECT vetassist_auth.envelope_key_id(email_encrypted) FROM vetassist_auth.users WHERE id = %s",
+                             (bad,)).fetchone()[0]
+        hints = []
+        admin.add_notice_handler(lambda diag: hints.append(diag.message_hint) if "remain under old keys" in (diag.message_primary or "") else None)
+        admin.execute("SELECT vetassist_auth.rotate_key('phi')")
+        drain_reencrypt(admin, until_retired=False)
+        assert hints, "no WARNING"
+        hint = hints[-1]
+        assert "key_usage_summary()" in hint, hint
+        assert "FROM vetassist_auth.key_usage " not in hint, hint
+        rows = admin.execute("SELECT key_id, purpose, status, used_by, stored_values FROM vetassist_auth.key_usage_summary()").fetchall()
+        assert (bad_key, "phi", "decrypt_only", "users.email_encrypted", 1) in rows, rows
+        with pytest.raises(psycopg.Error) as err:  # still not the view itself
+            admin.execute("SELECT count(*) FROM vetassist_auth.key_usage")
+        assert err.value.sqlstate == "42501"
+        with ops.connect("hint", "app_user") as app2, pytest.raises(psycopg.Error) as err:
+            app2.execute("SELECT * FROM vetassist_auth.key_usage_summary()")
+        assert err.value.sqlstate == "42501"
+
+
+def test_field_hash_caches_stay_bounded_with_many_field_names(ops):
+    """Distinct field names (400k grew a backend by 100 MiB): the per-backend caches keep a
+    bounded number of entries. Called as app_user in the superuser's backend (SET ROLE), which
+    then reads the sizes of that same backend's caches."""
+    with ops.connect("vetassist") as su:
+        su.execute("SET ROLE app_user")
+        su.execute("SELECT count(vetassist_auth.field_hash('v', 'field_' || i)) FROM generate_series(1, 20000) i")
+        su.execute("SELECT count(vetassist_auth.field_hashes('v', 'other_' || i)) FROM generate_series(1, 5000) i")
+        su.execute("SELECT count(vetassist_auth.field_hash('v', repeat('x', 100000) || i)) FROM generate_series(1, 50) i")
+        su.execute("RESET ROLE")
+        sizes = dict(su.execute("SELECT cache, entries FROM vetassist_auth.key_cache_sizes()").fetchall())
+    assert sizes["field keys"] <= 1024, sizes
+    assert all(n <= 1024 for n in sizes.values()), sizes
+
+
+def new_master_key_in_force(c, name):
+    """Runbook steps 1-2: a new key file, master_key_file pointing at it and
+    previous_master_key_file at the old one, one reload; returns once new sessions see it."""
+    old_file, new_file = c.key_file, c.dir / name
+    c.as_postgres("bash", "-c", f"umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{new_file}'")
+    c.as_postgres("bash", "-c", f"""cat >> '{c.dir}/data/postgresql.conf' <<EOF
+vetassist_auth.previous_master_key_file = '{old_file}'
+vetassist_auth.master_key_file = '{new_file}'
+EOF""")
+    with c.connect() as conn:
+        conn.execute("SELECT pg_reload_conf()")
+    for _ in range(200):
+        with c.connect() as conn:
+            if conn.execute("SELECT current_setting('vetassist_auth.master_key_file')").fetchone()[0] == str(new_file):
+                return
+        time.sleep(0.05)
+    raise AssertionError("the new master key was not reloaded")
+
+
+def wait_until_waiting_on_a_lock(su, pid):
+    for _ in range(400):
+        if su.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the session never waited on a lock")
+
+
+def key_wrapping_check(conn):
+    return conn.execute("SELECT ok, detail FROM vetassist_auth.verify_installation() "
+                        "WHERE check_name = 'keys: wrapped under the current master key'").fetchone()
+
+
+def test_a_master_key_change_keeps_keys_created_by_a_transaction_open_across_the_reload():
+    """Admin: BEGIN; rotate_key('hash'); reload to a new master key; rotate_key('phi');
+    rewrap_keys() in another session waits for the admin, then wraps both new keys; the old
+    key file can go. verify_installation() says before that whether any key still needs it."""
+    with installed_cluster("masteropen") as c:
+        with c.connect("vetassist") as su:
+            su.execute("GRANT pg_read_server_files TO admin_user")
+        with c.connect("vetassist", "app_user") as app:
+            uid = sign_in(app, "9900000040V1", "Wrap")
+        with c.connect("vetassist", "admin_user", autocommit=False) as tx, c.connect("vetassist") as su:
+            tx.execute("SELECT vetassist_auth.rotate_key('hash')")
+            new_master_key_in_force(c, "master-2.key")
+            # The reload reaches an idle session before its next statement but one.
+            tx.execute("SELECT 1")
+            tx.execute("SELECT vetassist_auth.rotate_key('phi')")
+            result = {}
+
+            def rewrap():
+                with c.connect("vetassist", "admin_user") as admin:
+                    result["pid"] = admin.info.backend_pid
+                    result["rewrapped"] = admin.execute("SELECT vetassist_auth.rewrap_keys()").fetchone()[0]
+
+            t = threading.Thread(target=rewrap)
+            t.start()
+            for _ in range(200):
+                if "pid" in result:
+                    break
+                time.sleep(0.05)
+            wait_until_waiting_on_a_lock(su, result["pid"])
+            tx.commit()
+            t.join()
+            assert result["rewrapped"] >= 2, result
+        with c.connect("vetassist", "admin_user") as admin:
+            assert key_wrapping_check(admin) == (True, "every data key opens under the current master key")
+        with c.connect("vetassist", "app_user") as app:
+            note = app.execute("SELECT vetassist_auth.encrypt_text('after the change', 'app.note')").fetchone()[0]
+            uid2 = sign_in(app, "9900000041V1", "Late")
+        c.set_conf("vetassist_auth.previous_master_key_file", "")
+        with c.connect("vetassist", "app_user") as app:
+            assert app.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (note,)).fetchone()[0] == "after the change"
+            assert profile(app, uid)[2] == "Wrap"
+            assert profile(app, uid2)[2] == "Late"
+            assert app.execute("SELECT vetassist_auth.find_user_by_icn('9900000041V1')").fetchone()[0] == uid2
+
+
+def test_verify_installation_names_the_keys_that_still_need_the_previous_master_key():
+    with installed_cluster("masterverify") as c:
+        with c.connect("vetassist", "app_user") as app:
+            sign_in(app, "9900000042V1", "Check")
+        with c.connect("vetassist", "admin_user") as admin:
+            assert key_wrapping_check(admin)[0]
+            before = admin.execute("SELECT count(*) FROM vetassist_auth.keys").fetchone()[0]
+        new_master_key_in_force(c, "master-2.key")
+        with c.connect("vetassist", "admin_user") as admin:
+            ok, detail = key_wrapping_check(admin)
+            assert not ok
+            assert detail.startswith(f"{before} data key(s) open only under the previous master key"), detail
+        with c.connect("vetassist") as su:
+            su.execute("GRANT pg_read_server_files TO admin_user")
+        with c.connect("vetassist", "admin_user") as admin:
+            assert admin.execute("SELECT vetassist_auth.rewrap_keys()").fetchone()[0] == before
+            assert key_wrapping_check(admin)[0]
+
+
+@pytest.mark.load
+def test_keys_the_recorder_creates_under_constant_load_follow_a_master_key_change():
+    """The recorder reloads its configuration between batches, not only when idle: a key it
+    creates after the reload (here the first mfa key) is wrapped under the new master key."""
+    with installed_cluster("masterload", "max_connections = 40") as c:
+        with c.connect("vetassist") as su:
+            su.execute("GRANT pg_read_server_files TO admin_user")
+        with c.connect("vetassist", "app_user") as app:
+            uids = [sign_in(app, f"99000000{50 + i}V1", "Load") for i in range(4)]
+        errors, stop = [], threading.Event()
+
+        def reader(uid):  # each profile read is a disclosure the recorder writes
+            with c.connect("vetassist", "app_user") as conn:
+                while not stop.is_set():
+                    try:
+                        conn.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=reader, args=(uids[n % len(uids)],)) for n in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            new_master_key_in_force(c, "master-2.key")
+            with c.connect("vetassist", "app_user") as app:
+                uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uids[0],)).fetchone()[0]
+            with c.connect("vetassist", "admin_user") as admin:
+                admin.execute("SELECT vetassist_auth.rewrap_keys()")
+                ok, detail = key_wrapping_check(admin)
+                assert ok, detail
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors[:5]
+        c.set_conf("vetassist_auth.previous_master_key_file", "")
+        with c.connect("vetassist", "app_user") as app:
+            assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uids[0], authenticator_code(uri))).fetchone()[0]
