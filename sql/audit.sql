@@ -160,6 +160,12 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     altered record;
 BEGIN
+    -- An extension with neither a data key nor an audit row has recorded nothing yet: a fresh
+    -- install, or a schema-only restore whose data (its audit log with it) is still to come.
+    -- A row here would make that data-only restore fail.
+    IF NOT EXISTS (SELECT 1 FROM vetassist_auth.keys) AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log) THEN
+        RETURN;
+    END IF;
     FOR altered IN
         SELECT t.tab, vetassist_auth.row_audit_fires(t.tab) AS fires
         FROM (SELECT DISTINCT CASE WHEN d.classid = 'pg_class'::regclass THEN d.objid

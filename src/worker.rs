@@ -84,6 +84,87 @@ fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str)
     }
 }
 
+/// Whether the sweeper may write in its database now. Nothing of ours may ever make a restore
+/// fail, so a pass writes nothing while the extension is missing, while pg_restore is connected
+/// (it loads the tables as the dump left them), or while the extension holds neither a data key
+/// nor an audit row: a fresh install waits for its first caller, and a restore's data section
+/// brings both.
+fn ready_for_maintenance() -> bool {
+    let installed = run_in_transaction::<bool>(
+        "readiness check",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'vetassist_auth') \
+            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity \
+                            WHERE datname = pg_catalog.current_database() \
+                              AND application_name = 'pg_restore')",
+    );
+    installed == Some(true)
+        && run_in_transaction::<bool>(
+            "readiness check",
+            "SELECT EXISTS (SELECT 1 FROM vetassist_auth.keys) \
+                 OR EXISTS (SELECT 1 FROM vetassist_auth.audit_log)",
+        ) == Some(true)
+}
+
+/// One pass: expire and purge sessions, seal the audit log, refresh the key counters, log the
+/// chain head.
+fn maintenance_pass() {
+    // Expire and purge sessions in short batches until there is nothing left to do.
+    while let Some(changed) = run_in_transaction::<i64>(
+        "expire_sessions",
+        "SELECT vetassist_auth.expire_sessions(10000)::bigint",
+    ) {
+        signals::stop_if_asked();
+        if changed == 0 {
+            break;
+        }
+    }
+    // Then seal what finished since the last pass.
+    while let Some(sealed) = run_in_transaction::<i64>(
+        "seal_audit_log",
+        "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
+    ) {
+        signals::stop_if_asked();
+        if sealed < 10_000 {
+            break;
+        }
+    }
+    // Since 0.1.5 (this library also serves an older release's SQL until ALTER EXTENSION
+    // UPDATE): on a Citus coordinator, the workers' logs too, one scheduler for the cluster.
+    let cluster_aware = run_in_transaction::<bool>(
+        "version check",
+        "SELECT pg_catalog.to_regprocedure('vetassist_auth.audit_chain_heads()') IS NOT NULL",
+    )
+    .unwrap_or(false);
+    if cluster_aware {
+        run_in_transaction::<i64>(
+            "seal_worker_audit_logs",
+            "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
+        );
+    }
+    // And show administrators the keys' current encryption counts.
+    run_in_transaction::<i64>(
+        "refresh_encrypt_counts",
+        "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
+    );
+    // An anchor outside the database's reach: log shipping keeps the chain head where no
+    // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
+    // On a Citus coordinator, every worker's head too: out of reach of a worker's superuser.
+    let heads = if cluster_aware {
+        "SELECT pg_catalog.string_agg(pg_catalog.format('%sseq=%s hash=%s', \
+                    CASE WHEN node <> 'coordinator' THEN 'node ' || node || ' ' END, \
+                    seq, pg_catalog.encode(hash, 'hex')), '; ' ORDER BY node <> 'coordinator', node) \
+             FROM vetassist_auth.audit_chain_heads()"
+    } else {
+        "SELECT pg_catalog.format('seq=%s hash=%s', seq, pg_catalog.encode(hash, 'hex')) \
+             FROM vetassist_auth.audit_chain_head()"
+    };
+    if let Some(head) =
+        run_in_transaction::<String>("audit_chain_head", heads).filter(|head| !head.is_empty())
+    {
+        pgrx::log!("vetassist_auth audit chain head {head}");
+    }
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
@@ -111,60 +192,8 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
         database.as_deref().unwrap_or("?")
     );
     loop {
-        // Expire and purge sessions in short batches until there is nothing left to do.
-        while let Some(changed) = run_in_transaction::<i64>(
-            "expire_sessions",
-            "SELECT vetassist_auth.expire_sessions(10000)::bigint",
-        ) {
-            signals::stop_if_asked();
-            if changed == 0 {
-                break;
-            }
-        }
-        // Then seal what finished since the last pass.
-        while let Some(sealed) = run_in_transaction::<i64>(
-            "seal_audit_log",
-            "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
-        ) {
-            signals::stop_if_asked();
-            if sealed < 10_000 {
-                break;
-            }
-        }
-        // Since 0.1.5 (this library also serves an older release's SQL until ALTER EXTENSION
-        // UPDATE): on a Citus coordinator, the workers' logs too, one scheduler for the cluster.
-        let cluster_aware = run_in_transaction::<bool>(
-            "version check",
-            "SELECT pg_catalog.to_regprocedure('vetassist_auth.audit_chain_heads()') IS NOT NULL",
-        )
-        .unwrap_or(false);
-        if cluster_aware {
-            run_in_transaction::<i64>(
-                "seal_worker_audit_logs",
-                "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
-            );
-        }
-        // And show administrators the keys' current encryption counts.
-        run_in_transaction::<i64>(
-            "refresh_encrypt_counts",
-            "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
-        );
-        // An anchor outside the database's reach: log shipping keeps the chain head where no
-        // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
-        // On a Citus coordinator, every worker's head too: out of reach of a worker's superuser.
-        let heads = if cluster_aware {
-            "SELECT pg_catalog.string_agg(pg_catalog.format('%sseq=%s hash=%s', \
-                    CASE WHEN node <> 'coordinator' THEN 'node ' || node || ' ' END, \
-                    seq, pg_catalog.encode(hash, 'hex')), '; ' ORDER BY node <> 'coordinator', node) \
-             FROM vetassist_auth.audit_chain_heads()"
-        } else {
-            "SELECT pg_catalog.format('seq=%s hash=%s', seq, pg_catalog.encode(hash, 'hex')) \
-             FROM vetassist_auth.audit_chain_head()"
-        };
-        if let Some(head) =
-            run_in_transaction::<String>("audit_chain_head", heads).filter(|head| !head.is_empty())
-        {
-            pgrx::log!("vetassist_auth audit chain head {head}");
+        if ready_for_maintenance() {
+            maintenance_pass();
         }
         let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
         if !signals::sleep(interval) {

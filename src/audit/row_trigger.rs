@@ -150,8 +150,10 @@ fn row_audit<'a>(
     };
     let op = trigger.op()?;
     // The extension's own tables are filled by COPY only when pg_restore brings back rows
-    // whose audit trail is restored with them.
-    if config.skip_copy
+    // whose audit trail is restored with them; so is an application's table when a superuser
+    // copies into it (pg_restore --data-only; a superuser could disable the trigger anyway).
+    // SAFETY: reads the current user's role attributes from the syscache.
+    if (config.skip_copy || unsafe { pg_sys::superuser() })
         && matches!(op, PgTriggerOperation::Insert)
         && restoring_into(&trigger.table_schema()?, &trigger.table_name()?)
     {

@@ -232,3 +232,97 @@ def test_verify_installation_fails_when_a_named_database_gets_no_recorder():
                                        "WHERE check_name LIKE 'audit: disclosures%'").fetchone()
             assert not ok
             assert "max_worker_processes" in detail
+
+
+def pg_tool(cluster, *args):
+    return subprocess.run(["sudo", "-u", "postgres", str(cluster.bin / args[0]), *args[1:], "-h", str(cluster.dir),
+                           "-p", str(cluster.port), "-U", "postgres"], capture_output=True, text=True)
+
+
+def used_database(cluster, dbname="vetassist", rows=2000):
+    """A veteran with a profile and VA tokens, `rows` application audit rows, all sealed, and a
+    row-audited application table: what a dump of a database in use holds."""
+    with cluster.connect(dbname, "app_user") as app:
+        uid = veteran(app, "8400000001V1")
+        app.execute("SELECT count(vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')) FROM generate_series(1, %s)",
+                    (rows,))
+    cluster.psql("CREATE TABLE public.notes (id int PRIMARY KEY, body text)", dbname)
+    with cluster.connect(dbname, "admin_user") as admin:
+        admin.execute("SELECT vetassist_auth.enable_row_audit('public.notes')")
+    cluster.psql("INSERT INTO public.notes VALUES (1, 'first')", dbname)
+    with cluster.connect(dbname) as su:
+        count = su.execute("SELECT count(*) FROM vetassist_auth.audit_log").fetchone()[0]
+    return uid, count
+
+
+def restored_intact(cluster, dbname, uid, audit_rows):
+    with cluster.connect(dbname, "app_user") as app:
+        assert disclose(app, uid) == "VA-ACCESS"
+        assert app.execute("SELECT first_name FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()[0] == "Ada"
+    with cluster.connect(dbname) as su:
+        assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE id <= %s", (audit_rows + 100,)).fetchone()[0] >= audit_rows
+        ok, _, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
+        assert ok, problem
+
+
+def sweeper_passes_since(cluster, since):
+    """Distinct starts, after `since`, of the first statement of the sweeper's pass (its readiness
+    check), as pg_stat_activity shows them: two mean one whole pass ran in between."""
+    seen = set()
+
+    def check():
+        with cluster.connect() as su:
+            row = su.execute("SELECT query_start FROM pg_stat_activity WHERE backend_type = %s "
+                             "AND query LIKE '%%pg_extension%%' AND query_start > %s", (SWEEPER, since)).fetchone()
+        if row:
+            seen.add(row[0])
+        return len(seen) >= 2
+    return check
+
+
+def test_a_whole_database_restore_into_the_sweep_database_loses_nothing():
+    """0.1.5: between the restore's pre-data and data sections the sweeper created an audit key and a
+    key_created row; COPY audit_log then failed (23505), COPY keys failed (55000) and every token
+    read was XX001."""
+    with installed_cluster("restore-sweep", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as cluster:
+        uid, audit_rows = used_database(cluster)
+        dump = cluster.dir / "whole.dump"
+        out = pg_tool(cluster, "pg_dump", "-Fc", "-f", str(dump), "vetassist")
+        assert out.returncode == 0, out.stderr
+        # The README's commands: the database dropped (our processes leave it) and created again.
+        cluster.psql("DROP DATABASE vetassist WITH (FORCE)")
+        cluster.psql("CREATE DATABASE vetassist")
+        out = pg_tool(cluster, "pg_restore", "--section=pre-data", "-d", "vetassist", str(dump))
+        assert out.returncode == 0, out.stderr
+        with cluster.connect() as su:
+            since = su.execute("SELECT now()").fetchone()[0]
+        wait_for("a whole sweeper pass", sweeper_passes_since(cluster, since))
+        for section in ("data", "post-data"):
+            out = pg_tool(cluster, "pg_restore", f"--section={section}", "-d", "vetassist", str(dump))
+            assert out.returncode == 0, out.stderr
+        restored_intact(cluster, "vetassist", uid, audit_rows)
+
+
+def test_a_data_only_restore_after_a_schema_only_restore_and_verify_installation():
+    """0.1.5: the schema-only restore's CREATE TRIGGER on a row-audited table wrote an audit row, and
+    verify_installation() created five keys: either made the data-only restore fail."""
+    with installed_cluster("restore-split") as cluster:
+        uid, audit_rows = used_database(cluster)
+        dump = cluster.dir / "split.dump"
+        out = pg_tool(cluster, "pg_dump", "-Fc", "-f", str(dump), "vetassist")
+        assert out.returncode == 0, out.stderr
+        cluster.psql("CREATE DATABASE target")
+        out = pg_tool(cluster, "pg_restore", "--schema-only", "--exit-on-error", "-d", "target", str(dump))
+        assert out.returncode == 0, out.stderr
+        with cluster.connect("target", "admin_user") as admin:
+            failed = admin.execute("SELECT check_name, detail FROM vetassist_auth.verify_installation() WHERE NOT ok").fetchall()
+            assert not [f for f in failed if f[0].startswith("key ")], failed
+        with cluster.connect("target") as su:
+            assert su.execute("SELECT count(*) FROM vetassist_auth.keys").fetchone()[0] == 0
+            assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log").fetchone()[0] == 0
+        out = pg_tool(cluster, "pg_restore", "--data-only", "--single-transaction", "--exit-on-error", "-d", "target", str(dump))
+        assert out.returncode == 0, out.stderr
+        restored_intact(cluster, "target", uid, audit_rows)
+        with cluster.connect("target") as su:
+            assert su.execute("SELECT body FROM public.notes").fetchone()[0] == "first"
