@@ -59,13 +59,20 @@ pub fn audit_chain_holder() -> Option<i32> {
     .flatten()
 }
 
+/// Locks the identity claims are spread over.
+const IDENTITY_BUCKETS: u32 = 256;
+
 /// Holds, to the end of the transaction, the claim on a new account whose field hash starts
 /// with `hash_prefix` (HMAC bytes, which say nothing about the value). Two transactions
 /// creating the same account under different hash keys meet here: each claims the hash under
 /// every usable key, and the key of a transaction in flight stays usable (it is pinned).
+///
+/// Claims fall into `IDENTITY_BUCKETS` locks: a transaction creating many accounts (an import)
+/// holds at most that many, not one per account, which filled the shared lock table ("out of
+/// shared memory" at 20,000 accounts). Two new veterans in one bucket only take turns.
 pub fn claim_identity(hash_prefix: u32) {
     acquire(
-        key_lock_tag(hash_prefix, IDENTITY_CLAIM),
+        key_lock_tag(hash_prefix % IDENTITY_BUCKETS, IDENTITY_CLAIM),
         pg_sys::ExclusiveLock,
         true,
     );

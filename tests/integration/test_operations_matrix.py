@@ -326,3 +326,13 @@ def test_a_data_only_restore_after_a_schema_only_restore_and_verify_installation
         restored_intact(cluster, "target", uid, audit_rows)
         with cluster.connect("target") as su:
             assert su.execute("SELECT body FROM public.notes").fetchone()[0] == "first"
+
+
+@pytest.mark.load
+def test_twenty_thousand_accounts_in_one_transaction():
+    """0.1.5: one identity lock per new account filled the shared lock table: "out of shared memory"."""
+    with installed_cluster("import") as cluster:
+        with cluster.connect("vetassist", "app_user") as app:
+            created = app.execute("SELECT count(vetassist_auth.upsert_va_user(lpad(i::text, 10, '0') || 'V1', 'veteran', "
+                                  "NULL, 'Imported', 'Veteran')) FROM generate_series(1, 20000) i").fetchone()[0]
+            assert created == 20000
