@@ -107,17 +107,22 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         // horizon below is read from every backend's current state.
         unsafe { pg_sys::pgstat_clear_snapshot() };
         // Rows of transactions that have not finished yet were inserted at or after this moment.
+        // Only this database's transactions can insert here: one left open in another database
+        // must not hold the scan start back (a seal of 1,000 rows then reread the whole backlog).
         // NULL when a running transaction's start is unknown: a prepared one (pg_prepared_xacts
         // gives only when it was prepared) or one in a session with track_activities off. The
         // scan then keeps starting where it did (slower, never passing a row by).
         let horizon: Option<TimestampWithTimeZone> = select_one(
             client,
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts) \
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts \
+                                      WHERE database = pg_catalog.current_database()) \
                            OR EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity \
                                       WHERE backend_xid IS NOT NULL AND xact_start IS NULL \
+                                        AND datname = pg_catalog.current_database() \
                                         AND pid <> pg_catalog.pg_backend_pid()) THEN NULL \
                          ELSE least((SELECT min(xact_start) FROM pg_catalog.pg_stat_activity \
-                                     WHERE xact_start IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), \
+                                     WHERE xact_start IS NOT NULL AND datname = pg_catalog.current_database() \
+                                       AND pid <> pg_catalog.pg_backend_pid()), \
                                     pg_catalog.statement_timestamp()) - interval '1 second' END",
             &[],
         )?;

@@ -336,3 +336,14 @@ def test_twenty_thousand_accounts_in_one_transaction():
             created = app.execute("SELECT count(vetassist_auth.upsert_va_user(lpad(i::text, 10, '0') || 'V1', 'veteran', "
                                   "NULL, 'Imported', 'Veteran')) FROM generate_series(1, 20000) i").fetchone()[0]
             assert created == 20000
+
+
+@pytest.mark.load
+def test_a_transaction_left_open_in_another_database_does_not_slow_sealing():
+    """0.1.5: an idle transaction in database postgres held the sealer's horizon: each 1,000-row
+    seal reread the rows since it began (32 ms became 412 ms as the backlog grew)."""
+    from test_operations import seal_backlog
+    with installed_cluster("horizon", "autovacuum = off") as cluster:
+        with cluster.connect("postgres", autocommit=False) as elsewhere:
+            elsewhere.execute("SELECT txid_current()")  # open, with a transaction id, for the whole run
+            seal_backlog(cluster)
