@@ -7,11 +7,23 @@
 -- it runs (durable_audit_state replaces durable_audit_problem).
 DROP FUNCTION vetassist_auth.durable_audit_problem();
 
--- Keys: old keys retire when reencrypt runs once per session (retire_unused_keys, in the library);
--- verify_installation() names keys that still need the previous master key; key_usage_summary()
--- lets vetassist_admin see what keeps a key from retiring (the reencrypt WARNING names it); the
--- sizes of the per-backend key caches, for diagnosis.
-CREATE FUNCTION "key_cache_sizes"() RETURNS TABLE (
+-- Functions new or changed since 0.1.5, as in this release's install script
+-- (scripts/upgrade-functions.py prints them):
+-- * durable_audit_state, verify_installation: the recorder reserved for this database, keys that
+--   still need the previous master key, no key created by a check;
+-- * key_cache_sizes, key_wrapping_problem, key_usage_summary, reencrypt: keys retire under
+--   once-per-session reencrypt, and the WARNING names what vetassist_admin can read;
+-- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
+--   restore).
+CREATE  FUNCTION "durable_audit_state"() RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"detail" TEXT  /* & '_ str */
+)
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'durable_audit_state_wrapper';
+
+CREATE  FUNCTION "key_cache_sizes"() RETURNS TABLE (
 	"cache" TEXT,  /* String */
 	"entries" bigint  /* i64 */
 )
@@ -20,7 +32,7 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_cache_sizes_wrapper';
 
-CREATE FUNCTION "key_wrapping_problem"() RETURNS TEXT /* Option < String > */
+CREATE  FUNCTION "key_wrapping_problem"() RETURNS TEXT /* Option < String > */
 STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
@@ -254,9 +266,7 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'audit: disclosures and failed authentications survive a rollback';
-    detail := vetassist_auth.durable_audit_problem();
-    ok := detail IS NULL;
-    detail := coalesce(detail, 'recorded by the audit recorder, committed before the caller goes on');
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;
 
     -- Before the previous master key file is removed (README, "Changing the master key").
@@ -268,19 +278,54 @@ BEGIN
 
     FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
         check_name := 'key ' || p;
-        BEGIN
-            detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
+        -- Read-only: a check never creates a key (a data-only restore needs an empty key table).
+        IF NOT EXISTS (SELECT 1 FROM vetassist_auth.keys k WHERE k.purpose = p AND k.status = 'active') THEN
             ok := true;
-        EXCEPTION WHEN OTHERS THEN
-            ok := false;
-            detail := SQLSTATE || ': ' || SQLERRM;
-        END;
+            detail := 'no key yet: created on first use';
+        ELSE
+            BEGIN
+                detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
+                ok := true;
+            EXCEPTION WHEN OTHERS THEN
+                ok := false;
+                detail := SQLSTATE || ': ' || SQLERRM;
+            END;
+        END IF;
         RETURN NEXT;
     END LOOP;
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    altered record;
+BEGIN
+    -- An extension with neither a data key nor an audit row has recorded nothing yet: a fresh
+    -- install, or a schema-only restore whose data (its audit log with it) is still to come.
+    -- A row here would make that data-only restore fail.
+    IF NOT EXISTS (SELECT 1 FROM vetassist_auth.keys) AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log) THEN
+        RETURN;
+    END IF;
+    FOR altered IN
+        SELECT t.tab, vetassist_auth.row_audit_fires(t.tab) AS fires
+        FROM (SELECT DISTINCT CASE WHEN d.classid = 'pg_class'::regclass THEN d.objid
+                                   ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab
+              FROM pg_event_trigger_ddl_commands() d
+              WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)) t
+        WHERE EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
+                        AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
+    LOOP
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
+            CASE WHEN altered.fires THEN 'info' ELSE 'denied' END,
+            NULL, altered.tab::regclass::text, NULL,
+            jsonb_build_object('row_audit', CASE WHEN altered.fires THEN 'enabled' ELSE 'disabled' END,
+                               'command', tg_tag, 'by', session_user));
+    END LOOP;
+END
+$$;
 
+REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;
