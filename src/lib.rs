@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 mod audit;
 mod bytea;
 mod citus;
+mod connections;
 mod crypto;
 mod encryption;
 mod error;
@@ -18,6 +19,7 @@ mod log_redaction;
 mod mfa;
 mod protected_columns;
 mod sessions;
+mod shmem;
 mod signals;
 mod worker;
 
@@ -136,7 +138,8 @@ pub extern "C-unwind" fn _PG_init() {
     log_redaction::install();
     // SAFETY: a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        audit::recorder::request_shared_memory();
+        shmem::request();
+        connections::install_hooks();
         audit::recorder::register_reserved();
         worker::register();
     }

@@ -1,10 +1,10 @@
 //! The sweeper: a background worker that expires and purges sessions, seals the audit log,
 //! refreshes key counters and logs the chain head (docs/ARCHITECTURE.md, "Background worker").
 
+use crate::connections::{self, Connector};
 use crate::{gucs, signals};
 use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::prelude::*;
-use std::ffi::CStr;
 use std::time::Duration;
 
 /// How soon Postgres starts the sweeper again after it stopped.
@@ -173,24 +173,15 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     // down touch_session on a busy server.
     // SAFETY: nice() changes only this process's scheduling priority.
     unsafe { libc::nice(10) };
-    let database = gucs::string_setting(&gucs::SWEEP_DATABASE);
-    // SAFETY: connecting is the first thing a background worker does. A database closed to
-    // connections (ALLOW_CONNECTIONS false) still gets its maintenance.
-    unsafe {
-        pg_sys::BackgroundWorkerInitializeConnection(
-            database.map_or(std::ptr::null(), CStr::as_ptr),
-            std::ptr::null(),
-            pg_sys::BGWORKER_BYPASS_ALLOWCONN,
-        );
-    }
-    let database = database.map(|d| d.to_string_lossy().into_owned());
+    let Some(database) = gucs::string_setting(&gucs::SWEEP_DATABASE) else {
+        return; // registered only when it is set
+    };
+    connections::connect(Connector::Sweeper, database);
+    let database = database.to_string_lossy().into_owned();
     // In a deadlock with a session (DROP EXTENSION, an administrator's DDL) the sweeper finds
     // it first and gives way: its pass is retried, the session's statement goes through.
     signals::pin_settings(&[(c"deadlock_timeout", c"100ms")]);
-    pgrx::log!(
-        "vetassist_auth sweeper started in database {}",
-        database.as_deref().unwrap_or("?")
-    );
+    pgrx::log!("vetassist_auth sweeper started in database {}", database);
     loop {
         if ready_for_maintenance() {
             maintenance_pass();

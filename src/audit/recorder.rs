@@ -14,6 +14,7 @@
 //! transaction, and `verify_installation()` says the guarantee is not in force.
 
 use super::writer::{self, AuditRow, Who};
+use crate::connections::{self, Connector};
 use crate::error::{Failure, Kind, Result};
 use crate::keys::{self, Purpose};
 use crate::{gucs, signals};
@@ -85,58 +86,38 @@ struct Outbox {
 static OUTBOX: AtomicPtr<Outbox> = AtomicPtr::new(std::ptr::null_mut());
 const TRANCHE: &std::ffi::CStr = c"vetassist_auth recorder";
 
-static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
-static mut PREV_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+/// The outbox's size in shared memory (src/shmem.rs asks for it).
+pub const SHMEM_SIZE: usize = std::mem::size_of::<Outbox>();
 
-/// Asks for the outbox's shared memory; called from `_PG_init` while preloading.
-pub fn request_shared_memory() {
-    // SAFETY: _PG_init runs once in the postmaster while shared_preload_libraries loads, before
-    // any hook runs; each hook calls the one it replaced.
-    unsafe {
-        PREV_SHMEM_REQUEST_HOOK = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(on_shmem_request);
-        PREV_SHMEM_STARTUP_HOOK = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(on_shmem_startup);
-    }
+/// Asks for the outbox's lock; called by the shared-memory request hook.
+///
+/// # Safety
+/// Only in the postmaster's shared-memory request phase.
+pub unsafe fn request_lock() {
+    // SAFETY: the caller is in the request phase, the only time this is allowed.
+    unsafe { pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1) };
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn on_shmem_request() {
-    // SAFETY: called by the postmaster in its shared-memory request phase, the only time these
-    // requests are allowed.
+/// Finds (or creates and initialises) the outbox; called by the shared-memory start-up hook.
+///
+/// # Safety
+/// Only from that hook, with AddinShmemInitLock held: the struct is zeroed and initialised
+/// only by whoever creates it.
+pub unsafe fn attach_shared() {
+    // SAFETY: see the function's contract.
     unsafe {
-        if let Some(previous) = PREV_SHMEM_REQUEST_HOOK {
-            previous();
-        }
-        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Outbox>());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_shmem_startup() {
-    // SAFETY: the postmaster runs this after creating shared memory (again after a crash
-    // restart); AddinShmemInitLock (MainLWLockArray[21]) serialises it with other extensions.
-    // The struct is zeroed and initialised only by whoever creates it.
-    unsafe {
-        if let Some(previous) = PREV_SHMEM_STARTUP_HOOK {
-            previous();
-        }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let outbox = pg_sys::ShmemInitStruct(
             c"vetassist_auth audit outbox".as_ptr(),
-            std::mem::size_of::<Outbox>(),
+            SHMEM_SIZE,
             &mut found,
         ) as *mut Outbox;
         if !found {
-            std::ptr::write_bytes(outbox as *mut u8, 0, std::mem::size_of::<Outbox>());
+            std::ptr::write_bytes(outbox as *mut u8, 0, SHMEM_SIZE);
             (*outbox).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
             pg_sys::ConditionVariableInit(&raw mut (*outbox).written);
             (*outbox).next_ticket = 1;
         }
-        pg_sys::LWLockRelease(init_lock);
         OUTBOX.store(outbox, Ordering::Release);
     }
 }
@@ -794,18 +775,15 @@ const RESIDENT: u64 = 1 << 32;
 pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     signals::attach();
     let resident = arg.value() as u64 & RESIDENT != 0;
-    // SAFETY: connecting is the first thing a background worker does. A database that no
-    // longer accepts connections may still have sessions whose rows must be written.
-    unsafe {
-        if resident {
-            let databases = gucs::recorder_databases();
-            let name = &databases[(arg.value() as u64 & !RESIDENT) as usize];
-            pg_sys::BackgroundWorkerInitializeConnection(
-                name.as_ptr(),
-                std::ptr::null(),
-                pg_sys::BGWORKER_BYPASS_ALLOWCONN,
-            );
-        } else {
+    // A database that no longer accepts connections may still have sessions whose rows must
+    // be written.
+    if resident {
+        let index = (arg.value() as u64 & !RESIDENT) as usize;
+        let databases = gucs::recorder_databases();
+        connections::connect(Connector::ReservedRecorder(index), &databases[index]);
+    } else {
+        // SAFETY: connecting is the first thing a background worker does.
+        unsafe {
             pg_sys::BackgroundWorkerInitializeConnectionByOid(
                 pg_sys::Oid::from(arg.value() as u32),
                 pg_sys::InvalidOid,
@@ -913,6 +891,15 @@ fn reserved_recorder_ran() -> bool {
             pg_sys::ConditionVariableTimedSleep(written_cv(), 100, pg_sys::PG_WAIT_EXTENSION);
         }
     }
+}
+
+/// The check of releases before 0.2.0, whose verify_installation calls it until ALTER EXTENSION
+/// UPDATE: NULL when the rows survive a rollback, else why not. Not in the current SQL.
+#[pg_extern(sql = false)]
+fn durable_audit_problem() -> Option<&'static str> {
+    durable_audit_state()
+        .find(|(ok, _)| !ok)
+        .map(|(_, detail)| detail)
 }
 
 /// Whether audit rows of disclosures and failed authentications survive the caller's rollback

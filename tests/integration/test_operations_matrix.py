@@ -347,3 +347,45 @@ def test_a_transaction_left_open_in_another_database_does_not_slow_sealing():
         with cluster.connect("postgres", autocommit=False) as elsewhere:
             elsewhere.execute("SELECT txid_current()")  # open, with a transaction id, for the whole run
             seal_backlog(cluster)
+
+
+def missing_database_lines(cluster, dbname):
+    return cluster.log().count(f'database "{dbname}" does not exist')
+
+
+def test_processes_of_a_database_created_later_wait_quietly_and_connect_when_it_is_created():
+    """0.1.5: with sweep_database set before the database existed, a FATAL and a LOG line every
+    second until it was created."""
+    with installed_cluster("created-later", "vetassist_auth.sweep_database = 'later'") as cluster:
+        # The sweeper and the reserved recorder each tried once; restarted (after 1 s and 10 s),
+        # they wait for a CREATE DATABASE instead of trying again.
+        wait_for("the first failed attempts", lambda: missing_database_lines(cluster, "later") >= 2)
+        with cluster.connect() as su:
+            # As long as the sweeper's restart time (10 s): a measured rate, not an ordering.
+            time.sleep(11)
+            assert missing_database_lines(cluster, "later") <= 3, cluster.log()[-2000:]
+            install(cluster, "later")
+            wait_for("the reserved recorder in the new database", lambda: pids(su, RESERVED, "later"))
+            wait_for("the sweeper in the new database", lambda: pids(su, SWEEPER, "later"))
+
+
+def test_drop_database_and_a_template_copy_go_through_while_our_processes_are_connected():
+    """0.1.5: the always-connected sweeper (and the reserved recorder) made a plain DROP DATABASE
+    and CREATE DATABASE … TEMPLATE fail with "being accessed by other users"."""
+    with installed_cluster("drop-copy", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as cluster:
+        with cluster.connect("vetassist", "app_user") as app:
+            uid = veteran(app, "8500000001V1")
+        with cluster.connect() as su:
+            wait_for("the sweeper and the reserved recorder",
+                     lambda: pids(su, SWEEPER, "vetassist") and pids(su, RESERVED, "vetassist"))
+            su.execute("CREATE DATABASE copy TEMPLATE vetassist")
+        with cluster.connect("copy", "app_user") as copied:
+            assert disclose(copied, uid) == "VA-ACCESS"
+        with cluster.connect() as su:
+            wait_for("the sweeper back", lambda: pids(su, SWEEPER, "vetassist"))
+            su.execute("DROP DATABASE vetassist")
+            # Created again: ours come back to it without a restart of the server.
+            install(cluster, "vetassist")
+            wait_for("the reserved recorder back", lambda: pids(su, RESERVED, "vetassist"))
+            wait_for("the sweeper back", lambda: pids(su, SWEEPER, "vetassist"))

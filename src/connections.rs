@@ -1,0 +1,280 @@
+//! Where the background processes connect (docs/ARCHITECTURE.md, "Background worker").
+//! `DROP DATABASE`, `CREATE DATABASE … TEMPLATE` and `ALTER DATABASE … RENAME` need a database
+//! no one is connected to: a ProcessUtility hook asks ours to leave first. And a process whose
+//! database does not exist (yet, or any more) fails to connect once, then waits for the next
+//! `CREATE DATABASE` instead of failing again at every restart.
+
+use crate::signals;
+use pgrx::prelude::*;
+use std::cell::Cell;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A process of ours that connects to a database by name.
+#[derive(Clone, Copy)]
+pub enum Connector {
+    Sweeper,
+    /// The reserved recorder of the n-th database of `vetassist_auth.databases`.
+    ReservedRecorder(usize),
+}
+
+/// The sweeper and up to 32 reserved recorders.
+const CONNECTORS: usize = 33;
+const NOT_MISSING: u64 = u64::MAX;
+/// A database still missing is looked for again after this long anyway (one created by a
+/// backend that had not loaded the library, whose CREATE DATABASE the hook did not see).
+const MISSING_RECHECK: Duration = Duration::from_secs(60);
+
+/// The backend types of our processes, as pg_stat_activity shows them.
+const BACKEND_TYPES: &str =
+    "'vetassist_auth sweeper', 'vetassist_auth recorder', 'vetassist_auth reserved recorder'";
+
+#[repr(C)]
+struct Shared {
+    /// Bumped when a transaction that created or renamed a database commits.
+    generation: AtomicU64,
+    /// Per connector: the generation at which its database could not be found, or NOT_MISSING.
+    missing_at: [AtomicU64; CONNECTORS],
+    /// Per connector: its latch while it waits for a database to be created.
+    waiting: [AtomicPtr<pg_sys::Latch>; CONNECTORS],
+}
+
+pub const SHMEM_SIZE: usize = std::mem::size_of::<Shared>();
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Finds (or creates and initialises) the shared state; called by the shared-memory start-up
+/// hook.
+///
+/// # Safety
+/// Only from that hook, with AddinShmemInitLock held.
+pub unsafe fn attach_shared() {
+    // SAFETY: see the function's contract; the struct is initialised only by its creator.
+    unsafe {
+        let mut found = false;
+        let shared = pg_sys::ShmemInitStruct(
+            c"vetassist_auth connections".as_ptr(),
+            SHMEM_SIZE,
+            &mut found,
+        ) as *mut Shared;
+        if !found {
+            shared.write(Shared {
+                generation: AtomicU64::new(0),
+                missing_at: std::array::from_fn(|_| AtomicU64::new(NOT_MISSING)),
+                waiting: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            });
+        }
+        SHARED.store(shared, Ordering::Release);
+    }
+}
+
+fn shared() -> &'static Shared {
+    // SAFETY: set at start-up whenever the library is preloaded, which our background
+    // processes and the hooks below require; it lives as long as the server.
+    unsafe { &*SHARED.load(Ordering::Acquire) }
+}
+
+impl Connector {
+    fn index(self) -> usize {
+        match self {
+            Connector::Sweeper => 0,
+            Connector::ReservedRecorder(n) => 1 + n.min(CONNECTORS - 2),
+        }
+    }
+}
+
+thread_local! {
+    /// This process's connection attempt: the connector and the generation it started at;
+    /// cleared once connected.
+    static ATTEMPT: Cell<Option<(usize, u64)>> = const { Cell::new(None) };
+}
+
+/// Connects this background worker to `database`, also when it is closed to connections
+/// (`ALLOW_CONNECTIONS false`: its maintenance and disclosures go on). When the database could
+/// not be found at the last attempt and none has been created since, waits for one first.
+pub fn connect(who: Connector, database: &CStr) {
+    let state = shared();
+    let i = who.index();
+    let since = Instant::now();
+    let mut generation = state.generation.load(Ordering::Acquire);
+    while state.missing_at[i].load(Ordering::Acquire) == generation
+        && since.elapsed() < MISSING_RECHECK
+    {
+        // SAFETY: this process's latch, in its PGPROC, for the hook to set.
+        state.waiting[i].store(unsafe { pg_sys::MyLatch }, Ordering::Release);
+        let alive = signals::sleep(MISSING_RECHECK.saturating_sub(since.elapsed()));
+        state.waiting[i].store(std::ptr::null_mut(), Ordering::Release);
+        if !alive {
+            // SAFETY: the postmaster died; exit as every backend then does.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+        generation = state.generation.load(Ordering::Acquire);
+    }
+    ATTEMPT.set(Some((i, generation)));
+    // SAFETY: runs at exit, the FATAL of a failed connection included, before shared memory is
+    // detached.
+    unsafe { pg_sys::before_shmem_exit(Some(note_missing), pg_sys::Datum::from(0)) };
+    // SAFETY: connecting is the first thing a background worker does with a database.
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnection(
+            database.as_ptr(),
+            std::ptr::null(),
+            pg_sys::BGWORKER_BYPASS_ALLOWCONN,
+        );
+    }
+    ATTEMPT.set(None);
+    state.missing_at[i].store(NOT_MISSING, Ordering::Release);
+}
+
+/// At exit before the connection succeeded: the database is missing as of the attempt's
+/// generation, so the next start waits for a new database instead of failing again.
+#[pg_guard]
+unsafe extern "C-unwind" fn note_missing(_code: i32, _arg: pg_sys::Datum) {
+    if let Some((i, generation)) = ATTEMPT.get() {
+        shared().missing_at[i].store(generation, Ordering::Release);
+    }
+}
+
+static mut PREV_PROCESS_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+thread_local! {
+    /// Set when this transaction creates or renames a database: its commit wakes the waiters.
+    static CREATED_DATABASE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Installs the ProcessUtility hook and the commit callback; called from `_PG_init` while
+/// preloading (without it there are no background processes to ask).
+pub fn install_hooks() {
+    // SAFETY: _PG_init runs once per process, before any statement; the hook calls the one it
+    // replaced.
+    unsafe {
+        PREV_PROCESS_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::XactEvent::XACT_EVENT_COMMIT && CREATED_DATABASE.get() {
+        let state = shared();
+        state.generation.fetch_add(1, Ordering::AcqRel);
+        for latch in &state.waiting {
+            let latch = latch.load(Ordering::Acquire);
+            if !latch.is_null() {
+                // SAFETY: a latch in the PGPROC of a waiting process of ours, in shared memory.
+                unsafe { pg_sys::SetLatch(latch) };
+            }
+        }
+    }
+    if matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_ABORT
+    ) {
+        CREATED_DATABASE.set(false);
+    }
+}
+
+/// The database a statement needs free of connections, and whether it creates one.
+///
+/// # Safety
+/// `stmt` is a parsed utility statement.
+unsafe fn database_statement(stmt: *mut pg_sys::Node) -> (Option<*const std::ffi::c_char>, bool) {
+    // SAFETY: the node tag says which statement struct `stmt` is.
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_DropdbStmt => {
+                (Some((*(stmt as *mut pg_sys::DropdbStmt)).dbname), false)
+            }
+            pg_sys::NodeTag::T_CreatedbStmt => {
+                let options = (*(stmt as *mut pg_sys::CreatedbStmt)).options;
+                let template = pgrx::PgList::<pg_sys::DefElem>::from_pg(options)
+                    .iter_ptr()
+                    .find(|d| CStr::from_ptr((**d).defname).to_bytes() == b"template")
+                    .map(|d| pg_sys::defGetString(d).cast_const());
+                (template, true)
+            }
+            pg_sys::NodeTag::T_RenameStmt
+                if (*(stmt as *mut pg_sys::RenameStmt)).renameType
+                    == pg_sys::ObjectType::OBJECT_DATABASE =>
+            {
+                (Some((*(stmt as *mut pg_sys::RenameStmt)).subname), true)
+            }
+            _ => (None, false),
+        }
+    }
+}
+
+/// Asks our processes connected to `database` to leave (SIGTERM, as pg_terminate_backend
+/// would; they are started again later). Postgres then waits for them as for any backend.
+fn ask_to_leave(database: &CStr) {
+    let pids = Spi::connect(|client| {
+        client
+            .select(
+                &format!(
+                    "SELECT pid FROM pg_catalog.pg_stat_activity \
+                     WHERE datname = $1 AND backend_type IN ({BACKEND_TYPES})"
+                ),
+                None,
+                &[database.to_string_lossy().as_ref().into()],
+            )?
+            .map(|row| row.get::<i32>(1))
+            .collect::<Result<Vec<_>, _>>()
+    });
+    for pid in pids.unwrap_or_default().into_iter().flatten() {
+        // SAFETY: a signal to a background process of ours, found just above; a process that
+        // has gone meanwhile makes kill fail harmlessly.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: Postgres passes a planned utility statement; the names it holds live as long as
+    // the statement.
+    unsafe {
+        let (database, creates) = database_statement((*pstmt).utilityStmt);
+        if let Some(database) = database.filter(|d| !d.is_null()) {
+            ask_to_leave(CStr::from_ptr(database));
+        }
+        if creates {
+            CREATED_DATABASE.set(true);
+        }
+        match PREV_PROCESS_UTILITY_HOOK {
+            Some(previous) => previous(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+        }
+    }
+}
