@@ -41,8 +41,22 @@ fn message_of(caught: &pg_sys::panic::CaughtError) -> String {
 /// One maintenance pass in its own transaction; an error is logged, rolled back, and the next
 /// pass runs as usual.
 fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str) -> Option<T> {
+    in_transaction(what, sql, || {
+        Spi::get_one::<T>(sql)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Runs `work` in a transaction of its own, shown in pg_stat_activity as `activity`; an error
+/// is logged and rolled back.
+fn in_transaction<T>(
+    what: &str,
+    activity: &str,
+    work: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe,
+) -> Option<T> {
     // What the sweeper is doing shows in pg_stat_activity, as a backend's statement would.
-    let statement = std::ffi::CString::new(sql).expect("our statements hold no NUL");
+    let statement = std::ffi::CString::new(activity).expect("our statements hold no NUL");
     // SAFETY: the worker runs one transaction at a time, outside any other; the isolation level
     // is set before the first snapshot, as SET TRANSACTION would. pgstat copies the statement.
     unsafe {
@@ -54,13 +68,9 @@ fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str)
         pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let outcome = PgTryBuilder::new(|| {
-        Spi::get_one::<T>(sql)
-            .map(Option::unwrap_or_default)
-            .map_err(|e| e.to_string())
-    })
-    .catch_others(|caught| Err(message_of(&caught)))
-    .execute();
+    let outcome = PgTryBuilder::new(work)
+        .catch_others(|caught| Err(message_of(&caught)))
+        .execute();
     match outcome {
         Ok(changed) => {
             // SAFETY: pops the snapshot pushed above and commits the transaction started above.
@@ -110,62 +120,32 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
         "vetassist_auth sweeper started in database {}",
         database.as_deref().unwrap_or("?")
     );
+    let mut paused = false;
     loop {
-        // Expire and purge sessions in short batches until there is nothing left to do.
-        while let Some(changed) = run_in_transaction::<i64>(
-            "expire_sessions",
-            "SELECT vetassist_auth.expire_sessions(10000)::bigint",
-        ) {
-            signals::stop_if_asked();
-            if changed == 0 {
-                break;
+        // On a logical replication subscriber the apply worker writes the extension's tables:
+        // a row of ours would collide with the primary's next one (docs/ARCHITECTURE.md,
+        // "Replicas and failover"). The pass writes nothing there until promote().
+        let primary = in_transaction("node role check", "vetassist_auth node role check", || {
+            Ok(crate::replica::role().map_err(|f| f.message)? == crate::replica::Role::Primary)
+        });
+        match primary {
+            Some(false) if !paused => {
+                pgrx::log!(
+                    "vetassist_auth sweeper: this node is a logical replication subscriber of the \
+                     extension's tables; maintenance is paused until vetassist_auth.promote()"
+                );
+                paused = true;
             }
-        }
-        // Then seal what finished since the last pass.
-        while let Some(sealed) = run_in_transaction::<i64>(
-            "seal_audit_log",
-            "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
-        ) {
-            signals::stop_if_asked();
-            if sealed < 10_000 {
-                break;
+            Some(true) if paused => {
+                pgrx::log!("vetassist_auth sweeper: this node is a primary; maintenance resumes");
+                paused = false;
             }
+            _ => {}
         }
-        // Since 0.1.5 (this library also serves an older release's SQL until ALTER EXTENSION
-        // UPDATE): on a Citus coordinator, the workers' logs too, one scheduler for the cluster.
-        let cluster_aware = run_in_transaction::<bool>(
-            "version check",
-            "SELECT pg_catalog.to_regprocedure('vetassist_auth.audit_chain_heads()') IS NOT NULL",
-        )
-        .unwrap_or(false);
-        if cluster_aware {
-            run_in_transaction::<i64>(
-                "seal_worker_audit_logs",
-                "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
-            );
+        if primary == Some(true) {
+            maintain();
         }
-        // And show administrators the keys' current encryption counts.
-        run_in_transaction::<i64>(
-            "refresh_encrypt_counts",
-            "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
-        );
-        // An anchor outside the database's reach: log shipping keeps the chain head where no
-        // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
-        // On a Citus coordinator, every worker's head too: out of reach of a worker's superuser.
-        let heads = if cluster_aware {
-            "SELECT pg_catalog.string_agg(pg_catalog.format('%sseq=%s hash=%s', \
-                    CASE WHEN node <> 'coordinator' THEN 'node ' || node || ' ' END, \
-                    seq, pg_catalog.encode(hash, 'hex')), '; ' ORDER BY node <> 'coordinator', node) \
-             FROM vetassist_auth.audit_chain_heads()"
-        } else {
-            "SELECT pg_catalog.format('seq=%s hash=%s', seq, pg_catalog.encode(hash, 'hex')) \
-             FROM vetassist_auth.audit_chain_head()"
-        };
-        if let Some(head) =
-            run_in_transaction::<String>("audit_chain_head", heads).filter(|head| !head.is_empty())
-        {
-            pgrx::log!("vetassist_auth audit chain head {head}");
-        }
+        log_chain_head();
         let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
         if !signals::sleep(interval) {
             break; // postmaster death
@@ -181,4 +161,73 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     // SAFETY: proc_exit runs the backend's exit callbacks and does not return; no Rust value
     // with a destructor that matters is alive here.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Whether this library serves 0.1.5's SQL or later (it also serves an older release's SQL
+/// until ALTER EXTENSION UPDATE): on a Citus coordinator, the workers' logs too.
+fn cluster_aware() -> bool {
+    run_in_transaction::<bool>(
+        "version check",
+        "SELECT pg_catalog.to_regprocedure('vetassist_auth.audit_chain_heads()') IS NOT NULL",
+    )
+    .unwrap_or(false)
+}
+
+/// The pass's writes: sessions, seals, counters.
+fn maintain() {
+    // Expire and purge sessions in short batches until there is nothing left to do.
+    while let Some(changed) = run_in_transaction::<i64>(
+        "expire_sessions",
+        "SELECT vetassist_auth.expire_sessions(10000)::bigint",
+    ) {
+        signals::stop_if_asked();
+        if changed == 0 {
+            break;
+        }
+    }
+    // Then seal what finished since the last pass.
+    while let Some(sealed) = run_in_transaction::<i64>(
+        "seal_audit_log",
+        "SELECT vetassist_auth.seal_audit_log(10000)::bigint",
+    ) {
+        signals::stop_if_asked();
+        if sealed < 10_000 {
+            break;
+        }
+    }
+    // Since 0.1.5: on a Citus coordinator, the workers' logs too, one scheduler for the
+    // cluster.
+    if cluster_aware() {
+        run_in_transaction::<i64>(
+            "seal_worker_audit_logs",
+            "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
+        );
+    }
+    // And show administrators the keys' current encryption counts.
+    run_in_transaction::<i64>(
+        "refresh_encrypt_counts",
+        "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
+    );
+}
+
+/// Logs the chain head, a subscriber's too (reading only).
+fn log_chain_head() {
+    let cluster_aware = cluster_aware();
+    // An anchor outside the database's reach: log shipping keeps the chain head where no
+    // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
+    // On a Citus coordinator, every worker's head too: out of reach of a worker's superuser.
+    let heads = if cluster_aware {
+        "SELECT pg_catalog.string_agg(pg_catalog.format('%sseq=%s hash=%s', \
+                    CASE WHEN node <> 'coordinator' THEN 'node ' || node || ' ' END, \
+                    seq, pg_catalog.encode(hash, 'hex')), '; ' ORDER BY node <> 'coordinator', node) \
+             FROM vetassist_auth.audit_chain_heads()"
+    } else {
+        "SELECT pg_catalog.format('seq=%s hash=%s', seq, pg_catalog.encode(hash, 'hex')) \
+             FROM vetassist_auth.audit_chain_head()"
+    };
+    if let Some(head) =
+        run_in_transaction::<String>("audit_chain_head", heads).filter(|head| !head.is_empty())
+    {
+        pgrx::log!("vetassist_auth audit chain head {head}");
+    }
 }
