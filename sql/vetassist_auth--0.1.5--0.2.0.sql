@@ -285,3 +285,313 @@ REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.key_usage_summary() TO vetassist_admin;
+
+-- Replicas: on a logical replication subscriber of the extension's tables (or with
+-- vetassist_auth.node_role = 'subscriber') nothing of the extension writes them and the API's
+-- writes and disclosures fail with 55000, until promote() (which also does what
+-- resync_sequences() does) records the failover in node_promotions; verify_installation names
+-- the node's role; expire_sessions refuses on a subscriber (docs/ARCHITECTURE.md, "Replicas and
+-- failover").
+CREATE TABLE vetassist_auth.node_promotions (
+    system_identifier   bigint NOT NULL,
+    database            oid NOT NULL,
+    promoted_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    ended_subscriptions oid[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (system_identifier, database)
+);
+COMMENT ON TABLE vetassist_auth.node_promotions IS
+    'promote() on this node: when, and the subscriptions it ended; the node is a subscriber again only through a new subscription (node_role auto).';
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.node_promotions', '');
+REVOKE ALL ON vetassist_auth.node_promotions FROM PUBLIC;
+
+CREATE  FUNCTION "node_role"() RETURNS TEXT /* & '_ str */
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'node_role_wrapper';
+
+CREATE  FUNCTION "node_role_state"() RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"detail" TEXT  /* String */
+)
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'node_role_state_wrapper';
+
+CREATE  FUNCTION "require_primary_node"() RETURNS void
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'require_primary_node_wrapper';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ts timestamptz := clock_timestamp();  -- a variable, so the index on live_until is used
+    expired integer;
+    purged integer;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
+    END IF;
+    -- It writes audit rows directly: not on a logical replication subscriber.
+    PERFORM vetassist_auth.require_primary_node();
+    IF vetassist_auth.distributed() THEN
+        RETURN vetassist_auth.expire_distributed_sessions(ts);
+    END IF;
+    WITH due AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        ORDER BY s.live_until
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        FROM due WHERE s.id = due.id
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH old AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.ended_at < ts - vetassist_auth.session_retention()
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM vetassist_auth.sessions s USING old WHERE s.id = old.id RETURNING s.jwt_id
+    )
+    DELETE FROM vetassist_auth.session_routes r USING gone WHERE r.jwt_id = gone.jwt_id;
+    GET DIAGNOSTICS purged = ROW_COUNT;
+    IF purged > 0 THEN
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.verify_installation()
+RETURNS TABLE (check_name text, ok boolean, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t text;
+    p text;
+    missing text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_routes', 'session_activity', 'session_events',
+                             'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
+                             'audit_seal_state'] LOOP
+        check_name := 'table ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+        IF ok THEN
+            check_name := 'backup ' || t;
+            ok := EXISTS (SELECT 1 FROM pg_extension e
+                          WHERE e.extname = 'vetassist_auth'
+                            AND ('vetassist_auth.' || t)::regclass::oid = ANY (e.extconfig));
+            detail := CASE WHEN ok THEN 'registered with pg_extension_config_dump' ELSE 'not dumped by pg_dump' END;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+
+    -- distribute() trades the unique indexes Citus cannot keep for plain ones (citus.sql).
+    FOREACH t IN ARRAY ARRAY['keys_one_active_per_purpose', 'users_email_hash', 'va_tokens_user_id_key',
+                             'va_tokens_expiry', 'session_routes_pkey', 'sessions_live_by_expiry', 'sessions_by_user',
+                             'audit_log_by_subject', 'audit_seals_audit_id_key']
+                       || CASE WHEN vetassist_auth.distributed() THEN ARRAY['users_by_va_icn_hash']
+                               ELSE ARRAY['users_va_icn_hash_key', 'sessions_jwt_id_key'] END LOOP
+        check_name := 'index ' || t;
+        ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    IF vetassist_auth.citus_coordinator() THEN
+        -- Every worker answers and runs this same version (each verifies its own audit chain).
+        check_name := 'citus workers';
+        SELECT bool_and(w.success AND w.result = e.extversion),
+               string_agg(w.node || ' ' || w.result, ', ' ORDER BY w.ordinality)
+        INTO ok, detail
+        FROM vetassist_auth.on_workers('SELECT extversion FROM pg_catalog.pg_extension WHERE extname = ''vetassist_auth''')
+                 WITH ORDINALITY w,
+             pg_extension e
+        WHERE e.extname = 'vetassist_auth';
+        ok := coalesce(ok, false);
+        detail := coalesce(detail, 'no workers');
+        RETURN NEXT;
+    END IF;
+
+    FOREACH t IN ARRAY ARRAY['vetassist_app', 'vetassist_auditor', 'vetassist_admin'] LOOP
+        check_name := 'role ' || t;
+        ok := EXISTS (SELECT 1 FROM pg_roles WHERE rolname = t);
+        detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
+        RETURN NEXT;
+    END LOOP;
+
+    check_name := 'grants: no function executable by PUBLIC';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace
+      AND has_function_privilege('public', f.oid, 'EXECUTE');
+    ok := missing IS NULL;
+    detail := coalesce('executable by PUBLIC: ' || missing, 'none');
+    RETURN NEXT;
+
+    -- But the crypto hot path: Rust functions that run no SQL by name and pin the path around
+    -- the key reads they cause (docs/ARCHITECTURE.md, "The hot path and search_path").
+    check_name := 'grants: SECURITY DEFINER functions pin search_path';
+    SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
+    FROM pg_proc f
+    WHERE f.pronamespace = 'vetassist_auth'::regnamespace AND f.prosecdef
+      AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (f.proconfig), false)
+      AND NOT (f.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+               AND f.proname IN ('encrypt', 'decrypt', 'encrypt_text', 'decrypt_text', 'field_hash',
+                                 'field_hashes', 'opens', 'open_phi', 'open_phi_text', 'seal_phi_text',
+                                 'encrypt_token', 'decrypt_token', 'encrypt_mfa_secret', 'open_mfa_secret'));
+    ok := missing IS NULL;
+    detail := coalesce('unpinned: ' || missing, 'all pinned to pg_catalog, pg_temp (the Rust crypto functions pin it around their key reads)');
+    RETURN NEXT;
+
+    check_name := 'grants: vetassist_app has no direct table access';
+    SELECT string_agg(c.relname, ', ') INTO missing
+    FROM pg_class c
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+      AND (has_table_privilege('vetassist_app', c.oid, 'SELECT')
+           OR has_table_privilege('vetassist_app', c.oid, 'INSERT')
+           OR has_table_privilege('vetassist_app', c.oid, 'UPDATE')
+           OR has_table_privilege('vetassist_app', c.oid, 'DELETE'));
+    ok := missing IS NULL;
+    detail := coalesce('readable or writable: ' || missing, 'none');
+    RETURN NEXT;
+
+    check_name := 'audit: append-only triggers';
+    SELECT string_agg(tab, ', ') INTO missing FROM unnest(ARRAY['audit_log', 'audit_seals']) tab
+    WHERE (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+             AND g.tgname IN ('append_only', 'append_only_truncate') AND g.tgenabled <> 'D') < 2;
+    ok := missing IS NULL;
+    detail := coalesce('missing or disabled on: ' || missing, 'audit_log and audit_seals refuse UPDATE, DELETE, TRUNCATE');
+    RETURN NEXT;
+
+    check_name := 'audit: row audit on the extension''s tables';
+    SELECT string_agg(tab, ', ') INTO missing
+    FROM unnest(ARRAY['users', 'sessions', 'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'keys']) tab
+    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = ('vetassist_auth.' || tab)::regclass
+                        AND g.tgname = 'vetassist_row_audit' AND g.tgenabled IN ('O', 'A'));
+    ok := missing IS NULL;
+    detail := coalesce('not audited: ' || missing, 'all audited');
+    RETURN NEXT;
+
+    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
+    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
+    -- renamed, replaced or dropped.
+    check_name := 'audit: row audit enabled everywhere it was enabled';
+    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
+    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
+          FROM vetassist_auth.audit_log a
+          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
+          ORDER BY a.target_table, a.id DESC) r
+    WHERE r.event_type = 'row_audit_enabled'
+      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
+    ok := missing IS NULL;
+    detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
+                       'every table put under row audit still has it');
+    RETURN NEXT;
+
+    check_name := 'logs: every channel in force can be redacted';
+    detail := vetassist_auth.unredactable_log_channels();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'statements of the extension reach the log with their literals masked');
+    RETURN NEXT;
+
+    -- A logical replica writes nothing of ours until promote() (docs/ARCHITECTURE.md, "Replicas
+    -- and failover").
+    check_name := 'replication: node role';
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.node_role_state() s;
+    RETURN NEXT;
+
+    check_name := 'audit: disclosures and failed authentications survive a rollback';
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
+    RETURN NEXT;
+
+    -- Before the previous master key file is removed (README, "Changing the master key").
+    check_name := 'keys: wrapped under the current master key';
+    detail := vetassist_auth.key_wrapping_problem();
+    ok := detail IS NULL;
+    detail := coalesce(detail, 'every data key opens under the current master key');
+    RETURN NEXT;
+
+    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
+        check_name := 'key ' || p;
+        BEGIN
+            detail := 'active key ' || vetassist_auth.active_key_id(p) || ' unwraps';
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+            detail := SQLSTATE || ': ' || SQLERRM;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+REVOKE ALL ON FUNCTION vetassist_auth.node_role() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.node_role_state() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.require_primary_node() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.promote() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.promote() TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app, vetassist_auditor, vetassist_admin;
