@@ -152,8 +152,8 @@ def test_a_subscriber_with_its_own_sweeper_keeps_replicating_until_promote():
 
 
 def test_node_role_setting_declares_a_subscriber_until_promote():
-    """A replica the extension cannot see (replication by another tool): node_role = 'subscriber'.
-    And node_role = 'primary' on a node that a subscription feeds is reported as a problem."""
+    """A replica the extension cannot see (replication by another tool): node_role = 'subscriber',
+    until promote() (which only vetassist_admin may run)."""
     with installed_cluster("rep-setting") as c:
         c.set_conf("vetassist_auth.node_role", "subscriber")
         with c.connect("vetassist") as su:
