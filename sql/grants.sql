@@ -52,7 +52,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.mfa_trusted_devices(uuid),
     vetassist_auth.mfa_revoke_device(uuid, uuid),
     vetassist_auth.mfa_required(text),
-    vetassist_auth.mfa_disable(uuid)
+    vetassist_auth.mfa_disable(uuid),
+    vetassist_auth.node_role()
 TO vetassist_app;
 
 -- Key administration.
@@ -63,6 +64,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.rewrap_keys(text),
     vetassist_auth.unretire_key(integer),
     vetassist_auth.resync_sequences(),
+    vetassist_auth.promote(),
+    vetassist_auth.node_role(),
     vetassist_auth.destroy_key(integer),
     vetassist_auth.verify_installation(),
     vetassist_auth.deactivate_user(uuid, text),
@@ -99,7 +102,8 @@ GRANT EXECUTE ON FUNCTION
     vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz),
     vetassist_auth.protected_columns(),
     vetassist_auth.audit_chain_heads(),
-    vetassist_auth.verify_audit_chain_at(text, bigint, bytea)
+    vetassist_auth.verify_audit_chain_at(text, bigint, bytea),
+    vetassist_auth.node_role()
 TO vetassist_auditor;
 
 -- Last, so that the install's own CREATE TRIGGERs are not audited (a fresh install writes no

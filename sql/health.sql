@@ -133,6 +133,12 @@ BEGIN
     detail := coalesce(detail, 'statements of the extension reach the log with their literals masked');
     RETURN NEXT;
 
+    -- A logical replica writes nothing of ours until promote() (docs/ARCHITECTURE.md, "Replicas
+    -- and failover").
+    check_name := 'replication: node role';
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.node_role_state() s;
+    RETURN NEXT;
+
     check_name := 'audit: disclosures and failed authentications survive a rollback';
     SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;

@@ -271,6 +271,21 @@ CREATE TABLE vetassist_auth.audit_seal_state (
 COMMENT ON TABLE vetassist_auth.audit_seal_state IS
     'Sealer state (one row, written by the first seal): every audit row not yet sealed is above sealed_through_id or at or after scan_from; the chain continues from the purge checkpoint.';
 
+-- Replicas ---------------------------------------------------------------------------------
+
+-- promote() records here that a node took over from its primary (docs/ARCHITECTURE.md,
+-- "Replicas and failover"). A row counts only on the cluster and database that wrote it: a
+-- publication of the schema brings the primary's own rows along, which name another system.
+CREATE TABLE vetassist_auth.node_promotions (
+    system_identifier   bigint NOT NULL,
+    database            oid NOT NULL,
+    promoted_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    ended_subscriptions oid[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (system_identifier, database)
+);
+COMMENT ON TABLE vetassist_auth.node_promotions IS
+    'promote() on this node: when, and the subscriptions it ended; the node is a subscriber again only through a new subscription (node_role auto).';
+
 -- Backups -----------------------------------------------------------------------------------
 
 -- One call per statement: each call updates the same pg_extension row.
@@ -295,3 +310,4 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seals', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.node_promotions', '');

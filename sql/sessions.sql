@@ -395,6 +395,8 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
     END IF;
+    -- It writes audit rows directly: not on a logical replication subscriber.
+    PERFORM vetassist_auth.require_primary_node();
     IF vetassist_auth.distributed() THEN
         RETURN vetassist_auth.expire_distributed_sessions(ts);
     END IF;

@@ -1,18 +1,37 @@
 -- vetassist_auth 0.1.5 -> 0.2.0
 -- Operations: the background processes stop when asked, stay out of restores and replicas, and
--- leave the operator's procedures intact (docs/ARCHITECTURE.md, "Background worker").
+-- leave the operator's procedures intact (docs/ARCHITECTURE.md, "Background worker", "Replicas
+-- and failover").
 \echo Use "ALTER EXTENSION vetassist_auth UPDATE TO '0.2.0'" to load this file. \quit
 
 -- Recorders: verify_installation says whether this database has a reserved recorder and whether
--- it runs (durable_audit_state replaces durable_audit_problem).
+-- it runs (durable_audit_state replaces durable_audit_problem, which the library keeps for the
+-- SQL of older releases until they are updated).
 DROP FUNCTION vetassist_auth.durable_audit_problem();
+
+-- Replicas: on a logical replication subscriber of the extension's tables (or with
+-- vetassist_auth.node_role = 'subscriber') nothing of the extension writes them and the API's
+-- writes and disclosures fail with 55000, until promote() (which also does what
+-- resync_sequences() does) records the failover in node_promotions.
+CREATE TABLE vetassist_auth.node_promotions (
+    system_identifier   bigint NOT NULL,
+    database            oid NOT NULL,
+    promoted_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    ended_subscriptions oid[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (system_identifier, database)
+);
+COMMENT ON TABLE vetassist_auth.node_promotions IS
+    'promote() on this node: when, and the subscriptions it ended; the node is a subscriber again only through a new subscription (node_role auto).';
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.node_promotions', '');
+REVOKE ALL ON vetassist_auth.node_promotions FROM PUBLIC;
 
 -- Functions new or changed since 0.1.5, as in this release's install script
 -- (scripts/upgrade-functions.py prints them):
 -- * durable_audit_state, verify_installation: the recorder reserved for this database, keys that
---   still need the previous master key, no key created by a check;
+--   still need the previous master key, the node's role, no key created by a check;
 -- * key_cache_sizes, key_wrapping_problem, key_usage_summary, reencrypt: keys retire under
 --   once-per-session reencrypt, and the WARNING names what vetassist_admin can read;
+-- * node_role, node_role_state, require_primary_node, promote, expire_sessions: replicas;
 -- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
 --   restore).
 CREATE  FUNCTION "durable_audit_state"() RETURNS TABLE (
@@ -37,6 +56,24 @@ STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_wrapping_problem_wrapper';
+
+CREATE  FUNCTION "node_role"() RETURNS TEXT /* & '_ str */
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'node_role_wrapper';
+
+CREATE  FUNCTION "node_role_state"() RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"detail" TEXT  /* String */
+)
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'node_role_state_wrapper';
+
+CREATE  FUNCTION "require_primary_node"() RETURNS void
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'require_primary_node_wrapper';
 
 CREATE FUNCTION vetassist_auth.key_usage_summary()
 RETURNS TABLE (key_id integer, purpose text, status text, used_by text, stored_values bigint)
@@ -265,6 +302,12 @@ BEGIN
     detail := coalesce(detail, 'statements of the extension reach the log with their literals masked');
     RETURN NEXT;
 
+    -- A logical replica writes nothing of ours until promote() (docs/ARCHITECTURE.md, "Replicas
+    -- and failover").
+    check_name := 'replication: node role';
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.node_role_state() s;
+    RETURN NEXT;
+
     check_name := 'audit: disclosures and failed authentications survive a rollback';
     SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;
@@ -325,8 +368,116 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ts timestamptz := clock_timestamp();  -- a variable, so the index on live_until is used
+    expired integer;
+    purged integer;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'vetassist_auth: batch_size must be a positive integer' USING ERRCODE = '22023';
+    END IF;
+    -- It writes audit rows directly: not on a logical replication subscriber.
+    PERFORM vetassist_auth.require_primary_node();
+    IF vetassist_auth.distributed() THEN
+        RETURN vetassist_auth.expire_distributed_sessions(ts);
+    END IF;
+    WITH due AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        ORDER BY s.live_until
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        FROM due WHERE s.id = due.id
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+
+    WITH old AS (
+        SELECT s.id FROM vetassist_auth.sessions s
+        WHERE s.ended_at < ts - vetassist_auth.session_retention()
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM vetassist_auth.sessions s USING old WHERE s.id = old.id RETURNING s.jwt_id
+    )
+    DELETE FROM vetassist_auth.session_routes r USING gone WHERE r.jwt_id = gone.jwt_id;
+    GET DIAGNOSTICS purged = ROW_COUNT;
+    IF purged > 0 THEN
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.key_usage_summary() TO vetassist_admin;
+REVOKE ALL ON FUNCTION vetassist_auth.node_role() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.node_role_state() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.require_primary_node() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.promote() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.promote() TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app, vetassist_auditor, vetassist_admin;

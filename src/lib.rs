@@ -18,6 +18,7 @@ mod keys;
 mod log_redaction;
 mod mfa;
 mod protected_columns;
+mod replica;
 mod sessions;
 mod shmem;
 mod signals;
@@ -94,7 +95,8 @@ extension_sql_file!(
         sessions::session_retention,
         sessions::max_sessions_per_user,
         sessions::refresh_reuse_grace,
-        audit::set_current_session
+        audit::set_current_session,
+        replica::require_primary_node
     ]
 );
 extension_sql_file!(
@@ -116,7 +118,11 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/health.sql",
     name = "health",
-    requires = ["keys_sql", log_redaction::unredactable_log_channels]
+    requires = [
+        "keys_sql",
+        log_redaction::unredactable_log_channels,
+        replica::node_role_state
+    ]
 );
 extension_sql_file!(
     "../sql/operations.sql",
@@ -125,7 +131,9 @@ extension_sql_file!(
         "keys_sql",
         "audit_sql",
         keys::store::key_creation_in_progress,
-        keys::admin::rotate_key
+        keys::admin::rotate_key,
+        replica::node_role,
+        replica::require_primary_node
     ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
@@ -133,6 +141,8 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    replica::define_setting();
+    replica::register_callbacks();
     keys::register_callbacks();
     audit::register_callbacks();
     log_redaction::install();

@@ -41,8 +41,22 @@ fn message_of(caught: &pg_sys::panic::CaughtError) -> String {
 /// One maintenance pass in its own transaction; an error is logged, rolled back, and the next
 /// pass runs as usual.
 fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str) -> Option<T> {
+    in_transaction(what, sql, || {
+        Spi::get_one::<T>(sql)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Runs `work` in a transaction of its own, shown in pg_stat_activity as `activity`; an error
+/// is logged and rolled back.
+fn in_transaction<T>(
+    what: &str,
+    activity: &str,
+    work: impl FnOnce() -> Result<T, String> + std::panic::UnwindSafe,
+) -> Option<T> {
     // What the sweeper is doing shows in pg_stat_activity, as a backend's statement would.
-    let statement = std::ffi::CString::new(sql).expect("our statements hold no NUL");
+    let statement = std::ffi::CString::new(activity).expect("our statements hold no NUL");
     // SAFETY: the worker runs one transaction at a time, outside any other; the isolation level
     // is set before the first snapshot, as SET TRANSACTION would. pgstat copies the statement.
     unsafe {
@@ -54,13 +68,9 @@ fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str)
         pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let outcome = PgTryBuilder::new(|| {
-        Spi::get_one::<T>(sql)
-            .map(Option::unwrap_or_default)
-            .map_err(|e| e.to_string())
-    })
-    .catch_others(|caught| Err(message_of(&caught)))
-    .execute();
+    let outcome = PgTryBuilder::new(work)
+        .catch_others(|caught| Err(message_of(&caught)))
+        .execute();
     match outcome {
         Ok(changed) => {
             // SAFETY: pops the snapshot pushed above and commits the transaction started above.
@@ -105,9 +115,84 @@ fn ready_for_maintenance() -> bool {
         ) == Some(true)
 }
 
-/// One pass: expire and purge sessions, seal the audit log, refresh the key counters, log the
-/// chain head.
-fn maintenance_pass() {
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
+    signals::attach();
+    // Maintenance yields the CPU to backends serving requests: a big sweep must not slow
+    // down touch_session on a busy server.
+    // SAFETY: nice() changes only this process's scheduling priority.
+    unsafe { libc::nice(10) };
+    let Some(database) = gucs::string_setting(&gucs::SWEEP_DATABASE) else {
+        return; // registered only when it is set
+    };
+    connections::connect(Connector::Sweeper, database);
+    let database = database.to_string_lossy().into_owned();
+    // In a deadlock with a session (DROP EXTENSION, an administrator's DDL) the sweeper finds
+    // it first and gives way: its pass is retried, the session's statement goes through.
+    signals::pin_settings(&[(c"deadlock_timeout", c"100ms")]);
+    pgrx::log!("vetassist_auth sweeper started in database {}", database);
+    let mut paused = false;
+    loop {
+        if ready_for_maintenance() {
+            // On a logical replication subscriber the apply worker writes the extension's tables:
+            // a row of ours would collide with the primary's next one (docs/ARCHITECTURE.md,
+            // "Replicas and failover"). The pass writes nothing there until promote().
+            let primary =
+                in_transaction("node role check", "vetassist_auth node role check", || {
+                    Ok(crate::replica::role().map_err(|f| f.message)?
+                        == crate::replica::Role::Primary)
+                });
+            match primary {
+                Some(false) if !paused => {
+                    pgrx::log!(
+                        "vetassist_auth sweeper: this node is a logical replication subscriber of the \
+                         extension's tables; maintenance is paused until vetassist_auth.promote()"
+                    );
+                    paused = true;
+                }
+                Some(true) if paused => {
+                    pgrx::log!(
+                        "vetassist_auth sweeper: this node is a primary; maintenance resumes"
+                    );
+                    paused = false;
+                }
+                _ => {}
+            }
+            if primary == Some(true) {
+                maintain();
+            }
+            log_chain_head();
+        }
+        let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
+        if !signals::sleep(interval) {
+            break; // postmaster death
+        }
+        if signals::reload_asked() {
+            // SAFETY: outside any transaction, as the postmaster's own children reload.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+    // Exit status 0 would unregister the worker for good; 1 asks the postmaster to start it
+    // again after RESTART_AFTER (it starts no worker during a shutdown). A SIGTERM ends the
+    // process in signals::sleep or mid-statement, with status 1 too.
+    // SAFETY: proc_exit runs the backend's exit callbacks and does not return; no Rust value
+    // with a destructor that matters is alive here.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Whether this library serves 0.1.5's SQL or later (it also serves an older release's SQL
+/// until ALTER EXTENSION UPDATE): on a Citus coordinator, the workers' logs too.
+fn cluster_aware() -> bool {
+    run_in_transaction::<bool>(
+        "version check",
+        "SELECT pg_catalog.to_regprocedure('vetassist_auth.audit_chain_heads()') IS NOT NULL",
+    )
+    .unwrap_or(false)
+}
+
+/// The pass's writes: sessions, seals, counters.
+fn maintain() {
     // Expire and purge sessions in short batches until there is nothing left to do.
     while let Some(changed) = run_in_transaction::<i64>(
         "expire_sessions",
@@ -128,14 +213,9 @@ fn maintenance_pass() {
             break;
         }
     }
-    // Since 0.1.5 (this library also serves an older release's SQL until ALTER EXTENSION
-    // UPDATE): on a Citus coordinator, the workers' logs too, one scheduler for the cluster.
-    let cluster_aware = run_in_transaction::<bool>(
-        "version check",
-        "SELECT pg_catalog.to_regprocedure('vetassist_auth.audit_chain_heads()') IS NOT NULL",
-    )
-    .unwrap_or(false);
-    if cluster_aware {
+    // Since 0.1.5: on a Citus coordinator, the workers' logs too, one scheduler for the
+    // cluster.
+    if cluster_aware() {
         run_in_transaction::<i64>(
             "seal_worker_audit_logs",
             "SELECT vetassist_auth.seal_worker_audit_logs(10000)",
@@ -146,6 +226,11 @@ fn maintenance_pass() {
         "refresh_encrypt_counts",
         "SELECT vetassist_auth.refresh_encrypt_counts()::bigint",
     );
+}
+
+/// Logs the chain head, a subscriber's too (reading only).
+fn log_chain_head() {
+    let cluster_aware = cluster_aware();
     // An anchor outside the database's reach: log shipping keeps the chain head where no
     // one who can edit the tables can change it (verify_audit_chain(seq, hash) checks it).
     // On a Citus coordinator, every worker's head too: out of reach of a worker's superuser.
@@ -163,42 +248,4 @@ fn maintenance_pass() {
     {
         pgrx::log!("vetassist_auth audit chain head {head}");
     }
-}
-
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
-    signals::attach();
-    // Maintenance yields the CPU to backends serving requests: a big sweep must not slow
-    // down touch_session on a busy server.
-    // SAFETY: nice() changes only this process's scheduling priority.
-    unsafe { libc::nice(10) };
-    let Some(database) = gucs::string_setting(&gucs::SWEEP_DATABASE) else {
-        return; // registered only when it is set
-    };
-    connections::connect(Connector::Sweeper, database);
-    let database = database.to_string_lossy().into_owned();
-    // In a deadlock with a session (DROP EXTENSION, an administrator's DDL) the sweeper finds
-    // it first and gives way: its pass is retried, the session's statement goes through.
-    signals::pin_settings(&[(c"deadlock_timeout", c"100ms")]);
-    pgrx::log!("vetassist_auth sweeper started in database {}", database);
-    loop {
-        if ready_for_maintenance() {
-            maintenance_pass();
-        }
-        let interval = Duration::from_secs(gucs::SWEEP_INTERVAL.get() as u64);
-        if !signals::sleep(interval) {
-            break; // postmaster death
-        }
-        if signals::reload_asked() {
-            // SAFETY: outside any transaction, as the postmaster's own children reload.
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-    }
-    // Exit status 0 would unregister the worker for good; 1 asks the postmaster to start it
-    // again after RESTART_AFTER (it starts no worker during a shutdown). A SIGTERM ends the
-    // process in signals::sleep or mid-statement, with status 1 too.
-    // SAFETY: proc_exit runs the backend's exit callbacks and does not return; no Rust value
-    // with a destructor that matters is alive here.
-    unsafe { pg_sys::proc_exit(1) };
 }

@@ -75,6 +75,8 @@ fn checkpoint(client: &pgrx::spi::SpiClient<'_>) -> Outcome<(i64, Vec<u8>)> {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
+    // The primary's seals arrive on a subscriber; one of its own would collide with them.
+    crate::replica::require_primary();
     if max_rows < 1 {
         Failure::new(
             Kind::InvalidArgument,
@@ -88,6 +90,16 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         pgrx::warning!(
             "vetassist_auth: another transaction{holder} is sealing or purging the audit log; this call sealed nothing"
         );
+        return 0;
+    }
+    // An empty log needs no seal: a fresh install writes nothing (no audit key, no sealer
+    // state), so the sweeper of a node about to subscribe to a primary leaves its tables empty
+    // for the initial copy (docs/ARCHITECTURE.md, "Replicas and failover").
+    let empty = Spi::get_one::<bool>("SELECT NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log)")
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if empty {
         return 0;
     }
     let key = keys::key_for_writing(Purpose::Audit).or_raise();

@@ -69,6 +69,7 @@ fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
 #[search_path(pg_catalog, pg_temp)]
 fn set_current_session(session_id: Uuid) {
     crate::citus::require_coordinator();
+    crate::replica::require_primary();
     ACTOR.with_borrow_mut(|a| a.session_id = Some(session_id));
 }
 

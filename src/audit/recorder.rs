@@ -202,6 +202,8 @@ fn created_in_this_transaction(table: pg_sys::Oid) -> bool {
 /// committed. Without the outbox (library not preloaded) it is written in the caller's
 /// transaction instead.
 pub fn record(row: &AuditRow<'_>) -> Result<()> {
+    // Before the job is queued: nothing is disclosed on a subscriber.
+    crate::replica::require_primary();
     let who = Who::current();
     if !delegated(writer::log_oids().0) {
         writer::append_as(row, &who);
@@ -224,6 +226,7 @@ pub fn record(row: &AuditRow<'_>) -> Result<()> {
 /// the caller holds no lock on key creation for the rest of its transaction. False when no
 /// recorder can run it (the caller then creates the key itself).
 pub fn create_key(purpose: Purpose) -> Result<bool> {
+    crate::replica::require_primary();
     if !delegated(keys::keys_relid()) {
         return Ok(false);
     }
@@ -243,7 +246,7 @@ pub fn create_key(purpose: Purpose) -> Result<bool> {
 /// without waiting: the caller goes on with its lease. Without a recorder, or when the outbox is
 /// full, nothing happens (the caller's WARNING still says to rotate; the next lease asks again).
 pub fn rotate_worn_key_soon(purpose: Purpose, key_id: u32) {
-    if !delegated(keys::keys_relid()) {
+    if !delegated(keys::keys_relid()) || !crate::replica::is_primary() {
         return;
     }
     let ordinal = Purpose::ALL.iter().position(|p| *p == purpose).unwrap_or(0) as u8;

@@ -114,6 +114,9 @@ pub fn append(row: &AuditRow<'_>) -> i64 {
 
 /// Appends one row on behalf of `who` (the recorder writes rows of other backends).
 pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
+    // On a subscriber the next audit id is the primary's too (docs/ARCHITECTURE.md, "Replicas
+    // and failover").
+    crate::replica::require_primary();
     let (table, sequence) = log_oids();
     // SAFETY: the table is opened and locked here and closed at the end; values and nulls
     // have one entry per attribute of its descriptor; every palloc'd object lives in the

@@ -13,6 +13,7 @@ fn rotate_key(purpose: &str) -> i32 {
 /// Makes a new active key of `purpose` and turns the old one decrypt_only; with `only_if`, only
 /// while that key is still the active one (None otherwise). Returns the new key's id.
 fn rotate(purpose: Purpose, only_if: Option<u32>) -> Result<Option<u32>> {
+    crate::replica::require_primary();
     // Before any row lock on the keys table, so that a waiting rewrap_keys (which holds the
     // wrapping lock and then updates rows) and this never wait for each other.
     lock_key_wrapping(pg_sys::ShareLock);

@@ -78,6 +78,8 @@ impl LatestRow {
 
 /// Creates the active key of a purpose unless another transaction already did.
 pub fn create_active_key(purpose: Purpose) -> Result<()> {
+    // A subscriber receives the primary's keys; one of its own would take the primary's next id.
+    crate::replica::require_primary();
     // Before reading the master key: a rewrap_keys that starts later waits for this transaction.
     lock_key_wrapping(pg_sys::ShareLock);
     refresh_master()?; // the recorder calls this first thing in its transaction

@@ -396,7 +396,10 @@ def test_failover_to_a_logical_replica_after_resync_sequences():
                 later = sign_in(app, "9900000019V1", "Late")
             with replica.connect("vetassist") as rsu:
                 for _ in range(200):
-                    if rsu.execute("SELECT count(*) FROM vetassist_auth.users WHERE id = %s", (later,)).fetchone()[0]:
+                    # Every table copied (the initial sync of each ends on its own) and the later
+                    # change applied.
+                    if rsu.execute("SELECT count(*) FROM vetassist_auth.users WHERE id = %s", (later,)).fetchone()[0] \
+                            and not rsu.execute("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'").fetchone()[0]:
                         break
                     time.sleep(0.1)
                 else:
