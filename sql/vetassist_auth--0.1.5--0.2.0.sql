@@ -480,4 +480,6 @@ REVOKE ALL ON FUNCTION vetassist_auth.node_role_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.require_primary_node() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.promote() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.promote() TO vetassist_admin;
-GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app, vetassist_auditor, vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_auditor;
