@@ -60,8 +60,8 @@ fn in_transaction<T>(
     // SAFETY: the worker runs one transaction at a time, outside any other; the isolation level
     // is set before the first snapshot, as SET TRANSACTION would. pgstat copies the statement.
     unsafe {
-        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, statement.as_ptr());
         pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, statement.as_ptr());
         pg_sys::StartTransactionCommand();
         // Whatever default_transaction_isolation says: the sweep and the sealer work on fresh
         // snapshots, one per statement.
@@ -100,19 +100,30 @@ fn in_transaction<T>(
 /// nor an audit row: a fresh install waits for its first caller, and a restore's data section
 /// brings both.
 fn ready_for_maintenance() -> bool {
-    let installed = run_in_transaction::<bool>(
+    in_transaction(
         "readiness check",
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'vetassist_auth') \
-            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity \
-                            WHERE datname = pg_catalog.current_database() \
-                              AND application_name = 'pg_restore')",
-    );
-    installed == Some(true)
-        && run_in_transaction::<bool>(
-            "readiness check",
-            "SELECT EXISTS (SELECT 1 FROM vetassist_auth.keys) \
-                 OR EXISTS (SELECT 1 FROM vetassist_auth.audit_log)",
-        ) == Some(true)
+        "vetassist_auth sweeper: readiness check",
+        || {
+            let installed = Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'vetassist_auth') \
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity \
+                                    WHERE datname = pg_catalog.current_database() \
+                                      AND application_name = 'pg_restore')",
+            )
+            .map_err(|e| e.to_string())?;
+            if installed != Some(true) {
+                return Ok(false);
+            }
+            // Only now: the table is missing without the extension.
+            Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM vetassist_auth.keys) \
+                     OR EXISTS (SELECT 1 FROM vetassist_auth.audit_log)",
+            )
+            .map(|ready| ready == Some(true))
+            .map_err(|e| e.to_string())
+        },
+    )
+    .unwrap_or(false)
 }
 
 #[pg_guard]
