@@ -33,7 +33,9 @@ REVOKE ALL ON vetassist_auth.node_promotions FROM PUBLIC;
 --   once-per-session reencrypt, and the WARNING names what vetassist_admin can read;
 -- * node_role, node_role_state, require_primary_node, promote, expire_sessions: replicas;
 -- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
---   restore).
+--   restore);
+-- * verify_audit_chain(seq, hash, timeline, lsn): an anchor's WAL position tells a recovery to
+--   an earlier point from seals removed.
 CREATE  FUNCTION "durable_audit_state"() RETURNS TABLE (
 	"ok" bool,  /* bool */
 	"detail" TEXT  /* & '_ str */
@@ -339,6 +341,22 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION "verify_audit_chain"(
+	"anchor_seq" bigint, /* Option < i64 > */
+	"anchor_hash" bytea, /* Option < & [u8] > */
+	"anchor_timeline" INT, /* Option < i32 > */
+	"anchor_lsn" TEXT /* Option < & str > */
+) RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"checked" bigint,  /* i64 */
+	"first_bad_seq" bigint,  /* Option < i64 > */
+	"problem" TEXT  /* Option < String > */
+)
+SECURITY DEFINER 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'verify_audit_chain_at_position_wrapper';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -367,6 +385,55 @@ BEGIN
     END LOOP;
 END
 $$;
+
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -421,55 +488,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.promote()
-RETURNS TABLE (action text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    subs oid[];
-BEGIN
-    -- One promotion at a time.
-    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
-    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
-    FROM pg_subscription_rel sr
-    JOIN pg_class c ON c.oid = sr.srrelid
-    JOIN pg_subscription s ON s.oid = sr.srsubid
-    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
-    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
-        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
-        action := 'subscription disabled';
-        detail := r.subname;
-        RETURN NEXT;
-    END LOOP;
-    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
-    SELECT c.system_identifier, d.oid, subs
-    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
-    ON CONFLICT (system_identifier, database) DO UPDATE
-        SET promoted_at = clock_timestamp(),
-            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
-    -- From here on this node is the primary (node_role() reads the row just written).
-    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
-        IF r.sequence_name LIKE '% key rotated' THEN
-            action := 'key rotated';
-            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
-        ELSE
-            action := 'sequence moved';
-            detail := r.sequence_name || ' to ' || r.new_value;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
-        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
-                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
-    action := 'promoted';
-    detail := 'this node is the primary: the extension writes here';
-    RETURN NEXT;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.promote() IS
-    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
-
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
@@ -483,3 +501,5 @@ GRANT EXECUTE ON FUNCTION vetassist_auth.promote() TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) TO vetassist_auditor;

@@ -238,8 +238,18 @@ pub fn is_primary() -> bool {
     matches!(role(), Ok(Role::Primary))
 }
 
-/// Refuses a write of ours on a subscriber with 55000 naming the role.
+/// Refuses a write of ours on a subscriber, or on a hot standby, with 55000 naming the role.
 pub fn require_primary() {
+    // SAFETY: reads shared recovery state; callable in any backend.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        // No recorder runs during recovery: a disclosure would wait for one, then fail.
+        Failure::new(
+            Kind::NotConfigured,
+            "vetassist_auth: this server is a hot standby; the extension writes and discloses nothing here",
+        )
+        .with_hint("Connect the application to the primary (a standby serves no audited read).")
+        .raise();
+    }
     match role() {
         Ok(Role::Primary) => {}
         Ok(Role::Subscriber) => Failure::new(

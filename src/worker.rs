@@ -257,6 +257,23 @@ fn log_chain_head() {
     if let Some(head) =
         run_in_transaction::<String>("audit_chain_head", heads).filter(|head| !head.is_empty())
     {
-        pgrx::log!("vetassist_auth audit chain head {head}");
+        if cluster_aware {
+            pgrx::log!("vetassist_auth audit chain head {head}");
+            return;
+        }
+        // With the WAL position: verify_audit_chain(seq, hash, timeline, lsn) tells a recovery
+        // to an earlier point from seals removed (docs/ARCHITECTURE.md, "Anchors and purges").
+        // SAFETY: reads the shared WAL insert position and timeline; no lock is needed.
+        let (timeline, lsn) = unsafe {
+            (
+                pg_sys::GetWALInsertionTimeLine(),
+                pg_sys::GetXLogInsertRecPtr(),
+            )
+        };
+        pgrx::log!(
+            "vetassist_auth audit chain head {head} timeline={timeline} lsn={:X}/{:X}",
+            lsn >> 32,
+            lsn & 0xFFFF_FFFF
+        );
     }
 }

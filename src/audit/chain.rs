@@ -513,6 +513,48 @@ fn verify_audit_chain_against(
         name!(problem, Option<String>),
     ),
 > {
+    let v = against_anchor(anchor_seq, anchor_hash, None);
+    TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
+}
+
+/// As verify_audit_chain(seq, hash), with the WAL position the worker's log line gives with the
+/// anchor (`timeline=T lsn=X/Y`): a chain that ends before the anchor because the database was
+/// recovered to an earlier point (point-in-time recovery, a promoted standby) is reported as
+/// that recovery, not as seals removed from its end. Still not ok: the anchor is not in the chain.
+#[pg_extern(security_definer, name = "verify_audit_chain")]
+#[search_path(pg_catalog, pg_temp)]
+fn verify_audit_chain_at_position(
+    anchor_seq: Option<i64>,
+    anchor_hash: Option<&[u8]>,
+    anchor_timeline: Option<i32>,
+    anchor_lsn: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(checked, i64),
+        name!(first_bad_seq, Option<i64>),
+        name!(problem, Option<String>),
+    ),
+> {
+    let position = match (anchor_timeline, anchor_lsn.map(parse_lsn)) {
+        (Some(timeline), Some(Some(lsn))) if timeline > 0 => (timeline as u32, lsn),
+        _ => Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: an anchor's position is a timeline and an LSN (X/Y)",
+        )
+        .with_hint("Take them from the worker's log line: timeline=T lsn=X/Y.")
+        .raise(),
+    };
+    let v = against_anchor(anchor_seq, anchor_hash, Some(position));
+    TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
+}
+
+fn against_anchor(
+    anchor_seq: Option<i64>,
+    anchor_hash: Option<&[u8]>,
+    position: Option<(u32, u64)>,
+) -> Verdict {
     let (Some(anchor_seq), Some(anchor_hash)) = (anchor_seq.filter(|seq| *seq > 0), anchor_hash)
     else {
         Failure::new(
@@ -523,14 +565,64 @@ fn verify_audit_chain_against(
         .raise();
     };
     let mut v = walk_chain().or_raise();
-    if let Some(problem) = anchor_problem(anchor_seq, anchor_hash).or_raise() {
+    if let Some(mut problem) = anchor_problem(anchor_seq, anchor_hash).or_raise() {
+        // After a recovery the sealer goes on from the recovered head: the anchor's seq may
+        // be sealed again, with another hash.
+        if problem == CHAIN_ENDS_BEFORE_ANCHOR || problem == ANCHOR_SEAL_REWRITTEN {
+            if let Some(recovery) = position.and_then(|(tli, lsn)| recovered_before(tli, lsn)) {
+                problem = recovery;
+            }
+        }
         if v.first_bad_seq.is_none_or(|bad| anchor_seq < bad) {
             v.first_bad_seq = Some(anchor_seq);
             v.problem = Some(problem);
         }
         v.ok = false;
     }
-    TableIterator::once((v.ok, v.checked, v.first_bad_seq, v.problem))
+    v
+}
+
+const ANCHOR_SEAL_REWRITTEN: &str =
+    "the seal at the anchor's seq has another hash: the chain was rewritten";
+const CHAIN_ENDS_BEFORE_ANCHOR: &str =
+    "the chain ends before the anchor's seq: seals were removed from its end";
+
+/// `X/Y` (hexadecimal halves, as Postgres prints an LSN).
+fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.trim().split_once('/')?;
+    Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
+}
+
+fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Why an anchor logged at `lsn` on timeline `tli` is not in this history, when that is a
+/// recovery: this server's timeline history (pg_wal/<timeline>.history, written by every
+/// recovery that ends on a new timeline) says it left `tli` at a point before `lsn`.
+fn recovered_before(tli: u32, lsn: u64) -> Option<String> {
+    // SAFETY: reads the shared timeline of WAL insertion; no lock is needed for a read.
+    let current = unsafe { pg_sys::GetWALInsertionTimeLine() };
+    if tli >= current {
+        return None;
+    }
+    // A backend's working directory is the data directory.
+    let history = std::fs::read_to_string(format!("pg_wal/{current:08X}.history")).ok()?;
+    let (left_at, reason) = history.lines().find_map(|line| {
+        let mut fields = line.splitn(3, '\t');
+        let parent: u32 = fields.next()?.trim().parse().ok()?;
+        let switch = parse_lsn(fields.next()?)?;
+        (parent == tli).then(|| (switch, fields.next().unwrap_or("").trim().to_owned()))
+    })?;
+    (lsn > left_at).then(|| {
+        format!(
+            "the database was recovered to before this anchor: its history left timeline {tli} at \
+             {} ({reason}), before the anchor's position {}; the seals after that point were lost \
+             with the recovery, not removed from the chain",
+            format_lsn(left_at),
+            format_lsn(lsn)
+        )
+    })
 }
 
 fn anchor_problem(anchor_seq: i64, anchor_hash: &[u8]) -> Outcome<Option<String>> {
@@ -543,7 +635,7 @@ fn anchor_problem(anchor_seq: i64, anchor_hash: &[u8]) -> Outcome<Option<String>
         )?;
         let problem = match sealed {
             Some(hash) if hash == anchor_hash => None,
-            Some(_) => Some("the seal at the anchor's seq has another hash: the chain was rewritten"),
+            Some(_) => Some(ANCHOR_SEAL_REWRITTEN),
             None if anchor_seq == checkpoint_seq && checkpoint_hash == anchor_hash => None,
             None if anchor_seq == checkpoint_seq => {
                 Some("the purge checkpoint at the anchor's seq has another hash: the chain was rewritten")
@@ -553,7 +645,7 @@ fn anchor_problem(anchor_seq: i64, anchor_hash: &[u8]) -> Outcome<Option<String>
             None if anchor_seq < checkpoint_seq => {
                 Some("the anchor's seal was purged (the chain now starts after it): its hash cannot be checked; use a newer anchor")
             }
-            None => Some("the chain ends before the anchor's seq: seals were removed from its end"),
+            None => Some(CHAIN_ENDS_BEFORE_ANCHOR),
         };
         Ok(problem.map(str::to_owned))
     })

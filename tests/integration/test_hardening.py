@@ -14,13 +14,13 @@ APP = {
     "rotate_session_refresh_token(text,text,text)", "refresh_session_token(text,text,text)", "log_session_event(text,text,text,jsonb)", "verify_crisis_notice(text)", "expire_sessions(integer)",
     "mfa_enroll_totp(uuid)", "mfa_confirm_totp(uuid,text)", "mfa_verify(text,text)", "mfa_generate_backup_codes(uuid,integer)",
     "mfa_trust_device(text,integer)", "mfa_trusted_devices(uuid)", "mfa_revoke_device(uuid,uuid)", "mfa_required(text)",
-    "mfa_disable(uuid)",
+    "mfa_disable(uuid)", "node_role()",
 }
 ADMIN = {
     "rotate_key(text)", "reencrypt(integer)", "key_usage_summary()", "rewrap_keys(text)", "unretire_key(integer)", "destroy_key(integer)",
     "resync_sequences()", "verify_installation()", "deactivate_user(uuid,text)",
     "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)", "audit_seal_status()", "audit_chain_head()",
-    "verify_audit_chain(bigint,bytea)",
+    "verify_audit_chain(bigint,bytea)", "verify_audit_chain(bigint,bytea,integer,text)", "node_role()", "promote()",
     "verify_audit_chain()", "purge_audit_log(interval)", "enable_row_audit(regclass,text[],text[])",
     "disable_row_audit(regclass)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)", "protected_columns()",
     "distribute(integer)", "veteran_placement(uuid)", "seal_worker_audit_logs(integer)", "audit_chain_heads()",
@@ -28,7 +28,8 @@ ADMIN = {
 }
 AUDITOR = {"verify_installation()", "verify_audit_chain()", "verify_audit_chain(bigint,bytea)", "audit_seal_status()",
            "audit_chain_head()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)",
-           "protected_columns()", "audit_chain_heads()", "verify_audit_chain_at(text,bigint,bytea)"}
+           "protected_columns()", "audit_chain_heads()", "verify_audit_chain_at(text,bigint,bytea)",
+           "verify_audit_chain(bigint,bytea,integer,text)", "node_role()"}
 EXPECTED_FUNCTIONS = {"vetassist_app": APP, "vetassist_admin": ADMIN, "vetassist_auditor": AUDITOR, "public": set()}
 AUDITOR_TABLES = {"audit_log", "audit_seals"}
 

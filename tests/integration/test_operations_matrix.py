@@ -3,6 +3,7 @@ terminations while the sweeper seals, while a reserved or a dynamic recorder wri
 pressure from parallel query, and the exactly-once record of disclosures under terminations.
 Each case is a DBA's procedure that broke on 0.1.5 (docs/ARCHITECTURE.md, "Background worker").
 Durations are printed (pytest -s), never asserted."""
+import re
 import subprocess
 import threading
 import time
@@ -10,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PG_MAJOR, Cluster, install, installed_cluster
+from conftest import PG_MAJOR, Cluster, free_port, install, installed_cluster
 
 SWEEPER = "vetassist_auth sweeper"
 RECORDER = "vetassist_auth recorder"
@@ -394,3 +395,102 @@ def test_drop_database_and_a_template_copy_go_through_while_our_processes_are_co
             install(cluster, "vetassist")
             wait_for("the reserved recorder back", lambda: pids(su, RESERVED, "vetassist"))
             wait_for("the sweeper back", lambda: pids(su, SWEEPER, "vetassist"))
+
+
+ANCHOR = re.compile(r"audit chain head seq=(\d+) hash=([0-9a-f]{64}) timeline=(\d+) lsn=([0-9A-F]+/[0-9A-F]+)")
+
+
+def anchors(log):
+    return [(int(s), bytes.fromhex(h), int(t), lsn) for s, h, t, lsn in ANCHOR.findall(log)]
+
+
+def test_a_point_in_time_recovery_is_told_apart_from_seals_removed():
+    """0.1.5: after a point-in-time recovery the last logged anchor read as tampering ("the chain
+    ends before the anchor's seq"), indistinguishable from an attack."""
+    with installed_cluster("pitr", "vetassist_auth.sweep_database = 'vetassist'", "vetassist_auth.sweep_interval = 1",
+                           "wal_level = replica", "archive_mode = on",
+                           "archive_command = 'cp %p ../archive/%f'") as cluster:
+        cluster.as_postgres("mkdir", "-p", str(cluster.dir / "archive"))
+        backlog(cluster, 100)
+        first = wait_for("an anchor", lambda: anchors(cluster.log()))[-1]
+        base = cluster.dir / "base"
+        out = pg_tool(cluster, "pg_basebackup", "-D", str(base), "-X", "stream")
+        assert out.returncode == 0, out.stderr
+        with cluster.connect() as su:
+            su.execute("SELECT pg_create_restore_point('before_second_batch')")
+        backlog(cluster, 100)
+        later = wait_for("an anchor after the second batch",
+                         lambda: [a for a in anchors(cluster.log()) if a[0] > first[0]])[-1]
+        with cluster.connect() as su:
+            segment = su.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            wait_for("the WAL archived", lambda: su.execute(
+                "SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,)).fetchone()[0])
+        cluster.stop()
+        # The operator's point-in-time recovery: the base backup, the archive, a named target.
+        cluster.as_postgres("bash", "-c", f"""
+            set -e; chmod 700 '{base}'; touch '{base}/recovery.signal'
+            cat >> '{base}/postgresql.conf' <<CONF
+restore_command = 'cp {cluster.dir}/archive/%f %p'
+recovery_target_name = 'before_second_batch'
+recovery_target_action = 'promote'
+vetassist_auth.sweep_database = ''
+archive_mode = off
+CONF""")
+        cluster.as_postgres(str(cluster.bin / "pg_ctl"), "-D", str(base), "-l", str(cluster.dir / "recovered.log"),
+                            "-w", "-t", "60", "start")
+        try:
+            with cluster.connect("vetassist") as su:
+                wait_for("the promotion", lambda: not su.execute("SELECT pg_is_in_recovery()").fetchone()[0])
+            with cluster.connect("vetassist", "auditor_user") as auditor:
+                ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain(%s, %s, %s, %s)",
+                                                    later).fetchone()
+                assert not ok and problem.startswith("the database was recovered to before this anchor"), problem
+                # Without its position the anchor still reads as a cut: nothing says otherwise.
+                ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain(%s, %s)",
+                                                    later[:2]).fetchone()
+                assert not ok and "removed" in problem, problem
+                # The anchor from before the recovery point is in the recovered chain.
+                ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain(%s, %s, %s, %s)",
+                                                    first).fetchone()
+                assert ok, problem
+            with cluster.connect("vetassist") as su:
+                # A real cut after the recovery: the newest seal removed by a superuser.
+                su.execute("SET session_replication_role = replica")
+                su.execute("DELETE FROM vetassist_auth.audit_seals WHERE seq >= %s", (first[0],))
+            with cluster.connect("vetassist", "auditor_user") as auditor:
+                ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain(%s, %s, %s, %s)",
+                                                    first).fetchone()
+                assert not ok and "removed" in problem, problem
+        finally:
+            cluster.as_postgres(str(cluster.bin / "pg_ctl"), "-D", str(base), "-m", "fast", "-w", "stop")
+
+
+def test_a_physical_standby_refuses_disclosures_at_once_and_serves_them_after_promotion():
+    """On a hot standby no recorder can run (it starts when recovery ends): a disclosure waited
+    10 s for one, then failed with 53000. It is refused at once, and works after pg_promote()."""
+    with installed_cluster("physical", "vetassist_auth.sweep_database = 'vetassist'",
+                           "wal_level = replica") as cluster:
+        with cluster.connect("vetassist", "app_user") as app:
+            uid = veteran(app, "8600000001V1")
+        standby = cluster.dir / "standby"
+        out = pg_tool(cluster, "pg_basebackup", "-D", str(standby), "-X", "stream", "-R")
+        assert out.returncode == 0, out.stderr
+        port = free_port()
+        cluster.as_postgres("bash", "-c", f"chmod 700 '{standby}' && echo 'port = {port}' >> '{standby}/postgresql.conf'")
+        cluster.as_postgres(str(cluster.bin / "pg_ctl"), "-D", str(standby), "-l", str(cluster.dir / "standby.log"),
+                            "-w", "-t", "60", "start")
+        conninfo = f"host={cluster.dir} port={port} dbname=vetassist user=app_user"
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as app:
+                started = time.monotonic()
+                with pytest.raises(psycopg.Error) as refused:
+                    disclose(app, uid)
+                print(f"\nstandby disclosure refused after {time.monotonic() - started:.2f} s")
+                assert refused.value.sqlstate == "55000", refused.value
+                assert "hot standby" in str(refused.value)
+            with psycopg.connect(f"host={cluster.dir} port={port} dbname=vetassist user=postgres", autocommit=True) as su:
+                assert su.execute("SELECT pg_promote()").fetchone()[0]
+            with psycopg.connect(conninfo, autocommit=True) as app:
+                assert disclose(app, uid) == "VA-ACCESS"
+        finally:
+            cluster.as_postgres(str(cluster.bin / "pg_ctl"), "-D", str(standby), "-m", "fast", "-w", "stop")

@@ -146,7 +146,7 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
         log = c.log()
         assert "vetassist_auth sweeper: expire_sessions failed" not in log
         # The anchor for auditors, in the server log every interval (no PHI: a seq and a hash).
-        assert re.search(r"LOG:  vetassist_auth audit chain head seq=\d+ hash=[0-9a-f]{64}\n", log)
+        assert re.search(r"LOG:  vetassist_auth audit chain head seq=\d+ hash=[0-9a-f]{64} timeline=\d+ lsn=[0-9A-F]+/[0-9A-F]+\n", log)
         assert "terminated by signal" not in log and "server process" not in log
     # Stopped by the shutdown as every backend is (SIGTERM: Postgres's die()).
     assert 'terminating background worker "vetassist_auth sweeper" due to administrator command' in c.log()
