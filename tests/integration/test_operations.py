@@ -270,24 +270,27 @@ def test_changing_the_master_key_under_traffic_sees_no_error():
                     except Exception as e:  # noqa: BLE001
                         errors.append(f"{type(e).__name__}: {e}")
 
+        def traffic_goes_on():
+            """Waits until the clients have made calls since (polled, not a fixed sleep)."""
+            target = calls[0] + 16
+            for _ in range(1200):
+                if calls[0] >= target or errors:
+                    return
+                time.sleep(0.05)
+            raise AssertionError("the clients made no progress")
+
         threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
-        new_file = c.dir / "master-2.key"
-        c.as_postgres("bash", "-c", f"umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{new_file}'")
-        c.as_postgres("bash", "-c", f"""cat >> '{c.dir}/data/postgresql.conf' <<EOF
-vetassist_auth.previous_master_key_file = '{c.key_file}'
-vetassist_auth.master_key_file = '{new_file}'
-EOF""")
-        with c.connect() as conn:
-            conn.execute("SELECT pg_reload_conf()")
-        time.sleep(0.5)
+        traffic_goes_on()
+        # Returns once new sessions see the new master key (polled after the reload).
+        new_master_key_in_force(c, "master-2.key")
+        traffic_goes_on()
         with c.connect("vetassist", "admin_user") as admin:
             assert admin.execute("SELECT vetassist_auth.rewrap_keys()").fetchone()[0] == 2  # phi and hash
-        time.sleep(0.5)
+        traffic_goes_on()
         c.set_conf("vetassist_auth.previous_master_key_file", "")
-        time.sleep(0.5)
+        traffic_goes_on()
         stop.set()
         for t in threads:
             t.join()
@@ -319,20 +322,32 @@ def test_two_tabs_refreshing_at_once_keep_the_session(ops):
         uid = sign_in(app, "9900000015V1")
         app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-tabs', now() + interval '1 hour')", (uid,))
         assert app.execute("SELECT vetassist_auth.rotate_session_refresh_token('jwt-tabs', NULL, 'r1')").fetchone()[0] == 1
-    results = {}
+    results, pids = {}, {}
+    refreshed, second_waits = threading.Event(), threading.Event()
 
-    def tab(name, hold):
+    def tab(name):
         with ops.connect("vetassist", "app_user", autocommit=False) as conn:
+            pids[name] = conn.info.backend_pid
             results[name] = conn.execute("SELECT * FROM vetassist_auth.refresh_session_token('jwt-tabs', 'r1', %s)",
                                          (f"r2-{name}",)).fetchone()
-            time.sleep(hold)
+            if name == "a":  # holds its row lock until the second tab waits on it
+                refreshed.set()
+                assert second_waits.wait(60), "the second tab never waited on the first"
             conn.commit()
 
-    first = threading.Thread(target=tab, args=("a", 0.5))
+    # Ordered by events and the lock wait itself, not by sleeps (a slow thread start swapped them).
+    first = threading.Thread(target=tab, args=("a",))
     first.start()
-    time.sleep(0.2)
-    second = threading.Thread(target=tab, args=("b", 0))
+    assert refreshed.wait(60)
+    second = threading.Thread(target=tab, args=("b",))
     second.start()  # blocks on the first tab's row lock, then sees its rotation
+    with ops.connect("vetassist") as su:
+        for _ in range(1200):
+            if "b" in pids and su.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                          (pids["b"],)).fetchone()[0]:
+                break
+            time.sleep(0.05)
+    second_waits.set()
     first.join()
     second.join()
     assert results == {"a": (2, "r2-a"), "b": (2, "r2-a")}

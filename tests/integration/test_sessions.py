@@ -108,7 +108,11 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
             assert workers == 1
             # An error in one run (the extension is gone) is logged, and the worker keeps going.
             su.execute("DROP EXTENSION vetassist_auth")
-            time.sleep(2.5)
+            # Until a run has failed (polled: a fixed sleep may end before the next run).
+            deadline = time.monotonic() + 60
+            while "vetassist_auth sweeper: expire_sessions failed" not in c.log():
+                assert time.monotonic() < deadline, "the sweeper logged no failed run"
+                time.sleep(0.1)
             su.execute("CREATE EXTENSION vetassist_auth")
         with c.connect("vetassist", "app_user") as app:
             uid = new_user(app, "1012660000V000105")
