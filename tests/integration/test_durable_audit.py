@@ -121,14 +121,21 @@ def mfa_session(cluster, app, su, icn, jti):
     return uid, uri
 
 
+def wrong_code(uri, code):
+    """`code`, unless by chance it is the code of a step within 3 (90 s) of now: then another one
+    (the extension accepts one step either side), so a wrong code is never right by chance."""
+    near = {authenticator_code(uri, offset) for offset in range(-3, 4)}
+    return next(c for c in (code, *(d * 6 for d in "0123456789")) if c not in near)
+
+
 def test_fifty_rolled_back_mfa_failures_lock_the_user_out(cluster, su):
     with cluster.connect("vetassist", "app_user") as app:
         uid, uri = mfa_session(cluster, app, su, "7000000006V1", "jti-mfa-rollback")
-        outcomes = []
+        outcomes, wrong = [], wrong_code(uri, "000000")
         for _ in range(50):
             try:
                 with app.transaction():
-                    ok = app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rollback', '000000')").fetchone()[0]
+                    ok = app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rollback', %s)", (wrong,)).fetchone()[0]
                     outcomes.append(ok)
                     raise psycopg.Rollback()
             except psycopg.errors.InvalidAuthorizationSpecification:
@@ -146,7 +153,7 @@ def test_fifty_rolled_back_mfa_failures_lock_the_user_out(cluster, su):
 def test_one_repeatable_read_transaction_cannot_try_more_codes_than_the_limit(cluster, su):
     """Its snapshot never shows the recorder's rows; the lock-out reads them on a fresh one."""
     with cluster.connect("vetassist", "app_user") as app:
-        uid, _ = mfa_session(cluster, app, su, "7000000007V1", "jti-mfa-rr")
+        uid, uri = mfa_session(cluster, app, su, "7000000007V1", "jti-mfa-rr")
         app.autocommit = False
         app.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         app.execute("SELECT 1")
@@ -154,7 +161,7 @@ def test_one_repeatable_read_transaction_cannot_try_more_codes_than_the_limit(cl
         for _ in range(8):
             app.execute("SAVEPOINT attempt")
             try:
-                results.append(app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rr', '111111')").fetchone()[0])
+                results.append(app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rr', %s)", (wrong_code(uri, "111111"),)).fetchone()[0])
                 app.execute("RELEASE SAVEPOINT attempt")
             except psycopg.errors.InvalidAuthorizationSpecification:
                 results.append(MFA_LOCKED)
@@ -174,7 +181,7 @@ def test_the_lockout_ends_and_a_success_starts_the_count_again(cluster, su):
     try:
         with cluster.connect("vetassist", "app_user") as app:
             for _ in range(5):
-                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends', '222222')").fetchone()[0] is False
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends', %s)", (wrong_code(uri, "222222"),)).fetchone()[0] is False
             app.execute("SELECT vetassist_auth.create_session(%s, 'jti-mfa-ends-2', now() + interval '1 hour')", (uid,))
             with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
                 app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', '222222')")
@@ -184,11 +191,11 @@ def test_the_lockout_ends_and_a_success_starts_the_count_again(cluster, su):
         with cluster.connect("vetassist", "app_user") as app:
             # The lock-out is over: a full set of attempts again, then a success resets the count.
             for _ in range(4):
-                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', '333333')").fetchone()[0] is False
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', %s)", (wrong_code(uri, "333333"),)).fetchone()[0] is False
             assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', %s)", (authenticator_code(uri, 1),)).fetchone()[0]
             app.execute("SELECT vetassist_auth.create_session(%s, 'jti-mfa-ends-3', now() + interval '1 hour')", (uid,))
             for _ in range(4):
-                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-3', '444444')").fetchone()[0] is False
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-3', %s)", (wrong_code(uri, "444444"),)).fetchone()[0] is False
     finally:
         with cluster.connect("vetassist") as owner:
             owner.execute("ALTER ROLE app_user RESET vetassist_auth.mfa_lockout")
