@@ -61,6 +61,17 @@ def workers(nodes):
     return [n for n in nodes if n.role == "worker"]
 
 
+def reloaded(node, name, value):
+    """After pg_reload_conf(): waits until new sessions of `node` see `name` = `value` (the
+    postmaster reloads asynchronously; a session started before it would run on the old value)."""
+    for _ in range(200):
+        with node.connect() as conn:
+            if conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] == value:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} was not reloaded on {node.address}")
+
+
 def sign_in(app, n):
     """A veteran signs in: account, VA tokens, a session. Returns (user id, jwt id)."""
     icn = f"10126679{n:02d}V1234{n:02d}"
@@ -273,6 +284,7 @@ def test_worker_logs_keep_no_value_of_our_calls(nodes, coordinator, app):
         with worker.connect() as w:
             w.execute("ALTER SYSTEM SET log_statement = 'all'")
             w.execute("SELECT pg_reload_conf()")
+        reloaded(worker, "log_statement", "all")
     try:
         uid, jti = sign_in(app, 47)
         app.execute("SELECT vetassist_auth.create_session(%s, 'jti-LOGCANARY-47', now() + interval '1 day', "
@@ -427,6 +439,7 @@ def test_a_purge_on_the_coordinator_purges_every_node(nodes, coordinator, app):
         with node.connect() as su:
             su.execute("ALTER SYSTEM SET vetassist_auth.audit_min_retention = 0")
             su.execute("SELECT pg_reload_conf()")
+        reloaded(node, "vetassist_auth.audit_min_retention", "0")
     try:
         with coordinator.connect("citus_admin") as admin:
             assert admin.execute("SELECT vetassist_auth.purge_audit_log('0 seconds')").fetchone()[0] > 0

@@ -101,11 +101,13 @@ def test_writers_never_wait_for_the_sealer(cluster):
     with cluster.connect("vetassist", "admin_user", autocommit=False) as sealing, \
             cluster.connect("vetassist", "app_user") as writer:
         sealing.execute("SELECT vetassist_auth.seal_audit_log(10)")  # transaction left open
-        writer.execute("SET statement_timeout = '2s'")
+        # A writer that waited would wait until the commit below, for ever: 30 s tells that from
+        # a slow machine (2 s did not always).
+        writer.execute("SET statement_timeout = '30s'")
         writer.execute("SELECT vetassist_auth.audit_event('app', 'written_while_sealing', 'info', '{}')")
         # A second sealer does not queue behind the first either: it returns at once.
         with cluster.connect("vetassist", "admin_user") as other:
-            other.execute("SET statement_timeout = '2s'")
+            other.execute("SET statement_timeout = '30s'")
             assert other.execute("SELECT vetassist_auth.seal_audit_log(10)").fetchone()[0] == 0
         sealing.commit()
 
@@ -154,7 +156,7 @@ def test_no_role_can_stall_the_sealer_or_key_management_with_advisory_locks(chai
         squatter.execute("SELECT pg_advisory_lock(1986095922, 2)")
         squatter.execute("SELECT pg_advisory_lock(1986095921, hashtext('phi'))")
         with chain.connect("vetassist", "admin_user") as admin:
-            admin.execute("SET lock_timeout = '5s'")  # a regression fails here instead of hanging
+            admin.execute("SET lock_timeout = '30s'")  # a regression fails here instead of hanging (the squatter never lets go)
             assert admin.execute("SELECT vetassist_auth.seal_audit_log()").fetchone()[0] >= 3
             assert admin.execute("SELECT vetassist_auth.rotate_key('phi')").fetchone()[0] > 0
             admin.execute("SELECT vetassist_auth.purge_audit_log('100 years')")

@@ -71,12 +71,36 @@ def test_a_disclosure_followed_by_an_error_is_recorded(cluster, su):
     assert rows(su, uid, "phi_access", "user_profile_read") == 1
 
 
+def wait_for(what, check, timeout=60.0):
+    """Polls `check` until it returns something true; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def test_a_cancelled_statement_and_a_terminated_backend_leave_their_rows(cluster, su):
     with cluster.connect("vetassist", "app_user") as app:
         uid = veteran(app, "7000000004V1")
-        app.execute("SET statement_timeout = '300ms'")
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            app.execute("SELECT p.email, pg_sleep(5) FROM vetassist_auth.user_profile(%s) p", (uid,))
+        # Cancelled once the disclosure is on record (a fixed statement_timeout could fire before
+        # the profile was read on a loaded machine), while the statement still runs.
+        pid, outcome = app.info.backend_pid, []
+
+        def read_then_sleep():
+            try:
+                app.execute("SELECT p.email, pg_sleep(60) FROM vetassist_auth.user_profile(%s) p", (uid,))
+            except psycopg.Error as e:
+                outcome.append(e)
+
+        reader = threading.Thread(target=read_then_sleep)
+        reader.start()
+        wait_for("the disclosure on record", lambda: rows(su, uid, "phi_access", "user_profile_read"))
+        su.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        reader.join()
+        assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled), outcome
     assert rows(su, uid, "phi_access", "user_profile_read") == 1
 
     victim = cluster.connect("vetassist", "app_user", autocommit=False)
@@ -97,14 +121,21 @@ def mfa_session(cluster, app, su, icn, jti):
     return uid, uri
 
 
+def wrong_code(uri, code):
+    """`code`, unless by chance it is the code of a step within 3 (90 s) of now: then another one
+    (the extension accepts one step either side), so a wrong code is never right by chance."""
+    near = {authenticator_code(uri, offset) for offset in range(-3, 4)}
+    return next(c for c in (code, *(d * 6 for d in "0123456789")) if c not in near)
+
+
 def test_fifty_rolled_back_mfa_failures_lock_the_user_out(cluster, su):
     with cluster.connect("vetassist", "app_user") as app:
         uid, uri = mfa_session(cluster, app, su, "7000000006V1", "jti-mfa-rollback")
-        outcomes = []
+        outcomes, wrong = [], wrong_code(uri, "000000")
         for _ in range(50):
             try:
                 with app.transaction():
-                    ok = app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rollback', '000000')").fetchone()[0]
+                    ok = app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rollback', %s)", (wrong,)).fetchone()[0]
                     outcomes.append(ok)
                     raise psycopg.Rollback()
             except psycopg.errors.InvalidAuthorizationSpecification:
@@ -122,7 +153,7 @@ def test_fifty_rolled_back_mfa_failures_lock_the_user_out(cluster, su):
 def test_one_repeatable_read_transaction_cannot_try_more_codes_than_the_limit(cluster, su):
     """Its snapshot never shows the recorder's rows; the lock-out reads them on a fresh one."""
     with cluster.connect("vetassist", "app_user") as app:
-        uid, _ = mfa_session(cluster, app, su, "7000000007V1", "jti-mfa-rr")
+        uid, uri = mfa_session(cluster, app, su, "7000000007V1", "jti-mfa-rr")
         app.autocommit = False
         app.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         app.execute("SELECT 1")
@@ -130,7 +161,7 @@ def test_one_repeatable_read_transaction_cannot_try_more_codes_than_the_limit(cl
         for _ in range(8):
             app.execute("SAVEPOINT attempt")
             try:
-                results.append(app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rr', '111111')").fetchone()[0])
+                results.append(app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-rr', %s)", (wrong_code(uri, "111111"),)).fetchone()[0])
                 app.execute("RELEASE SAVEPOINT attempt")
             except psycopg.errors.InvalidAuthorizationSpecification:
                 results.append(MFA_LOCKED)
@@ -143,24 +174,28 @@ def test_one_repeatable_read_transaction_cannot_try_more_codes_than_the_limit(cl
 def test_the_lockout_ends_and_a_success_starts_the_count_again(cluster, su):
     with cluster.connect("vetassist", "app_user") as app:
         uid, uri = mfa_session(cluster, app, su, "7000000008V1", "jti-mfa-ends")
-    # A superuser-only setting: the application role gets it from ALTER ROLE.
+    # A superuser-only setting: the application role gets it from ALTER ROLE. An hour while the
+    # lock-out is checked (a stall of the machine must not end it early), then 2 s to watch it end.
     with cluster.connect("vetassist") as owner:
-        owner.execute("ALTER ROLE app_user SET vetassist_auth.mfa_lockout = 2")
+        owner.execute("ALTER ROLE app_user SET vetassist_auth.mfa_lockout = 3600")
     try:
         with cluster.connect("vetassist", "app_user") as app:
             for _ in range(5):
-                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends', '222222')").fetchone()[0] is False
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends', %s)", (wrong_code(uri, "222222"),)).fetchone()[0] is False
             app.execute("SELECT vetassist_auth.create_session(%s, 'jti-mfa-ends-2', now() + interval '1 hour')", (uid,))
             with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
                 app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', '222222')")
-            time.sleep(2.2)
+        with cluster.connect("vetassist") as owner:
+            owner.execute("ALTER ROLE app_user SET vetassist_auth.mfa_lockout = 2")
+        time.sleep(2.2)  # at least the 2 s lock-out since the fifth failure
+        with cluster.connect("vetassist", "app_user") as app:
             # The lock-out is over: a full set of attempts again, then a success resets the count.
             for _ in range(4):
-                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', '333333')").fetchone()[0] is False
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', %s)", (wrong_code(uri, "333333"),)).fetchone()[0] is False
             assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-2', %s)", (authenticator_code(uri, 1),)).fetchone()[0]
             app.execute("SELECT vetassist_auth.create_session(%s, 'jti-mfa-ends-3', now() + interval '1 hour')", (uid,))
             for _ in range(4):
-                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-3', '444444')").fetchone()[0] is False
+                assert app.execute("SELECT vetassist_auth.mfa_verify('jti-mfa-ends-3', %s)", (wrong_code(uri, "444444"),)).fetchone()[0] is False
     finally:
         with cluster.connect("vetassist") as owner:
             owner.execute("ALTER ROLE app_user RESET vetassist_auth.mfa_lockout")
@@ -311,7 +346,10 @@ def test_a_database_closed_to_connections_still_gets_its_rows_written():
         with c.connect("vetassist", "app_user") as app, c.connect() as su:
             uid = veteran(app, "7000000017V1")
             su.execute("ALTER DATABASE vetassist ALLOW_CONNECTIONS false")
-            time.sleep(1.5)  # the recorder that signed the veteran in has left
+            # The recorder that signed the veteran in has left (polled: a fixed sleep may end first).
+            wait_for("the recorder to leave", lambda: not su.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'vetassist' AND backend_type LIKE 'vetassist_auth%recorder'"
+            ).fetchone()[0])
             app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
             su.execute("ALTER DATABASE vetassist ALLOW_CONNECTIONS true")
         with c.connect("vetassist") as su:

@@ -41,6 +41,11 @@ def test_crash_in_the_middle_of_load_loses_no_committed_row_and_the_chain_verifi
         for t in threads:
             t.start()
         time.sleep(3)
+        # The crash comes once every client has had a store confirmed (polled: on a loaded machine
+        # 3 s may pass before the first one, and the test then checked nothing).
+        deadline = time.monotonic() + 120
+        while len(committed) < len(users) and time.monotonic() < deadline:
+            time.sleep(0.05)
         c.as_postgres(str(BIN / "pg_ctl"), "-D", str(c.dir / "data"), "-m", "immediate", "stop")
         stop.set()
         for t in threads:

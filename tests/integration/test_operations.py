@@ -150,6 +150,11 @@ def test_rotating_and_reencrypting_in_a_loop_under_writers_and_readers(ops):
     for t in threads:
         t.start()
     time.sleep(10)
+    # ... and until every ICN has signed in at least once (the random choice may leave one out on a
+    # slow machine), or a client failed.
+    deadline = time.monotonic() + 120
+    while len(accounts) < len(icns) and not errors and time.monotonic() < deadline:
+        time.sleep(0.1)
     stop.set()
     for t in threads:
         t.join()
@@ -256,7 +261,7 @@ def test_changing_the_master_key_under_traffic_sees_no_error():
             su.execute("GRANT pg_read_server_files TO admin_user")
             old_values = [su.execute("SELECT vetassist_auth.encrypt_text(%s, 'c')", (f"v{i}",)).fetchone()[0] for i in range(20)]
             email_hash = su.execute("SELECT vetassist_auth.field_hash('a@b.c', 'email')").fetchone()[0]
-        errors, calls, stop = [], [0], threading.Event()
+        errors, calls, stop = [], [0] * 8, threading.Event()  # calls: per client
 
         def client(n):
             with c.connect("vetassist", "app_user") as conn:
@@ -266,33 +271,38 @@ def test_changing_the_master_key_under_traffic_sees_no_error():
                         assert conn.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (old_values[i],)).fetchone()[0] == f"v{i}"
                         assert conn.execute("SELECT vetassist_auth.field_hash('A@B.C', 'email')").fetchone()[0] == email_hash
                         assert conn.execute("SELECT vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('new', 'c'), 'c')").fetchone()[0] == "new"
-                        calls[0] += 1
+                        calls[n] += 1
                     except Exception as e:  # noqa: BLE001
                         errors.append(f"{type(e).__name__}: {e}")
+
+        def traffic_goes_on():
+            """Waits until every client has made two calls since (polled, not a fixed sleep): its
+            backend has then begun a statement after the step, and so has taken a reload sent
+            before it (Postgres reloads between statements)."""
+            targets = [done + 2 for done in calls]
+            for _ in range(1200):
+                if all(done >= target for done, target in zip(calls, targets)) or errors:
+                    return
+                time.sleep(0.05)
+            raise AssertionError(f"the clients made no progress: {calls} of {targets}")
 
         threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
-        new_file = c.dir / "master-2.key"
-        c.as_postgres("bash", "-c", f"umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > '{new_file}'")
-        c.as_postgres("bash", "-c", f"""cat >> '{c.dir}/data/postgresql.conf' <<EOF
-vetassist_auth.previous_master_key_file = '{c.key_file}'
-vetassist_auth.master_key_file = '{new_file}'
-EOF""")
-        with c.connect() as conn:
-            conn.execute("SELECT pg_reload_conf()")
-        time.sleep(0.5)
+        traffic_goes_on()
+        # Returns once new sessions see the new master key (polled after the reload).
+        new_master_key_in_force(c, "master-2.key")
+        traffic_goes_on()
         with c.connect("vetassist", "admin_user") as admin:
             assert admin.execute("SELECT vetassist_auth.rewrap_keys()").fetchone()[0] == 2  # phi and hash
-        time.sleep(0.5)
+        traffic_goes_on()
         c.set_conf("vetassist_auth.previous_master_key_file", "")
-        time.sleep(0.5)
+        traffic_goes_on()
         stop.set()
         for t in threads:
             t.join()
         assert not errors, errors[:5]
-        assert calls[0] > 50
+        assert sum(calls) > 50
         with c.connect("vetassist", "app_user") as conn:  # the old file is no longer consulted
             assert conn.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (old_values[0],)).fetchone()[0] == "v0"
 
@@ -319,20 +329,32 @@ def test_two_tabs_refreshing_at_once_keep_the_session(ops):
         uid = sign_in(app, "9900000015V1")
         app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-tabs', now() + interval '1 hour')", (uid,))
         assert app.execute("SELECT vetassist_auth.rotate_session_refresh_token('jwt-tabs', NULL, 'r1')").fetchone()[0] == 1
-    results = {}
+    results, pids = {}, {}
+    refreshed, second_waits = threading.Event(), threading.Event()
 
-    def tab(name, hold):
+    def tab(name):
         with ops.connect("vetassist", "app_user", autocommit=False) as conn:
+            pids[name] = conn.info.backend_pid
             results[name] = conn.execute("SELECT * FROM vetassist_auth.refresh_session_token('jwt-tabs', 'r1', %s)",
                                          (f"r2-{name}",)).fetchone()
-            time.sleep(hold)
+            if name == "a":  # holds its row lock until the second tab waits on it
+                refreshed.set()
+                assert second_waits.wait(60), "the second tab never waited on the first"
             conn.commit()
 
-    first = threading.Thread(target=tab, args=("a", 0.5))
+    # Ordered by events and the lock wait itself, not by sleeps (a slow thread start swapped them).
+    first = threading.Thread(target=tab, args=("a",))
     first.start()
-    time.sleep(0.2)
-    second = threading.Thread(target=tab, args=("b", 0))
+    assert refreshed.wait(60)
+    second = threading.Thread(target=tab, args=("b",))
     second.start()  # blocks on the first tab's row lock, then sees its rotation
+    with ops.connect("vetassist") as su:
+        for _ in range(1200):
+            if "b" in pids and su.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                          (pids["b"],)).fetchone()[0]:
+                break
+            time.sleep(0.05)
+    second_waits.set()
     first.join()
     second.join()
     assert results == {"a": (2, "r2-a"), "b": (2, "r2-a")}

@@ -186,7 +186,7 @@ def test_a_key_at_the_warning_mark_is_rotated_automatically(cluster):
         su.execute("SELECT setval('vetassist_auth.phi_encryptions_seq', %s)", (base + (1 << 30) // 128,))
         for _ in range(200):  # this backend's lease runs out and the next one is at the mark
             app.execute("SELECT vetassist_auth.encrypt_text('x', 'c')")
-        for _ in range(50):
+        for _ in range(600):  # up to 60 s on a loaded machine; done as soon as it is seen
             active = su.execute("SELECT key_id FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active'").fetchone()[0]
             if active != key_id:
                 break
@@ -254,9 +254,16 @@ def test_tokens_are_neither_stored_nor_read_for_a_deactivated_account(cluster, s
             except psycopg.errors.InvalidAuthorizationSpecification:
                 outcome.append("28000")
 
+        pid = app.info.backend_pid
         t = threading.Thread(target=store)
         t.start()
-        time.sleep(0.3)
+        # The store waits on the deactivation's lock before it commits (polled: a fixed sleep let
+        # a slow thread start after the commit, and the race was not run).
+        deadline = time.monotonic() + 60
+        while t.is_alive() and not su.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                              (pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the store never waited on the deactivation"
+            time.sleep(0.02)
         admin.commit()
         t.join()
     assert outcome == ["28000"]

@@ -287,8 +287,10 @@ def test_crisis_event_is_notified_after_commit(client: VetAssistClient, su: Conn
     listener = threading.Thread(target=listen)
     listener.start()
     deadline = time.monotonic() + 10
+    # Idle after its LISTEN: the LISTEN has committed (a listener registers at commit; while the
+    # statement is still active a notification sent now would be missed).
     while not su.execute("SELECT 1 FROM pg_stat_activity WHERE usename = 'app_user'"
-                         " AND query = 'LISTEN vetassist_auth_crisis'").fetchall():
+                         " AND query = 'LISTEN vetassist_auth_crisis' AND state = 'idle'").fetchall():
         assert time.monotonic() < deadline, "the listener did not start"
         time.sleep(0.02)
 

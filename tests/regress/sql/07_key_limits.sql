@@ -5,9 +5,10 @@
 SELECT setval('vetassist_auth.phi_encryptions_seq', counter_base + (2 ^ 30)::bigint / 128 - 1) > 0 AS near_warning
 FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active';
 SELECT count(vetassist_auth.encrypt_text('x', 'c')) AS encrypted_with_warning FROM generate_series(1, 300);
--- The recorder rotates it in a transaction of its own, shortly after the first warning.
+-- The recorder rotates it in a transaction of its own, shortly after the first warning (polled
+-- for up to 120 s: a loaded machine may take its time; the loop ends as soon as it is seen).
 DO $$BEGIN
-    FOR i IN 1..100 LOOP
+    FOR i IN 1..1200 LOOP
         EXIT WHEN EXISTS (SELECT 1 FROM vetassist_auth.audit_log WHERE event_type = 'key_rotated_automatically');
         PERFORM pg_sleep(0.1);
     END LOOP;

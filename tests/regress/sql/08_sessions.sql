@@ -35,9 +35,10 @@ FROM vetassist_auth.session_activity a JOIN vetassist_auth.sessions s ON s.id = 
 
 -- session_status shares its name with the type session_status: pass text (a typed parameter,
 -- or ::text on a literal), or Postgres reads the call as a cast to the enum.
--- Idle boundary: one second before the idle deadline still ACTIVE (and IDLE by session_status
--- inside the warning window); at the deadline EXPIRED, never ACTIVE.
-UPDATE vetassist_auth.sessions SET last_activity_at = now() - interval '14 minutes 59 seconds', live_until = now() + interval '1 second' WHERE jwt_id = 'jwt-b';
+-- Idle boundary: before the idle deadline still ACTIVE (and IDLE by session_status inside the
+-- warning window); at the deadline EXPIRED, never ACTIVE. (30 s before it, not 1 s: the clock runs
+-- on between statements, and a stall of the machine must not carry the call past the deadline.)
+UPDATE vetassist_auth.sessions SET last_activity_at = now() - interval '14 minutes 30 seconds', live_until = now() + interval '30 seconds' WHERE jwt_id = 'jwt-b';
 SET ROLE vetassist_app;
 SELECT vetassist_auth.session_status('jwt-b'::text) AS status_in_warning_window;
 RESET ROLE;

@@ -7,6 +7,11 @@ CREATE FUNCTION pg_temp.secret(user_id uuid) RETURNS bytea LANGUAGE sql AS $$
     FROM vetassist_auth.mfa_settings WHERE mfa_settings.user_id = secret.user_id $$;
 CREATE FUNCTION pg_temp.code_now(user_id uuid, offset_steps integer DEFAULT 0) RETURNS text LANGUAGE sql AS $$
     SELECT vetassist_auth.totp_code(pg_temp.secret(user_id), extract(epoch FROM clock_timestamp())::bigint / 30 + offset_steps) $$;
+-- A wrong 6-digit code that cannot be right by chance: the n-th candidate that is no step's code
+-- within three steps (90 s) of now (the extension accepts one step either side).
+CREATE FUNCTION pg_temp.wrong_code(user_id uuid, n integer) RETURNS text LANGUAGE sql AS $$
+    SELECT w FROM unnest(ARRAY['000000', '999999', '111111', '888888', '222222', '777777', '333333']) WITH ORDINALITY AS c(w, i)
+    WHERE w NOT IN (SELECT pg_temp.code_now(user_id, o) FROM generate_series(-3, 3) o) ORDER BY i OFFSET n - 1 LIMIT 1 $$;
 -- Codes computed by the superuser, handed to the app session through a table it can read.
 CREATE TEMP TABLE codes (name text PRIMARY KEY, code text);
 GRANT SELECT ON codes TO vetassist_app;
@@ -25,9 +30,10 @@ SELECT regress.try(format('SELECT vetassist_auth.mfa_verify(%L, %L)', 'jwt-none'
 RESET ROLE;
 SELECT octet_length(pg_temp.secret(id)) AS secret_bytes, totp_enabled FROM t, vetassist_auth.mfa_settings m WHERE m.user_id = t.id;
 INSERT INTO codes SELECT 'confirm', pg_temp.code_now(id) FROM t;
+INSERT INTO codes SELECT 'wrong-confirm', pg_temp.wrong_code(id, 1) FROM t;
 
 SET ROLE vetassist_app;
-SELECT vetassist_auth.mfa_confirm_totp(id, '000000') AS wrong_code_confirms FROM t;
+SELECT vetassist_auth.mfa_confirm_totp(t.id, c.code) AS wrong_code_confirms FROM t, codes c WHERE c.name = 'wrong-confirm';
 SELECT vetassist_auth.mfa_confirm_totp(t.id, c.code) AS confirmed FROM t, codes c WHERE c.name = 'confirm';
 SELECT regress.try(format('SELECT vetassist_auth.mfa_enroll_totp(%L)', id)) AS enroll_when_enabled FROM t;
 SELECT mfa_enabled FROM t, vetassist_auth.user_profile(t.id);
@@ -77,11 +83,15 @@ RESET ROLE;
 -- (The two failed backup codes above already count: start from zero.) The failures are counted
 -- from the audit log, where they are recorded whatever becomes of the caller's transaction.
 UPDATE vetassist_auth.mfa_settings m SET failures_counted_from = clock_timestamp() FROM t WHERE m.user_id = t.id;
+INSERT INTO codes SELECT 'wrong-1', pg_temp.wrong_code(id, 1) FROM t;
+INSERT INTO codes SELECT 'wrong-2', pg_temp.wrong_code(id, 2) FROM t;
 SET vetassist_auth.mfa_max_failures = 3;
-SET vetassist_auth.mfa_lockout = 1;
+-- An hour while the lock-out is checked, so that no stall of the machine ends it early; it is
+-- shortened below to watch it end.
+SET vetassist_auth.mfa_lockout = 3600;
 SET ROLE vetassist_app;
-SELECT vetassist_auth.mfa_verify('jwt-mfa-5', '000000') AS f1, vetassist_auth.mfa_verify('jwt-mfa-5', 'nonsense') AS f2;
-SELECT vetassist_auth.mfa_verify('jwt-mfa-5', '999999') AS f3;
+SELECT vetassist_auth.mfa_verify('jwt-mfa-5', c.code) AS f1, vetassist_auth.mfa_verify('jwt-mfa-5', 'nonsense') AS f2 FROM codes c WHERE c.name = 'wrong-1';
+SELECT vetassist_auth.mfa_verify('jwt-mfa-5', c.code) AS f3 FROM codes c WHERE c.name = 'wrong-2';
 SELECT vetassist_auth.touch_session('jwt-mfa-5') AS locked_session;
 SELECT regress.try('SELECT vetassist_auth.mfa_verify(''jwt-mfa-4'', ''000000'')') AS while_locked;
 RESET ROLE;
@@ -90,7 +100,9 @@ SET ROLE vetassist_app;
 SELECT regress.try(format('SELECT vetassist_auth.mfa_verify(%L, %L)', 'jwt-mfa-4', c.code)) AS right_code_while_locked FROM codes c WHERE c.name = 'locked';
 RESET ROLE;
 SELECT s.failures, s.locked_until IS NOT NULL AS locked FROM t, vetassist_auth.mfa_settings m, vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from) s WHERE m.user_id = t.id;
--- The lock-out ends (mfa_lockout = 1 s).
+-- The lock-out ends once mfa_lockout (now 1 s) has passed since the third failure: at least the
+-- 1.1 s slept here.
+SET vetassist_auth.mfa_lockout = 1;
 SELECT pg_sleep(1.1);
 SET ROLE vetassist_app;
 SELECT vetassist_auth.mfa_verify('jwt-mfa-4', c.code) AS after_lockout FROM codes c WHERE c.name = 'locked';
@@ -107,4 +119,23 @@ RESET ROLE;
 SELECT event_type, outcome, count(*) FROM vetassist_auth.audit_log a JOIN t ON a.subject_user_id = t.id
 WHERE category = 'mfa' GROUP BY 1, 2 ORDER BY 1, 2;
 -- No code, secret or backup code reaches the audit log.
-SELECT count(*) AS audit_rows_with_codes FROM vetassist_auth.audit_log a, codes c WHERE a::text LIKE '%' || c.code || '%';
+-- Sound for 6 random digits (a LIKE on the row text matches digits of timestamps, UUIDs and hashes by
+-- chance): each text column and each key and scalar of details, compared whole and searched for the
+-- code as a digit-delimited run once timestamps, UUIDs and hex digests in it are blanked out.
+CREATE FUNCTION pg_temp.audit_fields(a vetassist_auth.audit_log) RETURNS SETOF text LANGUAGE sql AS $$
+    SELECT unnest(ARRAY[a.db_role, a.category, a.event_type, a.outcome, a.target_table, a.target_id] || a.changed_columns)
+    UNION ALL
+    SELECT k FROM jsonb_path_query(a.details, 'strict $.**') v,
+                  jsonb_object_keys(CASE WHEN jsonb_typeof(v) = 'object' THEN v ELSE '{}' END) k
+    UNION ALL
+    SELECT v #>> '{}' FROM jsonb_path_query(a.details, 'strict $.**') v WHERE jsonb_typeof(v) IN ('string', 'number') $$;
+CREATE FUNCTION pg_temp.carries(field text, code text) RETURNS boolean LANGUAGE sql AS $$
+    SELECT field = code OR regexp_replace(field,
+        '[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9:.]+([+-][0-9:]+|Z)?|[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}|[0-9a-f]{16,}', ' ', 'gi')
+        ~ ('(^|[^0-9])' || code || '([^0-9]|$)') $$;
+SELECT count(*) AS audit_rows_with_codes FROM vetassist_auth.audit_log a, codes c
+WHERE EXISTS (SELECT 1 FROM pg_temp.audit_fields(a) f WHERE pg_temp.carries(f, c.code));
+-- Backup codes (12 characters of 31, grouped) cannot occur by chance: searched in the whole row text,
+-- as shown and as typed above.
+SELECT count(*) AS audit_rows_with_backup_codes FROM vetassist_auth.audit_log a, backup b, unnest(b.codes) c
+WHERE a::text LIKE '%' || c || '%' OR a::text ILIKE '%' || replace(c, '-', ' ') || '%';

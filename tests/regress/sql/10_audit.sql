@@ -35,7 +35,8 @@ SET ROLE vetassist_admin;
 SELECT regress.try('SELECT vetassist_auth.enable_row_audit(''public.notes'', ''{no_such_column}'')') AS bad_column;
 SELECT vetassist_auth.enable_row_audit('public.notes', '{diagnosis}');
 RESET ROLE;
-INSERT INTO public.notes VALUES (1, NULL, 'first visit', 'PTSD-SECRET-DX', '\xdeadbeef');
+-- The blob is 16 bytes: its hex (searched for below) cannot occur by chance in a UUID or a hash.
+INSERT INTO public.notes VALUES (1, NULL, 'first visit', 'PTSD-SECRET-DX', '\xdeadbeefdeadbeefdeadbeefdeadbeef');
 INSERT INTO public.notes VALUES (1, NULL, 'upserted', 'PTSD-SECRET-DX2', NULL)
     ON CONFLICT (id) DO UPDATE SET body = excluded.body, diagnosis = excluded.diagnosis;
 UPDATE public.notes SET body = body;  -- changes nothing, so logs nothing
@@ -49,7 +50,7 @@ DELETE FROM public.notes;
 SELECT event_type, target_id, changed_columns, details FROM vetassist_auth.audit_log
 WHERE target_table = 'public.notes' ORDER BY id;
 SELECT count(*) AS redacted_value_anywhere FROM vetassist_auth.audit_log a
-WHERE a::text LIKE '%PTSD-SECRET%' OR a::text LIKE '%deadbeef%';
+WHERE a::text LIKE '%PTSD-SECRET%' OR a::text LIKE '%deadbeefdeadbeefdeadbeefdeadbeef%';
 SET ROLE vetassist_admin;
 SELECT vetassist_auth.disable_row_audit('public.notes') AS disabled, vetassist_auth.disable_row_audit('public.notes') AS disabled_again;
 RESET ROLE;
