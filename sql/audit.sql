@@ -108,6 +108,8 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM vetassist_auth.attach_row_audit(target, redact, ignore);
+    INSERT INTO vetassist_auth.row_audit_registry AS r (target_table, enabled) VALUES (target::text, true)
+    ON CONFLICT (target_table) DO UPDATE SET enabled = true, changed_at = clock_timestamp();
     PERFORM vetassist_auth.write_audit('audit', 'row_audit_enabled', 'success', NULL, target::text, NULL,
         jsonb_build_object('redact', redact, 'ignore', ignore));
 END
@@ -122,6 +124,8 @@ BEGIN
         RETURN false;
     END IF;
     EXECUTE format('DROP TRIGGER vetassist_row_audit ON %s', target);
+    UPDATE vetassist_auth.row_audit_registry SET enabled = false, changed_at = clock_timestamp()
+    WHERE target_table = target::text;
     PERFORM vetassist_auth.write_audit('audit', 'row_audit_disabled', 'success', NULL, target::text, NULL);
     RETURN true;
 END

@@ -9,7 +9,7 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_routes', 'session_activity', 'session_events',
                              'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
-                             'audit_seal_state'] LOOP
+                             'audit_seal_state', 'row_audit_registry', 'node_promotions'] LOOP
         check_name := 'table ' || t;
         ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
         detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
@@ -111,16 +111,13 @@ BEGIN
     detail := coalesce('not audited: ' || missing, 'all audited');
     RETURN NEXT;
 
-    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
-    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
-    -- renamed, replaced or dropped.
+    -- Tables an administrator put under row audit (the registry enable_row_audit keeps) that
+    -- no longer have a row-audit trigger that fires: disabled, replica-only, renamed, replaced
+    -- or dropped. The registry, not the audit log: a check must not cost the whole log.
     check_name := 'audit: row audit enabled everywhere it was enabled';
     SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
-    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
-          FROM vetassist_auth.audit_log a
-          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
-          ORDER BY a.target_table, a.id DESC) r
-    WHERE r.event_type = 'row_audit_enabled'
+    FROM vetassist_auth.row_audit_registry r
+    WHERE r.enabled
       AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
     ok := missing IS NULL;
     detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,

@@ -271,6 +271,16 @@ CREATE TABLE vetassist_auth.audit_seal_state (
 COMMENT ON TABLE vetassist_auth.audit_seal_state IS
     'Sealer state (one row, written by the first seal): every audit row not yet sealed is above sealed_through_id or at or after scan_from; the chain continues from the purge checkpoint.';
 
+-- Tables an administrator put under row audit (enable_row_audit, disable_row_audit): what
+-- verify_installation checks, without reading the audit log (whose audit rows stay the record).
+CREATE TABLE vetassist_auth.row_audit_registry (
+    target_table text PRIMARY KEY,
+    enabled      boolean NOT NULL,
+    changed_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+COMMENT ON TABLE vetassist_auth.row_audit_registry IS
+    'Tables put under row audit by enable_row_audit (enabled) or taken out by disable_row_audit; verify_installation reports an enabled one whose trigger no longer fires.';
+
 -- Replicas ---------------------------------------------------------------------------------
 
 -- promote() records here that a node took over from its primary (docs/ARCHITECTURE.md,
@@ -311,3 +321,4 @@ SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_log_id_seq', ''
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seals', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.audit_seal_state', '');
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.node_promotions', '');
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.row_audit_registry', '');

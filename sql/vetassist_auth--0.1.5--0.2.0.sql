@@ -25,6 +25,23 @@ COMMENT ON TABLE vetassist_auth.node_promotions IS
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.node_promotions', '');
 REVOKE ALL ON vetassist_auth.node_promotions FROM PUBLIC;
 
+-- Row audit: verify_installation reads a registry of the tables put under row audit instead of
+-- scanning the audit log for them; filled once from the audit log.
+CREATE TABLE vetassist_auth.row_audit_registry (
+    target_table text PRIMARY KEY,
+    enabled      boolean NOT NULL,
+    changed_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+COMMENT ON TABLE vetassist_auth.row_audit_registry IS
+    'Tables put under row audit by enable_row_audit (enabled) or taken out by disable_row_audit; verify_installation reports an enabled one whose trigger no longer fires.';
+INSERT INTO vetassist_auth.row_audit_registry (target_table, enabled, changed_at)
+SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type = 'row_audit_enabled', a.occurred_at
+FROM vetassist_auth.audit_log a
+WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled') AND a.target_table IS NOT NULL
+ORDER BY a.target_table, a.id DESC;
+SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.row_audit_registry', '');
+REVOKE ALL ON vetassist_auth.row_audit_registry FROM PUBLIC;
+
 -- Functions new or changed since 0.1.5, as in this release's install script
 -- (scripts/upgrade-functions.py prints them):
 -- * durable_audit_state, verify_installation: the recorder reserved for this database, keys that
@@ -34,6 +51,7 @@ REVOKE ALL ON vetassist_auth.node_promotions FROM PUBLIC;
 -- * node_role, node_role_state, require_primary_node, promote, expire_sessions: replicas;
 -- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
 --   restore);
+-- * enable_row_audit, disable_row_audit, verify_installation: the row-audit registry;
 -- * verify_audit_chain(seq, hash, timeline, lsn): an anchor's WAL position tells a recovery to
 --   an earlier point from seals removed.
 CREATE  FUNCTION "durable_audit_state"() RETURNS TABLE (
@@ -180,7 +198,7 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY['keys', 'users', 'va_tokens', 'sessions', 'session_routes', 'session_activity', 'session_events',
                              'mfa_settings', 'mfa_backup_codes', 'trusted_devices', 'audit_log', 'audit_seals',
-                             'audit_seal_state'] LOOP
+                             'audit_seal_state', 'row_audit_registry', 'node_promotions'] LOOP
         check_name := 'table ' || t;
         ok := to_regclass('vetassist_auth.' || t) IS NOT NULL;
         detail := CASE WHEN ok THEN 'present' ELSE 'missing' END;
@@ -282,16 +300,13 @@ BEGIN
     detail := coalesce('not audited: ' || missing, 'all audited');
     RETURN NEXT;
 
-    -- Tables an administrator put under row audit (enable_row_audit's audit rows, the latest
-    -- per table) that no longer have a row-audit trigger that fires: disabled, replica-only,
-    -- renamed, replaced or dropped.
+    -- Tables an administrator put under row audit (the registry enable_row_audit keeps) that
+    -- no longer have a row-audit trigger that fires: disabled, replica-only, renamed, replaced
+    -- or dropped. The registry, not the audit log: a check must not cost the whole log.
     check_name := 'audit: row audit enabled everywhere it was enabled';
     SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
-    FROM (SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type
-          FROM vetassist_auth.audit_log a
-          WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
-          ORDER BY a.target_table, a.id DESC) r
-    WHERE r.event_type = 'row_audit_enabled'
+    FROM vetassist_auth.row_audit_registry r
+    WHERE r.enabled
       AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
     ok := missing IS NULL;
     detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
@@ -356,6 +371,32 @@ SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'verify_audit_chain_at_position_wrapper';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.enable_row_audit(target regclass, redact text[] DEFAULT '{}', ignore text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.attach_row_audit(target, redact, ignore);
+    INSERT INTO vetassist_auth.row_audit_registry AS r (target_table, enabled) VALUES (target::text, true)
+    ON CONFLICT (target_table) DO UPDATE SET enabled = true, changed_at = clock_timestamp();
+    PERFORM vetassist_auth.write_audit('audit', 'row_audit_enabled', 'success', NULL, target::text, NULL,
+        jsonb_build_object('redact', redact, 'ignore', ignore));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.disable_row_audit(target regclass) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = target AND tgname = 'vetassist_row_audit') THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('DROP TRIGGER vetassist_row_audit ON %s', target);
+    UPDATE vetassist_auth.row_audit_registry SET enabled = false, changed_at = clock_timestamp()
+    WHERE target_table = target::text;
+    PERFORM vetassist_auth.write_audit('audit', 'row_audit_disabled', 'success', NULL, target::text, NULL);
+    RETURN true;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -501,5 +542,6 @@ GRANT EXECUTE ON FUNCTION vetassist_auth.promote() TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) TO vetassist_auditor;

@@ -257,12 +257,10 @@ fn log_chain_head() {
     if let Some(head) =
         run_in_transaction::<String>("audit_chain_head", heads).filter(|head| !head.is_empty())
     {
-        if cluster_aware {
-            pgrx::log!("vetassist_auth audit chain head {head}");
-            return;
-        }
-        // With the WAL position: verify_audit_chain(seq, hash, timeline, lsn) tells a recovery
-        // to an earlier point from seals removed (docs/ARCHITECTURE.md, "Anchors and purges").
+        // This node's head comes first, with the WAL position it is logged at:
+        // verify_audit_chain(seq, hash, timeline, lsn) tells a recovery to an earlier point
+        // from seals removed (docs/ARCHITECTURE.md, "Anchors and purges"). A Citus worker's
+        // head that follows is checked on that worker, without one.
         // SAFETY: reads the shared WAL insert position and timeline; no lock is needed.
         let (timeline, lsn) = unsafe {
             (
@@ -270,10 +268,16 @@ fn log_chain_head() {
                 pg_sys::GetXLogInsertRecPtr(),
             )
         };
-        pgrx::log!(
-            "vetassist_auth audit chain head {head} timeline={timeline} lsn={:X}/{:X}",
+        let position = format!(
+            " timeline={timeline} lsn={:X}/{:X}",
             lsn >> 32,
             lsn & 0xFFFF_FFFF
         );
+        let line = match head.split_once("; ") {
+            _ if head.starts_with("node ") => head,
+            Some((own, workers)) => format!("{own}{position}; {workers}"),
+            None => format!("{head}{position}"),
+        };
+        pgrx::log!("vetassist_auth audit chain head {line}");
     }
 }

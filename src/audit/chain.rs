@@ -742,12 +742,15 @@ fn purge_audit_log(older_than: Interval) -> i64 {
             pgrx::warning!("vetassist_auth: waiting for another transaction{holder} that is sealing or purging the audit log");
             keys::lock_audit_chain(true);
         }
-        // The longest prefix of the chain whose rows are all older than the cut-off.
+        // The longest prefix of the chain whose rows are all older than the cut-off: the seals
+        // walked in seq order up to the first row at or after it, so a call costs the prefix it
+        // removes (one row when there is nothing to purge), not the whole log.
         let through: Option<i64> = select_one(
             client,
-            "SELECT coalesce((SELECT min(s.seq) - 1 FROM vetassist_auth.audit_seals s \
-                              JOIN vetassist_auth.audit_log a ON a.id = s.audit_id \
-                              WHERE a.occurred_at >= pg_catalog.now() - $1), \
+            "SELECT coalesce((SELECT s.seq - 1 FROM vetassist_auth.audit_seals s \
+                              WHERE (SELECT a.occurred_at FROM vetassist_auth.audit_log a \
+                                     WHERE a.id = s.audit_id) >= pg_catalog.now() - $1 \
+                              ORDER BY s.seq LIMIT 1), \
                              (SELECT max(seq) FROM vetassist_auth.audit_seals))",
             &[older_than.into()],
         )?;

@@ -467,7 +467,7 @@ def test_the_coordinators_sweeper_logs_every_nodes_chain_head(nodes, coordinator
         su.execute("ALTER SYSTEM SET vetassist_auth.sweep_interval = 1")
         su.execute("SELECT pg_reload_conf()")
     try:
-        pattern = re.compile(r"audit chain head seq=\d+ hash=[0-9a-f]{64}((; node 127\.0\.0\.1:\d+ seq=\d+ hash=[0-9a-f]{64})+)")
+        pattern = re.compile(r"audit chain head seq=\d+ hash=[0-9a-f]{64} timeline=\d+ lsn=[0-9A-F]+/[0-9A-F]+((; node 127\.0\.0\.1:\d+ seq=\d+ hash=[0-9a-f]{64})+)")
         deadline = time.monotonic() + 30
         while not (found := pattern.findall(log.read_text(errors="replace"))) and time.monotonic() < deadline:
             time.sleep(0.5)
