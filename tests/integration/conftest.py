@@ -109,6 +109,18 @@ def authenticator_code(uri, step_offset=0):
     return f"{(struct.unpack('>I', digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
 
 
+def wait_for(what, check, timeout=60.0):
+    """Polls `check` until it returns something true, and returns that; fails naming `what`
+    after `timeout` seconds (with what the check last said)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}: {check()!r}")
+
+
 def seal_all(conn, batch=1000):
     """Seals every audit row of finished transactions, a batch per call."""
     while conn.execute("SELECT vetassist_auth.seal_audit_log(%s)", (batch,)).fetchone()[0] > 0:

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import BIN, authenticator_code, install, installed_cluster
+from conftest import BIN, authenticator_code, install, installed_cluster, wait_for
 
 MFA_LOCKED = "28000"
 
@@ -69,17 +69,6 @@ def test_a_disclosure_followed_by_an_error_is_recorded(cluster, su):
             app.execute("SELECT 1 / 0")
         app.rollback()
     assert rows(su, uid, "phi_access", "user_profile_read") == 1
-
-
-def wait_for(what, check, timeout=60.0):
-    """Polls `check` until it returns something true; fails naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_cancelled_statement_and_a_terminated_backend_leave_their_rows(cluster, su):

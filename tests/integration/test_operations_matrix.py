@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PG_MAJOR, Cluster, free_port, install, installed_cluster
+from conftest import PG_MAJOR, Cluster, free_port, install, installed_cluster, wait_for
 
 SWEEPER = "vetassist_auth sweeper"
 RECORDER = "vetassist_auth recorder"
@@ -22,17 +22,6 @@ def pids(conn, backend_type, dbname=None):
     return [r[0] for r in conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE backend_type = %s AND (%s::text IS NULL OR datname = %s) ORDER BY pid",
         (backend_type, dbname, dbname)).fetchall()]
-
-
-def wait_for(what, check, timeout=60.0):
-    """Polls `check` until it returns something true; fails naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}: {check()}")
 
 
 def backlog(cluster, rows, dbname="vetassist"):
