@@ -270,6 +270,7 @@ def sweeper_passes_since(cluster, since):
     return check
 
 
+@pytest.mark.load
 def test_a_whole_database_restore_into_the_sweep_database_loses_nothing():
     """0.1.5: between the restore's pre-data and data sections the sweeper created an audit key and a
     key_created row; COPY audit_log then failed (23505), COPY keys failed (55000) and every token
@@ -343,6 +344,7 @@ def missing_database_lines(cluster, dbname):
     return cluster.log().count(f'database "{dbname}" does not exist')
 
 
+@pytest.mark.load
 def test_processes_of_a_database_created_later_wait_quietly_and_connect_when_it_is_created():
     """0.1.5: with sweep_database set before the database existed, a FATAL and a LOG line every
     second until it was created."""
@@ -393,6 +395,7 @@ def anchors(log):
     return [(int(s), bytes.fromhex(h), int(t), lsn) for s, h, t, lsn in ANCHOR.findall(log)]
 
 
+@pytest.mark.load
 def test_a_point_in_time_recovery_is_told_apart_from_seals_removed():
     """0.1.5: after a point-in-time recovery the last logged anchor read as tampering ("the chain
     ends before the anchor's seq"), indistinguishable from an attack."""
