@@ -164,10 +164,11 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     altered record;
 BEGIN
-    -- An extension with neither a data key nor an audit row has recorded nothing yet: a fresh
-    -- install, or a schema-only restore whose data (its audit log with it) is still to come.
-    -- A row here would make that data-only restore fail.
-    IF NOT EXISTS (SELECT 1 FROM vetassist_auth.keys) AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log) THEN
+    -- An extension without an audit row has recorded nothing yet (a key's creation is an audit
+    -- row too): a fresh install, or a schema-only restore whose data, its audit log with it, is
+    -- still to come. A row here would make that data-only restore fail. A Citus worker audits
+    -- the creation of its shards as ever (its audit log is its own, local on every node).
+    IF NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log) AND NOT vetassist_auth.on_citus_worker() THEN
         RETURN;
     END IF;
     FOR altered IN

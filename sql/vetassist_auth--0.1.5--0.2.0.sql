@@ -90,6 +90,11 @@ STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'node_role_state_wrapper';
 
+CREATE  FUNCTION "on_citus_worker"() RETURNS bool /* bool */
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'on_citus_worker_wrapper';
+
 CREATE  FUNCTION "require_primary_node"() RETURNS void
 STRICT
 LANGUAGE c /* Rust */
@@ -403,10 +408,11 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     altered record;
 BEGIN
-    -- An extension with neither a data key nor an audit row has recorded nothing yet: a fresh
-    -- install, or a schema-only restore whose data (its audit log with it) is still to come.
-    -- A row here would make that data-only restore fail.
-    IF NOT EXISTS (SELECT 1 FROM vetassist_auth.keys) AND NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log) THEN
+    -- An extension without an audit row has recorded nothing yet (a key's creation is an audit
+    -- row too): a fresh install, or a schema-only restore whose data, its audit log with it, is
+    -- still to come. A row here would make that data-only restore fail. A Citus worker audits
+    -- the creation of its shards as ever (its audit log is its own, local on every node).
+    IF NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log) AND NOT vetassist_auth.on_citus_worker() THEN
         RETURN;
     END IF;
     FOR altered IN
@@ -530,6 +536,7 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.on_citus_worker() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;

@@ -3,7 +3,7 @@
 //! chain. Asked of Citus itself, not of our SQL: this library also serves an older release's
 //! SQL until `ALTER EXTENSION ... UPDATE`.
 
-use crate::error::{Failure, Kind, Result};
+use crate::error::{Failure, Kind, OrRaise, Result};
 use pgrx::prelude::*;
 
 /// Whether this node is a Citus worker: Citus numbers a node's group 0 on the coordinator (and
@@ -29,6 +29,12 @@ pub fn on_worker() -> Result<bool> {
             "vetassist_auth: this node's place in the Citus cluster cannot be read",
         )
     })
+}
+
+/// Whether this node is a Citus worker, for SQL (the row-audit event trigger). Internal.
+#[pg_extern(stable)]
+fn on_citus_worker() -> bool {
+    on_worker().or_raise()
 }
 
 /// Refuses an API call on a worker (55000). On a worker the call would see only that worker's

@@ -70,7 +70,8 @@ extension_sql_file!(
         audit::row_trigger::row_audit,
         audit::writer::write_audit,
         audit::recorder::write_audit_durably,
-        audit::recorder::durable_audit_state
+        audit::recorder::durable_audit_state,
+        citus::on_citus_worker
     ]
 );
 extension_sql_file!(
