@@ -2,7 +2,8 @@
 terminations while the sweeper seals, while a reserved or a dynamic recorder writes, worker-slot
 pressure from parallel query, and the exactly-once record of disclosures under terminations.
 Each case is a DBA's procedure that broke on 0.1.5 (docs/ARCHITECTURE.md, "Background worker").
-Durations are printed (pytest -s), never asserted."""
+Durations are printed (pytest -s), never asserted. The other supported versions run the cases
+whose code differs by version (signals, hooks, recovery); the default version runs them all."""
 import re
 import subprocess
 import threading
@@ -114,6 +115,7 @@ def test_a_terminated_reserved_recorder_comes_back_even_after_a_dynamic_one_stoo
             assert disclosures(su, uid) == 4
 
 
+@pytest.mark.load
 def test_every_returned_disclosure_is_recorded_exactly_once_while_recorders_are_terminated():
     """0.1.5: a recorder that failed to claim its entry put the running recorder's rows back in the
     queue: disclosures recorded twice (and MFA failures counted twice toward the lock-out)."""
@@ -176,6 +178,7 @@ def parallel_sleepers(cluster, dbname, count, seconds):
     return conns, threads
 
 
+@pytest.mark.load
 def test_parallel_query_cannot_starve_the_recorders_of_the_named_databases():
     """0.1.5: with the default max_worker_processes = 8, a few parallel queries in another database
     made every disclosure of a second extension database fail with 53000."""
@@ -488,6 +491,7 @@ def test_a_physical_standby_refuses_disclosures_at_once_and_serves_them_after_pr
             cluster.as_postgres(str(cluster.bin / "pg_ctl"), "-D", str(standby), "-m", "fast", "-w", "stop")
 
 
+@pytest.mark.load
 def test_maintenance_checks_do_not_read_the_audit_log():
     """0.1.5: verify_installation() scanned audit_log for the row-audit registry (1.4 s at 5.6M
     rows), and a purge with nothing to remove joined every seal to its row under the chain lock."""
