@@ -96,9 +96,10 @@ fn in_transaction<T>(
 
 /// Whether the sweeper may write in its database now. Nothing of ours may ever make a restore
 /// fail, so a pass writes nothing while the extension is missing, while pg_restore is connected
-/// (it loads the tables as the dump left them), or while the extension holds neither a data key
-/// nor an audit row: a fresh install waits for its first caller, and a restore's data section
-/// brings both.
+/// as a role that can restore (a superuser or the database's owner: the application, which
+/// can name itself anything, cannot hold the sweeper off), or while the extension holds neither
+/// a data key nor an audit row: a fresh install waits for its first caller, and a restore's data
+/// section brings both.
 fn ready_for_maintenance() -> bool {
     in_transaction(
         "readiness check",
@@ -106,9 +107,13 @@ fn ready_for_maintenance() -> bool {
         || {
             let installed = Spi::get_one::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'vetassist_auth') \
-                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity \
-                                    WHERE datname = pg_catalog.current_database() \
-                                      AND application_name = 'pg_restore')",
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a \
+                                    JOIN pg_catalog.pg_database d ON d.datname = a.datname \
+                                    WHERE a.datname = pg_catalog.current_database() \
+                                      AND a.application_name = 'pg_restore' \
+                                      AND (a.usesysid = d.datdba OR EXISTS \
+                                           (SELECT 1 FROM pg_catalog.pg_roles r \
+                                            WHERE r.oid = a.usesysid AND r.rolsuper)))",
             )
             .map_err(|e| e.to_string())?;
             if installed != Some(true) {

@@ -518,3 +518,19 @@ def test_maintenance_checks_do_not_read_the_audit_log():
             assert su.execute("SELECT vetassist_auth.purge_audit_log('1 day')").fetchone()[0] == 0
             assert su.execute(reads).fetchone()[0] - before < 100
             su.rollback()
+
+
+@pytest.mark.load
+def test_the_application_cannot_hold_the_sweeper_off_by_calling_itself_pg_restore():
+    """The sweeper pauses while pg_restore is connected; a session that only names itself so,
+    as the application, must not stop sessions expiring and the log being sealed."""
+    with installed_cluster("fake-restore", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as cluster:
+        with psycopg.connect(cluster.conninfo("vetassist", "app_user") + " application_name=pg_restore",
+                             autocommit=True) as app:
+            backlog(cluster, 10)
+            with cluster.connect("vetassist") as su:
+                wait_for("the backlog sealed", lambda: su.execute(
+                    "SELECT NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log l WHERE NOT EXISTS "
+                    "(SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = l.id))").fetchone()[0])
+            assert app.execute("SELECT current_setting('application_name')").fetchone()[0] == "pg_restore"
