@@ -587,10 +587,14 @@ const ANCHOR_SEAL_REWRITTEN: &str =
 const CHAIN_ENDS_BEFORE_ANCHOR: &str =
     "the chain ends before the anchor's seq: seals were removed from its end";
 
-/// `X/Y` (hexadecimal halves, as Postgres prints an LSN).
+/// `X/Y` (two 32-bit hexadecimal halves, as Postgres prints an LSN).
 fn parse_lsn(text: &str) -> Option<u64> {
+    let half = |digits: &str| {
+        let hex = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_hexdigit());
+        hex.then(|| u32::from_str_radix(digits, 16).ok()).flatten()
+    };
     let (high, low) = text.trim().split_once('/')?;
-    Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
+    Some((u64::from(half(high)?) << 32) | u64::from(half(low)?))
 }
 
 fn format_lsn(lsn: u64) -> String {
@@ -808,4 +812,29 @@ fn purge_audit_log(older_than: Interval) -> i64 {
     .or_raise()
     .unwrap_or(0);
     removed + on_workers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{format_lsn, parse_lsn};
+
+    #[test]
+    fn an_lsn_reads_back_as_postgres_prints_it() {
+        for text in ["0/0", "0/3000060", "1A/FF00AB12", "FFFFFFFF/FFFFFFFF"] {
+            assert_eq!(parse_lsn(text).map(format_lsn).as_deref(), Some(text));
+        }
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        for malformed in [
+            "",
+            "3000060",
+            "0/",
+            "/1",
+            "g/1",
+            "0/1/2",
+            "100000000/0",
+            "+1/0",
+        ] {
+            assert_eq!(parse_lsn(malformed), None, "{malformed}");
+        }
+    }
 }
