@@ -8,7 +8,7 @@ use crate::signals;
 use pgrx::prelude::*;
 use std::cell::Cell;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A process of ours that connects to a database by name.
@@ -26,10 +26,6 @@ const NOT_MISSING: u64 = u64::MAX;
 /// backend that had not loaded the library, whose CREATE DATABASE the hook did not see).
 const MISSING_RECHECK: Duration = Duration::from_secs(60);
 
-/// The backend types of our processes, as pg_stat_activity shows them.
-const BACKEND_TYPES: &str =
-    "'vetassist_auth sweeper', 'vetassist_auth recorder', 'vetassist_auth reserved recorder'";
-
 #[repr(C)]
 struct Shared {
     /// Bumped when a transaction that created or renamed a database commits.
@@ -38,7 +34,13 @@ struct Shared {
     missing_at: [AtomicU64; CONNECTORS],
     /// Per connector: its latch while it waits for a database to be created.
     waiting: [AtomicPtr<pg_sys::Latch>; CONNECTORS],
+    /// Every process of ours connected to a database (pid, database oid), the sweeper and the
+    /// recorders: whom a DROP DATABASE asks to leave. A pid of 0 is a free entry.
+    connected: [(AtomicI32, AtomicU32); PROCESSES],
 }
+
+/// The sweeper and the recorders, at most.
+const PROCESSES: usize = 1 + 2 * 32;
 
 pub const SHMEM_SIZE: usize = std::mem::size_of::<Shared>();
 
@@ -63,6 +65,7 @@ pub unsafe fn attach_shared() {
                 generation: AtomicU64::new(0),
                 missing_at: std::array::from_fn(|_| AtomicU64::new(NOT_MISSING)),
                 waiting: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+                connected: std::array::from_fn(|_| (AtomicI32::new(0), AtomicU32::new(0))),
             });
         }
         SHARED.store(shared, Ordering::Release);
@@ -125,6 +128,32 @@ pub fn connect(who: Connector, database: &CStr) {
     }
     ATTEMPT.set(None);
     state.missing_at[i].store(NOT_MISSING, Ordering::Release);
+    note_connected();
+}
+
+/// Records this process, now connected to its database, as one a DROP DATABASE of it asks to
+/// leave; the entry is freed at exit.
+pub fn note_connected() {
+    // SAFETY: this process's pid and database, set once connected.
+    let (pid, database) = unsafe { (pg_sys::MyProcPid, pg_sys::MyDatabaseId.to_u32()) };
+    let Some(index) = shared().connected.iter().position(|(p, _)| {
+        p.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }) else {
+        return; // more processes than entries: such a one is not asked to leave
+    };
+    shared().connected[index]
+        .1
+        .store(database, Ordering::Release);
+    // SAFETY: runs at exit, before shared memory is detached.
+    unsafe { pg_sys::before_shmem_exit(Some(forget_connected), pg_sys::Datum::from(index)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_connected(_code: i32, index: pg_sys::Datum) {
+    let (pid, database) = &shared().connected[index.value()];
+    database.store(0, Ordering::Release);
+    pid.store(0, Ordering::Release);
 }
 
 /// At exit before the connection succeeded: the database is missing as of the attempt's
@@ -179,56 +208,84 @@ unsafe extern "C-unwind" fn on_xact_event(
     }
 }
 
-/// The database a statement needs free of connections, and whether it creates one.
+/// A statement that needs a database free of connections.
+enum Needs {
+    /// DROP DATABASE, ALTER DATABASE … RENAME: the caller must own it.
+    Owned,
+    /// CREATE DATABASE … TEMPLATE: the caller must be able to copy it.
+    Copied,
+}
+
+/// The database a statement needs free of connections (and how), and whether it creates one.
 ///
 /// # Safety
 /// `stmt` is a parsed utility statement.
-unsafe fn database_statement(stmt: *mut pg_sys::Node) -> (Option<*const std::ffi::c_char>, bool) {
+unsafe fn database_statement(
+    stmt: *mut pg_sys::Node,
+) -> (Option<(*const std::ffi::c_char, Needs)>, bool) {
     // SAFETY: the node tag says which statement struct `stmt` is.
     unsafe {
         match (*stmt).type_ {
-            pg_sys::NodeTag::T_DropdbStmt => {
-                (Some((*(stmt as *mut pg_sys::DropdbStmt)).dbname), false)
-            }
+            pg_sys::NodeTag::T_DropdbStmt => (
+                Some(((*(stmt as *mut pg_sys::DropdbStmt)).dbname, Needs::Owned)),
+                false,
+            ),
             pg_sys::NodeTag::T_CreatedbStmt => {
                 let options = (*(stmt as *mut pg_sys::CreatedbStmt)).options;
                 let template = pgrx::PgList::<pg_sys::DefElem>::from_pg(options)
                     .iter_ptr()
                     .find(|d| CStr::from_ptr((**d).defname).to_bytes() == b"template")
-                    .map(|d| pg_sys::defGetString(d).cast_const());
+                    .map(|d| (pg_sys::defGetString(d).cast_const(), Needs::Copied));
                 (template, true)
             }
             pg_sys::NodeTag::T_RenameStmt
                 if (*(stmt as *mut pg_sys::RenameStmt)).renameType
                     == pg_sys::ObjectType::OBJECT_DATABASE =>
             {
-                (Some((*(stmt as *mut pg_sys::RenameStmt)).subname), true)
+                (
+                    Some(((*(stmt as *mut pg_sys::RenameStmt)).subname, Needs::Owned)),
+                    true,
+                )
             }
             _ => (None, false),
         }
     }
 }
 
+/// The database's oid when the caller may run the statement on it (Postgres checks the same
+/// again): its owner (or a superuser) for DROP and RENAME, a role with CREATEDB that owns it or
+/// finds it a template for a copy. None otherwise, and inside a transaction block, where
+/// Postgres refuses these statements: nobody may use a statement that fails to stop ours.
+fn allowed_target(database: &CStr, needs: &Needs) -> Option<pg_sys::Oid> {
+    // SAFETY: reads this backend's transaction state.
+    if unsafe { pg_sys::IsTransactionBlock() } {
+        return None;
+    }
+    let check = match needs {
+        Needs::Owned => "pg_catalog.pg_has_role(d.datdba, 'USAGE')",
+        Needs::Copied => {
+            "(SELECT r.rolcreatedb OR r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) \
+             AND (d.datistemplate OR pg_catalog.pg_has_role(d.datdba, 'USAGE'))"
+        }
+    };
+    Spi::get_one_with_args::<pg_sys::Oid>(
+        &format!("SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = $1 AND {check}"),
+        &[database.to_string_lossy().as_ref().into()],
+    )
+    .ok()
+    .flatten()
+}
+
 /// Asks our processes connected to `database` to leave (SIGTERM, as pg_terminate_backend
 /// would; they are started again later). Postgres then waits for them as for any backend.
-fn ask_to_leave(database: &CStr) {
-    let pids = Spi::connect(|client| {
-        client
-            .select(
-                &format!(
-                    "SELECT pid FROM pg_catalog.pg_stat_activity \
-                     WHERE datname = $1 AND backend_type IN ({BACKEND_TYPES})"
-                ),
-                None,
-                &[database.to_string_lossy().as_ref().into()],
-            )?
-            .map(|row| row.get::<i32>(1))
-            .collect::<Result<Vec<_>, _>>()
-    });
-    for pid in pids.unwrap_or_default().into_iter().flatten() {
-        // SAFETY: a signal to a background process of ours, found just above; a process that
-        // has gone meanwhile makes kill fail harmlessly.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+fn ask_to_leave(database: pg_sys::Oid) {
+    for (pid, connected_to) in &shared().connected {
+        let pid = pid.load(Ordering::Acquire);
+        if pid != 0 && connected_to.load(Ordering::Acquire) == database.to_u32() {
+            // SAFETY: a signal to a background process of ours, from our own table; one that
+            // has gone meanwhile makes kill fail harmlessly.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
     }
 }
 
@@ -248,8 +305,10 @@ unsafe extern "C-unwind" fn process_utility(
     // the statement.
     unsafe {
         let (database, creates) = database_statement((*pstmt).utilityStmt);
-        if let Some(database) = database.filter(|d| !d.is_null()) {
-            ask_to_leave(CStr::from_ptr(database));
+        if let Some((name, needs)) = database.filter(|(d, _)| !d.is_null()) {
+            if let Some(oid) = allowed_target(CStr::from_ptr(name), &needs) {
+                ask_to_leave(oid);
+            }
         }
         if creates {
             CREATED_DATABASE.set(true);

@@ -154,7 +154,7 @@ pub fn init() {
         );
         GucRegistry::define_string_guc(
             c"vetassist_auth.databases",
-            c"Comma-separated databases whose audit recorder is reserved at server start.",
+            c"Comma-separated databases (at most 16) whose audit recorder is reserved at server start.",
             c"A reserved recorder keeps its background worker slot, so parallel query cannot starve disclosures. Unset: sweep_database.",
             &DATABASES,
             GucContext::Postmaster,
@@ -276,7 +276,12 @@ pub fn string_setting(setting: &GucSetting<Option<CString>>) -> Option<&'static 
     (!value.to_bytes().is_empty()).then_some(value)
 }
 
-/// The databases of `vetassist_auth.databases` (default: `sweep_database`), each once, in order.
+/// Databases with a reserved recorder at most: the other half of the recorders' table stays
+/// for the databases started on demand.
+pub const RESERVED_DATABASES_MAX: usize = 16;
+
+/// The databases of `vetassist_auth.databases` (default: `sweep_database`), each once, in order,
+/// the first RESERVED_DATABASES_MAX of them.
 pub fn recorder_databases() -> Vec<CString> {
     let Some(list) = string_setting(&DATABASES).or_else(|| string_setting(&SWEEP_DATABASE)) else {
         return Vec::new();
@@ -284,7 +289,7 @@ pub fn recorder_databases() -> Vec<CString> {
     let mut names: Vec<CString> = Vec::new();
     for name in list.to_string_lossy().split(',').map(str::trim) {
         if let Ok(name) = CString::new(name) {
-            if !name.is_empty() && !names.contains(&name) {
+            if !name.is_empty() && !names.contains(&name) && names.len() < RESERVED_DATABASES_MAX {
                 names.push(name);
             }
         }

@@ -620,9 +620,10 @@ fn recovered_before(tli: u32, lsn: u64) -> Option<String> {
     })?;
     (lsn > left_at).then(|| {
         format!(
-            "the database was recovered to before this anchor: its history left timeline {tli} at \
-             {} ({reason}), before the anchor's position {}; the seals after that point were lost \
-             with the recovery, not removed from the chain",
+            "the database was recovered to before this anchor: this server's timeline history \
+             says it left timeline {tli} at {} ({reason}), before the anchor's position {}, so the \
+             seals after that point are missing with the recovery; a superuser can write that \
+             history file too: check it against the archived WAL and the record of the recovery",
             format_lsn(left_at),
             format_lsn(lsn)
         )

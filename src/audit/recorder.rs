@@ -75,7 +75,7 @@ struct Outbox {
     /// Broadcast whenever a recorder has written (or failed) rows, or stopped.
     written: pg_sys::ConditionVariable,
     next_ticket: u64,
-    /// Databases whose reserved recorder has run since the server started.
+    /// Per database of `vetassist_auth.databases`: the oid its reserved recorder last ran in.
     reserved_seen: [pg_sys::Oid; RECORDERS],
     recorders: [Recorder; RECORDERS],
     slots: [Slot; SLOTS],
@@ -709,18 +709,14 @@ fn settle(slots: &[(usize, u64)], state: u32) {
 }
 
 /// Claims this database's recorder entry; false when another recorder already runs for it.
-fn claim_entry(reserved: bool) -> bool {
+fn claim_entry(reserved: Option<usize>) -> bool {
     let db = database();
     let mut locked = Locked::take().expect("the outbox exists");
     let outbox = locked.outbox();
-    if reserved && !outbox.reserved_seen.contains(&db) {
-        if let Some(free) = outbox
-            .reserved_seen
-            .iter_mut()
-            .find(|d| **d == pg_sys::InvalidOid)
-        {
-            *free = db;
-        }
+    // By the database's place in the list: a database dropped and created again (a new oid)
+    // takes its old place.
+    if let Some(seen) = reserved.and_then(|index| outbox.reserved_seen.get_mut(index)) {
+        *seen = db;
     }
     if outbox
         .recorders
@@ -793,6 +789,7 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
                 pg_sys::BGWORKER_BYPASS_ALLOWCONN,
             );
         }
+        connections::note_connected();
     }
     IS_RECORDER.set(true);
     // SAFETY: registered once, after connecting; runs at exit (FATAL included) before
@@ -800,7 +797,8 @@ pub extern "C-unwind" fn vetassist_auth_recorder_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::before_shmem_exit(Some(recorder_exit), pg_sys::Datum::from(0)) };
     // A reserved recorder that finds a dynamic one at work waits for it to leave: it must not
     // exit with status 0, which would unregister it for good.
-    while !claim_entry(resident) {
+    let reserved_index = resident.then_some((arg.value() as u64 & !RESIDENT) as usize);
+    while !claim_entry(reserved_index) {
         if !resident {
             return;
         }

@@ -534,3 +534,29 @@ def test_the_application_cannot_hold_the_sweeper_off_by_calling_itself_pg_restor
                     "SELECT NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log l WHERE NOT EXISTS "
                     "(SELECT 1 FROM vetassist_auth.audit_seals s WHERE s.audit_id = l.id))").fetchone()[0])
             assert app.execute("SELECT current_setting('application_name')").fetchone()[0] == "pg_restore"
+
+
+def test_only_a_role_that_may_drop_or_copy_a_database_makes_our_processes_leave_it():
+    """A monitoring role (pg_monitor) whose DROP DATABASE, CREATE DATABASE … TEMPLATE or RENAME
+    fails on privileges must not terminate our processes on the way (a loop of such statements
+    stopped every disclosure); the owner of a reserved database can drop it."""
+    with installed_cluster("leave-rights", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.databases = 'vetassist, owned'") as cluster:
+        cluster.psql("CREATE ROLE watcher LOGIN IN ROLE pg_monitor; CREATE ROLE dbo LOGIN CREATEDB")
+        cluster.psql("CREATE DATABASE owned OWNER dbo")
+        with cluster.connect("vetassist", "app_user") as app, cluster.connect() as su:
+            uid = veteran(app, "8700000001V1")
+            before = wait_for("our processes", lambda: (pids(su, SWEEPER, "vetassist"), pids(su, RESERVED, "vetassist"))
+                              if pids(su, SWEEPER, "vetassist") and pids(su, RESERVED, "vetassist") else None)
+            with cluster.connect("postgres", "watcher") as watcher:
+                for statement in ("DROP DATABASE vetassist", "CREATE DATABASE stolen TEMPLATE vetassist",
+                                  "ALTER DATABASE vetassist RENAME TO gone"):
+                    for _ in range(10):
+                        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                            watcher.execute(statement)
+            # A disclosure waits for the reserved recorder: one asked to stop would be gone by then.
+            assert disclose(app, uid) == "VA-ACCESS"
+            assert (pids(su, SWEEPER, "vetassist"), pids(su, RESERVED, "vetassist")) == before
+            wait_for("the reserved recorder of the owned database", lambda: pids(su, RESERVED, "owned"))
+        with cluster.connect("postgres", "dbo") as dbo:
+            dbo.execute("DROP DATABASE owned")
