@@ -121,6 +121,23 @@ def wait_for(what, check, timeout=60.0):
     raise AssertionError(f"timed out waiting for {what}: {check()!r}")
 
 
+def sweeper_passes_since(cluster, since):
+    """A check for wait_for: true once pg_stat_activity has shown two distinct starts, after
+    `since`, of the sweeper's readiness check (the first statement of its pass): one whole pass
+    ran in between."""
+    seen = set()
+
+    def check():
+        with cluster.connect() as su:
+            row = su.execute("SELECT query_start FROM pg_stat_activity WHERE backend_type = 'vetassist_auth sweeper' "
+                             "AND query = 'vetassist_auth sweeper: readiness check' AND query_start > %s",
+                             (since,)).fetchone()
+        if row:
+            seen.add(row[0])
+        return len(seen) >= 2
+    return check
+
+
 def seal_all(conn, batch=1000):
     """Seals every audit row of finished transactions, a batch per call."""
     while conn.execute("SELECT vetassist_auth.seal_audit_log(%s)", (batch,)).fetchone()[0] > 0:

@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PG_MAJOR, Cluster, free_port, install, installed_cluster, wait_for
+from conftest import PG_MAJOR, Cluster, free_port, install, installed_cluster, sweeper_passes_since, wait_for
 
 SWEEPER = "vetassist_auth sweeper"
 RECORDER = "vetassist_auth recorder"
@@ -256,21 +256,6 @@ def restored_intact(cluster, dbname, uid, audit_rows):
         assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE id <= %s", (audit_rows + 100,)).fetchone()[0] >= audit_rows
         ok, _, _, problem = su.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
         assert ok, problem
-
-
-def sweeper_passes_since(cluster, since):
-    """Distinct starts, after `since`, of the first statement of the sweeper's pass (its readiness
-    check), as pg_stat_activity shows them: two mean one whole pass ran in between."""
-    seen = set()
-
-    def check():
-        with cluster.connect() as su:
-            row = su.execute("SELECT query_start FROM pg_stat_activity WHERE backend_type = %s "
-                             "AND query = 'vetassist_auth sweeper: readiness check' AND query_start > %s", (SWEEPER, since)).fetchone()
-        if row:
-            seen.add(row[0])
-        return len(seen) >= 2
-    return check
 
 
 @pytest.mark.load

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import installed_cluster
+from conftest import installed_cluster, sweeper_passes_since, wait_for
 
 
 def new_user(conn, icn):
@@ -109,15 +109,7 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
             # Without the extension its passes write nothing and log nothing, and it keeps going.
             su.execute("DROP EXTENSION vetassist_auth")
             since = su.execute("SELECT now()").fetchone()[0]
-            passes = set()
-            for _ in range(200):
-                row = su.execute("SELECT query_start FROM pg_stat_activity WHERE backend_type = 'vetassist_auth sweeper' "
-                                 "AND query = 'vetassist_auth sweeper: readiness check' AND query_start > %s", (since,)).fetchone()
-                passes |= {row[0]} if row else set()
-                if len(passes) >= 2:
-                    break
-                time.sleep(0.05)
-            assert len(passes) >= 2, "no sweeper pass without the extension"
+            wait_for("a sweeper pass without the extension", sweeper_passes_since(c, since), timeout=10)
             su.execute("CREATE EXTENSION vetassist_auth")
         with c.connect("vetassist", "app_user") as app:
             uid = new_user(app, "1012660000V000105")
