@@ -19,7 +19,7 @@ pub fn on_worker() -> Result<bool> {
     if catalog == pg_sys::InvalidOid {
         return Ok(false);
     }
-    crate::keys::search_path::pinned(|| {
+    crate::search_path::pinned(|| {
         Spi::get_one::<bool>("SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group")
     })
     .map(Option::unwrap_or_default)

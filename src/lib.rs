@@ -19,6 +19,7 @@ mod log_redaction;
 mod mfa;
 mod protected_columns;
 mod replica;
+mod search_path;
 mod sessions;
 mod shmem;
 mod signals;

@@ -128,7 +128,7 @@ fn unreadable(_: pgrx::spi::SpiError) -> Failure {
 
 /// Subscriptions of this database that replicate a table in the extension's schema, by oid.
 fn subscriptions() -> Result<Vec<(i64, String)>, Failure> {
-    crate::keys::search_path::pinned(|| {
+    crate::search_path::pinned(|| {
         Spi::connect(|client| {
             client
                 .select(
@@ -169,7 +169,7 @@ fn promotion() -> Result<Option<(String, Vec<i64>)>, Failure> {
     // SAFETY: reads the control file's copy in shared memory and this backend's database.
     let (system, database) =
         unsafe { (pg_sys::GetSystemIdentifier() as i64, pg_sys::MyDatabaseId) };
-    crate::keys::search_path::pinned(|| {
+    crate::search_path::pinned(|| {
         Spi::connect(|client| {
             let rows = client.select(
                 "SELECT pg_catalog.to_char(p.promoted_at, 'YYYY-MM-DD HH24:MI:SSOF'), \

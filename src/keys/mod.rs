@@ -36,7 +36,7 @@ mod cache;
 mod counter;
 mod locks;
 mod master;
-pub(crate) mod search_path;
+pub(crate) use crate::search_path;
 mod store;
 
 pub use admin::rotate_worn_key;

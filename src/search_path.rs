@@ -1,6 +1,6 @@
 //! The crypto hot path (`encrypt`, `decrypt`, `field_hash`, … in `encryption.rs`) carries no
 //! `SET search_path`: setting and restoring it costs more than the cryptography of a small
-//! value. Those functions run SQL only here in `keys`, when a key or a counter lease must be
+//! value. Those functions run SQL only in `keys`, when a key or a counter lease must be
 //! read, and every such query runs inside `pinned`, under the path the SECURITY DEFINER
 //! functions of `sql/` pin (docs/ARCHITECTURE.md, "The hot path and search_path").
 
