@@ -147,7 +147,7 @@ BEGIN
     detail := coalesce(detail, 'every data key opens under the current master key');
     RETURN NEXT;
 
-    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
+    FOREACH p IN ARRAY vetassist_auth.key_purposes() LOOP
         check_name := 'key ' || p;
         -- Read-only: a check never creates a key (a data-only restore needs an empty key table).
         IF NOT EXISTS (SELECT 1 FROM vetassist_auth.keys k WHERE k.purpose = p AND k.status = 'active') THEN

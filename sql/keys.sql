@@ -3,15 +3,15 @@
 -- Every stored value that depends on a data key, by key id: one branch per column of
 -- protected_columns() (src/protected_columns.rs), generated here, and on a Citus coordinator the
 -- audit keys of the workers' seals (citus.sql). A decrypt_only key that appears nowhere here
--- may be retired.
+-- may be retired (retire_unused_keys asks per key: "WHERE key_id = k").
 DO $key_usage$
 BEGIN
     EXECUTE 'CREATE VIEW vetassist_auth.key_usage AS ' || (
         SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
-                   CASE c.purpose
-                       WHEN 'hash' THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
-                       WHEN 'audit' THEN pg_catalog.quote_ident(c.column_name)
-                       ELSE pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
+                   CASE
+                       WHEN c.hash_field IS NOT NULL THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
+                       WHEN c.context_name IS NOT NULL THEN pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
+                       ELSE pg_catalog.quote_ident(c.column_name)
                    END,
                    c.table_name || '.' || c.column_name, c.table_name),
                ' UNION ALL ' ORDER BY c.ordinality)
@@ -20,6 +20,12 @@ BEGIN
 END
 $key_usage$;
 COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
+
+-- The audit log is the one large table whose values pin keys (its IP hashes, under audit_ip keys
+-- used in turn as the log grows): "is key k still used" reads only the block ranges that may
+-- hold k, not six years of rows.
+CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
+    USING brin (vetassist_auth.hash_key_id(ip_hash)) WITH (pages_per_range = 16, autosummarize = on);
 
 -- key_usage counted per key and column, for vetassist_admin (the view itself calls functions
 -- no role is granted): what keeps a key from retiring.
@@ -102,7 +108,7 @@ BEGIN
         )
         SELECT c.table_name, min(c.row_id) AS row_id,
                string_agg(format('vetassist_auth.%s(t.%I) <> %s',
-                                 CASE WHEN c.purpose = 'hash' THEN 'hash_key_id' ELSE 'envelope_key_id' END,
+                                 CASE WHEN c.hash_field IS NOT NULL THEN 'hash_key_id' ELSE 'envelope_key_id' END,
                                  c.column_name, c.active_key), ' OR ' ORDER BY c.ordinality) AS stale,
                coalesce(string_agg(format('vetassist_auth.opens(t.%I, %s, %L)', c.column_name, c.context, c.purpose),
                                    ' AND ' ORDER BY c.ordinality) FILTER (WHERE c.context IS NOT NULL), 'true') AS opens,
@@ -142,8 +148,11 @@ BEGIN
         PERFORM vetassist_auth.retire_unused_keys();
         -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
         -- damaged, or restored from another database), or another transaction holds their row.
+        -- Only the envelope columns' branches of key_usage run (a constant used_by each).
         SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
-        WHERE keys.purpose IN ('phi', 'token', 'mfa') AND keys.status <> 'active';
+        WHERE k.used_by = ANY (ARRAY(SELECT p.table_name || '.' || p.column_name
+                                     FROM vetassist_auth.protected_columns() p WHERE p.context_name IS NOT NULL))
+          AND keys.status <> 'active';
         IF n > 0 THEN
             RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
                 USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT * FROM vetassist_auth.key_usage_summary() shows them (as vetassist_admin).';

@@ -25,7 +25,7 @@ CREATE SEQUENCE vetassist_auth.keys_key_id_seq AS integer;
 
 CREATE TABLE vetassist_auth.keys (
     key_id        integer PRIMARY KEY DEFAULT nextval('vetassist_auth.keys_key_id_seq'),
-    purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit', 'mfa')),
+    purpose       text NOT NULL CHECK (purpose IN ('token', 'phi', 'hash', 'audit', 'mfa', 'audit_ip')),
     status        text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'decrypt_only', 'retired')),
     wrapped_key   bytea CHECK (octet_length(wrapped_key) = 60),
     created_at    timestamptz NOT NULL DEFAULT now(),

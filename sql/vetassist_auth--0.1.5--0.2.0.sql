@@ -42,12 +42,41 @@ ORDER BY a.target_table, a.id DESC;
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.row_audit_registry', '');
 REVOKE ALL ON vetassist_auth.row_audit_registry FROM PUBLIC;
 
+-- Audit IP hashes get keys of their own (purpose audit_ip), so that a hash key can retire: the
+-- audit log keeps its rows for years and never rewrites one. Rows written before keep their
+-- hash-key hashes, which no longer hold that key (docs/ARCHITECTURE.md, "Retiring a key").
+ALTER TABLE vetassist_auth.keys DROP CONSTRAINT keys_purpose_check;
+ALTER TABLE vetassist_auth.keys ADD CONSTRAINT keys_purpose_check
+    CHECK (purpose IN ('token', 'phi', 'hash', 'audit', 'mfa', 'audit_ip'));
+
+-- key_usage generated again from the registry (an audit_ip column is a hash), and an index that
+-- lets "is key k still used" read only the audit log's block ranges that may hold k.
+DO $key_usage$
+BEGIN
+    EXECUTE 'CREATE OR REPLACE VIEW vetassist_auth.key_usage AS ' || (
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
+                   CASE
+                       WHEN c.hash_field IS NOT NULL THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
+                       WHEN c.context_name IS NOT NULL THEN pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
+                       ELSE pg_catalog.quote_ident(c.column_name)
+                   END,
+                   c.table_name || '.' || c.column_name, c.table_name),
+               ' UNION ALL ' ORDER BY c.ordinality)
+        FROM vetassist_auth.protected_columns() WITH ORDINALITY c)
+        || ' UNION ALL SELECT w.key_id, ''audit_seals.key_id''::text FROM vetassist_auth.worker_audit_seal_keys() w';
+END
+$key_usage$;
+CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
+    USING brin (vetassist_auth.hash_key_id(ip_hash)) WITH (pages_per_range = 16, autosummarize = on);
+
 -- Functions new or changed since 0.1.5, as in this release's install script
 -- (scripts/upgrade-functions.py prints them):
 -- * durable_audit_state, verify_installation: the recorder reserved for this database, keys that
 --   still need the previous master key, the node's role, no key created by a check;
 -- * key_cache_sizes, key_wrapping_problem, key_usage_summary, reencrypt: keys retire under
 --   once-per-session reencrypt, and the WARNING names what vetassist_admin can read;
+-- * key_purposes, reencrypt, verify_installation: the audit_ip purpose, and a reencrypt that
+--   moves nothing reads no audit row;
 -- * node_role, node_role_state, require_primary_node, promote, expire_sessions: replicas;
 -- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
 --   restore);
@@ -70,6 +99,11 @@ STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_cache_sizes_wrapper';
+
+CREATE  FUNCTION "key_purposes"() RETURNS TEXT[] /* Vec < & '_ str > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_purposes_wrapper';
 
 CREATE  FUNCTION "key_wrapping_problem"() RETURNS TEXT /* Option < String > */
 STRICT SECURITY DEFINER
@@ -140,7 +174,7 @@ BEGIN
         )
         SELECT c.table_name, min(c.row_id) AS row_id,
                string_agg(format('vetassist_auth.%s(t.%I) <> %s',
-                                 CASE WHEN c.purpose = 'hash' THEN 'hash_key_id' ELSE 'envelope_key_id' END,
+                                 CASE WHEN c.hash_field IS NOT NULL THEN 'hash_key_id' ELSE 'envelope_key_id' END,
                                  c.column_name, c.active_key), ' OR ' ORDER BY c.ordinality) AS stale,
                coalesce(string_agg(format('vetassist_auth.opens(t.%I, %s, %L)', c.column_name, c.context, c.purpose),
                                    ' AND ' ORDER BY c.ordinality) FILTER (WHERE c.context IS NOT NULL), 'true') AS opens,
@@ -180,8 +214,11 @@ BEGIN
         PERFORM vetassist_auth.retire_unused_keys();
         -- Nothing moved, yet ciphertexts remain under old keys: they do not open (retired key,
         -- damaged, or restored from another database), or another transaction holds their row.
+        -- Only the envelope columns' branches of key_usage run (a constant used_by each).
         SELECT count(*) INTO n FROM vetassist_auth.key_usage k JOIN vetassist_auth.keys USING (key_id)
-        WHERE keys.purpose IN ('phi', 'token', 'mfa') AND keys.status <> 'active';
+        WHERE k.used_by = ANY (ARRAY(SELECT p.table_name || '.' || p.column_name
+                                     FROM vetassist_auth.protected_columns() p WHERE p.context_name IS NOT NULL))
+          AND keys.status <> 'active';
         IF n > 0 THEN
             RAISE WARNING 'vetassist_auth: % stored value(s) remain under old keys and were not moved', n
                 USING HINT = 'They do not open (a retired key: unretire_key(key_id); damaged or restored from elsewhere) or their row is locked. SELECT * FROM vetassist_auth.key_usage_summary() shows them (as vetassist_admin).';
@@ -341,7 +378,7 @@ BEGIN
     detail := coalesce(detail, 'every data key opens under the current master key');
     RETURN NEXT;
 
-    FOREACH p IN ARRAY ARRAY['token', 'phi', 'hash', 'audit', 'mfa'] LOOP
+    FOREACH p IN ARRAY vetassist_auth.key_purposes() LOOP
         check_name := 'key ' || p;
         -- Read-only: a check never creates a key (a data-only restore needs an empty key table).
         IF NOT EXISTS (SELECT 1 FROM vetassist_auth.keys k WHERE k.purpose = p AND k.status = 'active') THEN
@@ -433,55 +470,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.promote()
-RETURNS TABLE (action text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    subs oid[];
-BEGIN
-    -- One promotion at a time.
-    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
-    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
-    FROM pg_subscription_rel sr
-    JOIN pg_class c ON c.oid = sr.srrelid
-    JOIN pg_subscription s ON s.oid = sr.srsubid
-    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
-    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
-        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
-        action := 'subscription disabled';
-        detail := r.subname;
-        RETURN NEXT;
-    END LOOP;
-    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
-    SELECT c.system_identifier, d.oid, subs
-    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
-    ON CONFLICT (system_identifier, database) DO UPDATE
-        SET promoted_at = clock_timestamp(),
-            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
-    -- From here on this node is the primary (node_role() reads the row just written).
-    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
-        IF r.sequence_name LIKE '% key rotated' THEN
-            action := 'key rotated';
-            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
-        ELSE
-            action := 'sequence moved';
-            detail := r.sequence_name || ' to ' || r.new_value;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
-        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
-                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
-    action := 'promoted';
-    detail := 'this node is the primary: the extension writes here';
-    RETURN NEXT;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.promote() IS
-    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
-
 CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -535,10 +523,60 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.on_citus_worker() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.key_purposes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.key_usage_summary() TO vetassist_admin;
 REVOKE ALL ON FUNCTION vetassist_auth.node_role() FROM PUBLIC;

@@ -292,7 +292,7 @@ fn normalized(value: &str, field: &str) -> Result<String> {
         ));
     }
     Ok(match field {
-        "ip" => canonical_ip(value)?,
+        IP_FIELD => canonical_ip(value)?,
         _ => crypto::normalize(field, value).into_owned(),
     })
 }
@@ -304,9 +304,30 @@ pub fn hash_with(key: &keys::DataKey, normalized: &str, field: &str) -> Vec<u8> 
 /// `key_id || HMAC-SHA256(K_field, normalize(field, value))` under the active hash key, which
 /// stays pinned to the end of the transaction: the hash may be stored.
 pub fn field_hash_value(value: &str, field: &str) -> Result<Vec<u8>> {
+    hash_for_storing(value, field, Purpose::Hash)
+}
+
+/// The hash of an end user's IP address an audit row keeps, under the active audit_ip key
+/// (docs/ARCHITECTURE.md, "Retiring a key").
+pub fn audit_ip_hash(ip: &str) -> Result<Vec<u8>> {
+    hash_for_storing(ip, IP_FIELD, Purpose::AuditIp)
+}
+
+const IP_FIELD: &str = "ip";
+
+fn hash_for_storing(value: &str, field: &str, purpose: Purpose) -> Result<Vec<u8>> {
     let normalized = normalized(value, field)?;
-    let key = keys::key_for_writing(Purpose::Hash)?;
+    let key = keys::key_for_writing(purpose)?;
     Ok(hash_with(&key, &normalized, field))
+}
+
+/// The purposes whose keys hash a field's stored values: IP addresses are in the audit log too.
+pub fn purposes_hashing(field: &str) -> &'static [Purpose] {
+    if field == IP_FIELD {
+        &[Purpose::Hash, Purpose::AuditIp]
+    } else {
+        &[Purpose::Hash]
+    }
 }
 
 /// A searchable hash of a value. STABLE so `WHERE col = field_hash(..)` uses an index; the very
@@ -316,8 +337,8 @@ fn field_hash(value: &str, field: &str) -> Vec<u8> {
     field_hash_value(value, field).or_raise()
 }
 
-/// One hash per usable hash key (active first), for look-ups that keep working while a
-/// rotation is under way: `WHERE email_hash = ANY(field_hashes($1, 'email'))`.
+/// One hash per usable key that hashes the field (active first), for look-ups that keep working
+/// while a rotation is under way: `WHERE email_hash = ANY(field_hashes($1, 'email'))`.
 #[pg_extern(strict, stable, security_definer)]
 fn field_hashes(value: &str, field: &str) -> Vec<Vec<u8>> {
     field_hashes_value(value, field).or_raise()
@@ -325,8 +346,11 @@ fn field_hashes(value: &str, field: &str) -> Vec<Vec<u8>> {
 
 pub fn field_hashes_value(value: &str, field: &str) -> Result<Vec<Vec<u8>>> {
     let normalized = normalized(value, field)?;
-    Ok(keys::usable_keys(Purpose::Hash)?
-        .iter()
-        .map(|key| hash_with(key, &normalized, field))
-        .collect())
+    let mut hashes = Vec::new();
+    for &purpose in purposes_hashing(field) {
+        for key in keys::usable_keys(purpose)? {
+            hashes.push(hash_with(&key, &normalized, field));
+        }
+    }
+    Ok(hashes)
 }

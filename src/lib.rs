@@ -122,6 +122,7 @@ extension_sql_file!(
     name = "health",
     requires = [
         "keys_sql",
+        keys::admin::key_purposes,
         log_redaction::unredactable_log_channels,
         replica::node_role_state
     ]

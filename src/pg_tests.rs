@@ -52,6 +52,18 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_keys_table_takes_exactly_the_purposes_the_library_knows() {
+        let check: String = one(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'keys_purpose_check'",
+        );
+        let names = crate::keys::Purpose::ALL.map(|p| format!("'{}'", p.as_str()));
+        assert_eq!(check.matches('\'').count(), 2 * names.len(), "{check}");
+        for name in names {
+            assert!(check.contains(&name), "{check} lacks {name}");
+        }
+    }
+
+    #[pg_test]
     fn field_hashes_match_across_normalization_and_carry_their_key_id() {
         let same: bool = one(
             "SELECT vetassist_auth.field_hash(' Maria@Example.org ', 'email') = vetassist_auth.field_hash('maria@example.org', 'email')",

@@ -105,7 +105,7 @@ pub const PROTECTED_COLUMNS: &[ProtectedColumn] = &[
     envelope("mfa_settings",     "totp_secret_encrypted",        Purpose::Mfa,    ("mfa_settings.totp_secret",   "user_id", Veteran),      "user_id"),
     hash(    "mfa_backup_codes", "code_hash",                    "mfa_backup_code",        None,                           "id"),
     hash(    "trusted_devices",  "device_fingerprint_hash",      "device_fingerprint",     None,                           "id"),
-    hash(    "audit_log",        "ip_hash",                      "ip",                     None,                           "id"),
+    ProtectedColumn { table: "audit_log", column: "ip_hash", purpose: Purpose::AuditIp, stored: Stored::Hash { field: "ip", of: None }, row_id: "id" },
     ProtectedColumn { table: "audit_seals", column: "key_id", purpose: Purpose::Audit, stored: Stored::KeyId, row_id: "seq" },
 ];
 
@@ -226,6 +226,21 @@ mod tests {
                     "{}.{} is hashed from {of}, which is not an envelope column of its table",
                     c.table,
                     c.column
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn field_hashes_search_under_the_purpose_of_every_column_of_the_field() {
+        for c in PROTECTED_COLUMNS {
+            if let Stored::Hash { field, .. } = c.stored {
+                assert!(
+                    encryption::purposes_hashing(field).contains(&c.purpose),
+                    "{}.{} is under {} keys, which field_hashes(_, '{field}') does not try",
+                    c.table,
+                    c.column,
+                    c.purpose.as_str()
                 );
             }
         }

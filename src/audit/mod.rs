@@ -56,7 +56,7 @@ pub fn register_callbacks() {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
-    let ip_hash = client_ip.map(|ip| encryption::field_hash_value(ip, "ip").or_raise());
+    let ip_hash = client_ip.map(|ip| encryption::audit_ip_hash(ip).or_raise());
     ACTOR.with_borrow_mut(|a| {
         a.user_id = user_id;
         a.ip_hash = ip_hash;

@@ -206,6 +206,12 @@ fn active_key_id(purpose: &str) -> i32 {
     active_key(Purpose::parse(purpose).or_raise()).or_raise().id as i32
 }
 
+/// The purposes a data key may have, for the checks that go through every one.
+#[pg_extern(immutable, parallel_safe)]
+fn key_purposes() -> Vec<&'static str> {
+    Purpose::ALL.map(Purpose::as_str).to_vec()
+}
+
 /// How `retire_unused_keys` found each `decrypt_only` key.
 enum Retirement {
     Retired,
@@ -233,30 +239,26 @@ fn retire_unused_keys() -> i32 {
         return 0;
     }
     let candidates = latest_rows(
-        "SELECT key_id, retire_after FROM vetassist_auth.keys WHERE status = 'decrypt_only' ORDER BY key_id",
-        |row| Ok((row.get::<i32>(1).unwrap_or_default(), row.get::<i64>(2))),
+        "SELECT key_id, retire_after, purpose FROM vetassist_auth.keys WHERE status = 'decrypt_only' ORDER BY key_id",
+        |row| {
+            let purpose = Purpose::parse(&row.get::<String>(3).unwrap_or_default())?;
+            Ok((row.get::<i32>(1).unwrap_or_default(), row.get::<i64>(2), purpose))
+        },
     )
     .or_raise();
     // Without waiting: a key some open transaction has pinned is simply not retired this time.
-    let free: Vec<(i32, Option<i64>)> = candidates
+    let free: Vec<(i32, Option<i64>, Purpose)> = candidates
         .into_iter()
-        .filter(|(id, _)| acquire(key_lock_tag(*id as u32, 0), pg_sys::ExclusiveLock, false))
+        .filter(|(id, _, _)| acquire(key_lock_tag(*id as u32, 0), pg_sys::ExclusiveLock, false))
         .collect();
     if free.is_empty() {
         return 0;
     }
     // SAFETY: reads the shared transaction counter; no lock is needed for a lower bound.
     let horizon = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
-    let used: HashSet<i32> = latest_rows(
-        "SELECT DISTINCT key_id FROM vetassist_auth.key_usage WHERE key_id IS NOT NULL",
-        |row| Ok(row.get::<i32>(1).unwrap_or_default()),
-    )
-    .or_raise()
-    .into_iter()
-    .collect();
     let mut retired = 0;
-    for (id, retire_after) in free {
-        let outcome = if used.contains(&id) {
+    for (id, retire_after, purpose) in free {
+        let outcome = if still_used(id, purpose).or_raise() {
             Retirement::InUse
         } else if !wrote && no_snapshot_before(retire_after.unwrap_or(horizon)).or_raise() {
             Retirement::Retired
@@ -290,6 +292,24 @@ fn retire_unused_keys() -> i32 {
         invalidate_all_backends();
     }
     retired
+}
+
+/// Whether a committed value still depends on the key, on a fresh snapshot. A hash pins only a
+/// key of its column's purpose: the audit log's IP hashes from before audit_ip keys existed are
+/// under hash keys, never rewritten, and must not hold a hash rotation for the six years the
+/// log keeps them (docs/ARCHITECTURE.md, "Retiring a key"). One probe per key, on the branches
+/// of key_usage that may hold it, so the audit log is read through its index.
+fn still_used(key_id: i32, purpose: Purpose) -> Result<bool> {
+    let used = latest_rows(
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM vetassist_auth.key_usage u WHERE u.key_id = {key_id} \
+             AND u.used_by = ANY (ARRAY(SELECT p.table_name || '.' || p.column_name \
+             FROM vetassist_auth.protected_columns() p WHERE p.hash_field IS NULL OR p.purpose = '{}')))",
+            purpose.as_str()
+        ),
+        |row| Ok(row.get::<bool>(1).unwrap_or(true)),
+    )?;
+    Ok(used.first().copied().unwrap_or(true))
 }
 
 /// Whether this transaction wrote a value under a key (it pinned one: encrypting, hashing,

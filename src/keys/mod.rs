@@ -72,16 +72,21 @@ pub enum Purpose {
     Audit,
     /// TOTP secrets: opened by no public function.
     Mfa,
+    /// The audit log's IP hashes: the log keeps its rows for years and never rewrites one, so
+    /// they have keys of their own, which retire as the purge removes the rows under them and
+    /// leave the hash keys free to rotate (docs/ARCHITECTURE.md, "Retiring a key").
+    AuditIp,
 }
 
 impl Purpose {
     /// In the order of their lock ordinals (lock_purpose): new purposes go last.
-    pub const ALL: [Purpose; 5] = [
+    pub const ALL: [Purpose; 6] = [
         Purpose::Token,
         Purpose::Phi,
         Purpose::Hash,
         Purpose::Audit,
         Purpose::Mfa,
+        Purpose::AuditIp,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +96,7 @@ impl Purpose {
             Purpose::Hash => "hash",
             Purpose::Audit => "audit",
             Purpose::Mfa => "mfa",
+            Purpose::AuditIp => "audit_ip",
         }
     }
 
@@ -100,7 +106,7 @@ impl Purpose {
             Purpose::Token => Some("vetassist_auth.token_encryptions_seq"),
             Purpose::Phi => Some("vetassist_auth.phi_encryptions_seq"),
             Purpose::Mfa => Some("vetassist_auth.mfa_encryptions_seq"),
-            Purpose::Hash | Purpose::Audit => None,
+            Purpose::Hash | Purpose::Audit | Purpose::AuditIp => None,
         }
     }
 
@@ -109,8 +115,9 @@ impl Purpose {
             .into_iter()
             .find(|p| p.as_str() == text)
             .ok_or_else(|| {
+                let names: Vec<&str> = Purpose::ALL.iter().map(|p| p.as_str()).collect();
                 Failure::new(Kind::InvalidArgument, "vetassist_auth: unknown key purpose")
-                    .with_hint("The purposes are token, phi, hash, audit and mfa.")
+                    .with_hint(format!("The purposes are {}.", names.join(", ")))
             })
     }
 }

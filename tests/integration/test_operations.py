@@ -701,3 +701,41 @@ def test_keys_the_recorder_creates_under_constant_load_follow_a_master_key_chang
         c.set_conf("vetassist_auth.previous_master_key_file", "")
         with c.connect("vetassist", "app_user") as app:
             assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uids[0], authenticator_code(uri))).fetchone()[0]
+
+
+def test_a_hash_rotation_finishes_while_the_audit_log_keeps_ip_hashes_for_years(ops):
+    """0.1.5: the audit log's IP hashes were under the hash key, and the log keeps rows for six
+    years and never rewrites one: an old hash key could never retire. The audit log's IP hashes
+    have keys of their own (purpose audit_ip) that retire as the purge removes the rows under
+    them; both stay searchable by IP until then."""
+    install(ops, "auditip")
+    ip = "198.51.100.23"
+    with ops.connect("auditip", "app_user") as app, ops.connect("auditip", "admin_user") as admin, \
+            ops.connect("auditip") as su:
+        uid = sign_in(app, "9900000033V1", "Ipa")
+        with app.transaction():
+            app.execute("SELECT vetassist_auth.set_actor(%s, %s)", (uid, ip))
+            app.execute("SELECT vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')")
+
+        def from_ip():
+            return su.execute("SELECT count(*) FROM vetassist_auth.audit_log "
+                              "WHERE ip_hash = ANY(vetassist_auth.field_hashes(%s, 'ip'))", (ip,)).fetchone()[0]
+
+        assert from_ip() == 1
+        old_hash = su.execute("SELECT vetassist_auth.active_key_id('hash')").fetchone()[0]
+        admin.execute("SELECT vetassist_auth.rotate_key('hash')")
+        drain_reencrypt(admin)
+        assert key_status(su, old_hash) == "retired"
+        assert from_ip() == 1
+
+        old_ip_key = su.execute("SELECT vetassist_auth.active_key_id('audit_ip')").fetchone()[0]
+        admin.execute("SELECT vetassist_auth.rotate_key('audit_ip')")
+        drain_reencrypt(admin)
+        assert key_status(su, old_ip_key) == "decrypt_only"  # the row under it is still kept
+        assert from_ip() == 1
+        while su.execute("SELECT vetassist_auth.seal_audit_log(10000)").fetchone()[0] > 0:
+            pass
+        su.execute("SET vetassist_auth.audit_min_retention = 0")
+        assert su.execute("SELECT vetassist_auth.purge_audit_log('0 seconds')").fetchone()[0] > 0
+        drain_reencrypt(admin)
+        assert key_status(su, old_ip_key) == "retired"
