@@ -16,15 +16,12 @@ BEGIN
 END
 $$;
 
--- Whether this node is the coordinator of a distributed installation. Apart IFs: without
--- Citus, an expression naming citus_is_coordinator() would not even parse.
+-- Whether this node is the coordinator of a distributed installation (on_citus_worker, in
+-- src/citus.rs, is the one test of a node's place).
 CREATE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF NOT vetassist_auth.distributed() THEN
-        RETURN false;
-    END IF;
-    RETURN pg_catalog.citus_is_coordinator();
+    RETURN vetassist_auth.distributed() AND NOT vetassist_auth.on_citus_worker();
 END
 $$;
 
@@ -167,19 +164,13 @@ CREATE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS inte
 LANGUAGE plpgsql AS $$
 DECLARE
     k record;
-    counted bigint;
     mirrored integer := 0;
 BEGIN
-    FOR k IN SELECT key_id, purpose, counter_base, encrypt_count FROM vetassist_auth.keys
-             WHERE status = 'active' AND purpose IN ('phi', 'token', 'mfa') LOOP
-        EXECUTE format('SELECT CASE WHEN is_called THEN (last_value - $1) * 128 END FROM vetassist_auth.%I',
-                       k.purpose || '_encryptions_seq')
-            INTO counted USING k.counter_base;
-        IF counted > k.encrypt_count THEN
-            UPDATE vetassist_auth.keys SET encrypt_count = counted
-            WHERE key_id = k.key_id AND encrypt_count < counted;
-            mirrored := mirrored + 1;
-        END IF;
+    FOR k IN SELECT c.key_id, c.counted FROM vetassist_auth.counted_encryptions() c
+             JOIN vetassist_auth.keys USING (key_id) WHERE keys.encrypt_count < c.counted LOOP
+        UPDATE vetassist_auth.keys SET encrypt_count = k.counted
+        WHERE key_id = k.key_id AND encrypt_count < k.counted;
+        mirrored := mirrored + 1;
     END LOOP;
     RETURN mirrored;
 END

@@ -60,16 +60,10 @@ BEGIN
     IF vetassist_auth.distributed() THEN
         RETURN vetassist_auth.refresh_distributed_encrypt_counts();
     END IF;
-    WITH counters (purpose, lease) AS (
-        SELECT 'phi', last_value FROM vetassist_auth.phi_encryptions_seq WHERE is_called
-        UNION ALL
-        SELECT 'token', last_value FROM vetassist_auth.token_encryptions_seq WHERE is_called
-        UNION ALL
-        SELECT 'mfa', last_value FROM vetassist_auth.mfa_encryptions_seq WHERE is_called
-    ), due AS (
-        SELECT k.key_id, (c.lease - k.counter_base) * 128 AS counted
-        FROM vetassist_auth.keys k JOIN counters c ON c.purpose = k.purpose
-        WHERE k.status = 'active' AND k.encrypt_count < (c.lease - k.counter_base) * 128
+    WITH due AS (
+        SELECT k.key_id, c.counted
+        FROM vetassist_auth.keys k JOIN vetassist_auth.counted_encryptions() c ON c.key_id = k.key_id
+        WHERE k.status = 'active' AND k.encrypt_count < c.counted
         FOR UPDATE OF k SKIP LOCKED
     ), mirrored AS (
         UPDATE vetassist_auth.keys k SET encrypt_count = due.counted

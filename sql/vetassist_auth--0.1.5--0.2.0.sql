@@ -77,12 +77,46 @@ CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
 --   once-per-session reencrypt, and the WARNING names what vetassist_admin can read;
 -- * key_purposes, reencrypt, verify_installation: the audit_ip purpose, and a reencrypt that
 --   moves nothing reads no audit row;
+-- * counted_encryptions, refresh_encrypt_counts, refresh_distributed_encrypt_counts,
+--   citus_coordinator: one definition of an encryption count and of a Citus worker;
 -- * node_role, node_role_state, require_primary_node, promote, expire_sessions: replicas;
 -- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
 --   restore);
 -- * enable_row_audit, disable_row_audit, verify_installation: the row-audit registry;
 -- * verify_audit_chain(seq, hash, timeline, lsn): an anchor's WAL position tells a recovery to
 --   an earlier point from seals removed.
+CREATE OR REPLACE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN vetassist_auth.distributed() AND NOT vetassist_auth.on_citus_worker();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.refresh_distributed_encrypt_counts() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+    mirrored integer := 0;
+BEGIN
+    FOR k IN SELECT c.key_id, c.counted FROM vetassist_auth.counted_encryptions() c
+             JOIN vetassist_auth.keys USING (key_id) WHERE keys.encrypt_count < c.counted LOOP
+        UPDATE vetassist_auth.keys SET encrypt_count = k.counted
+        WHERE key_id = k.key_id AND encrypt_count < k.counted;
+        mirrored := mirrored + 1;
+    END LOOP;
+    RETURN mirrored;
+END
+$$;
+
+CREATE  FUNCTION "counted_encryptions"() RETURNS TABLE (
+	"key_id" INT,  /* i32 */
+	"counted" bigint  /* i64 */
+)
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'counted_encryptions_wrapper';
+
 CREATE  FUNCTION "durable_audit_state"() RETURNS TABLE (
 	"ok" bool,  /* bool */
 	"detail" TEXT  /* & '_ str */
@@ -146,6 +180,29 @@ $$;
 
 COMMENT ON FUNCTION vetassist_auth.key_usage_summary() IS
     'How many stored values depend on each data key, per column (key_usage counted).';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.refresh_encrypt_counts() RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mirrored_keys integer;
+BEGIN
+    IF vetassist_auth.distributed() THEN
+        RETURN vetassist_auth.refresh_distributed_encrypt_counts();
+    END IF;
+    WITH due AS (
+        SELECT k.key_id, c.counted
+        FROM vetassist_auth.keys k JOIN vetassist_auth.counted_encryptions() c ON c.key_id = k.key_id
+        WHERE k.status = 'active' AND k.encrypt_count < c.counted
+        FOR UPDATE OF k SKIP LOCKED
+    ), mirrored AS (
+        UPDATE vetassist_auth.keys k SET encrypt_count = due.counted
+        FROM due WHERE k.key_id = due.key_id
+        RETURNING 1
+    )
+    SELECT count(*)::integer INTO mirrored_keys FROM mirrored;
+    RETURN mirrored_keys;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION vetassist_auth.reencrypt(batch_size integer DEFAULT 1000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -577,6 +634,7 @@ REVOKE ALL ON FUNCTION vetassist_auth.on_citus_worker() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_purposes() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.counted_encryptions() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.key_usage_summary() TO vetassist_admin;
 REVOKE ALL ON FUNCTION vetassist_auth.node_role() FROM PUBLIC;

@@ -94,41 +94,101 @@ fn in_transaction<T>(
     }
 }
 
-/// Whether the sweeper may write in its database now. Nothing of ours may ever make a restore
-/// fail, so a pass writes nothing while the extension is missing, while pg_restore is connected
-/// as a role that can restore (a superuser or the database's owner: the application, which
-/// can name itself anything, cannot hold the sweeper off), or while the extension holds neither
-/// a data key nor an audit row: a fresh install waits for its first caller, and a restore's data
-/// section brings both.
-fn ready_for_maintenance() -> bool {
+/// Whether the sweeper may write in its database now.
+enum Readiness {
+    Ready,
+    /// The extension is missing, or holds neither a data key nor an audit row yet.
+    NotYet,
+    /// pg_restore is connected (the oldest such session, and for how many seconds).
+    Restoring {
+        pid: i32,
+        seconds: i64,
+    },
+}
+
+/// Nothing of ours may ever make a restore fail, so a pass writes nothing while the extension is
+/// missing, while pg_restore is connected as a role that can restore (a superuser or the
+/// database's owner: the application, which can name itself anything, cannot hold the sweeper
+/// off), or while the extension holds neither a data key nor an audit row: a fresh install waits
+/// for its first caller, and a restore's data section brings both.
+fn readiness() -> Readiness {
     in_transaction(
         "readiness check",
         "vetassist_auth sweeper: readiness check",
         || {
             let installed = Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'vetassist_auth') \
-                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a \
-                                    JOIN pg_catalog.pg_database d ON d.datname = a.datname \
-                                    WHERE a.datname = pg_catalog.current_database() \
-                                      AND a.application_name = 'pg_restore' \
-                                      AND (a.usesysid = d.datdba OR EXISTS \
-                                           (SELECT 1 FROM pg_catalog.pg_roles r \
-                                            WHERE r.oid = a.usesysid AND r.rolsuper)))",
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'vetassist_auth')",
             )
             .map_err(|e| e.to_string())?;
             if installed != Some(true) {
-                return Ok(false);
+                return Ok(Readiness::NotYet);
+            }
+            let restore = Spi::get_two::<i32, i64>(
+                "SELECT a.pid, pg_catalog.date_part('epoch', pg_catalog.now() - a.backend_start)::bigint \
+                 FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_database d ON d.datname = a.datname \
+                 WHERE a.datname = pg_catalog.current_database() AND a.application_name = 'pg_restore' \
+                   AND (a.usesysid = d.datdba OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r \
+                                                         WHERE r.oid = a.usesysid AND r.rolsuper)) \
+                 ORDER BY a.backend_start LIMIT 1",
+            );
+            if let Ok((Some(pid), seconds)) = restore {
+                return Ok(Readiness::Restoring {
+                    pid,
+                    seconds: seconds.unwrap_or_default(),
+                });
             }
             // Only now: the table is missing without the extension.
             Spi::get_one::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM vetassist_auth.keys) \
                      OR EXISTS (SELECT 1 FROM vetassist_auth.audit_log)",
             )
-            .map(|ready| ready == Some(true))
+            .map(|ready| {
+                if ready == Some(true) {
+                    Readiness::Ready
+                } else {
+                    Readiness::NotYet
+                }
+            })
             .map_err(|e| e.to_string())
         },
     )
-    .unwrap_or(false)
+    .unwrap_or(Readiness::NotYet)
+}
+
+/// How often a pause for pg_restore is reported again while it lasts: a session that only calls
+/// itself pg_restore (as the database owner) must not stop the sealing unseen.
+const RESTORE_REPORT_EVERY: i64 = 600;
+
+/// Logs a pause for pg_restore when it starts, again every RESTORE_REPORT_EVERY seconds as a
+/// WARNING, and its end; `reported` is how long the pause had lasted at the last report.
+fn report_restore_pause(readiness: &Readiness, reported: &mut Option<i64>, database: &str) {
+    match (readiness, *reported) {
+        (Readiness::Restoring { pid, seconds }, None) => {
+            pgrx::log!(
+                "vetassist_auth sweeper: pg_restore (pid {pid}) is connected to database {database}; \
+                 maintenance waits until it ends"
+            );
+            *reported = Some(*seconds);
+        }
+        (Readiness::Restoring { pid, seconds }, Some(last))
+            if *seconds >= last + RESTORE_REPORT_EVERY =>
+        {
+            pgrx::warning!(
+                "vetassist_auth sweeper: maintenance of database {database} has waited {} minutes \
+                 for pg_restore (pid {pid}); the audit log is not sealed meanwhile",
+                seconds / 60
+            );
+            *reported = Some(*seconds);
+        }
+        (Readiness::Restoring { .. }, Some(_)) => {}
+        (_, Some(_)) => {
+            pgrx::log!(
+                "vetassist_auth sweeper: pg_restore has left database {database}; maintenance resumes"
+            );
+            *reported = None;
+        }
+        (_, None) => {}
+    }
 }
 
 #[pg_guard]
@@ -149,8 +209,11 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     signals::pin_settings(&[(c"deadlock_timeout", c"100ms")]);
     pgrx::log!("vetassist_auth sweeper started in database {}", database);
     let mut paused = false;
+    let mut restore_reported = None;
     loop {
-        if ready_for_maintenance() {
+        let readiness = readiness();
+        report_restore_pause(&readiness, &mut restore_reported, &database);
+        if matches!(readiness, Readiness::Ready) {
             // On a logical replication subscriber the apply worker writes the extension's tables:
             // a row of ours would collide with the primary's next one (docs/ARCHITECTURE.md,
             // "Replicas and failover"). The pass writes nothing there until promote().

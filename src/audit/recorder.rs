@@ -230,8 +230,7 @@ pub fn create_key(purpose: Purpose) -> Result<bool> {
     if !delegated(keys::keys_relid()) {
         return Ok(false);
     }
-    let ordinal = Purpose::ALL.iter().position(|p| *p == purpose).unwrap_or(0) as u8;
-    match submit(&[JOB_CREATE_KEY, ordinal]) {
+    match submit(&[JOB_CREATE_KEY, purpose.ordinal()]) {
         Ok(()) => Ok(true),
         Err(Some(_unavailable)) => Ok(false),
         Err(None) => Err(Failure::new(
@@ -249,8 +248,7 @@ pub fn rotate_worn_key_soon(purpose: Purpose, key_id: u32) {
     if !delegated(keys::keys_relid()) || !crate::replica::is_primary() {
         return;
     }
-    let ordinal = Purpose::ALL.iter().position(|p| *p == purpose).unwrap_or(0) as u8;
-    let mut payload = vec![JOB_ROTATE_WORN_KEY, ordinal];
+    let mut payload = vec![JOB_ROTATE_WORN_KEY, purpose.ordinal()];
     payload.extend_from_slice(&key_id.to_le_bytes());
     if let Ok((slot, ticket)) = enqueue_now(&payload) {
         if wake_recorder().is_err() {
@@ -543,22 +541,18 @@ fn encode(row: &AuditRow<'_>, who: &Who, out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-fn purpose_of(ordinal: u8) -> Purpose {
-    Purpose::ALL[usize::from(ordinal) % Purpose::ALL.len()]
-}
-
 /// Runs one job in the current transaction.
 fn run_job(payload: &[u8]) {
     match payload.split_first() {
         Some((&JOB_AUDIT_ROW, row)) => write_encoded(row),
         Some((&JOB_CREATE_KEY, [ordinal])) => {
-            if let Err(failure) = keys::create_active_key(purpose_of(*ordinal)) {
+            if let Err(failure) = keys::create_active_key(Purpose::from_ordinal(*ordinal)) {
                 failure.raise();
             }
         }
         Some((&JOB_ROTATE_WORN_KEY, [ordinal, id @ ..])) => {
             let id = u32::from_le_bytes(id.try_into().expect("a key id"));
-            if let Err(failure) = keys::rotate_worn_key(purpose_of(*ordinal), id) {
+            if let Err(failure) = keys::rotate_worn_key(Purpose::from_ordinal(*ordinal), id) {
                 failure.raise();
             }
         }

@@ -85,3 +85,32 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     });
     Ok(())
 }
+
+/// How many encryptions each active key has had by its purpose's counter (the leases handed out
+/// since it took over, times the lease): what `keys.encrypt_count` mirrors. The one place the
+/// formula is written; refresh_encrypt_counts and its Citus variant read it. Internal.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn counted_encryptions() -> TableIterator<'static, (name!(key_id, i32), name!(counted, i64))> {
+    let counted = Spi::connect(|client| {
+        let mut counted = Vec::new();
+        for purpose in Purpose::ALL.into_iter().filter(|p| p.counter().is_some()) {
+            let position = counter_position(client, purpose)?;
+            let active = client
+                .select(
+                    "SELECT key_id, counter_base FROM vetassist_auth.keys WHERE purpose = $1 AND status = 'active'",
+                    None,
+                    &[purpose.as_str().into()],
+                )
+                .map_err(spi_failure)?;
+            for row in active {
+                let key_id = row.get::<i32>(1).map_err(spi_failure)?.unwrap_or_default();
+                let base = row.get::<i64>(2).map_err(spi_failure)?.unwrap_or_default();
+                counted.push((key_id, (position - base) * LEASE));
+            }
+        }
+        Ok::<_, Failure>(counted)
+    })
+    .or_raise();
+    TableIterator::new(counted)
+}

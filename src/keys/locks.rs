@@ -80,6 +80,9 @@ pub fn claim_identity(hash_prefix: u32) {
 
 /// Serialises key creation and rotation of one purpose until the end of the transaction.
 pub(super) fn lock_purpose(purpose: Purpose) {
-    let ordinal = Purpose::ALL.iter().position(|p| *p == purpose).unwrap_or(0) as u16;
-    acquire(key_lock_tag(0, ordinal + 1), pg_sys::ExclusiveLock, true);
+    acquire(
+        key_lock_tag(0, u16::from(purpose.ordinal()) + 1),
+        pg_sys::ExclusiveLock,
+        true,
+    );
 }

@@ -89,6 +89,16 @@ impl Purpose {
         Purpose::AuditIp,
     ];
 
+    /// The purpose's place in ALL: its lock ordinal and its number in a recorder job.
+    pub fn ordinal(self) -> u8 {
+        self as u8
+    }
+
+    /// The purpose of an ordinal (an unknown one, from a corrupted job, reads as the first).
+    pub fn from_ordinal(ordinal: u8) -> Purpose {
+        Purpose::ALL[usize::from(ordinal) % Purpose::ALL.len()]
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Purpose::Token => "token",
@@ -351,4 +361,17 @@ pub fn usable_keys(purpose: Purpose) -> Result<Vec<Rc<DataKey>>> {
         }
     };
     Ok(std::iter::once(active).chain(others).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Purpose;
+
+    #[test]
+    fn a_purpose_ordinal_is_its_place_in_all() {
+        for (place, purpose) in Purpose::ALL.into_iter().enumerate() {
+            assert_eq!(usize::from(purpose.ordinal()), place);
+            assert_eq!(Purpose::from_ordinal(purpose.ordinal()), purpose);
+        }
+    }
 }

@@ -552,6 +552,23 @@ def test_the_application_cannot_hold_the_sweeper_off_by_calling_itself_pg_restor
             assert app.execute("SELECT current_setting('application_name')").fetchone()[0] == "pg_restore"
 
 
+@pytest.mark.load
+def test_a_pause_for_pg_restore_is_logged_when_it_starts_and_ends():
+    """The database owner may restore, so a session of its own named pg_restore holds the sweeper
+    off; the pause must not go unseen (and is reported again as a WARNING while it lasts)."""
+    with installed_cluster("restore-pause", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as cluster:
+        cluster.psql("CREATE ROLE dbo LOGIN; ALTER DATABASE vetassist OWNER TO dbo")
+        backlog(cluster, 10)
+        with psycopg.connect(cluster.conninfo("vetassist", "dbo") + " application_name=pg_restore",
+                             autocommit=True) as restore:
+            pid = restore.execute("SELECT pg_backend_pid()").fetchone()[0]
+            wait_for("the pause logged", lambda: f"pg_restore (pid {pid}) is connected to database vetassist"
+                     in cluster.log())
+        wait_for("the end of the pause logged", lambda: "pg_restore has left database vetassist; maintenance resumes"
+                 in cluster.log())
+
+
 def test_only_a_role_that_may_drop_or_copy_a_database_makes_our_processes_leave_it():
     """A monitoring role (pg_monitor) whose DROP DATABASE, CREATE DATABASE … TEMPLATE or RENAME
     fails on privileges must not terminate our processes on the way (a loop of such statements

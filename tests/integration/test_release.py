@@ -1,35 +1,35 @@
-"""The install script of a released version never changes: a schema change needs a new version
-and an upgrade script (README, "Releases and upgrades")."""
+"""A shipped script never changes (ParadeDB's rule): sql/RELEASED names each released version
+and the SHA-256 of the script it shipped, the base install script for the first and the upgrade
+script to it for the others. Every earlier version is built from the base and the chain (README,
+"Releases and upgrades")."""
+import hashlib
 import re
 
-import pytest
-
-from conftest import EXTENSION_DIR, ROOT
+from conftest import ROOT
 
 
 def version():
     return re.search(r'^version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
 
 
-def normalized(sql):
-    """The script's statement blocks, order-free (the generator may order independent blocks
-    differently from build to build), without comments (they carry source line numbers)."""
-    blocks = []
-    for block in sql.split("/* <begin connected objects> */"):
-        lines = (line.rstrip() for line in block.replace("/* </end connected objects> */", "").splitlines())
-        text = "\n".join(line for line in lines if line and not line.lstrip().startswith("--"))
-        if text:
-            blocks.append(text)
-    return sorted(blocks)
+def released():
+    """(version, script, sha256) of every shipped version, oldest first."""
+    lines = (line.split() for line in (ROOT / "sql" / "RELEASED").read_text().splitlines())
+    return [tuple(fields) for fields in lines if fields and not fields[0].startswith("#")]
 
 
-def test_the_installed_script_of_this_version_is_the_released_one():
-    v = version()
-    installed = EXTENSION_DIR / f"vetassist_auth--{v}.sql"
-    released = ROOT / "sql" / "releases" / f"vetassist_auth--{v}.sql"
-    if not released.exists():
-        # A version in development (0.2.0) ships no frozen copy: the upgrade test's catalog diff
-        # and its chain from the newest release hold it to its upgrade script instead.
-        pytest.skip(f"{v} is in development: no frozen install script")
-    assert normalized(installed.read_text()) == normalized(released.read_text()), (
-        f"the schema of {v} changed after its release: bump the version and add an upgrade script")
+def test_no_shipped_script_has_changed():
+    changed = [script for _v, script, digest in released()
+               if hashlib.sha256((ROOT / "sql" / script).read_bytes()).hexdigest() != digest]
+    assert changed == [], "shipped scripts changed: write a new upgrade script instead"
+
+
+def test_the_shipped_scripts_are_the_base_and_the_chain():
+    versions = [v for v, _script, _digest in released()]
+    assert released()[0][1] == f"vetassist_auth--{versions[0]}.sql"
+    for (older, newer), (_v, script, _d) in zip(zip(versions, versions[1:]), released()[1:]):
+        assert script == f"vetassist_auth--{older}--{newer}.sql"
+    # One base install script: every other one is generated (this version) or built by
+    # Postgres from the base and the chain.
+    bases = sorted(p.name for p in (ROOT / "sql").glob("vetassist_auth--*.sql") if p.name.count("--") == 1)
+    assert bases == [released()[0][1]]

@@ -51,6 +51,33 @@ def test_prepared_statements_and_unqualified_calls(logged):
     assert "SELECT find_user_by_icn(<redacted>)" in log
 
 
+def test_an_unqualified_call_of_any_function_of_the_extension_logs_no_literal(logged):
+    """0.1.5's list of function names was a hand copy that lacked four granted ones (distribute,
+    veteran_placement, …): an unqualified call of those logged its literals. Every function in
+    the catalog is called unqualified with a literal of its own, as the application and as a
+    superuser: granted or not, existing with that signature or not, the literal is in no line."""
+    c = logged
+    with c.connect("vetassist") as su:
+        names = [r[0] for r in su.execute("SELECT DISTINCT proname FROM pg_proc "
+                                          "WHERE pronamespace = 'vetassist_auth'::regnamespace ORDER BY 1")]
+    assert len(names) > 100
+    marks = {}
+    for user in ("app_user", "postgres"):
+        with c.connect("vetassist", user) as conn:
+            conn.execute("SET search_path = vetassist_auth, public")
+            for i, name in enumerate(names):
+                mark = marks.setdefault((user, name), f"fuzz{user[:3]}{i:03d}lit")
+                try:
+                    with conn.transaction():  # what a call does is rolled back
+                        conn.execute(f"SELECT {name}('{mark}')")
+                except psycopg.Error:
+                    pass
+    log = c.log()
+    leaked = [name for (user, name), mark in marks.items() if mark in log]
+    assert leaked == [], leaked
+    assert "SELECT distribute(<redacted>)" in log
+
+
 def test_a_deadlock_report_does_not_carry_the_other_sessions_tokens(logged):
     c, (u1, u2) = logged, logged.uids[1:3]
     a = c.connect("vetassist", "app_user", autocommit=False)

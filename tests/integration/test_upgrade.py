@@ -1,23 +1,21 @@
-"""Upgrades: every released version's install script, filled with data, then ALTER EXTENSION
-UPDATE to this version. Everything written before still decrypts and verifies, the API keeps
-working, and the upgraded catalog is the same as a fresh install's."""
-import shutil
-
+"""Upgrades: every released version, built as Postgres builds it (the base install script and the
+upgrade chain, sql/RELEASED), filled with data, then ALTER EXTENSION UPDATE to this version.
+Everything written before still decrypts and verifies, the API keeps working, and the upgraded
+catalog is the same as a fresh install's."""
 import pytest
 
 from conftest import EXTENSION_DIR, ROOT, Cluster, authenticator_code, install
-from test_release import version
+from test_release import released, version
 
-RELEASES = sorted((p.name.split("--")[1].removesuffix(".sql") for p in (ROOT / "sql/releases").glob("vetassist_auth--*.sql")),
-                  key=lambda v: tuple(int(part) for part in v.split(".")))
+RELEASES = [v for v, _script, _digest in released()]
 
 
 @pytest.fixture(scope="module")
 def upgrade_cluster():
-    # The released install scripts, exactly as shipped, next to this build's upgrade scripts.
-    for release in RELEASES:
-        shutil.copyfile(ROOT / f"sql/releases/vetassist_auth--{release}.sql",
-                        EXTENSION_DIR / f"vetassist_auth--{release}.sql")
+    # An install script of a released version other than the base (a frozen copy an older
+    # checkout installed) would be used instead of the chain.
+    for stale in RELEASES[1:]:
+        (EXTENSION_DIR / f"vetassist_auth--{stale}.sql").unlink(missing_ok=True)
     c = Cluster("upgrade", "shared_preload_libraries = 'vetassist_auth'")
     try:
         yield c
@@ -154,7 +152,7 @@ def test_an_upgraded_catalog_is_the_same_as_a_fresh_install(upgrade_cluster):
 
 
 def test_every_release_has_an_upgrade_path_to_this_version():
-    # The version in development has no frozen copy; it is reached from the newest release.
+    # The version in development is reached from the newest release.
     current = version()
     chain = RELEASES if current in RELEASES else [*RELEASES, current]
     scripts = {p.name for p in (ROOT / "sql").glob("vetassist_auth--*--*.sql")}
