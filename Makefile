@@ -15,7 +15,7 @@ SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
 OTHER_PG   ?= $(filter-out $(PG),$(ALL_PG))
 ALL_PG     := 15 16 17 18
 
-.PHONY: all toolchain install install-release lint pg-test test test-one test-compat test-all demo citus-demo bench clean
+.PHONY: all toolchain install install-release lint pg-test check test test-one test-compat test-all demo citus-demo bench clean
 
 all: test
 
@@ -30,6 +30,7 @@ install-release: toolchain
 
 lint: toolchain
 	cargo fmt --check
+	python3 scripts/layers.py
 	cargo clippy --all-targets --no-default-features --features "pg$(PG) pg_test" -- -D warnings
 
 # CI runs exactly this: the whole suite on $(PG), then the compatibility suite on each other
@@ -43,6 +44,14 @@ test: test-one
 pg-test: toolchain
 	$(SUDO) install -d -o postgres target/pg-test
 	cargo pgrx test pg$(PG) --no-default-features --runas postgres --pgdata $(CURDIR)/target/pg-test/pg$(PG)
+
+# The fast loop (a few minutes): lint, unit and in-process tests, pg_regress and one pytest file,
+# FILE=test_keys.py by default (FILE=test_keys.py::test_name runs one test).
+FILE       ?= test_keys.py
+check: lint pg-test
+	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
+	REGRESS_ONLY=1 tests/run.sh
+	target/venv/bin/pytest -q tests/integration/$(FILE)
 
 # The whole suite on one version: unit and in-process tests, pg_regress, integration tests,
 # clients.
@@ -63,7 +72,7 @@ test-all:
 demo: install-release
 	target/venv/bin/python scripts/demo.py
 
-# A coordinator and two workers under target/clusters/citus-demo-* (README, "Scale-out on Citus").
+# A coordinator and two workers under target/clusters/citus-demo-* (docs/citus.md, "Scale-out on Citus").
 citus-demo: install-release
 	scripts/ensure-citus.sh $(PG_CONFIG)
 	target/venv/bin/python scripts/citus_demo.py

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import BIN, ROOT, citus_cluster, installed_cluster  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from vetassist_testing import BIN, ROOT, citus_cluster, installed_cluster  # noqa: E402
 
 ROWS = 20_000
 REPEATS = 7

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from conftest import authenticator_code, citus_cluster  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from vetassist_testing import authenticator_code, citus_cluster  # noqa: E402
 from demo import DIM, GREEN, RED, RESET, say, sql, step  # noqa: E402
 
 NAME, DB = "citus-demo", "vetassist"

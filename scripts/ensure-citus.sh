@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Citus 13.2.2 (the scale-out engine, README "Scale-out on Citus") into the PostgreSQL
+# Installs Citus 13.2.2 (the scale-out engine, docs/citus.md "Scale-out on Citus") into the PostgreSQL
 # of the given pg_config, once: built from vendor/citus-13.2.2.tar.gz. Citus 13.2 supports
 # PostgreSQL 15, 16 and 17. Usage: scripts/ensure-citus.sh <pg_config>
 set -euo pipefail

@@ -242,3 +242,11 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
     'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb) TO vetassist_app, vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.audit_chain_head() TO vetassist_admin, vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.enable_row_audit(regclass, text[], text[]) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.disable_row_audit(regclass) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) TO vetassist_auditor;

@@ -1,4 +1,4 @@
--- Scale-out on Citus (README, "Scale-out on Citus"; docs/ARCHITECTURE.md, "Citus"). Nothing here
+-- Scale-out on Citus (docs/citus.md, "Scale-out on Citus"; docs/ARCHITECTURE.md, "Citus"). Nothing here
 -- runs until an administrator calls distribute() on the coordinator; every function works
 -- unchanged on one node. The application connects to the coordinator, and every API function
 -- runs there: per-veteran statements are keyed by the user id (one shard each), values are
@@ -330,3 +330,11 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.verify_audit_chain_at(text, bigint, bytea) IS
     'Checks one node''s anchor (a row of audit_chain_heads()) on that node, as verify_audit_chain(seq, hash) does there.';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.distribute(integer) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.veteran_placement(uuid) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.seal_worker_audit_logs(integer) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.audit_chain_heads() TO vetassist_admin, vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain_at(text, bigint, bytea) TO vetassist_admin, vetassist_auditor;

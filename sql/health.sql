@@ -140,7 +140,7 @@ BEGIN
     SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;
 
-    -- Before the previous master key file is removed (README, "Changing the master key").
+    -- Before the previous master key file is removed (docs/operations.md, "Changing the master key").
     check_name := 'keys: wrapped under the current master key';
     detail := vetassist_auth.key_wrapping_problem();
     ok := detail IS NULL;
@@ -168,3 +168,7 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.verify_installation() IS
     'Checks tables, backups, indexes, roles, grants and key access; one row per check.';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_installation() TO vetassist_admin, vetassist_auditor;

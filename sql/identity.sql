@@ -222,3 +222,11 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.deactivate_user(uuid, text) IS
     'Marks the account inactive, ends every session and deletes its VA tokens; audited.';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.upsert_va_user(text, text, text, text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.find_user_by_icn(text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.find_users_by_email(text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.user_profile(uuid) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.deactivate_user(uuid, text) TO vetassist_app, vetassist_admin;

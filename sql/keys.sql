@@ -1,12 +1,14 @@
 -- Key usage and re-encryption (docs/ARCHITECTURE.md, "Keys").
 
 -- Every stored value that depends on a data key, by key id: one branch per column of
--- protected_columns() (src/protected_columns.rs), generated here, and on a Citus coordinator the
--- audit keys of the workers' seals (citus.sql). A decrypt_only key that appears nowhere here
--- may be retired (retire_unused_keys asks per key: "WHERE key_id = k").
-DO $key_usage$
+-- protected_columns() (src/protected_columns.rs), generated from it, and on a Citus coordinator
+-- the audit keys of the workers' seals (citus.sql). A decrypt_only key that appears nowhere here
+-- may be retired (retire_unused_keys asks per key: "WHERE key_id = k"). An upgrade that changes
+-- the registry calls define_key_usage() again. Internal.
+CREATE FUNCTION vetassist_auth.define_key_usage() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    EXECUTE 'CREATE VIEW vetassist_auth.key_usage AS ' || (
+    EXECUTE 'CREATE OR REPLACE VIEW vetassist_auth.key_usage AS ' || (
         SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
                    CASE
                        WHEN c.hash_field IS NOT NULL THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
@@ -18,7 +20,8 @@ BEGIN
         FROM vetassist_auth.protected_columns() WITH ORDINALITY c)
         || ' UNION ALL SELECT w.key_id, ''audit_seals.key_id''::text FROM vetassist_auth.worker_audit_seal_keys() w';
 END
-$key_usage$;
+$$;
+SELECT vetassist_auth.define_key_usage();
 COMMENT ON VIEW vetassist_auth.key_usage IS 'Which data key each stored ciphertext or field hash depends on.';
 
 -- The audit log is the one large table whose values pin keys (its IP hashes, under audit_ip keys
@@ -196,3 +199,8 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.reencrypt(integer) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.key_usage_summary() TO vetassist_admin;

@@ -327,3 +327,15 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup codes and trusted devices of a user; audited.';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_enroll_totp(uuid) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_verify(text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_generate_backup_codes(uuid, integer) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_trust_device(text, integer) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_trusted_devices(uuid) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_revoke_device(uuid, uuid) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_required(text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_disable(uuid) TO vetassist_app, vetassist_admin;

@@ -1,4 +1,4 @@
--- Day-2 operations: restores and replicas (README, "Backup and restore", "Replicas and failover").
+-- Day-2 operations: restores and replicas (docs/operations.md, "Backup and restore", "Replicas and failover").
 
 -- A data-only restore into a database that already has data keys would mix two key sets under
 -- the same key ids: every restored value would then fail to decrypt. Keys enter the table only
@@ -67,7 +67,7 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.resync_sequences() IS
     'After a failover to a logical replica: moves the extension''s id sequences past the ids in use and rotates the phi, token and mfa keys (their encryption counts since the last mirror are unknown); returns what changed.';
 
--- The failover to a logical replica (README, "Replicas and failover"). Until it runs, a node
+-- The failover to a logical replica (docs/operations.md, "Replicas and failover"). Until it runs, a node
 -- that a subscription feeds with the extension's tables (or whose vetassist_auth.node_role is
 -- 'subscriber') writes none of them. It disables those subscriptions (nothing the old primary
 -- sends is applied any more), records the promotion, then does what resync_sequences() does.
@@ -119,3 +119,8 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.promote() IS
     'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.resync_sequences() TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.promote() TO vetassist_admin;

@@ -439,3 +439,17 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
     'Ends overdue sessions and deletes ended ones past session_retention, in batches; returns rows changed (call until 0).';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.create_session(uuid, text, timestamptz, inet, text, text, jsonb) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.touch_session(text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.session_status(text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.end_session(text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.end_user_sessions(uuid, text) TO vetassist_app, vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.lock_session(text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.rotate_session_refresh_token(text, text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.refresh_session_token(text, text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.log_session_event(text, text, text, jsonb) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_crisis_notice(text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.expire_sessions(integer) TO vetassist_app, vetassist_admin;

@@ -134,3 +134,11 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.delete_va_tokens(uuid) IS 'Deletes the VA tokens of a user (logout); returns whether any existed.';
+
+-- Who may call the functions of this file (any other function of the extension: no role,
+-- sql/grants.sql).
+GRANT EXECUTE ON FUNCTION vetassist_auth.store_va_tokens(uuid, text, text, timestamptz, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.va_access_token(uuid) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.va_refresh_token(uuid) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.va_tokens_due(interval) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.delete_va_tokens(uuid) TO vetassist_app;

@@ -49,23 +49,8 @@ ALTER TABLE vetassist_auth.keys DROP CONSTRAINT keys_purpose_check;
 ALTER TABLE vetassist_auth.keys ADD CONSTRAINT keys_purpose_check
     CHECK (purpose IN ('token', 'phi', 'hash', 'audit', 'mfa', 'audit_ip'));
 
--- key_usage generated again from the registry (an audit_ip column is a hash), and an index that
--- lets "is key k still used" read only the audit log's block ranges that may hold k.
-DO $key_usage$
-BEGIN
-    EXECUTE 'CREATE OR REPLACE VIEW vetassist_auth.key_usage AS ' || (
-        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
-                   CASE
-                       WHEN c.hash_field IS NOT NULL THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
-                       WHEN c.context_name IS NOT NULL THEN pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
-                       ELSE pg_catalog.quote_ident(c.column_name)
-                   END,
-                   c.table_name || '.' || c.column_name, c.table_name),
-               ' UNION ALL ' ORDER BY c.ordinality)
-        FROM vetassist_auth.protected_columns() WITH ORDINALITY c)
-        || ' UNION ALL SELECT w.key_id, ''audit_seals.key_id''::text FROM vetassist_auth.worker_audit_seal_keys() w';
-END
-$key_usage$;
+-- An index that lets "is key k still used" read only the audit log's block ranges that may hold
+-- k (key_usage itself is generated again from the registry by define_key_usage, below).
 CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
     USING brin (vetassist_auth.hash_key_id(ip_hash)) WITH (pages_per_range = 16, autosummarize = on);
 
@@ -79,6 +64,7 @@ CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
 --   moves nothing reads no audit row;
 -- * counted_encryptions, refresh_encrypt_counts, refresh_distributed_encrypt_counts,
 --   citus_coordinator: one definition of an encryption count and of a Citus worker;
+-- * define_key_usage: key_usage generated from the registry (an audit_ip column is a hash);
 -- * node_role, node_role_state, require_primary_node, promote, expire_sessions: replicas;
 -- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
 --   restore);
@@ -167,6 +153,23 @@ CREATE  FUNCTION "require_primary_node"() RETURNS void
 STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'require_primary_node_wrapper';
+
+CREATE FUNCTION vetassist_auth.define_key_usage() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE 'CREATE OR REPLACE VIEW vetassist_auth.key_usage AS ' || (
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS key_id, %L::text AS used_by FROM vetassist_auth.%I',
+                   CASE
+                       WHEN c.hash_field IS NOT NULL THEN pg_catalog.format('vetassist_auth.hash_key_id(%I)', c.column_name)
+                       WHEN c.context_name IS NOT NULL THEN pg_catalog.format('vetassist_auth.envelope_key_id(%I)', c.column_name)
+                       ELSE pg_catalog.quote_ident(c.column_name)
+                   END,
+                   c.table_name || '.' || c.column_name, c.table_name),
+               ' UNION ALL ' ORDER BY c.ordinality)
+        FROM vetassist_auth.protected_columns() WITH ORDINALITY c)
+        || ' UNION ALL SELECT w.key_id, ''audit_seals.key_id''::text FROM vetassist_auth.worker_audit_seal_keys() w';
+END
+$$;
 
 CREATE FUNCTION vetassist_auth.key_usage_summary()
 RETURNS TABLE (key_id integer, purpose text, status text, used_by text, stored_values bigint)
@@ -428,7 +431,7 @@ BEGIN
     SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;
 
-    -- Before the previous master key file is removed (README, "Changing the master key").
+    -- Before the previous master key file is removed (docs/operations.md, "Changing the master key").
     check_name := 'keys: wrapped under the current master key';
     detail := vetassist_auth.key_wrapping_problem();
     ok := detail IS NULL;
@@ -527,6 +530,55 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -580,54 +632,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.promote()
-RETURNS TABLE (action text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    subs oid[];
-BEGIN
-    -- One promotion at a time.
-    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
-    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
-    FROM pg_subscription_rel sr
-    JOIN pg_class c ON c.oid = sr.srrelid
-    JOIN pg_subscription s ON s.oid = sr.srsubid
-    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
-    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
-        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
-        action := 'subscription disabled';
-        detail := r.subname;
-        RETURN NEXT;
-    END LOOP;
-    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
-    SELECT c.system_identifier, d.oid, subs
-    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
-    ON CONFLICT (system_identifier, database) DO UPDATE
-        SET promoted_at = clock_timestamp(),
-            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
-    -- From here on this node is the primary (node_role() reads the row just written).
-    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
-        IF r.sequence_name LIKE '% key rotated' THEN
-            action := 'key rotated';
-            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
-        ELSE
-            action := 'sequence moved';
-            detail := r.sequence_name || ' to ' || r.new_value;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
-        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
-                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
-    action := 'promoted';
-    detail := 'this node is the primary: the extension writes here';
-    RETURN NEXT;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.promote() IS
-    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+SELECT vetassist_auth.define_key_usage();
 
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.on_citus_worker() FROM PUBLIC;
@@ -635,6 +640,7 @@ REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_purposes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.counted_encryptions() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.define_key_usage() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_usage_summary() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.key_usage_summary() TO vetassist_admin;
 REVOKE ALL ON FUNCTION vetassist_auth.node_role() FROM PUBLIC;

@@ -1,4 +1,4 @@
-//! Where this node stands in a Citus cluster (README, "Scale-out on Citus"). The application's
+//! Where this node stands in a Citus cluster (docs/citus.md, "Scale-out on Citus"). The application's
 //! calls and every encryption run on the coordinator; a worker holds shards and its own audit
 //! chain. Asked of Citus itself, not of our SQL: this library also serves an older release's
 //! SQL until `ALTER EXTENSION ... UPDATE`.

@@ -281,9 +281,20 @@ fn allowed_target(database: &CStr, needs: &Needs) -> Option<pg_sys::Oid> {
 fn ask_to_leave(database: pg_sys::Oid) {
     for (pid, connected_to) in &shared().connected {
         let pid = pid.load(Ordering::Acquire);
-        if pid != 0 && connected_to.load(Ordering::Acquire) == database.to_u32() {
-            // SAFETY: a signal to a background process of ours, from our own table; one that
-            // has gone meanwhile makes kill fail harmlessly.
+        if pid == 0 || connected_to.load(Ordering::Acquire) != database.to_u32() {
+            continue;
+        }
+        // As pg_terminate_backend does: only a process of this server, found in its process
+        // array and connected to that database (a pid of ours that has gone may be another
+        // process's by now, of this server or of another one on the machine).
+        // SAFETY: BackendPidGetProc takes ProcArrayLock itself; the PGPROC it returns stays
+        // valid to read (its fields may change, which makes the check fail harmlessly).
+        let ours = unsafe {
+            let proc = pg_sys::BackendPidGetProc(pid);
+            !proc.is_null() && (*proc).databaseId == database
+        };
+        if ours {
+            // SAFETY: a signal to a backend of this server connected to `database`.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }

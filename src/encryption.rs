@@ -1,5 +1,6 @@
-//! The SQL face of the crypto core: envelope encryption and searchable
-//! field hashes (docs/ARCHITECTURE.md, "Formats"), using cached data keys from `keys`.
+//! The SQL face of the crypto core: envelope encryption and searchable field hashes
+//! (docs/ARCHITECTURE.md, "Formats"), sealed and opened by `sealing`; a decryption that
+//! discloses a veteran's PHI is recorded here.
 //!
 //! These functions are SECURITY DEFINER without `SET search_path`: they run no SQL of their
 //! own, and the key reads they cause pin the path themselves (`keys::search_path`).
@@ -8,78 +9,13 @@ use crate::audit::recorder;
 use crate::audit::AuditRow;
 use crate::bytea::Bytea;
 use crate::crypto::{self, envelope};
-use crate::error::{Failure, Kind, OrRaise, Result};
-use crate::keys::{self, Purpose};
+use crate::error::{Failure, Kind, OrRaise};
+use crate::keys::Purpose;
 use crate::protected_columns;
+use crate::sealing::{
+    field_hash_value, field_hashes_value, open, open_bytea, open_stored, seal, seal_bytea, utf8,
+};
 use pgrx::prelude::*;
-
-/// Postgres refuses values over 1 GB anyway; this keeps the envelope within a varlena.
-const MAX_PLAINTEXT: usize = (1 << 30) - 1024;
-
-pub fn seal(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Vec<u8>> {
-    let mut sealed = vec![0; envelope::sealed_len(plaintext.len())];
-    seal_into(purpose, plaintext, context, &mut sealed)?;
-    Ok(sealed)
-}
-
-/// `seal` straight into the bytea returned to PostgreSQL.
-fn seal_bytea(purpose: Purpose, plaintext: &[u8], context: &str) -> Result<Bytea> {
-    let mut sealed = Bytea::zeroed(envelope::sealed_len(plaintext.len()));
-    seal_into(purpose, plaintext, context, sealed.as_mut_slice())?;
-    Ok(sealed)
-}
-
-fn seal_into(purpose: Purpose, plaintext: &[u8], context: &str, out: &mut [u8]) -> Result<()> {
-    if plaintext.len() > MAX_PLAINTEXT {
-        return Err(Failure::new(
-            Kind::InvalidArgument,
-            "vetassist_auth: plaintext is too large",
-        ));
-    }
-    let key = keys::key_for_writing(purpose)?;
-    keys::reserve_encryption(&key)?;
-    Ok(envelope::seal_into(
-        key.cipher(),
-        key.id,
-        plaintext,
-        context,
-        out,
-    )?)
-}
-
-/// Decrypts, insisting that the envelope's key has the expected purpose: a token ciphertext
-/// is not readable through the PHI functions, and the other way round.
-pub fn open(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
-    let key = key_to_open(purpose, ciphertext)?;
-    Ok(envelope::open(key.cipher(), ciphertext, context)?)
-}
-
-/// `open` straight into the bytea returned to PostgreSQL.
-fn open_bytea(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Bytea> {
-    let key = key_to_open(purpose, ciphertext)?;
-    let mut plaintext = Bytea::zeroed(envelope::opening_len(ciphertext)?);
-    let len = envelope::open_into(key.cipher(), ciphertext, context, plaintext.as_mut_slice())?;
-    plaintext.truncate(len);
-    Ok(plaintext)
-}
-
-fn key_to_open(purpose: Purpose, ciphertext: &[u8]) -> Result<std::rc::Rc<keys::DataKey>> {
-    let key = keys::key_by_id(envelope::key_id(ciphertext)?)?;
-    if key.purpose != purpose {
-        return Err(crypto::Error::Authentication.into());
-    }
-    Ok(key)
-}
-
-/// `open` for a value stored in one of the extension's columns: a TOTP secret written before
-/// 0.1.3 is under a `phi` key until `reencrypt` moves it.
-pub fn open_stored(purpose: Purpose, ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
-    match purpose {
-        Purpose::Mfa => open(Purpose::Mfa, ciphertext, context)
-            .or_else(|_| open(Purpose::Phi, ciphertext, context)),
-        _ => open(purpose, ciphertext, context),
-    }
-}
 
 /// Whether a stored ciphertext opens under a usable key of `purpose` (NULL: nothing to open).
 /// reencrypt moves only values that open, so a damaged or foreign one never fails or stalls it.
@@ -93,22 +29,6 @@ fn opens(ciphertext: Option<&[u8]>, context: &str, purpose: &str) -> bool {
         Err(failure) if matches!(failure.kind, Kind::DataCorrupted) => false,
         Err(failure) => failure.raise(),
     }
-}
-
-pub fn utf8(bytes: Vec<u8>) -> String {
-    // A NUL is valid UTF-8 but no Postgres text holds one: refused as text input is (22021).
-    if bytes.contains(&0) {
-        Failure::new(
-            Kind::NotText,
-            "vetassist_auth: the decrypted value contains a NUL byte and is not text",
-        )
-        .with_hint("Use decrypt() for binary values.")
-        .raise();
-    }
-    // Only our own encrypt_text wrote these bytes, after authentication; anything else is damage.
-    String::from_utf8(bytes)
-        .map_err(|_| Failure::from(crypto::Error::Authentication))
-        .or_raise()
 }
 
 /// Contexts of the extension's own columns (`users.email:<id>`, …) are sealed only by its own
@@ -253,83 +173,6 @@ fn hash_key_id(hash: &[u8]) -> Option<i32> {
     crypto::field_hash::key_id(hash).map(|id| id as i32)
 }
 
-/// The canonical text of an `inet` value, as Postgres itself prints it.
-fn canonical_ip(value: &str) -> Result<String> {
-    let bad = || {
-        Failure::new(
-            Kind::InvalidArgument,
-            "vetassist_auth: value is not a valid IP address for field 'ip'",
-        )
-    };
-    let trimmed = value.trim();
-    let (addr, prefix) = trimmed.split_once('/').unwrap_or((trimmed, ""));
-    let addr_ok = addr.parse::<std::net::IpAddr>().is_ok();
-    let prefix_ok = prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= 128);
-    if !addr_ok || !prefix_ok {
-        return Err(bad());
-    }
-    let cstr = std::ffi::CString::new(trimmed).map_err(|_| bad())?;
-    // SAFETY: inet_in and inet_out take and return datums as called here; an error they raise
-    // is caught by the PgTryBuilder.
-    let canonical = PgTryBuilder::new(|| unsafe {
-        let inet = pgrx::direct_function_call_as_datum(
-            pg_sys::inet_in,
-            &[Some(pg_sys::Datum::from(cstr.as_ptr()))],
-        );
-        pgrx::direct_function_call::<&core::ffi::CStr>(pg_sys::inet_out, &[inet])
-            .map(|c| c.to_string_lossy().into_owned())
-    })
-    .catch_others(|_| None)
-    .execute();
-    canonical.ok_or_else(bad)
-}
-
-fn normalized(value: &str, field: &str) -> Result<String> {
-    if field.is_empty() {
-        return Err(Failure::new(
-            Kind::InvalidArgument,
-            "vetassist_auth: field name must not be empty",
-        ));
-    }
-    Ok(match field {
-        IP_FIELD => canonical_ip(value)?,
-        _ => crypto::normalize(field, value).into_owned(),
-    })
-}
-
-pub fn hash_with(key: &keys::DataKey, normalized: &str, field: &str) -> Vec<u8> {
-    keys::field_key(key, field).hash(normalized).to_vec()
-}
-
-/// `key_id || HMAC-SHA256(K_field, normalize(field, value))` under the active hash key, which
-/// stays pinned to the end of the transaction: the hash may be stored.
-pub fn field_hash_value(value: &str, field: &str) -> Result<Vec<u8>> {
-    hash_for_storing(value, field, Purpose::Hash)
-}
-
-/// The hash of an end user's IP address an audit row keeps, under the active audit_ip key
-/// (docs/ARCHITECTURE.md, "Retiring a key").
-pub fn audit_ip_hash(ip: &str) -> Result<Vec<u8>> {
-    hash_for_storing(ip, IP_FIELD, Purpose::AuditIp)
-}
-
-const IP_FIELD: &str = "ip";
-
-fn hash_for_storing(value: &str, field: &str, purpose: Purpose) -> Result<Vec<u8>> {
-    let normalized = normalized(value, field)?;
-    let key = keys::key_for_writing(purpose)?;
-    Ok(hash_with(&key, &normalized, field))
-}
-
-/// The purposes whose keys hash a field's stored values: IP addresses are in the audit log too.
-pub fn purposes_hashing(field: &str) -> &'static [Purpose] {
-    if field == IP_FIELD {
-        &[Purpose::Hash, Purpose::AuditIp]
-    } else {
-        &[Purpose::Hash]
-    }
-}
-
 /// A searchable hash of a value. STABLE so `WHERE col = field_hash(..)` uses an index; the very
 /// first call may create the hash key.
 #[pg_extern(strict, stable, security_definer)]
@@ -344,13 +187,24 @@ fn field_hashes(value: &str, field: &str) -> Vec<Vec<u8>> {
     field_hashes_value(value, field).or_raise()
 }
 
-pub fn field_hashes_value(value: &str, field: &str) -> Result<Vec<Vec<u8>>> {
-    let normalized = normalized(value, field)?;
-    let mut hashes = Vec::new();
-    for &purpose in purposes_hashing(field) {
-        for key in keys::usable_keys(purpose)? {
-            hashes.push(hash_with(&key, &normalized, field));
-        }
-    }
-    Ok(hashes)
-}
+// Who may call the functions above (any other function of the extension: no role,
+// sql/grants.sql).
+extension_sql!(
+    r#"
+GRANT EXECUTE ON FUNCTION vetassist_auth.encrypt(bytea, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.decrypt(bytea, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.encrypt_text(text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.decrypt_text(bytea, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.field_hash(text, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.field_hashes(text, text) TO vetassist_app;
+"#,
+    name = "encryption_grants",
+    requires = [
+        encrypt_for_application,
+        decrypt,
+        encrypt_text_for_application,
+        decrypt_text,
+        field_hash,
+        field_hashes
+    ],
+);

@@ -1,4 +1,4 @@
-//! One place that maps every failure to its documented SQLSTATE (README, "Error codes").
+//! One place that maps every failure to its documented SQLSTATE (docs/api.md, "Error codes").
 //! Messages are fixed texts or name only identifiers: never a key, token, code or PHI.
 
 use pgrx::pg_sys::panic::ErrorReport;

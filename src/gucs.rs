@@ -1,4 +1,4 @@
-//! Configuration parameters (README, "Configuration"). Key settings are SIGHUP so a session
+//! Configuration parameters (docs/operations.md, "Configuration"). Key settings are SIGHUP so a session
 //! cannot change them, and superuser-only so their values are not shown to other roles.
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -9,7 +9,7 @@ pub static MASTER_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString
 pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
-// Sessions (README "Configuration"): SUSET so the application cannot stretch its own
+// Sessions (docs/operations.md "Configuration"): SUSET so the application cannot stretch its own
 // time-outs; an administrator may set them per database or role.
 pub static SESSION_IDLE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(15 * 60);
 pub static SESSION_ABSOLUTE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(12 * 60 * 60);

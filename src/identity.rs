@@ -1,9 +1,10 @@
 //! Account creation that stays unique while the hash key rotates (docs/ARCHITECTURE.md,
 //! "One account per ICN").
 
-use crate::encryption::field_hashes_value;
 use crate::error::OrRaise;
 use crate::keys;
+use crate::pg;
+use crate::sealing::field_hashes_value;
 use pgrx::prelude::*;
 use std::fmt::Write;
 
@@ -25,7 +26,7 @@ fn claim_new_account(va_icn: &str) -> bool {
     prefixes.sort_unstable();
     prefixes.dedup();
     for prefix in prefixes {
-        keys::claim_identity(prefix);
+        claim_identity(prefix);
     }
     // The other claimant may have committed under a hash key this backend has not seen yet.
     // SAFETY: processes pending catalog invalidations (the key cache drops itself on ours).
@@ -42,5 +43,24 @@ fn claim_new_account(va_icn: &str) -> bool {
     let sql = format!(
         "SELECT 1 FROM vetassist_auth.users WHERE va_icn_hash = ANY (ARRAY[{list}]) LIMIT 1"
     );
-    !keys::latest_rows(&sql, |_| Ok(())).or_raise().is_empty()
+    !pg::latest_rows(&sql, |_| Ok(())).or_raise().is_empty()
+}
+
+/// Locks the identity claims are spread over.
+const IDENTITY_BUCKETS: u32 = 256;
+
+/// Holds, to the end of the transaction, the claim on a new account whose field hash starts
+/// with `hash_prefix` (HMAC bytes, which say nothing about the value). Two transactions
+/// creating the same account under different hash keys meet here: each claims the hash under
+/// every usable key, and the key of a transaction in flight stays usable (it is pinned).
+///
+/// Claims fall into `IDENTITY_BUCKETS` locks: a transaction creating many accounts (an import)
+/// holds at most that many, not one per account, which filled the shared lock table ("out of
+/// shared memory" at 20,000 accounts). Two new veterans in one bucket only take turns.
+fn claim_identity(hash_prefix: u32) {
+    pg::acquire(
+        keys::key_lock_tag(hash_prefix % IDENTITY_BUCKETS, keys::IDENTITY_CLAIM),
+        pg_sys::ExclusiveLock,
+        true,
+    );
 }

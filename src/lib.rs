@@ -1,7 +1,7 @@
 //! vetassist_auth: logins of a veterans' health application kept safe inside PostgreSQL.
 //!
-//! `crypto` is the pure-Rust core; `keys` holds the data keys; each capability has its own
-//! module and its own SQL file in `sql/`.
+//! The modules are layers that only point down (docs/ARCHITECTURE.md, "Layers";
+//! `scripts/layers.py` checks it); the SQL of each capability is a file of `sql/`.
 
 use pgrx::prelude::*;
 
@@ -17,13 +17,15 @@ mod identity;
 mod keys;
 mod log_redaction;
 mod mfa;
+mod pg;
 mod protected_columns;
 mod replica;
+mod sealing;
 mod search_path;
-mod sessions;
+mod session_settings;
 mod shmem;
 mod signals;
-mod worker;
+mod sweeper;
 
 #[cfg(feature = "pg_test")]
 mod pg_tests;
@@ -90,13 +92,13 @@ extension_sql_file!(
     name = "sessions_sql",
     requires = [
         "identity_sql",
-        sessions::session_idle_timeout,
-        sessions::session_absolute_timeout,
-        sessions::session_idle_warning,
-        sessions::session_touch_interval,
-        sessions::session_retention,
-        sessions::max_sessions_per_user,
-        sessions::refresh_reuse_grace,
+        session_settings::session_idle_timeout,
+        session_settings::session_absolute_timeout,
+        session_settings::session_idle_warning,
+        session_settings::session_touch_interval,
+        session_settings::session_retention,
+        session_settings::max_sessions_per_user,
+        session_settings::refresh_reuse_grace,
         audit::set_current_session,
         replica::require_primary_node
     ]
@@ -154,7 +156,7 @@ pub extern "C-unwind" fn _PG_init() {
         shmem::request();
         connections::install_hooks();
         audit::recorder::register_reserved();
-        worker::register();
+        sweeper::register();
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::crypto::{self, totp};
 use crate::error::{Failure, Kind, OrRaise};
 use crate::gucs;
-use crate::keys;
+use crate::pg;
 use pgrx::prelude::*;
 
 /// A fresh 160-bit TOTP secret from the OS RNG. Internal.
@@ -123,7 +123,7 @@ fn mfa_failure_times(
                 OR (a.outcome = 'failure' AND NOT pg_catalog.jsonb_exists(a.details, 'counted_as'))) \
          ORDER BY a.occurred_at"
     );
-    keys::latest_rows(&sql, |row| {
+    pg::latest_rows(&sql, |row| {
         row.get::<TimestampWithTimeZone>(1).ok_or_else(|| {
             Failure::new(
                 Kind::NotConfigured,

@@ -3,9 +3,9 @@
 //! `encrypt`/`decrypt` on the extension's own contexts read it: a new encrypted column is one
 //! entry here plus the SQL function that writes it.
 
-use crate::encryption;
 use crate::error::OrRaise;
 use crate::keys::Purpose;
+use crate::sealing;
 use pgrx::prelude::*;
 
 pub struct ProtectedColumn {
@@ -101,7 +101,7 @@ pub const PROTECTED_COLUMNS: &[ProtectedColumn] = &[
     hash(    "sessions",         "device_fingerprint_hash",      "device_fingerprint",     None,                           "id"),
     hash(    "sessions",         "refresh_token_hash",           "session_refresh_token",  None,                           "id"),
     hash(    "sessions",         "previous_refresh_token_hash",  "session_refresh_token",  None,                           "id"),
-    // Written under a phi key before 0.1.3: opened under either (encryption::open_stored).
+    // Written under a phi key before 0.1.3: opened under either (sealing::open_stored).
     envelope("mfa_settings",     "totp_secret_encrypted",        Purpose::Mfa,    ("mfa_settings.totp_secret",   "user_id", Veteran),      "user_id"),
     hash(    "mfa_backup_codes", "code_hash",                    "mfa_backup_code",        None,                           "id"),
     hash(    "trusted_devices",  "device_fingerprint_hash",      "device_fingerprint",     None,                           "id"),
@@ -197,8 +197,8 @@ fn protected_columns() -> TableIterator<
 #[search_path(pg_catalog, pg_temp)]
 fn reseal(ciphertext: &[u8], context: &str, purpose: &str) -> Vec<u8> {
     let purpose = Purpose::parse(purpose).or_raise();
-    let plaintext = encryption::open_stored(purpose, ciphertext, context).or_raise();
-    encryption::seal(purpose, &plaintext, context).or_raise()
+    let plaintext = sealing::open_stored(purpose, ciphertext, context).or_raise();
+    sealing::seal(purpose, &plaintext, context).or_raise()
 }
 
 /// The field hash, under the active hash key, of the text a stored envelope holds. Internal.
@@ -206,10 +206,20 @@ fn reseal(ciphertext: &[u8], context: &str, purpose: &str) -> Vec<u8> {
 #[search_path(pg_catalog, pg_temp)]
 fn rehash(ciphertext: &[u8], context: &str, purpose: &str, field: &str) -> Vec<u8> {
     let purpose = Purpose::parse(purpose).or_raise();
-    let plaintext = encryption::open_stored(purpose, ciphertext, context).or_raise();
-    let text = encryption::utf8(plaintext);
-    encryption::field_hash_value(&text, field).or_raise()
+    let plaintext = sealing::open_stored(purpose, ciphertext, context).or_raise();
+    let text = sealing::utf8(plaintext);
+    sealing::field_hash_value(&text, field).or_raise()
 }
+
+// Who may call the functions above (any other function of the extension: no role,
+// sql/grants.sql).
+extension_sql!(
+    r#"
+GRANT EXECUTE ON FUNCTION vetassist_auth.protected_columns() TO vetassist_admin, vetassist_auditor;
+"#,
+    name = "protected_columns_grants",
+    requires = [protected_columns],
+);
 
 #[cfg(test)]
 mod tests {
@@ -236,7 +246,7 @@ mod tests {
         for c in PROTECTED_COLUMNS {
             if let Stored::Hash { field, .. } = c.stored {
                 assert!(
-                    encryption::purposes_hashing(field).contains(&c.purpose),
+                    sealing::purposes_hashing(field).contains(&c.purpose),
                     "{}.{} is under {} keys, which field_hashes(_, '{field}') does not try",
                     c.table,
                     c.column,

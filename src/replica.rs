@@ -264,7 +264,7 @@ pub fn require_primary() {
     }
 }
 
-/// This node's replication role: `primary` or `subscriber` (README, "Replicas and failover").
+/// This node's replication role: `primary` or `subscriber` (docs/operations.md, "Replicas and failover").
 #[pg_extern(stable)]
 fn node_role() -> &'static str {
     match role() {
@@ -328,3 +328,13 @@ fn node_role_state() -> TableIterator<'static, (name!(ok, bool), name!(detail, S
     };
     TableIterator::once((ok, detail))
 }
+
+// Who may call the functions above (any other function of the extension: no role,
+// sql/grants.sql).
+extension_sql!(
+    r#"
+GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app, vetassist_admin, vetassist_auditor;
+"#,
+    name = "replica_grants",
+    requires = [node_role],
+);

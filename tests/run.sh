@@ -26,6 +26,11 @@ if ! "$PG_REGRESS" --bindir="$BIN" --host="$dir" --port=$PORT --user=postgres --
     exit 1
 fi
 
+# make check: pg_regress only (it runs one pytest file itself).
+if [ -n "${REGRESS_ONLY:-}" ]; then
+    exit 0
+fi
+
 if [ -n "$COMPAT" ]; then
     echo "==> pytest (tests/integration, no load runs) on $("$PG_CONFIG" --version)"
     target/venv/bin/pytest -q -m "not load" tests/integration "$@"

@@ -6,6 +6,8 @@ use crate::crypto::audit_chain;
 use crate::error::{Failure, Kind, OrRaise};
 use crate::gucs;
 use crate::keys::{self, Purpose};
+use crate::pg;
+use crate::search_path;
 use pgrx::prelude::*;
 
 type Outcome<T> = crate::error::Result<T>;
@@ -84,7 +86,7 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         )
         .raise();
     }
-    if !keys::lock_audit_chain(false) {
+    if !lock_audit_chain(false) {
         // Never silent: a call that seals nothing because another one runs must not look idle.
         let holder = chain_holder_note();
         pgrx::warning!(
@@ -141,7 +143,7 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
         let (mut seq, mut prev) = chain_head(client)?;
         // Before 0.1.2 the state had no sealed_through_id: every row then comes from the time
         // range alone, as that release did, until ALTER EXTENSION UPDATE.
-        let current_schema = keys::schema_has_column("audit_seal_state", "sealed_through_id");
+        let current_schema = pg::schema_has_column("audit_seal_state", "sealed_through_id");
         let (scan_from, sealed_through) = seal_state(client, current_schema)?;
         // Two cheap sources, so a call costs the same however long the sealed log is: rows
         // above the highest sealed id (never sealed: an id range of max_rows from the first
@@ -222,7 +224,7 @@ fn seal_audit_log(max_rows: default!(i32, 10000)) -> i32 {
 
 /// " (backend N)" naming who holds the audit chain lock, for the sealer's and purge's WARNINGs.
 fn chain_holder_note() -> String {
-    keys::audit_chain_holder()
+    audit_chain_holder()
         .map(|pid| format!(" (backend {pid})"))
         .unwrap_or_default()
 }
@@ -672,7 +674,7 @@ fn audit_seal_status() -> TableIterator<
         name!(sealer_pid, Option<i32>),
     ),
 > {
-    let sealer_pid = keys::audit_chain_holder();
+    let sealer_pid = audit_chain_holder();
     let status = Spi::connect(|client| -> Outcome<_> {
         let rows = client
             .select(
@@ -742,10 +744,10 @@ fn purge_audit_log(older_than: Interval) -> i64 {
         .raise();
     }
     let removed = Spi::connect_mut(|client| -> Outcome<i64> {
-        if !keys::lock_audit_chain(false) {
+        if !lock_audit_chain(false) {
             let holder = chain_holder_note();
             pgrx::warning!("vetassist_auth: waiting for another transaction{holder} that is sealing or purging the audit log");
-            keys::lock_audit_chain(true);
+            lock_audit_chain(true);
         }
         // The longest prefix of the chain whose rows are all older than the cut-off: the seals
         // walked in seq order up to the first row at or after it, so a call costs the prefix it
@@ -814,6 +816,52 @@ fn purge_audit_log(older_than: Interval) -> i64 {
     .unwrap_or(0);
     removed + on_workers
 }
+
+/// Serialises sealing and purging of the audit chain to the end of the transaction; false when
+/// `wait` is off and another transaction holds it. No SQL function can take this lock, so no
+/// role can stall the chain by holding it.
+fn lock_audit_chain(wait: bool) -> bool {
+    pg::acquire(
+        keys::key_lock_tag(0, keys::AUDIT_CHAIN),
+        pg_sys::ExclusiveLock,
+        wait,
+    )
+}
+
+/// The backend holding the audit chain lock, if any (for the sealer's WARNING and status).
+/// pg_locks shows the 16-bit subid as a signed smallint.
+fn audit_chain_holder() -> Option<i32> {
+    search_path::pinned(|| Spi::get_one_with_args::<i32>(
+        "SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'object' AND granted \
+           AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
+           AND classid = $1 AND objid = 0 AND (objsubid::integer & 65535) = $2 AND pid <> pg_catalog.pg_backend_pid() LIMIT 1",
+        &[keys::keys_relid().into(), (keys::AUDIT_CHAIN as i32).into()],
+    ))
+    .ok()
+    .flatten()
+}
+
+// Who may call the functions above (any other function of the extension: no role,
+// sql/grants.sql).
+extension_sql!(
+    r#"
+GRANT EXECUTE ON FUNCTION vetassist_auth.seal_audit_log(integer) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.audit_seal_status() TO vetassist_admin, vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain() TO vetassist_admin, vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea) TO vetassist_admin, vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) TO vetassist_admin, vetassist_auditor;
+GRANT EXECUTE ON FUNCTION vetassist_auth.purge_audit_log(interval) TO vetassist_admin;
+"#,
+    name = "chain_grants",
+    requires = [
+        seal_audit_log,
+        audit_seal_status,
+        verify_audit_chain,
+        verify_audit_chain_against,
+        verify_audit_chain_at_position,
+        purge_audit_log
+    ],
+);
 
 #[cfg(test)]
 mod tests {

@@ -7,8 +7,9 @@
 //! next. (A transaction-local setting would not work: SECURITY DEFINER functions with a
 //! `SET search_path` clause undo local settings made inside them.)
 
-use crate::encryption;
 use crate::error::OrRaise;
+use crate::keys;
+use crate::sealing;
 use pgrx::prelude::*;
 use pgrx::Uuid;
 use std::cell::RefCell;
@@ -48,6 +49,10 @@ pub fn register_callbacks() {
     // SAFETY: called once per backend from _PG_init; the callback is a static function.
     unsafe { pg_sys::RegisterXactCallback(Some(reset_at_transaction_end), std::ptr::null_mut()) };
     writer::register_callbacks();
+    keys::delegate(keys::Delegates {
+        create_key: recorder::create_key,
+        rotate_worn_key_soon: recorder::rotate_worn_key_soon,
+    });
 }
 
 /// Names the application user behind the current transaction (and, optionally, the end
@@ -56,7 +61,7 @@ pub fn register_callbacks() {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
-    let ip_hash = client_ip.map(|ip| encryption::audit_ip_hash(ip).or_raise());
+    let ip_hash = client_ip.map(|ip| sealing::audit_ip_hash(ip).or_raise());
     ACTOR.with_borrow_mut(|a| {
         a.user_id = user_id;
         a.ip_hash = ip_hash;
@@ -89,7 +94,7 @@ fn current_session_id() -> Option<Uuid> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tamper evidence: sealing and verification (docs/ARCHITECTURE.md, "Audit chain")
+// Purges (docs/ARCHITECTURE.md, "Anchors and purges"): the chain itself is chain.rs.
 
 thread_local! {
     /// Set only while purge_audit_log deletes (cleared after them, and at transaction end
@@ -109,3 +114,13 @@ mod chain;
 pub mod recorder;
 mod row_trigger;
 mod writer;
+
+// Who may call the functions above (any other function of the extension: no role,
+// sql/grants.sql).
+extension_sql!(
+    r#"
+GRANT EXECUTE ON FUNCTION vetassist_auth.set_actor(uuid, text) TO vetassist_app, vetassist_admin;
+"#,
+    name = "audit_grants",
+    requires = [set_actor],
+);

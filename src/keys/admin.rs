@@ -157,8 +157,10 @@ fn key_wrapping_problem() -> Option<String> {
     if let Err(failure) = refresh_master() {
         return Some(failure.message);
     }
-    let (Ok(current), previous) = (kek(), RING.with_borrow(|ring| ring.previous_kek.clone()))
-    else {
+    let (Ok(current), previous) = (
+        kek(),
+        KEY_CACHE.with_borrow(|cache| cache.previous_kek.clone()),
+    ) else {
         return Some("vetassist_auth: no master key is configured".to_owned());
     };
     let rows = latest_rows(
@@ -420,3 +422,16 @@ fn destroy_key(key_id: i32) -> bool {
         "Only retired keys are destroyed; reencrypt() retires keys no value uses.",
     )
 }
+
+// Who may call the functions above (any other function of the extension: no role,
+// sql/grants.sql).
+extension_sql!(
+    r#"
+GRANT EXECUTE ON FUNCTION vetassist_auth.rotate_key(text) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.rewrap_keys(text) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.unretire_key(integer) TO vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.destroy_key(integer) TO vetassist_admin;
+"#,
+    name = "admin_grants",
+    requires = [rotate_key, rewrap_keys, unretire_key, destroy_key],
+);

@@ -1,4 +1,4 @@
-//! Keeping the per-backend key cache (`RING`) true: re-checking the master key once per
+//! Keeping the per-backend key cache (`KEY_CACHE`) true: re-checking the master key once per
 //! transaction, unwrapping data keys into it, and dropping it on any backend's key change
 //! (a relcache invalidation of the keys table) or an abort.
 
@@ -7,7 +7,7 @@ use super::*;
 /// Brings the cache up to date; called at every entry point before any lookup.
 pub(super) fn refresh() -> Result<()> {
     if STALE.replace(false) {
-        RING.with_borrow_mut(Ring::drop_data_keys);
+        KEY_CACHE.with_borrow_mut(KeyCache::drop_data_keys);
     }
     keys_relid(); // so this backend recognises the next invalidation of the keys table
     if CHECKED_THIS_XACT.get() {
@@ -19,16 +19,16 @@ pub(super) fn refresh() -> Result<()> {
         Ok(checked) => checked,
         Err(e) => {
             // A removed key disables the cached keys too, not just new ones.
-            RING.with_borrow_mut(|ring| {
-                ring.drop_data_keys();
-                ring.kek = None;
-                ring.previous_kek = None;
-                ring.master_fingerprint = None;
+            KEY_CACHE.with_borrow_mut(|cache| {
+                cache.drop_data_keys();
+                cache.kek = None;
+                cache.previous_kek = None;
+                cache.master_fingerprint = None;
             });
             return Err(e);
         }
     };
-    let changed = RING.with_borrow(|ring| ring.master_fingerprint != Some(fingerprint));
+    let changed = KEY_CACHE.with_borrow(|cache| cache.master_fingerprint != Some(fingerprint));
     if changed {
         let master = load_master_key(&source)?;
         let kek = Rc::new(crypto::derive_kek(&master));
@@ -36,11 +36,11 @@ pub(super) fn refresh() -> Result<()> {
         let previous_kek = previous_master_file()
             .and_then(|path| read_master_key_file(path).ok())
             .map(|previous| Rc::new(crypto::derive_kek(&previous)));
-        RING.with_borrow_mut(|ring| {
-            ring.drop_data_keys();
-            ring.kek = Some(kek);
-            ring.previous_kek = previous_kek;
-            ring.master_fingerprint = Some(fingerprint);
+        KEY_CACHE.with_borrow_mut(|cache| {
+            cache.drop_data_keys();
+            cache.kek = Some(kek);
+            cache.previous_kek = previous_kek;
+            cache.master_fingerprint = Some(fingerprint);
         });
     }
     CHECKED_THIS_XACT.set(true);
@@ -56,7 +56,8 @@ pub(super) fn refresh_master() -> Result<()> {
 }
 
 pub(super) fn kek() -> Result<Rc<SecretKey>> {
-    RING.with_borrow(|ring| ring.kek.clone())
+    KEY_CACHE
+        .with_borrow(|cache| cache.kek.clone())
         .ok_or_else(no_master_key)
 }
 
@@ -93,7 +94,7 @@ pub(super) fn unwrap_row(
 ) -> Result<Rc<DataKey>> {
     let purpose = Purpose::parse(purpose)?;
     let kek = kek()?;
-    let previous = RING.with_borrow(|ring| ring.previous_kek.clone());
+    let previous = KEY_CACHE.with_borrow(|cache| cache.previous_kek.clone());
     let secret = crypto::unwrap_dek(&kek, id as u32, purpose.as_str(), wrapped)
         .or_else(|e| match &previous {
             Some(previous) => crypto::unwrap_dek(previous, id as u32, purpose.as_str(), wrapped),
@@ -101,7 +102,7 @@ pub(super) fn unwrap_row(
         })
         .map_err(|_| {
             Failure::new(Kind::DataCorrupted, format!("vetassist_auth: data key {id} cannot be unwrapped"))
-                .with_hint("The master key differs from the one that wrapped the data keys: set vetassist_auth.previous_master_key_file to the old key's file and run rewrap_keys (README, \"Changing the master key\").")
+                .with_hint("The master key differs from the one that wrapped the data keys: set vetassist_auth.previous_master_key_file to the old key's file and run rewrap_keys (docs/operations.md, \"Changing the master key\").")
         })?;
     let cipher = secret.cipher();
     let digest = <sha2::Sha256 as sha2::Digest>::digest(secret.0);
@@ -113,14 +114,14 @@ pub(super) fn unwrap_row(
         secret,
         cipher,
     });
-    RING.with_borrow_mut(|ring| {
-        if ring.keys.len() >= DATA_KEYS_CACHED {
+    KEY_CACHE.with_borrow_mut(|cache| {
+        if cache.keys.len() >= DATA_KEYS_CACHED {
             // Looked up again by id when needed; the pinned ones stay in WRITING.
-            ring.keys.clear();
-            ring.field_keys.clear();
-            ring.field_keys_cached = 0;
+            cache.keys.clear();
+            cache.field_keys.clear();
+            cache.field_keys_cached = 0;
         }
-        ring.keys.insert(key.id, key.clone())
+        cache.keys.insert(key.id, key.clone())
     });
     Ok(key)
 }

@@ -25,7 +25,7 @@ pub(super) fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpo
 }
 
 pub fn reserve_encryption(key: &DataKey) -> Result<()> {
-    let taken = RING.with_borrow_mut(|ring| match ring.leases.get_mut(&key.purpose) {
+    let taken = KEY_CACHE.with_borrow_mut(|cache| match cache.leases.get_mut(&key.purpose) {
         Some((id, tag, remaining)) if *id == key.id && *tag == key.lease_tag && *remaining > 0 => {
             *remaining -= 1;
             true
@@ -69,7 +69,9 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
         )));
     }
     if count >= ENCRYPT_WARN_AT {
-        crate::audit::recorder::rotate_worn_key_soon(key.purpose, key.id);
+        if let Some(delegates) = DELEGATES.get() {
+            (delegates.rotate_worn_key_soon)(key.purpose, key.id);
+        }
         pgrx::ereport!(
             WARNING,
             PgSqlErrorCode::ERRCODE_WARNING,
@@ -79,8 +81,9 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
             )
         );
     }
-    RING.with_borrow_mut(|ring| {
-        ring.leases
+    KEY_CACHE.with_borrow_mut(|cache| {
+        cache
+            .leases
             .insert(key.purpose, (key.id, key.lease_tag, LEASE - 1))
     });
     Ok(())

@@ -1,35 +1,7 @@
-//! Key management (docs/ARCHITECTURE.md, "Keys"): the master key from the server configuration, data keys
-//! wrapped in `vetassist_auth.keys`, and a per-backend cache so encrypting a row does not touch
-//! the keys table.
-//!
-//! Cache invalidation:
-//! - the master key source is re-checked once per transaction (a `stat` of the key file, or a
-//!   hash of the inline setting), and again whenever a key is wrapped; any change drops every
-//!   cached key;
-//! - `rotate_key`, key creation, retirement and `rewrap_keys` send a relcache invalidation for
-//!   the keys table, which every backend receives and answers by dropping its cache;
-//! - an aborted (sub)transaction drops the cache too, since a key it created is gone.
-//!
-//! Keys are read on a snapshot taken at the moment of reading, never the caller's: a
-//! repeatable-read transaction must not keep encrypting with a key that was rotated and
-//! retired after its snapshot (docs/ARCHITECTURE.md, "Retiring a key").
-//!
-//! Pinning: a transaction that writes a value under a key first takes a share lock on that key
-//! (an object lock on (keys, key_id), which no SQL function can take), held to its end, prepared
-//! transactions included. Retirement takes the same lock exclusively without waiting, so a key
-//! is never retired while a transaction that may still commit a value under it is open; and it
-//! waits until no snapshot older than the last move off the key exists, so no reader can still
-//! see a value under it.
-//!
-//! Counting encryptions (NIST SP 800-38D limit): each purpose that encrypts has a sequence, and
-//! one `nextval` reserves a lease of 128 encryptions. Sequences never roll back and never wait
-//! on a row lock, so the count cannot be lost by an abort and counting cannot deadlock with the
-//! caller's own locks. A key's count is `(lease number - counter_base) * 128`, where
-//! `counter_base` is the sequence position when the key became active. `keys.encrypt_count`
-//! mirrors it for administrators: exactly at rotation, and by `refresh_encrypt_counts` (each
-//! `reencrypt` call and each background sweep), never by a writer, whose row lock on the key
-//! would hold up rotation until its transaction ends. The limits are enforced on the sequence,
-//! not the mirror. A lease over-counts by at most 127 per backend, never under-counts.
+//! Data keys (docs/ARCHITECTURE.md, "Keys", "Pinning", "Retiring a key"): the master key from
+//! the server configuration, data keys wrapped in `vetassist_auth.keys`, a per-backend cache
+//! (`KeyCache`) so that encrypting a row does not touch the keys table, and the encryption
+//! budget of each key (`counter.rs`).
 
 mod admin;
 mod cache;
@@ -42,8 +14,8 @@ mod store;
 pub use admin::rotate_worn_key;
 pub use cache::{keys_relid, register_callbacks};
 pub use counter::reserve_encryption;
-pub use locks::{audit_chain_holder, claim_identity, lock_audit_chain};
-pub use store::{create_active_key, latest_rows, schema_has_column};
+pub use locks::{key_lock_tag, AUDIT_CHAIN, IDENTITY_CLAIM};
+pub use store::create_active_key;
 
 use cache::*;
 use counter::*;
@@ -54,6 +26,7 @@ use store::*;
 use crate::crypto::{self, FieldKey, SecretKey};
 use crate::error::{Failure, Kind, OrRaise, Result};
 use crate::gucs;
+use crate::pg::{acquire, latest_rows, schema_has_column};
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 use std::cell::{Cell, RefCell};
@@ -155,7 +128,7 @@ impl DataKey {
 }
 
 #[derive(Default)]
-pub(super) struct Ring {
+pub(super) struct KeyCache {
     pub(super) master_fingerprint: Option<[u8; 32]>,
     pub(super) kek: Option<Rc<SecretKey>>,
     /// The master key being replaced (vetassist_auth.previous_master_key_file): data keys not
@@ -192,7 +165,7 @@ pub(super) fn forget_writing_keys() {
     });
 }
 
-impl Ring {
+impl KeyCache {
     pub(super) fn drop_data_keys(&mut self) {
         forget_writing_keys();
         self.keys.clear();
@@ -204,9 +177,9 @@ impl Ring {
 }
 
 thread_local! {
-    pub(super) static RING: RefCell<Ring> = RefCell::new(Ring::default());
+    pub(super) static KEY_CACHE: RefCell<KeyCache> = RefCell::new(KeyCache::default());
     /// Set by invalidation callbacks, which may run in the middle of our own SPI calls and
-    /// so must not borrow RING; the next entry point drops the cached data keys.
+    /// so must not borrow KEY_CACHE; the next entry point drops the cached data keys.
     pub(super) static STALE: Cell<bool> = const { Cell::new(false) };
     pub(super) static CHECKED_THIS_XACT: Cell<bool> = const { Cell::new(false) };
     /// Set while this backend inserts a key of its own making (see sql/operations.sql).
@@ -224,14 +197,32 @@ thread_local! {
     pub(super) static WROTE_UNDER_KEYS: Cell<bool> = const { Cell::new(false) };
 }
 
+/// What a layer above does for the keys, registered when the library loads: keys cannot call
+/// upward (docs/ARCHITECTURE.md, "Layers"). Unregistered, a caller creates its first key itself
+/// and a worn key waits for rotate_key.
+pub struct Delegates {
+    /// Creates a purpose's first key in a transaction of its own; false when none can run.
+    pub create_key: fn(Purpose) -> Result<bool>,
+    /// Asks for a key at the warning mark of its budget to be rotated soon, without waiting.
+    pub rotate_worn_key_soon: fn(Purpose, u32),
+}
+
+static DELEGATES: std::sync::OnceLock<Delegates> = std::sync::OnceLock::new();
+
+pub fn delegate(delegates: Delegates) {
+    // Once per process, from _PG_init: a second call (there is none) would change nothing.
+    let _ = DELEGATES.set(delegates);
+}
+
 /// The active key of a purpose, created on first use. For reading and look-ups; a value that
 /// will be stored is made with `key_for_writing`.
 pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
     refresh()?;
-    let cached = RING.with_borrow(|ring| {
-        ring.active
+    let cached = KEY_CACHE.with_borrow(|cache| {
+        cache
+            .active
             .get(&purpose)
-            .and_then(|id| ring.keys.get(id))
+            .and_then(|id| cache.keys.get(id))
             .cloned()
     });
     if let Some(key) = cached {
@@ -244,14 +235,18 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
             // holds no lock on key creation while its transaction lasts (docs/ARCHITECTURE.md,
             // "Locks no role can take"); without a recorder the caller creates it.
             kek()?;
-            if !crate::audit::recorder::create_key(purpose)? {
+            let delegated = match DELEGATES.get() {
+                Some(delegates) => (delegates.create_key)(purpose)?,
+                None => false,
+            };
+            if !delegated {
                 create_active_key(purpose)?;
             }
             load_active_key(purpose)?
                 .ok_or_else(|| spi_failure(pgrx::spi::SpiError::InvalidPosition))?
         }
     };
-    RING.with_borrow_mut(|ring| ring.active.insert(purpose, key.id));
+    KEY_CACHE.with_borrow_mut(|cache| cache.active.insert(purpose, key.id));
     Ok(key)
 }
 
@@ -291,7 +286,7 @@ fn pin_active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
 /// keys are reported exactly like a failed authentication.
 pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
     refresh()?;
-    if let Some(key) = RING.with_borrow(|ring| ring.keys.get(&id).cloned()) {
+    if let Some(key) = KEY_CACHE.with_borrow(|cache| cache.keys.get(&id).cloned()) {
         return Ok(key);
     }
     let id = i32::try_from(id).map_err(|_| Failure::from(crypto::Error::Authentication))?;
@@ -304,19 +299,19 @@ pub fn key_by_id(id: u32) -> Result<Rc<DataKey>> {
 /// The per-field HMAC key for a hash data key, derived once per backend and field name while
 /// the cache has room (FIELD_KEYS_CACHED): it starts afresh when full.
 pub fn field_key(key: &DataKey, field: &str) -> Rc<FieldKey> {
-    RING.with_borrow_mut(|ring| {
-        if let Some(field_key) = ring.field_keys.get(&key.id).and_then(|f| f.get(field)) {
+    KEY_CACHE.with_borrow_mut(|cache| {
+        if let Some(field_key) = cache.field_keys.get(&key.id).and_then(|f| f.get(field)) {
             return field_key.clone();
         }
         let field_key = Rc::new(FieldKey::new(key.id, &key.secret.0, field));
         if field.len() <= FIELD_NAME_CACHED_LEN {
-            if ring.field_keys_cached >= FIELD_KEYS_CACHED {
-                ring.field_keys.clear();
-                ring.field_keys_cached = 0;
+            if cache.field_keys_cached >= FIELD_KEYS_CACHED {
+                cache.field_keys.clear();
+                cache.field_keys_cached = 0;
             }
-            let fields = ring.field_keys.entry(key.id).or_default();
+            let fields = cache.field_keys.entry(key.id).or_default();
             fields.insert(field.to_owned(), field_key.clone());
-            ring.field_keys_cached += 1;
+            cache.field_keys_cached += 1;
         }
         field_key
     })
@@ -327,17 +322,17 @@ pub fn field_key(key: &DataKey, field: &str) -> Rc<FieldKey> {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn key_cache_sizes() -> TableIterator<'static, (name!(cache, String), name!(entries, i64))> {
-    let sizes = RING.with_borrow(|ring| {
+    let sizes = KEY_CACHE.with_borrow(|cache| {
         vec![
-            ("data keys".to_owned(), ring.keys.len() as i64),
+            ("data keys".to_owned(), cache.keys.len() as i64),
             (
                 "field keys".to_owned(),
-                ring.field_keys.values().map(|f| f.len() as i64).sum(),
+                cache.field_keys.values().map(|f| f.len() as i64).sum(),
             ),
-            ("leases".to_owned(), ring.leases.len() as i64),
+            ("leases".to_owned(), cache.leases.len() as i64),
             (
                 "decrypt_only key lists".to_owned(),
-                ring.decrypt_only.values().map(|v| v.len() as i64).sum(),
+                cache.decrypt_only.values().map(|v| v.len() as i64).sum(),
             ),
         ]
     });
@@ -347,7 +342,7 @@ fn key_cache_sizes() -> TableIterator<'static, (name!(cache, String), name!(entr
 /// Every key of a purpose that may still be found in stored data (active first).
 pub fn usable_keys(purpose: Purpose) -> Result<Vec<Rc<DataKey>>> {
     let active = active_key(purpose)?;
-    let cached = RING.with_borrow(|ring| ring.decrypt_only.get(&purpose).cloned());
+    let cached = KEY_CACHE.with_borrow(|cache| cache.decrypt_only.get(&purpose).cloned());
     let others = match cached {
         Some(ids) => ids.into_iter().map(key_by_id).collect::<Result<Vec<_>>>()?,
         None => {
@@ -356,7 +351,7 @@ pub fn usable_keys(purpose: Purpose) -> Result<Vec<Rc<DataKey>>> {
                 purpose.as_str()
             ))?;
             let ids = keys.iter().map(|key| key.id).collect();
-            RING.with_borrow_mut(|ring| ring.decrypt_only.insert(purpose, ids));
+            KEY_CACHE.with_borrow_mut(|cache| cache.decrypt_only.insert(purpose, ids));
             keys
         }
     };

@@ -1,4 +1,4 @@
-//! Keeps secrets out of the server log (README, "Logs: what is and is not redacted").
+//! Keeps secrets out of the server log (docs/operations.md, "Logs: what is and is not redacted").
 //! Statements that call this extension carry tokens, codes and PHI as literals or bind
 //! parameters; `log_statement`, `log_min_duration_statement`, `log_min_error_statement` and
 //! error reports would otherwise write them to the log verbatim.
@@ -390,7 +390,7 @@ pub fn warn_about_unsafe_channels() {
             WARNING,
             pgrx::PgSqlErrorCode::ERRCODE_WARNING,
             format!("vetassist_auth: secrets may reach a log or statistics channel that cannot be redacted: {problem}"),
-            "Turn it off for databases that use vetassist_auth (README, \"Logs\"); verify_installation() reports it."
+            "Turn it off for databases that use vetassist_auth (docs/operations.md, \"Logs\"); verify_installation() reports it."
         );
     }
 }

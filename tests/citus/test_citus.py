@@ -4,15 +4,12 @@ the coordinator. make test runs this on the default PostgreSQL version."""
 import os
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from conftest import PG_CONFIG, ROOT, authenticator_code, citus_cluster, seal_all  # noqa: E402
+from vetassist_testing import PG_CONFIG, ROOT, authenticator_code, citus_cluster, expect_sqlstate, reload_and_wait, seal_all, wait_for
 
 NAME = "citus-test"
 DB = "vetassist"
@@ -59,17 +56,6 @@ def app(coordinator):
 
 def workers(nodes):
     return [n for n in nodes if n.role == "worker"]
-
-
-def reloaded(node, name, value):
-    """After pg_reload_conf(): waits until new sessions of `node` see `name` = `value` (the
-    postmaster reloads asynchronously; a session started before it would run on the old value)."""
-    for _ in range(200):
-        with node.connect() as conn:
-            if conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] == value:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"{name} was not reloaded on {node.address}")
 
 
 def sign_in(app, n):
@@ -227,10 +213,8 @@ def test_workers_decrypt_but_only_the_coordinator_encrypts(nodes, app):
         with worker.connect("citus_app") as on_worker:
             assert on_worker.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note:1')",
                                      (sealed,)).fetchone()[0] == "a note"
-            with pytest.raises(psycopg.Error) as refused:
-                on_worker.execute("SELECT vetassist_auth.encrypt_text('x', 'app.note:2')")
-            assert refused.value.sqlstate == "55000"
-            assert "coordinator" in str(refused.value)
+            refused = expect_sqlstate("55000", on_worker, "SELECT vetassist_auth.encrypt_text('x', 'app.note:2')")
+            assert "coordinator" in str(refused)
 
 
 def test_the_mfa_lock_out_holds_and_locks_the_session(app):
@@ -245,9 +229,7 @@ def test_the_mfa_lock_out_holds_and_locks_the_session(app):
     assert app.execute("SELECT vetassist_auth.session_status(%s::text)", (jti,)).fetchone()[0] == "LOCKED"
     other = jti + "-after"
     app.execute("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 day')", (uid, other))
-    with pytest.raises(psycopg.Error) as locked:
-        app.execute("SELECT vetassist_auth.mfa_verify(%s, %s)", (other, authenticator_code(uri, 1)))
-    assert locked.value.sqlstate == "28000"
+    expect_sqlstate("28000", app, "SELECT vetassist_auth.mfa_verify(%s, %s)", (other, authenticator_code(uri, 1)))
 
 
 def test_the_application_cannot_call_the_api_on_a_worker(nodes, app):
@@ -272,9 +254,7 @@ def test_the_application_cannot_call_the_api_on_a_worker(nodes, app):
                 assert "coordinator" in str(refused.value)
     # Nothing was disclosed or changed: the coordinator still serves the veteran as before.
     assert app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0] == "access-46"
-    with pytest.raises(psycopg.Error) as no_session:
-        app.execute("SELECT vetassist_auth.touch_session(%s)", (jti + "-w",))
-    assert no_session.value.sqlstate == "P0002"
+    expect_sqlstate("P0002", app, "SELECT vetassist_auth.touch_session(%s)", (jti + "-w",))
 
 
 def test_worker_logs_keep_no_value_of_our_calls(nodes, coordinator, app):
@@ -283,8 +263,7 @@ def test_worker_logs_keep_no_value_of_our_calls(nodes, coordinator, app):
     for worker in workers(nodes):
         with worker.connect() as w:
             w.execute("ALTER SYSTEM SET log_statement = 'all'")
-            w.execute("SELECT pg_reload_conf()")
-        reloaded(worker, "log_statement", "all")
+        reload_and_wait(worker.connect, "log_statement", "all")
     try:
         uid, jti = sign_in(app, 47)
         app.execute("SELECT vetassist_auth.create_session(%s, 'jti-LOGCANARY-47', now() + interval '1 day', "
@@ -399,9 +378,7 @@ def test_each_nodes_anchor_is_checked_on_its_node(nodes, coordinator, app):
             ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain_at(%s, %s, %s)",
                                                 (node, seq, digest)).fetchone()
             assert ok, (node, problem)
-        with pytest.raises(psycopg.Error) as unknown:
-            auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain_at('127.0.0.1:1', 1, '\\x00')")
-        assert unknown.value.sqlstate == "22023"
+        expect_sqlstate("22023", auditor, "SELECT * FROM vetassist_auth.verify_audit_chain_at('127.0.0.1:1', 1, '\\x00')")
     victim = workers(nodes)[0]
     seq, digest = next((s, d) for node, s, d in anchors if node == victim.address)
     with victim.connect() as w:
@@ -438,8 +415,7 @@ def test_a_purge_on_the_coordinator_purges_every_node(nodes, coordinator, app):
     for node in nodes:
         with node.connect() as su:
             su.execute("ALTER SYSTEM SET vetassist_auth.audit_min_retention = 0")
-            su.execute("SELECT pg_reload_conf()")
-        reloaded(node, "vetassist_auth.audit_min_retention", "0")
+        reload_and_wait(node.connect, "vetassist_auth.audit_min_retention", "0")
     try:
         with coordinator.connect("citus_admin") as admin:
             assert admin.execute("SELECT vetassist_auth.purge_audit_log('0 seconds')").fetchone()[0] > 0
@@ -465,13 +441,11 @@ def test_the_coordinators_sweeper_logs_every_nodes_chain_head(nodes, coordinator
     log = Path(coordinator.dir) / "server.log"
     with coordinator.connect() as su:
         su.execute("ALTER SYSTEM SET vetassist_auth.sweep_interval = 1")
-        su.execute("SELECT pg_reload_conf()")
+    reload_and_wait(coordinator.connect, "vetassist_auth.sweep_interval", "1s")
     try:
         pattern = re.compile(r"audit chain head seq=\d+ hash=[0-9a-f]{64} timeline=\d+ lsn=[0-9A-F]+/[0-9A-F]+((; node 127\.0\.0\.1:\d+ seq=\d+ hash=[0-9a-f]{64})+)")
-        deadline = time.monotonic() + 30
-        while not (found := pattern.findall(log.read_text(errors="replace"))) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert found, "no chain heads in the coordinator's log"
+        found = wait_for("the chain heads in the coordinator's log",
+                         lambda: pattern.findall(log.read_text(errors="replace")), timeout=30)
         logged = set(re.findall(r"node (127\.0\.0\.1:\d+)", found[-1][0]))
         assert logged == {w.address for w in workers(nodes)}
     finally:
@@ -487,10 +461,8 @@ def test_retirement_stops_while_a_worker_cannot_be_asked(nodes, coordinator):
     subprocess.run([ROOT / "scripts/cluster.sh", "stop", Path(down.dir).name], check=True,
                    env={**os.environ, "PG_CONFIG": PG_CONFIG})
     with coordinator.connect() as su:
-        with pytest.raises(psycopg.Error) as refused:
-            su.execute("SELECT count(*) FROM vetassist_auth.key_usage")
-        assert refused.value.sqlstate == "55000"
-        assert down.address in str(refused.value)
+        refused = expect_sqlstate("55000", su, "SELECT count(*) FROM vetassist_auth.key_usage")
+        assert down.address in str(refused)
     with coordinator.connect("citus_auditor") as auditor:
         ok, _, _, problem = auditor.execute("SELECT * FROM vetassist_auth.verify_audit_chain()").fetchone()
         assert not ok and problem.startswith(f"node {down.address}: ")

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import BIN, installed_cluster, seal_all
+from vetassist_testing import BIN, installed_cluster, seal_all
 
 
 def verify(conn):

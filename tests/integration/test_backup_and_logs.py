@@ -3,7 +3,7 @@ import subprocess
 
 import psycopg
 
-from conftest import BIN, installed_cluster
+from vetassist_testing import BIN, installed_cluster
 
 
 def test_dump_and_restore_into_a_second_database(cluster, su):

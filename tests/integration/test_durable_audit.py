@@ -1,4 +1,4 @@
-"""Issue 13 part 1: every PHI or token disclosure and every failed authentication is in the audit
+"""Every PHI or token disclosure and every failed authentication is in the audit
 log whatever becomes of the caller's transaction: ROLLBACK, ROLLBACK TO SAVEPOINT, an error, a
 cancelled statement, a backend that exits. Each test is an attack that left no row on 0.1.2."""
 import threading
@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import BIN, authenticator_code, install, installed_cluster, wait_for
+from vetassist_testing import BIN, authenticator_code, install, installed_cluster, wait_for
 
 MFA_LOCKED = "28000"
 
@@ -381,7 +381,7 @@ def test_verify_installation_reports_when_the_guarantee_is_not_in_force():
 
 
 def test_a_transaction_that_first_used_a_key_holds_nothing_up(cluster):
-    """Issue 13 part 2, found by the adversary: the first use of a purpose created its key in the
+    """Found by an adversary: the first use of a purpose created its key in the
     caller's transaction, which then held key creation and rotate_key until it ended. The
     recorder creates it now, in a transaction of its own."""
     install(cluster, "firstuse")

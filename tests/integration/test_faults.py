@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import BIN, installed_cluster, needs_modules, seal_all
+from vetassist_testing import BIN, installed_cluster, needs_modules, seal_all
 
 DOCUMENTED = {"22023", "P0002", "28000", "23505", "42501", "XX001", "55000", "VA001", "40001", "22P02"}
 

@@ -2,35 +2,30 @@
 import psycopg
 import pytest
 
-# The documented access (README, "Roles"), written out independently of sql/grants.sql.
-APP = {
-    "encrypt(bytea,text)", "decrypt(bytea,text)", "encrypt_text(text,text)", "decrypt_text(bytea,text)",
-    "field_hash(text,text)", "field_hashes(text,text)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)",
-    "upsert_va_user(text,text,text,text,text)", "find_user_by_icn(text)", "find_users_by_email(text)",
-    "user_profile(uuid)", "deactivate_user(uuid,text)", "store_va_tokens(uuid,text,text,timestamp with time zone,text)",
-    "va_access_token(uuid)", "va_refresh_token(uuid)", "va_tokens_due(interval)", "delete_va_tokens(uuid)",
-    "create_session(uuid,text,timestamp with time zone,inet,text,text,jsonb)", "touch_session(text)",
-    "session_status(text)", "end_session(text,text)", "end_user_sessions(uuid,text)", "lock_session(text,text)",
-    "rotate_session_refresh_token(text,text,text)", "refresh_session_token(text,text,text)", "log_session_event(text,text,text,jsonb)", "verify_crisis_notice(text)", "expire_sessions(integer)",
-    "mfa_enroll_totp(uuid)", "mfa_confirm_totp(uuid,text)", "mfa_verify(text,text)", "mfa_generate_backup_codes(uuid,integer)",
-    "mfa_trust_device(text,integer)", "mfa_trusted_devices(uuid)", "mfa_revoke_device(uuid,uuid)", "mfa_required(text)",
-    "mfa_disable(uuid)", "node_role()",
-}
-ADMIN = {
-    "rotate_key(text)", "reencrypt(integer)", "key_usage_summary()", "rewrap_keys(text)", "unretire_key(integer)", "destroy_key(integer)",
-    "resync_sequences()", "verify_installation()", "deactivate_user(uuid,text)",
-    "end_user_sessions(uuid,text)", "expire_sessions(integer)", "mfa_disable(uuid)", "seal_audit_log(integer)", "audit_seal_status()", "audit_chain_head()",
-    "verify_audit_chain(bigint,bytea)", "verify_audit_chain(bigint,bytea,integer,text)", "node_role()", "promote()",
-    "verify_audit_chain()", "purge_audit_log(interval)", "enable_row_audit(regclass,text[],text[])",
-    "disable_row_audit(regclass)", "set_actor(uuid,text)", "audit_event(text,text,text,jsonb)", "protected_columns()",
-    "distribute(integer)", "veteran_placement(uuid)", "seal_worker_audit_logs(integer)", "audit_chain_heads()",
-    "verify_audit_chain_at(text,bigint,bytea)",
-}
-AUDITOR = {"verify_installation()", "verify_audit_chain()", "verify_audit_chain(bigint,bytea)", "audit_seal_status()",
-           "audit_chain_head()", "phi_disclosures(uuid,timestamp with time zone,timestamp with time zone)",
-           "protected_columns()", "audit_chain_heads()", "verify_audit_chain_at(text,bigint,bytea)",
-           "verify_audit_chain(bigint,bytea,integer,text)", "node_role()"}
-EXPECTED_FUNCTIONS = {"vetassist_app": APP, "vetassist_admin": ADMIN, "vetassist_auditor": AUDITOR, "public": set()}
+from vetassist_testing import ROOT
+
+ROLES = ("vetassist_app", "vetassist_admin", "vetassist_auditor")
+
+
+def documented_access():
+    """The documented access (docs/api.md, "Who may call what"), read from the page itself, apart
+    from the GRANTs beside each function: role -> the signatures it may execute."""
+    page = (ROOT / "docs" / "api.md").read_text()
+    table = page.split("## Who may call what", 1)[1].split("\n## ", 1)[0]
+    access = {role: set() for role in ROLES}
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        signature = cells[0].strip("`").replace(", ", ",").replace("timestamptz", "timestamp with time zone")
+        for role, mark in zip(ROLES, cells[1:]):
+            if mark:
+                access[role].add(signature)
+    assert all(access.values()), "docs/api.md lost its access table"
+    return access
+
+
+EXPECTED_FUNCTIONS = {**documented_access(), "public": set()}
 AUDITOR_TABLES = {"audit_log", "audit_seals"}
 
 

@@ -1,16 +1,10 @@
-"""Master key configuration (DESIGN section 2): missing, malformed, hidden, changed, rewrapped."""
+"""Master key configuration (docs/operations.md, "Keys: setup, rotation, master key change"): missing, malformed, hidden, changed, rewrapped."""
 import concurrent.futures
 
 import psycopg
 import pytest
 
-from conftest import installed_cluster
-
-
-def sqlstate_of(conn, sql, *params):
-    with pytest.raises(psycopg.Error) as err:
-        conn.execute(sql, params)
-    return err.value.sqlstate, err.value.diag.message_primary, err.value.diag.message_hint
+from vetassist_testing import expect_sqlstate, installed_cluster
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +20,7 @@ def test_no_master_key_is_55000_with_a_hint_naming_both_settings(keyless):
         for sql in ("SELECT vetassist_auth.encrypt_text('x', 'c')",
                     "SELECT vetassist_auth.field_hash('x', 'email')",
                     "SELECT vetassist_auth.decrypt_text('\\x0100000001000000000000000000000000000000000000000000000000000000000000'::bytea, 'c')"):
-            state, message, hint = sqlstate_of(conn, sql)
-            assert state == "55000"
+            hint = expect_sqlstate("55000", conn, sql).diag.message_hint
             assert "vetassist_auth.master_key_file" in hint and "vetassist_auth.master_key" in hint
 
 
@@ -35,8 +28,9 @@ def test_malformed_inline_key_is_55000_and_never_echoed(keyless):
     bad = "zz" + "ab" * 31
     keyless.set_conf("vetassist_auth.master_key", f"{bad}")
     with keyless.connect("vetassist", "app_user") as conn:
-        state, message, hint = sqlstate_of(conn, "SELECT vetassist_auth.encrypt_text('x', 'c')")
-    assert state == "55000" and "malformed" in message
+        diag = expect_sqlstate("55000", conn, "SELECT vetassist_auth.encrypt_text('x', 'c')").diag
+    message, hint = diag.message_primary, diag.message_hint
+    assert "malformed" in message
     assert bad not in (message + (hint or ""))
     assert bad not in keyless.log()
 
@@ -44,8 +38,8 @@ def test_malformed_inline_key_is_55000_and_never_echoed(keyless):
 def test_unreadable_key_file_is_55000(keyless):
     keyless.set_conf("vetassist_auth.master_key_file", "/nonexistent/master.key")
     with keyless.connect("vetassist", "app_user") as conn:
-        state, _, hint = sqlstate_of(conn, "SELECT vetassist_auth.encrypt_text('x', 'c')")
-    assert state == "55000" and "master_key_file" in hint
+        hint = expect_sqlstate("55000", conn, "SELECT vetassist_auth.encrypt_text('x', 'c')").diag.message_hint
+    assert "master_key_file" in hint
 
 
 def test_inline_key_is_hidden_from_everyone_but_superusers(keyless):
@@ -54,17 +48,16 @@ def test_inline_key_is_hidden_from_everyone_but_superusers(keyless):
     keyless.set_conf("vetassist_auth.master_key", f"{secret}")
     with keyless.connect("vetassist", "app_user") as conn:
         assert conn.execute("SELECT vetassist_auth.decrypt_text(vetassist_auth.encrypt_text('ok', 'c'), 'c')").fetchone()[0] == "ok"
-        state, _, _ = sqlstate_of(conn, "SHOW vetassist_auth.master_key")
-        assert state == "42501"
+        expect_sqlstate("42501", conn, "SHOW vetassist_auth.master_key")
         rows = conn.execute("SELECT name, setting FROM pg_settings WHERE name LIKE 'vetassist_auth.%'").fetchall()
         assert all(secret not in (setting or "") for _, setting in rows)
         assert conn.execute("SELECT count(*) FROM pg_settings WHERE setting LIKE %s", (f"%{secret}%",)).fetchone()[0] == 0
         # A session cannot override a SIGHUP setting.
-        state, _, _ = sqlstate_of(conn, "SET vetassist_auth.master_key = '" + "00" * 32 + "'")
-        assert state in ("55P02", "42501")
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute("SET vetassist_auth.master_key = '" + "00" * 32 + "'")
+        assert refused.value.sqlstate in ("55P02", "42501")  # which check comes first varies by version
     with keyless.connect("vetassist", "outsider") as conn:
-        state, _, _ = sqlstate_of(conn, "SHOW vetassist_auth.master_key")
-        assert state == "42501"
+        expect_sqlstate("42501", conn, "SHOW vetassist_auth.master_key")
     assert secret not in keyless.log()
 
 
@@ -79,16 +72,14 @@ def test_changed_master_key_needs_rewrap_then_everything_reads(keyless):
         h = su.execute("SELECT vetassist_auth.field_hash('a@b.c', 'email')").fetchone()[0]
     keyless.set_conf("vetassist_auth.master_key", f"{new}")
     with keyless.connect("vetassist") as su:
-        state, message, hint = sqlstate_of(su, "SELECT vetassist_auth.decrypt_text(%s, 'c')", ct)
-        assert state == "XX001" and "rewrap_keys" in hint
+        assert "rewrap_keys" in expect_sqlstate("XX001", su, "SELECT vetassist_auth.decrypt_text(%s, 'c')",
+                                                (ct,)).diag.message_hint
     with keyless.connect("vetassist", "admin_user") as admin:
         # vetassist_admin alone may not read server files.
-        state, _, _ = sqlstate_of(admin, "SELECT vetassist_auth.rewrap_keys(%s)", str(old_file))
-        assert state == "42501"
+        expect_sqlstate("42501", admin, "SELECT vetassist_auth.rewrap_keys(%s)", (str(old_file),))
     keyless.psql("GRANT pg_read_server_files TO admin_user")
     with keyless.connect("vetassist", "admin_user") as admin:
-        state, _, _ = sqlstate_of(admin, "SELECT vetassist_auth.rewrap_keys(%s)", str(keyless.dir / "nope.key"))
-        assert state == "55000"
+        expect_sqlstate("55000", admin, "SELECT vetassist_auth.rewrap_keys(%s)", (str(keyless.dir / "nope.key"),))
         assert admin.execute("SELECT vetassist_auth.rewrap_keys(%s)", (str(old_file),)).fetchone()[0] == 2  # phi and hash
         assert admin.execute("SELECT vetassist_auth.rewrap_keys(%s)", (str(old_file),)).fetchone()[0] == 0
     with keyless.connect("vetassist", "app_user") as conn:

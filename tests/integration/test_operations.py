@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import BIN, Cluster, authenticator_code, install, installed_cluster
+from vetassist_testing import BIN, Cluster, authenticator_code, expect_sqlstate, install, installed_cluster
 
 PHI_PURPOSES = ("token", "phi", "hash")
 
@@ -209,12 +209,8 @@ def test_an_admin_can_bring_a_retired_key_back_until_it_is_destroyed(ops):
         admin.execute("SELECT vetassist_auth.rotate_key('phi')")
         drain_reencrypt(admin)
         assert key_status(su, key_id) == "retired"
-        with pytest.raises(psycopg.Error) as err:
-            app.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,))
-        assert err.value.sqlstate == "XX001"
-        with pytest.raises(psycopg.Error) as err:
-            app.execute("SELECT vetassist_auth.unretire_key(%s)", (key_id,))
-        assert err.value.sqlstate == "42501"
+        expect_sqlstate("XX001", app, "SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,))
+        expect_sqlstate("42501", app, "SELECT vetassist_auth.unretire_key(%s)", (key_id,))
         assert admin.execute("SELECT vetassist_auth.unretire_key(%s)", (key_id,)).fetchone()[0] is True
         assert key_status(su, key_id) == "decrypt_only"
         assert app.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,)).fetchone()[0] == "kept outside"
@@ -223,16 +219,10 @@ def test_an_admin_can_bring_a_retired_key_back_until_it_is_destroyed(ops):
         assert key_status(su, key_id) == "retired"
         assert admin.execute("SELECT vetassist_auth.destroy_key(%s)", (key_id,)).fetchone()[0] is True
         for call in ("unretire_key", "destroy_key"):
-            with pytest.raises(psycopg.Error) as err:
-                admin.execute(f"SELECT vetassist_auth.{call}(%s)", (key_id,))
-            assert err.value.sqlstate == "P0002"
+            expect_sqlstate("P0002", admin, f"SELECT vetassist_auth.{call}(%s)", (key_id,))
         active = su.execute("SELECT key_id FROM vetassist_auth.keys WHERE purpose = 'phi' AND status = 'active'").fetchone()[0]
-        with pytest.raises(psycopg.Error) as err:
-            admin.execute("SELECT vetassist_auth.destroy_key(%s)", (active,))
-        assert err.value.sqlstate == "P0002"
-        with pytest.raises(psycopg.Error) as err:
-            app.execute("SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,))
-        assert err.value.sqlstate == "XX001"
+        expect_sqlstate("P0002", admin, "SELECT vetassist_auth.destroy_key(%s)", (active,))
+        expect_sqlstate("XX001", app, "SELECT vetassist_auth.decrypt_text(%s, 'app.note')", (kept,))
         assert su.execute("SELECT wrapped_key IS NULL AND destroyed_at IS NOT NULL FROM vetassist_auth.keys WHERE key_id = %s",
                           (key_id,)).fetchone()[0]
         events = [r[0] for r in su.execute("""SELECT event_type FROM vetassist_auth.audit_log

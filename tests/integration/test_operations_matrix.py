@@ -13,7 +13,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import PG_MAJOR, Cluster, free_port, install, installed_cluster, sweeper_passes_since, wait_for
+from vetassist_testing import PG_MAJOR, Cluster, free_port, install, installed_cluster, sweeper_passes_since, wait_for
 
 SWEEPER = "vetassist_auth sweeper"
 RECORDER = "vetassist_auth recorder"

@@ -7,7 +7,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import authenticator_code, installed_cluster
+from vetassist_testing import authenticator_code, installed_cluster
 
 # bytea columns that hold no value under a data key: wrapped key material and the audit chain's
 # own digests (under the audit key named by audit_seals.key_id).

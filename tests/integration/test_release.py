@@ -5,7 +5,7 @@ script to it for the others. Every earlier version is built from the base and th
 import hashlib
 import re
 
-from conftest import ROOT
+from vetassist_testing import ROOT
 
 
 def version():

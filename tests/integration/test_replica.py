@@ -1,4 +1,4 @@
-"""A logical replica configured like its primary (issue 25, item 3): the library preloaded and its
+"""A logical replica configured like its primary (docs/ARCHITECTURE.md, "Replicas and failover"): the library preloaded and its
 own sweep_database, so maintenance runs after a failover. Until vetassist_auth.promote() declares
 the failover, nothing of ours writes the extension's tables there: the replication keeps every
 row of the primary, and the application's writes are refused with 55000."""
@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import BIN, Cluster, install, installed_cluster
+from vetassist_testing import Cluster, expect_sqlstate, install, installed_cluster
 
 SWEEPER = ("vetassist_auth.sweep_database = 'vetassist'", "vetassist_auth.sweep_interval = 1")
 TABLES = ("users", "va_tokens", "sessions", "session_routes", "session_activity", "audit_log", "audit_seals", "keys")
@@ -163,9 +163,7 @@ def test_node_role_setting_declares_a_subscriber_until_promote():
         with c.connect("vetassist", "app_user") as app:
             refused(app, "SELECT vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')")
         with c.connect("vetassist", "outsider") as outsider:
-            with pytest.raises(psycopg.Error) as err:
-                outsider.execute("SELECT vetassist_auth.promote()")
-            assert err.value.sqlstate == "42501"
+            expect_sqlstate("42501", outsider, "SELECT vetassist_auth.promote()")
         with c.connect("vetassist", "admin_user") as admin:
             admin.execute("SELECT * FROM vetassist_auth.promote()")
         with c.connect("vetassist", "app_user") as app:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import installed_cluster, sweeper_passes_since, wait_for
+from vetassist_testing import installed_cluster, sweeper_passes_since, wait_for
 
 
 def new_user(conn, icn):

@@ -4,7 +4,7 @@ Everything written before still decrypts and verifies, the API keeps working, an
 catalog is the same as a fresh install's."""
 import pytest
 
-from conftest import EXTENSION_DIR, ROOT, Cluster, authenticator_code, install
+from vetassist_testing import EXTENSION_DIR, ROOT, Cluster, authenticator_code, install
 from test_release import released, version
 
 RELEASES = [v for v, _script, _digest in released()]

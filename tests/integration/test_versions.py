@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, PG_MAJOR, Cluster, authenticator_code, install, seal_all
+from vetassist_testing import BIN, PG_MAJOR, Cluster, authenticator_code, install, seal_all
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin/pg_config")
 

@@ -1,10 +1,9 @@
-"""A throw-away cluster (scripts/cluster.sh, name pyclient, a free port) with the extension
-installed in database vetassist; the client connects as app_user (member of vetassist_app)."""
+"""A throw-away cluster (tests/vetassist_testing.py, name pyclient) with the extension installed
+in database vetassist; the client connects as app_user (member of vetassist_app)."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,46 +14,19 @@ import pytest
 from vetassist_client import VetAssistClient
 
 ROOT = Path(__file__).resolve().parents[3]
-NAME = "pyclient"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# A port free now, so a busy one never collides (scripts/cluster.sh listens on it).
-PORT = _free_port()
-
-
-def conninfo(socket_dir: Path, user: str, dbname: str = "vetassist") -> str:
-    return f"host={socket_dir} port={PORT} dbname={dbname} user={user}"
+sys.path.insert(0, str(ROOT / "tests"))
+from vetassist_testing import Cluster, installed_cluster  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Path]:
-    """The cluster's socket directory, after the database, extension and app_user exist."""
-    script = ROOT / "scripts/cluster.sh"
-    started = subprocess.run([script, "start", NAME, str(PORT), "shared_preload_libraries = 'vetassist_auth'"],
-                             capture_output=True, text=True)
-    try:
-        if started.returncode != 0:
-            pytest.fail(f"cluster.sh start failed:\n{started.stderr}", pytrace=False)
-        socket_dir = Path(started.stdout.strip().splitlines()[-1])
-        with psycopg.connect(conninfo(socket_dir, "postgres", "postgres"), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE vetassist")
-        with psycopg.connect(conninfo(socket_dir, "postgres"), autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION vetassist_auth")
-            conn.execute("CREATE ROLE app_user LOGIN IN ROLE vetassist_app")
-        yield socket_dir
-    finally:
-        subprocess.run([script, "stop", NAME], check=False)
+def cluster() -> Iterator[Cluster]:
+    with installed_cluster("pyclient") as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
-def app_conninfo(cluster: Path) -> str:
-    return conninfo(cluster, "app_user")
+def app_conninfo(cluster: Cluster) -> str:
+    return cluster.conninfo("vetassist", "app_user")
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +36,9 @@ def client(app_conninfo: str) -> Iterator[VetAssistClient]:
 
 
 @pytest.fixture
-def su(cluster: Path) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+def su(cluster: Cluster) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """A superuser connection to vetassist (autocommit), for checks the application role cannot make."""
-    with psycopg.connect(conninfo(cluster, "postgres"), autocommit=True) as conn:
+    with cluster.connect("vetassist") as conn:
         yield conn
 
 

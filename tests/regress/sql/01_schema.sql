@@ -1,4 +1,4 @@
--- The schema of DESIGN section 5, roles, grants and the health check.
+-- The schema, roles, grants and the health check.
 SELECT c.relname, c.relkind
 FROM pg_class c
 WHERE c.relnamespace = 'vetassist_auth'::regnamespace AND c.relkind IN ('r', 'v', 'S')

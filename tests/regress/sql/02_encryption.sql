@@ -1,4 +1,4 @@
--- Envelope encryption (DESIGN section 3), as the application role.
+-- Envelope encryption (docs/ARCHITECTURE.md, "Formats"), as the application role.
 SET ROLE vetassist_app;
 
 SELECT vetassist_auth.decrypt(vetassist_auth.encrypt('\x00ff10'::bytea, 'ctx'), 'ctx') = '\x00ff10'::bytea AS bytea_round_trip,

@@ -1,4 +1,4 @@
--- Searchable field hashes (DESIGN section 4), as the application role.
+-- Searchable field hashes (docs/api.md, "Ciphertext and hash formats"), as the application role.
 SET ROLE vetassist_app;
 
 SELECT octet_length(vetassist_auth.field_hash('a@b.org', 'email')) AS hash_len;

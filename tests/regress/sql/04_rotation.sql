@@ -1,4 +1,4 @@
--- Key rotation and re-encryption (DESIGN section 2), as vetassist_admin.
+-- Key rotation and re-encryption (docs/operations.md, "Keys: setup, rotation, master key change"), as vetassist_admin.
 -- A veteran stored the way the identity functions store one, to have data to move.
 INSERT INTO vetassist_auth.users (id, va_icn_encrypted, va_icn_hash, email_encrypted, email_hash,
                                   first_name_encrypted, first_name_hash, last_name_encrypted, last_name_hash)

@@ -31,7 +31,7 @@ SELECT regress.try('UPDATE vetassist_auth.users SET is_active = false') AS updat
 SELECT regress.try('DELETE FROM vetassist_auth.users') AS delete_users;
 RESET ROLE;
 
--- Stored only encrypted: no plaintext anywhere in the row, and the contexts of DESIGN section 3.
+-- Stored only encrypted: no plaintext anywhere in the row, and the contexts of docs/ARCHITECTURE.md, "Formats".
 SELECT position(convert_to('1012667985V123456', 'UTF8') IN u::text::bytea) = 0 AS icn_not_in_row,
        position(convert_to('Lopez', 'UTF8') IN u::text::bytea) = 0 AS name_not_in_row,
        vetassist_auth.decrypt_text(u.va_icn_encrypted, 'users.va_icn:' || u.id) AS icn_by_context,

@@ -1,4 +1,7 @@
-"""Throw-away clusters for the integration tests, started through scripts/cluster.sh."""
+"""What every test of vetassist_auth shares (the integration and Citus suites, the Python client's
+tests, the bench and the demo): throw-away clusters started through scripts/cluster.sh, a
+veteran and an enrolled authenticator, one way to expect a SQLSTATE, and waits on events
+(wait_for, reload_and_wait) instead of sleeps. tests/conftest.py makes the fixtures of it."""
 import base64
 import hashlib
 import hmac
@@ -14,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # The PostgreSQL under test: the Makefile exports PG_CONFIG (Debian's 15 when run by hand).
 PG_CONFIG = os.environ.get("PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
 
@@ -32,10 +35,6 @@ EXTENSION_DIR = Path(pg_config("--sharedir")) / "extension"
 def has_module(name):
     """Whether this PostgreSQL ships a contrib module (the 16 wheel has none)."""
     return (Path(pg_config("--pkglibdir")) / f"{name}.so").exists()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "load: a load or soak run (make test runs it on the default version only)")
 
 
 def needs_modules(*names):
@@ -86,14 +85,7 @@ class Cluster:
     def set_conf(self, name, value):
         """Appends `name = 'value'` to postgresql.conf, reloads, and waits until new sessions see it."""
         self.as_postgres("bash", "-c", f"echo \"{name} = '{value}'\" >> '{self.dir}/data/postgresql.conf'")
-        with self.connect() as conn:
-            conn.execute("SELECT pg_reload_conf()")
-        for _ in range(100):
-            with self.connect() as conn:
-                if conn.execute("SELECT current_setting(%s, true)", (name,)).fetchone()[0] == value:
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"{name} was not reloaded")
+        reload_and_wait(self.connect, name, value)
 
     def stop(self):
         subprocess.run([ROOT / "scripts/cluster.sh", "stop", self.name], check=False, env=self.env)
@@ -180,26 +172,39 @@ def installed_cluster(name, *conf_lines, preload="vetassist_auth"):
         c.stop()
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    """The shared cluster: library preloaded, extension installed in database 'vetassist'."""
-    with installed_cluster("pytest") as c:
-        yield c
+def reload_and_wait(connect, name, value, timeout=10.0):
+    """pg_reload_conf(), then waits until a new session (from `connect()`) sees `name` = `value`:
+    the postmaster reloads asynchronously, and a session started before it runs on the old value."""
+    with connect() as conn:
+        conn.execute("SELECT pg_reload_conf()")
+
+    def seen():
+        with connect() as conn:
+            return conn.execute("SELECT current_setting(%s, true)", (name,)).fetchone()[0] == value
+    wait_for(f"{name} = {value!r} after a reload", seen, timeout)
 
 
-@pytest.fixture
-def app(cluster):
-    with cluster.connect("vetassist", "app_user") as conn:
-        yield conn
+def expect_sqlstate(sqlstate, conn, sql, params=None):
+    """Runs `sql` and asserts that it fails with `sqlstate`; returns the error (its diag has the
+    message, detail and hint)."""
+    with pytest.raises(psycopg.Error) as raised:
+        conn.execute(sql, params)
+    assert raised.value.sqlstate == sqlstate, f"{raised.value.sqlstate}: {raised.value}"
+    return raised.value
 
 
-@pytest.fixture
-def admin(cluster):
-    with cluster.connect("vetassist", "admin_user") as conn:
-        yield conn
+def veteran(app, icn, email=None, first="Maria", last="Hernandez", tokens=("va-access", "va-refresh")):
+    """A veteran signed in through VA.gov as the application: the account and (unless `tokens`
+    is None) VA tokens valid for an hour. Returns the user id."""
+    uid = app.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', %s, %s, %s)",
+                      (icn, email, first, last)).fetchone()[0]
+    if tokens:
+        app.execute("SELECT vetassist_auth.store_va_tokens(%s, %s, %s, now() + interval '1 hour')", (uid, *tokens))
+    return uid
 
 
-@pytest.fixture
-def su(cluster):
-    with cluster.connect("vetassist") as conn:
-        yield conn
+def enrolled_mfa(app, uid):
+    """TOTP enrolled and confirmed for `uid`; returns the otpauth:// URI the authenticator holds."""
+    uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
+    assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
+    return uri

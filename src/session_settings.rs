@@ -1,5 +1,5 @@
 //! Sessions (docs/ARCHITECTURE.md, "Sessions and time"): the settings of `sql/sessions.sql` as
-//! SQL values. The lifecycle itself is SQL; `worker.rs` sweeps what expired.
+//! SQL values. The lifecycle itself is SQL; `sweeper.rs` sweeps what expired.
 
 use crate::gucs;
 use pgrx::prelude::*;

@@ -1,0 +1,122 @@
+//! Postgres plumbing the layers above share (docs/ARCHITECTURE.md, "Layers"): queries on a
+//! snapshot taken now, the one conversion of a failed internal query, object lock tags.
+
+use crate::error::{Failure, Kind, Result};
+use crate::search_path;
+use pgrx::prelude::*;
+
+/// The failure of one of our own queries, naming it (our queries hold no caller input: ids and
+/// purposes are formatted in by us, values are parameters).
+pub fn query_failure(sql: &str) -> impl FnOnce(pgrx::spi::SpiError) -> Failure + '_ {
+    move |error| {
+        let head: String = sql.split_whitespace().take(8).collect::<Vec<_>>().join(" ");
+        Failure::new(
+            Kind::NotConfigured,
+            format!("vetassist_auth: an internal query failed ({error}): {head} …"),
+        )
+        .with_hint("Run SELECT * FROM vetassist_auth.verify_installation().")
+    }
+}
+
+/// Rows of a read-only query on a snapshot taken now rather than the caller's, so a key
+/// created, rotated or retired by a transaction that committed after the caller's snapshot is
+/// seen. `sql` holds no caller input (ids and purposes are formatted in by us); `read` gets a
+/// column reader per row.
+pub fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> Result<Vec<T>> {
+    let query = std::ffi::CString::new(sql).expect("internal queries hold no NUL");
+    search_path::pinned(|| {
+        Spi::connect(|_client| {
+            // SAFETY: SPI is connected for the duration of this closure. The plan is prepared and
+            // freed here; SPI_execute_snapshot pushes (a copy of) the latest snapshot for the query
+            // alone. Tuples are read before the next SPI call, and FromDatum copies every value out
+            // of SPI's memory.
+            unsafe {
+                let plan = pg_sys::SPI_prepare(query.as_ptr(), 0, std::ptr::null_mut());
+                if plan.is_null() {
+                    return Err(query_failure(sql)(pgrx::spi::SpiError::NoTupleTable));
+                }
+                let status = pg_sys::SPI_execute_snapshot(
+                    plan,
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    pg_sys::GetLatestSnapshot(),
+                    std::ptr::null_mut(),
+                    true,
+                    false,
+                    0,
+                );
+                let rows =
+                    if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null() {
+                        let table = &*pg_sys::SPI_tuptable;
+                        (0..pg_sys::SPI_processed as usize)
+                            .map(|i| {
+                                read(&LatestRow {
+                                    tuple: *table.vals.add(i),
+                                    desc: table.tupdesc,
+                                })
+                            })
+                            .collect()
+                    } else {
+                        Err(query_failure(sql)(pgrx::spi::SpiError::NoTupleTable))
+                    };
+                pg_sys::SPI_freeplan(plan);
+                rows
+            }
+        })
+    })
+}
+
+pub struct LatestRow {
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+}
+
+impl LatestRow {
+    pub fn get<T: FromDatum>(&self, column: i32) -> Option<T> {
+        let mut is_null = false;
+        // SAFETY: the tuple and descriptor come from SPI_tuptable of the query just run, and
+        // the column numbers are those of our own SELECT lists.
+        unsafe {
+            let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, column, &mut is_null);
+            T::from_datum(datum, is_null)
+        }
+    }
+}
+
+/// Whether an extension table has a column: the library is installed before `ALTER EXTENSION
+/// vetassist_auth UPDATE` runs, and must keep an older release's schema working until then.
+pub fn schema_has_column(table: &str, column: &str) -> bool {
+    search_path::pinned(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                        WHERE a.attrelid = pg_catalog.to_regclass('vetassist_auth.' || $1) \
+                          AND a.attname = $2 AND NOT a.attisdropped)",
+            &[table.into(), column.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// An object lock tag in this database: only C code can take one, unlike an advisory lock,
+/// which any role could squat on.
+pub fn object_lock_tag(class: pg_sys::Oid, objid: u32, subid: u16) -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is set once at backend start and only read here.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: class.to_u32(),
+        locktag_field3: objid,
+        locktag_field4: subid,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    }
+}
+
+/// Takes a transaction-level lock; false when `wait` is off and someone else holds it.
+pub fn acquire(tag: pg_sys::LOCKTAG, mode: u32, wait: bool) -> bool {
+    // SAFETY: a valid tag of the default lock method; the lock belongs to the current
+    // transaction's resource owner and is released at its end (or its subtransaction's abort).
+    let result = unsafe { pg_sys::LockAcquire(&tag, mode as pg_sys::LOCKMODE, false, !wait) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
