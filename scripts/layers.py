@@ -14,8 +14,9 @@ LAYERS = [
     ("where this node stands", {"citus", "replica", "connections"}),
     ("data keys", {"keys"}),
     ("sealing, opening and hashing values", {"sealing"}),
-    ("the registry of protected columns", {"protected_columns"}),
-    ("the audit log and its recorder", {"audit"}),
+    ("the registry of protected columns, and the outbox of side-transaction jobs",
+     {"protected_columns", "outbox"}),
+    ("the audit log, and the keys' jobs", {"audit", "key_jobs"}),
     ("the SQL-facing API and the background processes",
      {"encryption", "identity", "mfa", "session_settings", "sweeper", "shmem", "lib", "pg_tests"}),
 ]

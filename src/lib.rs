@@ -14,9 +14,11 @@ mod encryption;
 mod error;
 mod gucs;
 mod identity;
+mod key_jobs;
 mod keys;
 mod log_redaction;
 mod mfa;
+mod outbox;
 mod pg;
 mod protected_columns;
 mod replica;
@@ -150,12 +152,13 @@ pub extern "C-unwind" fn _PG_init() {
     replica::register_callbacks();
     keys::register_callbacks();
     audit::register_callbacks();
+    key_jobs::register();
     log_redaction::install();
     // SAFETY: a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::request();
         connections::install_hooks();
-        audit::recorder::register_reserved();
+        outbox::register_reserved();
         sweeper::register();
     }
 }

@@ -2,7 +2,7 @@
 //! (`audit/recorder.rs`) and where the background processes connect (`connections.rs`). One
 //! request hook and one start-up hook for both.
 
-use crate::{audit, connections};
+use crate::{connections, outbox};
 use pgrx::prelude::*;
 
 static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
@@ -28,8 +28,8 @@ unsafe extern "C-unwind" fn on_shmem_request() {
         if let Some(previous) = PREV_SHMEM_REQUEST_HOOK {
             previous();
         }
-        pg_sys::RequestAddinShmemSpace(audit::recorder::SHMEM_SIZE + connections::SHMEM_SIZE);
-        audit::recorder::request_lock();
+        pg_sys::RequestAddinShmemSpace(outbox::SHMEM_SIZE + connections::SHMEM_SIZE);
+        outbox::request_lock();
     }
 }
 
@@ -44,7 +44,7 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         }
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        audit::recorder::attach_shared();
+        outbox::attach_shared();
         connections::attach_shared();
         pg_sys::LWLockRelease(init_lock);
     }

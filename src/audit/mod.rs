@@ -8,7 +8,6 @@
 //! `SET search_path` clause undo local settings made inside them.)
 
 use crate::error::OrRaise;
-use crate::keys;
 use crate::sealing;
 use pgrx::prelude::*;
 use pgrx::Uuid;
@@ -49,10 +48,7 @@ pub fn register_callbacks() {
     // SAFETY: called once per backend from _PG_init; the callback is a static function.
     unsafe { pg_sys::RegisterXactCallback(Some(reset_at_transaction_end), std::ptr::null_mut()) };
     writer::register_callbacks();
-    keys::delegate(keys::Delegates {
-        create_key: recorder::create_key,
-        rotate_worn_key_soon: recorder::rotate_worn_key_soon,
-    });
+    recorder::register();
 }
 
 /// Names the application user behind the current transaction (and, optionally, the end
