@@ -5,16 +5,22 @@ use crate::error::{Failure, Kind, Result};
 use crate::search_path;
 use pgrx::prelude::*;
 
-/// The failure of one of our own queries, naming it (our queries hold no caller input: ids and
-/// purposes are formatted in by us, values are parameters).
+/// The one conversion of a failed internal query into a Failure: names what the query was about
+/// (our queries hold no caller input: ids and purposes are formatted in by us, values are
+/// parameters) and Postgres's reason.
+pub fn query_failed(about: &str, error: pgrx::spi::SpiError) -> Failure {
+    Failure::new(
+        Kind::NotConfigured,
+        format!("vetassist_auth: a query on {about} failed ({error})"),
+    )
+    .with_hint("Run SELECT * FROM vetassist_auth.verify_installation().")
+}
+
+/// `query_failed` for a query of ours, named by its first words.
 pub fn query_failure(sql: &str) -> impl FnOnce(pgrx::spi::SpiError) -> Failure + '_ {
     move |error| {
         let head: String = sql.split_whitespace().take(8).collect::<Vec<_>>().join(" ");
-        Failure::new(
-            Kind::NotConfigured,
-            format!("vetassist_auth: an internal query failed ({error}): {head} …"),
-        )
-        .with_hint("Run SELECT * FROM vetassist_auth.verify_installation().")
+        query_failed(&format!("\"{head} …\""), error)
     }
 }
 

@@ -4,11 +4,7 @@
 use super::*;
 
 pub(super) fn spi_failure(error: pgrx::spi::SpiError) -> Failure {
-    Failure::new(
-        Kind::NotConfigured,
-        format!("vetassist_auth: a query on the data keys failed ({error})"),
-    )
-    .with_hint("Run SELECT * FROM vetassist_auth.verify_installation().")
+    crate::pg::query_failed("the data keys", error)
 }
 
 /// Creates the active key of a purpose unless another transaction already did.

@@ -17,11 +17,8 @@ mod verify;
 
 type Outcome<T> = crate::error::Result<T>;
 
-fn spi_failed(e: pgrx::spi::SpiError) -> Failure {
-    Failure::new(
-        Kind::NotConfigured,
-        format!("vetassist_auth: audit chain query failed: {e}"),
-    )
+fn spi_failed(error: pgrx::spi::SpiError) -> Failure {
+    pg::query_failed("the audit chain", error)
 }
 
 /// The first column of the first row of a read-only query.
