@@ -12,7 +12,7 @@ UPGRADE="sql/vetassist_auth--$LAST--$VERSION.sql"
 
 git -C "$ROOT" worktree remove --force "$WT" 2>/dev/null || true
 git -C "$ROOT" worktree add --detach "$WT" HEAD >/dev/null
-trap 'git -C "$ROOT" worktree remove --force "$WT"' EXIT
+[ -n "${KEEP:-}" ] || trap 'git -C "$ROOT" worktree remove --force "$WT"' EXIT
 cd "$WT"
 
 echo "==> A new API function: vetassist_auth.session_count(user_id uuid), for vetassist_app"

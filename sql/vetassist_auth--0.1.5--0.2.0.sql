@@ -65,6 +65,8 @@ CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
 -- * counted_encryptions, refresh_encrypt_counts, refresh_distributed_encrypt_counts,
 --   citus_coordinator: one definition of an encryption count and of a Citus worker;
 -- * define_key_usage: key_usage generated from the registry (an audit_ip column is a hash);
+-- * protected_columns (STABLE): only the columns the schema has, so an older upgrade script run
+--   by a later library never names a column a later script adds;
 -- * node_role, node_role_state, require_primary_node, promote, expire_sessions: replicas;
 -- * audit_table_altered: quiet while the extension holds no key and no audit row (a schema-only
 --   restore);
@@ -148,6 +150,21 @@ CREATE  FUNCTION "on_citus_worker"() RETURNS bool /* bool */
 STRICT STABLE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'on_citus_worker_wrapper';
+
+CREATE OR REPLACE FUNCTION "protected_columns"() RETURNS TABLE (
+	"table_name" TEXT,  /* & '_ str */
+	"column_name" TEXT,  /* & '_ str */
+	"purpose" TEXT,  /* & '_ str */
+	"row_id" TEXT,  /* & '_ str */
+	"context_name" TEXT,  /* Option < & '_ str > */
+	"context_id" TEXT,  /* Option < & '_ str > */
+	"hash_field" TEXT,  /* Option < & '_ str > */
+	"hash_of" TEXT,  /* Option < & '_ str > */
+	"decrypt_is_disclosure" bool  /* bool */
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'protected_columns_wrapper';
 
 CREATE  FUNCTION "require_primary_node"() RETURNS void
 STRICT

@@ -7,6 +7,7 @@ use crate::error::OrRaise;
 use crate::keys::Purpose;
 use crate::sealing;
 use pgrx::prelude::*;
+use std::ffi::CString;
 
 pub struct ProtectedColumn {
     pub table: &'static str,
@@ -144,9 +145,11 @@ pub fn disclosed_by(context: &str) -> Option<(&'static str, &'static str, pgrx::
 
 /// The registry as rows, for the SQL generated from it and for administrators and auditors.
 /// `decrypt_is_disclosure`: `decrypt` of such a value is recorded as a PHI disclosure about the
-/// veteran its context names.
+/// veteran its context names. Only the columns the schema has: an upgrade from an older release
+/// runs its scripts with this library, and an older script that generates `key_usage` must not
+/// name a column a later script adds (that one calls define_key_usage again).
 #[allow(clippy::type_complexity)]
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(stable, parallel_safe)]
 fn protected_columns() -> TableIterator<
     'static,
     (
@@ -161,7 +164,11 @@ fn protected_columns() -> TableIterator<
         name!(decrypt_is_disclosure, bool),
     ),
 > {
-    TableIterator::new(PROTECTED_COLUMNS.iter().map(|c| {
+    let present: Vec<&ProtectedColumn> = PROTECTED_COLUMNS
+        .iter()
+        .filter(|c| column_exists(c.table, c.column))
+        .collect();
+    TableIterator::new(present.into_iter().map(|c| {
         let (context_name, context_id, hash_field, hash_of, disclosure) = match c.stored {
             Stored::Envelope {
                 name,
@@ -189,6 +196,20 @@ fn protected_columns() -> TableIterator<
             disclosure,
         )
     }))
+}
+
+/// Whether the extension's schema has this column now (syscache look-ups).
+fn column_exists(table: &str, column: &str) -> bool {
+    let (Ok(table), Ok(column)) = (CString::new(table), CString::new(column)) else {
+        return false;
+    };
+    // SAFETY: syscache look-ups by name inside a transaction (a SQL function call); each
+    // returns InvalidOid or InvalidAttrNumber when the object is missing.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"vetassist_auth".as_ptr(), true);
+        let relid = pg_sys::get_relname_relid(table.as_ptr(), schema);
+        relid != pg_sys::InvalidOid && pg_sys::get_attnum(relid, column.as_ptr()) > 0
+    }
 }
 
 /// A stored envelope opened and sealed again under the active key of its purpose, inside this

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from vetassist_testing import BIN, installed_cluster, seal_all
+from vetassist_testing import BIN, install, installed_cluster, seal_all
 
 
 def verify(conn):
@@ -112,38 +112,40 @@ def test_writers_never_wait_for_the_sealer(cluster):
         sealing.commit()
 
 
-def test_an_aborted_purge_leaves_the_log_append_only():
+def test_an_aborted_purge_leaves_the_log_append_only(chain):
     """The purge permission ends with the purge's transaction, even when the purge fails midway."""
-    with installed_cluster("purgeabort") as c:
-        with c.connect("vetassist") as su:
-            for n in range(3):
-                su.execute("SELECT vetassist_auth.audit_event('app', %s, 'info', '{}')", (f"e{n}",))
-            su.execute("SELECT vetassist_auth.seal_audit_log()")
-            # Make the purge fail halfway through its deletes.
-            su.execute("""CREATE FUNCTION public.fail_purge() RETURNS trigger LANGUAGE plpgsql AS
-                          $$ BEGIN IF OLD.event_type = 'e1' THEN RAISE EXCEPTION 'disk on fire'; END IF; RETURN OLD; END $$""")
-            su.execute("""CREATE TRIGGER zz_fail_purge BEFORE DELETE ON vetassist_auth.audit_log
-                          FOR EACH ROW EXECUTE FUNCTION public.fail_purge()""")
-            su.execute("SET vetassist_auth.audit_min_retention = 0")
-            with pytest.raises(psycopg.errors.RaiseException):
-                su.execute("SELECT vetassist_auth.purge_audit_log('0')")
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                su.execute("DELETE FROM vetassist_auth.audit_log WHERE event_type = 'e0'")
-            su.execute("DROP TRIGGER zz_fail_purge ON vetassist_auth.audit_log")
-            assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type LIKE 'e_'").fetchone()[0] == 3
-            assert su.execute("SELECT ok FROM vetassist_auth.verify_audit_chain()").fetchone()[0]
+    c = chain
+    install(c, "purgeabort")
+    with c.connect("purgeabort") as su:
+        for n in range(3):
+            su.execute("SELECT vetassist_auth.audit_event('app', %s, 'info', '{}')", (f"e{n}",))
+        su.execute("SELECT vetassist_auth.seal_audit_log()")
+        # Make the purge fail halfway through its deletes.
+        su.execute("""CREATE FUNCTION public.fail_purge() RETURNS trigger LANGUAGE plpgsql AS
+                      $$ BEGIN IF OLD.event_type = 'e1' THEN RAISE EXCEPTION 'disk on fire'; END IF; RETURN OLD; END $$""")
+        su.execute("""CREATE TRIGGER zz_fail_purge BEFORE DELETE ON vetassist_auth.audit_log
+                      FOR EACH ROW EXECUTE FUNCTION public.fail_purge()""")
+        su.execute("SET vetassist_auth.audit_min_retention = 0")
+        with pytest.raises(psycopg.errors.RaiseException):
+            su.execute("SELECT vetassist_auth.purge_audit_log('0')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            su.execute("DELETE FROM vetassist_auth.audit_log WHERE event_type = 'e0'")
+        su.execute("DROP TRIGGER zz_fail_purge ON vetassist_auth.audit_log")
+        assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type LIKE 'e_'").fetchone()[0] == 3
+        assert su.execute("SELECT ok FROM vetassist_auth.verify_audit_chain()").fetchone()[0]
 
 
 @pytest.fixture(scope="module")
 def chain():
-    """A cluster of this module's own, so sealing here is not disturbed by other tests' rows."""
+    """A cluster of this module's own, so sealing here is not disturbed by other tests' rows; a test
+    that forges or purges its chain takes a database of its own in it (each has its own chain)."""
     with installed_cluster("chain") as c:
         yield c
 
 
-def write_events(cluster, n, ip="203.0.113.9"):
+def write_events(cluster, n, ip="203.0.113.9", dbname="vetassist"):
     """n application audit events with a hashed client address (a bytea column in the row)."""
-    with cluster.connect("vetassist", "app_user") as app, app.transaction():
+    with cluster.connect(dbname, "app_user") as app, app.transaction():
         app.execute("SELECT vetassist_auth.set_actor(NULL, %s)", (ip,))
         for i in range(n):
             app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', %s)", (f'{{"n": {i}}}',))
@@ -248,78 +250,80 @@ def verify_against(conn, anchor):
                         anchor).fetchone()
 
 
-def test_anchors_expose_truncation_rewrites_and_forged_checkpoints():
-    with installed_cluster("anchors") as c:
-        with c.connect("vetassist", "admin_user") as admin, c.connect("vetassist", "auditor_user") as auditor, \
-                c.connect("vetassist") as su:
-            write_events(c, 6)
-            seal_all(admin)
-            anchor = head(auditor)
-            assert verify_against(auditor, anchor)[0]
-            su.execute("SET session_replication_role = replica")  # a superuser past the append-only triggers
+def test_anchors_expose_truncation_rewrites_and_forged_checkpoints(chain):
+    c = chain
+    install(c, "anchors")
+    with c.connect("anchors", "admin_user") as admin, c.connect("anchors", "auditor_user") as auditor, \
+            c.connect("anchors") as su:
+        write_events(c, dbname="anchors", n=6)
+        seal_all(admin)
+        anchor = head(auditor)
+        assert verify_against(auditor, anchor)[0]
+        su.execute("SET session_replication_role = replica")  # a superuser past the append-only triggers
 
-            # Cut the newest two rows and their seals: the chain alone still looks whole.
-            su.execute("""WITH cut AS (DELETE FROM vetassist_auth.audit_seals WHERE seq > %s - 2 RETURNING audit_id)
-                          DELETE FROM vetassist_auth.audit_log WHERE id IN (SELECT audit_id FROM cut)""", (anchor[0],))
-            su.execute("UPDATE vetassist_auth.audit_seal_state SET sealed_through_id = (SELECT max(audit_id) FROM vetassist_auth.audit_seals)")
-            assert verify(auditor)[0]
-            ok, _, bad, problem = verify_against(auditor, anchor)
-            assert not ok and bad == anchor[0] and "ends before" in problem
+        # Cut the newest two rows and their seals: the chain alone still looks whole.
+        su.execute("""WITH cut AS (DELETE FROM vetassist_auth.audit_seals WHERE seq > %s - 2 RETURNING audit_id)
+                      DELETE FROM vetassist_auth.audit_log WHERE id IN (SELECT audit_id FROM cut)""", (anchor[0],))
+        su.execute("UPDATE vetassist_auth.audit_seal_state SET sealed_through_id = (SELECT max(audit_id) FROM vetassist_auth.audit_seals)")
+        assert verify(auditor)[0]
+        ok, _, bad, problem = verify_against(auditor, anchor)
+        assert not ok and bad == anchor[0] and "ends before" in problem
 
-            # Rewrite a row and seal again from there: same seq, another hash.
-            write_events(c, 2)
-            seal_all(admin)
-            anchor = head(auditor)
-            su.execute("""WITH cut AS (DELETE FROM vetassist_auth.audit_seals WHERE seq >= %s - 1 RETURNING audit_id)
-                          UPDATE vetassist_auth.audit_log SET details = '{"n": 999}' WHERE id IN (SELECT audit_id FROM cut)""",
-                       (anchor[0],))
-            su.execute("""UPDATE vetassist_auth.audit_seal_state
-                          SET sealed_through_id = (SELECT max(audit_id) FROM vetassist_auth.audit_seals), scan_from = '-infinity'""")
-            seal_all(admin)
-            assert verify(auditor)[0] and head(auditor)[0] == anchor[0]
-            ok, _, _, problem = verify_against(auditor, anchor)
-            assert not ok and "another hash" in problem
+        # Rewrite a row and seal again from there: same seq, another hash.
+        write_events(c, dbname="anchors", n=2)
+        seal_all(admin)
+        anchor = head(auditor)
+        su.execute("""WITH cut AS (DELETE FROM vetassist_auth.audit_seals WHERE seq >= %s - 1 RETURNING audit_id)
+                      UPDATE vetassist_auth.audit_log SET details = '{"n": 999}' WHERE id IN (SELECT audit_id FROM cut)""",
+                   (anchor[0],))
+        su.execute("""UPDATE vetassist_auth.audit_seal_state
+                      SET sealed_through_id = (SELECT max(audit_id) FROM vetassist_auth.audit_seals), scan_from = '-infinity'""")
+        seal_all(admin)
+        assert verify(auditor)[0] and head(auditor)[0] == anchor[0]
+        ok, _, _, problem = verify_against(auditor, anchor)
+        assert not ok and "another hash" in problem
 
-            # Forge a checkpoint over a deleted prefix: no purge recorded it.
-            first = su.execute("SELECT seq, hash, audit_id FROM vetassist_auth.audit_seals ORDER BY seq LIMIT 2").fetchall()[-1]
-            su.execute("DELETE FROM vetassist_auth.audit_log WHERE id IN (SELECT audit_id FROM vetassist_auth.audit_seals WHERE seq <= %s)",
-                       (first[0],))
-            su.execute("DELETE FROM vetassist_auth.audit_seals WHERE seq <= %s", (first[0],))
-            su.execute("UPDATE vetassist_auth.audit_seal_state SET checkpoint_seq = %s, checkpoint_hash = %s", (first[0], first[1]))
-            ok, _, _, problem = verify(auditor)
-            assert not ok and "not recorded" in problem
+        # Forge a checkpoint over a deleted prefix: no purge recorded it.
+        first = su.execute("SELECT seq, hash, audit_id FROM vetassist_auth.audit_seals ORDER BY seq LIMIT 2").fetchall()[-1]
+        su.execute("DELETE FROM vetassist_auth.audit_log WHERE id IN (SELECT audit_id FROM vetassist_auth.audit_seals WHERE seq <= %s)",
+                   (first[0],))
+        su.execute("DELETE FROM vetassist_auth.audit_seals WHERE seq <= %s", (first[0],))
+        su.execute("UPDATE vetassist_auth.audit_seal_state SET checkpoint_seq = %s, checkpoint_hash = %s", (first[0], first[1]))
+        ok, _, _, problem = verify(auditor)
+        assert not ok and "not recorded" in problem
 
 
-def test_purging_respects_the_minimum_retention_and_stays_verifiable():
-    with installed_cluster("retention") as c:
-        with c.connect("vetassist", "admin_user") as admin, c.connect("vetassist", "auditor_user") as auditor, \
-                c.connect("vetassist") as su:
-            write_events(c, 4)
-            seal_all(admin)
-            anchor = head(auditor)
-            # '-6000 months 182190 days' compares as longer than 6 years, yet cuts off in the future.
-            for older_than in ("0", "1 day", "5 years", "-6000 months 182190 days"):
-                with pytest.raises(psycopg.Error) as err:
-                    admin.execute("SELECT vetassist_auth.purge_audit_log(%s)", (older_than,))
-                assert err.value.sqlstate == "22023", older_than
-            with pytest.raises(psycopg.Error) as err:  # the admin cannot lower it
-                admin.execute("SET vetassist_auth.audit_min_retention = 0")
-            assert err.value.sqlstate == "42501"
-            su.execute("ALTER ROLE admin_user SET vetassist_auth.audit_min_retention = 0")
-            write_events(c, 2)  # the purge will go past the anchor
-            seal_all(admin)
-        with c.connect("vetassist", "admin_user") as admin, c.connect("vetassist", "auditor_user") as auditor:
-            assert admin.execute("SELECT vetassist_auth.purge_audit_log('0')").fetchone()[0] > 0
-            seal_all(admin)
-            assert verify(auditor)[0]
-            # Purged past it: the purge is on record, but a record can be forged; the anchor's
-            # hash cannot be checked any more, and the report says so.
-            ok, _, _, problem = verify_against(auditor, anchor)
-            assert not ok and "purged" in problem
-            for bad in ((0, b"\x00" * 32), (-5, b""), (anchor[0], None)):
-                with pytest.raises(psycopg.Error) as err:
-                    verify_against(auditor, bad)
-                assert err.value.sqlstate == "22023"
+def test_purging_respects_the_minimum_retention_and_stays_verifiable(chain):
+    c = chain
+    install(c, "retention")
+    with c.connect("retention", "admin_user") as admin, c.connect("retention", "auditor_user") as auditor, \
+            c.connect("retention") as su:
+        write_events(c, dbname="retention", n=4)
+        seal_all(admin)
+        anchor = head(auditor)
+        # '-6000 months 182190 days' compares as longer than 6 years, yet cuts off in the future.
+        for older_than in ("0", "1 day", "5 years", "-6000 months 182190 days"):
+            with pytest.raises(psycopg.Error) as err:
+                admin.execute("SELECT vetassist_auth.purge_audit_log(%s)", (older_than,))
+            assert err.value.sqlstate == "22023", older_than
+        with pytest.raises(psycopg.Error) as err:  # the admin cannot lower it
+            admin.execute("SET vetassist_auth.audit_min_retention = 0")
+        assert err.value.sqlstate == "42501"
+        su.execute("ALTER ROLE admin_user IN DATABASE retention SET vetassist_auth.audit_min_retention = 0")
+        write_events(c, dbname="retention", n=2)  # the purge will go past the anchor
+        seal_all(admin)
+    with c.connect("retention", "admin_user") as admin, c.connect("retention", "auditor_user") as auditor:
+        assert admin.execute("SELECT vetassist_auth.purge_audit_log('0')").fetchone()[0] > 0
+        seal_all(admin)
+        assert verify(auditor)[0]
+        # Purged past it: the purge is on record, but a record can be forged; the anchor's
+        # hash cannot be checked any more, and the report says so.
+        ok, _, _, problem = verify_against(auditor, anchor)
+        assert not ok and "purged" in problem
+        for bad in ((0, b"\x00" * 32), (-5, b""), (anchor[0], None)):
+            with pytest.raises(psycopg.Error) as err:
+                verify_against(auditor, bad)
+            assert err.value.sqlstate == "22023"
 
 
 def test_row_audit_is_not_dodged_by_copy_nor_silently_disabled(chain):

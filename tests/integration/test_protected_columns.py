@@ -7,7 +7,9 @@ import uuid
 import psycopg
 import pytest
 
-from vetassist_testing import authenticator_code, installed_cluster
+from vetassist_testing import authenticator_code, install
+
+DB = "registry"
 
 # bytea columns that hold no value under a data key: wrapped key material and the audit chain's
 # own digests (under the audit key named by audit_seals.key_id).
@@ -15,9 +17,10 @@ NOT_UNDER_A_DATA_KEY = {"keys.wrapped_key", "audit_seals.prev_hash", "audit_seal
 
 
 @pytest.fixture(scope="module")
-def registry_cluster():
-    with installed_cluster("registry") as c:
-        yield c
+def registry_cluster(cluster):
+    """A database of this module's own in the shared cluster: its keys and values are its own."""
+    install(cluster, DB)
+    return cluster
 
 
 def registry(conn):
@@ -31,7 +34,7 @@ def columns_of(su, table):
 
 
 def test_every_column_under_a_data_key_is_registered(registry_cluster):
-    with registry_cluster.connect("vetassist") as su:
+    with registry_cluster.connect(DB) as su:
         rows = registry(su)
         registered = {f"{r[0]}.{r[1]}" for r in rows}
         bytea = {r[0] for r in su.execute("""
@@ -51,9 +54,9 @@ def test_every_column_under_a_data_key_is_registered(registry_cluster):
 
 def test_administrators_and_auditors_read_the_registry_and_the_application_does_not(registry_cluster):
     for role in ("admin_user", "auditor_user"):
-        with registry_cluster.connect("vetassist", role) as conn:
+        with registry_cluster.connect(DB, role) as conn:
             assert len(registry(conn)) > 0
-    with registry_cluster.connect("vetassist", "app_user") as app:
+    with registry_cluster.connect(DB, "app_user") as app:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             registry(app)
         for call in ("vetassist_auth.reseal('\\x00', 'users.email:x', 'phi')",
@@ -77,8 +80,8 @@ def fill_every_table(app):
 
 def test_rotating_every_purpose_moves_every_registered_value_and_all_of_them_still_read(registry_cluster):
     c = registry_cluster
-    with c.connect("vetassist", "app_user") as app, c.connect("vetassist", "admin_user") as admin, \
-            c.connect("vetassist") as su:
+    with c.connect(DB, "app_user") as app, c.connect(DB, "admin_user") as admin, \
+            c.connect(DB) as su:
         uid, uri = fill_every_table(app)
         movable = [(r[0], r[1], r[2]) for r in registry(admin) if r[4] is not None or r[7] is not None]
         assert movable
@@ -110,10 +113,10 @@ def test_rotating_every_purpose_moves_every_registered_value_and_all_of_them_sti
 
 
 def test_every_registered_envelope_context_is_refused_to_the_application(registry_cluster):
-    with registry_cluster.connect("vetassist") as su:
+    with registry_cluster.connect(DB) as su:
         names = [r[4] for r in registry(su) if r[4] is not None]
     assert names
-    with registry_cluster.connect("vetassist", "app_user") as app:
+    with registry_cluster.connect(DB, "app_user") as app:
         for name in names:
             for call in ("encrypt_text(%s::text, %s)", "encrypt(%s::bytea, %s)"):
                 with pytest.raises(psycopg.errors.InvalidParameterValue):
@@ -124,7 +127,7 @@ def test_every_registered_envelope_context_is_refused_to_the_application(registr
 
 def test_decrypting_a_registered_phi_value_is_recorded_as_a_disclosure(registry_cluster):
     c = registry_cluster
-    with c.connect("vetassist", "app_user") as app, c.connect("vetassist") as su:
+    with c.connect(DB, "app_user") as app, c.connect(DB) as su:
         uid = app.execute("SELECT vetassist_auth.upsert_va_user('1012669999V000002', 'veteran', "
                           "'kim.registry@example.org', 'Kim', 'Registry')").fetchone()[0]
         disclosed = [r for r in registry(su) if r[8] and r[2] == "phi"]
