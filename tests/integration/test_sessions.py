@@ -98,12 +98,8 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
             app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-bg', now() + interval '1 hour')", (uid,))
         with c.connect("vetassist") as su:
             su.execute("UPDATE vetassist_auth.sessions SET live_until = now() - interval '1 second'")
-            for _ in range(100):
-                status = su.execute("SELECT status FROM vetassist_auth.sessions WHERE jwt_id = 'jwt-bg'").fetchone()[0]
-                if status == "EXPIRED":
-                    break
-                time.sleep(0.1)
-            assert status == "EXPIRED"
+            wait_for("the sweeper to expire jwt-bg", lambda: su.execute(
+                "SELECT status = 'EXPIRED' FROM vetassist_auth.sessions WHERE jwt_id = 'jwt-bg'").fetchone()[0])
             workers = su.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'vetassist_auth sweeper'").fetchone()[0]
             assert workers == 1
             # Without the extension its passes write nothing and log nothing, and it keeps going.
@@ -116,12 +112,8 @@ def test_the_background_worker_sweeps_a_preloaded_cluster():
             app.execute("SELECT vetassist_auth.create_session(%s, 'jwt-bg2', now() + interval '1 hour')", (uid,))
         with c.connect("vetassist") as su:
             su.execute("UPDATE vetassist_auth.sessions SET live_until = now() - interval '1 second'")
-            for _ in range(100):
-                status = su.execute("SELECT status FROM vetassist_auth.sessions WHERE jwt_id = 'jwt-bg2'").fetchone()[0]
-                if status == "EXPIRED":
-                    break
-                time.sleep(0.1)
-            assert status == "EXPIRED"
+            wait_for("the sweeper to expire jwt-bg2", lambda: su.execute(
+                "SELECT status = 'EXPIRED' FROM vetassist_auth.sessions WHERE jwt_id = 'jwt-bg2'").fetchone()[0])
         with c.connect("vetassist") as su:
             # Only a postmaster shutdown stops the worker for good: terminated, it comes back.
             find = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'vetassist_auth sweeper'"
