@@ -3,7 +3,7 @@
 //! every `CREATE FUNCTION` / `CREATE TABLE vetassist_auth.…` in the hand-written SQL of `sql/`
 //! (not the upgrade scripts, which only repeat them). The log redaction masks literals of any
 //! statement that calls one of the functions unqualified or names a Citus shard of one of the
-//! tables (docs/ARCHITECTURE.md, "Logs").
+//! tables (docs/ARCHITECTURE.md, "Log redaction").
 
 use std::collections::BTreeSet;
 use std::fs;
