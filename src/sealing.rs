@@ -150,7 +150,14 @@ pub fn field_hash_value(value: &str, field: &str) -> Result<Vec<u8>> {
 /// The hash of an end user's IP address an audit row keeps, under the active audit_ip key
 /// (docs/ARCHITECTURE.md, "Retiring a key").
 pub fn audit_ip_hash(ip: &str) -> Result<Vec<u8>> {
-    hash_for_storing(ip, IP_FIELD, Purpose::AuditIp)
+    // Until the extension is updated to 0.2.0 its keys table has no audit_ip purpose: the hash
+    // key then, as before (field_hashes(…, 'ip') searches both).
+    let purpose = if keys::purpose_accepted(Purpose::AuditIp)? {
+        Purpose::AuditIp
+    } else {
+        Purpose::Hash
+    };
+    hash_for_storing(ip, IP_FIELD, purpose)
 }
 
 const IP_FIELD: &str = "ip";

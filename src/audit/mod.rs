@@ -22,6 +22,49 @@ struct Actor {
 
 thread_local! {
     static ACTOR: RefCell<Actor> = RefCell::new(Actor::default());
+    /// What the actor was before each change made in a subtransaction still open, with that
+    /// subtransaction's id: ROLLBACK TO SAVEPOINT undoes set_actor as it undoes SET LOCAL. The
+    /// audit_ip key the hash was made under is pinned for that subtransaction only, so a hash
+    /// outliving it could be written under a key that retires meanwhile.
+    static ACTOR_BEFORE: RefCell<Vec<(pg_sys::SubTransactionId, Actor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Changes the actor, remembering the one before for a rollback of the current subtransaction.
+fn change_actor(change: impl FnOnce(&mut Actor)) {
+    // SAFETY: reads the current subtransaction's id; we are inside a transaction.
+    let subid = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    ACTOR.with_borrow_mut(|a| {
+        // TopSubTransactionId (c.h) is 1: the transaction itself, which nothing rolls back to.
+        if subid > 1 {
+            ACTOR_BEFORE.with_borrow_mut(|before| before.push((subid, a.clone())));
+        }
+        change(a);
+    });
+}
+
+/// A subtransaction that aborts takes its changes of the actor with it; one that commits hands
+/// them to its parent.
+#[pg_guard]
+unsafe extern "C-unwind" fn follow_subtransactions(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    parent_subid: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => ACTOR_BEFORE.with_borrow_mut(|before| {
+            while before.last().is_some_and(|(subid, _)| *subid >= my_subid) {
+                let (_, actor) = before.pop().expect("just seen");
+                ACTOR.with_borrow_mut(|a| *a = actor);
+            }
+        }),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => ACTOR_BEFORE.with_borrow_mut(|before| {
+            for (subid, _) in before.iter_mut().filter(|(subid, _)| *subid >= my_subid) {
+                *subid = parent_subid;
+            }
+        }),
+        _ => {}
+    }
 }
 
 /// Actor and purge permission last for one transaction only.
@@ -40,6 +83,7 @@ unsafe extern "C-unwind" fn reset_at_transaction_end(
             | XACT_EVENT_PARALLEL_ABORT
     ) {
         ACTOR.with_borrow_mut(|a| *a = Actor::default());
+        ACTOR_BEFORE.with_borrow_mut(Vec::clear);
         PURGING.set(false);
     }
 }
@@ -47,6 +91,8 @@ unsafe extern "C-unwind" fn reset_at_transaction_end(
 pub fn register_callbacks() {
     // SAFETY: called once per backend from _PG_init; the callback is a static function.
     unsafe { pg_sys::RegisterXactCallback(Some(reset_at_transaction_end), std::ptr::null_mut()) };
+    // SAFETY: as above.
+    unsafe { pg_sys::RegisterSubXactCallback(Some(follow_subtransactions), std::ptr::null_mut()) };
     writer::register_callbacks();
     recorder::register();
 }
@@ -58,7 +104,7 @@ pub fn register_callbacks() {
 #[search_path(pg_catalog, pg_temp)]
 fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
     let ip_hash = client_ip.map(|ip| sealing::audit_ip_hash(ip).or_raise());
-    ACTOR.with_borrow_mut(|a| {
+    change_actor(|a| {
         a.user_id = user_id;
         a.ip_hash = ip_hash;
     });
@@ -71,7 +117,7 @@ fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
 fn set_current_session(session_id: Uuid) {
     crate::citus::require_coordinator();
     crate::replica::require_primary();
-    ACTOR.with_borrow_mut(|a| a.session_id = Some(session_id));
+    change_actor(|a| a.session_id = Some(session_id));
 }
 
 #[pg_extern(stable, parallel_safe)]

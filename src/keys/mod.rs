@@ -146,6 +146,9 @@ pub(super) struct KeyCache {
     /// Per hash key id, per field name; at most FIELD_KEYS_CACHED entries in all (field_key).
     pub(super) field_keys: HashMap<u32, HashMap<String, Rc<FieldKey>>>,
     pub(super) field_keys_cached: usize,
+    /// The purposes the keys table's CHECK takes, read once (an ALTER of the table in an
+    /// extension update invalidates this cache with the keys).
+    pub(super) purposes_accepted: Option<Vec<Purpose>>,
 }
 
 /// Bounds of the per-backend caches: callers choose field names, so the cache of per-field
@@ -173,6 +176,7 @@ impl KeyCache {
         self.decrypt_only.clear();
         self.field_keys.clear();
         self.field_keys_cached = 0;
+        self.purposes_accepted = None;
     }
 }
 
@@ -212,6 +216,29 @@ static DELEGATES: std::sync::OnceLock<Delegates> = std::sync::OnceLock::new();
 pub fn delegate(delegates: Delegates) {
     // Once per process, from _PG_init: a second call (there is none) would change nothing.
     let _ = DELEGATES.set(delegates);
+}
+
+/// Whether the keys table takes keys of `purpose`: a database whose extension is not yet updated
+/// to the library's version may not (before 0.2.0, no `audit_ip`), and the library serves its
+/// SQL until ALTER EXTENSION UPDATE.
+pub fn purpose_accepted(purpose: Purpose) -> Result<bool> {
+    refresh()?;
+    if let Some(accepted) = KEY_CACHE.with_borrow(|cache| cache.purposes_accepted.clone()) {
+        return Ok(accepted.contains(&purpose));
+    }
+    let check = latest_rows(
+        "SELECT pg_catalog.pg_get_constraintdef(c.oid) FROM pg_catalog.pg_constraint c \
+         WHERE c.conrelid = 'vetassist_auth.keys'::pg_catalog.regclass AND c.conname = 'keys_purpose_check'",
+        |row| Ok(row.get::<String>(1).unwrap_or_default()),
+    )?
+    .concat();
+    let accepted: Vec<Purpose> = Purpose::ALL
+        .into_iter()
+        .filter(|p| check.contains(&format!("'{}'", p.as_str())))
+        .collect();
+    let answer = accepted.contains(&purpose);
+    KEY_CACHE.with_borrow_mut(|cache| cache.purposes_accepted = Some(accepted));
+    Ok(answer)
 }
 
 /// The active key of a purpose, created on first use. For reading and look-ups; a value that

@@ -729,3 +729,34 @@ def test_a_hash_rotation_finishes_while_the_audit_log_keeps_ip_hashes_for_years(
         assert su.execute("SELECT vetassist_auth.purge_audit_log('0 seconds')").fetchone()[0] > 0
         drain_reencrypt(admin)
         assert key_status(su, old_ip_key) == "retired"
+
+
+def test_an_actor_set_in_a_rolled_back_savepoint_does_not_outlive_it(ops):
+    """Adversary review: set_actor inside a savepoint pinned the audit_ip key for the
+    subtransaction only, but its IP hash stayed in force after ROLLBACK TO SAVEPOINT: a later
+    audit row of the transaction carried a hash under a key nothing held, which retired (and
+    could be destroyed) while that row was being written."""
+    install(ops, "savepointactor")
+    ip = "10.9.9.9"
+    with ops.connect("savepointactor", "app_user") as app, ops.connect("savepointactor", "admin_user") as admin, \
+            ops.connect("savepointactor") as su:
+        with app.transaction():
+            app.execute("SELECT vetassist_auth.set_actor(NULL, %s)", (ip,))
+        key = su.execute("SELECT vetassist_auth.active_key_id('audit_ip')").fetchone()[0]
+        with ops.connect("savepointactor", "app_user", autocommit=False) as open_tx:
+            open_tx.execute("SAVEPOINT s")
+            open_tx.execute("SELECT vetassist_auth.set_actor(NULL, %s)", (ip,))
+            open_tx.execute("ROLLBACK TO SAVEPOINT s")
+            open_tx.execute("SELECT vetassist_auth.audit_event('app', 'viewed_page', 'success', '{}')")
+            admin.execute("SELECT vetassist_auth.rotate_key('audit_ip')")
+            for _ in range(3):
+                admin.execute("SELECT vetassist_auth.reencrypt(1000)")
+            open_tx.commit()
+        # The savepoint's actor is gone with it: the row names no IP.
+        assert su.execute("SELECT ip_hash IS NULL FROM vetassist_auth.audit_log WHERE event_type = 'viewed_page'").fetchone()[0]
+        under_key = su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE vetassist_auth.hash_key_id(ip_hash) = %s",
+                               (key,)).fetchone()[0]
+        if under_key:
+            assert key_status(su, key) != "retired"
+        assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE ip_hash = ANY(vetassist_auth.field_hashes(%s, 'ip'))",
+                          (ip,)).fetchone()[0] == under_key

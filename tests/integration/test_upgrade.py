@@ -158,3 +158,21 @@ def test_every_release_has_an_upgrade_path_to_this_version():
     scripts = {p.name for p in (ROOT / "sql").glob("vetassist_auth--*--*.sql")}
     for older, newer in zip(chain, chain[1:]):
         assert f"vetassist_auth--{older}--{newer}.sql" in scripts, f"no upgrade script from {older} to {newer}"
+
+
+def test_the_new_library_serves_the_last_release_before_its_update(upgrade_cluster):
+    """Adversary review: between installing the new build and ALTER EXTENSION UPDATE, every
+    set_actor with a client IP failed (the old keys table refuses the audit_ip purpose). The
+    library serves the old SQL until the update: IP hashes there go under the hash purpose,
+    which field_hashes(…, 'ip') searches too."""
+    c = upgrade_cluster
+    db = "serves_" + RELEASES[-1].replace(".", "_")
+    install(c, db, version=RELEASES[-1])
+    with c.connect(db, "app_user") as app:
+        with app.transaction():
+            app.execute("SELECT vetassist_auth.set_actor(NULL, '10.1.1.1')")
+            app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{}')")
+    c.psql("ALTER EXTENSION vetassist_auth UPDATE", db)
+    with c.connect(db) as su:
+        assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log "
+                          "WHERE ip_hash = ANY(vetassist_auth.field_hashes('10.1.1.1', 'ip'))").fetchone()[0] == 1
