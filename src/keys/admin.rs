@@ -21,19 +21,25 @@ fn rotate(purpose: Purpose, only_if: Option<u32>) -> Result<Option<u32>> {
     kek()?;
     // The retiring key's final count comes from the counter before the new key takes it over.
     lock_purpose(purpose);
+    let retiring = load_active_key(purpose)?;
     if let Some(expected) = only_if {
-        if load_active_key(purpose)?.map(|key| key.id) != Some(expected) {
+        if retiring.as_ref().map(|key| key.id) != Some(expected) {
             return Ok(None);
         }
     }
-    let position = Spi::connect(|client| counter_position(client, purpose))?;
-    Spi::run_with_args(
-        "UPDATE vetassist_auth.keys \
-         SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, ($2 - counter_base) * $3) \
-         WHERE purpose = $1 AND status = 'active'",
-        &[purpose.as_str().into(), position.into(), LEASE.into()],
-    )
-    .map_err(spi_failure)?;
+    if let Some(key) = retiring {
+        let position = Spi::connect(|client| counter_position(client, purpose))?;
+        Spi::run_with_args(
+            "UPDATE vetassist_auth.keys \
+             SET status = 'decrypt_only', encrypt_count = greatest(encrypt_count, $2) \
+             WHERE key_id = $1 AND status = 'active'",
+            &[
+                (key.id as i32).into(),
+                encryptions_counted(position, key.counter_base).into(),
+            ],
+        )
+        .map_err(spi_failure)?;
+    }
     // create_active_key tells every backend, this one included, to drop its cached keys.
     create_active_key(purpose)?;
     let key = load_active_key(purpose)?.expect("the key was just created");

@@ -11,6 +11,12 @@ pub(super) const LEASE: i64 = 128;
 pub(super) const COUNTER_POSITION: &str =
     "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM ";
 
+/// The encryptions a key has had: the leases its purpose's counter handed out since the key
+/// took over (its `counter_base`), times the lease. The one place the formula is written.
+pub(super) fn encryptions_counted(position: i64, counter_base: i64) -> i64 {
+    (position - counter_base) * LEASE
+}
+
 pub(super) fn counter_position(client: &pgrx::spi::SpiClient<'_>, purpose: Purpose) -> Result<i64> {
     let Some(counter) = purpose.counter() else {
         return Ok(0);
@@ -54,7 +60,7 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     })
     .map_err(spi_failure)?
     .unwrap_or_default();
-    let count = (lease - key.counter_base) * LEASE;
+    let count = encryptions_counted(lease, key.counter_base);
     let purpose = key.purpose.as_str();
     if count >= ENCRYPT_REFUSE_AT {
         return Err(Failure::new(
@@ -89,9 +95,9 @@ pub fn reserve_encryption(key: &DataKey) -> Result<()> {
     Ok(())
 }
 
-/// How many encryptions each active key has had by its purpose's counter (the leases handed out
-/// since it took over, times the lease): what `keys.encrypt_count` mirrors. The one place the
-/// formula is written; refresh_encrypt_counts and its Citus variant read it. Internal.
+/// How many encryptions each active key has had by its purpose's counter: what
+/// `keys.encrypt_count` mirrors. refresh_encrypt_counts, its Citus variant and rotate_key read
+/// it. Internal.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn counted_encryptions() -> TableIterator<'static, (name!(key_id, i32), name!(counted, i64))> {
@@ -109,7 +115,7 @@ fn counted_encryptions() -> TableIterator<'static, (name!(key_id, i32), name!(co
             for row in active {
                 let key_id = row.get::<i32>(1).map_err(spi_failure)?.unwrap_or_default();
                 let base = row.get::<i64>(2).map_err(spi_failure)?.unwrap_or_default();
-                counted.push((key_id, (position - base) * LEASE));
+                counted.push((key_id, encryptions_counted(position, base)));
             }
         }
         Ok::<_, Failure>(counted)

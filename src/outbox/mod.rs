@@ -231,17 +231,9 @@ fn run_job(payload: &[u8]) {
 /// Queues a job without waiting for it: the caller goes on. Nothing happens when no recorder
 /// can take it (the outbox is full, no slot for a recorder).
 pub fn queue_without_waiting(job: Job, body: &[u8]) {
-    let mut payload = Vec::with_capacity(1 + body.len());
-    payload.push(job as u8);
-    payload.extend_from_slice(body);
-    if let Ok((slot, ticket)) = enqueue_now(&payload) {
+    if let Ok((slot, ticket)) = enqueue_now(&job_payload(job, body)) {
         if wake_recorder().is_err() {
-            if let Some(mut locked) = Locked::take() {
-                let s = &mut locked.outbox().slots[slot];
-                if s.ticket == ticket && s.state == QUEUED {
-                    s.state = FREE;
-                }
-            }
+            withdraw(slot, ticket);
         }
     }
 }
@@ -249,21 +241,31 @@ pub fn queue_without_waiting(job: Job, body: &[u8]) {
 /// Queues a job and waits until a recorder has committed it. Err(None) when the recorder ran
 /// the job and it failed; Err(Some) when it could not be run at all.
 pub fn submit(job: Job, body: &[u8]) -> std::result::Result<(), Option<Failure>> {
-    let mut payload = Vec::with_capacity(1 + body.len());
-    payload.push(job as u8);
-    payload.extend_from_slice(body);
-    let (slot, ticket) = enqueue(&payload).map_err(Some)?;
+    let (slot, ticket) = enqueue(&job_payload(job, body)).map_err(Some)?;
     // The job is only as good as a recorder that runs it.
     if let Err(failure) = wake_recorder() {
-        if let Some(mut locked) = Locked::take() {
-            let s = &mut locked.outbox().slots[slot];
-            if s.ticket == ticket && s.state == QUEUED {
-                s.state = FREE;
-            }
-        }
+        withdraw(slot, ticket);
         return Err(Some(failure));
     }
     wait_until_done(slot, ticket)
+}
+
+/// A slot's payload: the job's number, then what its owner queued.
+fn job_payload(job: Job, body: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(1 + body.len());
+    payload.push(job as u8);
+    payload.extend_from_slice(body);
+    payload
+}
+
+/// Frees a slot no recorder will run (none could be woken), unless one has taken it already.
+fn withdraw(slot: usize, ticket: u64) {
+    if let Some(mut locked) = Locked::take() {
+        let s = &mut locked.outbox().slots[slot];
+        if s.ticket == ticket && s.state == QUEUED {
+            s.state = FREE;
+        }
+    }
 }
 
 pub(crate) fn database() -> pg_sys::Oid {
