@@ -193,7 +193,7 @@ def expect_sqlstate(sqlstate, conn, sql, params=None):
     return raised.value
 
 
-def veteran(app, icn, email=None, first="Maria", last="Hernandez", tokens=("va-access", "va-refresh")):
+def veteran(app, icn, email=None, first="Maria", last="Hernandez", tokens=("VA-ACCESS", "VA-REFRESH")):
     """A veteran signed in through VA.gov as the application: the account and (unless `tokens`
     is None) VA tokens valid for an hour. Returns the user id."""
     uid = app.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', %s, %s, %s)",

@@ -13,7 +13,7 @@ import uuid
 import psycopg
 import pytest
 
-from vetassist_testing import PG_MAJOR, Cluster, free_port, install, installed_cluster, sweeper_passes_since, wait_for
+from vetassist_testing import Cluster, PG_MAJOR, free_port, install, installed_cluster, sweeper_passes_since, veteran, wait_for
 
 SWEEPER = "vetassist_auth sweeper"
 RECORDER = "vetassist_auth recorder"
@@ -85,12 +85,6 @@ def test_terminating_the_sweeper_in_the_middle_of_sealing_removes_it_and_it_come
 
 def disclose(app, uid):
     return app.execute("SELECT vetassist_auth.va_access_token(%s)", (uid,)).fetchone()[0]
-
-
-def veteran(app, icn):
-    uid = app.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', NULL, 'Ada', 'Lovelace')", (icn,)).fetchone()[0]
-    app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'VA-ACCESS', 'VA-REFRESH', now() + interval '1 hour')", (uid,))
-    return uid
 
 
 def disclosures(su, uid):
@@ -244,7 +238,7 @@ def used_database(cluster, dbname="vetassist", rows=2000):
     """A veteran with a profile and VA tokens, `rows` application audit rows, all sealed, and a
     row-audited application table: what a dump of a database in use holds."""
     with cluster.connect(dbname, "app_user") as app:
-        uid = veteran(app, "8400000001V1")
+        uid = veteran(app, "8400000001V1", first="Ada")
         app.execute("SELECT count(vetassist_auth.audit_event('phi', 'viewed', 'success', '{}')) FROM generate_series(1, %s)",
                     (rows,))
     cluster.psql("CREATE TABLE public.notes (id int PRIMARY KEY, body text)", dbname)

@@ -7,7 +7,7 @@ import uuid
 import psycopg
 import pytest
 
-from vetassist_testing import authenticator_code, install
+from vetassist_testing import authenticator_code, enrolled_mfa, install
 
 DB = "registry"
 
@@ -73,8 +73,7 @@ def fill_every_table(app):
     app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'va-access-reg', 'va-refresh-reg', now() + interval '1 hour', 'openid')", (uid,))
     app.execute("SELECT vetassist_auth.create_session(%s, 'jti-registry', now() + interval '8 hours', '10.1.2.3')", (uid,))
     assert app.execute("SELECT vetassist_auth.rotate_session_refresh_token('jti-registry', NULL, 'app-refresh-1')").fetchone()[0] == 1
-    uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
-    assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
+    uri = enrolled_mfa(app, uid)
     return uid, uri
 
 

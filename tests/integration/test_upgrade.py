@@ -4,7 +4,7 @@ Everything written before still decrypts and verifies, the API keeps working, an
 catalog is the same as a fresh install's."""
 import pytest
 
-from vetassist_testing import EXTENSION_DIR, ROOT, Cluster, authenticator_code, install
+from vetassist_testing import Cluster, EXTENSION_DIR, ROOT, authenticator_code, enrolled_mfa, install
 from test_release import released, version
 
 RELEASES = [v for v, _script, _digest in released()]
@@ -32,8 +32,7 @@ def fill(c, dbname):
         app.execute("SELECT vetassist_auth.store_va_tokens(%s, 'va-access-before-upgrade', 'va-refresh-before-upgrade', "
                     "now() + interval '1 hour', 'openid profile')", (uid,))
         app.execute("SELECT vetassist_auth.create_session(%s, 'jti-before-upgrade', now() + interval '8 hours')", (uid,))
-        uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
-        assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
+        uri = enrolled_mfa(app, uid)
         # Two failed codes: a streak the lock-out must still count after the upgrade.
         for _ in range(2):
             assert not app.execute("SELECT vetassist_auth.mfa_verify('jti-before-upgrade', '000000')").fetchone()[0]
