@@ -4,8 +4,10 @@
 -- a direct heap insert, without an INSERT statement's executor start-up per event. Internal:
 -- only the API functions, already running as the extension owner, call it.
 
--- The application's own events (a page of PHI viewed, a document downloaded, ...).
-CREATE FUNCTION vetassist_auth.audit_event(category text, event_type text, outcome text, details jsonb DEFAULT '{}')
+-- The application's own events (a page of PHI viewed, a document downloaded, ...), about the
+-- veteran subject_user_id (the actor when not given: a veteran's own page).
+CREATE FUNCTION vetassist_auth.audit_event(category text, event_type text, outcome text, details jsonb DEFAULT '{}',
+                                           subject_user_id uuid DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -23,16 +25,19 @@ BEGIN
     IF category !~ '^[a-z][a-z0-9_.-]{0,63}$' THEN
         RAISE EXCEPTION 'vetassist_auth: category must be lower-case ASCII letters, digits, _ . or -, starting with a letter' USING ERRCODE = '22023';
     END IF;
-    IF category IN ('audit', 'auth', 'clinical', 'data', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
+    IF category IN ('audit', 'auth', 'clinical', 'data', 'disclosure', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
         RAISE EXCEPTION 'vetassist_auth: this category is reserved for the extension''s own audit rows' USING ERRCODE = '22023',
             HINT = 'Application events use categories of their own, such as phi for PHI the application shows.';
     END IF;
+    IF subject_user_id IS NOT NULL THEN
+        PERFORM vetassist_auth.require_user(subject_user_id);
+    END IF;
     RETURN vetassist_auth.write_audit(category, event_type, outcome,
-                                      vetassist_auth.current_actor(), NULL, NULL, details);
+                                      coalesce(subject_user_id, vetassist_auth.current_actor()), NULL, NULL, details);
 END
 $$;
-COMMENT ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb) IS
-    'Writes an application audit event; actor, session and client address are filled in from set_actor.';
+COMMENT ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb, uuid) IS
+    'Writes an application audit event about a veteran (the actor when subject_user_id is not given); actor, session and client address are filled in from set_actor.';
 
 -- Append-only: UPDATE, DELETE and TRUNCATE raise for every role, the owner included. Only
 -- purge_audit_log deletes, from the start of the chain, leaving a checkpoint.
@@ -145,7 +150,6 @@ SELECT vetassist_auth.attach_row_audit('vetassist_auth.mfa_backup_codes', '{}', 
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.trusted_devices', '{}', '{}');
 SELECT vetassist_auth.attach_row_audit('vetassist_auth.keys', '{}', '{encrypt_count}');
 
--- Accounting of disclosures (45 CFR 164.528): PHI access events about one veteran in a period.
 -- A table owner can switch row audit off: ALTER TABLE … DISABLE TRIGGER (or ENABLE REPLICA),
 -- ALTER TRIGGER … RENAME, CREATE OR REPLACE TRIGGER, DROP TRIGGER. Every such command on a
 -- row-audited table is audited with the row audit's state afterwards (outcome denied when it no
@@ -157,6 +161,18 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (SELECT 1 FROM pg_trigger g
                    WHERE g.tgrelid = tab AND g.tgname = 'vetassist_row_audit'
                      AND g.tgenabled IN ('O', 'A') AND g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure)
+$$;
+
+-- Whether losing a table's row audit raises an alarm: the extension's own tables, and those an
+-- administrator enabled it on (the registry names them as regclass prints them, qualified).
+-- Not any table with a trigger of that name: every role may create a temporary table and give
+-- it one. Internal.
+CREATE FUNCTION vetassist_auth.row_audit_expected(schema_name text, table_name text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT schema_name = 'vetassist_auth'
+        OR (schema_name NOT LIKE 'pg\_temp\_%' AND EXISTS (
+                SELECT 1 FROM vetassist_auth.row_audit_registry r
+                WHERE r.enabled AND r.target_table = format('%I.%I', schema_name, table_name)))
 $$;
 
 CREATE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
@@ -177,7 +193,9 @@ BEGIN
                                    ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab
               FROM pg_event_trigger_ddl_commands() d
               WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)) t
-        WHERE EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
+        JOIN pg_class c ON c.oid = t.tab JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE vetassist_auth.row_audit_expected(n.nspname, c.relname)
+          AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
                         AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
@@ -194,12 +212,15 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     dropped record;
 BEGIN
+    -- A trigger's address is its table's schema, its table and its own name.
     FOR dropped IN
-        SELECT o.object_identity FROM pg_event_trigger_dropped_objects() o
-        WHERE o.object_type = 'trigger' AND o.object_identity LIKE 'vetassist\_row\_audit on %'
+        SELECT o.address_names[1] AS schema_name, o.address_names[2] AS table_name
+        FROM pg_event_trigger_dropped_objects() o
+        WHERE o.object_type = 'trigger' AND o.address_names[3] = 'vetassist_row_audit'
+          AND vetassist_auth.row_audit_expected(o.address_names[1], o.address_names[2])
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL,
-            regexp_replace(dropped.object_identity, '^vetassist_row_audit on ', ''), NULL,
+            format('%I.%I', dropped.schema_name, dropped.table_name), NULL,
             jsonb_build_object('row_audit', 'dropped', 'command', tg_tag, 'by', session_user));
     END LOOP;
 END
@@ -217,36 +238,9 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.audit_chain_head() IS
     'The head of the audit chain (seq, hash, when sealed): an anchor to keep outside the database for verify_audit_chain(seq, hash).';
 
-CREATE FUNCTION vetassist_auth.phi_disclosures(subject_user_id uuid, from_time timestamptz, to_time timestamptz)
-RETURNS TABLE (reported_by text, occurred_at timestamptz, category text, event_type text, outcome text,
-               actor_user_id uuid, db_role text, session_id uuid, details jsonb)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF subject_user_id IS NULL OR from_time IS NULL OR to_time IS NULL OR from_time > to_time THEN
-        RAISE EXCEPTION 'vetassist_auth: a subject and a period (from_time <= to_time) are required' USING ERRCODE = '22023';
-    END IF;
-    -- Reading a veteran's accounting is itself a disclosure: recorded before it is returned.
-    PERFORM vetassist_auth.write_audit_durably('audit', 'phi_disclosures_read', 'success', subject_user_id, 'audit_log', NULL,
-        jsonb_build_object('from_time', from_time, 'to_time', to_time));
-    RETURN QUERY
-    -- phi_access rows are the extension's own (audit_event refuses that category); phi rows are
-    -- what the application reported through audit_event. Listed apart, the extension's first.
-    SELECT CASE a.category WHEN 'phi_access' THEN 'extension' ELSE 'application' END,
-           a.occurred_at, a.category, a.event_type, a.outcome, a.actor_user_id, a.db_role, a.session_id, a.details
-    FROM vetassist_auth.audit_log a
-    WHERE a.subject_user_id = phi_disclosures.subject_user_id
-      AND a.occurred_at >= from_time AND a.occurred_at < to_time
-      AND a.category IN ('phi', 'phi_access')
-    ORDER BY a.category = 'phi', a.occurred_at, a.id;
-END
-$$;
-COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
-    'PHI access events about one veteran in [from_time, to_time), the extension''s own (reported_by extension) apart from those the application reported: what an accounting-of-disclosures request needs.';
-
 -- Who may call the functions of this file (any other function of the extension: no role,
 -- sql/grants.sql).
-GRANT EXECUTE ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb) TO vetassist_app, vetassist_admin;
+GRANT EXECUTE ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb, uuid) TO vetassist_app, vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.audit_chain_head() TO vetassist_admin, vetassist_auditor;
 GRANT EXECUTE ON FUNCTION vetassist_auth.enable_row_audit(regclass, text[], text[]) TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.disable_row_audit(regclass) TO vetassist_admin;
-GRANT EXECUTE ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) TO vetassist_auditor;

@@ -119,8 +119,10 @@ BEGIN
         PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'failure', m.user_id, target_table, target_id,
             jsonb_build_object('failed_attempts', state.failures + 1, 'counted_as', 'mfa_attempt'));
         IF state.failures + 1 >= vetassist_auth.mfa_max_failures() THEN
-            PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_locked_out', 'denied', m.user_id, 'mfa_settings',
-                m.user_id::text, jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
+            -- Names the session the failures came through (if any): its lock must hold even when
+            -- the caller rolls back the LOCKED status (mfa_locked_session).
+            PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_locked_out', 'denied', m.user_id, target_table,
+                target_id, jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
         END IF;
         RETURN NULL;
     END IF;
@@ -248,7 +250,8 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: days must be between 1 and 90' USING ERRCODE = '22023';
     END IF;
     -- Live by the clock (an idle session not swept yet is over), and MFA-verified.
-    IF s.status <> 'ACTIVE' OR clock_timestamp() >= s.live_until OR NOT s.mfa_verified THEN
+    PERFORM vetassist_auth.require_live(s);
+    IF NOT s.mfa_verified THEN
         RAISE EXCEPTION 'vetassist_auth: only a live, MFA-verified session can trust its device' USING ERRCODE = '28000';
     END IF;
     IF s.device_fingerprint_hash IS NULL THEN

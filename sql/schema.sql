@@ -246,6 +246,10 @@ CREATE INDEX audit_log_by_subject ON vetassist_auth.audit_log (subject_user_id, 
     WHERE subject_user_id IS NOT NULL;
 -- BRIN: rows arrive in time order, and a BRIN index costs writers almost nothing.
 CREATE INDEX audit_log_by_time ON vetassist_auth.audit_log USING brin (occurred_at);
+-- The MFA lock-outs, by the session they came through (mfa_locked_session): rare rows, so a
+-- tiny index that every session check probes once.
+CREATE INDEX audit_log_mfa_lockouts ON vetassist_auth.audit_log (target_id)
+    WHERE category = 'mfa' AND event_type = 'mfa_locked_out';
 COMMENT ON TABLE vetassist_auth.audit_log IS
     'HIPAA audit trail (45 CFR 164.312(b)): who, what, when, from where. Insert-only; sealed into audit_seals.';
 

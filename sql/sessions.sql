@@ -37,11 +37,13 @@ BEGIN
 END
 $$;
 
--- Raises 28000 unless a session can still be used (ACTIVE and before live_until). Internal.
+-- Raises 28000 unless a session can still be used: ACTIVE, before live_until, and not locked
+-- by an MFA lock-out it caused (whose LOCKED status the caller may have rolled back). Internal.
 CREATE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    IF session.status <> 'ACTIVE' OR clock_timestamp() >= session.live_until THEN
+    IF session.status <> 'ACTIVE' OR clock_timestamp() >= session.live_until
+       OR vetassist_auth.mfa_locked_session(session.user_id, session.id) THEN
         RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
     END IF;
 END
@@ -165,6 +167,10 @@ BEGIN
             CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END);
         RETURN 'EXPIRED';
     END IF;
+    IF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
+        PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
+        RETURN 'LOCKED';
+    END IF;
     PERFORM vetassist_auth.set_current_session(s.id);
     IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
         -- Computed here from the row read above (neither column changes): Citus refuses a
@@ -193,6 +199,8 @@ BEGIN
         RETURN s.status;
     ELSIF clock_timestamp() >= s.live_until THEN
         RETURN 'EXPIRED';
+    ELSIF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
+        RETURN 'LOCKED';
     ELSIF clock_timestamp() >= s.live_until - vetassist_auth.session_idle_warning() AND s.live_until < s.expires_at THEN
         RETURN 'IDLE';
     END IF;

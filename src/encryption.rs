@@ -63,7 +63,7 @@ fn encrypt(plaintext: &[u8], context: &str) -> Vec<u8> {
 
 /// After decrypting for a caller outside the extension: a value of one of the extension's own
 /// columns is recorded as a PHI disclosure (durably, before it is returned).
-fn record_disclosure(context: &str) {
+fn record_value_disclosed(context: &str) {
     if let Some((table, column, subject)) = protected_columns::disclosed_by(context) {
         // Fixed names only: no JSON escaping needed.
         let details =
@@ -94,7 +94,7 @@ fn record_disclosure(context: &str) {
 #[pg_extern(strict, security_definer)]
 fn decrypt(ciphertext: &[u8], context: &str) -> Bytea {
     let plaintext = open_bytea(Purpose::Phi, ciphertext, context).or_raise();
-    record_disclosure(context);
+    record_value_disclosed(context);
     plaintext
 }
 
@@ -126,7 +126,7 @@ fn seal_phi_text(plaintext: &str, context: &str) -> Bytea {
 #[pg_extern(strict, security_definer)]
 fn decrypt_text(ciphertext: &[u8], context: &str) -> String {
     let plaintext = utf8(open(Purpose::Phi, ciphertext, context).or_raise());
-    record_disclosure(context);
+    record_value_disclosed(context);
     plaintext
 }
 

@@ -102,7 +102,8 @@ extension_sql_file!(
         session_settings::max_sessions_per_user,
         session_settings::refresh_reuse_grace,
         audit::set_current_session,
-        replica::require_primary_node
+        replica::require_primary_node,
+        mfa::mfa_locked_session
     ]
 );
 extension_sql_file!(
@@ -119,6 +120,15 @@ extension_sql_file!(
         mfa::mfa_max_failures,
         mfa::mfa_lockout,
         mfa::mfa_failure_times
+    ]
+);
+extension_sql_file!(
+    "../sql/accounting.sql",
+    name = "accounting_sql",
+    requires = [
+        "mfa_sql",
+        audit::recorder::durable_audit_in_force,
+        audit::recorder::write_audit_durably_by_subject
     ]
 );
 extension_sql_file!(

@@ -3,7 +3,7 @@
 //! recorder before the caller goes on and returns what it discloses.
 
 use super::writer::{self, AuditRow, Who};
-use crate::error::{Failure, Kind, Result};
+use crate::error::{Failure, Kind, OrRaise, Result};
 use crate::outbox::{self, Job, Reader, Writer};
 use pgrx::prelude::*;
 use pgrx::Uuid;
@@ -13,35 +13,43 @@ pub fn register() {
     outbox::register(Job::AuditRow, write_encoded);
 }
 
-/// Writes an audit row that the caller's rollback cannot take back, and returns once it is
-/// committed. Without the outbox (library not preloaded) it is written in the caller's
+/// Writes an audit row that the caller's rollback cannot take back, and returns its id once it
+/// is committed. Without the outbox (library not preloaded) it is written in the caller's
 /// transaction instead.
-pub fn record(row: &AuditRow<'_>) -> Result<()> {
+pub fn record(row: &AuditRow<'_>) -> Result<i64> {
+    record_as(row, &Who::current())
+}
+
+/// `record` on behalf of `who` rather than the transaction's actor and session.
+pub fn record_as(row: &AuditRow<'_>, who: &Who) -> Result<i64> {
     // Before the job is queued: nothing is disclosed on a subscriber.
     crate::replica::require_primary();
-    let who = Who::current();
     if !outbox::delegated(writer::log_oids().0) {
-        writer::append_as(row, &who);
-        return Ok(());
+        return Ok(writer::append_as(row, who, None));
     }
+    // The id is the caller's to return, so it is taken here, before the row is queued.
+    let id = writer::next_id();
     let mut payload = Vec::new();
-    encode(row, &who, &mut payload)?;
-    outbox::submit(Job::AuditRow, &payload).map_err(|failure| {
-        failure.unwrap_or_else(|| {
-            Failure::new(
-                Kind::InsufficientResources,
-                "vetassist_auth: the audit row could not be recorded",
-            )
-            .with_hint("Nothing was disclosed. The server log names the cause.")
+    encode(id, row, who, &mut payload)?;
+    outbox::submit(Job::AuditRow, &payload)
+        .map(|()| id)
+        .map_err(|failure| {
+            failure.unwrap_or_else(|| {
+                Failure::new(
+                    Kind::InsufficientResources,
+                    "vetassist_auth: the audit row could not be recorded",
+                )
+                .with_hint("Nothing was disclosed. The server log names the cause.")
+            })
         })
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Encoding: a row and who stands behind it.
 
-fn encode(row: &AuditRow<'_>, who: &Who, out: &mut Vec<u8>) -> Result<()> {
+fn encode(id: i64, row: &AuditRow<'_>, who: &Who, out: &mut Vec<u8>) -> Result<()> {
     let mut w = Writer(std::mem::take(out));
+    w.field(Some(&id.to_le_bytes()));
     w.field(Some(row.category.as_bytes()));
     w.field(Some(row.event_type.as_bytes()));
     w.field(Some(row.outcome.as_bytes()));
@@ -75,6 +83,9 @@ fn encode(row: &AuditRow<'_>, who: &Who, out: &mut Vec<u8>) -> Result<()> {
 /// Writes one encoded row in the current transaction.
 fn write_encoded(payload: &[u8]) {
     let mut r = Reader(payload);
+    let id = r
+        .field()
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")));
     let category = r.text().unwrap_or_default();
     let event_type = r.text().unwrap_or_default();
     let outcome = r.text().unwrap_or_default();
@@ -104,7 +115,7 @@ fn write_encoded(payload: &[u8]) {
         changed_columns: None,
         details,
     };
-    writer::append_as(&row, &who);
+    writer::append_as(&row, &who, id);
 }
 
 /// The check of releases before 0.2.0, whose verify_installation calls it until ALTER EXTENSION
@@ -150,9 +161,16 @@ fn durable_audit_state() -> TableIterator<'static, (name!(ok, bool), name!(detai
     TableIterator::once(state)
 }
 
+/// Whether audit rows written durably outlive the caller's rollback (the library is preloaded).
+/// Internal.
+#[pg_extern(stable)]
+fn durable_audit_in_force() -> bool {
+    outbox::in_force()
+}
+
 /// Like write_audit, but the row survives whatever becomes of the caller's transaction: it is
-/// committed by the recorder before this returns. For PHI and token disclosures and failed
-/// authentications. Internal: not granted to any role.
+/// committed by the recorder before this returns its id. For PHI and token disclosures and
+/// failed authentications. Internal: not granted to any role.
 #[pg_extern]
 fn write_audit_durably(
     category: &str,
@@ -162,7 +180,7 @@ fn write_audit_durably(
     target_table: default!(Option<&str>, "NULL"),
     target_id: default!(Option<&str>, "NULL"),
     details: default!(Option<writer::JsonbDatum>, "'{}'"),
-) {
+) -> i64 {
     crate::citus::require_coordinator();
     writer::check_outcome(outcome);
     let row = AuditRow {
@@ -175,7 +193,33 @@ fn write_audit_durably(
         changed_columns: None,
         details: details.map(|d| d.datum()),
     };
-    if let Err(failure) = record(&row) {
-        failure.raise();
-    }
+    record(&row).or_raise()
+}
+
+/// write_audit_durably for an access by a veteran in one of their sessions, whoever the
+/// transaction's actor is (my_disclosures): actor and subject are `user_id`. Internal.
+#[pg_extern]
+fn write_audit_durably_by_subject(
+    user_id: Uuid,
+    session_id: Uuid,
+    event_type: &str,
+    details: default!(Option<writer::JsonbDatum>, "'{}'"),
+) -> i64 {
+    crate::citus::require_coordinator();
+    let row = AuditRow {
+        category: "audit",
+        event_type,
+        outcome: "success",
+        subject_user_id: Some(user_id),
+        target_table: None,
+        target_id: None,
+        changed_columns: None,
+        details: details.map(|d| d.datum()),
+    };
+    let who = Who {
+        actor: Some(user_id),
+        session: Some(session_id),
+        ..Who::current()
+    };
+    record_as(&row, &who).or_raise()
 }

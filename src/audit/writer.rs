@@ -109,11 +109,18 @@ impl Who {
 
 /// Appends one row to audit_log in the current transaction and returns its id.
 pub fn append(row: &AuditRow<'_>) -> i64 {
-    append_as(row, &Who::current())
+    append_as(row, &Who::current(), None)
 }
 
-/// Appends one row on behalf of `who` (the recorder writes rows of other backends).
-pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
+/// The next audit row id, for a row another process will write (the recorder).
+pub fn next_id() -> i64 {
+    // SAFETY: nextval on the audit sequence inside a transaction; an ERROR is re-thrown as one.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(log_oids().1, false)) }
+}
+
+/// Appends one row on behalf of `who` (the recorder writes rows of other backends), under `id`
+/// when the caller took it already, and returns its id.
+pub fn append_as(row: &AuditRow<'_>, who: &Who, id: Option<i64>) -> i64 {
     // On a subscriber the next audit id is the primary's too (docs/ARCHITECTURE.md, "Replicas
     // and failover").
     crate::replica::require_primary();
@@ -124,7 +131,9 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who) -> i64 {
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as i32);
         let desc = (*rel).rd_att;
-        let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
+        let id = id.unwrap_or_else(|| {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false))
+        });
         let details = row.details.unwrap_or_else(|| jsonb_details(None, None));
 
         let natts = (*desc).natts as usize;

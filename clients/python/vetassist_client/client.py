@@ -49,10 +49,31 @@ class Profile:
 
 @dataclass(frozen=True, slots=True)
 class CrisisNotice:
-    """A NOTIFY on vetassist_auth_crisis: ids only; read the event from session_events."""
+    """A NOTIFY on vetassist_auth_crisis: ids only; an auditor reads the event with
+    vetassist_auth.crisis_events(since)."""
 
     session_id: UUID
     event_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disclosure:
+    """An access to or disclosure of the signed-in veteran's PHI, as my_disclosures shows it.
+
+    ``recipient`` and ``purpose`` are None for accesses that are not disclosures (the extension's
+    own reads, the application's audit_event rows of category phi). ``accountable``: 45 CFR
+    164.528 requires it in an accounting (exempt purposes such as treatment do not).
+    ``recorded_by``: extension or application. Recipient and description are left out of
+    ``repr`` so it can be logged.
+    """
+
+    occurred_at: datetime
+    actor_user_id: UUID | None
+    recipient: str | None = field(repr=False)
+    description: str | None = field(repr=False)
+    purpose: str | None
+    accountable: bool
+    recorded_by: str
 
 
 class Request:
@@ -185,11 +206,61 @@ class Request:
 
     # Audit
 
-    def audit_event(self, category: str, event_type: str, outcome: str, details: dict[str, Any]) -> int:
-        """Writes an application audit event (outcome success, failure, denied or info)."""
-        audit_id = self._value("SELECT vetassist_auth.audit_event(%s, %s, %s, %s)",
-                               (category, event_type, outcome, Jsonb(details)))
+    def audit_event(self, category: str, event_type: str, outcome: str, details: dict[str, Any],
+                    subject_user_id: UUID | None = None) -> int:
+        """Writes an application audit event (outcome success, failure, denied or info).
+
+        ``subject_user_id``: the veteran the event is about (not given: the request's actor, as on
+        a veteran's own page). Events of category phi about a veteran appear in their
+        my_disclosures and phi_disclosures.
+        """
+        if subject_user_id is None:
+            audit_id = self._value("SELECT vetassist_auth.audit_event(%s, %s, %s, %s)",
+                                   (category, event_type, outcome, Jsonb(details)))
+        else:
+            audit_id = self._value("SELECT vetassist_auth.audit_event(%s, %s, %s, %s, %s)",
+                                   (category, event_type, outcome, Jsonb(details), subject_user_id))
         return cast(int, audit_id)
+
+    # Disclosures (45 CFR 164.528)
+
+    def record_disclosure(self, subject_user_id: UUID, recipient: str, description: str, purpose: str,
+                          details: dict[str, Any] | None = None) -> int:
+        """Records a disclosure of the veteran's PHI to ``recipient``; returns its audit row id.
+
+        Committed before it returns: a rollback of the request does not take it back.
+        ``description`` says briefly what was disclosed (recipient and description: 1 to 1000
+        characters); ``details`` (a JSON object) is kept with it, outside the accounting.
+
+        ``purpose``: exempt from the accounting (treatment, payment, health_care_operations,
+        to_individual, incidental, authorized, directory_or_involved, national_security,
+        correctional_custody, limited_data_set) or accountable (required_by_law, public_health,
+        abuse_neglect, health_oversight, judicial_administrative, law_enforcement, decedents,
+        organ_donation, research_waiver, serious_threat, specialized_government,
+        workers_compensation, impermissible); anything else is InvalidArgument.
+        """
+        if details is None:
+            disclosure_id = self._value("SELECT vetassist_auth.record_disclosure(%s, %s, %s, %s)",
+                                        (subject_user_id, recipient, description, purpose))
+        else:
+            disclosure_id = self._value("SELECT vetassist_auth.record_disclosure(%s, %s, %s, %s, %s)",
+                                        (subject_user_id, recipient, description, purpose, Jsonb(details)))
+        return cast(int, disclosure_id)
+
+    def my_disclosures(self, jwt_id: str, since: datetime | None = None) -> list[Disclosure]:
+        """Every access to and disclosure of the session's veteran's PHI, exempt ones included, since
+        ``since`` (None: six years back), oldest first; for the veteran's own page. The read is
+        audited as theirs. AuthenticationRefused unless the session is live and MFA-verified.
+        """
+        with translated_errors():
+            cur = self._conn.cursor(row_factory=class_row(Disclosure))
+            if since is None:
+                cur.execute("SELECT occurred_at, actor_user_id, recipient, description, purpose, accountable,"
+                            " recorded_by FROM vetassist_auth.my_disclosures(%s)", (jwt_id,))
+            else:
+                cur.execute("SELECT occurred_at, actor_user_id, recipient, description, purpose, accountable,"
+                            " recorded_by FROM vetassist_auth.my_disclosures(%s, %s)", (jwt_id, since))
+            return cur.fetchall()
 
 
 class VetAssistClient:
@@ -232,9 +303,9 @@ class VetAssistClient:
     def listen_crisis(self, timeout: float) -> Iterator[CrisisNotice]:
         """Crisis notifications arriving within ``timeout`` seconds, on a dedicated connection.
 
-        NOTIFY reaches only current listeners: treat session_events as the record and this as
-        a wake-up. Any role may NOTIFY on the channel: a payload the extension did not send
-        (verify_crisis_notice) is dropped, never yielded.
+        NOTIFY reaches only current listeners, so a notice is a wake-up, not the record: the record
+        is read by an auditor with vetassist_auth.crisis_events(since). Any role may NOTIFY on the
+        channel: a payload the extension did not send (verify_crisis_notice) is dropped, never yielded.
         """
         # The pool's settings; psycopg_pool 3.3 also accepts callables for both.
         conninfo, kwargs = self._pool.conninfo, self._pool.kwargs or {}
