@@ -27,6 +27,8 @@ BEGIN;
 SELECT vetassist_auth.set_actor(:'user_id', '198.51.100.4');
 SELECT vetassist_auth.audit_event('phi', 'lab_results_viewed', 'success', '{"panel": "CBC"}') > 0 AS audited;
 COMMIT;
+-- A disclosure outside treatment, payment and operations: in the veteran's accounting (164.528).
+SELECT vetassist_auth.record_disclosure(:'user_id', 'State cancer registry', 'Pathology report', 'public_health') > 0 AS disclosed;
 SELECT first_name, email FROM vetassist_auth.user_profile(:'user_id');
 
 \echo '== 5. The app cannot read any table directly'
@@ -49,5 +51,6 @@ RESET ROLE;
 \echo '== 8. The privacy officer (vetassist_auditor) verifies the chain and lists disclosures'
 SET ROLE vetassist_auditor;
 SELECT ok, checked > 0 AS checked_rows, problem FROM vetassist_auth.verify_audit_chain();
-SELECT category, event_type FROM vetassist_auth.phi_disclosures(:'user_id', now() - interval '1 hour', now() + interval '1 minute');
+SELECT recorded_by, description, purpose, accountable FROM vetassist_auth.phi_disclosures(:'user_id', now() - interval '1 hour', now() + interval '1 minute');
+SELECT recipient, description, purpose FROM vetassist_auth.accounting_of_disclosures(:'user_id');
 RESET ROLE;

@@ -120,6 +120,24 @@ def run(c):
     profile = app.execute("SELECT first_name, email FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()
     say(f"user_profile() decrypts for display ({profile[0]}, {profile[1]}) and is audited as a PHI disclosure")
 
+    step("Disclosures: a caregiver views Maria's chart; the clinic reports her immunizations to the state")
+    nurse = app.execute("SELECT vetassist_auth.upsert_va_user('1012667985V654321', 'caregiver', NULL, 'Ana', 'Ruiz')").fetchone()[0]
+    with app.transaction():
+        app.execute("SELECT vetassist_auth.set_actor(%s)", (nurse,))
+        sql("SELECT vetassist_auth.audit_event('phi', 'chart_viewed', 'success', '{}', $maria)")
+        app.execute("SELECT vetassist_auth.audit_event('phi', 'chart_viewed', 'success', '{}', %s)", (uid,))
+        sql("SELECT vetassist_auth.record_disclosure($maria, 'State immunization registry', "
+            "'Immunization history', 'public_health')")
+        app.execute("SELECT vetassist_auth.record_disclosure(%s, 'State immunization registry', "
+                    "'Immunization history', 'public_health')", (uid,))
+        app.execute("SELECT vetassist_auth.record_disclosure(%s, 'Dr. Okafor, cardiology referral', "
+                    "'Visit notes', 'treatment')", (uid,))
+    say("the rows name Maria as their subject and the caregiver as their actor; record_disclosure commits "
+        "before it returns, whatever the application's transaction does next")
+    mine = app.execute("SELECT count(*), count(*) FILTER (WHERE accountable) FROM vetassist_auth.my_disclosures('jti-maria-1')").fetchone()
+    say(f"my_disclosures('jti-maria-1') for Maria's own 'who saw my record' page: {mine[0]} entries, "
+        f"{mine[1]} of them accountable under 164.528")
+
     step("A crisis event reaches a listening responder at once")
     with c.connect("vetassist", "privacy_officer") as responder:
         responder.execute("LISTEN vetassist_auth_crisis")
@@ -160,12 +178,17 @@ def run(c):
                                   GROUP BY 1, 2 ORDER BY 1, 2""", (uid,)).fetchall()
         for category, event, n in rows:
             say(f"{category:10} {event:26} {n}")
-        say("accounting of disclosures for this veteran (phi_disclosures):")
-        for by, when, category, event, details in officer.execute(
-                """SELECT reported_by, occurred_at, category, event_type, details
+        say("every access to and disclosure of Maria's PHI today (phi_disclosures):")
+        for when, by, description, recipient, purpose, accountable in officer.execute(
+                """SELECT occurred_at, recorded_by, description, recipient, purpose, accountable
                    FROM vetassist_auth.phi_disclosures(%s, now() - interval '1 day', now() + interval '1 minute')""",
                 (uid,)).fetchall():
-            say(f"  {when:%H:%M:%S}  {by:11} {category:10} {event:18} {json.dumps(details)}")
+            say(f"  {when:%H:%M:%S}  {by:11} {description:32.32} {recipient or '':30.30} {purpose or '':14} "
+                f"{'accountable' if accountable else ''}")
+        say("the accounting of disclosures Maria would receive on request (45 CFR 164.528(b)(2)):")
+        for when, recipient, description, purpose in officer.execute(
+                "SELECT * FROM vetassist_auth.accounting_of_disclosures(%s)", (uid,)).fetchall():
+            say(f"  {when:%Y-%m-%d}  {recipient} — {description} — {purpose}")
         leaked = officer.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE audit_log::text LIKE %s",
                                  (f"%{access}%",)).fetchone()[0]
         say(f"token bytes anywhere in the audit log: {GREEN if leaked == 0 else RED}{leaked}{RESET}")

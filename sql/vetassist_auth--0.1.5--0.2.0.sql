@@ -54,6 +54,10 @@ ALTER TABLE vetassist_auth.keys ADD CONSTRAINT keys_purpose_check
 CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
     USING brin (vetassist_auth.hash_key_id(ip_hash)) WITH (pages_per_range = 16, autosummarize = on);
 
+-- The MFA lock-outs by session, which every session check probes (mfa_locked_session).
+CREATE INDEX audit_log_mfa_lockouts ON vetassist_auth.audit_log (target_id)
+    WHERE category = 'mfa' AND event_type = 'mfa_locked_out';
+
 -- Functions new or changed since 0.1.5, as in this release's install script
 -- (scripts/upgrade-functions.py prints them):
 -- * durable_audit_state, verify_installation: the recorder reserved for this database, keys that
@@ -72,7 +76,19 @@ CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
 --   restore);
 -- * enable_row_audit, disable_row_audit, verify_installation: the row-audit registry;
 -- * verify_audit_chain(seq, hash, timeline, lsn): an anchor's WAL position tells a recovery to
---   an earlier point from seals removed.
+--   an earlier point from seals removed;
+-- * audit_event (a subject_user_id argument), phi_disclosures (new columns and argument names)
+--   and write_audit_durably (returns the row's id): dropped and created again below;
+-- * record_disclosure, disclosure_purposes, disclosures_about, check_period,
+--   accounting_of_disclosures, my_disclosures, crisis_events, session_events_of,
+--   write_audit_durably_by_subject, durable_audit_in_force: the accounting of disclosures;
+-- * row_audit_expected, audit_table_altered, audit_row_audit_dropped: alarms only for tables
+--   whose row audit is expected, not for any trigger of that name;
+-- * mfa_locked_session, require_live, touch_session, session_status, mfa_check,
+--   mfa_trust_device: a session's MFA lock holds when the caller rolls its LOCKED status back.
+DROP FUNCTION vetassist_auth.audit_event(text, text, text, jsonb);
+DROP FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz);
+DROP FUNCTION vetassist_auth.write_audit_durably(text, text, text, uuid, text, text, jsonb);
 CREATE OR REPLACE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -105,6 +121,11 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'counted_encryptions_wrapper';
 
+CREATE  FUNCTION "durable_audit_in_force"() RETURNS bool /* bool */
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'durable_audit_in_force_wrapper';
+
 CREATE  FUNCTION "durable_audit_state"() RETURNS TABLE (
 	"ok" bool,  /* bool */
 	"detail" TEXT  /* & '_ str */
@@ -132,6 +153,14 @@ STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_wrapping_problem_wrapper';
+
+CREATE  FUNCTION "mfa_locked_session"(
+	"user_id" uuid, /* pgrx :: Uuid */
+	"session_id" uuid /* pgrx :: Uuid */
+) RETURNS bool /* bool */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'mfa_locked_session_wrapper';
 
 CREATE  FUNCTION "node_role"() RETURNS TEXT /* & '_ str */
 STRICT STABLE
@@ -491,6 +520,61 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'verify_audit_chain_at_position_wrapper';
 
+CREATE FUNCTION "write_audit_durably"(
+	"category" TEXT, /* & str */
+	"event_type" TEXT, /* & str */
+	"outcome" TEXT, /* & str */
+	"subject_user_id" uuid DEFAULT NULL, /* Option < Uuid > */
+	"target_table" TEXT DEFAULT NULL, /* Option < & str > */
+	"target_id" TEXT DEFAULT NULL, /* Option < & str > */
+	"details" jsonb DEFAULT '{}' /* Option < writer :: JsonbDatum > */
+) RETURNS bigint /* i64 */
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'write_audit_durably_wrapper';
+
+CREATE  FUNCTION "write_audit_durably_by_subject"(
+	"user_id" uuid, /* Uuid */
+	"session_id" uuid, /* Uuid */
+	"event_type" TEXT, /* & str */
+	"details" jsonb DEFAULT '{}' /* Option < writer :: JsonbDatum > */
+) RETURNS bigint /* i64 */
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'write_audit_durably_by_subject_wrapper';
+
+CREATE FUNCTION vetassist_auth.audit_event(category text, event_type text, outcome text, details jsonb DEFAULT '{}',
+                                           subject_user_id uuid DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF coalesce(btrim(category), '') = '' OR coalesce(btrim(event_type), '') = '' THEN
+        RAISE EXCEPTION 'vetassist_auth: category and event_type must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF outcome IS NULL OR outcome NOT IN ('success', 'failure', 'denied', 'info') THEN
+        RAISE EXCEPTION 'vetassist_auth: outcome must be success, failure, denied or info' USING ERRCODE = '22023';
+    END IF;
+    IF length(category) > 64 OR length(event_type) > 128 OR octet_length(details::text) > 65536 THEN
+        RAISE EXCEPTION 'vetassist_auth: audit event is too large' USING ERRCODE = '22023';
+    END IF;
+    -- Plain lower-case names only, so no look-alike (a tab, a no-break space, a Cyrillic letter)
+    -- of the extension's own categories can be written; those are reserved outright.
+    IF category !~ '^[a-z][a-z0-9_.-]{0,63}$' THEN
+        RAISE EXCEPTION 'vetassist_auth: category must be lower-case ASCII letters, digits, _ . or -, starting with a letter' USING ERRCODE = '22023';
+    END IF;
+    IF category IN ('audit', 'auth', 'clinical', 'data', 'disclosure', 'identity', 'key', 'mfa', 'phi_access', 'session') THEN
+        RAISE EXCEPTION 'vetassist_auth: this category is reserved for the extension''s own audit rows' USING ERRCODE = '22023',
+            HINT = 'Application events use categories of their own, such as phi for PHI the application shows.';
+    END IF;
+    IF subject_user_id IS NOT NULL THEN
+        PERFORM vetassist_auth.require_user(subject_user_id);
+    END IF;
+    RETURN vetassist_auth.write_audit(category, event_type, outcome,
+                                      coalesce(subject_user_id, vetassist_auth.current_actor()), NULL, NULL, details);
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb, uuid) IS
+    'Writes an application audit event about a veteran (the actor when subject_user_id is not given); actor, session and client address are filled in from set_actor.';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.enable_row_audit(target regclass, redact text[] DEFAULT '{}', ignore text[] DEFAULT '{}')
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -517,6 +601,14 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.row_audit_expected(schema_name text, table_name text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT schema_name = 'vetassist_auth'
+        OR (schema_name NOT LIKE 'pg\_temp\_%' AND EXISTS (
+                SELECT 1 FROM vetassist_auth.row_audit_registry r
+                WHERE r.enabled AND r.target_table = format('%I.%I', schema_name, table_name)))
+$$;
+
 CREATE OR REPLACE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -535,7 +627,9 @@ BEGIN
                                    ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab
               FROM pg_event_trigger_ddl_commands() d
               WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)) t
-        WHERE EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
+        JOIN pg_class c ON c.oid = t.tab JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE vetassist_auth.row_audit_expected(n.nspname, c.relname)
+          AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
                         AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered',
@@ -543,6 +637,25 @@ BEGIN
             NULL, altered.tab::regclass::text, NULL,
             jsonb_build_object('row_audit', CASE WHEN altered.fires THEN 'enabled' ELSE 'disabled' END,
                                'command', tg_tag, 'by', session_user));
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.audit_row_audit_dropped() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    dropped record;
+BEGIN
+    -- A trigger's address is its table's schema, its table and its own name.
+    FOR dropped IN
+        SELECT o.address_names[1] AS schema_name, o.address_names[2] AS table_name
+        FROM pg_event_trigger_dropped_objects() o
+        WHERE o.object_type = 'trigger' AND o.address_names[3] = 'vetassist_row_audit'
+          AND vetassist_auth.row_audit_expected(o.address_names[1], o.address_names[2])
+    LOOP
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL,
+            format('%I.%I', dropped.schema_name, dropped.table_name), NULL,
+            jsonb_build_object('row_audit', 'dropped', 'command', tg_tag, 'by', session_user));
     END LOOP;
 END
 $$;
@@ -595,6 +708,75 @@ $$;
 
 COMMENT ON FUNCTION vetassist_auth.promote() IS
     'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
+CREATE OR REPLACE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF session.status <> 'ACTIVE' OR clock_timestamp() >= session.live_until
+       OR vetassist_auth.mfa_locked_session(session.user_id, session.id) THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has ended' USING ERRCODE = '28000';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth.session_status
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions;
+    now_ts timestamptz := clock_timestamp();
+    owner uuid;
+BEGIN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = touch_session.jwt_id;
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = touch_session.jwt_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
+    END IF;
+    IF s.status <> 'ACTIVE' THEN
+        RETURN s.status;
+    END IF;
+    IF now_ts >= s.live_until THEN
+        PERFORM vetassist_auth.close_session(s, 'EXPIRED',
+            CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END);
+        RETURN 'EXPIRED';
+    END IF;
+    IF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
+        PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
+        RETURN 'LOCKED';
+    END IF;
+    PERFORM vetassist_auth.set_current_session(s.id);
+    IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
+        -- Computed here from the row read above (neither column changes): Citus refuses a
+        -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
+        UPDATE vetassist_auth.sessions t
+        SET last_activity_at = now_ts, live_until = least(s.expires_at, now_ts + s.idle_timeout)
+        WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
+        IF NOT FOUND THEN  -- ended by someone else a moment ago
+            RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id);
+        END IF;
+        INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
+        VALUES (s.id, s.user_id, 'request');
+    END IF;
+    RETURN 'ACTIVE';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.session_status(jwt_id text) RETURNS vetassist_auth.session_status
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+BEGIN
+    IF s.status <> 'ACTIVE' THEN
+        RETURN s.status;
+    ELSIF clock_timestamp() >= s.live_until THEN
+        RETURN 'EXPIRED';
+    ELSIF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
+        RETURN 'LOCKED';
+    ELSIF clock_timestamp() >= s.live_until - vetassist_auth.session_idle_warning() AND s.live_until < s.expires_at THEN
+        RETURN 'IDLE';
+    END IF;
+    RETURN 'ACTIVE';
+END
+$$;
 
 CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -649,6 +831,290 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_check(m vetassist_auth.mfa_settings, code text, require_enabled boolean,
+                                         event_type text, target_table text, target_id text)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    secret bytea;
+    step bigint;
+    backup bigint;
+    code_hashes bytea[];
+    checked_at timestamptz;  -- the clock, read before each UPDATE: Citus runs an UPDATE's SET on a worker
+    state record := vetassist_auth.mfa_lock_state(m.user_id, m.failures_counted_from);
+BEGIN
+    IF state.locked_until IS NOT NULL THEN
+        PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'denied', m.user_id, target_table, target_id,
+            jsonb_build_object('reason', 'locked_out', 'locked_until', state.locked_until));
+        RAISE EXCEPTION 'vetassist_auth: too many failed codes; MFA is locked for this user' USING ERRCODE = '28000',
+            HINT = 'Wait for the lock-out to end (vetassist_auth.mfa_lockout).';
+    END IF;
+    IF state.counting_from IS DISTINCT FROM m.failures_counted_from THEN
+        UPDATE vetassist_auth.mfa_settings s SET failures_counted_from = state.counting_from WHERE s.user_id = m.user_id;
+    END IF;
+    IF require_enabled AND NOT m.totp_enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP enrolment is not confirmed' USING ERRCODE = '22023';
+    END IF;
+    -- Every attempt is on record before the code is looked at: it counts toward the lock-out
+    -- unless a success moves the count past it. Should the record fail, nothing about the code
+    -- has been learnt (no right-or-wrong oracle while the recorder is down).
+    PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_attempt', 'info', m.user_id, target_table, target_id,
+        jsonb_build_object('for', event_type));
+    secret := vetassist_auth.open_mfa_secret(m.totp_secret_encrypted, 'mfa_settings.totp_secret:' || m.user_id);
+    step := vetassist_auth.totp_match(secret, coalesce(code, ''), extract(epoch FROM clock_timestamp())::bigint,
+                                      m.last_used_step);
+    IF step IS NULL AND require_enabled THEN
+        code_hashes := vetassist_auth.field_hashes(
+            m.user_id || ':' || vetassist_auth.mfa_normalize_backup_code(coalesce(code, '')), 'mfa_backup_code');
+        checked_at := clock_timestamp();
+        UPDATE vetassist_auth.mfa_backup_codes b SET used_at = checked_at
+        WHERE b.user_id = m.user_id AND b.id = (SELECT c.id FROM vetassist_auth.mfa_backup_codes c
+                      WHERE c.user_id = m.user_id AND c.used_at IS NULL AND c.code_hash = ANY (code_hashes)
+                      LIMIT 1 FOR UPDATE)
+        RETURNING b.id INTO backup;
+        IF backup IS NOT NULL THEN
+            step := 0;
+        END IF;
+    END IF;
+    IF step IS NULL THEN
+        PERFORM vetassist_auth.write_audit_durably('mfa', event_type, 'failure', m.user_id, target_table, target_id,
+            jsonb_build_object('failed_attempts', state.failures + 1, 'counted_as', 'mfa_attempt'));
+        IF state.failures + 1 >= vetassist_auth.mfa_max_failures() THEN
+            -- Names the session the failures came through (if any): its lock must hold even when
+            -- the caller rolls back the LOCKED status (mfa_locked_session).
+            PERFORM vetassist_auth.write_audit_durably('mfa', 'mfa_locked_out', 'denied', m.user_id, target_table,
+                target_id, jsonb_build_object('locked_for', vetassist_auth.mfa_lockout()));
+        END IF;
+        RETURN NULL;
+    END IF;
+    -- A success starts the count again, after every row this call recorded.
+    checked_at := clock_timestamp();
+    UPDATE vetassist_auth.mfa_settings s
+    SET failures_counted_from = checked_at, updated_at = checked_at,
+        last_used_step = CASE WHEN step > 0 THEN step ELSE s.last_used_step END
+    WHERE s.user_id = m.user_id;
+    RETURN step;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_trust_device(jwt_id text, days integer DEFAULT 30) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+    device uuid;
+BEGIN
+    IF days IS NULL OR days < 1 OR days > 90 THEN
+        RAISE EXCEPTION 'vetassist_auth: days must be between 1 and 90' USING ERRCODE = '22023';
+    END IF;
+    -- Live by the clock (an idle session not swept yet is over), and MFA-verified.
+    PERFORM vetassist_auth.require_live(s);
+    IF NOT s.mfa_verified THEN
+        RAISE EXCEPTION 'vetassist_auth: only a live, MFA-verified session can trust its device' USING ERRCODE = '28000';
+    END IF;
+    IF s.device_fingerprint_hash IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has no device fingerprint' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO vetassist_auth.trusted_devices (user_id, device_fingerprint_hash, trusted_until)
+    VALUES (s.user_id, s.device_fingerprint_hash, clock_timestamp() + make_interval(days => days))
+    RETURNING id INTO device;
+    PERFORM vetassist_auth.write_audit('mfa', 'device_trusted', 'success', s.user_id, 'trusted_devices', device::text,
+                                       jsonb_build_object('days', days));
+    RETURN device;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.disclosure_purposes()
+RETURNS TABLE (purpose text, accountable boolean, statement text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    VALUES ('treatment', false, 'Treatment (45 CFR 164.506)'),
+           ('payment', false, 'Payment (45 CFR 164.506)'),
+           ('health_care_operations', false, 'Health care operations (45 CFR 164.506)'),
+           ('to_individual', false, 'To the individual (45 CFR 164.502)'),
+           ('incidental', false, 'Incidental to a permitted use or disclosure (45 CFR 164.502(a)(1)(iii))'),
+           ('authorized', false, 'Authorized by the individual (45 CFR 164.508)'),
+           ('directory_or_involved', false, 'Facility directory or persons involved in care (45 CFR 164.510)'),
+           ('national_security', false, 'National security or intelligence (45 CFR 164.512(k)(2))'),
+           ('correctional_custody', false, 'Correctional institution or law enforcement custody (45 CFR 164.512(k)(5))'),
+           ('limited_data_set', false, 'Limited data set (45 CFR 164.514(e))'),
+           ('required_by_law', true, 'Required by law (45 CFR 164.512(a))'),
+           ('public_health', true, 'Public health activities (45 CFR 164.512(b))'),
+           ('abuse_neglect', true, 'Report of abuse, neglect or domestic violence (45 CFR 164.512(c))'),
+           ('health_oversight', true, 'Health oversight activities (45 CFR 164.512(d))'),
+           ('judicial_administrative', true, 'Judicial or administrative proceedings (45 CFR 164.512(e))'),
+           ('law_enforcement', true, 'Law enforcement purposes (45 CFR 164.512(f))'),
+           ('decedents', true, 'About a decedent (45 CFR 164.512(g))'),
+           ('organ_donation', true, 'Organ, eye or tissue donation (45 CFR 164.512(h))'),
+           ('research_waiver', true, 'Research under a waiver of authorization (45 CFR 164.512(i))'),
+           ('serious_threat', true, 'To avert a serious threat to health or safety (45 CFR 164.512(j))'),
+           ('specialized_government', true, 'Specialized government functions (45 CFR 164.512(k))'),
+           ('workers_compensation', true, 'Workers'' compensation (45 CFR 164.512(l))'),
+           ('impermissible', true, 'A disclosure the Privacy Rule does not permit (45 CFR 164.528(a))')
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.disclosure_purposes() IS
+    'The purposes record_disclosure accepts, whether 45 CFR 164.528 requires each in an accounting, and the brief statement of purpose the accounting gives.';
+
+CREATE FUNCTION vetassist_auth.record_disclosure(subject_user_id uuid, recipient text, description text, purpose text,
+                                                 details jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF coalesce(btrim(recipient), '') = '' OR length(recipient) > 1000
+       OR coalesce(btrim(description), '') = '' OR length(description) > 1000 THEN
+        RAISE EXCEPTION 'vetassist_auth: recipient and description must be 1 to 1000 characters' USING ERRCODE = '22023';
+    END IF;
+    IF purpose IS NULL OR NOT EXISTS (SELECT 1 FROM vetassist_auth.disclosure_purposes() p WHERE p.purpose = record_disclosure.purpose) THEN
+        RAISE EXCEPTION 'vetassist_auth: unknown purpose of disclosure' USING ERRCODE = '22023',
+            HINT = 'SELECT purpose FROM vetassist_auth.disclosure_purposes() lists them.';
+    END IF;
+    IF details IS NULL OR jsonb_typeof(details) <> 'object' OR octet_length(details::text) > 65536 THEN
+        RAISE EXCEPTION 'vetassist_auth: details must be a JSON object of at most 64 KiB' USING ERRCODE = '22023';
+    END IF;
+    PERFORM vetassist_auth.require_user(subject_user_id);
+    -- In the caller's transaction a ROLLBACK would take the disclosure back.
+    IF NOT vetassist_auth.durable_audit_in_force() THEN
+        RAISE EXCEPTION 'vetassist_auth: disclosures are recorded only with the library preloaded' USING ERRCODE = '55000',
+            HINT = 'Add vetassist_auth to shared_preload_libraries and restart.';
+    END IF;
+    RETURN vetassist_auth.write_audit_durably('disclosure', 'phi_disclosed', 'success', subject_user_id, NULL, NULL,
+        jsonb_build_object('recipient', recipient, 'description', description, 'purpose', purpose, 'details', details));
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.record_disclosure(uuid, text, text, text, jsonb) IS
+    'Records a disclosure of a veteran''s PHI (recipient, what, purpose from disclosure_purposes) durably; returns its audit row id.';
+
+CREATE FUNCTION vetassist_auth.disclosures_about(subject uuid, since timestamptz, until timestamptz)
+RETURNS TABLE (audit_id bigint, occurred_at timestamptz, actor_user_id uuid, recipient text, description text,
+               purpose text, accountable boolean, recorded_by text, event_type text, outcome text, db_role text,
+               session_id uuid, details jsonb)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.id, a.occurred_at, a.actor_user_id,
+           CASE WHEN a.category = 'disclosure' THEN a.details ->> 'recipient' END,
+           CASE WHEN a.category = 'disclosure' THEN a.details ->> 'description'
+                ELSE a.event_type || coalesce(' (' || (a.details ->> 'field') || ')', '') END,
+           p.purpose, coalesce(p.accountable, false),
+           CASE WHEN a.category = 'phi_access' THEN 'extension' ELSE 'application' END,
+           a.event_type, a.outcome, a.db_role, a.session_id,
+           CASE WHEN a.category = 'disclosure' THEN a.details -> 'details' ELSE a.details END
+    FROM vetassist_auth.audit_log a
+    LEFT JOIN vetassist_auth.disclosure_purposes() p ON a.category = 'disclosure' AND p.purpose = a.details ->> 'purpose'
+    WHERE a.subject_user_id = subject AND a.occurred_at >= since AND a.occurred_at < until
+      AND a.category IN ('phi', 'phi_access', 'disclosure')
+    ORDER BY a.occurred_at, a.id
+$$;
+
+CREATE FUNCTION vetassist_auth.check_period(subject uuid, since timestamptz, until timestamptz) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF subject IS NULL OR since IS NULL OR until IS NULL OR since > until THEN
+        RAISE EXCEPTION 'vetassist_auth: a user and a period (since <= until) are required' USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.phi_disclosures(user_id uuid, since timestamptz, until timestamptz)
+RETURNS TABLE (audit_id bigint, occurred_at timestamptz, actor_user_id uuid, recipient text, description text,
+               purpose text, accountable boolean, recorded_by text, event_type text, outcome text, db_role text,
+               session_id uuid, details jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.check_period(user_id, since, until);
+    -- Reading a veteran's accounting is itself a disclosure: recorded before it is returned.
+    PERFORM vetassist_auth.write_audit_durably('audit', 'phi_disclosures_read', 'success', user_id, 'audit_log', NULL,
+        jsonb_build_object('since', since, 'until', until));
+    RETURN QUERY SELECT * FROM vetassist_auth.disclosures_about(user_id, since, until);
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) IS
+    'Every access to and disclosure of one veteran''s PHI in [since, until): who, to whom, what, why, whether 164.528 requires it in an accounting, and who recorded it.';
+
+CREATE FUNCTION vetassist_auth.accounting_of_disclosures(user_id uuid, since timestamptz DEFAULT now() - interval '6 years')
+RETURNS TABLE (disclosed_at timestamptz, recipient text, description text, purpose text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.check_period(user_id, since, 'infinity');
+    PERFORM vetassist_auth.write_audit_durably('audit', 'accounting_of_disclosures_read', 'success', user_id, 'audit_log', NULL,
+        jsonb_build_object('since', since));
+    RETURN QUERY
+    SELECT d.occurred_at, d.recipient, d.description, p.statement
+    FROM vetassist_auth.disclosures_about(user_id, since, 'infinity') d
+    JOIN vetassist_auth.disclosure_purposes() p ON p.purpose = d.purpose
+    WHERE d.accountable
+    ORDER BY d.occurred_at, d.audit_id;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.accounting_of_disclosures(uuid, timestamptz) IS
+    'The accounting of disclosures a veteran may request under 45 CFR 164.528(b)(2): date, recipient, brief description and brief statement of purpose of each accountable disclosure since then (six years by default).';
+
+CREATE FUNCTION vetassist_auth.my_disclosures(jwt_id text, since timestamptz DEFAULT now() - interval '6 years')
+RETURNS TABLE (occurred_at timestamptz, actor_user_id uuid, recipient text, description text, purpose text,
+               accountable boolean, recorded_by text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions;
+BEGIN
+    IF jwt_id IS NULL OR NOT EXISTS (SELECT 1 FROM vetassist_auth.session_routes r WHERE r.jwt_id = my_disclosures.jwt_id) THEN
+        RAISE EXCEPTION 'vetassist_auth: no live session' USING ERRCODE = '28000';
+    END IF;
+    s := vetassist_auth.session_by_jwt(jwt_id);
+    PERFORM vetassist_auth.require_live(s);
+    IF vetassist_auth.mfa_required(jwt_id) THEN
+        RAISE EXCEPTION 'vetassist_auth: the session has not completed MFA' USING ERRCODE = '28000';
+    END IF;
+    PERFORM vetassist_auth.check_period(s.user_id, since, 'infinity');
+    -- Recorded as the veteran's own access, in this session.
+    PERFORM vetassist_auth.write_audit_durably_by_subject(s.user_id, s.id, 'my_disclosures_read',
+        jsonb_build_object('since', since));
+    RETURN QUERY
+    SELECT d.occurred_at, d.actor_user_id, d.recipient, d.description, d.purpose, d.accountable, d.recorded_by
+    FROM vetassist_auth.disclosures_about(s.user_id, since, 'infinity') d;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.my_disclosures(text, timestamptz) IS
+    'For the veteran signed in with this session (live, MFA done): every access to and disclosure of their PHI since then. 28000 otherwise.';
+
+CREATE FUNCTION vetassist_auth.crisis_events(since timestamptz)
+RETURNS TABLE (event_id bigint, occurred_at timestamptz, user_id uuid, session_id uuid, event_type text, details jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF since IS NULL THEN
+        RAISE EXCEPTION 'vetassist_auth: since must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    PERFORM vetassist_auth.write_audit_durably('audit', 'crisis_events_read', 'success', NULL, 'session_events', NULL,
+        jsonb_build_object('since', since));
+    RETURN QUERY
+    SELECT e.id, e.occurred_at, e.user_id, e.session_id, e.event_type, e.details
+    FROM vetassist_auth.session_events e
+    WHERE e.severity = 'crisis' AND e.occurred_at >= since
+    ORDER BY e.occurred_at, e.id;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.crisis_events(timestamptz) IS
+    'Crisis events of every veteran since then, oldest first; the read is audited.';
+
+CREATE FUNCTION vetassist_auth.session_events_of(user_id uuid, since timestamptz)
+RETURNS TABLE (event_id bigint, occurred_at timestamptz, session_id uuid, event_type text, severity text, details jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM vetassist_auth.check_period(user_id, since, 'infinity');
+    PERFORM vetassist_auth.write_audit_durably('audit', 'session_events_read', 'success', user_id, 'session_events', NULL,
+        jsonb_build_object('since', since));
+    RETURN QUERY
+    SELECT e.id, e.occurred_at, e.session_id, e.event_type, e.severity, e.details
+    FROM vetassist_auth.session_events e
+    WHERE e.user_id = session_events_of.user_id AND e.occurred_at >= since
+    ORDER BY e.occurred_at, e.id;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) IS
+    'One veteran''s session events (every severity) since then, oldest first; the read is audited.';
+
 SELECT vetassist_auth.define_key_usage();
 
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
@@ -671,3 +1137,26 @@ GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_auditor;
 REVOKE ALL ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) TO vetassist_admin;
 GRANT EXECUTE ON FUNCTION vetassist_auth.verify_audit_chain(bigint, bytea, integer, text) TO vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_in_force() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.mfa_locked_session(uuid, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.write_audit_durably(text, text, text, uuid, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.write_audit_durably_by_subject(uuid, uuid, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb, uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb, uuid) TO vetassist_app, vetassist_admin;
+REVOKE ALL ON FUNCTION vetassist_auth.row_audit_expected(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.disclosure_purposes() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.disclosure_purposes() TO vetassist_app, vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.record_disclosure(uuid, text, text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.record_disclosure(uuid, text, text, text, jsonb) TO vetassist_app;
+REVOKE ALL ON FUNCTION vetassist_auth.disclosures_about(uuid, timestamptz, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.check_period(uuid, timestamptz, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz) TO vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.accounting_of_disclosures(uuid, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.accounting_of_disclosures(uuid, timestamptz) TO vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.my_disclosures(text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.my_disclosures(text, timestamptz) TO vetassist_app;
+REVOKE ALL ON FUNCTION vetassist_auth.crisis_events(timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.crisis_events(timestamptz) TO vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) TO vetassist_auditor;

@@ -54,8 +54,9 @@ echo "==> examples/walkthrough.sql in psql"
 grep -q "permission denied for table va_tokens" target/walkthrough.out
 echo "walkthrough ran: $(grep -c '^==' target/walkthrough.out) steps"
 
-echo "==> Python client (clients/python)"
-(cd clients/python && "$ROOT/target/venv/bin/python" -m pytest -q tests)
+echo "==> Python client (clients/python), its printable report checked in headless Chromium"
+scripts/ensure-chromium.sh >/dev/null
+(cd clients/python && VETASSIST_REQUIRE_CHROMIUM=1 "$ROOT/target/venv/bin/python" -m pytest -q tests)
 
 if command -v node >/dev/null && command -v npm >/dev/null; then
     echo "==> Node example (clients/node)"
