@@ -42,6 +42,8 @@ CREATE FUNCTION vetassist_auth.record_disclosure(subject_user_id uuid, recipient
                                                  details jsonb DEFAULT '{}')
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    recorded jsonb;
 BEGIN
     IF coalesce(btrim(recipient), '') = '' OR length(recipient) > 1000
        OR coalesce(btrim(description), '') = '' OR length(description) > 1000 THEN
@@ -51,8 +53,15 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: unknown purpose of disclosure' USING ERRCODE = '22023',
             HINT = 'SELECT purpose FROM vetassist_auth.disclosure_purposes() lists them.';
     END IF;
-    IF details IS NULL OR jsonb_typeof(details) <> 'object' OR octet_length(details::text) > 65536 THEN
-        RAISE EXCEPTION 'vetassist_auth: details must be a JSON object of at most 64 KiB' USING ERRCODE = '22023';
+    IF details IS NULL OR jsonb_typeof(details) <> 'object' THEN
+        RAISE EXCEPTION 'vetassist_auth: details must be a JSON object' USING ERRCODE = '22023';
+    END IF;
+    recorded := jsonb_build_object('recipient', recipient, 'description', description, 'purpose', purpose,
+                                   'details', details);
+    -- What the recorder's outbox slot holds with the rest of the row (docs/api.md says 3 KiB).
+    IF pg_column_size(recorded) > 3072 THEN
+        RAISE EXCEPTION 'vetassist_auth: recipient, description and details take more than 3 KiB' USING ERRCODE = '22023',
+            HINT = 'Keep the disclosed documents elsewhere and name them in details.';
     END IF;
     PERFORM vetassist_auth.require_user(subject_user_id);
     -- In the caller's transaction a ROLLBACK would take the disclosure back.
@@ -60,8 +69,7 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: disclosures are recorded only with the library preloaded' USING ERRCODE = '55000',
             HINT = 'Add vetassist_auth to shared_preload_libraries and restart.';
     END IF;
-    RETURN vetassist_auth.write_audit_durably('disclosure', 'phi_disclosed', 'success', subject_user_id, NULL, NULL,
-        jsonb_build_object('recipient', recipient, 'description', description, 'purpose', purpose, 'details', details));
+    RETURN vetassist_auth.write_audit_durably('disclosure', 'phi_disclosed', 'success', subject_user_id, NULL, NULL, recorded);
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.record_disclosure(uuid, text, text, text, jsonb) IS
@@ -69,12 +77,13 @@ COMMENT ON FUNCTION vetassist_auth.record_disclosure(uuid, text, text, text, jso
 
 -- Every PHI access or disclosure about one veteran in [since, until): the extension's own reads
 -- (purpose NULL, never accountable), the views the application reported with audit_event
--- (category phi), and the disclosures it recorded with record_disclosure. Internal.
+-- (category phi), and the disclosures it recorded with record_disclosure. Internal; without a
+-- SET clause of its own, so that the planner inlines it into its callers (which pin the path).
 CREATE FUNCTION vetassist_auth.disclosures_about(subject uuid, since timestamptz, until timestamptz)
 RETURNS TABLE (audit_id bigint, occurred_at timestamptz, actor_user_id uuid, recipient text, description text,
                purpose text, accountable boolean, recorded_by text, event_type text, outcome text, db_role text,
                session_id uuid, details jsonb)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT a.id, a.occurred_at, a.actor_user_id,
            CASE WHEN a.category = 'disclosure' THEN a.details ->> 'recipient' END,
            CASE WHEN a.category = 'disclosure' THEN a.details ->> 'description'
@@ -123,12 +132,14 @@ BEGIN
     PERFORM vetassist_auth.check_period(user_id, since, 'infinity');
     PERFORM vetassist_auth.write_audit_durably('audit', 'accounting_of_disclosures_read', 'success', user_id, 'audit_log', NULL,
         jsonb_build_object('since', since));
+    -- Only the disclosures (index audit_log_disclosures), not every PHI row of the veteran.
     RETURN QUERY
-    SELECT d.occurred_at, d.recipient, d.description, p.statement
-    FROM vetassist_auth.disclosures_about(user_id, since, 'infinity') d
-    JOIN vetassist_auth.disclosure_purposes() p ON p.purpose = d.purpose
-    WHERE d.accountable
-    ORDER BY d.occurred_at, d.audit_id;
+    SELECT a.occurred_at, a.details ->> 'recipient', a.details ->> 'description', p.statement
+    FROM vetassist_auth.audit_log a
+    JOIN vetassist_auth.disclosure_purposes() p ON p.purpose = a.details ->> 'purpose'
+    WHERE a.subject_user_id = accounting_of_disclosures.user_id AND a.category = 'disclosure'
+      AND a.occurred_at >= since AND p.accountable
+    ORDER BY a.occurred_at, a.id;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.accounting_of_disclosures(uuid, timestamptz) IS
@@ -141,20 +152,26 @@ RETURNS TABLE (occurred_at timestamptz, actor_user_id uuid, recipient text, desc
                accountable boolean, recorded_by text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    owner uuid;
     s vetassist_auth.sessions;
 BEGIN
-    IF jwt_id IS NULL OR NOT EXISTS (SELECT 1 FROM vetassist_auth.session_routes r WHERE r.jwt_id = my_disclosures.jwt_id) THEN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = my_disclosures.jwt_id;
+    -- FOR SHARE reads the session as it is now: in a REPEATABLE READ transaction a session
+    -- ended after its snapshot is a serialization failure (40001), never a live session.
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = my_disclosures.jwt_id FOR SHARE;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no live session' USING ERRCODE = '28000';
     END IF;
-    s := vetassist_auth.session_by_jwt(jwt_id);
     PERFORM vetassist_auth.require_live(s);
     IF vetassist_auth.mfa_required(jwt_id) THEN
         RAISE EXCEPTION 'vetassist_auth: the session has not completed MFA' USING ERRCODE = '28000';
     END IF;
     PERFORM vetassist_auth.check_period(s.user_id, since, 'infinity');
-    -- Recorded as the veteran's own access, in this session.
+    -- Recorded as the veteran's own access, in this session, with the actor the application
+    -- named for the transaction, if another.
     PERFORM vetassist_auth.write_audit_durably_by_subject(s.user_id, s.id, 'my_disclosures_read',
-        jsonb_build_object('since', since));
+        jsonb_build_object('since', since) || CASE WHEN vetassist_auth.current_actor() <> s.user_id
+            THEN jsonb_build_object('requested_by', vetassist_auth.current_actor()) ELSE '{}' END);
     RETURN QUERY
     SELECT d.occurred_at, d.actor_user_id, d.recipient, d.description, d.purpose, d.accountable, d.recorded_by
     FROM vetassist_auth.disclosures_about(s.user_id, since, 'infinity') d;

@@ -113,8 +113,8 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM vetassist_auth.attach_row_audit(target, redact, ignore);
-    INSERT INTO vetassist_auth.row_audit_registry AS r (target_table, enabled) VALUES (target::text, true)
-    ON CONFLICT (target_table) DO UPDATE SET enabled = true, changed_at = clock_timestamp();
+    INSERT INTO vetassist_auth.row_audit_registry AS r (target, enabled) VALUES (target, true)
+    ON CONFLICT ON CONSTRAINT row_audit_registry_pkey DO UPDATE SET enabled = true, changed_at = clock_timestamp();
     PERFORM vetassist_auth.write_audit('audit', 'row_audit_enabled', 'success', NULL, target::text, NULL,
         jsonb_build_object('redact', redact, 'ignore', ignore));
 END
@@ -129,8 +129,8 @@ BEGIN
         RETURN false;
     END IF;
     EXECUTE format('DROP TRIGGER vetassist_row_audit ON %s', target);
-    UPDATE vetassist_auth.row_audit_registry SET enabled = false, changed_at = clock_timestamp()
-    WHERE target_table = target::text;
+    UPDATE vetassist_auth.row_audit_registry r SET enabled = false, changed_at = clock_timestamp()
+    WHERE r.target = disable_row_audit.target;
     PERFORM vetassist_auth.write_audit('audit', 'row_audit_disabled', 'success', NULL, target::text, NULL);
     RETURN true;
 END
@@ -164,15 +164,13 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Whether losing a table's row audit raises an alarm: the extension's own tables, and those an
--- administrator enabled it on (the registry names them as regclass prints them, qualified).
--- Not any table with a trigger of that name: every role may create a temporary table and give
--- it one. Internal.
-CREATE FUNCTION vetassist_auth.row_audit_expected(schema_name text, table_name text) RETURNS boolean
+-- administrator put under row audit (the registry follows them through a rename or a new
+-- schema). Not any table with a trigger of that name: every role may create a temporary table
+-- and give it one. Internal.
+CREATE FUNCTION vetassist_auth.row_audit_expected(tab oid) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT schema_name = 'vetassist_auth'
-        OR (schema_name NOT LIKE 'pg\_temp\_%' AND EXISTS (
-                SELECT 1 FROM vetassist_auth.row_audit_registry r
-                WHERE r.enabled AND r.target_table = format('%I.%I', schema_name, table_name)))
+    SELECT EXISTS (SELECT 1 FROM vetassist_auth.row_audit_registry r WHERE r.enabled AND r.target = tab)
+        OR EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tab AND c.relnamespace = 'vetassist_auth'::regnamespace)
 $$;
 
 CREATE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
@@ -193,8 +191,7 @@ BEGIN
                                    ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab
               FROM pg_event_trigger_ddl_commands() d
               WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)) t
-        JOIN pg_class c ON c.oid = t.tab JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE vetassist_auth.row_audit_expected(n.nspname, c.relname)
+        WHERE vetassist_auth.row_audit_expected(t.tab)
           AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
                         AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
     LOOP
@@ -212,17 +209,26 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     dropped record;
 BEGIN
-    -- A trigger's address is its table's schema, its table and its own name.
     FOR dropped IN
-        SELECT o.address_names[1] AS schema_name, o.address_names[2] AS table_name
+        -- A row-audit trigger dropped from a table that stays (a trigger's address is its
+        -- table's schema and name, then its own name).
+        SELECT t.tab::regclass::text AS target_table, 'dropped' AS row_audit
+        FROM (SELECT to_regclass(format('%I.%I', o.address_names[1], o.address_names[2])) AS tab
+              FROM pg_event_trigger_dropped_objects() o
+              WHERE o.object_type = 'trigger' AND o.address_names[3] = 'vetassist_row_audit') t
+        WHERE t.tab IS NOT NULL AND vetassist_auth.row_audit_expected(t.tab)
+        UNION ALL
+        -- A table under row audit dropped whole, its trigger with it.
+        SELECT o.object_identity, 'table_dropped'
         FROM pg_event_trigger_dropped_objects() o
-        WHERE o.object_type = 'trigger' AND o.address_names[3] = 'vetassist_row_audit'
-          AND vetassist_auth.row_audit_expected(o.address_names[1], o.address_names[2])
+        WHERE o.object_type = 'table' AND o.objid IN (SELECT r.target FROM vetassist_auth.row_audit_registry r WHERE r.enabled)
     LOOP
-        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL,
-            format('%I.%I', dropped.schema_name, dropped.table_name), NULL,
-            jsonb_build_object('row_audit', 'dropped', 'command', tg_tag, 'by', session_user));
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL, dropped.target_table, NULL,
+            jsonb_build_object('row_audit', dropped.row_audit, 'command', tg_tag, 'by', session_user));
     END LOOP;
+    -- Its audit rows are the record; nothing is left to check.
+    DELETE FROM vetassist_auth.row_audit_registry r
+    WHERE r.target IN (SELECT o.objid FROM pg_event_trigger_dropped_objects() o WHERE o.object_type = 'table');
 END
 $$;
 

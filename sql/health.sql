@@ -115,10 +115,9 @@ BEGIN
     -- no longer have a row-audit trigger that fires: disabled, replica-only, renamed, replaced
     -- or dropped. The registry, not the audit log: a check must not cost the whole log.
     check_name := 'audit: row audit enabled everywhere it was enabled';
-    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
+    SELECT string_agg(r.target::text, ', ' ORDER BY r.target::text) INTO missing
     FROM vetassist_auth.row_audit_registry r
-    WHERE r.enabled
-      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
+    WHERE r.enabled AND NOT vetassist_auth.row_audit_fires(r.target);
     ok := missing IS NULL;
     detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
                        'every table put under row audit still has it');

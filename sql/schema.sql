@@ -250,6 +250,9 @@ CREATE INDEX audit_log_by_time ON vetassist_auth.audit_log USING brin (occurred_
 -- tiny index that every session check probes once.
 CREATE INDEX audit_log_mfa_lockouts ON vetassist_auth.audit_log (target_id)
     WHERE category = 'mfa' AND event_type = 'mfa_locked_out';
+-- A veteran's disclosures (accounting_of_disclosures), apart from every other PHI row of theirs.
+CREATE INDEX audit_log_disclosures ON vetassist_auth.audit_log (subject_user_id, occurred_at)
+    WHERE category = 'disclosure';
 COMMENT ON TABLE vetassist_auth.audit_log IS
     'HIPAA audit trail (45 CFR 164.312(b)): who, what, when, from where. Insert-only; sealed into audit_seals.';
 
@@ -277,13 +280,15 @@ COMMENT ON TABLE vetassist_auth.audit_seal_state IS
 
 -- Tables an administrator put under row audit (enable_row_audit, disable_row_audit): what
 -- verify_installation checks, without reading the audit log (whose audit rows stay the record).
+-- Keyed by the table itself, not its name: a table renamed or moved to another schema stays
+-- under watch, and another table given its old name is not (a dump carries the names).
 CREATE TABLE vetassist_auth.row_audit_registry (
-    target_table text PRIMARY KEY,
-    enabled      boolean NOT NULL,
-    changed_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+    target     regclass PRIMARY KEY,
+    enabled    boolean NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 COMMENT ON TABLE vetassist_auth.row_audit_registry IS
-    'Tables put under row audit by enable_row_audit (enabled) or taken out by disable_row_audit; verify_installation reports an enabled one whose trigger no longer fires.';
+    'Tables put under row audit by enable_row_audit (enabled) or taken out by disable_row_audit; verify_installation reports an enabled one whose trigger no longer fires. A dropped table leaves it.';
 
 -- Replicas ---------------------------------------------------------------------------------
 

@@ -27,18 +27,23 @@ REVOKE ALL ON vetassist_auth.node_promotions FROM PUBLIC;
 
 -- Row audit: verify_installation reads a registry of the tables put under row audit instead of
 -- scanning the audit log for them; filled once from the audit log.
+-- Keyed by the table itself, not its name: a table renamed or moved to another schema stays
+-- under watch, and another table given its old name is not (a dump carries the names).
 CREATE TABLE vetassist_auth.row_audit_registry (
-    target_table text PRIMARY KEY,
-    enabled      boolean NOT NULL,
-    changed_at   timestamptz NOT NULL DEFAULT clock_timestamp()
+    target     regclass PRIMARY KEY,
+    enabled    boolean NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 COMMENT ON TABLE vetassist_auth.row_audit_registry IS
-    'Tables put under row audit by enable_row_audit (enabled) or taken out by disable_row_audit; verify_installation reports an enabled one whose trigger no longer fires.';
-INSERT INTO vetassist_auth.row_audit_registry (target_table, enabled, changed_at)
-SELECT DISTINCT ON (a.target_table) a.target_table, a.event_type = 'row_audit_enabled', a.occurred_at
-FROM vetassist_auth.audit_log a
-WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled') AND a.target_table IS NOT NULL
-ORDER BY a.target_table, a.id DESC;
+    'Tables put under row audit by enable_row_audit (enabled) or taken out by disable_row_audit; verify_installation reports an enabled one whose trigger no longer fires. A dropped table leaves it.';
+INSERT INTO vetassist_auth.row_audit_registry (target, enabled, changed_at)
+SELECT DISTINCT ON (t.target) t.target, t.enabled, t.occurred_at
+FROM (SELECT to_regclass(a.target_table) AS target, a.event_type = 'row_audit_enabled' AS enabled, a.occurred_at, a.id
+      FROM vetassist_auth.audit_log a
+      WHERE a.category = 'audit' AND a.event_type IN ('row_audit_enabled', 'row_audit_disabled')
+        AND a.target_table IS NOT NULL) t
+WHERE t.target IS NOT NULL
+ORDER BY t.target, t.id DESC;
 SELECT pg_catalog.pg_extension_config_dump('vetassist_auth.row_audit_registry', '');
 REVOKE ALL ON vetassist_auth.row_audit_registry FROM PUBLIC;
 
@@ -57,6 +62,9 @@ CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
 -- The MFA lock-outs by session, which every session check probes (mfa_locked_session).
 CREATE INDEX audit_log_mfa_lockouts ON vetassist_auth.audit_log (target_id)
     WHERE category = 'mfa' AND event_type = 'mfa_locked_out';
+-- A veteran's disclosures (accounting_of_disclosures).
+CREATE INDEX audit_log_disclosures ON vetassist_auth.audit_log (subject_user_id, occurred_at)
+    WHERE category = 'disclosure';
 
 -- Functions new or changed since 0.1.5, as in this release's install script
 -- (scripts/upgrade-functions.py prints them):
@@ -452,10 +460,9 @@ BEGIN
     -- no longer have a row-audit trigger that fires: disabled, replica-only, renamed, replaced
     -- or dropped. The registry, not the audit log: a check must not cost the whole log.
     check_name := 'audit: row audit enabled everywhere it was enabled';
-    SELECT string_agg(r.target_table, ', ' ORDER BY r.target_table) INTO missing
+    SELECT string_agg(r.target::text, ', ' ORDER BY r.target::text) INTO missing
     FROM vetassist_auth.row_audit_registry r
-    WHERE r.enabled
-      AND NOT coalesce(vetassist_auth.row_audit_fires(to_regclass(r.target_table)), false);
+    WHERE r.enabled AND NOT vetassist_auth.row_audit_fires(r.target);
     ok := missing IS NULL;
     detail := coalesce('not firing (disabled, replica-only, renamed, replaced or dropped) on: ' || missing,
                        'every table put under row audit still has it');
@@ -580,8 +587,8 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM vetassist_auth.attach_row_audit(target, redact, ignore);
-    INSERT INTO vetassist_auth.row_audit_registry AS r (target_table, enabled) VALUES (target::text, true)
-    ON CONFLICT (target_table) DO UPDATE SET enabled = true, changed_at = clock_timestamp();
+    INSERT INTO vetassist_auth.row_audit_registry AS r (target, enabled) VALUES (target, true)
+    ON CONFLICT ON CONSTRAINT row_audit_registry_pkey DO UPDATE SET enabled = true, changed_at = clock_timestamp();
     PERFORM vetassist_auth.write_audit('audit', 'row_audit_enabled', 'success', NULL, target::text, NULL,
         jsonb_build_object('redact', redact, 'ignore', ignore));
 END
@@ -594,19 +601,17 @@ BEGIN
         RETURN false;
     END IF;
     EXECUTE format('DROP TRIGGER vetassist_row_audit ON %s', target);
-    UPDATE vetassist_auth.row_audit_registry SET enabled = false, changed_at = clock_timestamp()
-    WHERE target_table = target::text;
+    UPDATE vetassist_auth.row_audit_registry r SET enabled = false, changed_at = clock_timestamp()
+    WHERE r.target = disable_row_audit.target;
     PERFORM vetassist_auth.write_audit('audit', 'row_audit_disabled', 'success', NULL, target::text, NULL);
     RETURN true;
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.row_audit_expected(schema_name text, table_name text) RETURNS boolean
+CREATE FUNCTION vetassist_auth.row_audit_expected(tab oid) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT schema_name = 'vetassist_auth'
-        OR (schema_name NOT LIKE 'pg\_temp\_%' AND EXISTS (
-                SELECT 1 FROM vetassist_auth.row_audit_registry r
-                WHERE r.enabled AND r.target_table = format('%I.%I', schema_name, table_name)))
+    SELECT EXISTS (SELECT 1 FROM vetassist_auth.row_audit_registry r WHERE r.enabled AND r.target = tab)
+        OR EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tab AND c.relnamespace = 'vetassist_auth'::regnamespace)
 $$;
 
 CREATE OR REPLACE FUNCTION vetassist_auth.audit_table_altered() RETURNS event_trigger
@@ -627,8 +632,7 @@ BEGIN
                                    ELSE (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid) END AS tab
               FROM pg_event_trigger_ddl_commands() d
               WHERE d.classid IN ('pg_class'::regclass, 'pg_trigger'::regclass)) t
-        JOIN pg_class c ON c.oid = t.tab JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE vetassist_auth.row_audit_expected(n.nspname, c.relname)
+        WHERE vetassist_auth.row_audit_expected(t.tab)
           AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.tab
                         AND (g.tgname = 'vetassist_row_audit' OR g.tgfoid = 'vetassist_auth.row_audit()'::regprocedure))
     LOOP
@@ -646,68 +650,28 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     dropped record;
 BEGIN
-    -- A trigger's address is its table's schema, its table and its own name.
     FOR dropped IN
-        SELECT o.address_names[1] AS schema_name, o.address_names[2] AS table_name
+        -- A row-audit trigger dropped from a table that stays (a trigger's address is its
+        -- table's schema and name, then its own name).
+        SELECT t.tab::regclass::text AS target_table, 'dropped' AS row_audit
+        FROM (SELECT to_regclass(format('%I.%I', o.address_names[1], o.address_names[2])) AS tab
+              FROM pg_event_trigger_dropped_objects() o
+              WHERE o.object_type = 'trigger' AND o.address_names[3] = 'vetassist_row_audit') t
+        WHERE t.tab IS NOT NULL AND vetassist_auth.row_audit_expected(t.tab)
+        UNION ALL
+        -- A table under row audit dropped whole, its trigger with it.
+        SELECT o.object_identity, 'table_dropped'
         FROM pg_event_trigger_dropped_objects() o
-        WHERE o.object_type = 'trigger' AND o.address_names[3] = 'vetassist_row_audit'
-          AND vetassist_auth.row_audit_expected(o.address_names[1], o.address_names[2])
+        WHERE o.object_type = 'table' AND o.objid IN (SELECT r.target FROM vetassist_auth.row_audit_registry r WHERE r.enabled)
     LOOP
-        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL,
-            format('%I.%I', dropped.schema_name, dropped.table_name), NULL,
-            jsonb_build_object('row_audit', 'dropped', 'command', tg_tag, 'by', session_user));
+        PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL, dropped.target_table, NULL,
+            jsonb_build_object('row_audit', dropped.row_audit, 'command', tg_tag, 'by', session_user));
     END LOOP;
+    -- Its audit rows are the record; nothing is left to check.
+    DELETE FROM vetassist_auth.row_audit_registry r
+    WHERE r.target IN (SELECT o.objid FROM pg_event_trigger_dropped_objects() o WHERE o.object_type = 'table');
 END
 $$;
-
-CREATE FUNCTION vetassist_auth.promote()
-RETURNS TABLE (action text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    subs oid[];
-BEGIN
-    -- One promotion at a time.
-    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
-    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
-    FROM pg_subscription_rel sr
-    JOIN pg_class c ON c.oid = sr.srrelid
-    JOIN pg_subscription s ON s.oid = sr.srsubid
-    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
-    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
-        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
-        action := 'subscription disabled';
-        detail := r.subname;
-        RETURN NEXT;
-    END LOOP;
-    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
-    SELECT c.system_identifier, d.oid, subs
-    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
-    ON CONFLICT (system_identifier, database) DO UPDATE
-        SET promoted_at = clock_timestamp(),
-            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
-    -- From here on this node is the primary (node_role() reads the row just written).
-    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
-        IF r.sequence_name LIKE '% key rotated' THEN
-            action := 'key rotated';
-            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
-        ELSE
-            action := 'sequence moved';
-            detail := r.sequence_name || ' to ' || r.new_value;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
-        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
-                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
-    action := 'promoted';
-    detail := 'this node is the primary: the extension writes here';
-    RETURN NEXT;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.promote() IS
-    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
@@ -958,6 +922,8 @@ CREATE FUNCTION vetassist_auth.record_disclosure(subject_user_id uuid, recipient
                                                  details jsonb DEFAULT '{}')
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    recorded jsonb;
 BEGIN
     IF coalesce(btrim(recipient), '') = '' OR length(recipient) > 1000
        OR coalesce(btrim(description), '') = '' OR length(description) > 1000 THEN
@@ -967,8 +933,15 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: unknown purpose of disclosure' USING ERRCODE = '22023',
             HINT = 'SELECT purpose FROM vetassist_auth.disclosure_purposes() lists them.';
     END IF;
-    IF details IS NULL OR jsonb_typeof(details) <> 'object' OR octet_length(details::text) > 65536 THEN
-        RAISE EXCEPTION 'vetassist_auth: details must be a JSON object of at most 64 KiB' USING ERRCODE = '22023';
+    IF details IS NULL OR jsonb_typeof(details) <> 'object' THEN
+        RAISE EXCEPTION 'vetassist_auth: details must be a JSON object' USING ERRCODE = '22023';
+    END IF;
+    recorded := jsonb_build_object('recipient', recipient, 'description', description, 'purpose', purpose,
+                                   'details', details);
+    -- What the recorder's outbox slot holds with the rest of the row (docs/api.md says 3 KiB).
+    IF pg_column_size(recorded) > 3072 THEN
+        RAISE EXCEPTION 'vetassist_auth: recipient, description and details take more than 3 KiB' USING ERRCODE = '22023',
+            HINT = 'Keep the disclosed documents elsewhere and name them in details.';
     END IF;
     PERFORM vetassist_auth.require_user(subject_user_id);
     -- In the caller's transaction a ROLLBACK would take the disclosure back.
@@ -976,8 +949,7 @@ BEGIN
         RAISE EXCEPTION 'vetassist_auth: disclosures are recorded only with the library preloaded' USING ERRCODE = '55000',
             HINT = 'Add vetassist_auth to shared_preload_libraries and restart.';
     END IF;
-    RETURN vetassist_auth.write_audit_durably('disclosure', 'phi_disclosed', 'success', subject_user_id, NULL, NULL,
-        jsonb_build_object('recipient', recipient, 'description', description, 'purpose', purpose, 'details', details));
+    RETURN vetassist_auth.write_audit_durably('disclosure', 'phi_disclosed', 'success', subject_user_id, NULL, NULL, recorded);
 END
 $$;
 
@@ -988,7 +960,7 @@ CREATE FUNCTION vetassist_auth.disclosures_about(subject uuid, since timestamptz
 RETURNS TABLE (audit_id bigint, occurred_at timestamptz, actor_user_id uuid, recipient text, description text,
                purpose text, accountable boolean, recorded_by text, event_type text, outcome text, db_role text,
                session_id uuid, details jsonb)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT a.id, a.occurred_at, a.actor_user_id,
            CASE WHEN a.category = 'disclosure' THEN a.details ->> 'recipient' END,
            CASE WHEN a.category = 'disclosure' THEN a.details ->> 'description'
@@ -1037,12 +1009,14 @@ BEGIN
     PERFORM vetassist_auth.check_period(user_id, since, 'infinity');
     PERFORM vetassist_auth.write_audit_durably('audit', 'accounting_of_disclosures_read', 'success', user_id, 'audit_log', NULL,
         jsonb_build_object('since', since));
+    -- Only the disclosures (index audit_log_disclosures), not every PHI row of the veteran.
     RETURN QUERY
-    SELECT d.occurred_at, d.recipient, d.description, p.statement
-    FROM vetassist_auth.disclosures_about(user_id, since, 'infinity') d
-    JOIN vetassist_auth.disclosure_purposes() p ON p.purpose = d.purpose
-    WHERE d.accountable
-    ORDER BY d.occurred_at, d.audit_id;
+    SELECT a.occurred_at, a.details ->> 'recipient', a.details ->> 'description', p.statement
+    FROM vetassist_auth.audit_log a
+    JOIN vetassist_auth.disclosure_purposes() p ON p.purpose = a.details ->> 'purpose'
+    WHERE a.subject_user_id = accounting_of_disclosures.user_id AND a.category = 'disclosure'
+      AND a.occurred_at >= since AND p.accountable
+    ORDER BY a.occurred_at, a.id;
 END
 $$;
 
@@ -1054,20 +1028,26 @@ RETURNS TABLE (occurred_at timestamptz, actor_user_id uuid, recipient text, desc
                accountable boolean, recorded_by text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    owner uuid;
     s vetassist_auth.sessions;
 BEGIN
-    IF jwt_id IS NULL OR NOT EXISTS (SELECT 1 FROM vetassist_auth.session_routes r WHERE r.jwt_id = my_disclosures.jwt_id) THEN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = my_disclosures.jwt_id;
+    -- FOR SHARE reads the session as it is now: in a REPEATABLE READ transaction a session
+    -- ended after its snapshot is a serialization failure (40001), never a live session.
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = my_disclosures.jwt_id FOR SHARE;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no live session' USING ERRCODE = '28000';
     END IF;
-    s := vetassist_auth.session_by_jwt(jwt_id);
     PERFORM vetassist_auth.require_live(s);
     IF vetassist_auth.mfa_required(jwt_id) THEN
         RAISE EXCEPTION 'vetassist_auth: the session has not completed MFA' USING ERRCODE = '28000';
     END IF;
     PERFORM vetassist_auth.check_period(s.user_id, since, 'infinity');
-    -- Recorded as the veteran's own access, in this session.
+    -- Recorded as the veteran's own access, in this session, with the actor the application
+    -- named for the transaction, if another.
     PERFORM vetassist_auth.write_audit_durably_by_subject(s.user_id, s.id, 'my_disclosures_read',
-        jsonb_build_object('since', since));
+        jsonb_build_object('since', since) || CASE WHEN vetassist_auth.current_actor() <> s.user_id
+            THEN jsonb_build_object('requested_by', vetassist_auth.current_actor()) ELSE '{}' END);
     RETURN QUERY
     SELECT d.occurred_at, d.actor_user_id, d.recipient, d.description, d.purpose, d.accountable, d.recorded_by
     FROM vetassist_auth.disclosures_about(s.user_id, since, 'infinity') d;
@@ -1115,6 +1095,55 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) IS
     'One veteran''s session events (every severity) since then, oldest first; the read is audited.';
 
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
 SELECT vetassist_auth.define_key_usage();
 
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
@@ -1143,7 +1172,7 @@ REVOKE ALL ON FUNCTION vetassist_auth.write_audit_durably(text, text, text, uuid
 REVOKE ALL ON FUNCTION vetassist_auth.write_audit_durably_by_subject(uuid, uuid, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb, uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.audit_event(text, text, text, jsonb, uuid) TO vetassist_app, vetassist_admin;
-REVOKE ALL ON FUNCTION vetassist_auth.row_audit_expected(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.row_audit_expected(oid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.disclosure_purposes() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.disclosure_purposes() TO vetassist_app, vetassist_auditor;
 REVOKE ALL ON FUNCTION vetassist_auth.record_disclosure(uuid, text, text, text, jsonb) FROM PUBLIC;

@@ -134,18 +134,26 @@ fn mfa_failure_times(
     .or_raise()
 }
 
-/// Whether an MFA lock-out was caused in this session: the durable `mfa_locked_out` row that
-/// names it, read on a snapshot taken now. The session's LOCKED status is written in the
-/// caller's transaction, which may roll back; this row cannot (docs/ARCHITECTURE.md, "Records
-/// that survive a rollback"). Internal.
+/// The durable `mfa_locked_out` row naming a session, if any; the partial index
+/// audit_log_mfa_lockouts answers it with one probe.
+static LOCKED_SESSION: pg::SavedQuery = pg::SavedQuery::new(
+    c"SELECT 1 FROM vetassist_auth.audit_log a \
+       WHERE a.category = 'mfa' AND a.event_type = 'mfa_locked_out' \
+         AND a.target_table = 'sessions' AND a.target_id = $2 AND a.subject_user_id = $1 LIMIT 1",
+    &[pg_sys::UUIDOID, pg_sys::TEXTOID],
+);
+
+/// Whether an MFA lock-out was caused in this session, read on a snapshot taken now. The
+/// session's LOCKED status is written in the caller's transaction, which may roll back; the
+/// lock-out row cannot (docs/ARCHITECTURE.md, "Records that survive a rollback"). Internal.
 #[pg_extern(strict, volatile)]
 fn mfa_locked_session(user_id: pgrx::Uuid, session_id: pgrx::Uuid) -> bool {
-    // The partial index audit_log_mfa_lockouts answers this with one probe.
-    let sql = format!(
-        "SELECT 1 FROM vetassist_auth.audit_log a \
-         WHERE a.category = 'mfa' AND a.event_type = 'mfa_locked_out' \
-           AND a.target_table = 'sessions' AND a.target_id = '{session_id}' \
-           AND a.subject_user_id = '{user_id}'::uuid LIMIT 1"
-    );
-    !pg::latest_rows(&sql, |_| Ok(())).or_raise().is_empty()
+    let args = [
+        user_id.into_datum().expect("a uuid datum"),
+        session_id.to_string().into_datum().expect("a text datum"),
+    ];
+    !LOCKED_SESSION
+        .latest_rows(&args, |_| Ok(()))
+        .or_raise()
+        .is_empty()
 }

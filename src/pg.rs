@@ -28,48 +28,113 @@ pub fn query_failure(sql: &str) -> impl FnOnce(pgrx::spi::SpiError) -> Failure +
 /// created, rotated or retired by a transaction that committed after the caller's snapshot is
 /// seen. `sql` holds no caller input (ids and purposes are formatted in by us); `read` gets a
 /// column reader per row.
-pub fn latest_rows<T>(sql: &str, mut read: impl FnMut(&LatestRow) -> Result<T>) -> Result<Vec<T>> {
+pub fn latest_rows<T>(sql: &str, read: impl FnMut(&LatestRow) -> Result<T>) -> Result<Vec<T>> {
     let query = std::ffi::CString::new(sql).expect("internal queries hold no NUL");
     search_path::pinned(|| {
         Spi::connect(|_client| {
-            // SAFETY: SPI is connected for the duration of this closure. The plan is prepared and
-            // freed here; SPI_execute_snapshot pushes (a copy of) the latest snapshot for the query
-            // alone. Tuples are read before the next SPI call, and FromDatum copies every value out
-            // of SPI's memory.
+            // SAFETY: SPI is connected for the duration of this closure; the plan is prepared and
+            // freed here.
             unsafe {
                 let plan = pg_sys::SPI_prepare(query.as_ptr(), 0, std::ptr::null_mut());
                 if plan.is_null() {
                     return Err(query_failure(sql)(pgrx::spi::SpiError::NoTupleTable));
                 }
-                let status = pg_sys::SPI_execute_snapshot(
-                    plan,
-                    std::ptr::null_mut(),
-                    std::ptr::null(),
-                    pg_sys::GetLatestSnapshot(),
-                    std::ptr::null_mut(),
-                    true,
-                    false,
-                    0,
-                );
-                let rows =
-                    if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null() {
-                        let table = &*pg_sys::SPI_tuptable;
-                        (0..pg_sys::SPI_processed as usize)
-                            .map(|i| {
-                                read(&LatestRow {
-                                    tuple: *table.vals.add(i),
-                                    desc: table.tupdesc,
-                                })
-                            })
-                            .collect()
-                    } else {
-                        Err(query_failure(sql)(pgrx::spi::SpiError::NoTupleTable))
-                    };
+                let rows = execute_latest(plan, std::ptr::null_mut(), sql, read);
                 pg_sys::SPI_freeplan(plan);
                 rows
             }
         })
     })
+}
+
+/// A query of ours that runs on every call of a hot function: each backend prepares it once and
+/// keeps the plan (Postgres re-plans it when a table it reads changes).
+pub struct SavedQuery {
+    sql: &'static std::ffi::CStr,
+    arg_types: &'static [pg_sys::Oid],
+    plan: std::sync::atomic::AtomicPtr<pg_sys::_SPI_plan>,
+}
+
+impl SavedQuery {
+    pub const fn new(sql: &'static std::ffi::CStr, arg_types: &'static [pg_sys::Oid]) -> Self {
+        SavedQuery {
+            sql,
+            arg_types,
+            plan: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    /// `latest_rows` for this query with these arguments (one datum per argument type, none NULL).
+    pub fn latest_rows<T>(
+        &self,
+        args: &[pg_sys::Datum],
+        read: impl FnMut(&LatestRow) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(args.len(), self.arg_types.len(), "one datum per argument");
+        let sql = self.sql.to_str().expect("our queries are UTF-8");
+        search_path::pinned(|| {
+            Spi::connect(|_client| {
+                // SAFETY: SPI is connected for the duration of this closure. A saved plan lives in
+                // its own memory context until the backend exits (SPI_keepplan); the argument
+                // types outlive the prepare, and `args` holds one datum per argument.
+                unsafe {
+                    let mut plan = self.plan.load(Relaxed);
+                    if plan.is_null() {
+                        plan = pg_sys::SPI_prepare(
+                            self.sql.as_ptr(),
+                            self.arg_types.len() as i32,
+                            self.arg_types.as_ptr().cast_mut(),
+                        );
+                        if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+                            return Err(query_failure(sql)(pgrx::spi::SpiError::NoTupleTable));
+                        }
+                        self.plan.store(plan, Relaxed);
+                    }
+                    execute_latest(plan, args.as_ptr().cast_mut(), sql, read)
+                }
+            })
+        })
+    }
+}
+
+/// Runs a prepared plan on (a copy of) the latest snapshot, for this query alone, and reads its
+/// rows before the next SPI call; FromDatum copies every value out of SPI's memory.
+///
+/// # Safety
+/// SPI is connected, `plan` is a valid plan, and `args` holds one datum per argument of it.
+unsafe fn execute_latest<T>(
+    plan: pg_sys::SPIPlanPtr,
+    args: *mut pg_sys::Datum,
+    sql: &str,
+    mut read: impl FnMut(&LatestRow) -> Result<T>,
+) -> Result<Vec<T>> {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let status = pg_sys::SPI_execute_snapshot(
+            plan,
+            args,
+            std::ptr::null(),
+            pg_sys::GetLatestSnapshot(),
+            std::ptr::null_mut(),
+            true,
+            false,
+            0,
+        );
+        if status == pg_sys::SPI_OK_SELECT as i32 && !pg_sys::SPI_tuptable.is_null() {
+            let table = &*pg_sys::SPI_tuptable;
+            (0..pg_sys::SPI_processed as usize)
+                .map(|i| {
+                    read(&LatestRow {
+                        tuple: *table.vals.add(i),
+                        desc: table.tupdesc,
+                    })
+                })
+                .collect()
+        } else {
+            Err(query_failure(sql)(pgrx::spi::SpiError::NoTupleTable))
+        }
+    }
 }
 
 pub struct LatestRow {

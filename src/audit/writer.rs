@@ -130,6 +130,15 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who, id: Option<i64>) -> i64 {
     // current memory context, and the executor state is freed after the insert.
     unsafe {
         let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as i32);
+        // As the table's owner: its index expressions (hash_key_id) are executed with the
+        // current user's EXECUTE privilege, and a row-audited table may belong to any role.
+        // An ERROR before the switch back is undone by the (sub)transaction's abort.
+        let (mut caller, mut context) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut caller, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            (*(*rel).rd_rel).relowner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
         let desc = (*rel).rd_att;
         let id = id.unwrap_or_else(|| {
             pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false))
@@ -197,6 +206,7 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who, id: Option<i64>) -> i64 {
         }
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
         pg_sys::FreeExecutorState(estate);
+        pg_sys::SetUserIdAndSecContext(caller, context);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
         id
     }

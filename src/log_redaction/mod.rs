@@ -100,14 +100,20 @@ unsafe fn current_statement_of_ours() -> Option<(String, String, Vec<String>)> {
             })
             .map(|c| {
                 (
-                    c.original.clone(),
-                    c.masked.to_string_lossy().into_owned(),
-                    c.values.clone(),
+                    c.masked_ptr,
+                    (
+                        c.original.clone(),
+                        c.masked.to_string_lossy().into_owned(),
+                        c.values.clone(),
+                    ),
                 )
             })
     });
-    if known.is_some() {
-        return known;
+    if let Some((masked_ptr, statement)) = known {
+        // The same statement run again: debug_query_string points at its original text once
+        // more, and must point at the masked copy again.
+        pg_sys::debug_query_string = masked_ptr as *const std::ffi::c_char;
+        return Some(statement);
     }
     let original = text_of(pg_sys::debug_query_string)?;
     if !calls_extension(&original) {

@@ -388,3 +388,93 @@ def test_row_audit_is_not_dodged_by_copy_nor_silently_disabled(chain):
             switch_on()
             assert su.execute(check).fetchone()[0], switch_off
         assert su.execute(check).fetchone()[0]
+
+
+# Found by an adversary: the alarm followed the table's name, and the audit writer evaluated the
+# audit log's index expressions as whoever changed the audited table.
+
+def owned_audited_table(chain, db, name):
+    """public.<name>, owned by the ordinary role tabowner, writable by app_user, under row audit."""
+    with chain.connect(db) as su:
+        su.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tabowner') THEN "
+                   "CREATE ROLE tabowner LOGIN; END IF; END $$")
+        su.execute("GRANT USAGE, CREATE ON SCHEMA public TO tabowner")
+        su.execute("CREATE SCHEMA IF NOT EXISTS elsewhere AUTHORIZATION tabowner")
+        su.execute(f"CREATE TABLE public.{name} (id int PRIMARY KEY, body text)")
+        su.execute(f"ALTER TABLE public.{name} OWNER TO tabowner")
+        su.execute(f"GRANT ALL ON public.{name} TO app_user")
+    with chain.connect(db, "admin_user") as admin:
+        admin.execute("SELECT vetassist_auth.enable_row_audit(%s)", (f"public.{name}",))
+
+
+def audit_rows_since(su, since_id):
+    return su.execute("""SELECT event_type, outcome, target_table, details ->> 'row_audit' FROM vetassist_auth.audit_log
+                         WHERE id > %s ORDER BY id""", (since_id,)).fetchall()
+
+
+def last_id(su):
+    return su.execute("SELECT coalesce(max(id), 0) FROM vetassist_auth.audit_log").fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def owners(chain):
+    install(chain, "owners")
+    return chain
+
+
+def test_a_table_of_an_ordinary_owner_stays_writable_under_row_audit(owners):
+    owned_audited_table(owners, "owners", "notes_w")
+    with owners.connect("owners", "tabowner") as owner:
+        owner.execute("INSERT INTO public.notes_w VALUES (0, 'by its owner')")
+    with owners.connect("owners", "app_user") as app, app.transaction():
+        app.execute("SELECT vetassist_auth.set_actor(NULL, '203.0.113.5')")  # a hashed address in the row
+        app.execute("INSERT INTO public.notes_w VALUES (1, 'by the application')")
+    with owners.connect("owners") as su:
+        assert su.execute("""SELECT count(*) FROM vetassist_auth.audit_log
+                             WHERE target_table = 'public.notes_w' AND event_type = 'insert'""").fetchone()[0] == 2
+
+
+def test_row_audit_switched_off_after_a_rename_or_a_move_is_an_alarm(owners):
+    owned_audited_table(owners, "owners", "notes_r")
+    owned_audited_table(owners, "owners", "notes_s")
+    with owners.connect("owners") as su, owners.connect("owners", "tabowner") as owner:
+        before = last_id(su)
+        owner.execute("ALTER TABLE public.notes_r RENAME TO notes_r_tmp")
+        owner.execute("ALTER TABLE public.notes_r_tmp DISABLE TRIGGER vetassist_row_audit")
+        owner.execute("ALTER TABLE public.notes_r_tmp ENABLE TRIGGER vetassist_row_audit")
+        owner.execute("ALTER TABLE public.notes_r_tmp RENAME TO notes_r")
+        owner.execute("ALTER TABLE public.notes_s SET SCHEMA elsewhere")
+        owner.execute("DROP TRIGGER vetassist_row_audit ON elsewhere.notes_s")
+        assert audit_rows_since(su, before) == [
+            ("audited_table_altered", "info", "public.notes_r_tmp", "enabled"),
+            ("audited_table_altered", "denied", "public.notes_r_tmp", "disabled"),
+            ("audited_table_altered", "info", "public.notes_r_tmp", "enabled"),
+            ("audited_table_altered", "info", "public.notes_r", "enabled"),
+            ("audited_table_altered", "info", "elsewhere.notes_s", "enabled"),
+            ("audited_table_altered", "denied", "elsewhere.notes_s", "dropped")]
+        detail = su.execute("""SELECT detail FROM vetassist_auth.verify_installation()
+                               WHERE check_name = 'audit: row audit enabled everywhere it was enabled'""").fetchone()[0]
+        assert "elsewhere.notes_s" in detail and "notes_r" not in detail
+        # Dropped whole: an alarm, and nothing left to check.
+        before = last_id(su)
+        owner.execute("DROP TABLE elsewhere.notes_s")
+        assert audit_rows_since(su, before) == [("audited_table_altered", "denied", "elsewhere.notes_s", "table_dropped")]
+        assert su.execute("""SELECT ok FROM vetassist_auth.verify_installation()
+                             WHERE check_name = 'audit: row audit enabled everywhere it was enabled'""").fetchone()[0]
+
+
+def test_another_table_under_an_audited_tables_old_name_raises_no_alarm(owners):
+    owned_audited_table(owners, "owners", "notes_f")
+    with owners.connect("owners") as su:
+        su.execute("GRANT CREATE ON SCHEMA public TO outsider")
+        with owners.connect("owners", "tabowner") as owner:
+            owner.execute("ALTER TABLE public.notes_f RENAME TO notes_f_moved")
+        before = last_id(su)
+        with owners.connect("owners", "outsider") as outsider:
+            outsider.execute("CREATE TABLE public.notes_f (id int)")
+            outsider.execute("CREATE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
+            outsider.execute("CREATE TRIGGER vetassist_row_audit AFTER INSERT ON public.notes_f FOR EACH ROW EXECUTE FUNCTION public.noop()")
+            outsider.execute("ALTER TABLE public.notes_f DISABLE TRIGGER vetassist_row_audit")
+            outsider.execute("DROP TABLE public.notes_f")
+        assert audit_rows_since(su, before) == []
+        su.execute("REVOKE CREATE ON SCHEMA public FROM outsider")

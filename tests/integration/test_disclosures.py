@@ -1,6 +1,8 @@
 """The accounting of disclosures (45 CFR 164.528) and the records auditors read (164.312(b)),
 attributed to the veteran they are about (docs/hipaa.md). Each test is something an application
 team, a privacy officer or an attacker found wrong on 0.1.5."""
+import uuid
+
 import psycopg
 import pytest
 
@@ -256,3 +258,50 @@ def test_a_session_locked_by_mfa_failures_stays_locked_when_the_caller_rolls_bac
     finally:
         with db.connect(DB) as owner:
             owner.execute(f"ALTER ROLE app_user IN DATABASE {DB} RESET vetassist_auth.mfa_lockout")
+
+
+# Found by an adversary.
+
+def test_a_disclosure_up_to_the_documented_size_is_recorded_and_one_over_is_refused(app, su):
+    vet = veteran(app, "8100000013V1", tokens=None)
+    # Two-byte characters (the limit is on stored bytes, not characters) and details: under 3 KiB.
+    app.execute("SELECT vetassist_auth.record_disclosure(%s, repeat('é', 400), repeat('ü', 400), 'public_health', "
+                "jsonb_build_object('note', repeat('x', 900)))", (vet,))
+    expect_sqlstate("22023", app, "SELECT vetassist_auth.record_disclosure(%s, repeat('é', 1000), repeat('ü', 1000), "
+                                  "'public_health')", (vet,))
+    expect_sqlstate("22023", app, "SELECT vetassist_auth.record_disclosure(%s, 'Registry', 'Labs', 'public_health', "
+                                  "jsonb_build_object('note', repeat('x', 3100)))", (vet,))
+    assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE category = 'disclosure' AND subject_user_id = %s",
+                      (vet,)).fetchone()[0] == 1
+
+
+def test_a_statement_run_twice_is_redacted_in_the_log_both_times(db, app):
+    vet = veteran(app, "8100000014V1", tokens=None)
+    secret = f"Recipient-{uuid.uuid4().hex}"
+    sql = f"SELECT vetassist_auth.record_disclosure('{vet}', '{secret}', 'HIV test result', 'no_such_purpose')"
+    for _ in range(2):
+        expect_sqlstate("22023", app, sql)
+    # Each ERROR and its STATEMENT line reach server.log before the client gets the error.
+    assert secret not in db.log()
+
+
+def test_a_session_ended_after_a_repeatable_read_snapshot_discloses_nothing(db, app):
+    signed_in(app, "8100000015V1", "jti-rr")
+    with db.connect(DB, "app_user", autocommit=False) as rr:
+        rr.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        assert rr.execute("SELECT vetassist_auth.session_status('jti-rr'::text)").fetchone()[0] == "ACTIVE"
+        assert app.execute("SELECT vetassist_auth.end_session('jti-rr', 'logout')").fetchone()[0]
+        with pytest.raises(psycopg.Error) as refused:
+            rr.execute("SELECT * FROM vetassist_auth.my_disclosures('jti-rr')")
+        assert refused.value.sqlstate in ("40001", "28000"), refused.value.sqlstate
+
+
+def test_my_disclosures_read_names_the_actor_who_asked_for_it(app, su):
+    vet, _ = signed_in(app, "8100000016V1", "jti-clerk")
+    clerk = veteran(app, "8100000017V1", tokens=None)
+    with app.transaction():
+        app.execute("SELECT vetassist_auth.set_actor(%s)", (clerk,))
+        app.execute("SELECT * FROM vetassist_auth.my_disclosures('jti-clerk')")
+    row = su.execute("""SELECT actor_user_id, details ->> 'requested_by' FROM vetassist_auth.audit_log
+                        WHERE event_type = 'my_disclosures_read' AND subject_user_id = %s""", (vet,)).fetchone()
+    assert row == (vet, str(clerk))
