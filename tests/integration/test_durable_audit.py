@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from vetassist_testing import BIN, authenticator_code, install, installed_cluster, wait_for
+from vetassist_testing import BIN, authenticator_code, expect_sqlstate, install, installed_cluster, wait_for
 
 MFA_LOCKED = "28000"
 
@@ -383,6 +383,9 @@ def test_verify_installation_reports_when_the_guarantee_is_not_in_force():
             uid = veteran(app, "7000000014V1")
             app.execute("SELECT * FROM vetassist_auth.user_profile(%s)", (uid,))
             assert rows(su, uid, "phi_access", "user_profile_read") == 1
+            # A disclosure the application records must outlive its rollback: refused instead.
+            expect_sqlstate("55000", app, "SELECT vetassist_auth.record_disclosure(%s, 'Court', 'Records', 'judicial_administrative')",
+                            (uid,))
 
 
 def test_a_transaction_that_first_used_a_key_holds_nothing_up(cluster):

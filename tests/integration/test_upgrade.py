@@ -76,6 +76,8 @@ def test_each_release_upgrades_with_its_data(upgrade_cluster):
             with app.transaction():
                 app.execute("SELECT vetassist_auth.set_actor(%s)", (uid,))
                 app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{\"page\": \"meds\"}')")
+            # A disclosure of the new release, sealed below with the rows before the upgrade.
+            app.execute("SELECT vetassist_auth.record_disclosure(%s, 'County registry', 'Labs', 'public_health')", (uid,))
             assert app.execute("SELECT vetassist_auth.end_session('jti-before-upgrade', 'logout')").fetchone()[0]
         with c.connect(db, "admin_user") as admin:
             # The TOTP secret enrolled under the old version (a phi key) moves to an mfa key.
@@ -95,6 +97,8 @@ def test_each_release_upgrades_with_its_data(upgrade_cluster):
                 "SELECT event_type FROM vetassist_auth.phi_disclosures(%s, now() - interval '1 hour', now() + interval '1 hour')",
                 (uid,))]
             assert events.count("record_viewed") == 2
+            assert auditor.execute("SELECT recipient FROM vetassist_auth.accounting_of_disclosures(%s)",
+                                   (uid,)).fetchall() == [("County registry",)]
 
 
 CATALOG = """
