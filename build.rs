@@ -3,23 +3,24 @@
 //! every `CREATE FUNCTION` / `CREATE TABLE vetassist_auth.…` in the hand-written SQL of `sql/`
 //! (not the upgrade scripts, which only repeat them). The log redaction masks literals of any
 //! statement that calls one of the functions unqualified or names a Citus shard of one of the
-//! tables (docs/ARCHITECTURE.md, "Log redaction").
+//! tables (docs/ARCHITECTURE.md, "Log redaction"). The roles each function is granted to, from
+//! the `GRANT EXECUTE` beside it, name the role to grant in a 42501's hint.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 fn main() {
     let mut names = BTreeSet::new();
     let mut tables = BTreeSet::new();
+    let mut grantees = BTreeMap::new();
     for file in files(Path::new("src"), "rs") {
         if file.ends_with("pg_tests.rs") {
             continue; // the in-process tests' own schema
         }
-        rust_functions(
-            &fs::read_to_string(&file).expect("readable source"),
-            &mut names,
-        );
+        let source = fs::read_to_string(&file).expect("readable source");
+        rust_functions(&source, &mut names);
+        granted(&source, &mut grantees);
     }
     for file in files(Path::new("sql"), "sql") {
         let upgrade = file
@@ -30,6 +31,7 @@ fn main() {
             let sql = fs::read_to_string(&file).expect("readable SQL");
             created(&sql, "function", &mut names);
             created(&sql, "table", &mut tables);
+            granted(&sql, &mut grantees);
         }
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -42,6 +44,19 @@ fn main() {
              pub const EXTENSION_TABLES: &[&str] = &[\n{}];\n",
             listed(&names),
             listed(&tables)
+        ),
+    )
+    .expect("OUT_DIR is writable");
+    let rows: String = grantees
+        .iter()
+        .map(|(name, roles)| format!("    ({name:?}, &{:?}),\n", roles.iter().collect::<Vec<_>>()))
+        .collect();
+    fs::write(
+        out.join("function_grantees.rs"),
+        format!(
+            "/// The roles each function of the extension is granted to, sorted by name (generated \
+             by build.rs from the GRANT beside each function).\n\
+             pub const FUNCTION_GRANTEES: &[(&str, &[&str])] = &[\n{rows}];\n"
         ),
     )
     .expect("OUT_DIR is writable");
@@ -118,5 +133,25 @@ fn created(source: &str, kind: &str, names: &mut BTreeSet<String>) {
         if declared && !name.is_empty() {
             names.insert(name);
         }
+    }
+}
+
+/// `GRANT EXECUTE ON FUNCTION vetassist_auth.name(…) TO role, role;`: the roles per name (the
+/// union over a name's overloads).
+fn granted(source: &str, grantees: &mut BTreeMap<String, BTreeSet<String>>) {
+    const GRANT: &str = "GRANT EXECUTE ON FUNCTION vetassist_auth.";
+    let mut rest = source;
+    while let Some(at) = rest.find(GRANT) {
+        rest = &rest[at + GRANT.len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let statement = &rest[..rest.find(';').unwrap_or(rest.len())];
+        let Some(to) = statement.rfind(" TO ") else {
+            continue;
+        };
+        let roles = grantees.entry(name).or_default();
+        roles.extend(statement[to + 4..].split(',').map(|r| r.trim().to_string()));
     }
 }

@@ -165,13 +165,23 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.mfa_enroll_totp(uuid) IS
     'Creates (or replaces, until confirmed) a TOTP secret and returns its otpauth:// URI: the only time the secret leaves the database.';
 
-CREATE FUNCTION vetassist_auth.mfa_confirm_totp(user_id uuid, code text) RETURNS boolean
+-- With the jwt_id of the user's live session, the confirming code also verifies that session:
+-- the same code cannot be used twice, so a separate mfa_verify would fail (and count).
+CREATE FUNCTION vetassist_auth.mfa_confirm_totp(user_id uuid, code text, jwt_id text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     m vetassist_auth.mfa_settings := vetassist_auth.mfa_row(user_id);
+    verifying vetassist_auth.sessions;
     step bigint;
     confirmed timestamptz;
 BEGIN
+    IF jwt_id IS NOT NULL THEN
+        verifying := vetassist_auth.session_by_jwt(jwt_id, true);
+        IF verifying.user_id <> mfa_confirm_totp.user_id THEN
+            RAISE EXCEPTION 'vetassist_auth: jwt_id must name a session of this user' USING ERRCODE = '22023';
+        END IF;
+        PERFORM vetassist_auth.require_live(verifying);
+    END IF;
     IF m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
     END IF;
@@ -183,10 +193,17 @@ BEGIN
     UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = confirmed
     WHERE s.user_id = mfa_confirm_totp.user_id;
     PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed', 'success', user_id, 'mfa_settings', user_id::text);
+    IF jwt_id IS NOT NULL THEN
+        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = confirmed
+        WHERE t.user_id = verifying.user_id AND t.id = verifying.id;
+        PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'success', verifying.user_id, 'sessions', verifying.id::text,
+            jsonb_build_object('method', 'totp_enrolment'));
+    END IF;
     RETURN true;
 END
 $$;
-COMMENT ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text) IS 'Enables TOTP once the user proves the authenticator works.';
+COMMENT ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text, text) IS
+    'Enables TOTP once the user proves the authenticator works; with the jwt_id of the user''s live session, the code also verifies that session.';
 
 CREATE FUNCTION vetassist_auth.mfa_verify(jwt_id text, code text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -294,12 +311,10 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION vetassist_auth.mfa_required(jwt_id text) RETURNS boolean
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+-- Whether a session still needs a second factor (mfa_required, authenticate). Internal.
+CREATE FUNCTION vetassist_auth.mfa_pending(s vetassist_auth.sessions) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    PERFORM vetassist_auth.require_live(s);
     IF s.mfa_verified OR NOT EXISTS (SELECT 1 FROM vetassist_auth.mfa_settings m
                                      WHERE m.user_id = s.user_id AND m.totp_enabled) THEN
         RETURN false;
@@ -307,6 +322,16 @@ BEGIN
     RETURN NOT EXISTS (SELECT 1 FROM vetassist_auth.trusted_devices d
                        WHERE d.user_id = s.user_id AND d.device_fingerprint_hash = s.device_fingerprint_hash
                          AND d.revoked_at IS NULL AND d.trusted_until > clock_timestamp());
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.mfa_required(jwt_id text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+BEGIN
+    PERFORM vetassist_auth.require_live(s);
+    RETURN vetassist_auth.mfa_pending(s);
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.mfa_required(text) IS
@@ -334,7 +359,7 @@ COMMENT ON FUNCTION vetassist_auth.mfa_disable(uuid) IS 'Removes TOTP, backup co
 -- Who may call the functions of this file (any other function of the extension: no role,
 -- sql/grants.sql).
 GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_enroll_totp(uuid) TO vetassist_app;
-GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text, text) TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_verify(text, text) TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_generate_backup_codes(uuid, integer) TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_trust_device(text, integer) TO vetassist_app;

@@ -89,8 +89,8 @@ BEGIN
     IF coalesce(jwt_id, '') = '' OR length(jwt_id) > 255 THEN
         RAISE EXCEPTION 'vetassist_auth: jwt_id must be 1 to 255 characters' USING ERRCODE = '22023';
     END IF;
-    IF expires_at IS NULL OR expires_at <= started THEN
-        RAISE EXCEPTION 'vetassist_auth: expires_at must be in the future' USING ERRCODE = '22023';
+    IF expires_at IS NULL OR NOT isfinite(expires_at) OR expires_at <= started THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
     END IF;
     IF length(user_agent) > 1024 OR length(device_fingerprint) > 1024 THEN
         RAISE EXCEPTION 'vetassist_auth: user_agent and device_fingerprint must be at most 1024 characters' USING ERRCODE = '22023';
@@ -147,11 +147,60 @@ COMMENT ON FUNCTION vetassist_auth.create_session(uuid, text, timestamptz, inet,
 
 -- The hot path: called on every API request. Usually one indexed SELECT; a write only once per
 -- session_touch_interval, or when the session has just expired.
+-- Validates and touches one session, for touch_session and authenticate: ends it when it is
+-- overdue or locked by an MFA lock-out it caused; otherwise names it for the audit rows of the
+-- transaction and records activity at most once per session_touch_interval. Returns its status,
+-- why it ended (NULL while ACTIVE) and until when it lives unless touched. Internal.
+CREATE FUNCTION vetassist_auth.touch(s vetassist_auth.sessions,
+    OUT status vetassist_auth.session_status, OUT reason text, OUT live_until timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    now_ts timestamptz := clock_timestamp();
+    touched_until timestamptz;
+BEGIN
+    live_until := s.live_until;
+    IF s.status <> 'ACTIVE' THEN
+        status := s.status;
+        reason := s.end_reason;
+        RETURN;
+    END IF;
+    IF now_ts >= s.live_until THEN
+        status := 'EXPIRED';
+        reason := CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END;
+        PERFORM vetassist_auth.close_session(s, status, reason);
+        RETURN;
+    END IF;
+    IF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
+        status := 'LOCKED';
+        reason := 'mfa_lockout';
+        PERFORM vetassist_auth.close_session(s, status, reason);
+        RETURN;
+    END IF;
+    PERFORM vetassist_auth.set_current_session(s.id);
+    IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
+        -- Computed here from the row read above (neither column changes): Citus refuses a
+        -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
+        touched_until := least(s.expires_at, now_ts + s.idle_timeout);
+        UPDATE vetassist_auth.sessions t
+        SET last_activity_at = now_ts, live_until = touched_until
+        WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
+        IF NOT FOUND THEN  -- ended by someone else a moment ago
+            SELECT t.status, t.end_reason INTO status, reason
+            FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id;
+            RETURN;
+        END IF;
+        live_until := touched_until;
+        INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
+        VALUES (s.id, s.user_id, 'request');
+    END IF;
+    status := 'ACTIVE';
+END
+$$;
+
 CREATE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth.session_status
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions;
-    now_ts timestamptz := clock_timestamp();
     owner uuid;
 BEGIN
     SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = touch_session.jwt_id;
@@ -159,32 +208,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
     END IF;
-    IF s.status <> 'ACTIVE' THEN
-        RETURN s.status;
-    END IF;
-    IF now_ts >= s.live_until THEN
-        PERFORM vetassist_auth.close_session(s, 'EXPIRED',
-            CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END);
-        RETURN 'EXPIRED';
-    END IF;
-    IF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
-        PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
-        RETURN 'LOCKED';
-    END IF;
-    PERFORM vetassist_auth.set_current_session(s.id);
-    IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
-        -- Computed here from the row read above (neither column changes): Citus refuses a
-        -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
-        UPDATE vetassist_auth.sessions t
-        SET last_activity_at = now_ts, live_until = least(s.expires_at, now_ts + s.idle_timeout)
-        WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
-        IF NOT FOUND THEN  -- ended by someone else a moment ago
-            RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id);
-        END IF;
-        INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
-        VALUES (s.id, s.user_id, 'request');
-    END IF;
-    RETURN 'ACTIVE';
+    RETURN (vetassist_auth.touch(s)).status;
 END
 $$;
 COMMENT ON FUNCTION vetassist_auth.touch_session(text) IS
@@ -209,6 +233,43 @@ END
 $$;
 COMMENT ON FUNCTION vetassist_auth.session_status(text) IS
     'The status without recording activity; IDLE means the idle time-out is less than session_idle_warning away.';
+
+-- One call per request: validates and touches the session, and for a session that stays
+-- ACTIVE names its user (the actor), the session and the client address for every audit row the
+-- rest of the transaction writes (also while MFA is still required: mfa_required says so).
+-- Anything else sets nothing and says why; an unknown jwt_id is status NULL, reason 'unknown'.
+CREATE FUNCTION vetassist_auth.authenticate(jwt_id text, client_ip inet DEFAULT NULL)
+RETURNS TABLE (status vetassist_auth.session_status, reason text, user_id uuid, session_id uuid,
+               mfa_required boolean, idle_expires_at timestamptz, absolute_expires_at timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions;
+    owner uuid;
+    touched record;
+BEGIN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = authenticate.jwt_id;
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = authenticate.jwt_id;
+    IF NOT FOUND THEN
+        reason := 'unknown';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    touched := vetassist_auth.touch(s);
+    status := touched.status;
+    reason := touched.reason;
+    IF touched.status = 'ACTIVE' THEN
+        PERFORM vetassist_auth.set_actor(s.user_id, host(client_ip));
+        user_id := s.user_id;
+        session_id := s.id;
+        mfa_required := vetassist_auth.mfa_pending(s);
+        idle_expires_at := touched.live_until;
+        absolute_expires_at := s.expires_at;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+COMMENT ON FUNCTION vetassist_auth.authenticate(text, inet) IS
+    'One call per request: validates and touches the session and, while it is ACTIVE, attaches its user, the session and the client address to the audit rows of the rest of the transaction.';
 
 CREATE FUNCTION vetassist_auth.end_session(jwt_id text, reason text DEFAULT 'logout') RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -452,6 +513,7 @@ COMMENT ON FUNCTION vetassist_auth.expire_sessions(integer) IS
 -- sql/grants.sql).
 GRANT EXECUTE ON FUNCTION vetassist_auth.create_session(uuid, text, timestamptz, inet, text, text, jsonb) TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.touch_session(text) TO vetassist_app;
+GRANT EXECUTE ON FUNCTION vetassist_auth.authenticate(text, inet) TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.session_status(text) TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.end_session(text, text) TO vetassist_app;
 GRANT EXECUTE ON FUNCTION vetassist_auth.end_user_sessions(uuid, text) TO vetassist_app, vetassist_admin;

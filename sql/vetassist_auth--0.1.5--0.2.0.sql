@@ -97,6 +97,11 @@ CREATE INDEX audit_log_disclosures ON vetassist_auth.audit_log (subject_user_id,
 DROP FUNCTION vetassist_auth.audit_event(text, text, text, jsonb);
 DROP FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz);
 DROP FUNCTION vetassist_auth.write_audit_durably(text, text, text, uuid, text, text, jsonb);
+-- The application's side: authenticate (one call per request, through touch, which
+-- touch_session shares), mfa_pending (mfa_required and authenticate), mfa_confirm_totp (a
+-- jwt_id argument: the confirming code verifies that session), create_session (a finite
+-- expires_at).
+DROP FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text);
 CREATE OR REPLACE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -403,6 +408,24 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
+    -- A superuser or a CREATEROLE role holds more than its extension role grants (it can read the
+    -- master key file, or grant itself what can): no login of the application, an auditor or an
+    -- administrator should be one (README, "Who must not hold what").
+    check_name := 'roles: no superuser or CREATEROLE role is a member of an extension role';
+    WITH RECURSIVE member_of(member, granted) AS (
+        SELECT m.member, m.roleid FROM pg_auth_members m
+        WHERE m.roleid IN (SELECT oid FROM pg_roles WHERE rolname IN ('vetassist_app', 'vetassist_auditor', 'vetassist_admin'))
+        UNION
+        SELECT m.member, mo.granted FROM pg_auth_members m JOIN member_of mo ON m.roleid = mo.member
+    )
+    SELECT string_agg(DISTINCT r.rolname || ' (' || g.rolname || ', '
+                      || CASE WHEN r.rolsuper THEN 'SUPERUSER' ELSE 'CREATEROLE' END || ')', ', ') INTO missing
+    FROM member_of mo JOIN pg_roles r ON r.oid = mo.member JOIN pg_roles g ON g.oid = mo.granted
+    WHERE r.rolsuper OR r.rolcreaterole;
+    ok := missing IS NULL;
+    detail := coalesce('members with more power than their role: ' || missing, 'none');
+    RETURN NEXT;
+
     check_name := 'grants: no function executable by PUBLIC';
     SELECT string_agg(f.oid::regprocedure::text, ', ') INTO missing
     FROM pg_proc f
@@ -683,11 +706,127 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION vetassist_auth.create_session(
+    user_id uuid, jwt_id text, expires_at timestamptz, ip inet DEFAULT NULL, user_agent text DEFAULT NULL,
+    device_fingerprint text DEFAULT NULL, device_info jsonb DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid      uuid := gen_random_uuid();
+    started  timestamptz := clock_timestamp();
+    idle     interval := vetassist_auth.session_idle_timeout();
+    ends     timestamptz;
+    active   boolean;
+    cap      integer := vetassist_auth.max_sessions_per_user();
+    oldest   vetassist_auth.sessions;
+BEGIN
+    IF coalesce(jwt_id, '') = '' OR length(jwt_id) > 255 THEN
+        RAISE EXCEPTION 'vetassist_auth: jwt_id must be 1 to 255 characters' USING ERRCODE = '22023';
+    END IF;
+    IF expires_at IS NULL OR NOT isfinite(expires_at) OR expires_at <= started THEN
+        RAISE EXCEPTION 'vetassist_auth: expires_at must be a finite time in the future' USING ERRCODE = '22023';
+    END IF;
+    IF length(user_agent) > 1024 OR length(device_fingerprint) > 1024 THEN
+        RAISE EXCEPTION 'vetassist_auth: user_agent and device_fingerprint must be at most 1024 characters' USING ERRCODE = '22023';
+    END IF;
+    IF device_info IS NOT NULL AND (jsonb_typeof(device_info) <> 'object' OR octet_length(device_info::text) > 16384) THEN
+        RAISE EXCEPTION 'vetassist_auth: device_info must be a JSON object of at most 16 KiB' USING ERRCODE = '22023';
+    END IF;
+    -- With a cap, concurrent sign-ins of one user take turns, so each sees the sessions of the
+    -- one before (FOR NO KEY UPDATE leaves the sessions' foreign-key checks alone).
+    IF cap > 0 THEN
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR NO KEY UPDATE;
+    ELSE
+        SELECT u.is_active INTO active FROM vetassist_auth.users u WHERE u.id = create_session.user_id FOR SHARE;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'vetassist_auth: no such user' USING ERRCODE = 'P0002';
+    ELSIF NOT active THEN
+        PERFORM vetassist_auth.write_audit_durably('session', 'sign_in_refused', 'denied', user_id, 'users', user_id::text,
+                                                   '{"reason": "account_deactivated"}');
+        RAISE EXCEPTION 'vetassist_auth: this account is deactivated' USING ERRCODE = '28000';
+    END IF;
+    ends := least(expires_at, started + vetassist_auth.session_absolute_timeout());
+    BEGIN
+        INSERT INTO vetassist_auth.session_routes (jwt_id, user_id) VALUES (jwt_id, user_id);
+        INSERT INTO vetassist_auth.sessions
+            (id, user_id, jwt_id, ip_hash, user_agent, device_fingerprint_hash, device_info,
+             idle_timeout, created_at, last_activity_at, expires_at, live_until)
+        VALUES (sid, user_id, jwt_id,
+                vetassist_auth.field_hash(ip::text, 'ip'), user_agent,
+                vetassist_auth.field_hash(device_fingerprint, 'device_fingerprint'), device_info,
+                idle, started, started, ends, least(ends, started + idle));
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'vetassist_auth: a session with this jwt_id already exists' USING ERRCODE = '23505';
+    END;
+    PERFORM vetassist_auth.write_audit('session', 'session_created', 'success', user_id, 'sessions', sid::text,
+        jsonb_build_object('expires_at', ends, 'idle_timeout', idle));
+    -- Over the per-user cap: the oldest live sessions give way.
+    IF cap > 0 THEN
+        FOR oldest IN
+            SELECT * FROM vetassist_auth.sessions s
+            WHERE s.user_id = create_session.user_id AND s.status = 'ACTIVE'
+            ORDER BY s.id = sid DESC, s.created_at DESC, s.last_activity_at DESC
+            OFFSET cap
+            FOR UPDATE
+        LOOP
+            PERFORM vetassist_auth.close_session(oldest, 'TERMINATED', 'session_limit');
+        END LOOP;
+    END IF;
+    RETURN sid;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.touch(s vetassist_auth.sessions,
+    OUT status vetassist_auth.session_status, OUT reason text, OUT live_until timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    now_ts timestamptz := clock_timestamp();
+    touched_until timestamptz;
+BEGIN
+    live_until := s.live_until;
+    IF s.status <> 'ACTIVE' THEN
+        status := s.status;
+        reason := s.end_reason;
+        RETURN;
+    END IF;
+    IF now_ts >= s.live_until THEN
+        status := 'EXPIRED';
+        reason := CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END;
+        PERFORM vetassist_auth.close_session(s, status, reason);
+        RETURN;
+    END IF;
+    IF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
+        status := 'LOCKED';
+        reason := 'mfa_lockout';
+        PERFORM vetassist_auth.close_session(s, status, reason);
+        RETURN;
+    END IF;
+    PERFORM vetassist_auth.set_current_session(s.id);
+    IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
+        -- Computed here from the row read above (neither column changes): Citus refuses a
+        -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
+        touched_until := least(s.expires_at, now_ts + s.idle_timeout);
+        UPDATE vetassist_auth.sessions t
+        SET last_activity_at = now_ts, live_until = touched_until
+        WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
+        IF NOT FOUND THEN  -- ended by someone else a moment ago
+            SELECT t.status, t.end_reason INTO status, reason
+            FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id;
+            RETURN;
+        END IF;
+        live_until := touched_until;
+        INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
+        VALUES (s.id, s.user_id, 'request');
+    END IF;
+    status := 'ACTIVE';
+END
+$$;
+
 CREATE OR REPLACE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth.session_status
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s vetassist_auth.sessions;
-    now_ts timestamptz := clock_timestamp();
     owner uuid;
 BEGIN
     SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = touch_session.jwt_id;
@@ -695,32 +834,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
     END IF;
-    IF s.status <> 'ACTIVE' THEN
-        RETURN s.status;
-    END IF;
-    IF now_ts >= s.live_until THEN
-        PERFORM vetassist_auth.close_session(s, 'EXPIRED',
-            CASE WHEN now_ts >= s.expires_at THEN 'absolute_timeout' ELSE 'idle_timeout' END);
-        RETURN 'EXPIRED';
-    END IF;
-    IF vetassist_auth.mfa_locked_session(s.user_id, s.id) THEN
-        PERFORM vetassist_auth.close_session(s, 'LOCKED', 'mfa_lockout');
-        RETURN 'LOCKED';
-    END IF;
-    PERFORM vetassist_auth.set_current_session(s.id);
-    IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
-        -- Computed here from the row read above (neither column changes): Citus refuses a
-        -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
-        UPDATE vetassist_auth.sessions t
-        SET last_activity_at = now_ts, live_until = least(s.expires_at, now_ts + s.idle_timeout)
-        WHERE t.user_id = s.user_id AND t.id = s.id AND t.status = 'ACTIVE';
-        IF NOT FOUND THEN  -- ended by someone else a moment ago
-            RETURN (SELECT t.status FROM vetassist_auth.sessions t WHERE t.user_id = s.user_id AND t.id = s.id);
-        END IF;
-        INSERT INTO vetassist_auth.session_activity (session_id, user_id, activity_type)
-        VALUES (s.id, s.user_id, 'request');
-    END IF;
-    RETURN 'ACTIVE';
+    RETURN (vetassist_auth.touch(s)).status;
 END
 $$;
 
@@ -741,6 +855,40 @@ BEGIN
     RETURN 'ACTIVE';
 END
 $$;
+
+CREATE FUNCTION vetassist_auth.authenticate(jwt_id text, client_ip inet DEFAULT NULL)
+RETURNS TABLE (status vetassist_auth.session_status, reason text, user_id uuid, session_id uuid,
+               mfa_required boolean, idle_expires_at timestamptz, absolute_expires_at timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions;
+    owner uuid;
+    touched record;
+BEGIN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = authenticate.jwt_id;
+    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = authenticate.jwt_id;
+    IF NOT FOUND THEN
+        reason := 'unknown';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    touched := vetassist_auth.touch(s);
+    status := touched.status;
+    reason := touched.reason;
+    IF touched.status = 'ACTIVE' THEN
+        PERFORM vetassist_auth.set_actor(s.user_id, host(client_ip));
+        user_id := s.user_id;
+        session_id := s.id;
+        mfa_required := vetassist_auth.mfa_pending(s);
+        idle_expires_at := touched.live_until;
+        absolute_expires_at := s.expires_at;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.authenticate(text, inet) IS
+    'One call per request: validates and touches the session and, while it is ACTIVE, attaches its user, the session and the client address to the audit rows of the rest of the transaction.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.expire_sessions(batch_size integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -861,6 +1009,45 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.mfa_confirm_totp(user_id uuid, code text, jwt_id text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m vetassist_auth.mfa_settings := vetassist_auth.mfa_row(user_id);
+    verifying vetassist_auth.sessions;
+    step bigint;
+    confirmed timestamptz;
+BEGIN
+    IF jwt_id IS NOT NULL THEN
+        verifying := vetassist_auth.session_by_jwt(jwt_id, true);
+        IF verifying.user_id <> mfa_confirm_totp.user_id THEN
+            RAISE EXCEPTION 'vetassist_auth: jwt_id must name a session of this user' USING ERRCODE = '22023';
+        END IF;
+        PERFORM vetassist_auth.require_live(verifying);
+    END IF;
+    IF m.totp_enabled THEN
+        RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
+    END IF;
+    step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'mfa_settings', user_id::text);
+    IF step IS NULL THEN
+        RETURN false;  -- mfa_check recorded the failure
+    END IF;
+    confirmed := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
+    UPDATE vetassist_auth.mfa_settings s SET totp_enabled = true, confirmed_at = confirmed
+    WHERE s.user_id = mfa_confirm_totp.user_id;
+    PERFORM vetassist_auth.write_audit('mfa', 'totp_enrolment_confirmed', 'success', user_id, 'mfa_settings', user_id::text);
+    IF jwt_id IS NOT NULL THEN
+        UPDATE vetassist_auth.sessions t SET mfa_verified = true, mfa_verified_at = confirmed
+        WHERE t.user_id = verifying.user_id AND t.id = verifying.id;
+        PERFORM vetassist_auth.write_audit('mfa', 'mfa_verified', 'success', verifying.user_id, 'sessions', verifying.id::text,
+            jsonb_build_object('method', 'totp_enrolment'));
+    END IF;
+    RETURN true;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text, text) IS
+    'Enables TOTP once the user proves the authenticator works; with the jwt_id of the user''s live session, the code also verifies that session.';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.mfa_trust_device(jwt_id text, days integer DEFAULT 30) RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -884,6 +1071,29 @@ BEGIN
     PERFORM vetassist_auth.write_audit('mfa', 'device_trusted', 'success', s.user_id, 'trusted_devices', device::text,
                                        jsonb_build_object('days', days));
     RETURN device;
+END
+$$;
+
+CREATE FUNCTION vetassist_auth.mfa_pending(s vetassist_auth.sessions) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF s.mfa_verified OR NOT EXISTS (SELECT 1 FROM vetassist_auth.mfa_settings m
+                                     WHERE m.user_id = s.user_id AND m.totp_enabled) THEN
+        RETURN false;
+    END IF;
+    RETURN NOT EXISTS (SELECT 1 FROM vetassist_auth.trusted_devices d
+                       WHERE d.user_id = s.user_id AND d.device_fingerprint_hash = s.device_fingerprint_hash
+                         AND d.revoked_at IS NULL AND d.trusted_until > clock_timestamp());
+END
+$$;
+
+CREATE OR REPLACE FUNCTION vetassist_auth.mfa_required(jwt_id text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s vetassist_auth.sessions := vetassist_auth.session_by_jwt(jwt_id);
+BEGIN
+    PERFORM vetassist_auth.require_live(s);
+    RETURN vetassist_auth.mfa_pending(s);
 END
 $$;
 
@@ -1189,3 +1399,9 @@ REVOKE ALL ON FUNCTION vetassist_auth.crisis_events(timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.crisis_events(timestamptz) TO vetassist_auditor;
 REVOKE ALL ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) TO vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.touch(vetassist_auth.sessions) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.mfa_pending(vetassist_auth.sessions) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.authenticate(text, inet) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.authenticate(text, inet) TO vetassist_app;
+REVOKE ALL ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text, text) TO vetassist_app;

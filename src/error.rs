@@ -10,8 +10,11 @@ pub enum Kind {
     NotConfigured,
     /// XX001: a ciphertext or wrapped key fails authentication.
     DataCorrupted,
-    /// 22023: a bad argument.
+    /// 22023: a well-formed argument the function does not accept.
     InvalidArgument,
+    /// 22P02: an argument given as text that is not in its format (an IP address), as
+    /// Postgres's input functions report a malformed typed one.
+    Malformed,
     /// 42501: the caller lacks a privilege the function needs.
     InsufficientPrivilege,
     /// P0002: the object named does not exist (or is not in the state asked for).
@@ -28,6 +31,7 @@ impl Kind {
             Kind::NotConfigured => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Kind::DataCorrupted => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
             Kind::InvalidArgument => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Kind::Malformed => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             Kind::InsufficientPrivilege => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             Kind::NotFound => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
             Kind::InsufficientResources => PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,

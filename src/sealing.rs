@@ -97,8 +97,8 @@ pub fn utf8(bytes: Vec<u8>) -> String {
 fn canonical_ip(value: &str) -> Result<String> {
     let bad = || {
         Failure::new(
-            Kind::InvalidArgument,
-            "vetassist_auth: value is not a valid IP address for field 'ip'",
+            Kind::Malformed,
+            "vetassist_auth: value must be an IPv4 or IPv6 address for field 'ip', as 203.0.113.7 or 2001:db8::1",
         )
     };
     let trimmed = value.trim();

@@ -7,7 +7,7 @@
 //! next. (A transaction-local setting would not work: SECURITY DEFINER functions with a
 //! `SET search_path` clause undo local settings made inside them.)
 
-use crate::error::OrRaise;
+use crate::error::{Failure, Kind, OrRaise};
 use crate::sealing;
 use pgrx::prelude::*;
 use pgrx::Uuid;
@@ -103,7 +103,17 @@ pub fn register_callbacks() {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
-    let ip_hash = client_ip.map(|ip| sealing::audit_ip_hash(ip).or_raise());
+    let ip_hash = client_ip.map(|ip| {
+        sealing::audit_ip_hash(ip)
+            .map_err(|failure| match failure.kind {
+                Kind::Malformed => Failure::new(
+                    Kind::Malformed,
+                    "vetassist_auth: client_ip must be an IPv4 or IPv6 address, as 203.0.113.7 or 2001:db8::1",
+                ),
+                _ => failure,
+            })
+            .or_raise()
+    });
     change_actor(|a| {
         a.user_id = user_id;
         a.ip_hash = ip_hash;

@@ -11,9 +11,13 @@
 //! `<redacted>` and the rest as written; its bind parameters, and values an error message quotes,
 //! are dropped. Every other statement is logged exactly as Postgres logs it.
 //!
+//! The same hook gives the errors Postgres raises about a call of ours a hint that teaches
+//! (`hints`): the expected format of a malformed argument, the role to grant.
+//!
 //! Channels that cannot be redacted this way (auto_explain's plans, utility statements kept by
 //! pg_stat_statements) are detected instead: `unsafe_log_channels`.
 
+mod hints;
 mod sql_tokens;
 
 use pgrx::pg_sys;
@@ -338,6 +342,19 @@ unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
             }
         });
         rewrite(&mut e.hint, |hint| without_values(hint, &values));
+        if e.hint.is_null() {
+            let hint = text_of(e.message).and_then(|message| {
+                hints::hint_for(
+                    e.sqlerrcode
+                        == pgrx::PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION as i32,
+                    e.sqlerrcode == pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32,
+                    &message,
+                )
+            });
+            if let Some(hint) = hint {
+                e.hint = error_cstring(&hint);
+            }
+        }
         rewrite(&mut e.context, |context| {
             without_values(&mask_argument_context(context), &values)
         });

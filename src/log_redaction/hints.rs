@@ -1,0 +1,112 @@
+//! Hints for the errors Postgres raises about a call of ours before any code of ours runs: an
+//! argument its input function cannot read (22P02), a function the caller's role may not
+//! execute (42501). Each names what is expected or whom to grant, never the value
+//! (docs/api.md, "Error codes").
+
+include!(concat!(env!("OUT_DIR"), "/function_grantees.rs"));
+
+/// The hint for such an error, if it is one of them.
+pub fn hint_for(invalid_text: bool, denied: bool, message: &str) -> Option<String> {
+    if invalid_text {
+        input_format_hint(message)
+    } else if denied {
+        grant_hint(message)
+    } else {
+        None
+    }
+}
+
+fn input_format_hint(message: &str) -> Option<String> {
+    const SYNTAX: &str = "invalid input syntax for type ";
+    if message.starts_with("invalid input value for enum vetassist_auth.session_status") {
+        return Some(
+            "vetassist_auth.session_status('…') with one text literal reads as a cast to the enum \
+             of that name: call the function as session_status(jwt_id => '…')."
+                .to_owned(),
+        );
+    }
+    let expected = match message.strip_prefix(SYNTAX)?.split(':').next()? {
+        "uuid" => "a uuid: 32 hexadecimal digits, as 123e4567-e89b-12d3-a456-426614174000",
+        "inet" => "an IP address, as 203.0.113.7 or 2001:db8::1",
+        "timestamp with time zone" => "a time, as 2026-12-04 15:30:00+00",
+        "interval" => "an interval, as '15 minutes' or '6 years'",
+        "integer" | "bigint" => "a whole number",
+        _ => return None,
+    };
+    Some(format!(
+        "The argument marked in the statement must be {expected}."
+    ))
+}
+
+fn grant_hint(message: &str) -> Option<String> {
+    if let Some(name) = message.strip_prefix("permission denied for function ") {
+        let roles = FUNCTION_GRANTEES
+            .binary_search_by(|(f, _)| (*f).cmp(name))
+            .ok()
+            .map(|i| FUNCTION_GRANTEES[i].1)?;
+        return Some(format!(
+            "{name} is for {}: GRANT {} TO the calling login role.",
+            roles.join(" and "),
+            roles[0]
+        ));
+    }
+    (message == "permission denied for schema vetassist_auth").then(|| {
+        "The extension is used through its roles: GRANT vetassist_app (the application), \
+         vetassist_auditor or vetassist_admin TO the calling login role."
+            .to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_granted_function_names_its_roles_in_a_denial() {
+        assert!(
+            FUNCTION_GRANTEES.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted for the search"
+        );
+        let hint = hint_for(false, true, "permission denied for function authenticate").unwrap();
+        assert_eq!(
+            hint,
+            "authenticate is for vetassist_app: GRANT vetassist_app TO the calling login role."
+        );
+        let hint = hint_for(
+            false,
+            true,
+            "permission denied for function phi_disclosures",
+        )
+        .unwrap();
+        assert!(hint.contains("GRANT vetassist_auditor"), "{hint}");
+        assert_eq!(
+            hint_for(false, true, "permission denied for function write_audit"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_malformed_argument_is_explained_without_its_value() {
+        let hint = hint_for(
+            true,
+            false,
+            "invalid input syntax for type uuid: \"<redacted>\"",
+        )
+        .unwrap();
+        assert!(
+            hint.contains("32 hexadecimal digits") && !hint.contains("redacted"),
+            "{hint}"
+        );
+        assert!(hint_for(
+            true,
+            false,
+            "invalid input value for enum vetassist_auth.session_status: \"<redacted>\""
+        )
+        .unwrap()
+        .contains("jwt_id =>"));
+        assert_eq!(
+            hint_for(true, false, "invalid input syntax for type point: \"x\""),
+            None
+        );
+    }
+}
