@@ -109,14 +109,16 @@ def run(c):
     codes = app.execute("SELECT vetassist_auth.mfa_generate_backup_codes(%s, 5)", (uid,)).fetchone()[0]
     say(f"5 backup codes shown once, e.g. {codes[0]}; only keyed hashes are kept")
 
-    step("Requests: every API call validates the session in one round trip")
+    step("Requests: one call per request validates the session and names who is acting")
+    sql("BEGIN; SELECT * FROM vetassist_auth.authenticate($jti, $client_ip); …the request's calls…; COMMIT")
     for path in ("/health-records", "/appointments", "/messages"):
         with app.transaction():
-            status = app.execute("SELECT vetassist_auth.touch_session('jti-maria-1')").fetchone()[0]
-            app.execute("SELECT vetassist_auth.set_actor(%s, '203.0.113.7')", (uid,))
+            status, _, _, _, mfa_required, idle_until, _ = app.execute(
+                "SELECT * FROM vetassist_auth.authenticate('jti-maria-1', '203.0.113.7')").fetchone()
             app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', %s)",
                         (json.dumps({"path": path}),))
-        say(f"GET {path:16} touch_session → {status}; audit_event written with actor, session and hashed IP")
+        say(f"GET {path:16} authenticate → {status}, MFA required: {mfa_required}, idle until {idle_until:%H:%M:%S}; "
+            "audit_event carries actor, session and hashed IP")
     profile = app.execute("SELECT first_name, email FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()
     say(f"user_profile() decrypts for display ({profile[0]}, {profile[1]}) and is audited as a PHI disclosure")
 

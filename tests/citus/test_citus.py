@@ -121,8 +121,13 @@ def test_the_sign_in_journey_runs_each_veteran_on_one_shard(nodes, coordinator, 
                                (jti, authenticator_code(uri, 1))).fetchone()[0]
             codes = app.execute("SELECT vetassist_auth.mfa_generate_backup_codes(%s, 3)", (uid,)).fetchone()[0]
             assert len(codes) == 3
-            app.execute("SELECT vetassist_auth.set_actor(%s, '203.0.113.7')", (uid,))
-            app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{}')")
+            status, _, user_id, _, mfa_required, _, _ = app.execute(
+                "SELECT * FROM vetassist_auth.authenticate(%s, '203.0.113.7')", (jti,)).fetchone()
+            assert (status, user_id, mfa_required) == ("ACTIVE", uid, False)
+            app.execute("SELECT vetassist_auth.audit_event('phi', 'record_viewed', 'success', '{}', %s)", (uid,))
+            app.execute("SELECT vetassist_auth.record_disclosure(%s, 'County registry', 'Labs', 'public_health')", (uid,))
+            assert [r[0] for r in app.execute("SELECT recipient FROM vetassist_auth.my_disclosures(%s)", (jti,))
+                    if r[0]] == ["County registry"]
             assert app.execute("SELECT first_name FROM vetassist_auth.user_profile(%s)", (uid,)).fetchone()[0] == "Maria"
             gen, token = app.execute("SELECT * FROM vetassist_auth.refresh_session_token(%s, NULL, 'r1')",
                                      (jti,)).fetchone()
