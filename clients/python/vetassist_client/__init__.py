@@ -1,42 +1,115 @@
 """Typed psycopg 3 client for the vetassist_auth PostgreSQL extension.
 
-The accounting-of-disclosures report is in ``vetassist_client.report`` (not imported here, so that
-``python -m vetassist_client.report`` runs it as a fresh module).
+``VetAssistClient`` / ``AsyncVetAssistClient`` (vetassist_app), ``AdminClient`` /
+``AsyncAdminClient`` (vetassist_admin) and ``AuditorClient`` / ``AsyncAuditorClient``
+(vetassist_auditor). The FastAPI dependency is in ``vetassist_client.fastapi`` and the
+accounting-of-disclosures report in ``vetassist_client.report`` (not imported here: the first
+needs FastAPI, and ``python -m vetassist_client.report`` runs the second as a fresh module).
 """
 
 from __future__ import annotations
 
-from .client import CrisisNotice, Disclosure, Profile, Request, SessionStatus, VetAssistClient
+from .aio import AsyncAdminClient, AsyncAuditorClient, AsyncVetAssistClient
+from .calls import client_address
+from .client import AdminClient, AuditorClient, VetAssistClient
 from .errors import (
+    ERROR_CLASSES,
     AuthenticationRefused,
     CiphertextInvalid,
+    ConcurrentChange,
     DuplicateSession,
     InvalidArgument,
     KeyNotConfigured,
+    MalformedInput,
     NotFound,
+    NotText,
     PermissionDenied,
+    RecorderUnavailable,
     TokenExpired,
     VetAssistError,
+    error_class,
     translate,
     translated_errors,
 )
+from .rows import (
+    AccountingEntry,
+    Authentication,
+    ChainHead,
+    ChainVerification,
+    CrisisEvent,
+    CrisisNotice,
+    Disclosure,
+    DisclosurePurpose,
+    InstallationCheck,
+    KeyUsage,
+    NodeChainHead,
+    NodeRole,
+    PhiAccess,
+    Profile,
+    PromoteStep,
+    ProtectedColumn,
+    RefreshedToken,
+    ResyncStep,
+    SealStatus,
+    SessionEvent,
+    SessionStatus,
+    ShardPlacement,
+    TrustedDevice,
+)
+from .scopes import Admin, AsyncAdmin, AsyncAuditor, AsyncRequest, Auditor, Request
 
 __all__ = [
+    "ERROR_CLASSES",
+    "AccountingEntry",
+    "Admin",
+    "AdminClient",
+    "AsyncAdmin",
+    "AsyncAdminClient",
+    "AsyncAuditor",
+    "AsyncAuditorClient",
+    "AsyncRequest",
+    "AsyncVetAssistClient",
+    "Auditor",
+    "AuditorClient",
+    "Authentication",
     "AuthenticationRefused",
+    "ChainHead",
+    "ChainVerification",
     "CiphertextInvalid",
+    "ConcurrentChange",
+    "CrisisEvent",
     "CrisisNotice",
     "Disclosure",
+    "DisclosurePurpose",
     "DuplicateSession",
+    "InstallationCheck",
     "InvalidArgument",
     "KeyNotConfigured",
+    "KeyUsage",
+    "MalformedInput",
+    "NodeChainHead",
+    "NodeRole",
     "NotFound",
+    "NotText",
     "PermissionDenied",
+    "PhiAccess",
     "Profile",
+    "PromoteStep",
+    "ProtectedColumn",
+    "RecorderUnavailable",
+    "RefreshedToken",
     "Request",
+    "ResyncStep",
+    "SealStatus",
+    "SessionEvent",
     "SessionStatus",
+    "ShardPlacement",
     "TokenExpired",
+    "TrustedDevice",
     "VetAssistClient",
     "VetAssistError",
+    "client_address",
+    "error_class",
     "translate",
     "translated_errors",
 ]

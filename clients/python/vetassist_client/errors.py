@@ -27,7 +27,8 @@ class VetAssistError(Exception):
 
 
 class KeyNotConfigured(VetAssistError):
-    """55000: no usable master key, or a data key at its encryption limit."""
+    """55000: no usable master key, a data key at its limit, or a node that writes nothing (a
+    logical replication subscriber before promote(), a hot standby)."""
 
     sqlstate = "55000"
 
@@ -39,19 +40,31 @@ class CiphertextInvalid(VetAssistError):
 
 
 class InvalidArgument(VetAssistError):
-    """22023 (or 22P02, malformed input such as a bad IP address): a bad argument."""
+    """22023: a well-formed argument the function does not accept (the message names it)."""
 
     sqlstate = "22023"
 
 
+class MalformedInput(InvalidArgument):
+    """22P02: a uuid, inet, timestamptz or enum literal the server cannot read."""
+
+    sqlstate = "22P02"
+
+
+class NotText(VetAssistError):
+    """22021: decrypt_text of a value holding a NUL byte; use decrypt."""
+
+    sqlstate = "22021"
+
+
 class AuthenticationRefused(VetAssistError):
-    """28000: the account is deactivated, or the session has ended."""
+    """28000: the account is deactivated, the session has ended, or MFA is locked out."""
 
     sqlstate = "28000"
 
 
 class NotFound(VetAssistError):
-    """P0002: no such user or session."""
+    """P0002: no such user or session; unretire_key/destroy_key of a key not retired."""
 
     sqlstate = "P0002"
 
@@ -69,22 +82,34 @@ class DuplicateSession(VetAssistError):
 
 
 class PermissionDenied(VetAssistError):
-    """42501: the database role lacks a privilege."""
+    """42501: the database role lacks a privilege (the hint names the role to grant)."""
 
     sqlstate = "42501"
 
 
-_BY_SQLSTATE: dict[str, type[VetAssistError]] = {
-    "55000": KeyNotConfigured,
-    "XX001": CiphertextInvalid,
-    "22023": InvalidArgument,
-    "22P02": InvalidArgument,
-    "28000": AuthenticationRefused,
-    "P0002": NotFound,
-    "VA001": TokenExpired,
-    "23505": DuplicateSession,
-    "42501": PermissionDenied,
-}
+class ConcurrentChange(VetAssistError):
+    """40001: the account changed concurrently during upsert_va_user; retry the request."""
+
+    sqlstate = "40001"
+
+
+class RecorderUnavailable(VetAssistError):
+    """53000: the audit recorder cannot record a disclosure now; nothing was disclosed."""
+
+    sqlstate = "53000"
+
+
+ERROR_CLASSES: tuple[type[VetAssistError], ...] = (
+    KeyNotConfigured, CiphertextInvalid, InvalidArgument, MalformedInput, AuthenticationRefused,
+    RecorderUnavailable, NotText, NotFound, DuplicateSession, PermissionDenied, ConcurrentChange,
+    TokenExpired,
+)
+_BY_SQLSTATE: dict[str, type[VetAssistError]] = {cls.sqlstate: cls for cls in ERROR_CLASSES if cls.sqlstate}
+
+
+def error_class(sqlstate: str | None) -> type[VetAssistError]:
+    """The class a SQLSTATE maps to; VetAssistError for one the API does not document."""
+    return _BY_SQLSTATE.get(sqlstate or "", VetAssistError)
 
 _QUOTED_VALUE = re.compile(r':\s*".*"\Z', re.DOTALL)
 
@@ -93,7 +118,7 @@ def translate(exc: psycopg.Error) -> VetAssistError:
     """The VetAssistError for a psycopg error, chosen by SQLSTATE (the caller sets ``__cause__``)."""
     message = exc.diag.message_primary
     message = _QUOTED_VALUE.sub("", message) if message else type(exc).__name__
-    return _BY_SQLSTATE.get(exc.sqlstate or "", VetAssistError)(message, exc.sqlstate)
+    return error_class(exc.sqlstate)(message, exc.sqlstate)
 
 
 @contextmanager

@@ -20,32 +20,21 @@ import io
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID
 
 import psycopg
-from psycopg.rows import TupleRow, class_row
+from psycopg.rows import TupleRow
 
 from .errors import VetAssistError, translated_errors
+from .rows import AccountingEntry
+from .scopes import Auditor
 
 TITLE = "Accounting of disclosures"
 EMPTY_PERIOD = "No disclosures requiring an accounting were made in this period."
 CSV_HEADER = ("date", "recipient", "description", "purpose")
 # What a spreadsheet would run as a formula when a cell starts with it (CWE-1236).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-@dataclass(frozen=True, slots=True)
-class AccountingEntry:
-    """One accountable disclosure, the content 164.528(b)(2) requires: its date, the recipient, a
-    brief description of the PHI disclosed and a brief statement of the purpose. Recipient and
-    description are left out of ``repr`` so an entry can be logged."""
-
-    disclosed_at: datetime
-    recipient: str = field(repr=False)
-    description: str = field(repr=False)
-    purpose: str
 
 
 def accounting_rows(conn: psycopg.Connection[TupleRow], user_id: UUID,
@@ -55,15 +44,7 @@ def accounting_rows(conn: psycopg.Connection[TupleRow], user_id: UUID,
 
     InvalidArgument for a bad period, PermissionDenied for a role that is not an auditor.
     """
-    with translated_errors():
-        cur = conn.cursor(row_factory=class_row(AccountingEntry))
-        if since is None:
-            cur.execute("SELECT disclosed_at, recipient, description, purpose"
-                        " FROM vetassist_auth.accounting_of_disclosures(%s)", (user_id,))
-        else:
-            cur.execute("SELECT disclosed_at, recipient, description, purpose"
-                        " FROM vetassist_auth.accounting_of_disclosures(%s, %s)", (user_id, since))
-        return cur.fetchall()
+    return Auditor(conn).accounting_of_disclosures(user_id, since)
 
 
 def _utc(moment: datetime) -> datetime:
