@@ -58,15 +58,19 @@ echo "==> Python client (clients/python), its printable report checked in headle
 scripts/ensure-chromium.sh >/dev/null
 (cd clients/python && VETASSIST_REQUIRE_CHROMIUM=1 "$ROOT/target/venv/bin/python" -m pytest -q tests)
 
-if command -v node >/dev/null && command -v npm >/dev/null; then
-    echo "==> Node example (clients/node)"
-    "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d postgres \
-        -c "DROP DATABASE IF EXISTS vetassist_node" -c "CREATE DATABASE vetassist_node"
-    "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d vetassist_node \
-        -c "CREATE EXTENSION vetassist_auth" \
-        -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'node_app') THEN CREATE ROLE node_app LOGIN IN ROLE vetassist_app; END IF; END \$\$"
-    (cd clients/node && { [ -d node_modules/pg ] || npm install --no-audit --no-fund --silent; } \
-        && VETASSIST_PG_CONNINFO="postgresql://node_app@/vetassist_node?host=$dir&port=$PORT" node --test)
-else
-    echo "==> Node example skipped: node/npm not installed"
-fi
+echo "==> Node client (clients/node)"
+scripts/ensure-node.sh
+"$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d postgres \
+    -c "DROP DATABASE IF EXISTS vetassist_node" -c "CREATE DATABASE vetassist_node"
+"$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$dir" -p $PORT -U postgres -d vetassist_node \
+    -c "CREATE EXTENSION vetassist_auth" \
+    -c "DO \$\$ BEGIN
+          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'node_app') THEN CREATE ROLE node_app LOGIN IN ROLE vetassist_app; END IF;
+          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'node_auditor') THEN CREATE ROLE node_auditor LOGIN IN ROLE vetassist_auditor; END IF;
+          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'node_admin') THEN CREATE ROLE node_admin LOGIN IN ROLE vetassist_admin; END IF;
+        END \$\$"
+(cd clients/node && npm ci --no-audit --no-fund --silent \
+    && VETASSIST_PG_CONNINFO="postgresql://node_app@/vetassist_node?host=$dir&port=$PORT" \
+       VETASSIST_PG_AUDITOR_CONNINFO="postgresql://node_auditor@/vetassist_node?host=$dir&port=$PORT" \
+       VETASSIST_PG_ADMIN_CONNINFO="postgresql://node_admin@/vetassist_node?host=$dir&port=$PORT" \
+       npm test)
