@@ -58,22 +58,24 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
-    -- A superuser or a CREATEROLE role holds more than its extension role grants (it can read the
-    -- master key file, or grant itself what can): no login of the application, an auditor or an
-    -- administrator should be one (README, "Who must not hold what").
-    check_name := 'roles: no superuser or CREATEROLE role is a member of an extension role';
+    -- SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS is more than an extension role grants (the
+    -- master key file, any role, a copy of every table, past row security): neither an extension
+    -- role nor a login that holds one, directly or through other roles, should have any
+    -- (README, "Who must not hold what").
+    check_name := 'roles: no extension role or member of one holds SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS';
     WITH RECURSIVE member_of(member, granted) AS (
-        SELECT m.member, m.roleid FROM pg_auth_members m
-        WHERE m.roleid IN (SELECT oid FROM pg_roles WHERE rolname IN ('vetassist_app', 'vetassist_auditor', 'vetassist_admin'))
+        SELECT r.oid, r.oid FROM pg_roles r WHERE r.rolname IN ('vetassist_app', 'vetassist_auditor', 'vetassist_admin')
         UNION
         SELECT m.member, mo.granted FROM pg_auth_members m JOIN member_of mo ON m.roleid = mo.member
     )
-    SELECT string_agg(DISTINCT r.rolname || ' (' || g.rolname || ', '
-                      || CASE WHEN r.rolsuper THEN 'SUPERUSER' ELSE 'CREATEROLE' END || ')', ', ') INTO missing
+    SELECT string_agg(DISTINCT r.rolname || ' (' || g.rolname || ': '
+                      || concat_ws(' ', CASE WHEN r.rolsuper THEN 'SUPERUSER' END, CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END,
+                                   CASE WHEN r.rolreplication THEN 'REPLICATION' END, CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END)
+                      || ')', ', ') INTO missing
     FROM member_of mo JOIN pg_roles r ON r.oid = mo.member JOIN pg_roles g ON g.oid = mo.granted
-    WHERE r.rolsuper OR r.rolcreaterole;
+    WHERE r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls;
     ok := missing IS NULL;
-    detail := coalesce('members with more power than their role: ' || missing, 'none');
+    detail := coalesce('more power than an extension role grants: ' || missing, 'none');
     RETURN NEXT;
 
     check_name := 'grants: no function executable by PUBLIC';

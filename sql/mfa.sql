@@ -185,8 +185,16 @@ BEGIN
     IF m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
     END IF;
-    step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'mfa_settings', user_id::text);
+    IF jwt_id IS NULL THEN
+        step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'mfa_settings', user_id::text);
+    ELSE
+        -- Failures through a session name it, so a lock-out they cause locks it (as mfa_verify).
+        step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'sessions', verifying.id::text);
+    END IF;
     IF step IS NULL THEN
+        IF jwt_id IS NOT NULL AND vetassist_auth.mfa_locked_until(user_id) IS NOT NULL THEN
+            PERFORM vetassist_auth.close_session(verifying, 'LOCKED', 'mfa_lockout');
+        END IF;
         RETURN false;  -- mfa_check recorded the failure
     END IF;
     confirmed := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker

@@ -176,7 +176,7 @@ BEGIN
         PERFORM vetassist_auth.close_session(s, status, reason);
         RETURN;
     END IF;
-    PERFORM vetassist_auth.set_current_session(s.id);
+    PERFORM vetassist_auth.set_request_session(s.id, s.user_id);
     IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
         -- Computed here from the row read above (neither column changes): Citus refuses a
         -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
@@ -197,15 +197,32 @@ BEGIN
 END
 $$;
 
+-- The session a request names, or a row of NULLs. In a REPEATABLE READ or SERIALIZABLE
+-- transaction, whose snapshot may predate the session's end, the row is read FOR SHARE: a session
+-- ended since is then a serialization failure (40001), never live. READ COMMITTED reads it as
+-- it is now without the lock (touch_session is the hot path). Internal.
+CREATE FUNCTION vetassist_auth.request_session(jwt text) RETURNS vetassist_auth.sessions
+LANGUAGE plpgsql AS $$
+DECLARE
+    found_session vetassist_auth.sessions;
+    owner uuid;
+BEGIN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = jwt;
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        SELECT * INTO found_session FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = jwt;
+    ELSE
+        SELECT * INTO found_session FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = jwt FOR SHARE;
+    END IF;
+    RETURN found_session;
+END
+$$;
+
 CREATE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth.session_status
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s vetassist_auth.sessions;
-    owner uuid;
+    s vetassist_auth.sessions := vetassist_auth.request_session(jwt_id);
 BEGIN
-    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = touch_session.jwt_id;
-    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = touch_session.jwt_id;
-    IF NOT FOUND THEN
+    IF s.id IS NULL THEN
         RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
     END IF;
     RETURN (vetassist_auth.touch(s)).status;
@@ -237,19 +254,18 @@ COMMENT ON FUNCTION vetassist_auth.session_status(text) IS
 -- One call per request: validates and touches the session, and for a session that stays
 -- ACTIVE names its user (the actor), the session and the client address for every audit row the
 -- rest of the transaction writes (also while MFA is still required: mfa_required says so).
--- Anything else sets nothing and says why; an unknown jwt_id is status NULL, reason 'unknown'.
+-- Anything else says why and names no one (an actor an earlier call set is cleared); an unknown
+-- jwt_id is status NULL, reason 'unknown'.
 CREATE FUNCTION vetassist_auth.authenticate(jwt_id text, client_ip inet DEFAULT NULL)
 RETURNS TABLE (status vetassist_auth.session_status, reason text, user_id uuid, session_id uuid,
                mfa_required boolean, idle_expires_at timestamptz, absolute_expires_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s vetassist_auth.sessions;
-    owner uuid;
+    s vetassist_auth.sessions := vetassist_auth.request_session(jwt_id);
     touched record;
 BEGIN
-    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = authenticate.jwt_id;
-    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = authenticate.jwt_id;
-    IF NOT FOUND THEN
+    IF s.id IS NULL THEN
+        PERFORM vetassist_auth.clear_actor();
         reason := 'unknown';
         RETURN NEXT;
         RETURN;
@@ -257,7 +273,9 @@ BEGIN
     touched := vetassist_auth.touch(s);
     status := touched.status;
     reason := touched.reason;
-    IF touched.status = 'ACTIVE' THEN
+    IF touched.status <> 'ACTIVE' THEN
+        PERFORM vetassist_auth.clear_actor();
+    ELSE
         PERFORM vetassist_auth.set_actor(s.user_id, host(client_ip));
         user_id := s.user_id;
         session_id := s.id;

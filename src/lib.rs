@@ -101,7 +101,8 @@ extension_sql_file!(
         session_settings::session_retention,
         session_settings::max_sessions_per_user,
         session_settings::refresh_reuse_grace,
-        audit::set_current_session,
+        audit::set_request_session,
+        audit::clear_actor,
         replica::require_primary_node,
         mfa::mfa_locked_session
     ]

@@ -18,6 +18,8 @@ struct Actor {
     user_id: Option<Uuid>,
     ip_hash: Option<Vec<u8>>,
     session_id: Option<Uuid>,
+    /// The user of that session: a row never names one user acting in another's session.
+    session_user_id: Option<Uuid>,
 }
 
 thread_local! {
@@ -99,7 +101,7 @@ pub fn register_callbacks() {
 
 /// Names the application user behind the current transaction (and, optionally, the end
 /// user's IP address, stored only as a keyed hash). Audit rows written later in the same
-/// transaction carry both.
+/// transaction carry both, and the session authenticate named only while it is this user's.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
@@ -117,17 +119,40 @@ fn set_actor(user_id: Option<Uuid>, client_ip: default!(Option<&str>, "NULL")) {
     change_actor(|a| {
         a.user_id = user_id;
         a.ip_hash = ip_hash;
+        if a.session_user_id.is_some() && a.session_user_id != user_id {
+            a.session_id = None;
+            a.session_user_id = None;
+        }
     });
 }
 
-/// Remembers the session a request runs in (touch_session calls it) for the audit rows after
-/// it. Internal: not granted to any role.
+/// Remembers the session a request runs in, and its user (touch_session and authenticate call
+/// it), for the audit rows after it. Internal: not granted to any role.
 #[pg_extern(strict, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
+fn set_request_session(session_id: Uuid, user_id: Uuid) {
+    crate::citus::require_coordinator();
+    crate::replica::require_primary();
+    change_actor(|a| {
+        a.session_id = Some(session_id);
+        a.session_user_id = Some(user_id);
+    });
+}
+
+/// The C symbol the touch_session of releases before 0.2.0 calls, until ALTER EXTENSION UPDATE.
+#[pg_extern(strict, sql = false)]
 fn set_current_session(session_id: Uuid) {
     crate::citus::require_coordinator();
     crate::replica::require_primary();
     change_actor(|a| a.session_id = Some(session_id));
+}
+
+/// Forgets actor, address and session for the rest of the transaction: a request whose session
+/// is not live writes no row in another request's name. Internal.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn clear_actor() {
+    change_actor(|a| *a = Actor::default());
 }
 
 #[pg_extern(stable, parallel_safe)]

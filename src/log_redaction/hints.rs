@@ -5,7 +5,11 @@
 
 include!(concat!(env!("OUT_DIR"), "/function_grantees.rs"));
 
-/// The hint for such an error, if it is one of them.
+/// The roles in the order a hint suggests them: the least privileged first.
+const ROLES_BY_PRIVILEGE: [&str; 3] = ["vetassist_app", "vetassist_auditor", "vetassist_admin"];
+
+/// The hint for such an error, if it is one of them: `invalid_text` for 22P02 and 22007 (a
+/// malformed date or time), `denied` for 42501.
 pub fn hint_for(invalid_text: bool, denied: bool, message: &str) -> Option<String> {
     if invalid_text {
         input_format_hint(message)
@@ -25,10 +29,16 @@ fn input_format_hint(message: &str) -> Option<String> {
                 .to_owned(),
         );
     }
+    const DATETIME: &str = "invalid input syntax for type timestamp with time zone";
+    if message.starts_with(DATETIME) {
+        return Some(
+            "The argument marked in the statement must be a time, as 2026-12-04 15:30:00+00."
+                .to_owned(),
+        );
+    }
     let expected = match message.strip_prefix(SYNTAX)?.split(':').next()? {
         "uuid" => "a uuid: 32 hexadecimal digits, as 123e4567-e89b-12d3-a456-426614174000",
         "inet" => "an IP address, as 203.0.113.7 or 2001:db8::1",
-        "timestamp with time zone" => "a time, as 2026-12-04 15:30:00+00",
         "interval" => "an interval, as '15 minutes' or '6 years'",
         "integer" | "bigint" => "a whole number",
         _ => return None,
@@ -40,14 +50,18 @@ fn input_format_hint(message: &str) -> Option<String> {
 
 fn grant_hint(message: &str) -> Option<String> {
     if let Some(name) = message.strip_prefix("permission denied for function ") {
-        let roles = FUNCTION_GRANTEES
+        let granted = FUNCTION_GRANTEES
             .binary_search_by(|(f, _)| (*f).cmp(name))
             .ok()
             .map(|i| FUNCTION_GRANTEES[i].1)?;
+        // The message names no schema: the hint says which function it is about.
+        let roles: Vec<&str> = ROLES_BY_PRIVILEGE
+            .into_iter()
+            .filter(|r| granted.contains(r))
+            .collect();
         return Some(format!(
-            "{name} is for {}: GRANT {} TO the calling login role.",
-            roles.join(" and "),
-            roles[0]
+            "If this is vetassist_auth.{name}: it is granted to {}; GRANT the one the login acts as TO it.",
+            roles.join(" or ")
         ));
     }
     (message == "permission denied for schema vetassist_auth").then(|| {

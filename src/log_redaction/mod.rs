@@ -346,7 +346,9 @@ unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
             let hint = text_of(e.message).and_then(|message| {
                 hints::hint_for(
                     e.sqlerrcode
-                        == pgrx::PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION as i32,
+                        == pgrx::PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION as i32
+                        || e.sqlerrcode
+                            == pgrx::PgSqlErrorCode::ERRCODE_INVALID_DATETIME_FORMAT as i32,
                     e.sqlerrcode == pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32,
                     &message,
                 )

@@ -116,15 +116,15 @@ def test_malformed_input_is_22P02_naming_what_was_expected_never_the_value(app, 
 def test_a_denied_call_names_the_role_to_grant(db):
     with db.connect(DB, "outsider") as outsider:
         err = expect_sqlstate("42501", outsider, "SELECT * FROM vetassist_auth.authenticate('x')")
-        assert "GRANT vetassist_app" in (err.diag.message_hint or ""), err.diag.message_hint
+        assert "GRANT vetassist_app (the application)" in (err.diag.message_hint or ""), err.diag.message_hint
     with db.connect(DB, "app_user") as app:
         err = expect_sqlstate("42501", app, "SELECT * FROM vetassist_auth.accounting_of_disclosures(gen_random_uuid())")
-        assert "GRANT vetassist_auditor" in (err.diag.message_hint or ""), err.diag.message_hint
+        assert "granted to vetassist_auditor;" in (err.diag.message_hint or ""), err.diag.message_hint
 
 
 def test_verify_installation_names_a_createrole_login_in_an_extension_role(db, su):
     check = """SELECT ok, detail FROM vetassist_auth.verify_installation()
-               WHERE check_name = 'roles: no superuser or CREATEROLE role is a member of an extension role'"""
+               WHERE check_name LIKE 'roles: no extension role or member of one holds SUPERUSER%'"""
     assert su.execute(check).fetchone()[0]
     su.execute("CREATE ROLE team_lead CREATEROLE")
     su.execute("CREATE ROLE web_group")
@@ -132,8 +132,90 @@ def test_verify_installation_names_a_createrole_login_in_an_extension_role(db, s
         su.execute("GRANT vetassist_app TO web_group")
         su.execute("GRANT web_group TO team_lead")
         ok, detail = su.execute(check).fetchone()
-        assert not ok and "team_lead (vetassist_app, CREATEROLE)" in detail
+        assert not ok and "team_lead (vetassist_app: CREATEROLE)" in detail
     finally:
         su.execute("DROP ROLE team_lead")
         su.execute("DROP ROLE web_group")
     assert su.execute(check).fetchone()[0]
+    # The extension role itself (found by an adversary: only members were looked at).
+    for attribute in ("SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"):
+        su.execute(f"ALTER ROLE vetassist_app {attribute}")
+        try:
+            ok, detail = su.execute(check).fetchone()
+            assert not ok and f"vetassist_app (vetassist_app: {attribute})" in detail, detail
+        finally:
+            su.execute(f"ALTER ROLE vetassist_app NO{attribute}")
+    assert su.execute(check).fetchone()[0]
+
+
+# Found by an adversary.
+
+def probe(conn):
+    return conn.execute("SELECT vetassist_auth.audit_event('phi', 'probe', 'info', '{}')").fetchone()[0]
+
+
+def actor_and_session(su, audit_id):
+    return su.execute("SELECT actor_user_id, session_id FROM vetassist_auth.audit_log WHERE id = %s", (audit_id,)).fetchone()
+
+
+def test_no_row_names_one_user_in_anothers_session_or_outlives_a_refused_authenticate(db, app, su):
+    a = veteran(app, "8200000006V1", tokens=None)
+    b = veteran(app, "8200000007V1", tokens=None)
+    sid_a = app.execute("SELECT vetassist_auth.create_session(%s, 'jti-a', now() + interval '1 hour')", (a,)).fetchone()[0]
+    app.execute("SELECT vetassist_auth.create_session(%s, 'jti-b', now() + interval '1 hour')", (b,))
+    app.execute("SELECT vetassist_auth.end_session('jti-b', 'logout')")
+    with app.transaction():
+        app.execute(AUTHENTICATE, ("jti-a", None))
+        same = probe(app)
+        app.execute("SELECT vetassist_auth.set_actor(%s)", (a,))   # the same user: the session stays
+        still = probe(app)
+        app.execute("SELECT vetassist_auth.set_actor(%s)", (b,))   # another user: not in A's session
+        other = probe(app)
+    assert [actor_and_session(su, i) for i in (same, still, other)] == [(a, sid_a), (a, sid_a), (b, None)]
+    with app.transaction():
+        app.execute(AUTHENTICATE, ("jti-a", None))
+        assert app.execute(AUTHENTICATE, ("jti-b", None)).fetchone()[0] == "TERMINATED"
+        refused = probe(app)
+        app.execute(AUTHENTICATE, ("jti-a", None))
+        assert app.execute(AUTHENTICATE, ("jti-unknown", None)).fetchone()[1] == "unknown"
+        unknown = probe(app)
+    assert actor_and_session(su, refused) == (None, None) and actor_and_session(su, unknown) == (None, None)
+
+
+def test_a_session_ended_after_a_repeatable_read_snapshot_is_never_active(db, app):
+    uid = veteran(app, "8200000008V1", tokens=None)
+    app.execute("SELECT vetassist_auth.create_session(%s, 'jti-rr', now() + interval '1 hour')", (uid,))
+    app.execute("SELECT vetassist_auth.create_session(%s, 'jti-rr2', now() + interval '1 hour')", (uid,))
+    for check, jti in ((AUTHENTICATE, "jti-rr"), ("SELECT vetassist_auth.touch_session(%s), %s", "jti-rr2")):
+        with db.connect(DB, "app_user", autocommit=False) as rr:
+            rr.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            rr.execute("SELECT 1")  # the snapshot
+            assert app.execute("SELECT vetassist_auth.lock_session(%s, 'suspected compromise')", (jti,)).fetchone()[0]
+            with pytest.raises(psycopg.Error) as raised:
+                rr.execute(check, (jti, None))
+            assert raised.value.sqlstate == "40001", raised.value.sqlstate
+
+
+def test_a_lockout_caused_through_mfa_confirm_totp_locks_that_session(db, app):
+    uid = veteran(app, "8200000009V1", tokens=None)
+    app.execute("SELECT vetassist_auth.create_session(%s, 'jti-confirm-lock', now() + interval '1 hour')", (uid,))
+    uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
+    wrong = next(c for c in ("000000", "111111", "222222") if c not in {authenticator_code(uri, o) for o in range(-3, 4)})
+    for _ in range(5):  # mfa_max_failures
+        assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s, 'jti-confirm-lock')", (uid, wrong)).fetchone()[0] is False
+    assert app.execute(AUTHENTICATE, ("jti-confirm-lock", None)).fetchone()[:2] == ("LOCKED", "mfa_lockout")
+
+
+def test_a_malformed_time_is_22007_with_a_hint_and_a_foreign_functions_denial_names_ours_only_conditionally(db, app, su):
+    err = expect_sqlstate("22007", app, "SELECT vetassist_auth.create_session(gen_random_uuid(), 'j', 'not-a-time-5d1')")
+    assert "2026-12-04 15:30:00+00" in (err.diag.message_hint or "") and "not-a-time-5d1" not in server_text(err)
+    su.execute("CREATE SCHEMA other_app; GRANT USAGE ON SCHEMA other_app TO PUBLIC;"
+               "CREATE FUNCTION other_app.end_user_sessions(uuid, text) RETURNS int LANGUAGE sql AS 'SELECT 1';"
+               "REVOKE ALL ON FUNCTION other_app.end_user_sessions(uuid, text) FROM PUBLIC")
+    try:
+        with db.connect(DB, "outsider") as outsider:
+            err = expect_sqlstate("42501", outsider, "SELECT other_app.end_user_sessions(NULL, 'x')")
+            assert (err.diag.message_hint or "").startswith("If this is vetassist_auth.end_user_sessions:")
+            assert "vetassist_app or vetassist_admin" in err.diag.message_hint
+    finally:
+        su.execute("DROP SCHEMA other_app CASCADE")
