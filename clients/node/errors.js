@@ -31,6 +31,8 @@ export class CiphertextInvalid extends VetAssistError { static sqlstate = 'XX001
 export class InvalidArgument extends VetAssistError { static sqlstate = '22023'; }
 /** 22P02: malformed typed input (uuid, inet, timestamptz, enum literal); an InvalidArgument, as in Python. */
 export class MalformedInput extends InvalidArgument { static sqlstate = '22P02'; }
+/** 22007: malformed date/time input (a timestamptz or interval literal Postgres cannot read); a MalformedInput. */
+export class MalformedTime extends MalformedInput { static sqlstate = '22007'; }
 /** 28000: deactivated account, ended session, MFA lock-out. */
 export class AuthenticationRefused extends VetAssistError { static sqlstate = '28000'; }
 /** 53000: the audit recorder cannot record a disclosure now; nothing was disclosed (retry later). */
@@ -51,7 +53,14 @@ export class TokenExpired extends VetAssistError { static sqlstate = 'VA001'; }
 /** Request-level misuse detected by the client (a call after the request ended); sqlstate null. */
 export class RequestClosed extends VetAssistError {}
 
-const CLASSES = [KeyNotConfigured, CiphertextInvalid, InvalidArgument, MalformedInput, AuthenticationRefused,
+/**
+ * The request's transaction was rolled back instead of committed: a call inside it failed and
+ * the error was caught, so PostgreSQL aborted the transaction and COMMIT answered ROLLBACK.
+ * Nothing the request wrote was kept; sqlstate null, `cause` the failure the client saw (if any).
+ */
+export class TransactionAborted extends VetAssistError {}
+
+const CLASSES = [KeyNotConfigured, CiphertextInvalid, InvalidArgument, MalformedInput, MalformedTime, AuthenticationRefused,
   RecorderUnavailable, NotText, NotFound, DuplicateSession, PermissionDenied, ConcurrentChange, TokenExpired];
 
 /** Every documented SQLSTATE and its class. */

@@ -6,7 +6,9 @@
 // route that requires it, is answered 401 after committing what authenticate recorded (an
 // expiry found on the spot, say). onSend, before the response leaves, commits: a handler's
 // response is only sent once its audit rows are durable, and a failed COMMIT becomes an error
-// response instead of a success that did not happen. It rolls back instead when the handler
+// response instead of a success that did not happen. So does a COMMIT the server answered with
+// ROLLBACK (a call failed and the handler caught the error, which aborted the transaction):
+// commit() throws TransactionAborted and the answer is 500, never the handler's 2xx. It rolls back instead when the handler
 // threw (onError) or the status is 5xx. onResponse rolls back whatever is still open.
 //
 // Route option `config: { vetassist: MODE }`:

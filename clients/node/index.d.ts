@@ -30,6 +30,7 @@ export class VetAssistError extends Error {
 /** XX001 */ export class CiphertextInvalid extends VetAssistError {}
 /** 22023 */ export class InvalidArgument extends VetAssistError {}
 /** 22P02 (also an InvalidArgument) */ export class MalformedInput extends InvalidArgument {}
+/** 22007: a timestamptz or interval literal Postgres cannot read (also a MalformedInput) */ export class MalformedTime extends MalformedInput {}
 /** 28000 */ export class AuthenticationRefused extends VetAssistError {}
 /** 53000 */ export class RecorderUnavailable extends VetAssistError {}
 /** 22021 */ export class NotText extends VetAssistError {}
@@ -40,6 +41,12 @@ export class VetAssistError extends Error {
 /** VA001 */ export class TokenExpired extends VetAssistError {}
 /** A call on a request that has already committed or rolled back (client-side). */
 export class RequestClosed extends VetAssistError {}
+/**
+ * The request's transaction was rolled back, not committed: a call in it failed and the error
+ * was caught, so COMMIT answered ROLLBACK (client-side, sqlstate null; `cause` the failure the
+ * client saw, if any). Thrown by authenticated(), request(), auditor(), admin() and commit().
+ */
+export class TransactionAborted extends VetAssistError {}
 
 export const ERROR_CLASSES: Readonly<Record<string, typeof VetAssistError>>;
 export function errorClassFor(sqlstate: string | null | undefined): typeof VetAssistError;
@@ -363,6 +370,7 @@ export class AdminScope extends Scope {
 export interface OpenRequest {
   request: AppRequest;
   auth: AuthResult | null;
+  /** COMMIT; throws TransactionAborted when the server rolled back instead (a caught failure). */
   commit(): Promise<void>;
   rollback(): Promise<void>;
 }
@@ -379,10 +387,13 @@ export class VetAssistClient {
   readonly pool: Pool;
   end(): Promise<void>;
 
-  /** BEGIN; authenticate(jwtId, clientIp); fn(req, auth); COMMIT (ROLLBACK when fn throws). */
+  /**
+   * BEGIN; authenticate(jwtId, clientIp); fn(req, auth); COMMIT (ROLLBACK when fn throws).
+   * Throws TransactionAborted when a call in fn failed and fn caught it (nothing was committed).
+   */
   authenticated<T>(jwtId: string, clientIp: string | null | undefined,
     fn: (req: AppRequest, auth: AuthResult) => Promise<T> | T): Promise<T>;
-  /** BEGIN; set_actor(actorUserId, clientIp) unless both are null; fn(req); COMMIT. */
+  /** BEGIN; set_actor(actorUserId, clientIp) unless both are null; fn(req); COMMIT (TransactionAborted as above). */
   request<T>(actorUserId: Uuid | null | undefined, clientIp: string | null | undefined,
     fn: (req: AppRequest) => Promise<T> | T): Promise<T>;
   auditor<T>(fn: (scope: AuditorScope) => Promise<T> | T): Promise<T>;

@@ -4,7 +4,8 @@
 // it with vetassist_auth.authenticate(jwt_id, client_ip), which validates and touches the
 // session and, for an ACTIVE one, names the actor, session and client address on every audit
 // row the request writes; `request()` opens it with set_actor for calls not tied to a session
-// (the sign-in callback). Commit at the end, roll back on a throw. The auditor's and the
+// (the sign-in callback). Commit at the end, roll back on a throw; a COMMIT the server answers
+// with ROLLBACK (a failed call the caller caught aborted the transaction) is TransactionAborted. The auditor's and the
 // administrator's functions are on scopes of their own (`auditor()`, `admin()`), for pools
 // connected as members of vetassist_auditor and vetassist_admin.
 //
@@ -13,7 +14,7 @@
 // because it shares its name with the enum type.
 import { isIP } from 'node:net';
 import pg from 'pg';
-import { RequestClosed, translate } from './errors.js';
+import { RequestClosed, TransactionAborted, translate } from './errors.js';
 
 export * from './errors.js';
 
@@ -63,6 +64,8 @@ class Transaction {
   #conn;
   #pool;
   #done = false;
+  /** @type {Error | undefined} */
+  #abortedBy = undefined;
 
   constructor(pool, conn) {
     this.#pool = pool;
@@ -83,21 +86,32 @@ class Transaction {
     try {
       return await conn.query({ text, values, rowMode, types: TYPES });
     } catch (err) {
-      throw translate(err);
+      const error = translate(err);
+      // A server error aborts the transaction, caught or not: the first one is the cause of the
+      // TransactionAborted that commit() throws.
+      if (err instanceof pg.DatabaseError) this.#abortedBy ??= error;
+      throw error;
     }
   }
 
   async commit() {
     if (this.#done) return;
     this.#done = true;
+    let result;
     try {
-      await this.#conn.query('COMMIT');
+      result = await this.#conn.query('COMMIT');
     } catch (err) {
       // A failed COMMIT ends the transaction (rolled back); the connection may be unusable.
       this.#conn.release(err);
       throw translate(err);
     }
     this.#conn.release();
+    // COMMIT of an aborted transaction (a failed statement the caller caught, through this
+    // client or on req.connection) succeeds with the command tag ROLLBACK: nothing was kept.
+    if (result?.command !== 'COMMIT') {
+      throw new TransactionAborted('vetassist-client: the transaction was rolled back, not committed: a statement'
+        + ' in it failed (the error was caught) and aborted it', null, this.#abortedBy ? { cause: this.#abortedBy } : undefined);
+    }
   }
 
   async rollback() {

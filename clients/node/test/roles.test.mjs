@@ -71,13 +71,15 @@ test('auditor: the accounting, PHI accesses, crisis and session events of one ve
 
 test('admin: keys, row audit, retention, sessions of a user, replication', async () => {
   const who = await signIn(app);
-  await admins.admin(async (a) => {
+  const rotated = await admins.admin(async (a) => {
     const rotated = await a.rotateKey('phi');
     assert.ok(Number.isInteger(rotated));
     assert.ok((await a.keyUsageSummary()).every((k) => Number.isInteger(k.keyId) && Number.isSafeInteger(k.storedValues)));
     assert.equal(typeof await a.reencrypt(100), 'number');
-    await assert.rejects(a.destroyKey(rotated), NotFound);  // not retired
+    return rotated;
   });
+  // In a transaction of its own: a failed call aborts its transaction (TransactionAborted at COMMIT).
+  await assert.rejects(admins.admin((a) => a.destroyKey(rotated)), NotFound);  // not retired
   await assert.rejects(admins.admin((a) => a.unretireKey(-1)), NotFound);  // no retired key -1
   await admins.admin(async (a) => {
     await a.connection.query('CREATE TEMP TABLE notes (id integer PRIMARY KEY, diagnosis text, viewed_at timestamptz)');

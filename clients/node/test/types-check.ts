@@ -4,7 +4,7 @@ import Fastify from 'fastify';
 import pg from 'pg';
 import {
   type AuthResult, type ChainVerification, type Disclosure, type Profile, InvalidArgument, MalformedInput,
-  VetAssistClient, VetAssistError,
+  MalformedTime, TransactionAborted, VetAssistClient, VetAssistError,
 } from 'vetassist-client';
 import vetassist from 'vetassist-client/fastify';
 
@@ -33,6 +33,9 @@ export async function usage(): Promise<void> {
   await client.admin((a) => a.recordDisclosure(uid, 'r', 'd', 'treatment'));
   const err: unknown = new MalformedInput('m', '22P02');
   if (err instanceof InvalidArgument && err instanceof VetAssistError) void err.sqlstate;
+  const time: MalformedInput = new MalformedTime('m', '22007');
+  const aborted: VetAssistError = new TransactionAborted('rolled back');
+  void time; void aborted;
   void status; void report; void sealed; void wrapped;
 
   const app = Fastify();
