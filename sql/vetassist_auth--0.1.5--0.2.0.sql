@@ -102,6 +102,9 @@ DROP FUNCTION vetassist_auth.write_audit_durably(text, text, text, uuid, text, t
 -- jwt_id argument: the confirming code verifies that session), create_session (a finite
 -- expires_at).
 DROP FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text);
+-- set_request_session names the session and its user (set_actor of another user drops the
+-- session); set_current_session stays in the library for the SQL of older releases only.
+DROP FUNCTION vetassist_auth.set_current_session(uuid);
 CREATE OR REPLACE FUNCTION vetassist_auth.citus_coordinator() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -124,6 +127,12 @@ BEGIN
     RETURN mirrored;
 END
 $$;
+
+CREATE  FUNCTION "clear_actor"() RETURNS void
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'clear_actor_wrapper';
 
 CREATE  FUNCTION "counted_encryptions"() RETURNS TABLE (
 	"key_id" INT,  /* i32 */
@@ -349,6 +358,15 @@ BEGIN
 END
 $$;
 
+CREATE  FUNCTION "set_request_session"(
+	"session_id" uuid, /* Uuid */
+	"user_id" uuid /* Uuid */
+) RETURNS void
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'set_request_session_wrapper';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.verify_installation()
 RETURNS TABLE (check_name text, ok boolean, detail text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -408,22 +426,24 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
-    -- A superuser or a CREATEROLE role holds more than its extension role grants (it can read the
-    -- master key file, or grant itself what can): no login of the application, an auditor or an
-    -- administrator should be one (README, "Who must not hold what").
-    check_name := 'roles: no superuser or CREATEROLE role is a member of an extension role';
+    -- SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS is more than an extension role grants (the
+    -- master key file, any role, a copy of every table, past row security): neither an extension
+    -- role nor a login that holds one, directly or through other roles, should have any
+    -- (README, "Who must not hold what").
+    check_name := 'roles: no extension role or member of one holds SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS';
     WITH RECURSIVE member_of(member, granted) AS (
-        SELECT m.member, m.roleid FROM pg_auth_members m
-        WHERE m.roleid IN (SELECT oid FROM pg_roles WHERE rolname IN ('vetassist_app', 'vetassist_auditor', 'vetassist_admin'))
+        SELECT r.oid, r.oid FROM pg_roles r WHERE r.rolname IN ('vetassist_app', 'vetassist_auditor', 'vetassist_admin')
         UNION
         SELECT m.member, mo.granted FROM pg_auth_members m JOIN member_of mo ON m.roleid = mo.member
     )
-    SELECT string_agg(DISTINCT r.rolname || ' (' || g.rolname || ', '
-                      || CASE WHEN r.rolsuper THEN 'SUPERUSER' ELSE 'CREATEROLE' END || ')', ', ') INTO missing
+    SELECT string_agg(DISTINCT r.rolname || ' (' || g.rolname || ': '
+                      || concat_ws(' ', CASE WHEN r.rolsuper THEN 'SUPERUSER' END, CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END,
+                                   CASE WHEN r.rolreplication THEN 'REPLICATION' END, CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END)
+                      || ')', ', ') INTO missing
     FROM member_of mo JOIN pg_roles r ON r.oid = mo.member JOIN pg_roles g ON g.oid = mo.granted
-    WHERE r.rolsuper OR r.rolcreaterole;
+    WHERE r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls;
     ok := missing IS NULL;
-    detail := coalesce('members with more power than their role: ' || missing, 'none');
+    detail := coalesce('more power than an extension role grants: ' || missing, 'none');
     RETURN NEXT;
 
     check_name := 'grants: no function executable by PUBLIC';
@@ -696,6 +716,55 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
+
 CREATE OR REPLACE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -802,7 +871,7 @@ BEGIN
         PERFORM vetassist_auth.close_session(s, status, reason);
         RETURN;
     END IF;
-    PERFORM vetassist_auth.set_current_session(s.id);
+    PERFORM vetassist_auth.set_request_session(s.id, s.user_id);
     IF now_ts - s.last_activity_at >= vetassist_auth.session_touch_interval() THEN
         -- Computed here from the row read above (neither column changes): Citus refuses a
         -- STABLE operator (timestamptz + interval) on a column in a distributed UPDATE.
@@ -823,15 +892,28 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION vetassist_auth.request_session(jwt text) RETURNS vetassist_auth.sessions
+LANGUAGE plpgsql AS $$
+DECLARE
+    found_session vetassist_auth.sessions;
+    owner uuid;
+BEGIN
+    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = jwt;
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        SELECT * INTO found_session FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = jwt;
+    ELSE
+        SELECT * INTO found_session FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = jwt FOR SHARE;
+    END IF;
+    RETURN found_session;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION vetassist_auth.touch_session(jwt_id text) RETURNS vetassist_auth.session_status
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s vetassist_auth.sessions;
-    owner uuid;
+    s vetassist_auth.sessions := vetassist_auth.request_session(jwt_id);
 BEGIN
-    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = touch_session.jwt_id;
-    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = touch_session.jwt_id;
-    IF NOT FOUND THEN
+    IF s.id IS NULL THEN
         RAISE EXCEPTION 'vetassist_auth: no session with this jwt_id' USING ERRCODE = 'P0002';
     END IF;
     RETURN (vetassist_auth.touch(s)).status;
@@ -861,13 +943,11 @@ RETURNS TABLE (status vetassist_auth.session_status, reason text, user_id uuid, 
                mfa_required boolean, idle_expires_at timestamptz, absolute_expires_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s vetassist_auth.sessions;
-    owner uuid;
+    s vetassist_auth.sessions := vetassist_auth.request_session(jwt_id);
     touched record;
 BEGIN
-    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = authenticate.jwt_id;
-    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = authenticate.jwt_id;
-    IF NOT FOUND THEN
+    IF s.id IS NULL THEN
+        PERFORM vetassist_auth.clear_actor();
         reason := 'unknown';
         RETURN NEXT;
         RETURN;
@@ -875,7 +955,9 @@ BEGIN
     touched := vetassist_auth.touch(s);
     status := touched.status;
     reason := touched.reason;
-    IF touched.status = 'ACTIVE' THEN
+    IF touched.status <> 'ACTIVE' THEN
+        PERFORM vetassist_auth.clear_actor();
+    ELSE
         PERFORM vetassist_auth.set_actor(s.user_id, host(client_ip));
         user_id := s.user_id;
         session_id := s.id;
@@ -1027,8 +1109,16 @@ BEGIN
     IF m.totp_enabled THEN
         RAISE EXCEPTION 'vetassist_auth: TOTP is already enabled for this user' USING ERRCODE = '22023';
     END IF;
-    step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'mfa_settings', user_id::text);
+    IF jwt_id IS NULL THEN
+        step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'mfa_settings', user_id::text);
+    ELSE
+        -- Failures through a session name it, so a lock-out they cause locks it (as mfa_verify).
+        step := vetassist_auth.mfa_check(m, code, false, 'totp_enrolment_confirmed', 'sessions', verifying.id::text);
+    END IF;
     IF step IS NULL THEN
+        IF jwt_id IS NOT NULL AND vetassist_auth.mfa_locked_until(user_id) IS NOT NULL THEN
+            PERFORM vetassist_auth.close_session(verifying, 'LOCKED', 'mfa_lockout');
+        END IF;
         RETURN false;  -- mfa_check recorded the failure
     END IF;
     confirmed := clock_timestamp();  -- read here: Citus runs an UPDATE's SET on a worker
@@ -1305,55 +1395,6 @@ $$;
 COMMENT ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) IS
     'One veteran''s session events (every severity) since then, oldest first; the read is audited.';
 
-CREATE FUNCTION vetassist_auth.promote()
-RETURNS TABLE (action text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    subs oid[];
-BEGIN
-    -- One promotion at a time.
-    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
-    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
-    FROM pg_subscription_rel sr
-    JOIN pg_class c ON c.oid = sr.srrelid
-    JOIN pg_subscription s ON s.oid = sr.srsubid
-    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
-    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
-        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
-        action := 'subscription disabled';
-        detail := r.subname;
-        RETURN NEXT;
-    END LOOP;
-    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
-    SELECT c.system_identifier, d.oid, subs
-    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
-    ON CONFLICT (system_identifier, database) DO UPDATE
-        SET promoted_at = clock_timestamp(),
-            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
-    -- From here on this node is the primary (node_role() reads the row just written).
-    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
-        IF r.sequence_name LIKE '% key rotated' THEN
-            action := 'key rotated';
-            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
-        ELSE
-            action := 'sequence moved';
-            detail := r.sequence_name || ' to ' || r.new_value;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
-        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
-                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
-    action := 'promoted';
-    detail := 'this node is the primary: the extension writes here';
-    RETURN NEXT;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.promote() IS
-    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
-
 SELECT vetassist_auth.define_key_usage();
 
 REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
@@ -1405,3 +1446,6 @@ REVOKE ALL ON FUNCTION vetassist_auth.authenticate(text, inet) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.authenticate(text, inet) TO vetassist_app;
 REVOKE ALL ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION vetassist_auth.mfa_confirm_totp(uuid, text, text) TO vetassist_app;
+REVOKE ALL ON FUNCTION vetassist_auth.set_request_session(uuid, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.clear_actor() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.request_session(text) FROM PUBLIC;
