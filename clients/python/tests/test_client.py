@@ -21,6 +21,8 @@ from vetassist_client import (
     CrisisNotice,
     DuplicateSession,
     InvalidArgument,
+    MalformedInput,
+    MalformedTime,
     NotFound,
     PermissionDenied,
     Request,
@@ -132,6 +134,13 @@ def test_translated_errors_works_as_a_decorator(app_conninfo: str) -> None:
         with pytest.raises(VetAssistError) as other:
             raw(conn, "SELECT 1/0")
     assert type(other.value) is VetAssistError and other.value.sqlstate == "22012"
+    with psycopg.connect(app_conninfo) as conn:
+        with pytest.raises(MalformedTime) as bad_time:
+            raw(conn, "SELECT 'half past secret'::timestamptz")
+    assert (str(bad_time.value), bad_time.value.sqlstate) == (
+        "invalid input syntax for type timestamp with time zone", "22007")
+    with psycopg.connect(app_conninfo) as conn, pytest.raises(MalformedInput):
+        raw(conn, "SELECT 'a fortnight-ish'::interval")
 
 
 def test_deactivated_account_is_refused(client: VetAssistClient, icn: str) -> None:

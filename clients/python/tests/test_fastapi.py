@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import psycopg
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from psycopg.rows import TupleRow
 from vetassist_testing import authenticator_code  # on sys.path through conftest.py
 
-from vetassist_client import VetAssistClient
+from vetassist_client import AsyncRequest, AsyncVetAssistClient, NotFound, VetAssistClient
+from vetassist_client.fastapi import session
 
 Conn = psycopg.Connection[TupleRow]
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fastapi_app.py"
@@ -86,3 +91,45 @@ def test_mfa_is_required_before_the_phi_page(http: TestClient, client: VetAssist
     assert http.post("/auth/mfa", json={"code": authenticator_code(uri, 1)}, headers=headers).json() == {
         "verified": True}
     assert http.get(f"/veterans/{uid}/summary", headers=headers).status_code == 200
+
+
+def test_a_route_that_catches_a_failed_call_answers_500(http: TestClient, app_conninfo: str, su: Conn,
+                                                        icn: str) -> None:
+    """A route that catches a VetAssistError and answers normally: its transaction is aborted, so
+    the commit would silently roll back. The dependency answers 500, never the route's 200."""
+    jwt_id, uid = sign_in(http, icn)  # a session made through the example app
+    client = AsyncVetAssistClient(app_conninfo, min_size=1, max_size=2)
+    # A local Annotated alias would not resolve under `from __future__ import annotations`.
+    signed_in = session(client, lambda request: request.headers.get("x-session-jti"))
+    event = f"lost-{uuid.uuid4()}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with client:
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/caught")
+    async def caught(r: AsyncRequest = signed_in) -> dict[str, Any]:
+        await r.audit_event("app", event, "info", subject_user_id=uid)
+        try:
+            await r.user_profile(UUID(int=0))
+        except NotFound:
+            return {"profile": None}  # "handled": but the transaction is aborted
+        return {"profile": "found"}
+
+    @app.get("/fine")
+    async def fine(r: AsyncRequest = signed_in) -> dict[str, Any]:
+        return {"audit_id": await r.audit_event("app", event, "info", subject_user_id=uid)}
+
+    with TestClient(app) as other:  # an exception the app does not handle would raise here
+        answer = other.get("/caught", headers={"X-Session-JTI": jwt_id})
+        assert answer.status_code == 500, answer.text
+        assert answer.json() == {"detail": "transaction_aborted"}
+        assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type = %s",
+                          (event,)).fetchone() == (0,)
+        # The pooled connection is usable by the next request.
+        assert other.get("/fine", headers={"X-Session-JTI": jwt_id}).status_code == 200
+    assert su.execute("SELECT count(*) FROM vetassist_auth.audit_log WHERE event_type = %s",
+                      (event,)).fetchone() == (1,)

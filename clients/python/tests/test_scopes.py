@@ -33,6 +33,7 @@ from vetassist_client import (
     SessionStatus,
     TrustedDevice,
     VetAssistClient,
+    client_address,
 )
 
 Conn = psycopg.Connection[TupleRow]
@@ -124,6 +125,27 @@ def test_a_client_ip_that_is_not_an_address_is_null_with_a_warning(
     with client.authenticated(jwt_id, "2001:db8::1") as r:
         addressed = r.audit_event("app", "page_viewed", "info")
     assert audit_row(su, addressed) == (uid, uid, sid, True, "app_user")
+
+
+def test_an_ipv6_zone_is_dropped_never_failing_the_request(
+        client: VetAssistClient, su: Conn, icn: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A link-local peer as the ASGI server reports it: PostgreSQL's inet has no zone index.
+    uid, jwt_id, sid = signed_in(client, icn)
+    assert client_address("fe80::1%eth0") == "fe80::1"
+    assert client_address("fe80::1%") == "fe80::1"
+    with caplog.at_level(logging.WARNING, logger="vetassist_client"):
+        assert client_address("%eth0") is None and client_address("not-an-ip%eth0") is None
+    with client.authenticated(jwt_id, "fe80::1%eth0") as r:
+        assert r.authentication.active
+        zoned = r.audit_event("app", "page_viewed", "info")
+    with client.request(actor_user_id=uid, client_ip="fe80::1%25") as r:
+        r.audit_event("app", "page_viewed", "info")
+    with client.authenticated(jwt_id, "fe80::1") as r:
+        bare = r.audit_event("app", "page_viewed", "info")
+    assert audit_row(su, zoned) == (uid, uid, sid, True, "app_user")
+    hashes = su.execute("SELECT id, ip_hash FROM vetassist_auth.audit_log WHERE id = ANY(%s)",
+                        ([zoned, bare],)).fetchall()
+    assert len({ip_hash for _, ip_hash in hashes}) == 1
 
 
 def test_primitives_mfa_and_the_rest_of_the_app_calls(client: VetAssistClient, icn: str) -> None:

@@ -3,18 +3,21 @@ yielding AsyncRequest, AsyncAdmin and AsyncAuditor, whose methods are coroutines
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from .calls import AsyncScope, check_not_aborted
 from .errors import translated_errors
 from .scopes import AsyncAdmin, AsyncAuditor, AsyncRequest
+
+S = TypeVar("S", bound=AsyncScope)
 
 
 class _AsyncPooledClient:
@@ -48,11 +51,19 @@ class _AsyncPooledClient:
         await self.close()
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
-        """As the sync client's: committed when the block ends, rolled back when it raises."""
+    async def _transaction(self, scope: Callable[[psycopg.AsyncConnection[TupleRow]], S]) -> AsyncIterator[S]:
+        """As the sync client's: committed when the block ends, rolled back when it raises,
+        TransactionAborted (rolled back) when it ends normally after a failed call, and the
+        scope refuses calls (RequestClosed) once the block is over."""
         with translated_errors():
-            async with self._pool.connection() as conn, conn.transaction():
-                yield conn
+            async with self._pool.connection() as conn:
+                opened = scope(conn)
+                try:
+                    async with conn.transaction():
+                        yield opened
+                        check_not_aborted(opened, conn.info.transaction_status)
+                finally:
+                    opened._close()
 
 
 class AsyncVetAssistClient(_AsyncPooledClient):
@@ -62,8 +73,7 @@ class AsyncVetAssistClient(_AsyncPooledClient):
     async def authenticated(self, jwt_id: str, client_ip: str | None = None) -> AsyncIterator[AsyncRequest]:
         """One call per request, as VetAssistClient.authenticated: check
         ``request.authentication``, end the block normally, raise the HTTP error after it."""
-        async with self._transaction() as conn:
-            request = AsyncRequest(conn)
+        async with self._transaction(AsyncRequest) as request:
             request._authentication = await request.authenticate(jwt_id, client_ip)
             yield request
 
@@ -71,8 +81,7 @@ class AsyncVetAssistClient(_AsyncPooledClient):
     async def request(self, actor_user_id: UUID | None = None,
                       client_ip: str | None = None) -> AsyncIterator[AsyncRequest]:
         """A transaction not tied to a session, as VetAssistClient.request."""
-        async with self._transaction() as conn:
-            request = AsyncRequest(conn)
+        async with self._transaction(AsyncRequest) as request:
             if actor_user_id is not None or client_ip is not None:
                 await request.set_actor(actor_user_id, client_ip)
             yield request
@@ -84,8 +93,7 @@ class AsyncAdminClient(_AsyncPooledClient):
     @asynccontextmanager
     async def transaction(self, actor_user_id: UUID | None = None,
                           client_ip: str | None = None) -> AsyncIterator[AsyncAdmin]:
-        async with self._transaction() as conn:
-            admin = AsyncAdmin(conn)
+        async with self._transaction(AsyncAdmin) as admin:
             if actor_user_id is not None or client_ip is not None:
                 await admin.set_actor(actor_user_id, client_ip)
             yield admin
@@ -96,5 +104,5 @@ class AsyncAuditorClient(_AsyncPooledClient):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncAuditor]:
-        async with self._transaction() as conn:
-            yield AsyncAuditor(conn)
+        async with self._transaction(AsyncAuditor) as auditor:
+            yield auditor

@@ -15,10 +15,11 @@ from typing import Any, Generic, LiteralString, ParamSpec, Self, TypeVar, overlo
 from uuid import UUID
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
-from .errors import translated_errors
+from .errors import RequestClosed, TransactionAborted, VetAssistError, translated_errors
 from .rows import (
     AccountingEntry,
     Authentication,
@@ -87,12 +88,14 @@ def _one(make: Callable[..., R]) -> Callable[[Rows], R]:
 
 def client_address(client_ip: str | None) -> str | None:
     """``client_ip`` if it is an IP address, else None with a warning: a proxy or test client's
-    placeholder (``testclient``, ``unknown``) must not fail the request. The warning leaves the
-    value out: it may be anything a client sent."""
+    placeholder (``testclient``, ``unknown``) must not fail the request. An IPv6 zone index
+    (``fe80::1%eth0``, a link-local peer), which PostgreSQL's inet does not take, is dropped
+    first, as the Node client does. The warning leaves the value out: it may be anything a client
+    sent."""
     if client_ip is None:
         return None
     try:
-        return str(ipaddress.ip_address(client_ip))
+        return str(ipaddress.ip_address(client_ip.partition("%")[0]))
     except ValueError:
         log.warning("client_ip is not an IP address; the request's audit rows carry no address")
         return None
@@ -101,33 +104,79 @@ def client_address(client_ip: str | None) -> str | None:
 # The scopes a call runs in: one connection in one open transaction.
 
 
-class SyncScope:
+class _Scope:
+    """Open until the client's block that made it ends (``_close``): a call after that raises
+    RequestClosed, never running on a connection that went back to the pool."""
+
+    _closed = False
+    # The last call that failed in this scope's transaction, named by TransactionAborted.
+    _failure: VetAssistError | None = None
+
+    def _close(self) -> None:
+        self._closed = True
+
+    def _failed(self, exc: VetAssistError) -> None:
+        self._failure = exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RequestClosed("vetassist_client: this request has ended (committed or rolled back);"
+                                " use it only inside its block")
+
+
+def check_not_aborted(scope: _Scope, status: pq.TransactionStatus) -> None:
+    """At the normal end of a block: raises TransactionAborted (the caller's transaction() then
+    rolls back) when a statement failed inside it. COMMIT of an aborted transaction is a
+    silent ROLLBACK, so a block whose code caught the error would otherwise look committed."""
+    if status != pq.TransactionStatus.INERROR:
+        return
+    failure = scope._failure
+    cause = f" ({type(failure).__name__}, SQLSTATE {failure.sqlstate})" if failure is not None else ""
+    raise TransactionAborted(
+        f"vetassist_client: a statement failed in this transaction{cause} and the block went on, so"
+        " nothing in it was committed: the transaction was rolled back. Catch VetAssistError"
+        " outside the block, not inside it")
+
+
+class SyncScope(_Scope):
     def __init__(self, conn: psycopg.Connection[TupleRow]) -> None:
         self._conn = conn
 
     @property
     def connection(self) -> psycopg.Connection[TupleRow]:
         """The connection, for the application's own queries in the same transaction."""
+        self._check_open()
         return self._conn
 
     def _run(self, call: Call[T]) -> T:
-        with translated_errors():
-            return call.result(self._conn.execute(call.query, call.params).fetchall())
+        self._check_open()
+        try:
+            with translated_errors():
+                return call.result(self._conn.execute(call.query, call.params).fetchall())
+        except VetAssistError as exc:
+            self._failed(exc)
+            raise
 
 
-class AsyncScope:
+class AsyncScope(_Scope):
     def __init__(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
         self._conn = conn
 
     @property
     def connection(self) -> psycopg.AsyncConnection[TupleRow]:
         """The connection, for the application's own queries in the same transaction."""
+        self._check_open()
         return self._conn
 
     async def _run(self, call: Call[T]) -> T:
-        with translated_errors():
-            cursor = await self._conn.execute(call.query, call.params)
-            return call.result(await cursor.fetchall())
+        self._check_open()
+        try:
+            with translated_errors():
+                cursor = await self._conn.execute(call.query, call.params)
+                return call.result(await cursor.fetchall())
+        except VetAssistError as exc:
+            self._failed(exc)
+            raise
 
 
 class sql_call(Generic[P, T]):  # noqa: N801 - used as a decorator-like attribute maker

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from .calls import SyncScope, check_not_aborted
 from .errors import translated_errors
 from .rows import CrisisNotice
 from .scopes import Admin, Auditor, Request
 
 log = logging.getLogger("vetassist_client")
+S = TypeVar("S", bound=SyncScope)
 
 
 class _PooledClient:
@@ -50,11 +52,19 @@ class _PooledClient:
         self.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection[TupleRow]]:
-        """A pooled connection in a transaction: committed when the block ends, rolled back when
-        it raises. A failed call aborts the transaction, so handle VetAssistError outside."""
-        with translated_errors(), self._pool.connection() as conn, conn.transaction():
-            yield conn
+    def _transaction(self, scope: Callable[[psycopg.Connection[TupleRow]], S]) -> Iterator[S]:
+        """``scope`` of a pooled connection in a transaction: committed when the block ends,
+        rolled back when it raises. A failed call aborts the transaction, so handle VetAssistError
+        outside: a block that ends normally after one raises TransactionAborted (rolled back),
+        never a silent rollback. The scope refuses calls (RequestClosed) once the block is over."""
+        with translated_errors(), self._pool.connection() as conn:
+            opened = scope(conn)
+            try:
+                with conn.transaction():
+                    yield opened
+                    check_not_aborted(opened, conn.info.transaction_status)
+            finally:
+                opened._close()
 
 
 class VetAssistClient(_PooledClient):
@@ -67,11 +77,12 @@ class VetAssistClient(_PooledClient):
         ``request.authentication`` is the row: serve the request only when it is ``active`` (and
         MFA is not ``mfa_required`` where that matters). The block runs whatever the status, and
         ends normally to commit what authenticate recorded (a session it found idle ends for
-        good); raise the HTTP error after the block. A client_ip that is not an IP address is
-        passed as NULL with a warning.
+        good); raise the HTTP error after the block. A block that ends normally after a failed
+        call raises TransactionAborted (rolled back); ``request`` raises RequestClosed after the
+        block. A client_ip that is not an IP address is passed as NULL with a warning (an IPv6
+        zone, ``%eth0``, is dropped first).
         """
-        with self._transaction() as conn:
-            request = Request(conn)
+        with self._transaction(Request) as request:
             request._authentication = request.authenticate(jwt_id, client_ip)
             yield request
 
@@ -79,8 +90,7 @@ class VetAssistClient(_PooledClient):
     def request(self, actor_user_id: UUID | None = None, client_ip: str | None = None) -> Iterator[Request]:
         """A transaction not tied to a session (the sign-in callback, a job), naming the actor and
         the client address for its audit rows with set_actor."""
-        with self._transaction() as conn:
-            request = Request(conn)
+        with self._transaction(Request) as request:
             # The actor lasts for this transaction only; without one there is nothing to set.
             if actor_user_id is not None or client_ip is not None:
                 request.set_actor(actor_user_id, client_ip)
@@ -114,8 +124,7 @@ class AdminClient(_PooledClient):
     @contextmanager
     def transaction(self, actor_user_id: UUID | None = None, client_ip: str | None = None) -> Iterator[Admin]:
         """One transaction; ``actor_user_id`` names the staff member on its audit rows."""
-        with self._transaction() as conn:
-            admin = Admin(conn)
+        with self._transaction(Admin) as admin:
             if actor_user_id is not None or client_ip is not None:
                 admin.set_actor(actor_user_id, client_ip)
             yield admin
@@ -127,5 +136,5 @@ class AuditorClient(_PooledClient):
     @contextmanager
     def transaction(self) -> Iterator[Auditor]:
         """One transaction. The accounting reads are recorded durably whatever it does next."""
-        with self._transaction() as conn:
-            yield Auditor(conn)
+        with self._transaction(Auditor) as auditor:
+            yield auditor

@@ -51,6 +51,13 @@ class MalformedInput(InvalidArgument):
     sqlstate = "22P02"
 
 
+class MalformedTime(MalformedInput):
+    """22007: a timestamptz or interval literal the server cannot read (malformed date/time
+    input); a MalformedInput, so ``except MalformedInput`` catches both."""
+
+    sqlstate = "22007"
+
+
 class NotText(VetAssistError):
     """22021: decrypt_text of a value holding a NUL byte; use decrypt."""
 
@@ -99,8 +106,20 @@ class RecorderUnavailable(VetAssistError):
     sqlstate = "53000"
 
 
+class TransactionAborted(VetAssistError):
+    """Client-side (no sqlstate): a block ended normally, but a call inside it had failed (an
+    error the code caught), so the transaction was aborted; it was rolled back, nothing in it
+    was committed. Catch VetAssistError outside the block, never inside."""
+
+
+class RequestClosed(VetAssistError):
+    """Client-side (no sqlstate): a call through a request (or admin/auditor scope) after its
+    transaction ended, committed or rolled back; its pooled connection may serve another
+    request by then. Use the object only inside its block."""
+
+
 ERROR_CLASSES: tuple[type[VetAssistError], ...] = (
-    KeyNotConfigured, CiphertextInvalid, InvalidArgument, MalformedInput, AuthenticationRefused,
+    KeyNotConfigured, CiphertextInvalid, InvalidArgument, MalformedInput, MalformedTime, AuthenticationRefused,
     RecorderUnavailable, NotText, NotFound, DuplicateSession, PermissionDenied, ConcurrentChange,
     TokenExpired,
 )

@@ -2,7 +2,8 @@
 
 ``session(client, jwt_id)`` opens the request's transaction with ``authenticate`` and gives the
 route the ``AsyncRequest`` inside it; the transaction commits when the route returns, before the
-response is sent, and rolls back when the route raises.
+response is sent, and rolls back when the route raises. A route that caught a failed call and
+returned normally gets a 500 (detail ``transaction_aborted``): its transaction was rolled back.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from fastapi import Depends, HTTPException, Request, status
 
 from .aio import AsyncVetAssistClient
+from .errors import TransactionAborted
 from .scopes import AsyncRequest
 
 
@@ -25,18 +27,25 @@ def session(client: AsyncVetAssistClient, jwt_id: Callable[[Request], str | None
     detail: authenticate's reason, such as ``idle_timeout`` or ``unknown``) unless the session is
     ACTIVE, and 403 (detail ``mfa_required``) while a second factor is due, unless
     ``require_mfa`` is False (the MFA page itself, logout). The client address is
-    ``request.client.host``, passed as NULL when it is not an IP address.
+    ``request.client.host``, passed as NULL when it is not an IP address. Answers 500 (detail
+    ``transaction_aborted``), never the route's answer, when a call failed in the route and the
+    route caught the error: the transaction was aborted and has been rolled back.
     """
 
     async def dependency(http: Request) -> AsyncIterator[AsyncRequest]:
         jti = jwt_id(http)
         if jti is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown", headers={"WWW-Authenticate": "Bearer"})
-        async with client.authenticated(jti, http.client.host if http.client else None) as request:
-            auth = request.authentication
-            if auth.active and not (require_mfa and auth.mfa_required):
-                yield request
-                return
+        try:
+            async with client.authenticated(jti, http.client.host if http.client else None) as request:
+                auth = request.authentication
+                if auth.active and not (require_mfa and auth.mfa_required):
+                    yield request
+                    return
+        except TransactionAborted as aborted:
+            # The route caught a failed call and returned normally: what it did was rolled
+            # back, so its answer must not be a success.
+            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "transaction_aborted") from aborted
         # Refused after the block ended normally: what authenticate recorded (a session it found
         # idle, now ended) is committed.
         if not auth.active:
