@@ -343,16 +343,8 @@ unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
         });
         rewrite(&mut e.hint, |hint| without_values(hint, &values));
         if e.hint.is_null() {
-            let hint = text_of(e.message).and_then(|message| {
-                hints::hint_for(
-                    e.sqlerrcode
-                        == pgrx::PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION as i32
-                        || e.sqlerrcode
-                            == pgrx::PgSqlErrorCode::ERRCODE_INVALID_DATETIME_FORMAT as i32,
-                    e.sqlerrcode == pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32,
-                    &message,
-                )
-            });
+            let hint =
+                text_of(e.message).and_then(|message| hints::hint_for(e.sqlerrcode, &message));
             if let Some(hint) = hint {
                 e.hint = error_cstring(&hint);
             }
