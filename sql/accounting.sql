@@ -152,18 +152,15 @@ RETURNS TABLE (occurred_at timestamptz, actor_user_id uuid, recipient text, desc
                accountable boolean, recorded_by text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    owner uuid;
-    s vetassist_auth.sessions;
+    -- In a REPEATABLE READ transaction a session ended after its snapshot is a serialization
+    -- failure (40001), never a live session (request_session).
+    s vetassist_auth.sessions := vetassist_auth.request_session(jwt_id);
 BEGIN
-    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = my_disclosures.jwt_id;
-    -- FOR SHARE reads the session as it is now: in a REPEATABLE READ transaction a session
-    -- ended after its snapshot is a serialization failure (40001), never a live session.
-    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = my_disclosures.jwt_id FOR SHARE;
-    IF NOT FOUND THEN
+    IF s.id IS NULL THEN
         RAISE EXCEPTION 'vetassist_auth: no live session' USING ERRCODE = '28000';
     END IF;
     PERFORM vetassist_auth.require_live(s);
-    IF vetassist_auth.mfa_required(jwt_id) THEN
+    IF vetassist_auth.mfa_pending(s) THEN
         RAISE EXCEPTION 'vetassist_auth: the session has not completed MFA' USING ERRCODE = '28000';
     END IF;
     PERFORM vetassist_auth.check_period(s.user_id, since, 'infinity');

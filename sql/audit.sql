@@ -221,7 +221,7 @@ BEGIN
         -- A table under row audit dropped whole, its trigger with it.
         SELECT o.object_identity, 'table_dropped'
         FROM pg_event_trigger_dropped_objects() o
-        WHERE o.object_type = 'table' AND o.objid IN (SELECT r.target FROM vetassist_auth.row_audit_registry r WHERE r.enabled)
+        WHERE o.object_type = 'table' AND vetassist_auth.row_audit_expected(o.objid)
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL, dropped.target_table, NULL,
             jsonb_build_object('row_audit', dropped.row_audit, 'command', tg_tag, 'by', session_user));

@@ -705,7 +705,7 @@ BEGIN
         -- A table under row audit dropped whole, its trigger with it.
         SELECT o.object_identity, 'table_dropped'
         FROM pg_event_trigger_dropped_objects() o
-        WHERE o.object_type = 'table' AND o.objid IN (SELECT r.target FROM vetassist_auth.row_audit_registry r WHERE r.enabled)
+        WHERE o.object_type = 'table' AND vetassist_auth.row_audit_expected(o.objid)
     LOOP
         PERFORM vetassist_auth.write_audit('audit', 'audited_table_altered', 'denied', NULL, dropped.target_table, NULL,
             jsonb_build_object('row_audit', dropped.row_audit, 'command', tg_tag, 'by', session_user));
@@ -715,55 +715,6 @@ BEGIN
     WHERE r.target IN (SELECT o.objid FROM pg_event_trigger_dropped_objects() o WHERE o.object_type = 'table');
 END
 $$;
-
-CREATE FUNCTION vetassist_auth.promote()
-RETURNS TABLE (action text, detail text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r record;
-    subs oid[];
-BEGIN
-    -- One promotion at a time.
-    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
-    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
-    FROM pg_subscription_rel sr
-    JOIN pg_class c ON c.oid = sr.srrelid
-    JOIN pg_subscription s ON s.oid = sr.srsubid
-    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
-    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
-        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
-        action := 'subscription disabled';
-        detail := r.subname;
-        RETURN NEXT;
-    END LOOP;
-    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
-    SELECT c.system_identifier, d.oid, subs
-    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
-    ON CONFLICT (system_identifier, database) DO UPDATE
-        SET promoted_at = clock_timestamp(),
-            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
-    -- From here on this node is the primary (node_role() reads the row just written).
-    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
-        IF r.sequence_name LIKE '% key rotated' THEN
-            action := 'key rotated';
-            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
-        ELSE
-            action := 'sequence moved';
-            detail := r.sequence_name || ' to ' || r.new_value;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
-        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
-                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
-    action := 'promoted';
-    detail := 'this node is the primary: the extension writes here';
-    RETURN NEXT;
-END
-$$;
-
-COMMENT ON FUNCTION vetassist_auth.promote() IS
-    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
 
 CREATE OR REPLACE FUNCTION vetassist_auth.require_live(session vetassist_auth.sessions) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
@@ -1328,18 +1279,15 @@ RETURNS TABLE (occurred_at timestamptz, actor_user_id uuid, recipient text, desc
                accountable boolean, recorded_by text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    owner uuid;
-    s vetassist_auth.sessions;
+    -- In a REPEATABLE READ transaction a session ended after its snapshot is a serialization
+    -- failure (40001), never a live session (request_session).
+    s vetassist_auth.sessions := vetassist_auth.request_session(jwt_id);
 BEGIN
-    SELECT r.user_id INTO owner FROM vetassist_auth.session_routes r WHERE r.jwt_id = my_disclosures.jwt_id;
-    -- FOR SHARE reads the session as it is now: in a REPEATABLE READ transaction a session
-    -- ended after its snapshot is a serialization failure (40001), never a live session.
-    SELECT * INTO s FROM vetassist_auth.sessions t WHERE t.user_id = owner AND t.jwt_id = my_disclosures.jwt_id FOR SHARE;
-    IF NOT FOUND THEN
+    IF s.id IS NULL THEN
         RAISE EXCEPTION 'vetassist_auth: no live session' USING ERRCODE = '28000';
     END IF;
     PERFORM vetassist_auth.require_live(s);
-    IF vetassist_auth.mfa_required(jwt_id) THEN
+    IF vetassist_auth.mfa_pending(s) THEN
         RAISE EXCEPTION 'vetassist_auth: the session has not completed MFA' USING ERRCODE = '28000';
     END IF;
     PERFORM vetassist_auth.check_period(s.user_id, since, 'infinity');
@@ -1394,6 +1342,55 @@ $$;
 
 COMMENT ON FUNCTION vetassist_auth.session_events_of(uuid, timestamptz) IS
     'One veteran''s session events (every severity) since then, oldest first; the read is audited.';
+
+CREATE FUNCTION vetassist_auth.promote()
+RETURNS TABLE (action text, detail text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    subs oid[];
+BEGIN
+    -- One promotion at a time.
+    LOCK TABLE vetassist_auth.node_promotions IN SHARE ROW EXCLUSIVE MODE;
+    SELECT coalesce(array_agg(DISTINCT s.oid ORDER BY s.oid), '{}') INTO subs
+    FROM pg_subscription_rel sr
+    JOIN pg_class c ON c.oid = sr.srrelid
+    JOIN pg_subscription s ON s.oid = sr.srsubid
+    WHERE c.relnamespace = 'vetassist_auth'::regnamespace;
+    FOR r IN SELECT s.subname FROM pg_subscription s WHERE s.oid = ANY (subs) AND s.subenabled ORDER BY s.subname LOOP
+        EXECUTE format('ALTER SUBSCRIPTION %I DISABLE', r.subname);
+        action := 'subscription disabled';
+        detail := r.subname;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO vetassist_auth.node_promotions AS p (system_identifier, database, ended_subscriptions)
+    SELECT c.system_identifier, d.oid, subs
+    FROM pg_control_system() c, pg_database d WHERE d.datname = current_database()
+    ON CONFLICT (system_identifier, database) DO UPDATE
+        SET promoted_at = clock_timestamp(),
+            ended_subscriptions = ARRAY(SELECT DISTINCT o FROM unnest(p.ended_subscriptions || EXCLUDED.ended_subscriptions) o ORDER BY o);
+    -- From here on this node is the primary (node_role() reads the row just written).
+    FOR r IN SELECT * FROM vetassist_auth.resync_sequences() LOOP
+        IF r.sequence_name LIKE '% key rotated' THEN
+            action := 'key rotated';
+            detail := split_part(r.sequence_name, ' ', 1) || ': new key ' || r.new_value;
+        ELSE
+            action := 'sequence moved';
+            detail := r.sequence_name || ' to ' || r.new_value;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM vetassist_auth.write_audit('key', 'node_promoted', 'success', NULL, 'node_promotions', NULL,
+        jsonb_build_object('subscriptions_ended', (SELECT coalesce(jsonb_agg(s.subname ORDER BY s.subname), '[]')
+                                                   FROM pg_subscription s WHERE s.oid = ANY (subs))));
+    action := 'promoted';
+    detail := 'this node is the primary: the extension writes here';
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION vetassist_auth.promote() IS
+    'Failover to a logical replica: disables the subscriptions that bring the extension''s tables, makes this node the primary, moves sequences past the ids in use and rotates the counted keys (as resync_sequences); returns each step.';
 
 SELECT vetassist_auth.define_key_usage();
 
