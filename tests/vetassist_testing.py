@@ -101,6 +101,13 @@ def authenticator_code(uri, step_offset=0):
     return f"{(struct.unpack('>I', digest[offset:offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
 
 
+def wrong_code(uri, code="000000"):
+    """`code`, unless by chance it is the code of a step within 3 (90 s) of now: then another one
+    (the extension accepts one step either side), so a wrong code is never right by chance."""
+    near = {authenticator_code(uri, offset) for offset in range(-3, 4)}
+    return next(c for c in (code, *(d * 6 for d in "0123456789")) if c not in near)
+
+
 def wait_for(what, check, timeout=60.0):
     """Polls `check` until it returns something true, and returns that; fails naming `what`
     after `timeout` seconds (with what the check last said)."""

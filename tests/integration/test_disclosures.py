@@ -6,7 +6,7 @@ import uuid
 import psycopg
 import pytest
 
-from vetassist_testing import authenticator_code, enrolled_mfa, expect_sqlstate, install, veteran, wait_for
+from vetassist_testing import authenticator_code, enrolled_mfa, expect_sqlstate, install, veteran, wait_for, wrong_code
 
 # 45 CFR 164.528(a)(1): disclosures exempt from the accounting, and those it must list.
 EXEMPT = ["treatment", "payment", "health_care_operations", "to_individual", "incidental", "authorized",
@@ -220,7 +220,7 @@ def test_a_role_without_privileges_cannot_raise_row_audit_alarms(db, su):
 
 def test_a_session_locked_by_mfa_failures_stays_locked_when_the_caller_rolls_back(db, app, su):
     uid, uri = signed_in(app, "8100000012V1", "jti-lock", mfa=False)
-    wrong = next(c for c in ("000000", "111111", "222222") if c not in {authenticator_code(uri, o) for o in range(-3, 4)})
+    wrong = wrong_code(uri)
     with db.connect(DB) as owner:
         owner.execute(f"ALTER ROLE app_user IN DATABASE {DB} SET vetassist_auth.mfa_lockout = 3600")
     try:

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from vetassist_testing import BIN, authenticator_code, expect_sqlstate, install, installed_cluster, wait_for
+from vetassist_testing import BIN, authenticator_code, expect_sqlstate, install, installed_cluster, wait_for, wrong_code
 
 MFA_LOCKED = "28000"
 
@@ -108,13 +108,6 @@ def mfa_session(cluster, app, su, icn, jti):
     assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s)", (uid, authenticator_code(uri))).fetchone()[0]
     app.execute("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 hour')", (uid, jti))
     return uid, uri
-
-
-def wrong_code(uri, code):
-    """`code`, unless by chance it is the code of a step within 3 (90 s) of now: then another one
-    (the extension accepts one step either side), so a wrong code is never right by chance."""
-    near = {authenticator_code(uri, offset) for offset in range(-3, 4)}
-    return next(c for c in (code, *(d * 6 for d in "0123456789")) if c not in near)
 
 
 def test_fifty_rolled_back_mfa_failures_lock_the_user_out(cluster, su):

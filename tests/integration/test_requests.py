@@ -4,7 +4,7 @@ what an application team tripped over on 0.1.5."""
 import psycopg
 import pytest
 
-from vetassist_testing import authenticator_code, enrolled_mfa, expect_sqlstate, install, veteran, wait_for
+from vetassist_testing import authenticator_code, expect_sqlstate, install, veteran, wait_for, wrong_code
 
 DB = "requests"
 
@@ -200,7 +200,7 @@ def test_a_lockout_caused_through_mfa_confirm_totp_locks_that_session(db, app):
     uid = veteran(app, "8200000009V1", tokens=None)
     app.execute("SELECT vetassist_auth.create_session(%s, 'jti-confirm-lock', now() + interval '1 hour')", (uid,))
     uri = app.execute("SELECT vetassist_auth.mfa_enroll_totp(%s)", (uid,)).fetchone()[0]
-    wrong = next(c for c in ("000000", "111111", "222222") if c not in {authenticator_code(uri, o) for o in range(-3, 4)})
+    wrong = wrong_code(uri)
     for _ in range(5):  # mfa_max_failures
         assert app.execute("SELECT vetassist_auth.mfa_confirm_totp(%s, %s, 'jti-confirm-lock')", (uid, wrong)).fetchone()[0] is False
     assert app.execute(AUTHENTICATE, ("jti-confirm-lock", None)).fetchone()[:2] == ("LOCKED", "mfa_lockout")
