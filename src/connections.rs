@@ -300,6 +300,24 @@ fn ask_to_leave(database: pg_sys::Oid) {
     }
 }
 
+extern "C-unwind" {
+    // Postgres's own, called directly: through pgrx's binding an ERROR would be caught and
+    // raised again without its CONTEXT, QUERY and position, so every error of a utility
+    // statement (a DO block's) would reach the log and the client without them. An ERROR
+    // longjmps through `process_utility`, which holds nothing to drop across the call.
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
@@ -335,7 +353,7 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 qc,
             ),
-            None => pg_sys::standard_ProcessUtility(
+            None => standard_process_utility(
                 pstmt,
                 query_string,
                 read_only_tree,

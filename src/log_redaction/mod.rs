@@ -3,13 +3,16 @@
 //! parameters; `log_statement`, `log_min_duration_statement`, `log_min_error_statement` and
 //! error reports would otherwise write them to the log verbatim.
 //!
-//! Whether a statement calls the extension is decided from its tokens (`sql_tokens`): a name of
-//! the extension's schema or a call of one of its functions, qualified or not, through `EXECUTE`
-//! of a prepared statement, or inside a DO block and the strings it EXECUTEs. Comments and
-//! string contents decide nothing, so no one can hide an unrelated statement by mentioning the
-//! extension in a comment. A statement of ours is logged with every literal replaced by
-//! `<redacted>` and the rest as written; its bind parameters, and values an error message quotes,
-//! are dropped. Every other statement is logged exactly as Postgres logs it.
+//! Whether a text calls the extension is decided by Postgres's own parser and scanner
+//! (`scan`, `verdict`): a function call naming one of our functions, live or in a dead branch,
+//! has its argument literals masked, and every other byte stays as Postgres wrote it, so no one
+//! can hide a statement by mentioning the extension. Texts are read where an ERROR can be
+//! caught (`post_parse_analyze_hook`, entry into a function of ours); the log hook runs inside
+//! error reporting, where an ERROR would corrupt the error stack, so it only looks them up, and
+//! parses nothing but the statement of a `statement:` line, which Postgres has just parsed.
+//!
+//! Once a function of ours has started in a statement (`frames`), every line logged about it
+//! has all its literals masked, in every field.
 //!
 //! The same hook gives the errors Postgres raises about a call of ours a hint that teaches
 //! (`hints`): the expected format of a malformed argument, the role to grant.
@@ -17,34 +20,35 @@
 //! Channels that cannot be redacted this way (auto_explain's plans, utility statements kept by
 //! pg_stat_statements) are detected instead: `unsafe_log_channels`.
 
+mod frames;
 mod hints;
-mod sql_tokens;
+mod scan;
+mod verdict;
 
 use pgrx::pg_sys;
-use sql_tokens::{classify, literal_values, mask, CODE_DEPTH};
-use std::cell::RefCell;
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
 use std::ffi::{CStr, CString};
+use verdict::{mentions_us, MASK};
 
 static mut PREVIOUS_HOOK: pg_sys::emit_log_hook_type = None;
+static mut PREVIOUS_ANALYZE_HOOK: pg_sys::post_parse_analyze_hook_type = None;
 
 const REDACTED: &str = "<redacted by vetassist_auth>";
-/// Literal values of a statement looked for in its messages, and the longest message searched:
-/// the hook runs inside error reporting, where no cancel is served, so its work is bounded.
-const MAX_VALUES: usize = 64;
+/// The longest message searched for literal values: the hook runs inside error reporting,
+/// where no cancel is served, so its work is bounded.
 const MAX_SEARCHED: usize = 16 * 1024;
 
 pub fn install() {
-    // SAFETY: _PG_init runs once per process before any log entry; the previous hook is called
-    // from ours.
+    // SAFETY: _PG_init runs once per process before any statement; the previous hooks are
+    // called from ours.
     unsafe {
         PREVIOUS_HOOK = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(redact_log_entry);
+        PREVIOUS_ANALYZE_HOOK = pg_sys::post_parse_analyze_hook;
+        pg_sys::post_parse_analyze_hook = Some(read_analyzed_text);
     }
-}
-
-fn standard_strings() -> bool {
-    // SAFETY: a plain global setting of this backend.
-    unsafe { pg_sys::standard_conforming_strings }
+    frames::install();
 }
 
 /// The text of a prepared statement of this session, if there is one by that name.
@@ -61,96 +65,209 @@ fn prepared_statement_text(name: &str) -> Option<String> {
     }
 }
 
-/// Whether `sql` calls the extension, itself or through the prepared statement it executes.
-fn calls_extension(sql: &str) -> bool {
-    let classified = classify(sql, standard_strings(), CODE_DEPTH);
-    classified.calls_extension
-        || classified.executes.iter().any(|name| {
-            prepared_statement_text(name)
-                .is_some_and(|text| classify(&text, standard_strings(), CODE_DEPTH).calls_extension)
-        })
-}
-
-/// The statement this backend is running, as decided once per statement.
+/// The statement this backend is running, with `debug_query_string` pointed at a masked copy
+/// while it is one of ours.
 struct Current {
-    /// `debug_query_string` when decided, and the masked copy it was pointed to afterwards.
     original_ptr: usize,
     masked_ptr: usize,
     original: String,
-    masked: CString,
-    /// String contents of its literals, to be found in error messages that quote one.
-    values: Vec<String>,
+    masked: String,
 }
 
 thread_local! {
     static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+    /// The top-level statement last analyzed (its address and length) and the
+    /// standard_conforming_strings it was parsed under: a later statement of the same message
+    /// may change the setting before a function of ours runs.
+    static PARSED_WITH: Cell<Option<(usize, usize, bool)>> = const { Cell::new(None) };
+    /// A `statement:` line held back until its code is read (`post_parse_analyze_hook`).
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+    /// Set while the hook emits a held line, and while it runs (it is not re-entered).
+    static EMITTING_HELD: Cell<bool> = const { Cell::new(false) };
+    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
-/// The current statement if it calls the extension. Decided once per statement, and from then
-/// on `debug_query_string` points to the masked text, so the STATEMENT line of an error (and
-/// the csvlog/jsonlog query field) shows it.
-unsafe fn current_statement_of_ours() -> Option<(String, String, Vec<String>)> {
-    let ptr = pg_sys::debug_query_string as usize;
+/// The original text of the statement this backend is running (`debug_query_string`, or
+/// what it was before the hook pointed it at a masked copy).
+fn current_statement_text() -> Option<String> {
+    // SAFETY: debug_query_string is this backend's NUL-terminated statement or NULL.
+    let ptr = unsafe { pg_sys::debug_query_string } as usize;
     if ptr == 0 {
         return None;
     }
-    // The next statement's text may sit at the address of the last one's: compare the text too.
-    let text = CStr::from_ptr(pg_sys::debug_query_string).to_bytes();
-    let known = CURRENT.with_borrow(|current| {
+    let masked = CURRENT.with_borrow(|current| {
         current
             .as_ref()
-            .filter(|c| {
-                c.masked_ptr == ptr || (c.original_ptr == ptr && c.original.as_bytes() == text)
-            })
-            .map(|c| {
-                (
-                    c.masked_ptr,
-                    (
-                        c.original.clone(),
-                        c.masked.to_string_lossy().into_owned(),
-                        c.values.clone(),
-                    ),
-                )
-            })
+            .filter(|c| c.masked_ptr == ptr)
+            .map(|c| c.original.clone())
     });
-    if let Some((masked_ptr, statement)) = known {
-        // The same statement run again: debug_query_string points at its original text once
-        // more, and must point at the masked copy again.
-        pg_sys::debug_query_string = masked_ptr as *const std::ffi::c_char;
-        return Some(statement);
+    // SAFETY: as above.
+    masked.or_else(|| unsafe { text_of(pg_sys::debug_query_string) })
+}
+
+/// Runs `f` with standard_conforming_strings as it was when the statement was parsed.
+fn with_parse_settings<T>(statement: &str, f: impl FnOnce() -> T) -> T {
+    // SAFETY: debug_query_string and standard_conforming_strings are this backend's.
+    unsafe {
+        let now = pg_sys::standard_conforming_strings;
+        let then = PARSED_WITH.get().and_then(|(ptr, len, strings)| {
+            let current = pg_sys::debug_query_string as usize;
+            let masked =
+                CURRENT.with_borrow(|c| c.as_ref().is_some_and(|c| c.masked_ptr == current));
+            ((ptr == current || masked) && len == statement.len()).then_some(strings)
+        });
+        pg_sys::standard_conforming_strings = then.unwrap_or(now);
+        // The setting is restored also when an ERROR unwinds through here.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: as above.
+                unsafe { pg_sys::standard_conforming_strings = self.0 };
+            }
+        }
+        let _restore = Restore(now);
+        f()
     }
-    let original = text_of(pg_sys::debug_query_string)?;
-    if !calls_extension(&original) {
-        return None;
+}
+
+/// After Postgres parsed and analyzed a statement: where reading a text may raise, the text is
+/// read once, and a `statement:` line held back for it is written.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn read_analyzed_text(
+    pstate: *mut pg_sys::ParseState,
+    query: *mut pg_sys::Query,
+    jstate: *mut pg_sys::JumbleState,
+) {
+    if let Some(previous) = PREVIOUS_ANALYZE_HOOK {
+        previous(pstate, query, jstate);
     }
-    let masked = mask(&original, standard_strings());
-    let tokens = sql_tokens::tokens(&original, standard_strings());
-    // Bounded work: the hook runs inside error reporting, where no cancel is served.
-    let mut values: Vec<String> = literal_values(&tokens)
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    values.sort_unstable();
-    values.dedup();
-    values.truncate(MAX_VALUES);
+    let source = (*pstate).p_sourcetext;
+    if source.is_null() {
+        return;
+    }
+    let text = CStr::from_ptr(source);
+    if source == pg_sys::debug_query_string {
+        PARSED_WITH.set(Some((
+            source as usize,
+            text.to_bytes().len(),
+            pg_sys::standard_conforming_strings,
+        )));
+    }
+    let Ok(text) = text.to_str() else {
+        return;
+    };
+    if mentions_us(text) && !verdict::known(text) {
+        verdict::remember(text, verdict::analyze_caught(text));
+    }
+    let held = HELD.with_borrow_mut(|held| held.take_if(|h| h.statement == text));
+    if let Some(held) = held {
+        emit_held(held);
+    }
+}
+
+/// A `statement:` line whose code could not be read in the log hook.
+struct Held {
+    statement: String,
+    detail: Option<String>,
+}
+
+/// Writes a held `statement:` line, masked now that its text is read.
+fn emit_held(held: Held) {
+    let statement = shown(&held.statement, false);
+    let message = format!("statement: {}", statement.text);
+    let detail = held.detail.map(|d| mask_prepared_detail(&d));
+    EMITTING_HELD.set(true);
+    match detail {
+        Some(detail) => pgrx::ereport!(
+            pgrx::PgLogLevel::LOG,
+            pgrx::PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            message,
+            detail
+        ),
+        None => pgrx::ereport!(
+            pgrx::PgLogLevel::LOG,
+            pgrx::PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            message
+        ),
+    }
+    EMITTING_HELD.set(false);
+}
+
+/// How a text is shown in the log.
+struct Shown<'a> {
+    text: Cow<'a, str>,
+    /// It calls the extension, a function of ours ran in it, or it is not known: its messages
+    /// are masked too.
+    tainted: bool,
+    values: Vec<String>,
+}
+
+/// A text as the log shows it: with the arguments of its calls of ours masked, every literal
+/// masked once a function of ours ran in it (`ran`), and replaced whole when it mentions the
+/// extension but was never read (it did not parse, or failed before Postgres analyzed it).
+fn shown(text: &str, ran: bool) -> Shown<'_> {
+    match verdict::lookup(text) {
+        Some(v) if ran => Shown {
+            text: Cow::Owned(v.all_masked.clone()),
+            tainted: true,
+            values: v.values.clone(),
+        },
+        Some(v) if v.ours => Shown {
+            text: Cow::Owned(v.calls_masked.clone()),
+            tainted: true,
+            values: v.values.clone(),
+        },
+        Some(_) => Shown {
+            text: Cow::Borrowed(text),
+            tainted: false,
+            values: Vec::new(),
+        },
+        None if !ran && !mentions_us(text) => Shown {
+            text: Cow::Borrowed(text),
+            tainted: false,
+            values: Vec::new(),
+        },
+        None => Shown {
+            text: Cow::Borrowed(MASK),
+            tainted: true,
+            values: Vec::new(),
+        },
+    }
+}
+
+/// Points `debug_query_string` at the masked text, which Postgres prints as `STATEMENT:` and
+/// as the csvlog/jsonlog query. The copy lives in TopMemoryContext until the next statement
+/// of ours replaces it, so debug_query_string never dangles.
+unsafe fn show_statement_as(original: &str, masked: &str) {
+    let ptr = pg_sys::debug_query_string as usize;
+    let same = CURRENT.with_borrow(|current| {
+        current
+            .as_ref()
+            .is_some_and(|c| c.masked_ptr == ptr && c.masked == masked)
+    });
+    if same {
+        return;
+    }
+    let original_ptr = CURRENT.with_borrow(|current| {
+        current
+            .as_ref()
+            .filter(|c| c.masked_ptr == ptr)
+            .map_or(ptr, |c| c.original_ptr)
+    });
     let masked_c = CString::new(masked.replace('\0', "")).unwrap_or_default();
-    // The copy lives in TopMemoryContext until the next statement of ours replaces it, so
-    // debug_query_string never dangles.
     let copy = pg_sys::MemoryContextStrdup(pg_sys::TopMemoryContext, masked_c.as_ptr());
     CURRENT.with_borrow_mut(|current| {
         if let Some(previous) = current.take() {
             pg_sys::pfree(previous.masked_ptr as *mut std::ffi::c_void);
         }
         *current = Some(Current {
-            original_ptr: ptr,
+            original_ptr,
             masked_ptr: copy as usize,
-            original: original.clone(),
-            masked: masked_c,
-            values: values.clone(),
+            original: original.to_owned(),
+            masked: masked.to_owned(),
         });
     });
     pg_sys::debug_query_string = copy;
-    Some((original, masked, values))
 }
 
 unsafe fn text_of(ptr: *const std::ffi::c_char) -> Option<String> {
@@ -182,22 +299,35 @@ fn redact_setting_change(message: &str) -> Option<String> {
         .then(|| format!("{prefix} {REDACTED}"))
 }
 
-/// Masks each statement of ours quoted in an error context (`SQL statement "…"`, a nested call
-/// in a DO block or function); other statements stay as they are.
-fn mask_context_statements(context: &str) -> String {
-    const OPEN: &str = "SQL statement \"";
+/// The context lines that quote a statement or expression (SPI's error context).
+const QUOTING_CONTEXT: [&str; 3] = [
+    "SQL statement \"",
+    "SQL expression \"",
+    "PL/pgSQL assignment \"",
+];
+
+/// Masks each statement quoted in an error context (a nested call in a DO block or function,
+/// an expression of PL/pgSQL) as `shown` does; other statements stay as they are. `ran`: a
+/// function of ours ran in the statement being reported.
+fn mask_context_statements(context: &str, ran: bool) -> String {
     // What Postgres puts after a quoted statement: the next context line (the statement may
     // hold quotes and line breaks itself).
-    const NEXT: [&str; 4] = [
+    const NEXT: [&str; 6] = [
         "\"\nPL/pgSQL function",
         "\"\nSQL function",
         "\"\nSQL statement \"",
+        "\"\nSQL expression \"",
+        "\"\nPL/pgSQL assignment \"",
         "\"\nJSON data",
     ];
     let mut out = String::with_capacity(context.len());
     let mut rest = context;
-    while let Some(at) = rest.find(OPEN) {
-        let body_start = at + OPEN.len();
+    while let Some((at, open)) = QUOTING_CONTEXT
+        .iter()
+        .filter_map(|open| rest.find(open).map(|at| (at, open)))
+        .min()
+    {
+        let body_start = at + open.len();
         out.push_str(&rest[..body_start]);
         let body_end = NEXT
             .iter()
@@ -205,12 +335,7 @@ fn mask_context_statements(context: &str) -> String {
             .min()
             .map(|k| body_start + k)
             .unwrap_or_else(|| rest.len() - usize::from(rest.ends_with('"')));
-        let statement = &rest[body_start..body_end];
-        if calls_extension(statement) {
-            out.push_str(&mask(statement, standard_strings()));
-        } else {
-            out.push_str(statement);
-        }
+        out.push_str(&shown(&rest[body_start..body_end], ran).text);
         rest = &rest[body_end..];
     }
     out.push_str(rest);
@@ -218,17 +343,16 @@ fn mask_context_statements(context: &str) -> String {
 }
 
 /// Deadlock reports list each process's statement in the log-only detail (`Process N: …`):
-/// one session's log line would carry another's tokens. Their literals are masked, whichever
-/// statements they are.
+/// one session's log line would carry another's tokens. Statements of another backend are not
+/// known here: one that mentions the extension is replaced whole (it may be cut short by
+/// track_activity_query_size, past the call that makes it ours).
 fn mask_process_statements(detail: &str) -> String {
     let mut out = Vec::new();
     let mut statement: Option<(String, Vec<&str>)> = None;
     let flush = |statement: &mut Option<(String, Vec<&str>)>, out: &mut Vec<String>| {
         if let Some((head, lines)) = statement.take() {
-            // A statement cut short (track_activity_query_size) may no longer show the call
-            // that makes it ours: every statement in the report is masked.
-            let text = mask(&lines.join("\n"), standard_strings());
-            out.push(format!("{head}{text}"));
+            let text = lines.join("\n");
+            out.push(format!("{head}{}", shown(&text, false).text));
         }
     };
     for line in detail.split('\n') {
@@ -258,13 +382,14 @@ fn without_values(text: &str, values: &[String]) -> String {
         return REDACTED.to_owned();
     }
     values.iter().fold(text.to_owned(), |text, value| {
-        text.replace(value.as_str(), sql_tokens::MASK)
+        text.replace(value.as_str(), MASK)
     })
 }
 
 /// An error about a statement of ours quotes the offending input in double quotes (`invalid
 /// input syntax for type uuid: "…"`, `Token "…" is invalid`), whether it came from a literal
-/// or a bind parameter: every quoted part is masked.
+/// or a bind parameter, and row values in parentheses (`Key (icn)=(…)`, `Failing row contains
+/// (…)`): all of them are masked.
 fn without_quoted(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut parts = text.split('"');
@@ -273,7 +398,15 @@ fn without_quoted(text: &str) -> String {
     }
     for (i, part) in parts.enumerate() {
         out.push('"');
-        out.push_str(if i % 2 == 0 { sql_tokens::MASK } else { part });
+        out.push_str(if i % 2 == 0 { MASK } else { part });
+    }
+    for opening in ["=(", "contains ("] {
+        if let Some(at) = out.find(opening) {
+            let values = at + opening.len();
+            if let Some(close) = out.rfind(')').filter(|&close| close >= values) {
+                out.replace_range(values..close, MASK);
+            }
+        }
     }
     out
 }
@@ -288,11 +421,8 @@ fn mask_argument_context(context: &str) -> String {
             } else if let Some(at) = line.find(" parameter $") {
                 // `unnamed portal parameter $1 = '…'`: a bind parameter that failed to parse.
                 format!("{} parameter {REDACTED}", &line[..at])
-            } else if line.contains("with parameters:") {
-                format!(
-                    "{}with parameters: {REDACTED}",
-                    &line[..line.find("with parameters:").unwrap_or(0)]
-                )
+            } else if let Some(at) = line.find("with parameters:") {
+                format!("{}with parameters: {REDACTED}", &line[..at])
             } else {
                 line.to_owned()
             }
@@ -301,9 +431,62 @@ fn mask_argument_context(context: &str) -> String {
         .join("\n")
 }
 
+/// `DETAIL: prepare: PREPARE st AS …`, which Postgres adds to an EXECUTE's lines: the
+/// prepared statement, shown as its own text is.
+fn mask_prepared_detail(detail: &str) -> String {
+    match detail.strip_prefix("prepare: ") {
+        Some(prepared) => format!("prepare: {}", shown(prepared, false).text),
+        None => detail.to_owned(),
+    }
+}
+
+/// What the hook decided for one report.
+enum Decision {
+    Emit,
+    /// A `statement:` line held back until its code is read.
+    Held,
+}
+
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
-    let e = &mut *edata;
+    if EMITTING_HELD.get() {
+        // The held `statement:` line, already masked: shown as Postgres shows its own.
+        (*edata).hide_stmt = true;
+        (*edata).hide_ctx = true;
+    } else if !IN_HOOK.replace(true) {
+        // A panic here would become an ERROR inside error reporting: the report is cut to a
+        // placeholder instead.
+        let decision =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| redact(&mut *edata)))
+                .unwrap_or_else(|_| {
+                    cut_report(&mut *edata);
+                    Decision::Emit
+                });
+        IN_HOOK.set(false);
+        if let Decision::Held = decision {
+            return;
+        }
+    }
+    if let Some(previous) = PREVIOUS_HOOK {
+        previous(edata);
+    }
+}
+
+/// Drops every field that could quote a statement or a value.
+unsafe fn cut_report(e: &mut pg_sys::ErrorData) {
+    e.message = error_cstring(REDACTED);
+    for field in [
+        &mut e.detail,
+        &mut e.detail_log,
+        &mut e.context,
+        &mut e.internalquery,
+    ] {
+        *field = std::ptr::null_mut();
+    }
+    e.hide_stmt = true;
+}
+
+unsafe fn redact(e: &mut pg_sys::ErrorData) -> Decision {
     if let Some(redacted) = text_of(e.message)
         .as_deref()
         .and_then(redact_setting_change)
@@ -311,51 +494,86 @@ unsafe extern "C-unwind" fn redact_log_entry(edata: *mut pg_sys::ErrorData) {
         e.message = error_cstring(&redacted);
     }
     rewrite(&mut e.detail_log, mask_process_statements);
-    rewrite(&mut e.context, mask_context_statements);
+    let statement = current_statement_text();
+    let message_id = text_of(e.message_id);
+    if let Some(statement) = statement.as_deref() {
+        let statement_line =
+            e.elevel == pg_sys::LOG as i32 && message_id.as_deref() == Some("statement: %s");
+        if statement_line {
+            HELD.set(None);
+            if mentions_us(statement) && verdict::lookup(statement).is_none() {
+                // Postgres has just parsed it under these settings: parsing it again cannot
+                // raise. Its code (a DO body) was never scanned, so a line whose code mentions
+                // the extension waits for post_parse_analyze_hook.
+                match verdict::analyze_parsed(statement) {
+                    Ok(v) => {
+                        verdict::remember(statement, v);
+                    }
+                    Err(verdict::NeedsCode) => {
+                        HELD.set(Some(Held {
+                            statement: statement.to_owned(),
+                            detail: text_of(e.detail),
+                        }));
+                        e.output_to_server = false;
+                        e.output_to_client = false;
+                        return Decision::Held;
+                    }
+                }
+            }
+        } else if e.elevel >= pg_sys::PGERROR as i32 {
+            // The statement failed before it was analyzed: its held line is not written (the
+            // error's STATEMENT line shows it).
+            HELD.set(None);
+        }
+    }
+    let ran = statement.as_deref().is_some_and(frames::ran_in);
+    rewrite(&mut e.context, |context| {
+        mask_context_statements(context, ran)
+    });
     rewrite(&mut e.internalquery, |query| {
-        if calls_extension(query) {
-            mask(query, standard_strings())
-        } else {
-            query.to_owned()
+        shown(query, ran).text.into_owned()
+    });
+    rewrite(&mut e.detail, mask_prepared_detail);
+    let Some(original) = statement else {
+        return Decision::Emit;
+    };
+    let shown = shown(&original, ran);
+    if !shown.tainted {
+        return Decision::Emit;
+    }
+    show_statement_as(&original, &shown.text);
+    let values = &shown.values;
+    // Postgres's own errors about a statement of ours may quote an argument (a literal or a
+    // bind parameter); the extension's own messages never do.
+    let ours_raised = text_of(e.filename).is_some_and(|f| f.ends_with(".rs"));
+    let error = e.elevel >= pg_sys::PGERROR as i32 && !ours_raised;
+    let mask_quoted = |text: String| if error { without_quoted(&text) } else { text };
+    rewrite(&mut e.message, |message| {
+        mask_quoted(without_values(
+            &message.replace(&original, &shown.text),
+            values,
+        ))
+    });
+    rewrite(&mut e.detail, |detail| {
+        // "parameters: …" until 16, "Parameters: …" since 17.
+        match ["parameters:", "Parameters:"]
+            .into_iter()
+            .find(|label| detail.starts_with(label))
+        {
+            Some(label) => format!("{label} {REDACTED}"),
+            None => mask_quoted(without_values(detail, values)),
         }
     });
-    if let Some((original, masked, values)) = current_statement_of_ours() {
-        // An error about a statement of ours may quote an argument (a literal or a bind
-        // parameter) in double quotes.
-        let error = e.elevel >= pg_sys::PGERROR as i32; // ERROR, as elog.h names it
-        let mask_quoted = |text: String| if error { without_quoted(&text) } else { text };
-        rewrite(&mut e.message, |message| {
-            mask_quoted(without_values(
-                &message.replace(&original, &masked),
-                &values,
-            ))
-        });
-        rewrite(&mut e.detail, |detail| {
-            // "parameters: …" until 16, "Parameters: …" since 17.
-            if let Some(label) = ["parameters:", "Parameters:"]
-                .into_iter()
-                .find(|label| detail.starts_with(label))
-            {
-                format!("{label} {REDACTED}")
-            } else {
-                mask_quoted(without_values(detail, &values))
-            }
-        });
-        rewrite(&mut e.hint, |hint| without_values(hint, &values));
-        if e.hint.is_null() {
-            let hint =
-                text_of(e.message).and_then(|message| hints::hint_for(e.sqlerrcode, &message));
-            if let Some(hint) = hint {
-                e.hint = error_cstring(&hint);
-            }
+    rewrite(&mut e.hint, |hint| without_values(hint, values));
+    if e.hint.is_null() {
+        if let Some(hint) = text_of(e.message).and_then(|m| hints::hint_for(e.sqlerrcode, &m)) {
+            e.hint = error_cstring(&hint);
         }
-        rewrite(&mut e.context, |context| {
-            without_values(&mask_argument_context(context), &values)
-        });
     }
-    if let Some(previous) = PREVIOUS_HOOK {
-        previous(edata);
-    }
+    rewrite(&mut e.context, |context| {
+        without_values(&mask_argument_context(context), values)
+    });
+    Decision::Emit
 }
 
 /// Log channels in force in this session that cannot be redacted: auto_explain (its plans show
@@ -452,6 +670,14 @@ mod tests {
             "invalid input syntax for type uuid: \"<redacted>\""
         );
         assert_eq!(without_quoted("no quotes"), "no quotes");
+        assert_eq!(
+            without_quoted("Key (icn)=(1012667985V123456) already exists."),
+            "Key (icn)=(<redacted>) already exists."
+        );
+        assert_eq!(
+            without_quoted("Failing row contains (1, PTSD, null)."),
+            "Failing row contains (<redacted>)."
+        );
     }
 
     #[test]
