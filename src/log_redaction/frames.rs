@@ -56,6 +56,9 @@ unsafe extern "C-unwind" fn needs_hook(function: pg_sys::Oid) -> bool {
 
 /// A function of the extension's schema that Postgres would not inline.
 unsafe fn is_tracked(function: pg_sys::Oid) -> bool {
+    if !pg_sys::IsTransactionState() {
+        return false;
+    }
     let schema = pg_sys::get_namespace_oid(c"vetassist_auth".as_ptr(), true);
     if schema == pg_sys::InvalidOid {
         return false;

@@ -614,8 +614,9 @@ pub fn remember(text: &str, verdict: Verdict) -> Rc<Verdict> {
     verdict
 }
 
+/// Without a backend.
 #[cfg(test)]
-mod tests {
+mod pure {
     use super::*;
 
     #[test]
@@ -688,5 +689,119 @@ mod tests {
             punct(b')', 16),
         ];
         assert_eq!(token_calls(&tokens), vec![3..6]);
+    }
+}
+
+/// The analysis on Postgres's own scanner and parser, in a backend (`cargo pgrx test`).
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::analyze_caught;
+    use pgrx::prelude::*;
+
+    fn masked(text: &str) -> String {
+        analyze_caught(text).calls_masked
+    }
+
+    #[pg_test]
+    fn each_call_of_ours_has_its_arguments_masked_and_nothing_else() {
+        for (sent, logged) in [
+            (
+                "SELECT -- note\rvetassist_auth.store_va_tokens('u', 'TOKEN'), 'kept'",
+                "SELECT -- note\rvetassist_auth.store_va_tokens(<redacted>, <redacted>), 'kept'",
+            ),
+            (
+                r#"SELECT U&"vetassist\005fauth".U&"encrypt\005ftext"('a', 'b')"#,
+                r#"SELECT U&"vetassist\005fauth".U&"encrypt\005ftext"(<redacted>, <redacted>)"#,
+            ),
+            (
+                r"WITH t AS (SELECT touch_session(E'j\\x')) SELECT * FROM t, LATERAL (SELECT 1) l",
+                "WITH t AS (SELECT touch_session(<redacted>)) SELECT * FROM t, LATERAL (SELECT 1) l",
+            ),
+            (
+                "EXPLAIN ANALYZE SELECT vetassist_auth.encrypt_text($q$A$q$, 'b'), 'c'",
+                "EXPLAIN ANALYZE SELECT vetassist_auth.encrypt_text(<redacted>, <redacted>), 'c'",
+            ),
+            (
+                "COPY (SELECT vetassist_auth.field_hash('m@x.org', 'email')) TO STDOUT",
+                "COPY (SELECT vetassist_auth.field_hash(<redacted>, <redacted>)) TO STDOUT",
+            ),
+            (
+                r"DECLARE c CURSOR FOR SELECT vetassist_auth.encrypt_text(1.5e3::text, U&'\0041')",
+                "DECLARE c CURSOR FOR SELECT vetassist_auth.encrypt_text(<redacted>::text, <redacted>)",
+            ),
+            (
+                "(SELECT vetassist_auth.mfa_verify('jti', '654321'))",
+                "(SELECT vetassist_auth.mfa_verify(<redacted>, <redacted>))",
+            ),
+            (
+                "g := (SELECT vetassist_auth.store_va_tokens('u', 'T'))",
+                "g := (SELECT vetassist_auth.store_va_tokens(<redacted>, <redacted>))",
+            ),
+            (
+                "INSERT INTO vetassist_auth.sessions_102008 VALUES ('x', 1)",
+                "INSERT INTO vetassist_auth.sessions_102008 VALUES (<redacted>, <redacted>)",
+            ),
+        ] {
+            assert_eq!(masked(sent), logged, "{sent}");
+        }
+    }
+
+    #[pg_test]
+    fn code_is_read_token_by_token() {
+        for (sent, logged) in [
+            (
+                "DO $$BEGIN PERFORM vetassist_auth.store_va_tokens('u', 'T'); RAISE NOTICE 'kept'; END$$",
+                "DO $$BEGIN PERFORM vetassist_auth.store_va_tokens(<redacted>, <redacted>); RAISE NOTICE 'kept'; END$$",
+            ),
+            (
+                "DO $d$BEGIN EXECUTE format('SELECT vetassist_auth.encrypt_text(%L, %L)', 'u', 'T'); PERFORM 'kept'; END$d$",
+                "DO $d$BEGIN EXECUTE format('SELECT vetassist_auth.encrypt_text(%L, %L)', <redacted>, <redacted>); PERFORM 'kept'; END$d$",
+            ),
+            (
+                "DO $$BEGIN EXECUTE 'SELECT vetassist_auth.encrypt_text(''T'', ''c'')'; END$$",
+                "DO $$BEGIN EXECUTE 'SELECT vetassist_auth.encrypt_text(<redacted>, <redacted>)'; END$$",
+            ),
+            (
+                "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS 'SELECT vetassist_auth.encrypt_text(''T'', ''c'')'",
+                "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS 'SELECT vetassist_auth.encrypt_text(<redacted>, <redacted>)'",
+            ),
+        ] {
+            assert_eq!(masked(sent), logged, "{sent}");
+        }
+    }
+
+    #[pg_test]
+    fn a_mention_that_is_no_call_changes_nothing() {
+        for sent in [
+            "UPDATE t SET d = 'X' FROM (VALUES (1)) AS touch_session(x) WHERE t.id = touch_session.x",
+            "SELECT 'vetassist_auth.store_va_tokens(1)' /* vetassist_auth.x('y') */ -- touch_session('z')",
+            r#"SELECT touch_session FROM t WHERE "TOUCH_SESSION"('q') IS NULL OR other.touch_session('w')"#,
+            "DO $$BEGIN IF false THEN PERFORM touch_session(NULL); END IF; EXECUTE 'ALTER ROLE r SET application_name = ''visible'''; END$$",
+            "CREATE FUNCTION touch_session(t text) RETURNS text LANGUAGE sql AS 'SELECT ''kept'''",
+        ] {
+            assert_eq!(masked(sent), sent);
+        }
+        assert!(!analyze_caught("SELECT 'vetassist_auth.x(1)'").ours);
+    }
+
+    #[pg_test]
+    fn a_text_that_does_not_parse_keeps_no_literal() {
+        assert_eq!(
+            masked("SELECT vetassist_auth.store_va_tokens('u', 'TOKEN' ,"),
+            "SELECT vetassist_auth.store_va_tokens(<redacted>, <redacted> ,"
+        );
+        let cut = masked("SELECT vetassist_auth.store_va_tokens('u', 'TOKEN");
+        assert!(!cut.contains("TOKEN"), "{cut}");
+        assert!(analyze_caught("SELECT 'x' FROM WHERE").ours);
+    }
+
+    #[pg_test]
+    fn strings_are_read_as_the_setting_reads_them() {
+        Spi::run("SET LOCAL standard_conforming_strings = off").unwrap();
+        assert_eq!(
+            masked(r"SELECT vetassist_auth.encrypt_text('a\' b', 'c')"),
+            "SELECT vetassist_auth.encrypt_text(<redacted>, <redacted>)"
+        );
     }
 }
