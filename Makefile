@@ -15,7 +15,7 @@ SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
 OTHER_PG   ?= $(filter-out $(PG),$(ALL_PG))
 ALL_PG     := 15 16 17 18
 
-.PHONY: all toolchain install install-release lint pg-test check test test-one test-compat test-all demo citus-demo bench clean
+.PHONY: all toolchain install install-release lint pg-test check fuzz test test-one test-compat test-all demo citus-demo bench clean
 
 all: test
 
@@ -52,6 +52,11 @@ check: lint pg-test
 	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
 	REGRESS_ONLY=1 tests/run.sh
 	target/venv/bin/pytest -q tests/integration/$(FILE)
+
+# The log fuzzer for longer than make test runs it: 5000 cases, a random seed
+# (VETASSIST_FUZZ_SEED=N replays one; tests/integration/test_log_fuzz.py).
+fuzz: install-release
+	VETASSIST_FUZZ_CASES=5000 target/venv/bin/pytest -q tests/integration/test_log_fuzz.py
 
 # The whole suite on one version: unit and in-process tests, pg_regress, integration tests,
 # clients.
