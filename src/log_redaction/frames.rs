@@ -11,7 +11,7 @@
 use super::verdict;
 use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 static mut PREVIOUS_NEEDS_HOOK: pg_sys::needs_fmgr_hook_type = None;
 static mut PREVIOUS_HOOK: pg_sys::fmgr_hook_type = None;
@@ -20,8 +20,9 @@ static mut PREVIOUS_HOOK: pg_sys::fmgr_hook_type = None;
 const SQL_LANGUAGE: pg_sys::Oid = pg_sys::Oid::from_u32(14);
 
 thread_local! {
-    /// The functions of ours the hook was asked for in this backend.
-    static OURS: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+    /// Whether each function the hook has seen in this backend is one of ours. Postgres calls
+    /// the hook for every SECURITY DEFINER function without asking `needs_fmgr_hook` first.
+    static OURS: RefCell<HashMap<pg_sys::Oid, bool>> = RefCell::new(HashMap::new());
     /// How many frames of ours are on the stack.
     static ACTIVE: Cell<u32> = const { Cell::new(0) };
     /// The statement (its text) in which a function of ours last started.
@@ -47,18 +48,24 @@ pub fn ran_in(text: &str) -> bool {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn needs_hook(function: pg_sys::Oid) -> bool {
     let previous = PREVIOUS_NEEDS_HOOK.is_some_and(|h| h(function));
-    if is_tracked(function) {
-        OURS.with_borrow_mut(|ours| ours.insert(function));
-        return true;
+    is_ours(function) || previous
+}
+
+/// Whether `function` is one of ours, asked of the catalog once per backend.
+unsafe fn is_ours(function: pg_sys::Oid) -> bool {
+    if let Some(known) = OURS.with_borrow(|ours| ours.get(&function).copied()) {
+        return known;
     }
-    previous
+    if !pg_sys::IsTransactionState() {
+        return false;
+    }
+    let ours = is_tracked(function);
+    OURS.with_borrow_mut(|known| known.insert(function, ours));
+    ours
 }
 
 /// A function of the extension's schema that Postgres would not inline.
 unsafe fn is_tracked(function: pg_sys::Oid) -> bool {
-    if !pg_sys::IsTransactionState() {
-        return false;
-    }
     let schema = pg_sys::get_namespace_oid(c"vetassist_auth".as_ptr(), true);
     if schema == pg_sys::InvalidOid {
         return false;
@@ -92,7 +99,7 @@ unsafe extern "C-unwind" fn hook(
     if let Some(previous) = PREVIOUS_HOOK {
         previous(event, flinfo, private);
     }
-    if !OURS.with_borrow(|ours| ours.contains(&(*flinfo).fn_oid)) {
+    if !is_ours((*flinfo).fn_oid) {
         return;
     }
     match event {

@@ -74,12 +74,15 @@ struct Current {
     masked: String,
 }
 
+/// A message's query string: its address, length and hash.
+type Message = (usize, usize, u64);
+
 thread_local! {
     static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
-    /// The top-level statement last analyzed (its address and length) and the
-    /// standard_conforming_strings it was parsed under: a later statement of the same message
-    /// may change the setting before a function of ours runs.
-    static PARSED_WITH: Cell<Option<(usize, usize, bool)>> = const { Cell::new(None) };
+    /// The message last analyzed (its address, length and hash) and the
+    /// standard_conforming_strings it was parsed under: a statement of the message may change
+    /// the setting before a later one runs a function of ours.
+    static PARSED_WITH: Cell<Option<(Message, bool)>> = const { Cell::new(None) };
     /// A `statement:` line held back until its code is read (`post_parse_analyze_hook`).
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
     /// Set while the hook emits a held line, and while it runs (it is not re-entered).
@@ -108,26 +111,18 @@ fn current_statement_text() -> Option<String> {
 /// Runs `f` with standard_conforming_strings as it was when the statement was parsed.
 fn with_parse_settings<T>(statement: &str, f: impl FnOnce() -> T) -> T {
     // SAFETY: debug_query_string and standard_conforming_strings are this backend's.
-    unsafe {
-        let now = pg_sys::standard_conforming_strings;
-        let then = PARSED_WITH.get().and_then(|(ptr, len, strings)| {
-            let current = pg_sys::debug_query_string as usize;
-            let masked =
-                CURRENT.with_borrow(|c| c.as_ref().is_some_and(|c| c.masked_ptr == current));
-            ((ptr == current || masked) && len == statement.len()).then_some(strings)
+    let (then, now) = unsafe {
+        let current = pg_sys::debug_query_string as usize;
+        let masked = CURRENT.with_borrow(|c| c.as_ref().is_some_and(|c| c.masked_ptr == current));
+        let then = PARSED_WITH.get().and_then(|((ptr, len, hash), strings)| {
+            let same = (ptr == current || masked)
+                && len == statement.len()
+                && hash == verdict::text_hash(statement.as_bytes());
+            same.then_some(strings)
         });
-        pg_sys::standard_conforming_strings = then.unwrap_or(now);
-        // The setting is restored also when an ERROR unwinds through here.
-        struct Restore(bool);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                // SAFETY: as above.
-                unsafe { pg_sys::standard_conforming_strings = self.0 };
-            }
-        }
-        let _restore = Restore(now);
-        f()
-    }
+        (then, pg_sys::standard_conforming_strings)
+    };
+    verdict::with_standard_strings(then.unwrap_or(now), f)
 }
 
 /// After Postgres parsed and analyzed a statement: where reading a text may raise, the text is
@@ -146,20 +141,43 @@ unsafe extern "C-unwind" fn read_analyzed_text(
         return;
     }
     let text = CStr::from_ptr(source);
-    if source == pg_sys::debug_query_string {
-        PARSED_WITH.set(Some((
-            source as usize,
-            text.to_bytes().len(),
-            pg_sys::standard_conforming_strings,
-        )));
-    }
+    let len = text.to_bytes().len();
+    let now = pg_sys::standard_conforming_strings;
+    // The first statement of a message is analyzed before any of them runs: the setting then
+    // is the one Postgres parsed the message under.
+    let parsed_with = if source == pg_sys::debug_query_string {
+        let message = (source as usize, len, verdict::text_hash(text.to_bytes()));
+        match PARSED_WITH.get() {
+            Some((known, strings)) if known == message => strings,
+            _ => {
+                PARSED_WITH.set(Some((message, now)));
+                now
+            }
+        }
+    } else {
+        now
+    };
     let Ok(text) = text.to_str() else {
         return;
     };
-    if mentions_us(text) && !verdict::known(text) {
-        verdict::remember(text, verdict::analyze_caught(text));
+    // A DO block or a function whose body is read when it runs (`reread_code`).
+    let code = !(*query).utilityStmt.is_null()
+        && matches!(
+            (*(*query).utilityStmt).type_,
+            pg_sys::NodeTag::T_DoStmt | pg_sys::NodeTag::T_CreateFunctionStmt
+        );
+    if mentions_us(text) {
+        if verdict::read_under(text) != Some(parsed_with) {
+            verdict::with_standard_strings(parsed_with, || {
+                verdict::remember(text, verdict::analyze_caught(text))
+            });
+        }
+        if code {
+            verdict::reread_code(text);
+        }
     }
-    let held = HELD.with_borrow_mut(|held| held.take_if(|h| h.statement == text));
+    // A held `statement:` line waits for its code to be read.
+    let held = HELD.with_borrow_mut(|held| held.take_if(|h| code && h.statement == text));
     if let Some(held) = held {
         emit_held(held);
     }
@@ -210,12 +228,12 @@ fn shown(text: &str, ran: bool) -> Shown<'_> {
         Some(v) if ran => Shown {
             text: Cow::Owned(v.all_masked.clone()),
             tainted: true,
-            values: v.values.clone(),
+            values: v.all_values.clone(),
         },
         Some(v) if v.ours => Shown {
             text: Cow::Owned(v.calls_masked.clone()),
             tainted: true,
-            values: v.values.clone(),
+            values: v.masked_values.clone(),
         },
         Some(_) => Shown {
             text: Cow::Borrowed(text),
@@ -308,8 +326,9 @@ const QUOTING_CONTEXT: [&str; 3] = [
 
 /// Masks each statement quoted in an error context (a nested call in a DO block or function,
 /// an expression of PL/pgSQL) as `shown` does; other statements stay as they are. `ran`: a
-/// function of ours ran in the statement being reported.
-fn mask_context_statements(context: &str, ran: bool) -> String {
+/// function of ours ran in the statement being reported. Also says whether one of them is
+/// ours.
+fn mask_context_statements(context: &str, ran: bool) -> (String, bool) {
     // What Postgres puts after a quoted statement: the next context line (the statement may
     // hold quotes and line breaks itself).
     const NEXT: [&str; 6] = [
@@ -321,6 +340,7 @@ fn mask_context_statements(context: &str, ran: bool) -> String {
         "\"\nJSON data",
     ];
     let mut out = String::with_capacity(context.len());
+    let mut ours = false;
     let mut rest = context;
     while let Some((at, open)) = QUOTING_CONTEXT
         .iter()
@@ -335,11 +355,13 @@ fn mask_context_statements(context: &str, ran: bool) -> String {
             .min()
             .map(|k| body_start + k)
             .unwrap_or_else(|| rest.len() - usize::from(rest.ends_with('"')));
-        out.push_str(&shown(&rest[body_start..body_end], ran).text);
+        let statement = shown(&rest[body_start..body_end], ran);
+        ours |= statement.tainted;
+        out.push_str(&statement.text);
         rest = &rest[body_end..];
     }
     out.push_str(rest);
-    out
+    (out, ours)
 }
 
 /// Deadlock reports list each process's statement in the log-only detail (`Process N: …`):
@@ -432,12 +454,37 @@ fn mask_argument_context(context: &str) -> String {
 }
 
 /// `DETAIL: prepare: PREPARE st AS …`, which Postgres adds to an EXECUTE's lines: the
-/// prepared statement, shown as its own text is.
+/// prepared statement, shown as its own text is (with every literal masked once a function of
+/// ours ran in it: PREPARE and EXECUTE may share one message).
 fn mask_prepared_detail(detail: &str) -> String {
     match detail.strip_prefix("prepare: ") {
-        Some(prepared) => format!("prepare: {}", shown(prepared, false).text),
+        Some(prepared) => format!(
+            "prepare: {}",
+            shown(prepared, frames::ran_in(prepared)).text
+        ),
         None => detail.to_owned(),
     }
+}
+
+/// Whether the running statement, never analyzed, was parsed by Postgres in this message under
+/// the settings in force, so that parsing it again cannot raise: it mentions the extension,
+/// was never analyzed in this backend (else its verdict would be kept, or it may have been
+/// parsed under other settings), and this error is not the parser's own. Such a statement
+/// failed between parsing and analysis: a constant of the wrong type, an unknown function, an
+/// aborted transaction.
+unsafe fn parsed_before_this_error(e: &pg_sys::ErrorData, statement: &str) -> bool {
+    /// Where Postgres's raw parser raises its errors.
+    const PARSER_FILES: [&str; 4] = ["scan.l", "gram.y", "parser.c", "scansup.c"];
+    /// Beyond this a statement is not parsed inside error reporting (memory).
+    const LONGEST: usize = 1 << 20;
+    let raised_in = text_of(e.filename).unwrap_or_default();
+    let file = raised_in.rsplit('/').next().unwrap_or_default();
+    !file.is_empty()
+        && !PARSER_FILES.contains(&file)
+        && statement.len() <= LONGEST
+        && mentions_us(statement)
+        && verdict::lookup(statement).is_none()
+        && verdict::never_analyzed(statement)
 }
 
 /// What the hook decided for one report.
@@ -524,35 +571,59 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) -> Decision {
             // The statement failed before it was analyzed: its held line is not written (the
             // error's STATEMENT line shows it).
             HELD.set(None);
+            if parsed_before_this_error(e, statement) {
+                if let Ok(v) = verdict::analyze_parsed(statement) {
+                    verdict::remember(statement, v);
+                }
+            }
         }
     }
     let ran = statement.as_deref().is_some_and(frames::ran_in);
+    let shown_statement = statement.as_deref().map(|s| shown(s, ran));
+    let tainted = shown_statement.as_ref().is_some_and(|s| s.tainted);
+    // Statements and expressions run inside one of ours (a DO block's, a function's) are
+    // read as pieces of it: with every literal masked, and replaced whole if never read.
+    let inside_ours = ran || tainted;
+    let mut nested_ours = false;
     rewrite(&mut e.context, |context| {
-        mask_context_statements(context, ran)
+        let (masked, ours) = mask_context_statements(context, inside_ours);
+        nested_ours |= ours;
+        masked
     });
     rewrite(&mut e.internalquery, |query| {
-        shown(query, ran).text.into_owned()
+        let query = shown(query, inside_ours);
+        nested_ours |= query.tainted;
+        query.text.into_owned()
     });
     rewrite(&mut e.detail, mask_prepared_detail);
-    let Some(original) = statement else {
-        return Decision::Emit;
-    };
-    let shown = shown(&original, ran);
-    if !shown.tainted {
+    add_hint(e, tainted || nested_ours);
+    if !tainted && !nested_ours {
         return Decision::Emit;
     }
-    show_statement_as(&original, &shown.text);
-    let values = &shown.values;
+    // The statement itself, if it is ours; an error about a nested call of ours (an
+    // application's function that calls us) masks what it quotes either way.
+    let statement = statement
+        .as_deref()
+        .zip(shown_statement)
+        .filter(|(_, shown)| shown.tainted);
+    let values = statement
+        .as_ref()
+        .map(|(_, shown)| shown.values.clone())
+        .unwrap_or_default();
+    if let Some((original, shown)) = &statement {
+        show_statement_as(original, &shown.text);
+    }
     // Postgres's own errors about a statement of ours may quote an argument (a literal or a
     // bind parameter); the extension's own messages never do.
     let ours_raised = text_of(e.filename).is_some_and(|f| f.ends_with(".rs"));
     let error = e.elevel >= pg_sys::PGERROR as i32 && !ours_raised;
     let mask_quoted = |text: String| if error { without_quoted(&text) } else { text };
     rewrite(&mut e.message, |message| {
-        mask_quoted(without_values(
-            &message.replace(&original, &shown.text),
-            values,
-        ))
+        let message = match &statement {
+            Some((original, shown)) => message.replace(original, &shown.text),
+            None => message.to_owned(),
+        };
+        mask_quoted(without_values(&message, &values))
     });
     rewrite(&mut e.detail, |detail| {
         // "parameters: …" until 16, "Parameters: …" since 17.
@@ -561,19 +632,27 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) -> Decision {
             .find(|label| detail.starts_with(label))
         {
             Some(label) => format!("{label} {REDACTED}"),
-            None => mask_quoted(without_values(detail, values)),
+            None => mask_quoted(without_values(detail, &values)),
         }
     });
-    rewrite(&mut e.hint, |hint| without_values(hint, values));
-    if e.hint.is_null() {
-        if let Some(hint) = text_of(e.message).and_then(|m| hints::hint_for(e.sqlerrcode, &m)) {
-            e.hint = error_cstring(&hint);
-        }
-    }
+    rewrite(&mut e.hint, |hint| without_values(hint, &values));
     rewrite(&mut e.context, |context| {
-        without_values(&mask_argument_context(context), values)
+        without_values(&mask_argument_context(context), &values)
     });
     Decision::Emit
+}
+
+/// A hint that teaches, where Postgres gives none: the expected format of an argument of a
+/// call of ours, or whom a function named like one of ours is granted to (a denial names no
+/// schema, so any statement may be about ours).
+unsafe fn add_hint(e: &mut pg_sys::ErrorData, about_our_call: bool) {
+    let denied = e.sqlerrcode == pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32;
+    if !e.hint.is_null() || !(about_our_call || denied) {
+        return;
+    }
+    if let Some(hint) = text_of(e.message).and_then(|m| hints::hint_for(e.sqlerrcode, &m)) {
+        e.hint = error_cstring(&hint);
+    }
 }
 
 /// Log channels in force in this session that cannot be redacted: auto_explain (its plans show

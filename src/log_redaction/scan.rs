@@ -236,6 +236,8 @@ pub struct Statement {
     pub code: Vec<usize>,
     /// The prepared statements it runs (`EXECUTE name`).
     pub executes: Vec<String>,
+    /// The prepared statement it defines (`PREPARE name AS …`).
+    pub prepares: Option<String>,
     /// False when the statement has parts the walk does not know: its calls are then found
     /// by their tokens instead.
     pub complete: bool,
@@ -375,7 +377,17 @@ unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut c_void)
             }
             visit((*execute).params as *mut pg_sys::Node, context)
         }
-        T_PrepareStmt => visit((*(node as *mut pg_sys::PrepareStmt)).query, context),
+        T_PrepareStmt => {
+            let prepare = node as *mut pg_sys::PrepareStmt;
+            if !(*prepare).name.is_null() {
+                found.prepares = Some(
+                    CStr::from_ptr((*prepare).name)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+            visit((*prepare).query, context)
+        }
         T_ExplainStmt => visit((*(node as *mut pg_sys::ExplainStmt)).query, context),
         T_DeclareCursorStmt => visit((*(node as *mut pg_sys::DeclareCursorStmt)).query, context),
         T_CreateTableAsStmt => visit((*(node as *mut pg_sys::CreateTableAsStmt)).query, context),

@@ -9,7 +9,7 @@ use super::scan::{self, Kind, Token, SCHEMA};
 use aho_corasick::AhoCorasick;
 use pgrx::{pg_sys, PgTryBuilder};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::rc::Rc;
 use std::sync::OnceLock;
@@ -26,9 +26,11 @@ pub struct Verdict {
     pub calls_masked: String,
     /// The text with every literal masked (once a function of ours ran in its statement).
     pub all_masked: String,
-    /// The contents of its string literals (3 bytes or more), looked for in messages that
-    /// quote one.
-    pub values: Vec<String>,
+    /// The contents of the string literals `calls_masked` masks (3 bytes or more), looked for
+    /// in messages that quote one.
+    pub masked_values: Vec<String>,
+    /// The same for every string literal (`all_masked`).
+    pub all_values: Vec<String>,
 }
 
 /// Whether `text` may concern the extension at all: it names our schema or one of our
@@ -102,7 +104,8 @@ fn unreadable(_text: &str) -> Verdict {
         ours: true,
         calls_masked: MASK.to_owned(),
         all_masked: MASK.to_owned(),
-        values: Vec::new(),
+        masked_values: Vec::new(),
+        all_values: Vec::new(),
     }
 }
 
@@ -174,13 +177,15 @@ unsafe fn analyze(text: &str, c_text: &CStr, place: Place) -> Result<Verdict, Ne
     };
     let mut masks = Masks::new(tokens.len());
     let mut ours = false;
+    // Prepared statements of ours this text defines, for an EXECUTE later in it.
+    let mut prepared_here: Vec<&String> = Vec::new();
     for statement in &statements {
         let range = token_range(&tokens, statement.start, statement.end);
         let whole = shard_statement(&tokens[range.clone()])
             || statement
                 .executes
                 .iter()
-                .any(|name| prepared_is_ours(name, place));
+                .any(|name| prepared_here.contains(&name) || prepared_is_ours(name, place));
         if whole {
             ours = true;
             masks.all_in(range.clone());
@@ -199,6 +204,9 @@ unsafe fn analyze(text: &str, c_text: &CStr, place: Place) -> Result<Verdict, Ne
                 .map(|r| r.start + range.start..r.end + range.start)
                 .collect::<Vec<_>>()
         };
+        if !calls.is_empty() {
+            prepared_here.extend(statement.prepares.as_ref());
+        }
         for args in calls {
             ours = true;
             masks.all_in(args);
@@ -403,6 +411,27 @@ fn requote(
     }
 }
 
+/// The calls of ours in code. A string inside code (what it EXECUTEs) is SQL: where it parses,
+/// its calls are the parse tree's (an alias named like one of ours is none); a PL/pgSQL body,
+/// or SQL that does not parse, is read token by token.
+fn code_calls(body: &CStr, tokens: &[Token], depth: u8) -> Vec<std::ops::Range<usize>> {
+    if depth < CODE_DEPTH {
+        // SAFETY: the parser may raise on text that is no SQL; it is caught.
+        let parsed = caught(Place::Caught, || unsafe {
+            scan::statements(body, pg_sys::RawParseMode::RAW_PARSE_DEFAULT)
+        });
+        if let Some(statements) = parsed.filter(|s| s.iter().all(|s| s.complete)) {
+            return statements
+                .iter()
+                .flat_map(|s| s.calls.iter())
+                .filter_map(|&at| tokens.iter().position(|t| t.start == at))
+                .filter_map(|first| call_arguments(tokens, first))
+                .collect();
+        }
+    }
+    token_calls(tokens)
+}
+
 /// Masks code (a DO body, a function body, a string EXECUTEd in one) token by token: the
 /// arguments of each call of ours, and every literal of a statement that runs a string
 /// holding a call of ours (`EXECUTE format('… vetassist_auth.f(%L)', x) USING …`). Must run
@@ -412,12 +441,16 @@ fn code_masks(body: &str, depth: u8) -> Code {
         return whole_code(true);
     };
     // SAFETY: the scanner may raise on code it cannot read; it is caught.
-    let Some(tokens) = caught(Place::Caught, || unsafe { scan::tokens(&c_body) }) else {
+    let strings = CODE_STRINGS.get().unwrap_or_else(standard_strings);
+    let lexed = with_standard_strings(strings, || {
+        caught(Place::Caught, || unsafe { scan::tokens(&c_body) })
+    });
+    let Some(tokens) = lexed else {
         return whole_code(true);
     };
     let mut masks = Masks::new(tokens.len());
     let mut ours = false;
-    for args in token_calls(&tokens) {
+    for args in code_calls(&c_body, &tokens, depth) {
         ours = true;
         masks.all_in(args);
     }
@@ -517,21 +550,28 @@ impl Masks {
         }
         calls_masked.push_str(&text[at..]);
         all_masked.push_str(&text[at..]);
-        let mut values: Vec<String> = tokens
-            .iter()
-            .filter_map(|t| match &t.kind {
-                Kind::Literal { value: Some(v) } if v.len() >= 3 => Some(v.clone()),
-                _ => None,
-            })
-            .collect();
-        values.sort_unstable();
-        values.dedup();
-        values.truncate(MAX_VALUES);
+        // The contents of masked literals, code excepted (its own literals are masked in it).
+        let values = |masked: &dyn Fn(usize) -> bool| {
+            let mut values: Vec<String> = tokens
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| masked(*k) && !self.code.contains_key(k))
+                .filter_map(|(_, t)| match &t.kind {
+                    Kind::Literal { value: Some(v) } if v.len() >= 3 => Some(v.clone()),
+                    _ => None,
+                })
+                .collect();
+            values.sort_unstable();
+            values.dedup();
+            values.truncate(MAX_VALUES);
+            values
+        };
         Verdict {
             ours,
             calls_masked,
             all_masked,
-            values,
+            masked_values: values(&|k| self.masked[k]),
+            all_values: values(&|_| true),
         }
     }
 }
@@ -546,6 +586,26 @@ const CACHED_TEXTS: usize = 256;
 
 thread_local! {
     static VERDICTS: RefCell<Cache> = RefCell::new(Cache::default());
+    /// Hashes of every text this backend analyzed, kept when its verdict is dropped: a text
+    /// not among them was never analyzed, so Postgres parsed it in the message being served,
+    /// under the settings in force (`never_analyzed`).
+    static ANALYZED: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
+}
+
+/// How many analyzed texts are remembered; past it, every text counts as analyzed.
+const REMEMBERED_TEXTS: usize = 1 << 16;
+
+/// A text's hash, to know it again without keeping it.
+pub fn text_hash(text: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one(text)
+}
+
+/// Whether this backend never analyzed `text` (no verdict was ever made for it).
+pub fn never_analyzed(text: &str) -> bool {
+    ANALYZED.with_borrow(|seen| {
+        seen.len() < REMEMBERED_TEXTS && !seen.contains(&text_hash(text.as_bytes()))
+    })
 }
 
 /// Verdicts by text, each with the standard_conforming_strings it was read under.
@@ -557,13 +617,62 @@ struct Cache {
 
 struct Entry {
     verdict: Rc<Verdict>,
+    /// standard_conforming_strings the text, and the code in it, were read under.
     standard_strings: bool,
+    code_strings: bool,
     used: u64,
 }
 
 fn standard_strings() -> bool {
     // SAFETY: a plain global setting of this backend.
     unsafe { pg_sys::standard_conforming_strings }
+}
+
+/// Runs `f` with standard_conforming_strings set to `value`, restored afterwards (also when an
+/// ERROR unwinds through).
+pub fn with_standard_strings<T>(value: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: a plain global setting of this backend.
+            unsafe { pg_sys::standard_conforming_strings = self.0 };
+        }
+    }
+    let _restore = Restore(standard_strings());
+    // SAFETY: as above.
+    unsafe { pg_sys::standard_conforming_strings = value };
+    f()
+}
+
+thread_local! {
+    /// How code (a DO body) is read when it differs from the text around it.
+    static CODE_STRINGS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Reads the code in `text` again under the setting in force now, if the text was read under
+/// another: Postgres compiles a DO block's or a function's body when that statement runs, and
+/// a statement before it in the same message may have changed standard_conforming_strings.
+pub fn reread_code(text: &str) {
+    let now = standard_strings();
+    let Some(outer) = VERDICTS.with_borrow(|cache| {
+        cache
+            .entries
+            .get(text)
+            .filter(|entry| entry.code_strings != now)
+            .map(|entry| entry.standard_strings)
+    }) else {
+        return;
+    };
+    CODE_STRINGS.set(Some(now));
+    let verdict = with_standard_strings(outer, || analyze_caught(text));
+    CODE_STRINGS.set(None);
+    remember(text, verdict);
+    VERDICTS.with_borrow_mut(|cache| {
+        if let Some(entry) = cache.entries.get_mut(text) {
+            entry.standard_strings = outer;
+            entry.code_strings = now;
+        }
+    });
 }
 
 /// The verdict on `text`, if this backend has one: as it was read when Postgres parsed it,
@@ -579,24 +688,28 @@ pub fn lookup(text: &str) -> Option<Rc<Verdict>> {
     })
 }
 
-/// Whether this backend has a verdict on `text` read under the current settings.
-pub fn known(text: &str) -> bool {
-    VERDICTS.with_borrow(|cache| {
-        cache
-            .entries
-            .get(text)
-            .is_some_and(|entry| entry.standard_strings == standard_strings())
-    })
+/// The standard_conforming_strings this backend's verdict on `text` was read under, if it has
+/// one.
+pub fn read_under(text: &str) -> Option<bool> {
+    VERDICTS.with_borrow(|cache| cache.entries.get(text).map(|entry| entry.standard_strings))
 }
 
-/// Keeps a verdict, dropping the least recently used beyond the bound.
+/// Keeps a verdict, dropping the least recently used beyond the bound (never the running
+/// statement's, which its later lines need).
 pub fn remember(text: &str, verdict: Verdict) -> Rc<Verdict> {
     let verdict = Rc::new(verdict);
+    ANALYZED.with_borrow_mut(|seen| {
+        if seen.len() < REMEMBERED_TEXTS {
+            seen.insert(text_hash(text.as_bytes()));
+        }
+    });
+    let running = super::current_statement_text();
     VERDICTS.with_borrow_mut(|cache| {
         if cache.entries.len() >= CACHED_TEXTS && !cache.entries.contains_key(text) {
             if let Some(oldest) = cache
                 .entries
                 .iter()
+                .filter(|(text, _)| Some(text.as_str()) != running.as_deref())
                 .min_by_key(|(_, entry)| entry.used)
                 .map(|(text, _)| text.clone())
             {
@@ -607,6 +720,7 @@ pub fn remember(text: &str, verdict: Verdict) -> Rc<Verdict> {
         let entry = Entry {
             verdict: verdict.clone(),
             standard_strings: standard_strings(),
+            code_strings: standard_strings(),
             used: cache.clock,
         };
         cache.entries.insert(text.to_owned(), entry);
@@ -779,10 +893,19 @@ mod tests {
             r#"SELECT touch_session FROM t WHERE "TOUCH_SESSION"('q') IS NULL OR other.touch_session('w')"#,
             "DO $$BEGIN IF false THEN PERFORM touch_session(NULL); END IF; EXECUTE 'ALTER ROLE r SET application_name = ''visible'''; END$$",
             "CREATE FUNCTION touch_session(t text) RETURNS text LANGUAGE sql AS 'SELECT ''kept'''",
+            "CREATE FUNCTION f(x text) RETURNS text LANGUAGE plpgsql AS $$BEGIN IF false THEN RETURN vetassist_auth.touch_session(x); END IF; RETURN 'kept'; END$$",
+            "DO $d$BEGIN EXECUTE 'SELECT x FROM (VALUES (''kept'')) AS field_hash(x)'; END$d$",
         ] {
             assert_eq!(masked(sent), sent);
         }
         assert!(!analyze_caught("SELECT 'vetassist_auth.x(1)'").ours);
+        // SQL that code EXECUTEs is read by the parser: an alias is no call.
+        assert!(
+            !analyze_caught(
+                "DO $$BEGIN EXECUTE 'SELECT x FROM (VALUES (1)) AS field_hash(x)'; END$$"
+            )
+            .ours
+        );
     }
 
     #[pg_test]
