@@ -413,6 +413,19 @@ fn without_values(text: &str, values: &[String]) -> String {
 /// or a bind parameter, and row values in parentheses (`Key (icn)=(…)`, `Failing row contains
 /// (…)`): all of them are masked.
 fn without_quoted(text: &str) -> String {
+    // A syntax error quotes the rest of the statement from where it stopped (`at or near
+    // "…"`), double quotes and all.
+    const NEAR: &str = "at or near \"";
+    if let Some(at) = text.find(NEAR) {
+        let quoted = at + NEAR.len();
+        if let Some(close) = text.rfind('"').filter(|&close| close >= quoted) {
+            return format!(
+                "{}{NEAR}{MASK}{}",
+                without_quoted(&text[..at]),
+                &text[close..]
+            );
+        }
+    }
     let mut out = String::with_capacity(text.len());
     let mut parts = text.split('"');
     if let Some(first) = parts.next() {
@@ -749,6 +762,12 @@ mod tests {
             "invalid input syntax for type uuid: \"<redacted>\""
         );
         assert_eq!(without_quoted("no quotes"), "no quotes");
+        assert_eq!(
+            without_quoted(
+                r#"unterminated quoted string at or near "'{"n": "SECRET"}" at character 9"#
+            ),
+            r#"unterminated quoted string at or near "<redacted>" at character 9"#
+        );
         assert_eq!(
             without_quoted("Key (icn)=(1012667985V123456) already exists."),
             "Key (icn)=(<redacted>) already exists."
