@@ -632,7 +632,7 @@ MIRRORS = {
     "dead-branch-column-argument": _mirror("SELECT CASE WHEN false THEN vetassist_auth.touch_session(x) END AS r, x "
                                            "FROM (VALUES ({lit})) AS v(x)"),
     "same-name-other-schema": _same_name_elsewhere,
-    "failing": _mirror("SELECT ({lit})::int AS touch_session"),
+    "failing": _mirror("SELECT (x)::int AS touch_session FROM (VALUES ({lit})) AS v(x)"),
     "do-dead-branch": _mirror_do(lambda b, i: "BEGIN IF false THEN PERFORM touch_session(NULL); END IF; "
                                               f"PERFORM {b.literal(i)}::text; END"),
     "do-execute-other": _mirror_do(lambda b, i: f"BEGIN EXECUTE {quote('SELECT ' + b.literal(i.quoted()) + ' AS encrypt_text')}; END"),

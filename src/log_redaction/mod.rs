@@ -140,13 +140,18 @@ unsafe extern "C-unwind" fn read_analyzed_text(
     if source.is_null() {
         return;
     }
-    let text = CStr::from_ptr(source);
-    let len = text.to_bytes().len();
+    // The log hook reads texts the same way (a server encoding other than UTF-8).
+    let text = CStr::from_ptr(source).to_string_lossy();
+    let text = text.as_ref();
     let now = pg_sys::standard_conforming_strings;
     // The first statement of a message is analyzed before any of them runs: the setting then
     // is the one Postgres parsed the message under.
     let parsed_with = if source == pg_sys::debug_query_string {
-        let message = (source as usize, len, verdict::text_hash(text.to_bytes()));
+        let message = (
+            source as usize,
+            text.len(),
+            verdict::text_hash(text.as_bytes()),
+        );
         match PARSED_WITH.get() {
             Some((known, strings)) if known == message => strings,
             _ => {
@@ -156,9 +161,6 @@ unsafe extern "C-unwind" fn read_analyzed_text(
         }
     } else {
         now
-    };
-    let Ok(text) = text.to_str() else {
-        return;
     };
     // A DO block or a function whose body is read when it runs (`reread_code`).
     let code = !(*query).utilityStmt.is_null()
@@ -193,7 +195,7 @@ struct Held {
 fn emit_held(held: Held) {
     let statement = shown(&held.statement, false);
     let message = format!("statement: {}", statement.text);
-    let detail = held.detail.map(|d| mask_prepared_detail(&d));
+    let detail = held.detail.map(|d| mask_prepared_detail(&d, false));
     EMITTING_HELD.set(true);
     match detail {
         Some(detail) => pgrx::ereport!(
@@ -467,37 +469,38 @@ fn mask_argument_context(context: &str) -> String {
 }
 
 /// `DETAIL: prepare: PREPARE st AS …`, which Postgres adds to an EXECUTE's lines: the
-/// prepared statement, shown as its own text is (with every literal masked once a function of
-/// ours ran in it: PREPARE and EXECUTE may share one message).
-fn mask_prepared_detail(detail: &str) -> String {
+/// prepared statement, shown as its own text is, with every literal masked once a function of
+/// ours ran in the EXECUTE (`ran`) or in it (PREPARE and EXECUTE may share one message).
+fn mask_prepared_detail(detail: &str, ran: bool) -> String {
     match detail.strip_prefix("prepare: ") {
         Some(prepared) => format!(
             "prepare: {}",
-            shown(prepared, frames::ran_in(prepared)).text
+            shown(prepared, ran || frames::ran_in(prepared)).text
         ),
         None => detail.to_owned(),
     }
 }
 
-/// Whether the running statement, never analyzed, was parsed by Postgres in this message under
-/// the settings in force, so that parsing it again cannot raise: it mentions the extension,
-/// was never analyzed in this backend (else its verdict would be kept, or it may have been
-/// parsed under other settings), and this error is not the parser's own. Such a statement
-/// failed between parsing and analysis: a constant of the wrong type, an unknown function, an
-/// aborted transaction.
-unsafe fn parsed_before_this_error(e: &pg_sys::ErrorData, statement: &str) -> bool {
-    /// Where Postgres's raw parser raises its errors.
-    const PARSER_FILES: [&str; 4] = ["scan.l", "gram.y", "parser.c", "scansup.c"];
-    /// Beyond this a statement is not parsed inside error reporting (memory).
-    const LONGEST: usize = 1 << 20;
-    let raised_in = text_of(e.filename).unwrap_or_default();
-    let file = raised_in.rsplit('/').next().unwrap_or_default();
-    !file.is_empty()
-        && !PARSER_FILES.contains(&file)
-        && statement.len() <= LONGEST
-        && mentions_us(statement)
-        && verdict::lookup(statement).is_none()
-        && verdict::never_analyzed(statement)
+/// Whether the verdict on the running statement was read under another
+/// standard_conforming_strings than this message was parsed with (the same text sent again
+/// after the setting changed, and failing before Postgres analyzed it).
+unsafe fn read_under_other_settings(statement: &str) -> bool {
+    let Some(read) = verdict::read_under(statement) else {
+        return false;
+    };
+    let message = (
+        pg_sys::debug_query_string as usize,
+        statement.len(),
+        verdict::text_hash(statement.as_bytes()),
+    );
+    let masked = CURRENT.with_borrow(|c| {
+        c.as_ref()
+            .is_some_and(|c| c.masked_ptr == message.0 && c.original == statement)
+    });
+    let parsed_with = PARSED_WITH.get().and_then(|((ptr, len, hash), strings)| {
+        ((ptr == message.0 || masked) && len == message.1 && hash == message.2).then_some(strings)
+    });
+    read != parsed_with.unwrap_or(pg_sys::standard_conforming_strings)
 }
 
 /// What the hook decided for one report.
@@ -561,11 +564,19 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) -> Decision {
             e.elevel == pg_sys::LOG as i32 && message_id.as_deref() == Some("statement: %s");
         if statement_line {
             HELD.set(None);
-            if mentions_us(statement) && verdict::lookup(statement).is_none() {
+            let now = pg_sys::standard_conforming_strings;
+            if mentions_us(statement) && verdict::read_under(statement) != Some(now) {
                 // Postgres has just parsed it under these settings: parsing it again cannot
-                // raise. Its code (a DO body) was never scanned, so a line whose code mentions
-                // the extension waits for post_parse_analyze_hook.
-                match verdict::analyze_parsed(statement) {
+                // raise. Its code (a DO body) was never scanned, and a text that is not UTF-8
+                // is not the text Postgres parsed once converted, so such a line waits for
+                // post_parse_analyze_hook.
+                let exact = CStr::from_ptr(pg_sys::debug_query_string).to_str().is_ok();
+                let analyzed = if exact {
+                    verdict::analyze_parsed(statement)
+                } else {
+                    Err(verdict::NeedsCode)
+                };
+                match analyzed {
                     Ok(v) => {
                         verdict::remember(statement, v);
                     }
@@ -584,15 +595,20 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) -> Decision {
             // The statement failed before it was analyzed: its held line is not written (the
             // error's STATEMENT line shows it).
             HELD.set(None);
-            if parsed_before_this_error(e, statement) {
-                if let Ok(v) = verdict::analyze_parsed(statement) {
-                    verdict::remember(statement, v);
-                }
-            }
         }
     }
     let ran = statement.as_deref().is_some_and(frames::ran_in);
-    let shown_statement = statement.as_deref().map(|s| shown(s, ran));
+    let shown_statement = statement.as_deref().map(|s| {
+        if read_under_other_settings(s) {
+            // Its verdict was made for another reading of the same text.
+            return Shown {
+                text: Cow::Borrowed(MASK),
+                tainted: true,
+                values: Vec::new(),
+            };
+        }
+        shown(s, ran)
+    });
     let tainted = shown_statement.as_ref().is_some_and(|s| s.tainted);
     // Statements and expressions run inside one of ours (a DO block's, a function's) are
     // read as pieces of it: with every literal masked, and replaced whole if never read.
@@ -608,7 +624,7 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) -> Decision {
         nested_ours |= query.tainted;
         query.text.into_owned()
     });
-    rewrite(&mut e.detail, mask_prepared_detail);
+    rewrite(&mut e.detail, |detail| mask_prepared_detail(detail, ran));
     add_hint(e, tainted || nested_ours);
     if !tainted && !nested_ours {
         return Decision::Emit;

@@ -238,6 +238,9 @@ pub struct Statement {
     pub executes: Vec<String>,
     /// The prepared statement it defines (`PREPARE name AS …`).
     pub prepares: Option<String>,
+    /// It names a Citus shard of one of our tables (`vetassist_auth.sessions_102008`), as
+    /// the statements Citus sends a worker for a call of ours do.
+    pub names_shard: bool,
     /// False when the statement has parts the walk does not know: its calls are then found
     /// by their tokens instead.
     pub complete: bool,
@@ -346,6 +349,18 @@ unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut c_void)
             }
             walk_children(node, context)
         }
+        T_RangeVar => {
+            let relation = node as *mut pg_sys::RangeVar;
+            let text = |p: *mut std::ffi::c_char| {
+                (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+            };
+            if text((*relation).schemaname).as_deref() == Some(SCHEMA)
+                && text((*relation).relname).is_some_and(|name| is_shard_of_ours(&name))
+            {
+                found.names_shard = true;
+            }
+            walk_children(node, context)
+        }
         T_DoStmt => {
             for option in list_nodes((*(node as *mut pg_sys::DoStmt)).args) {
                 let option = option as *mut pg_sys::DefElem;
@@ -419,9 +434,9 @@ unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut c_void)
         | T_SortBy | T_WindowDef | T_RangeSubselect | T_RangeFunction | T_RangeTableSample
         | T_RangeTableFunc | T_RangeTableFuncCol | T_TypeName | T_ColumnDef | T_IndexElem
         | T_GroupingSet | T_LockingClause | T_XmlSerialize | T_WithClause | T_InferClause
-        | T_OnConflictClause | T_CommonTableExpr | T_Alias | T_RangeVar | T_GroupingFunc
-        | T_SubLink | T_CaseExpr | T_RowExpr | T_CoalesceExpr | T_MinMaxExpr | T_XmlExpr
-        | T_NullTest | T_BooleanTest => walk_children(node, context),
+        | T_OnConflictClause | T_CommonTableExpr | T_Alias | T_GroupingFunc | T_SubLink
+        | T_CaseExpr | T_RowExpr | T_CoalesceExpr | T_MinMaxExpr | T_XmlExpr | T_NullTest
+        | T_BooleanTest => walk_children(node, context),
         _ => {
             found.complete = false;
             false

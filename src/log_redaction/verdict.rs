@@ -9,7 +9,7 @@ use super::scan::{self, Kind, Token, SCHEMA};
 use aho_corasick::AhoCorasick;
 use pgrx::{pg_sys, PgTryBuilder};
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::rc::Rc;
 use std::sync::OnceLock;
@@ -95,7 +95,20 @@ pub unsafe fn analyze_parsed(text: &str) -> Result<Verdict, NeedsCode> {
         return Ok(unreadable(text));
     };
     let _quiet = Quiet::new();
-    analyze(text, &c_text, Place::LogHook)
+    // The parse trees go into a context of their own, deleted right after: the hook runs in
+    // ErrorContext, which a LOG line never resets.
+    let scratch = pg_sys::AllocSetContextCreateInternal(
+        pg_sys::TopMemoryContext,
+        c"vetassist_auth log redaction".as_ptr(),
+        pg_sys::ALLOCSET_DEFAULT_MINSIZE as _,
+        pg_sys::ALLOCSET_DEFAULT_INITSIZE as _,
+        pg_sys::ALLOCSET_DEFAULT_MAXSIZE as _,
+    );
+    let caller = pg_sys::MemoryContextSwitchTo(scratch);
+    let analyzed = analyze(text, &c_text, Place::LogHook);
+    pg_sys::MemoryContextSwitchTo(caller);
+    pg_sys::MemoryContextDelete(scratch);
+    analyzed
 }
 
 /// A text that cannot be read at all (it holds a NUL): replaced whole.
@@ -181,7 +194,12 @@ unsafe fn analyze(text: &str, c_text: &CStr, place: Place) -> Result<Verdict, Ne
     let mut prepared_here: Vec<&String> = Vec::new();
     for statement in &statements {
         let range = token_range(&tokens, statement.start, statement.end);
-        let whole = shard_statement(&tokens[range.clone()])
+        let shard = if statement.complete {
+            statement.names_shard
+        } else {
+            shard_statement(&tokens[range.clone()])
+        };
+        let whole = shard
             || statement
                 .executes
                 .iter()
@@ -258,7 +276,8 @@ fn token_range(tokens: &[Token], start: usize, end: usize) -> std::ops::Range<us
 }
 
 /// A statement Citus sends a worker for a shard of one of our tables
-/// (`INSERT INTO vetassist_auth.session_events_102041 …`).
+/// (`INSERT INTO vetassist_auth.session_events_102041 …`), read by its tokens where the walk
+/// of its parse tree does not reach.
 fn shard_statement(tokens: &[Token]) -> bool {
     tokens.windows(3).any(|w| {
         w[0].name() == Some(SCHEMA)
@@ -586,26 +605,12 @@ const CACHED_TEXTS: usize = 256;
 
 thread_local! {
     static VERDICTS: RefCell<Cache> = RefCell::new(Cache::default());
-    /// Hashes of every text this backend analyzed, kept when its verdict is dropped: a text
-    /// not among them was never analyzed, so Postgres parsed it in the message being served,
-    /// under the settings in force (`never_analyzed`).
-    static ANALYZED: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
 }
-
-/// How many analyzed texts are remembered; past it, every text counts as analyzed.
-const REMEMBERED_TEXTS: usize = 1 << 16;
 
 /// A text's hash, to know it again without keeping it.
 pub fn text_hash(text: &[u8]) -> u64 {
     use std::hash::BuildHasher;
     foldhash::fast::FixedState::with_seed(0).hash_one(text)
-}
-
-/// Whether this backend never analyzed `text` (no verdict was ever made for it).
-pub fn never_analyzed(text: &str) -> bool {
-    ANALYZED.with_borrow(|seen| {
-        seen.len() < REMEMBERED_TEXTS && !seen.contains(&text_hash(text.as_bytes()))
-    })
 }
 
 /// Verdicts by text, each with the standard_conforming_strings it was read under.
@@ -698,11 +703,6 @@ pub fn read_under(text: &str) -> Option<bool> {
 /// statement's, which its later lines need).
 pub fn remember(text: &str, verdict: Verdict) -> Rc<Verdict> {
     let verdict = Rc::new(verdict);
-    ANALYZED.with_borrow_mut(|seen| {
-        if seen.len() < REMEMBERED_TEXTS {
-            seen.insert(text_hash(text.as_bytes()));
-        }
-    });
     let running = super::current_statement_text();
     VERDICTS.with_borrow_mut(|cache| {
         if cache.entries.len() >= CACHED_TEXTS && !cache.entries.contains_key(text) {

@@ -134,7 +134,7 @@ def test_5_a_reparse_in_the_log_hook_replaces_the_real_error(adv):
     c = adv
     text = r"SELECT %s::int AS touch_session, '\' AS x -- caf" + "\u00e9"
     with c.connect("latin", "outsider") as outsider:
-        outsider.execute(text, (1,), prepare=True)
+        outsider.execute(text, ("1",), prepare=True)  # the same parameter type: the same statement
         outsider.execute("SET standard_conforming_strings = off")
         start = c.server_log.offset()
         error = attempt(outsider, text, ("qzADV5NOTANINTx",), prepare=True)
