@@ -645,7 +645,8 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) -> Decision {
     // Postgres's own errors about a statement of ours may quote an argument (a literal or a
     // bind parameter); the extension's own messages never do.
     let ours_raised = text_of(e.filename).is_some_and(|f| f.ends_with(".rs"));
-    let error = e.elevel >= pg_sys::PGERROR as i32 && !ours_raised;
+    // (ERROR only: a FATAL names a process or a connection, never an argument.)
+    let error = e.elevel == pg_sys::PGERROR as i32 && !ours_raised;
     let mask_quoted = |text: String| if error { without_quoted(&text) } else { text };
     rewrite(&mut e.message, |message| {
         let message = match &statement {
