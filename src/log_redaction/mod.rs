@@ -701,6 +701,12 @@ pub fn unsafe_log_channels() -> Option<String> {
     if setting(c"pg_stat_statements.track_utility").as_deref() == Some("on") {
         found.push("pg_stat_statements keeps utility statements with their literals (pg_stat_statements.track_utility is on)");
     }
+    // Since 18 a cursor's query, tracked as a nested statement, is kept as the DECLARE's text,
+    // literals and all.
+    #[cfg(feature = "pg18")]
+    if setting(c"pg_stat_statements.track").as_deref() == Some("all") {
+        found.push("pg_stat_statements keeps a cursor's query with its literals (pg_stat_statements.track is all)");
+    }
     let debug_print = [
         c"debug_print_parse",
         c"debug_print_rewritten",

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from vetassist_testing import authenticator_code, install, installed_cluster, needs_modules, wait_for
+from vetassist_testing import PG_MAJOR, authenticator_code, install, installed_cluster, needs_modules, wait_for
 
 LOGGING = ("log_statement = 'all'", "log_min_duration_statement = 0", "log_min_error_statement = 'error'",
            "log_parameter_max_length = -1", "log_parameter_max_length_on_error = -1",
@@ -191,6 +191,14 @@ def test_unredactable_channels_warn_and_fail_verify_installation():
             su.execute("CREATE TABLE ctas AS SELECT vetassist_auth.encrypt_text('LEAK-PGSS-CTAS', 'c')")
             texts = " ".join(r[0] for r in su.execute("SELECT query FROM pg_stat_statements"))
             assert "encrypt_text" in texts and "LEAK-PGSS" not in texts
+        # Since 18, track = all keeps a cursor's query as the DECLARE's text, literals and all.
+        c.set_conf("pg_stat_statements.track", "all")
+        with c.connect("vetassist") as su:
+            ok, detail = check(su)
+            if PG_MAJOR >= 18:
+                assert not ok and "pg_stat_statements.track is all" in detail
+            else:
+                assert ok, detail
 
 
 def test_aborted_subtransactions_do_not_burn_the_encryption_budget(cluster, su):
