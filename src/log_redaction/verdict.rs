@@ -76,12 +76,12 @@ pub struct NeedsCode;
 /// that does not parse is masked as far as the scanner reads it, and the rest replaced.
 pub fn analyze_caught(text: &str) -> Verdict {
     let Ok(c_text) = CString::new(text) else {
-        return unreadable(text);
+        return unreadable();
     };
     let _quiet = Quiet::new();
     // SAFETY: every call that may raise is inside a PgTryBuilder, in a backend context that is
     // not reporting an error.
-    unsafe { analyze(text, &c_text, Place::Caught) }.unwrap_or_else(|NeedsCode| unreadable(text))
+    unsafe { analyze(text, &c_text, Place::Caught) }.unwrap_or_else(|NeedsCode| unreadable())
 }
 
 /// Analyzes a statement Postgres has just parsed under the current settings (a `statement:`
@@ -92,7 +92,7 @@ pub fn analyze_caught(text: &str) -> Verdict {
 /// Only on text Postgres parsed successfully since the last change of settings.
 pub unsafe fn analyze_parsed(text: &str) -> Result<Verdict, NeedsCode> {
     let Ok(c_text) = CString::new(text) else {
-        return Ok(unreadable(text));
+        return Ok(unreadable());
     };
     let _quiet = Quiet::new();
     // The parse trees go into a context of their own, deleted right after: the hook runs in
@@ -112,7 +112,7 @@ pub unsafe fn analyze_parsed(text: &str) -> Result<Verdict, NeedsCode> {
 }
 
 /// A text that cannot be read at all (it holds a NUL): replaced whole.
-fn unreadable(_text: &str) -> Verdict {
+fn unreadable() -> Verdict {
     Verdict {
         ours: true,
         calls_masked: MASK.to_owned(),
