@@ -108,21 +108,38 @@ fn current_statement_text() -> Option<String> {
     masked.or_else(|| unsafe { text_of(pg_sys::debug_query_string) })
 }
 
+/// A message's identity: the address of its query string, its length and hash (the next
+/// message may sit at the same address).
+fn message_of(ptr: usize, text: &str) -> Message {
+    (ptr, text.len(), verdict::text_hash(text.as_bytes()))
+}
+
+/// The standard_conforming_strings the running statement's message was parsed under: the one
+/// in force at its first analysis (`PARSED_WITH`), or now if none was analyzed yet.
+fn message_strings(statement: &str) -> bool {
+    // SAFETY: debug_query_string and standard_conforming_strings are this backend's.
+    let (ptr, now) = unsafe {
+        (
+            pg_sys::debug_query_string as usize,
+            pg_sys::standard_conforming_strings,
+        )
+    };
+    // The address Postgres gave the message, before the hook pointed at a masked copy.
+    let ptr = CURRENT.with_borrow(|c| {
+        c.as_ref()
+            .filter(|c| c.masked_ptr == ptr)
+            .map_or(ptr, |c| c.original_ptr)
+    });
+    let message = message_of(ptr, statement);
+    PARSED_WITH
+        .get()
+        .filter(|(known, _)| *known == message)
+        .map_or(now, |(_, strings)| strings)
+}
+
 /// Runs `f` with standard_conforming_strings as it was when the statement was parsed.
 fn with_parse_settings<T>(statement: &str, f: impl FnOnce() -> T) -> T {
-    // SAFETY: debug_query_string and standard_conforming_strings are this backend's.
-    let (then, now) = unsafe {
-        let current = pg_sys::debug_query_string as usize;
-        let masked = CURRENT.with_borrow(|c| c.as_ref().is_some_and(|c| c.masked_ptr == current));
-        let then = PARSED_WITH.get().and_then(|((ptr, len, hash), strings)| {
-            let same = (ptr == current || masked)
-                && len == statement.len()
-                && hash == verdict::text_hash(statement.as_bytes());
-            same.then_some(strings)
-        });
-        (then, pg_sys::standard_conforming_strings)
-    };
-    verdict::with_standard_strings(then.unwrap_or(now), f)
+    verdict::with_standard_strings(message_strings(statement), f)
 }
 
 /// After Postgres parsed and analyzed a statement: where reading a text may raise, the text is
@@ -147,11 +164,7 @@ unsafe extern "C-unwind" fn read_analyzed_text(
     // The first statement of a message is analyzed before any of them runs: the setting then
     // is the one Postgres parsed the message under.
     let parsed_with = if source == pg_sys::debug_query_string {
-        let message = (
-            source as usize,
-            text.len(),
-            verdict::text_hash(text.as_bytes()),
-        );
+        let message = message_of(source as usize, text);
         match PARSED_WITH.get() {
             Some((known, strings)) if known == message => strings,
             _ => {
@@ -484,23 +497,8 @@ fn mask_prepared_detail(detail: &str, ran: bool) -> String {
 /// Whether the verdict on the running statement was read under another
 /// standard_conforming_strings than this message was parsed with (the same text sent again
 /// after the setting changed, and failing before Postgres analyzed it).
-unsafe fn read_under_other_settings(statement: &str) -> bool {
-    let Some(read) = verdict::read_under(statement) else {
-        return false;
-    };
-    let message = (
-        pg_sys::debug_query_string as usize,
-        statement.len(),
-        verdict::text_hash(statement.as_bytes()),
-    );
-    let masked = CURRENT.with_borrow(|c| {
-        c.as_ref()
-            .is_some_and(|c| c.masked_ptr == message.0 && c.original == statement)
-    });
-    let parsed_with = PARSED_WITH.get().and_then(|((ptr, len, hash), strings)| {
-        ((ptr == message.0 || masked) && len == message.1 && hash == message.2).then_some(strings)
-    });
-    read != parsed_with.unwrap_or(pg_sys::standard_conforming_strings)
+fn read_under_other_settings(statement: &str) -> bool {
+    verdict::read_under(statement).is_some_and(|read| read != message_strings(statement))
 }
 
 /// What the hook decided for one report.

@@ -387,14 +387,18 @@ unsafe fn read_code(text: &str, token: &Token, place: Place) -> Result<Code, Nee
     if place == Place::LogHook {
         return Err(NeedsCode);
     }
-    let code = code_masks(body, CODE_DEPTH);
-    let calls = requote(text, token, |_| Some(code.calls_masked.clone()));
-    let all = requote(text, token, |_| Some(code.all_masked.clone()));
-    Ok(Code {
+    Ok(written_back(text, token, code_masks(body, CODE_DEPTH)))
+}
+
+/// Masked code put back into the string token it came from (`requote`), or masked whole where
+/// it cannot be written as Postgres read it.
+fn written_back(text: &str, token: &Token, code: Code) -> Code {
+    let requoted = |masked: &str| requote(text, token, masked).unwrap_or_else(|| MASK.to_owned());
+    Code {
         ours: code.ours,
-        calls_masked: calls.unwrap_or_else(|| MASK.to_owned()),
-        all_masked: all.unwrap_or_else(|| MASK.to_owned()),
-    })
+        calls_masked: requoted(&code.calls_masked),
+        all_masked: requoted(&code.all_masked),
+    }
 }
 
 /// A code string that could not be read: masked whole.
@@ -409,16 +413,11 @@ fn whole_code(ours: bool) -> Code {
 /// The string token with its content replaced, written as it was quoted (dollar quotes, or
 /// plain quotes with doubled quotes). None when the content cannot be written back exactly
 /// as Postgres read it (an escape string, a continuation): the caller masks it whole.
-fn requote(
-    text: &str,
-    token: &Token,
-    content: impl FnOnce(&str) -> Option<String>,
-) -> Option<String> {
+fn requote(text: &str, token: &Token, rewritten: &str) -> Option<String> {
     let Kind::Literal { value: Some(value) } = &token.kind else {
         return None;
     };
     let raw = &text[token.start..token.end];
-    let rewritten = content(value)?;
     if let Some(after) = raw.strip_prefix('$') {
         let tag = &raw[..after.find('$')? + 2];
         (raw.len() == 2 * tag.len() + value.len()
@@ -488,17 +487,7 @@ fn code_masks(body: &str, depth: u8) -> Code {
                         let code = code_masks(inner, depth - 1);
                         if code.ours {
                             runs_ours = true;
-                            let calls =
-                                requote(body, &tokens[s], |_| Some(code.calls_masked.clone()));
-                            let all = requote(body, &tokens[s], |_| Some(code.all_masked.clone()));
-                            masks.code.insert(
-                                s,
-                                Code {
-                                    ours: true,
-                                    calls_masked: calls.unwrap_or_else(|| MASK.to_owned()),
-                                    all_masked: all.unwrap_or_else(|| MASK.to_owned()),
-                                },
-                            );
+                            masks.code.insert(s, written_back(body, &tokens[s], code));
                         }
                     }
                 }
@@ -755,19 +744,16 @@ mod pure {
         };
         let dollar = "$q$ body $q$";
         assert_eq!(
-            requote(dollar, &token(dollar, " body "), |_| Some("<m>".into())).as_deref(),
+            requote(dollar, &token(dollar, " body "), "<m>").as_deref(),
             Some("$q$<m>$q$")
         );
         let plain = "'it''s'";
         assert_eq!(
-            requote(plain, &token(plain, "it's"), |_| Some("x'y".into())).as_deref(),
+            requote(plain, &token(plain, "it's"), "x'y").as_deref(),
             Some("'x''y'")
         );
         let escaped = r"E'a\nb'";
-        assert_eq!(
-            requote(escaped, &token(escaped, "a\nb"), |_| Some("z".into())),
-            None
-        );
+        assert_eq!(requote(escaped, &token(escaped, "a\nb"), "z"), None);
     }
 
     #[test]

@@ -26,6 +26,8 @@ reads only the part of the server log its own statements wrote.
          its backend without bound (OOM) with statements that merely alias a column
          `touch_session`.
 """
+from contextlib import contextmanager
+
 import psycopg
 import pytest
 
@@ -48,6 +50,20 @@ def since(c, start):
 
 def statement_lines(log):
     return [e.message for e in entries(log) if e.is_statement_line()]
+
+
+@contextmanager
+def outsider_altered(c):
+    """Yields a function that reads the outsider's role settings (what a hidden ALTER ROLE
+    changed), and resets them afterwards."""
+    def settings():
+        with c.connect("vetassist") as su:
+            return su.execute("SELECT rolconfig FROM pg_roles WHERE rolname = 'outsider'").fetchone()[0]
+    try:
+        yield settings
+    finally:
+        with c.connect("vetassist") as su:
+            su.execute("ALTER ROLE outsider RESET ALL")
 
 
 def attempt(conn, sql, params=None, **kw):
@@ -80,7 +96,7 @@ def test_2_a_role_without_grants_hides_an_alter_role_behind_a_stale_verdict(adv)
     # Under `on`:  SELECT '\' AS a, '…'; ALTER ROLE outsider SET application_name = …; SELECT 2
     text = (r"""SELECT '\' AS a, ' || touch_session('; ALTER ROLE outsider SET application_name = """
             r"""$$qzADV2HIDDENx$$; SELECT 2 --') AS z""")
-    try:
+    with outsider_altered(c) as settings:
         with c.connect("vetassist", "outsider") as outsider:
             outsider.execute("SET standard_conforming_strings = off")
             assert attempt(outsider, text) is not None  # touch_session(unknown) does not exist
@@ -88,12 +104,7 @@ def test_2_a_role_without_grants_hides_an_alter_role_behind_a_stale_verdict(adv)
             start = c.server_log.offset()
             assert attempt(outsider, text) is None
             log = since(c, start)
-        with c.connect("vetassist") as su:
-            assert su.execute("SELECT rolconfig FROM pg_roles WHERE rolname = 'outsider'").fetchone()[0] == \
-                ["application_name=qzADV2HIDDENx"]
-    finally:
-        with c.connect("vetassist") as su:
-            su.execute("ALTER ROLE outsider RESET ALL")
+        assert settings() == ["application_name=qzADV2HIDDENx"]
     assert statement_lines(log) == [f"statement: {logged_form(text)}"]
 
 
@@ -114,18 +125,13 @@ def test_4_a_do_block_in_a_latin1_database_is_never_logged(adv):
     c = adv
     do = ("DO $$BEGIN IF false THEN PERFORM touch_session('x'); END IF; "
           "EXECUTE 'ALTER ROLE outsider SET application_name = ''qzADV4HIDDENx'''; END$$ -- caf\u00e9")
-    try:
+    with outsider_altered(c) as settings:
         with c.connect("latin", "outsider") as outsider:
             start = c.server_log.offset()
             assert attempt(outsider, do) is None
             outsider.execute("SELECT 'next statement'")
             log = since(c, start)
-        with c.connect("vetassist") as su:
-            assert su.execute("SELECT rolconfig FROM pg_roles WHERE rolname = 'outsider'").fetchone()[0] == \
-                ["application_name=qzADV4HIDDENx"]
-    finally:
-        with c.connect("vetassist") as su:
-            su.execute("ALTER ROLE outsider RESET ALL")
+        assert settings() == ["application_name=qzADV4HIDDENx"]
     # The log is LATIN1 here: é is one byte, read back as U+FFFD.
     assert any("ALTER ROLE outsider SET application_name" in line for line in statement_lines(log)), log
 
