@@ -15,7 +15,11 @@ SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
 OTHER_PG   ?= $(filter-out $(PG),$(ALL_PG))
 ALL_PG     := 15 16 17 18
 
-.PHONY: all toolchain install install-release lint pg-test check fuzz test test-one test-compat test-all demo citus-demo bench clean
+# cargo pgrx install copies the upgrade scripts but not the first release's base script, from
+# which Postgres builds every released version (sql/RELEASED; the upgrade test needs them).
+BASE_SCRIPT = $(SUDO) install -m 644 sql/vetassist_auth--0.1.0.sql "$$($(PG_CONFIG) --sharedir)/extension/"
+
+.PHONY: all toolchain install install-release lint pg-test check fuzz test test-one test-compat test-all demo citus-demo bench clean package
 
 all: test
 
@@ -24,9 +28,11 @@ toolchain:
 
 install: toolchain
 	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
+	$(BASE_SCRIPT)
 
 install-release: toolchain
 	cargo pgrx install --release $(SUDO_FLAG) --pg-config $(PG_CONFIG)
+	$(BASE_SCRIPT)
 
 lint: toolchain
 	cargo fmt --check
@@ -50,6 +56,7 @@ pg-test: toolchain
 FILE       ?= test_keys.py
 check: lint pg-test
 	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
+	$(BASE_SCRIPT)
 	REGRESS_ONLY=1 tests/run.sh
 	target/venv/bin/pytest -q tests/integration/$(FILE)
 
@@ -62,12 +69,14 @@ fuzz: install-release
 # clients.
 test-one: lint pg-test
 	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
+	$(BASE_SCRIPT)
 	tests/run.sh
 
 # Another version: clippy, unit and in-process tests, pg_regress, the upgrade test and the
 # integration tests that need no load run.
 test-compat: lint pg-test
 	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
+	$(BASE_SCRIPT)
 	COMPAT=1 tests/run.sh
 
 # Everything on every version.
@@ -81,6 +90,12 @@ demo: install-release
 citus-demo: install-release
 	scripts/ensure-citus.sh $(PG_CONFIG)
 	target/venv/bin/python scripts/citus_demo.py
+
+# Release Debian packages under target/packages, postgresql-NN-vetassist-auth_<version>_<arch>.deb,
+# one per supported major, or only PG=NN's (`make package PG=17`); built by `cargo pgrx package`,
+# which installs nothing (scripts/package.sh; README, "Install in your own cluster").
+package:
+	scripts/package.sh $(if $(filter command line,$(origin PG)),$(PG),$(ALL_PG))
 
 bench: install-release
 	scripts/ensure-pgsodium.sh $(PG_CONFIG)

@@ -10,7 +10,7 @@ from pathlib import Path
 LAYERS = [
     ("foundations: pure crypto and process plumbing", {"crypto", "bytea", "gucs", "signals", "search_path", "log_redaction"}),
     ("errors", {"error"}),
-    ("Postgres plumbing: queries on a fresh snapshot, lock tags", {"pg"}),
+    ("Postgres plumbing: queries on a fresh snapshot, lock tags; event counters", {"pg", "counters"}),
     ("where this node stands", {"citus", "replica", "connections"}),
     ("data keys", {"keys"}),
     ("sealing, opening and hashing values", {"sealing"}),
@@ -18,7 +18,7 @@ LAYERS = [
      {"protected_columns", "outbox"}),
     ("the audit log, and the keys' jobs", {"audit", "key_jobs"}),
     ("the SQL-facing API and the background processes",
-     {"encryption", "identity", "mfa", "session_settings", "sweeper", "shmem", "lib", "pg_tests"}),
+     {"encryption", "identity", "mfa", "session_settings", "sweeper", "shmem", "lib", "pg_tests", "metrics"}),
 ]
 LAYER = {module: rank for rank, (_name, modules) in enumerate(LAYERS) for module in modules}
 SRC = Path(__file__).resolve().parent.parent / "src"

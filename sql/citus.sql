@@ -143,6 +143,8 @@ BEGIN
            jsonb_build_object('reason', ended.end_reason)
     FROM ended;
     GET DIAGNOSTICS expired = ROW_COUNT;
+    -- Rows written here, not through the audit writer: counted for metrics() all the same.
+    PERFORM vetassist_auth.count_audit_rows('session', 'session_expired', 'success', expired);
 
     WITH gone AS (
         DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id

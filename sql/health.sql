@@ -159,6 +159,12 @@ BEGIN
     SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
     RETURN NEXT;
 
+    -- The setting the master key comes from; for a command, its load and last run (docs/operations.md,
+    -- "The master key from a KMS").
+    check_name := 'keys: master key source';
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.master_key_source() s;
+    RETURN NEXT;
+
     -- Before the previous master key file is removed (docs/operations.md, "Changing the master key").
     check_name := 'keys: wrapped under the current master key';
     detail := vetassist_auth.key_wrapping_problem();

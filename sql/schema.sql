@@ -250,6 +250,9 @@ CREATE INDEX audit_log_by_time ON vetassist_auth.audit_log USING brin (occurred_
 -- tiny index that every session check probes once.
 CREATE INDEX audit_log_mfa_lockouts ON vetassist_auth.audit_log (target_id)
     WHERE category = 'mfa' AND event_type = 'mfa_locked_out';
+-- Key custody: each master key load, recorded once per database (key_jobs.rs looks it up).
+CREATE INDEX audit_log_key_custody ON vetassist_auth.audit_log (target_id)
+    WHERE event_type = 'master_key_loaded';
 -- A veteran's disclosures (accounting_of_disclosures), apart from every other PHI row of theirs.
 CREATE INDEX audit_log_disclosures ON vetassist_auth.audit_log (subject_user_id, occurred_at)
     WHERE category = 'disclosure';

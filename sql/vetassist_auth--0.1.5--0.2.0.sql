@@ -62,6 +62,10 @@ CREATE INDEX audit_log_by_ip_key ON vetassist_auth.audit_log
 -- The MFA lock-outs by session, which every session check probes (mfa_locked_session).
 CREATE INDEX audit_log_mfa_lockouts ON vetassist_auth.audit_log (target_id)
     WHERE category = 'mfa' AND event_type = 'mfa_locked_out';
+-- Key custody: each master key load, recorded once per database by the first backend that uses
+-- it (master_key_loaded rows; docs/ARCHITECTURE.md, "Key custody").
+CREATE INDEX audit_log_key_custody ON vetassist_auth.audit_log (target_id)
+    WHERE event_type = 'master_key_loaded';
 -- A veteran's disclosures (accounting_of_disclosures).
 CREATE INDEX audit_log_disclosures ON vetassist_auth.audit_log (subject_user_id, occurred_at)
     WHERE category = 'disclosure';
@@ -93,7 +97,11 @@ CREATE INDEX audit_log_disclosures ON vetassist_auth.audit_log (subject_user_id,
 -- * row_audit_expected, audit_table_altered, audit_row_audit_dropped: alarms only for tables
 --   whose row audit is expected, not for any trigger of that name;
 -- * mfa_locked_session, require_live, touch_session, session_status, mfa_check,
---   mfa_trust_device: a session's MFA lock holds when the caller rolls its LOCKED status back.
+--   mfa_trust_device: a session's MFA lock holds when the caller rolls its LOCKED status back;
+-- * master_key_source, verify_installation: the master key's source in force (file, inline or
+--   a command the postmaster runs), and its last load;
+-- * metrics, metric_definitions, exporter_queries, count_audit_rows, expire_sessions,
+--   expire_distributed_sessions: the extension's health as Prometheus series.
 DROP FUNCTION vetassist_auth.audit_event(text, text, text, jsonb);
 DROP FUNCTION vetassist_auth.phi_disclosures(uuid, timestamptz, timestamptz);
 DROP FUNCTION vetassist_auth.write_audit_durably(text, text, text, uuid, text, text, jsonb);
@@ -175,6 +183,53 @@ STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_wrapping_problem_wrapper';
+
+CREATE  FUNCTION "master_key_source"() RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"detail" TEXT  /* String */
+)
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'master_key_source_wrapper';
+
+CREATE  FUNCTION "count_audit_rows"(
+	"category" TEXT, /* & str */
+	"event_type" TEXT, /* & str */
+	"outcome" TEXT, /* & str */
+	"rows" bigint /* i64 */
+) RETURNS void
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'count_audit_rows_wrapper';
+
+CREATE  FUNCTION "exporter_queries"() RETURNS TEXT /* String */
+IMMUTABLE STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'exporter_queries_wrapper';
+
+CREATE  FUNCTION "metric_definitions"() RETURNS TABLE (
+	"metric" TEXT,  /* String */
+	"kind" TEXT,  /* & '_ str */
+	"labels" TEXT[],  /* Vec < String > */
+	"help" TEXT  /* & '_ str */
+)
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'metric_definitions_wrapper';
+
+CREATE  FUNCTION "metrics"(
+	"names" TEXT[] DEFAULT NULL /* :: std :: option :: Option < Vec < String > > */
+) RETURNS TABLE (
+	"metric" TEXT,  /* String */
+	"labels" jsonb,  /* JsonB */
+	"value" double precision  /* f64 */
+)
+SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'metrics_wrapper';
 
 CREATE  FUNCTION "mfa_locked_session"(
 	"user_id" uuid, /* pgrx :: Uuid */
@@ -367,6 +422,46 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'set_request_session_wrapper';
 
+CREATE OR REPLACE FUNCTION vetassist_auth.expire_distributed_sessions(ts timestamptz) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    retained_since timestamptz := ts - vetassist_auth.session_retention();
+    expired integer;
+    purged integer;
+    gone_jwts text[];
+BEGIN
+    IF NOT citus_is_coordinator() THEN
+        RETURN 0;
+    END IF;
+    WITH ended AS (
+        UPDATE vetassist_auth.sessions s
+        SET status = 'EXPIRED', ended_at = ts,
+            end_reason = CASE WHEN s.expires_at <= ts THEN 'absolute_timeout' ELSE 'idle_timeout' END
+        WHERE s.status = 'ACTIVE' AND s.live_until <= ts
+        RETURNING s.id, s.user_id, s.end_reason
+    )
+    INSERT INTO vetassist_auth.audit_log
+        (actor_user_id, subject_user_id, category, event_type, outcome, target_table, target_id, details)
+    SELECT NULL, ended.user_id, 'session', 'session_expired', 'success', 'sessions', ended.id::text,
+           jsonb_build_object('reason', ended.end_reason)
+    FROM ended;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+    -- Rows written here, not through the audit writer: counted for metrics() all the same.
+    PERFORM vetassist_auth.count_audit_rows('session', 'session_expired', 'success', expired);
+
+    WITH gone AS (
+        DELETE FROM vetassist_auth.sessions s WHERE s.ended_at < retained_since RETURNING s.jwt_id
+    )
+    SELECT array_agg(gone.jwt_id) INTO gone_jwts FROM gone;
+    purged := coalesce(cardinality(gone_jwts), 0);
+    IF purged > 0 THEN
+        DELETE FROM vetassist_auth.session_routes r WHERE r.jwt_id = ANY (gone_jwts);
+        PERFORM vetassist_auth.write_audit('session', 'sessions_purged', 'success', NULL, 'sessions', NULL,
+                                           jsonb_build_object('count', purged));
+    END IF;
+    RETURN expired + purged;
+END
+$$;
 CREATE OR REPLACE FUNCTION vetassist_auth.verify_installation()
 RETURNS TABLE (check_name text, ok boolean, detail text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -525,6 +620,12 @@ BEGIN
 
     check_name := 'audit: disclosures and failed authentications survive a rollback';
     SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.durable_audit_state() s;
+    RETURN NEXT;
+
+    -- The setting the master key comes from; for a command, its load and last run (docs/operations.md,
+    -- "The master key from a KMS").
+    check_name := 'keys: master key source';
+    SELECT s.ok, s.detail INTO ok, detail FROM vetassist_auth.master_key_source() s;
     RETURN NEXT;
 
     -- Before the previous master key file is removed (docs/operations.md, "Changing the master key").
@@ -957,6 +1058,8 @@ BEGIN
            jsonb_build_object('reason', ended.end_reason)
     FROM ended;
     GET DIAGNOSTICS expired = ROW_COUNT;
+    -- Rows written here, not through the audit writer: counted for metrics() all the same.
+    PERFORM vetassist_auth.count_audit_rows('session', 'session_expired', 'success', expired);
 
     WITH old AS (
         SELECT s.id FROM vetassist_auth.sessions s
@@ -1398,6 +1501,15 @@ REVOKE ALL ON FUNCTION vetassist_auth.durable_audit_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.on_citus_worker() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_cache_sizes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.key_wrapping_problem() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.master_key_source() FROM PUBLIC;
+REVOKE ALL ON FUNCTION vetassist_auth.count_audit_rows(text, text, text, bigint) FROM PUBLIC;
+GRANT USAGE ON SCHEMA vetassist_auth TO pg_monitor;
+REVOKE ALL ON FUNCTION vetassist_auth.metrics(text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.metrics(text[]) TO pg_monitor, vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.metric_definitions() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.metric_definitions() TO pg_monitor, vetassist_auditor;
+REVOKE ALL ON FUNCTION vetassist_auth.exporter_queries() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION vetassist_auth.exporter_queries() TO pg_monitor, vetassist_auditor;
 REVOKE ALL ON FUNCTION vetassist_auth.key_purposes() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.counted_encryptions() FROM PUBLIC;
 REVOKE ALL ON FUNCTION vetassist_auth.define_key_usage() FROM PUBLIC;

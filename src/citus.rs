@@ -20,7 +20,10 @@ pub fn on_worker() -> Result<bool> {
         return Ok(false);
     }
     crate::search_path::pinned(|| {
-        Spi::get_one::<bool>("SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group")
+        crate::pg::read_one::<bool>(
+            "SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group",
+            &[],
+        )
     })
     .map(Option::unwrap_or_default)
     .map_err(|_| {

@@ -334,9 +334,13 @@ unsafe extern "C-unwind" fn process_utility(
     // the statement.
     unsafe {
         let (database, creates) = database_statement((*pstmt).utilityStmt);
+        let mut dropped = None;
         if let Some((name, needs)) = database.filter(|(d, _)| !d.is_null()) {
             if let Some(oid) = allowed_target(CStr::from_ptr(name), &needs) {
                 ask_to_leave(oid);
+                if (*(*pstmt).utilityStmt).type_ == pg_sys::NodeTag::T_DropdbStmt {
+                    dropped = Some(oid);
+                }
             }
         }
         if creates {
@@ -363,6 +367,10 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 qc,
             ),
+        }
+        // Dropped (an error would not have returned here): its counters go with it.
+        if let Some(oid) = dropped {
+            crate::counters::forget_database(oid);
         }
     }
 }

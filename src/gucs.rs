@@ -8,6 +8,11 @@ pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CS
 pub static MASTER_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
+pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static PREVIOUS_MASTER_KEY_COMMAND: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static MASTER_KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10);
 
 // Sessions (docs/operations.md "Configuration"): SUSET so the application cannot stretch its own
 // time-outs; an administrator may set them per database or role.
@@ -185,6 +190,7 @@ pub fn init() {
         // NO_SHOW_ALL too: pg_settings shows reset_val unmasked to pg_read_all_settings.
         GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
         Some(show_master_key_file),
+        None,
     );
     secret_string_guc(
         c"vetassist_auth.previous_master_key_file",
@@ -193,6 +199,7 @@ pub fn init() {
         &PREVIOUS_MASTER_KEY_FILE,
         GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
         Some(show_previous_master_key_file),
+        None,
     );
     secret_string_guc(
         c"vetassist_auth.master_key",
@@ -201,6 +208,42 @@ pub fn init() {
         &MASTER_KEY,
         GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
         Some(show_master_key),
+        None,
+    );
+}
+
+/// The master key command settings (docs/operations.md, "The master key from a KMS"), with the
+/// assign hooks that run them in the postmaster; the time-out first, so that the commands'
+/// first run at server start already has it.
+pub fn define_master_key_commands(
+    current: pgrx::pg_sys::GucStringAssignHook,
+    previous: pgrx::pg_sys::GucStringAssignHook,
+) {
+    seconds_guc(
+        c"vetassist_auth.master_key_command_timeout",
+        c"How long the postmaster waits for a master key command before it gives up on it.",
+        &MASTER_KEY_COMMAND_TIMEOUT,
+        1,
+        600,
+        GucContext::Sighup,
+    );
+    secret_string_guc(
+        c"vetassist_auth.master_key_command",
+        c"A shell command that prints the 32-byte master key as 64 hex characters (e.g. after a KMS unwrap).",
+        c"Run by the postmaster alone, at server start and at every reload; needs shared_preload_libraries. Only a superuser sees its value.",
+        &MASTER_KEY_COMMAND,
+        GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
+        Some(show_master_key_command),
+        current,
+    );
+    secret_string_guc(
+        c"vetassist_auth.previous_master_key_command",
+        c"During a master key change: a command that prints the old master key, so data keys open under either key until rewrap_keys.",
+        c"Unset it once rewrap_keys() has committed.",
+        &PREVIOUS_MASTER_KEY_COMMAND,
+        GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY,
+        Some(show_previous_master_key_command),
+        previous,
     );
 }
 
@@ -214,6 +257,7 @@ fn secret_string_guc(
     setting: &'static GucSetting<Option<CString>>,
     flags: GucFlags,
     show: pgrx::pg_sys::GucShowHook,
+    assign: pgrx::pg_sys::GucStringAssignHook,
 ) {
     // SAFETY: the setting's storage is a static that outlives the server; Postgres owns the
     // string it points to from here on, as with GucRegistry::define_string_guc.
@@ -227,7 +271,7 @@ fn secret_string_guc(
             pgrx::pg_sys::GucContext::PGC_SIGHUP,
             flags.bits(),
             None,
-            None,
+            assign,
             show,
         );
     }
@@ -261,6 +305,16 @@ unsafe extern "C-unwind" fn show_previous_master_key_file() -> *const std::ffi::
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn show_master_key() -> *const std::ffi::c_char {
     shown(&MASTER_KEY)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_master_key_command() -> *const std::ffi::c_char {
+    shown(&MASTER_KEY_COMMAND)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_previous_master_key_command() -> *const std::ffi::c_char {
+    shown(&PREVIOUS_MASTER_KEY_COMMAND)
 }
 
 /// The raw value of a string setting without copying it; None when unset or empty.

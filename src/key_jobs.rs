@@ -1,19 +1,24 @@
-//! The outbox's jobs for the data keys (docs/ARCHITECTURE.md, "Layers"): a purpose's first key
-//! created in the recorder's transaction, so no application transaction holds key creation, and
-//! a key at the warning mark of its budget rotated without the caller waiting. `keys` asks for
-//! them through the delegates registered here.
+//! The outbox's jobs for the keys (docs/ARCHITECTURE.md, "Layers"): a purpose's first key
+//! created in the recorder's transaction, so no application transaction holds key creation, a
+//! key at the warning mark of its budget rotated without the caller waiting, and the first use
+//! of each master key load in a database put on record ("Key custody"). `keys` asks for them
+//! through the delegates registered here.
 
 use crate::error::{Failure, Kind, Result};
 use crate::keys::{self, Purpose};
-use crate::outbox::{self, Job};
+use crate::outbox::{self, Job, Reader, Writer};
+use pgrx::prelude::*;
+use std::cell::Cell;
 
 /// Registers the jobs with the outbox and the delegates with `keys`; called from `_PG_init`.
 pub fn register() {
     outbox::register(Job::CreateKey, run_create_key);
     outbox::register(Job::RotateWornKey, run_rotate_worn_key);
+    outbox::register(Job::RecordKeyCustody, run_record_custody);
     keys::delegate(keys::Delegates {
         create_key,
         rotate_worn_key_soon,
+        record_custody,
     });
 }
 
@@ -66,5 +71,136 @@ fn run_rotate_worn_key(body: &[u8]) {
         }
     } else {
         pgrx::error!("vetassist_auth recorder: a malformed key job");
+    }
+}
+
+thread_local! {
+    /// The last load this backend asked to put on record (a load is asked for once per backend).
+    static CUSTODY_ASKED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Asks this database's recorder to put a master key load on record, unless it already has:
+/// only from an application's backend (never a background process of ours or a replication
+/// worker), on a primary that is not a Citus worker, with the recorder in place. Never raises.
+fn record_custody(custody: &keys::Custody) {
+    let load = u64::from_str_radix(&custody.load, 16).unwrap_or_default();
+    // SAFETY: reads process-wide state set at connection start.
+    let (backend, database) = unsafe {
+        (
+            pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND,
+            pg_sys::MyDatabaseId,
+        )
+    };
+    // SAFETY: reads shared state on the recovery status.
+    let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
+    if !backend
+        || in_recovery
+        || CUSTODY_ASKED.get() == Some(load)
+        || keys::custody_recorded(database, load)
+        || !outbox::delegated(keys::keys_relid())
+        || !crate::replica::is_primary()
+        || crate::citus::on_worker().unwrap_or(true)
+    {
+        return;
+    }
+    CUSTODY_ASKED.set(Some(load));
+    let mut w = Writer(Vec::new());
+    // SAFETY: the session user of a connected backend always has a name.
+    let role = unsafe {
+        std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false))
+    };
+    let loaded_at = custody.loaded_at.map(|at| at.to_le_bytes());
+    for field in [
+        Some(custody.load.as_bytes()),
+        Some(custody.source.as_bytes()),
+        Some(custody.setting.as_bytes()),
+        Some(custody.key_check.as_bytes()),
+        custody.kms_key_id.as_deref().map(str::as_bytes),
+        custody.kms_key_version.as_deref().map(str::as_bytes),
+        loaded_at.as_ref().map(|b| b.as_slice()),
+        custody.previous_setting.map(str::as_bytes),
+        custody.previous_key_check.as_deref().map(str::as_bytes),
+        custody.previous_kms_key_id.as_deref().map(str::as_bytes),
+        custody
+            .previous_kms_key_version
+            .as_deref()
+            .map(str::as_bytes),
+        Some(role.to_bytes()),
+    ] {
+        w.field(field);
+    }
+    outbox::queue_without_waiting(Job::RecordKeyCustody, &w.0);
+}
+
+/// Writes a `master_key_loaded` audit row unless the database has one for this load, a restore
+/// is connected, or the database holds no data key (the row would collide with the ones a
+/// restore brings; a later backend asks again).
+fn run_record_custody(body: &[u8]) {
+    let mut r = Reader(body);
+    let load = r.text().unwrap_or_default().to_owned();
+    let mut texts = Vec::new();
+    for _ in 0..5 {
+        texts.push(r.text().map(str::to_owned));
+    }
+    let loaded_at = r
+        .field()
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")));
+    for _ in 0..5 {
+        texts.push(r.text().map(str::to_owned));
+    }
+    if crate::replica::restore_session()
+        .unwrap_or_else(|e| pgrx::error!("vetassist_auth recorder: {e}"))
+        .is_some()
+    {
+        return;
+    }
+    // No data key yet: a fresh install, or a schema-only restore waiting for its data (an audit
+    // row now would collide with the ones the data brings). Nothing was used; a later backend
+    // asks again.
+    let keys =
+        crate::pg::read_one::<bool>("SELECT EXISTS (SELECT 1 FROM vetassist_auth.keys)", &[])
+            .unwrap_or_else(|e| pgrx::error!("vetassist_auth recorder: {e}"));
+    if keys != Some(true) {
+        return;
+    }
+    let [source, setting, key_check, kms_key_id, kms_key_version, previous_setting, previous_key_check, previous_kms_key_id, previous_kms_key_version, first_used_by] =
+        texts.try_into().unwrap_or_else(|_| {
+            pgrx::error!("vetassist_auth recorder: a malformed key custody job")
+        });
+    let loaded_at = loaded_at.map(|at| {
+        // SAFETY: formats a timestamp into a static buffer, copied at once.
+        unsafe { std::ffi::CStr::from_ptr(pg_sys::timestamptz_to_str(at)) }
+            .to_string_lossy()
+            .into_owned()
+    });
+    Spi::run_with_args(
+        "SELECT vetassist_auth.write_audit('key', 'master_key_loaded', 'success', NULL, 'master_key', $1, \
+                pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object( \
+                    'source', $2, 'setting', $3, 'key_check', $4, 'kms_key_id', $5, 'kms_key_version', $6, \
+                    'loaded_at', $7::timestamptz, 'first_used_by', $8, \
+                    'previous', CASE WHEN $9 IS NOT NULL THEN pg_catalog.jsonb_build_object( \
+                        'setting', $9, 'key_check', $10, 'kms_key_id', $11, 'kms_key_version', $12) END))) \
+         WHERE NOT EXISTS (SELECT 1 FROM vetassist_auth.audit_log \
+                           WHERE event_type = 'master_key_loaded' AND target_id = $1)",
+        &[
+            load.clone().into(),
+            source.into(),
+            setting.into(),
+            key_check.into(),
+            kms_key_id.into(),
+            kms_key_version.into(),
+            loaded_at.into(),
+            first_used_by.into(),
+            previous_setting.into(),
+            previous_key_check.into(),
+            previous_kms_key_id.into(),
+            previous_kms_key_version.into(),
+        ],
+    )
+    .unwrap_or_else(|e| pgrx::error!("vetassist_auth recorder: the key custody row: {e}"));
+    // SAFETY: reads the recorder's database.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    if let Ok(load) = u64::from_str_radix(&load, 16) {
+        keys::note_custody_recorded(database, load);
     }
 }

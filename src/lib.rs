@@ -9,6 +9,7 @@ mod audit;
 mod bytea;
 mod citus;
 mod connections;
+mod counters;
 mod crypto;
 mod encryption;
 mod error;
@@ -17,6 +18,7 @@ mod identity;
 mod key_jobs;
 mod keys;
 mod log_redaction;
+mod metrics;
 mod mfa;
 mod outbox;
 mod pg;
@@ -138,6 +140,7 @@ extension_sql_file!(
     requires = [
         "keys_sql",
         keys::admin::key_purposes,
+        keys::admin::master_key_source,
         log_redaction::unredactable_log_channels,
         replica::node_role_state
     ]
@@ -159,9 +162,11 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    keys::define_settings();
     replica::define_setting();
     replica::register_callbacks();
     keys::register_callbacks();
+    counters::register_callbacks();
     audit::register_callbacks();
     key_jobs::register();
     log_redaction::install();

@@ -154,11 +154,26 @@ impl LatestRow {
     }
 }
 
+/// The first column of the first row of a read-only query (None for no row or NULL), through a
+/// read-only SPI connection: `Spi::get_one` runs its query as an update, which gives the
+/// transaction an id, and no transaction can have one on a hot standby.
+pub fn read_one<T: FromDatum + IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> std::result::Result<Option<T>, pgrx::spi::SpiError> {
+    Spi::connect(
+        |client| match client.select(sql, Some(1), args)?.first().get_one::<T>() {
+            Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
+            other => other,
+        },
+    )
+}
+
 /// Whether an extension table has a column: the library is installed before `ALTER EXTENSION
 /// vetassist_auth UPDATE` runs, and must keep an older release's schema working until then.
 pub fn schema_has_column(table: &str, column: &str) -> bool {
     search_path::pinned(|| {
-        Spi::get_one_with_args::<bool>(
+        read_one::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
                         WHERE a.attrelid = pg_catalog.to_regclass('vetassist_auth.' || $1) \
                           AND a.attname = $2 AND NOT a.attisdropped)",

@@ -338,3 +338,24 @@ GRANT EXECUTE ON FUNCTION vetassist_auth.node_role() TO vetassist_app, vetassist
     name = "replica_grants",
     requires = [node_role],
 );
+
+/// A `pg_restore` session connected to this database as a role that can restore (a superuser or
+/// the database's owner: the application, which can name itself anything, cannot hold our
+/// writers off): its pid and for how many seconds it has been connected. Nothing of ours that
+/// writes on its own initiative (the sweeper, the key custody record) may write meanwhile: its
+/// row would collide with the rows the restore brings.
+pub fn restore_session() -> Result<Option<(i32, i64)>, pgrx::spi::SpiError> {
+    let found = pgrx::spi::Spi::get_two::<i32, i64>(
+        "SELECT a.pid, pg_catalog.date_part('epoch', pg_catalog.now() - a.backend_start)::bigint \
+         FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_database d ON d.datname = a.datname \
+         WHERE a.datname = pg_catalog.current_database() AND a.application_name = 'pg_restore' \
+           AND (a.usesysid = d.datdba OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r \
+                                                 WHERE r.oid = a.usesysid AND r.rolsuper)) \
+         ORDER BY a.backend_start LIMIT 1",
+    );
+    match found {
+        Ok((Some(pid), seconds)) => Ok(Some((pid, seconds.unwrap_or_default()))),
+        Ok((None, _)) | Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,8 +1,10 @@
 //! The extension's shared memory, with the library preloaded: the audit outbox
-//! (`audit/recorder.rs`) and where the background processes connect (`connections.rs`). One
+//! (`audit/recorder.rs`), where the background processes connect (`connections.rs`) and the
+//! master keys the postmaster loads with a command (`keys/published.rs`) and the event counters
+//! of `metrics()` (`counters.rs`). One
 //! request hook and one start-up hook for both.
 
-use crate::{connections, outbox};
+use crate::{connections, counters, keys, outbox};
 use pgrx::prelude::*;
 
 static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
@@ -28,7 +30,12 @@ unsafe extern "C-unwind" fn on_shmem_request() {
         if let Some(previous) = PREV_SHMEM_REQUEST_HOOK {
             previous();
         }
-        pg_sys::RequestAddinShmemSpace(outbox::SHMEM_SIZE + connections::SHMEM_SIZE);
+        pg_sys::RequestAddinShmemSpace(
+            outbox::SHMEM_SIZE
+                + connections::SHMEM_SIZE
+                + keys::PUBLISHED_SHMEM_SIZE
+                + counters::SHMEM_SIZE,
+        );
         outbox::request_lock();
     }
 }
@@ -46,6 +53,9 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         outbox::attach_shared();
         connections::attach_shared();
+        counters::attach_shared();
         pg_sys::LWLockRelease(init_lock);
+        // Outside the lock: in the postmaster this runs the master key commands.
+        keys::attach_shared();
     }
 }

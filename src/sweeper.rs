@@ -123,19 +123,10 @@ fn readiness() -> Readiness {
             if installed != Some(true) {
                 return Ok(Readiness::NotYet);
             }
-            let restore = Spi::get_two::<i32, i64>(
-                "SELECT a.pid, pg_catalog.date_part('epoch', pg_catalog.now() - a.backend_start)::bigint \
-                 FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_database d ON d.datname = a.datname \
-                 WHERE a.datname = pg_catalog.current_database() AND a.application_name = 'pg_restore' \
-                   AND (a.usesysid = d.datdba OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r \
-                                                         WHERE r.oid = a.usesysid AND r.rolsuper)) \
-                 ORDER BY a.backend_start LIMIT 1",
-            );
-            if let Ok((Some(pid), seconds)) = restore {
-                return Ok(Readiness::Restoring {
-                    pid,
-                    seconds: seconds.unwrap_or_default(),
-                });
+            if let Some((pid, seconds)) =
+                crate::replica::restore_session().map_err(|e| e.to_string())?
+            {
+                return Ok(Readiness::Restoring { pid, seconds });
             }
             // Only now: the table is missing without the extension.
             Spi::get_one::<bool>(

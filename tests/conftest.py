@@ -8,6 +8,7 @@ from vetassist_testing import installed_cluster
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "load: a load or soak run (make test runs it on the default version only)")
+    config.addinivalue_line("markers", "no_pg: needs no PostgreSQL (make test runs it on the default version only)")
 
 
 @pytest.fixture(scope="session")

@@ -191,6 +191,20 @@ def reload_and_wait(connect, name, value, timeout=10.0):
     wait_for(f"{name} = {value!r} after a reload", seen, timeout)
 
 
+def master_key_source(cluster):
+    """verify_installation's row on where the master key comes from: (ok, detail). It names the
+    time of each load and of each failed run of a master key command, so it changes with every run."""
+    with cluster.connect("vetassist") as su:
+        return su.execute("SELECT ok, detail FROM vetassist_auth.verify_installation() "
+                          "WHERE check_name = 'keys: master key source'").fetchone()
+
+
+def master_key_source_changed(cluster, before, what="the master key command's next run"):
+    """Waits until master_key_source differs from `before` (the postmaster has run the command
+    and published its outcome) and returns it."""
+    return wait_for(what, lambda: (lambda now: now if now != before else None)(master_key_source(cluster)))
+
+
 def expect_sqlstate(sqlstate, conn, sql, params=None):
     """Runs `sql` and asserts that it fails with `sqlstate`; returns the error (its diag has the
     message, detail and hint)."""

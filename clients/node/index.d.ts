@@ -147,6 +147,19 @@ export interface CrisisEvent {
   details: Json;
 }
 
+export interface MetricSample {
+  metric: string;
+  labels: Record<string, string>;
+  value: number;
+}
+
+export interface MetricDefinition {
+  metric: string;
+  kind: 'counter' | 'gauge';
+  labels: string[];
+  help: string;
+}
+
 export interface SessionEvent {
   eventId: number;
   occurredAt: Date;
@@ -317,6 +330,11 @@ export class AuditorScope extends Scope {
   accountingOfDisclosures(userId: Uuid, since?: TimestampInput | null): Promise<AccountingEntry[]>;
   crisisEvents(since: TimestampInput): Promise<CrisisEvent[]>;
   sessionEventsOf(userId: Uuid, since: TimestampInput): Promise<SessionEvent[]>;
+  /** The extension's health as Prometheus series (all, or only `names`). */
+  metrics(names?: string[] | null): Promise<MetricSample[]>;
+  metricDefinitions(): Promise<MetricDefinition[]>;
+  /** The queries file of prometheus-postgres-exporter for these metrics. */
+  exporterQueries(): Promise<string>;
   disclosurePurposes(): Promise<DisclosurePurpose[]>;
   auditChainHead(): Promise<ChainHead | null>;
   auditChainHeads(): Promise<NodeChainHead[]>;

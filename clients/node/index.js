@@ -389,6 +389,17 @@ export class AuditorScope extends Scope {
     return this._rows('SELECT event_id, occurred_at, session_id, event_type, severity, details'
       + ' FROM vetassist_auth.session_events_of($1::uuid, $2::timestamptz)', [userId, since]);
   }
+
+  // Metrics (docs/operations.md, "Metrics")
+  async metrics(names = null) {
+    return this._rows('SELECT metric, labels, value FROM vetassist_auth.metrics($1::text[])', [names]);
+  }
+  async metricDefinitions() {
+    return this._rows('SELECT metric, kind, labels, help FROM vetassist_auth.metric_definitions()', []);
+  }
+  async exporterQueries() {
+    return this._value('SELECT vetassist_auth.exporter_queries()', []);
+  }
 }
 mixin(AuditorScope, ['nodeRole', 'disclosurePurposes', 'auditChainHead', 'auditChainHeads', 'auditSealStatus',
   'protectedColumns', 'verifyAuditChain', 'verifyAuditChainAt', 'verifyInstallation']);

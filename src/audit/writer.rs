@@ -8,6 +8,7 @@
 //! NOT NULL and CHECK constraints are still enforced.
 
 use super::ACTOR;
+use crate::counters::{self, Counter};
 use crate::error::{Failure, Kind};
 use pgrx::prelude::*;
 use pgrx::Uuid;
@@ -124,6 +125,9 @@ pub fn append_as(row: &AuditRow<'_>, who: &Who, id: Option<i64>) -> i64 {
     // On a subscriber the next audit id is the primary's too (docs/ARCHITECTURE.md, "Replicas
     // and failover").
     crate::replica::require_primary();
+    if let Some(counter) = Counter::of_audit_row(row.category, row.event_type, row.outcome) {
+        counters::count_at_commit(counter, 1);
+    }
     let (table, sequence) = log_oids();
     // SAFETY: the table is opened and locked here and closed at the end; values and nulls
     // have one entry per attribute of its descriptor; every palloc'd object lives in the

@@ -7,6 +7,7 @@ use sha2::Sha256;
 
 const KEK_SALT: &[u8] = b"vetassist_auth";
 const KEK_INFO: &[u8] = b"kek:v1";
+const CHECK_INFO: &[u8] = b"check:v1";
 
 /// Parses 64 hex characters; surrounding white space (a trailing newline in a key file) is
 /// ignored. The error never contains the input.
@@ -27,6 +28,16 @@ pub fn derive_kek(master: &SecretKey) -> SecretKey {
         .expand(KEK_INFO, &mut kek)
         .expect("32 bytes is a valid HKDF-SHA256 output length");
     SecretKey(kek)
+}
+
+/// A key check value: tells master keys apart in audit rows and logs without revealing them
+/// (HKDF with its own info string, so it is independent of the KEK).
+pub fn key_check(master: &SecretKey) -> [u8; 8] {
+    let mut check = [0u8; 8];
+    Hkdf::<Sha256>::new(Some(KEK_SALT), &master.0)
+        .expand(CHECK_INFO, &mut check)
+        .expect("8 bytes is a valid HKDF-SHA256 output length");
+    check
 }
 
 fn wrap_aad(key_id: u32, purpose: &str) -> Vec<u8> {
@@ -151,6 +162,15 @@ mod tests {
                 .unwrap();
             assert_eq!(out, okm);
         }
+    }
+
+    #[test]
+    fn the_key_check_tells_keys_apart_and_is_not_the_kek() {
+        let master = parse_master_key_hex(HEX).unwrap();
+        let check = key_check(&master);
+        assert_eq!(check, key_check(&master));
+        assert_ne!(check, key_check(&SecretKey([1u8; 32])));
+        assert_ne!(check[..], derive_kek(&master).0[..8]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod master_key;
 pub mod totp;
 
 pub use field_hash::{normalize, FieldKey};
-pub use master_key::{derive_kek, parse_master_key_hex, unwrap_dek, wrap_dek};
+pub use master_key::{derive_kek, key_check, parse_master_key_hex, unwrap_dek, wrap_dek};
 
 pub const KEY_LEN: usize = 32;
 pub const NONCE_LEN: usize = 12;

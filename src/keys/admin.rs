@@ -65,36 +65,29 @@ pub fn rotate_worn_key(purpose: Purpose, key_id: u32) -> Result<()> {
     Ok(())
 }
 
-/// Re-wraps every data key under the current master key after the master key was changed.
-/// Keys already wrapped under the current master key are left alone, so a rerun is harmless.
+/// Re-wraps every data key under the current master key after the master key was changed, from
+/// the old key's file given here or from the previous master key source in force (a file or a
+/// command). Keys already wrapped under the current master key are left alone, so a rerun is
+/// harmless. Audited, with the key checks of both keys.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
-    let allowed = Spi::get_one::<bool>(
-        "SELECT pg_catalog.pg_has_role(session_user, 'pg_read_server_files', 'USAGE')",
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if !allowed {
-        Failure::new(
-            Kind::InsufficientPrivilege,
-            "vetassist_auth: rewrap_keys reads a server file",
+    let previous = previous_source().or_raise();
+    let (old_setting, old_key) = match (old_master_key_file, &previous) {
+        (Some(path), _) => ("the file given", read_server_key_file(path)),
+        (None, Some(source @ PreviousSource::File(path))) => {
+            (source.setting(), read_server_key_file(path))
+        }
+        (None, Some(source)) => (source.setting(), load_previous_key(source)),
+        (None, None) => Failure::new(
+            Kind::InvalidArgument,
+            "vetassist_auth: no previous master key is given or set",
         )
-        .with_hint("The session user needs the privileges of pg_read_server_files.")
-        .raise();
-    }
-    let old_file = old_master_key_file
-        .or_else(previous_master_file)
-        .unwrap_or_else(|| {
-            Failure::new(
-                Kind::InvalidArgument,
-                "vetassist_auth: no old master key file was given",
-            )
-            .with_hint("Pass its path, or set vetassist_auth.previous_master_key_file.")
-            .raise()
-        });
-    let old_kek = crypto::derive_kek(&read_master_key_file(old_file).or_raise());
+        .with_hint("Pass the old key's file, or set vetassist_auth.previous_master_key_file or vetassist_auth.previous_master_key_command and reload.")
+        .raise(),
+    };
+    let old_key = old_key.or_raise();
+    let old_kek = crypto::derive_kek(&old_key);
     // Waits for every transaction that created a key (it may have wrapped it under the old
     // master key) and keeps new ones out until this one ends; the rows are then read on a fresh
     // snapshot, so none of those keys is missed.
@@ -151,7 +144,46 @@ fn rewrap_keys(old_master_key_file: default!(Option<&str>, "NULL")) -> i32 {
         rewrapped += updated as i32;
     }
     invalidate_all_backends();
+    let source = master_source().or_raise();
+    let details = format!(
+        r#"{{"rewrapped": {rewrapped}, "from": "{old_setting}", "from_key_check": "{}", "to": "{}", "to_key_check": "{}"}}"#,
+        hex::encode(crypto::key_check(&old_key)),
+        source.setting(),
+        hex::encode(crypto::key_check(&load_master_key(&source).or_raise())),
+    );
+    Spi::run_with_args(
+        "SELECT vetassist_auth.write_audit('key', 'keys_rewrapped', 'success', NULL, 'keys', NULL, $1::jsonb)",
+        &[details.into()],
+    )
+    .map_err(spi_failure)
+    .or_raise();
     rewrapped
+}
+
+/// A master key file read for the caller: only with the privileges of pg_read_server_files.
+fn read_server_key_file(path: &str) -> Result<SecretKey> {
+    let allowed = Spi::get_one::<bool>(
+        "SELECT pg_catalog.pg_has_role(session_user, 'pg_read_server_files', 'USAGE')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !allowed {
+        return Err(Failure::new(
+            Kind::InsufficientPrivilege,
+            "vetassist_auth: rewrap_keys reads a server file",
+        )
+        .with_hint("The session user needs the privileges of pg_read_server_files."));
+    }
+    read_master_key_file(path)
+}
+
+/// For verify_installation: whether a master key is in force, and which setting it comes from
+/// (with the time of its load and the KMS key for a command). Internal.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn master_key_source() -> TableIterator<'static, (name!(ok, bool), name!(detail, String))> {
+    TableIterator::once(describe_sources())
 }
 
 /// For verify_installation: NULL when every data key with material opens under the current
@@ -197,7 +229,12 @@ fn key_wrapping_problem() -> Option<String> {
     }
     let mut problems = Vec::new();
     if need_previous > 0 {
-        problems.push(format!("{need_previous} data key(s) open only under the previous master key (vetassist_auth.previous_master_key_file): run rewrap_keys() before removing it"));
+        let setting = previous_source()
+            .ok()
+            .flatten()
+            .map(|p| p.setting())
+            .unwrap_or("the previous master key setting");
+        problems.push(format!("{need_previous} data key(s) open only under the previous master key ({setting}): run rewrap_keys() before removing it"));
     }
     if neither > 0 {
         problems.push(format!(

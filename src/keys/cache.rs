@@ -14,8 +14,15 @@ pub(super) fn refresh() -> Result<()> {
         return Ok(());
     }
     crate::log_redaction::warn_about_unsafe_channels();
-    let checked = master_source().and_then(|source| Ok((master_fingerprint(&source)?, source)));
-    let (fingerprint, source) = match checked {
+    let checked = master_source().and_then(|source| {
+        let previous = previous_source()?;
+        Ok((
+            master_fingerprint(&source, previous.as_ref())?,
+            source,
+            previous,
+        ))
+    });
+    let (fingerprint, source, previous) = match checked {
         Ok(checked) => checked,
         Err(e) => {
             // A removed key disables the cached keys too, not just new ones.
@@ -23,7 +30,9 @@ pub(super) fn refresh() -> Result<()> {
                 cache.drop_data_keys();
                 cache.kek = None;
                 cache.previous_kek = None;
+                cache.previous_failure = None;
                 cache.master_fingerprint = None;
+                cache.source_setting = None;
             });
             return Err(e);
         }
@@ -33,15 +42,29 @@ pub(super) fn refresh() -> Result<()> {
         let master = load_master_key(&source)?;
         let kek = Rc::new(crypto::derive_kek(&master));
         // A previous key that cannot be read only means no fallback: the current key works.
-        let previous_kek = previous_master_file()
-            .and_then(|path| read_master_key_file(path).ok())
-            .map(|previous| Rc::new(crypto::derive_kek(&previous)));
+        // A previous key that cannot be loaded only means no fallback; a key that then opens
+        // under neither says why (unwrap_row).
+        let (previous_key, previous_failure) =
+            match previous.as_ref().map(|p| (p, load_previous_key(p))) {
+                Some((p, Ok(key))) => (Some((p, key)), None),
+                Some((_, Err(failure))) => (None, Some(failure)),
+                None => (None, None),
+            };
+        let previous_kek = previous_key
+            .as_ref()
+            .map(|(_, key)| Rc::new(crypto::derive_kek(key)));
         KEY_CACHE.with_borrow_mut(|cache| {
             cache.drop_data_keys();
             cache.kek = Some(kek);
             cache.previous_kek = previous_kek;
+            cache.previous_failure = previous_failure;
             cache.master_fingerprint = Some(fingerprint);
+            cache.source_setting = Some(source.setting());
         });
+        // Put on record once a data key opens under it (unwrap_row): only then is it used.
+        let previous = previous_key.as_ref().map(|(p, key)| (*p, key));
+        let custody = custody(&source, &master, previous);
+        KEY_CACHE.with_borrow_mut(|cache| cache.custody_to_record = Some(custody));
     }
     CHECKED_THIS_XACT.set(true);
     Ok(())
@@ -67,7 +90,10 @@ pub fn keys_relid() -> pg_sys::Oid {
         return cached;
     }
     let oid = search_path::pinned(|| {
-        Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass('vetassist_auth.keys')::oid")
+        crate::pg::read_one::<pg_sys::Oid>(
+            "SELECT pg_catalog.to_regclass('vetassist_auth.keys')::oid",
+            &[],
+        )
     })
     .ok()
     .flatten()
@@ -101,9 +127,21 @@ pub(super) fn unwrap_row(
             None => Err(e),
         })
         .map_err(|_| {
+            // The previous master key was to open it, but could not be loaded: say that, not
+            // that the data is damaged.
+            if let Some(failure) = KEY_CACHE.with_borrow(|cache| cache.previous_failure.clone()) {
+                return failure;
+            }
+            let setting = KEY_CACHE.with_borrow(|cache| cache.source_setting).unwrap_or("the setting");
             Failure::new(Kind::DataCorrupted, format!("vetassist_auth: data key {id} cannot be unwrapped"))
-                .with_hint("The master key differs from the one that wrapped the data keys: set vetassist_auth.previous_master_key_file to the old key's file and run rewrap_keys (docs/operations.md, \"Changing the master key\").")
+                .with_hint(format!("The master key from {setting} differs from the one that wrapped the data keys: set vetassist_auth.previous_master_key_file or previous_master_key_command to the old key's source and run rewrap_keys (docs/operations.md, \"Changing the master key\")."))
         })?;
+    if let (Some(custody), Some(delegates)) = (
+        KEY_CACHE.with_borrow_mut(|cache| cache.custody_to_record.take()),
+        DELEGATES.get(),
+    ) {
+        (delegates.record_custody)(&custody);
+    }
     let cipher = secret.cipher();
     let digest = <sha2::Sha256 as sha2::Digest>::digest(secret.0);
     let key = Rc::new(DataKey {

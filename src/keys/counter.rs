@@ -4,7 +4,7 @@ use super::*;
 
 /// NIST SP 800-38D: with random 96-bit nonces a key must stay far below 2^32 encryptions.
 pub(super) const ENCRYPT_WARN_AT: i64 = 1 << 30;
-pub(super) const ENCRYPT_REFUSE_AT: i64 = 1 << 31;
+pub const ENCRYPT_REFUSE_AT: i64 = 1 << 31;
 pub(super) const LEASE: i64 = 128;
 
 /// How many leases a purpose's counter has handed out so far (0 for purposes that only MAC).

@@ -5,16 +5,22 @@
 
 mod admin;
 mod cache;
+mod command;
 mod counter;
 mod locks;
 mod master;
+mod published;
 pub(crate) use crate::search_path;
 mod store;
 
 pub use admin::rotate_worn_key;
 pub use cache::{keys_relid, register_callbacks};
-pub use counter::reserve_encryption;
+pub use counter::{reserve_encryption, ENCRYPT_REFUSE_AT as ENCRYPTION_LIMIT};
 pub use locks::{key_lock_tag, AUDIT_CHAIN, IDENTITY_CLAIM};
+pub use master::Custody;
+pub use published::{
+    attach_shared, custody_recorded, note_custody_recorded, SHMEM_SIZE as PUBLISHED_SHMEM_SIZE,
+};
 pub use store::create_active_key;
 
 use cache::*;
@@ -134,6 +140,12 @@ pub(super) struct KeyCache {
     /// The master key being replaced (vetassist_auth.previous_master_key_file): data keys not
     /// yet rewrapped still open under it.
     pub(super) previous_kek: Option<Rc<SecretKey>>,
+    /// The master key load this backend has yet to put on record: at its first data key.
+    pub(super) custody_to_record: Option<Custody>,
+    /// Why the previous master key set could not be loaded, if it could not.
+    pub(super) previous_failure: Option<Failure>,
+    /// The setting the master key in force came from, for hints.
+    pub(super) source_setting: Option<&'static str>,
     pub(super) keys: HashMap<u32, Rc<DataKey>>,
     pub(super) active: HashMap<Purpose, u32>,
     /// Encryptions left in this backend's current lease, per purpose (with the key's id and
@@ -209,9 +221,41 @@ pub struct Delegates {
     pub create_key: fn(Purpose) -> Result<bool>,
     /// Asks for a key at the warning mark of its budget to be rotated soon, without waiting.
     pub rotate_worn_key_soon: fn(Purpose, u32),
+    /// Has the first use of a master key load in this backend (its first data key opened under
+    /// it) put on record, once per database and load, without waiting; never raises.
+    pub record_custody: fn(&Custody),
 }
 
 static DELEGATES: std::sync::OnceLock<Delegates> = std::sync::OnceLock::new();
+
+/// Defines the master key command settings, whose assign hooks run the commands in the
+/// postmaster; called from `_PG_init` after `gucs::init`.
+pub fn define_settings() {
+    gucs::define_master_key_commands(
+        Some(current_command_assigned),
+        Some(previous_command_assigned),
+    );
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn current_command_assigned(
+    value: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    // SAFETY: Postgres passes the new value, a NUL-terminated string, or NULL.
+    let value = unsafe { value.as_ref().map(|v| std::ffi::CStr::from_ptr(v)) };
+    published::assigned(published::Which::Current, value);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn previous_command_assigned(
+    value: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    // SAFETY: as above.
+    let value = unsafe { value.as_ref().map(|v| std::ffi::CStr::from_ptr(v)) };
+    published::assigned(published::Which::Previous, value);
+}
 
 pub fn delegate(delegates: Delegates) {
     // Once per process, from _PG_init: a second call (there is none) would change nothing.
@@ -280,6 +324,12 @@ pub fn active_key(purpose: Purpose) -> Result<Rc<DataKey>> {
 /// The active key of a purpose, pinned for the rest of the transaction: it cannot be retired
 /// until this transaction ends, so whatever it writes under the key stays readable.
 pub fn key_for_writing(purpose: Purpose) -> Result<Rc<DataKey>> {
+    // A hot standby can take no key pin (and stores nothing): 55000 naming it, as every write
+    // of ours there. Look-ups (field_hashes) read keys without a pin.
+    // SAFETY: reads shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        crate::replica::require_primary();
+    }
     refresh()?;
     WROTE_UNDER_KEYS.set(true);
     if let Some(key) = WRITING.with_borrow(|writing| writing[purpose as usize].clone()) {

@@ -323,13 +323,29 @@ unsafe fn rewrite(field: &mut *mut std::ffi::c_char, rewrite: impl FnOnce(&str) 
     }
 }
 
+/// The settings whose values no log line may show: the inline master key, and the master key
+/// commands (which may hold a KMS credential).
+const HIDDEN_SETTINGS: [&str; 3] = [
+    "vetassist_auth.master_key",
+    "vetassist_auth.master_key_command",
+    "vetassist_auth.previous_master_key_command",
+];
+
+/// Whether `name` is one of HIDDEN_SETTINGS (setting names are case-insensitive).
+pub(crate) fn is_hidden_setting(name: &str) -> bool {
+    HIDDEN_SETTINGS
+        .iter()
+        .any(|hidden| hidden.eq_ignore_ascii_case(name.trim()))
+}
+
 /// On reload Postgres logs `parameter "NAME" changed to "VALUE"`; for the inline master key
-/// that would be the key itself.
+/// that would be the key itself, and a master key command may hold a KMS credential.
 fn redact_setting_change(message: &str) -> Option<String> {
-    let prefix = "parameter \"vetassist_auth.master_key\" changed to";
-    message
-        .starts_with(prefix)
-        .then(|| format!("{prefix} {REDACTED}"))
+    HIDDEN_SETTINGS
+        .iter()
+        .map(|name| format!("parameter \"{name}\" changed to"))
+        .find(|prefix| message.starts_with(prefix.as_str()))
+        .map(|prefix| format!("{prefix} {REDACTED}"))
 }
 
 /// The context lines that quote a statement or expression (SPI's error context).
@@ -763,6 +779,11 @@ mod tests {
             redact_setting_change("parameter \"vetassist_auth.master_key_file\" changed to \"/k\""),
             None
         );
+        let logged = redact_setting_change(
+            "parameter \"vetassist_auth.master_key_command\" changed to \"VAULT_TOKEN=s.1 unwrap\"",
+        )
+        .unwrap();
+        assert!(!logged.contains("s.1"));
     }
 
     #[test]

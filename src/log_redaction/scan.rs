@@ -241,6 +241,9 @@ pub struct Statement {
     /// It names a Citus shard of one of our tables (`vetassist_auth.sessions_102008`), as
     /// the statements Citus sends a worker for a call of ours do.
     pub names_shard: bool,
+    /// It sets a hidden setting of ours (`ALTER SYSTEM SET vetassist_auth.master_key = …`, a
+    /// `SET`, a role's or database's setting): its values are masked whole.
+    pub sets_hidden: bool,
     /// False when the statement has parts the walk does not know: its calls are then found
     /// by their tokens instead.
     pub complete: bool,
@@ -344,7 +347,15 @@ unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut c_void)
                 .filter_map(|n| string_value(n))
                 .collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            if names_ours(&names) {
+            // set_config('vetassist_auth.master_key', …) is masked as a call of ours.
+            let sets_hidden = matches!(
+                names.as_slice(),
+                ["set_config"] | ["pg_catalog", "set_config"]
+            ) && list_nodes((*call).args)
+                .first()
+                .and_then(|&first| const_string(first))
+                .is_some_and(|name| super::is_hidden_setting(&name));
+            if names_ours(&names) || sets_hidden {
                 found.calls.extend(location((*call).location));
             }
             walk_children(node, context)
@@ -420,13 +431,30 @@ unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut c_void)
             visit((*rule).whereClause, context)
                 || visit((*rule).actions as *mut pg_sys::Node, context)
         }
+        T_VariableSetStmt => {
+            found.sets_hidden |= sets_hidden(node as *mut pg_sys::VariableSetStmt);
+            false
+        }
+        T_AlterSystemStmt => {
+            found.sets_hidden |= sets_hidden((*(node as *mut pg_sys::AlterSystemStmt)).setstmt);
+            false
+        }
+        T_AlterRoleSetStmt => {
+            found.sets_hidden |= sets_hidden((*(node as *mut pg_sys::AlterRoleSetStmt)).setstmt);
+            false
+        }
+        T_AlterDatabaseSetStmt => {
+            found.sets_hidden |=
+                sets_hidden((*(node as *mut pg_sys::AlterDatabaseSetStmt)).setstmt);
+            false
+        }
         // Statements that name no function and hold no expression: nothing to find.
-        T_TransactionStmt | T_VariableSetStmt | T_VariableShowStmt | T_DeallocateStmt
-        | T_ClosePortalStmt | T_FetchStmt | T_ListenStmt | T_UnlistenStmt | T_NotifyStmt
-        | T_LockStmt | T_DiscardStmt | T_CheckPointStmt | T_LoadStmt | T_VacuumStmt
-        | T_GrantStmt | T_GrantRoleStmt | T_AlterRoleStmt | T_AlterRoleSetStmt
-        | T_CreateRoleStmt | T_DropRoleStmt | T_DropStmt | T_TruncateStmt | T_CommentStmt
-        | T_CreateSchemaStmt | T_ConstraintsSetStmt | T_ReindexStmt | T_ClusterStmt => false,
+        T_TransactionStmt | T_VariableShowStmt | T_DeallocateStmt | T_ClosePortalStmt
+        | T_FetchStmt | T_ListenStmt | T_UnlistenStmt | T_NotifyStmt | T_LockStmt
+        | T_DiscardStmt | T_CheckPointStmt | T_LoadStmt | T_VacuumStmt | T_GrantStmt
+        | T_GrantRoleStmt | T_AlterRoleStmt | T_CreateRoleStmt | T_DropRoleStmt | T_DropStmt
+        | T_TruncateStmt | T_CommentStmt | T_CreateSchemaStmt | T_ConstraintsSetStmt
+        | T_ReindexStmt | T_ClusterStmt => false,
         T_JoinExpr | T_IntoClause | T_List | T_InsertStmt | T_DeleteStmt | T_UpdateStmt
         | T_MergeStmt | T_MergeWhenClause | T_SelectStmt | T_PLAssignStmt | T_A_Expr
         | T_BoolExpr | T_ColumnRef | T_NamedArgExpr | T_A_Indices | T_A_Indirection
@@ -444,6 +472,21 @@ unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, context: *mut c_void)
     };
     walk.depth -= 1;
     stop
+}
+
+unsafe fn sets_hidden(set: *mut pg_sys::VariableSetStmt) -> bool {
+    !set.is_null()
+        && !(*set).name.is_null()
+        && super::is_hidden_setting(&CStr::from_ptr((*set).name).to_string_lossy())
+}
+
+/// The text of a string constant.
+unsafe fn const_string(node: *mut pg_sys::Node) -> Option<String> {
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_A_Const {
+        return None;
+    }
+    let constant = node as *mut pg_sys::A_Const;
+    string_value(&raw mut (*constant).val as *mut pg_sys::Node)
 }
 
 unsafe fn defname_is(option: *mut pg_sys::DefElem, name: &str) -> bool {

@@ -200,6 +200,7 @@ unsafe fn analyze(text: &str, c_text: &CStr, place: Place) -> Result<Verdict, Ne
             shard_statement(&tokens[range.clone()])
         };
         let whole = shard
+            || statement.sets_hidden
             || statement
                 .executes
                 .iter()

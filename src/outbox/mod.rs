@@ -202,9 +202,11 @@ pub enum Job {
     CreateKey = 1,
     /// A key at the warning mark of its encryption budget (key_jobs.rs).
     RotateWornKey = 2,
+    /// The first use of a master key load in a database, put on record (key_jobs.rs).
+    RecordKeyCustody = 3,
 }
 
-const JOBS: usize = 3;
+const JOBS: usize = 4;
 
 /// What runs a job, given the bytes its owner queued after the job's number.
 pub type Runner = fn(&[u8]);
@@ -273,7 +275,10 @@ pub(crate) fn database() -> pg_sys::Oid {
     unsafe { pg_sys::MyDatabaseId }
 }
 
+/// A refusal to take a job (fail closed: nothing is disclosed), counted for metrics() at once:
+/// the caller's transaction fails with it.
 fn unavailable(message: &str) -> Failure {
+    crate::counters::count_now(crate::counters::Counter::RecorderRefusals);
     Failure::new(Kind::InsufficientResources, message.to_owned()).with_hint(
         "Nothing was disclosed. The recorder needs a free background worker slot \
          (max_worker_processes) per database in use; see verify_installation().",
@@ -285,6 +290,24 @@ fn unavailable(message: &str) -> Failure {
 const ABANDONED_US: i64 = 3 * WAIT_LIMIT_US;
 /// Most slots one database may hold, so no database can fill the outbox for the others.
 const SLOTS_PER_DATABASE: usize = SLOTS / 2;
+
+/// This database's jobs in the outbox (queued or being written), and for how many microseconds
+/// the oldest queued one has waited; None without the outbox.
+pub fn queue_state() -> Option<(usize, i64)> {
+    let mut locked = Locked::take()?;
+    let outbox = locked.outbox();
+    let (db, t) = (database(), now());
+    let mine = || outbox.slots.iter().filter(|s| s.database == db);
+    let depth = mine()
+        .filter(|s| matches!(s.state, QUEUED | WRITING))
+        .count();
+    let oldest = mine()
+        .filter(|s| s.state == QUEUED)
+        .map(|s| t - s.changed_at)
+        .max()
+        .unwrap_or(0);
+    Some((depth, oldest))
+}
 
 /// Takes a free slot for the job at once, if there is one (and the database is within its
 /// share).

@@ -112,3 +112,13 @@ def test_rotation_in_one_backend_is_seen_by_another(cluster):
         rotated = admin.execute("SELECT vetassist_auth.rotate_key('phi')").fetchone()[0]
         after = a.execute(key_of).fetchone()[0]
         assert before != rotated and after == rotated
+
+
+def test_reading_keys_takes_no_transaction_id(cluster):
+    """A look-up (field_hashes, the first key read of a session) runs read-only queries only: a
+    transaction id would make it fail on a hot standby, and cost one per call."""
+    with cluster.connect("vetassist", "app_user") as app:
+        app.execute("SELECT vetassist_auth.field_hash('x', 'email')")  # the hash key exists
+    with cluster.connect("vetassist", "app_user", autocommit=False) as app:
+        app.execute("SELECT vetassist_auth.field_hashes('x', 'email')")
+        assert app.execute("SELECT pg_current_xact_id_if_assigned()").fetchone()[0] is None

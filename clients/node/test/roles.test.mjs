@@ -102,7 +102,7 @@ test('admin: keys, row audit, retention, sessions of a user, replication', async
     assert.equal(await a.nodeRole(), 'primary');
   }, { actorUserId: who.userId });
   await assert.rejects(admins.admin((a) => a.distribute()), KeyNotConfigured);  // 55000: Citus is not installed
-  await assert.rejects(admins.admin((a) => a.rewrapKeys()), (err) => err instanceof PermissionDenied && /pg_read_server_files/.test(err.hint));
+  await assert.rejects(admins.admin((a) => a.rewrapKeys('/etc/old.key')), (err) => err instanceof PermissionDenied && /pg_read_server_files/.test(err.hint));
 });
 
 test('each role is refused what it is not granted', async () => {

@@ -228,7 +228,7 @@ def test_admin_scope_as_admin_user(admin_client: AdminClient, client: VetAssistC
     with admin_client.transaction() as a:
         assert a.destroy_key(old_key) is True
     for refused, call in [(NotFound, lambda a: a.destroy_key(old_key)), (NotFound, lambda a: a.unretire_key(old_key)),
-                          (PermissionDenied, lambda a: a.rewrap_keys()),  # needs pg_read_server_files
+                          (PermissionDenied, lambda a: a.rewrap_keys('/etc/old.key')),  # reads a server file
                           (KeyNotConfigured, lambda a: a.distribute()),   # Citus is not installed
                           (InvalidArgument, lambda a: a.purge_audit_log(timedelta(days=1)))]:
         with pytest.raises(refused), admin_client.transaction() as a:

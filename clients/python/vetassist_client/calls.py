@@ -29,6 +29,8 @@ from .rows import (
     Disclosure,
     DisclosurePurpose,
     InstallationCheck,
+    MetricDefinition,
+    MetricSample,
     KeyUsage,
     NodeChainHead,
     NodeRole,
@@ -521,6 +523,21 @@ def verify_installation() -> Call[list[InstallationCheck]]:
 
 def protected_columns() -> Call[list[ProtectedColumn]]:
     return Call("SELECT * FROM vetassist_auth.protected_columns()", (), _all(ProtectedColumn))
+
+
+def metrics(names: Sequence[str] | None = None) -> Call[list[MetricSample]]:
+    """The extension's health as Prometheus series (all, or only ``names``)."""
+    return Call("SELECT * FROM vetassist_auth.metrics(%s)", (None if names is None else list(names),),
+                _all(MetricSample))
+
+
+def metric_definitions() -> Call[list[MetricDefinition]]:
+    return Call("SELECT * FROM vetassist_auth.metric_definitions()", (), _all(MetricDefinition))
+
+
+def exporter_queries() -> Call[str]:
+    """The queries file of prometheus-postgres-exporter for these metrics."""
+    return Call("SELECT vetassist_auth.exporter_queries()", (), _value)
 
 
 def node_role() -> Call[NodeRole]:

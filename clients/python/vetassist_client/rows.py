@@ -233,6 +233,25 @@ class InstallationCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricSample:
+    """metrics: one series now (docs/operations.md, "Metrics")."""
+
+    metric: str
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDefinition:
+    """metric_definitions: a series the extension reports, its Prometheus type and labels."""
+
+    metric: str
+    kind: str
+    labels: list[str]
+    help: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProtectedColumn:
     """protected_columns: an encrypted or hashed column of the extension, and how it is sealed."""
 

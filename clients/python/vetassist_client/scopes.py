@@ -121,6 +121,9 @@ class AuditorCalls(ChainCalls):
     accounting_of_disclosures = sql_call(q.accounting_of_disclosures)
     crisis_events = sql_call(q.crisis_events)
     session_events_of = sql_call(q.session_events_of)
+    metrics = sql_call(q.metrics)
+    metric_definitions = sql_call(q.metric_definitions)
+    exporter_queries = sql_call(q.exporter_queries)
 
 
 class Request(AppCalls, SyncScope):

@@ -100,7 +100,7 @@ fn lock_audit_chain(wait: bool) -> bool {
 /// The backend holding the audit chain lock, if any (for the sealer's WARNING and status).
 /// pg_locks shows the 16-bit subid as a signed smallint.
 fn audit_chain_holder() -> Option<i32> {
-    search_path::pinned(|| Spi::get_one_with_args::<i32>(
+    search_path::pinned(|| crate::pg::read_one::<i32>(
         "SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'object' AND granted \
            AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
            AND classid = $1 AND objid = 0 AND (objsubid::integer & 65535) = $2 AND pid <> pg_catalog.pg_backend_pid() LIMIT 1",
