@@ -42,7 +42,7 @@ fi
 
 partial="$root.partial"
 unmount_all() {
-    for m in "$partial/dev/shm" "$partial/proc"; do
+    for m in "$partial/dev/shm" "$partial/proc" "$partial/sys"; do
         if mountpoint -q "$m" 2>/dev/null; then $SUDO umount -l "$m"; fi
     done
 }

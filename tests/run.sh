@@ -33,11 +33,11 @@ fi
 
 if [ -n "$COMPAT" ]; then
     echo "==> pytest (tests/integration, no load runs) on $("$PG_CONFIG" --version)"
-    target/venv/bin/pytest -q -m "not load and not no_pg" tests/integration "$@"
+    target/venv/bin/pytest -q --durations=12 -m "not load and not no_pg" tests/integration "$@"
     exit 0
 fi
 echo "==> pytest (tests/integration) on $("$PG_CONFIG" --version)"
-target/venv/bin/pytest -q tests/integration "$@"
+target/venv/bin/pytest -q --durations=20 tests/integration "$@"
 
 # Citus 13.2 supports PostgreSQL 15 to 17; make test runs this on the default version.
 if [ "$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')" -le 17 ]; then
