@@ -10,7 +10,8 @@ from pathlib import Path
 LAYERS = [
     ("foundations: pure crypto and process plumbing", {"crypto", "bytea", "gucs", "signals", "search_path", "log_redaction"}),
     ("errors", {"error"}),
-    ("Postgres plumbing: queries on a fresh snapshot, lock tags; event counters", {"pg", "counters"}),
+    ("Postgres plumbing: queries on a fresh snapshot, lock tags", {"pg"}),
+    ("event counters", {"counters"}),
     ("where this node stands", {"citus", "replica", "connections"}),
     ("data keys", {"keys"}),
     ("sealing, opening and hashing values", {"sealing"}),

@@ -210,7 +210,9 @@ unsafe extern "C-unwind" fn on_xact_event(
 
 /// A statement that needs a database free of connections.
 enum Needs {
-    /// DROP DATABASE, ALTER DATABASE … RENAME: the caller must own it.
+    /// DROP DATABASE: the caller must own it (and its counters go with it).
+    Dropped,
+    /// ALTER DATABASE … RENAME: the caller must own it.
     Owned,
     /// CREATE DATABASE … TEMPLATE: the caller must be able to copy it.
     Copied,
@@ -227,7 +229,7 @@ unsafe fn database_statement(
     unsafe {
         match (*stmt).type_ {
             pg_sys::NodeTag::T_DropdbStmt => (
-                Some(((*(stmt as *mut pg_sys::DropdbStmt)).dbname, Needs::Owned)),
+                Some(((*(stmt as *mut pg_sys::DropdbStmt)).dbname, Needs::Dropped)),
                 false,
             ),
             pg_sys::NodeTag::T_CreatedbStmt => {
@@ -262,7 +264,7 @@ fn allowed_target(database: &CStr, needs: &Needs) -> Option<pg_sys::Oid> {
         return None;
     }
     let check = match needs {
-        Needs::Owned => "pg_catalog.pg_has_role(d.datdba, 'USAGE')",
+        Needs::Dropped | Needs::Owned => "pg_catalog.pg_has_role(d.datdba, 'USAGE')",
         Needs::Copied => {
             "(SELECT r.rolcreatedb OR r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) \
              AND (d.datistemplate OR pg_catalog.pg_has_role(d.datdba, 'USAGE'))"
@@ -338,7 +340,7 @@ unsafe extern "C-unwind" fn process_utility(
         if let Some((name, needs)) = database.filter(|(d, _)| !d.is_null()) {
             if let Some(oid) = allowed_target(CStr::from_ptr(name), &needs) {
                 ask_to_leave(oid);
-                if (*(*pstmt).utilityStmt).type_ == pg_sys::NodeTag::T_DropdbStmt {
+                if matches!(needs, Needs::Dropped) {
                     dropped = Some(oid);
                 }
             }

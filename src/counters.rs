@@ -163,11 +163,6 @@ pub fn forget_database(database: pg_sys::Oid) {
     }
 }
 
-fn my_database() -> pg_sys::Oid {
-    // SAFETY: set once a backend is connected.
-    unsafe { pg_sys::MyDatabaseId }
-}
-
 thread_local! {
     /// Counts of this transaction not yet committed, each with the subtransaction that counted
     /// it: a rolled-back savepoint takes back its own counts only.
@@ -182,6 +177,9 @@ struct Pending {
 
 /// Counts `n` for the current transaction (added when it commits).
 pub fn count_at_commit(counter: Counter, n: u64) {
+    if n == 0 {
+        return; // a sweep that expired nothing
+    }
     // SAFETY: reads the current subtransaction's id; called inside a transaction.
     let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let counter = counter.index();
@@ -202,7 +200,7 @@ pub fn count_at_commit(counter: Counter, n: u64) {
 
 /// Counts one at once, whatever becomes of the transaction.
 pub fn count_now(counter: Counter) {
-    if let Some(entry) = entry(my_database(), true) {
+    if let Some(entry) = entry(crate::pg::database(), true) {
         entry.counts[counter.index()].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -211,11 +209,9 @@ pub fn count_now(counter: Counter) {
 /// an entry of its own.
 pub fn read(counter: Counter) -> Option<u64> {
     // A database that counted nothing yet has no entry: its counts are zero.
-    // SAFETY: SHARED is only read.
-    let preloaded = unsafe { SHARED.load(Ordering::Acquire).as_ref() }.is_some();
-    match entry(my_database(), false) {
+    match entry(crate::pg::database(), false) {
         Some(e) => Some(e.counts[counter.index()].load(Ordering::Relaxed)),
-        None if preloaded && has_room() => Some(0),
+        None if has_room() => Some(0),
         None => None,
     }
 }
@@ -250,10 +246,10 @@ unsafe extern "C-unwind" fn on_xact_event(
             .map(|mut p| std::mem::take(&mut *p))
     });
     let Ok(pending) = pending else { return };
-    if !commit || pending.iter().all(|p| p.n == 0) {
+    if !commit || pending.is_empty() {
         return;
     }
-    if let Some(entry) = entry(my_database(), true) {
+    if let Some(entry) = entry(crate::pg::database(), true) {
         for p in pending {
             entry.counts[p.counter].fetch_add(p.n, Ordering::Relaxed);
         }

@@ -83,35 +83,31 @@ thread_local! {
 /// only from an application's backend (never a background process of ours or a replication
 /// worker), on a primary that is not a Citus worker, with the recorder in place. Never raises.
 fn record_custody(custody: &keys::Custody) {
-    let load = u64::from_str_radix(&custody.load, 16).unwrap_or_default();
     // SAFETY: reads process-wide state set at connection start.
-    let (backend, database) = unsafe {
-        (
-            pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND,
-            pg_sys::MyDatabaseId,
-        )
-    };
+    let backend = unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND };
     // SAFETY: reads shared state on the recovery status.
     let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
     if !backend
         || in_recovery
-        || CUSTODY_ASKED.get() == Some(load)
-        || keys::custody_recorded(database, load)
+        || CUSTODY_ASKED.get() == Some(custody.load)
+        || keys::custody_recorded(crate::pg::database(), custody.load)
         || !outbox::delegated(keys::keys_relid())
         || !crate::replica::is_primary()
         || crate::citus::on_worker().unwrap_or(true)
     {
         return;
     }
-    CUSTODY_ASKED.set(Some(load));
+    CUSTODY_ASKED.set(Some(custody.load));
     let mut w = Writer(Vec::new());
     // SAFETY: the session user of a connected backend always has a name.
     let role = unsafe {
         std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false))
     };
     let loaded_at = custody.loaded_at.map(|at| at.to_le_bytes());
+    // The audit row names the load by 16 hex digits (its target_id).
+    let load = format!("{:016x}", custody.load);
     for field in [
-        Some(custody.load.as_bytes()),
+        Some(load.as_bytes()),
         Some(custody.source.as_bytes()),
         Some(custody.setting.as_bytes()),
         Some(custody.key_check.as_bytes()),
@@ -167,12 +163,7 @@ fn run_record_custody(body: &[u8]) {
         texts.try_into().unwrap_or_else(|_| {
             pgrx::error!("vetassist_auth recorder: a malformed key custody job")
         });
-    let loaded_at = loaded_at.map(|at| {
-        // SAFETY: formats a timestamp into a static buffer, copied at once.
-        unsafe { std::ffi::CStr::from_ptr(pg_sys::timestamptz_to_str(at)) }
-            .to_string_lossy()
-            .into_owned()
-    });
+    let loaded_at = loaded_at.map(crate::pg::timestamp_text);
     Spi::run_with_args(
         "SELECT vetassist_auth.write_audit('key', 'master_key_loaded', 'success', NULL, 'master_key', $1, \
                 pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object( \
@@ -198,9 +189,7 @@ fn run_record_custody(body: &[u8]) {
         ],
     )
     .unwrap_or_else(|e| pgrx::error!("vetassist_auth recorder: the key custody row: {e}"));
-    // SAFETY: reads the recorder's database.
-    let database = unsafe { pg_sys::MyDatabaseId };
     if let Ok(load) = u64::from_str_radix(&load, 16) {
-        keys::note_custody_recorded(database, load);
+        keys::note_custody_recorded(crate::pg::database(), load);
     }
 }

@@ -193,8 +193,7 @@ const METRICS: &[Metric] = &[
         labels: &[],
         help: "Log settings in force that show the extension's arguments unredacted (verify_installation names them)",
         read: || {
-            let channels = log_redaction::unsafe_log_channels();
-            let count = channels.map_or(0, |text| text.split("; ").count());
+            let count = log_redaction::unsafe_log_channels().len();
             Ok(vec![unlabelled(count as f64)])
         },
     },

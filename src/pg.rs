@@ -169,6 +169,20 @@ pub fn read_one<T: FromDatum + IntoDatum>(
     )
 }
 
+/// This backend's database.
+pub fn database() -> pg_sys::Oid {
+    // SAFETY: set once the backend is connected; our functions run only in connected backends.
+    unsafe { pg_sys::MyDatabaseId }
+}
+
+/// A TimestampTz as Postgres prints it (DateStyle and TimeZone of this backend).
+pub fn timestamp_text(at: i64) -> String {
+    // SAFETY: timestamptz_to_str formats into a static buffer, copied at once.
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::timestamptz_to_str(at)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Whether an extension table has a column: the library is installed before `ALTER EXTENSION
 /// vetassist_auth UPDATE` runs, and must keep an older release's schema working until then.
 pub fn schema_has_column(table: &str, column: &str) -> bool {

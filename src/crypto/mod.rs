@@ -23,11 +23,15 @@ pub struct SecretKey(pub [u8; KEY_LEN]);
 
 impl Drop for SecretKey {
     fn drop(&mut self) {
-        // Volatile writes so the wipe is not optimised away.
-        for byte in self.0.iter_mut() {
-            // SAFETY: `byte` is a valid, aligned &mut u8.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
+        wipe(&mut self.0);
+    }
+}
+
+/// Zeroes secret bytes with volatile writes, so the wipe is not optimised away.
+pub fn wipe(bytes: &mut [u8]) {
+    for byte in bytes.iter_mut() {
+        // SAFETY: `byte` is a valid, aligned &mut u8.
+        unsafe { std::ptr::write_volatile(byte, 0) };
     }
 }
 

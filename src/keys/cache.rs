@@ -53,6 +53,11 @@ pub(super) fn refresh() -> Result<()> {
         let previous_kek = previous_key
             .as_ref()
             .map(|(_, key)| Rc::new(crypto::derive_kek(key)));
+        let custody = custody(
+            &source,
+            &master,
+            previous_key.as_ref().map(|(p, key)| (*p, key)),
+        );
         KEY_CACHE.with_borrow_mut(|cache| {
             cache.drop_data_keys();
             cache.kek = Some(kek);
@@ -60,11 +65,9 @@ pub(super) fn refresh() -> Result<()> {
             cache.previous_failure = previous_failure;
             cache.master_fingerprint = Some(fingerprint);
             cache.source_setting = Some(source.setting());
+            // Put on record once a data key opens under it (unwrap_row): only then is it used.
+            cache.custody_to_record = Some(custody);
         });
-        // Put on record once a data key opens under it (unwrap_row): only then is it used.
-        let previous = previous_key.as_ref().map(|(p, key)| (*p, key));
-        let custody = custody(&source, &master, previous);
-        KEY_CACHE.with_borrow_mut(|cache| cache.custody_to_record = Some(custody));
     }
     CHECKED_THIS_XACT.set(true);
     Ok(())

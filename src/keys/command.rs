@@ -177,7 +177,7 @@ fn run_watching(command: &str, timeout: Duration, shutdown: &ShutdownSignals) ->
     let output = read_until(&mut child, deadline, shutdown);
     let status =
         output.and_then(|stdout| wait_until(&mut child, deadline, shutdown).map(|s| (stdout, s)));
-    let Ok((stdout, status)) = status else {
+    let Ok((mut stdout, status)) = status else {
         // SAFETY: the child leads its own process group (process_group(0)); the group is ours.
         unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
         let _ = child.wait();
@@ -201,7 +201,7 @@ fn run_watching(command: &str, timeout: Duration, shutdown: &ShutdownSignals) ->
         (None, Some(signal)) => Outcome::Refused(Why::Signal(signal)),
         (None, None) => Outcome::Refused(Why::CannotStart),
     };
-    wipe(stdout);
+    crypto::wipe(&mut stdout);
     outcome
 }
 
@@ -296,9 +296,9 @@ fn read_until(
             }
         }
     }
-    buffer.fill(0);
+    crypto::wipe(&mut buffer);
     if overflow {
-        wipe(kept);
+        crypto::wipe(&mut kept);
         return Ok(Vec::new());
     }
     Ok(kept)
@@ -321,13 +321,6 @@ fn wait_until(
             .checked_duration_since(Instant::now())
             .ok_or(Why::TimedOut(0))?;
         std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn wipe(mut bytes: Vec<u8>) {
-    for byte in bytes.iter_mut() {
-        // SAFETY: a valid &mut u8; volatile so the wipe stays.
-        unsafe { std::ptr::write_volatile(byte, 0) };
     }
 }
 

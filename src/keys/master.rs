@@ -70,10 +70,6 @@ impl PreviousSource {
     }
 }
 
-fn set(setting: &pgrx::GucSetting<Option<std::ffi::CString>>) -> Option<&'static std::ffi::CStr> {
-    gucs::string_setting(setting)
-}
-
 /// 55000 naming the settings when more than one source of one key is set.
 fn only_one(sources: &[(&str, bool)]) -> Result<()> {
     let named: Vec<&str> = sources
@@ -102,13 +98,13 @@ fn text_of(value: &'static std::ffi::CStr) -> Result<&'static str> {
 fn command_set(
     setting: &pgrx::GucSetting<Option<std::ffi::CString>>,
 ) -> Option<&'static std::ffi::CStr> {
-    set(setting).filter(|value| !value.to_bytes().trim_ascii().is_empty())
+    gucs::string_setting(setting).filter(|value| !value.to_bytes().trim_ascii().is_empty())
 }
 
 pub(super) fn master_source() -> Result<MasterSource> {
     let (file, inline, command) = (
-        set(&gucs::MASTER_KEY_FILE),
-        set(&gucs::MASTER_KEY),
+        gucs::string_setting(&gucs::MASTER_KEY_FILE),
+        gucs::string_setting(&gucs::MASTER_KEY),
         command_set(&gucs::MASTER_KEY_COMMAND),
     );
     only_one(&[
@@ -135,7 +131,7 @@ pub(super) fn master_source() -> Result<MasterSource> {
 /// backends, and a statement running across the reload already unwraps with the new key.
 pub(super) fn previous_source() -> Result<Option<PreviousSource>> {
     let (file, command) = (
-        set(&gucs::PREVIOUS_MASTER_KEY_FILE),
+        gucs::string_setting(&gucs::PREVIOUS_MASTER_KEY_FILE),
         command_set(&gucs::PREVIOUS_MASTER_KEY_COMMAND),
     );
     only_one(&[
@@ -173,7 +169,7 @@ fn published_key(which: Which) -> Result<Published> {
         )
         .with_hint(format!(
             "It ran at {}; the server log has the details. Fix the command or the KMS, then reload the configuration (SELECT pg_reload_conf()).",
-            timestamp(at)
+            crate::pg::timestamp_text(at)
         )),
         None => Failure::new(
             Kind::NotConfigured,
@@ -181,13 +177,6 @@ fn published_key(which: Which) -> Result<Published> {
         )
         .with_hint("The postmaster runs it at server start and at every reload: reload the configuration."),
     })
-}
-
-pub(super) fn timestamp(at: i64) -> String {
-    // SAFETY: timestamptz_to_str formats into a static buffer, copied at once.
-    unsafe { std::ffi::CStr::from_ptr(pg_sys::timestamptz_to_str(at)) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Identifies the master key sources cheaply, without reading a key file.
@@ -284,7 +273,7 @@ pub(super) fn load_previous_key(source: &PreviousSource) -> Result<SecretKey> {
 pub struct Custody {
     /// Tells loads apart: the postmaster's load ids for commands; for a file or inline key, a
     /// hash of the server's start time, the setting and the key check.
-    pub load: String,
+    pub load: u64,
     pub source: &'static str,
     pub setting: &'static str,
     pub key_check: String,
@@ -304,6 +293,8 @@ pub(super) fn custody(
 ) -> Custody {
     let key_check = hex::encode(crypto::key_check(master));
     let previous_key_check = previous.map(|(_, key)| hex::encode(crypto::key_check(key)));
+    let published = source.published();
+    let previous_published = previous.and_then(|(s, _)| s.published());
     let mut digest = Sha256::new();
     for part in [source.setting(), &key_check] {
         digest.update(part.as_bytes());
@@ -313,20 +304,18 @@ pub(super) fn custody(
         digest.update(previous_source.setting().as_bytes());
         digest.update(previous_key_check.as_deref().unwrap_or_default());
     }
-    match source.published() {
+    match published {
         Some(p) => digest.update(p.load.to_be_bytes()),
         // SAFETY: reads the server's start time, set before any backend starts.
         None => digest.update(unsafe { pg_sys::PgStartTime }.to_be_bytes()),
     }
-    if let Some(p) = previous.and_then(|(s, _)| s.published()) {
+    if let Some(p) = previous_published {
         digest.update(p.load.to_be_bytes());
     }
     let label =
         |p: Option<&Published>, f: fn(&Published) -> Option<&str>| p.and_then(f).map(str::to_owned);
-    let published = source.published();
-    let previous_published = previous.and_then(|(s, _)| s.published());
     Custody {
-        load: hex::encode(&digest.finalize()[..8]),
+        load: u64::from_be_bytes(digest.finalize()[..8].try_into().expect("8 bytes")),
         source: source.kind(),
         setting: source.setting(),
         key_check,
@@ -361,14 +350,14 @@ pub(super) fn describe_sources() -> (bool, String) {
         (Ok(key), Some(p)) => {
             detail.push_str(&format!(
                 ", loaded {}{}, key check {}",
-                timestamp(p.loaded_at),
+                crate::pg::timestamp_text(p.loaded_at),
                 published::kms_label(p),
                 hex::encode(crypto::key_check(key))
             ));
             if let Some((why, at)) = p.failure {
                 detail.push_str(&format!(
                     "; its last run at {} {why}, the key loaded before stays in force",
-                    timestamp(at)
+                    crate::pg::timestamp_text(at)
                 ));
             }
         }

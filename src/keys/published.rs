@@ -61,8 +61,6 @@ impl Label {
 /// What the postmaster last published for one setting.
 #[derive(Clone, Copy)]
 pub struct Published {
-    /// Counts publications, so that a reader notices any change; 0: never published.
-    pub serial: u64,
     /// A random id of the load in force (audit rows name it); 0: no key.
     pub load: u64,
     pub key: [u8; crypto::KEY_LEN],
@@ -76,7 +74,6 @@ pub struct Published {
 
 impl Published {
     pub const NOTHING: Published = Published {
-        serial: 0,
         load: 0,
         key: [0; crypto::KEY_LEN],
         loaded_at: 0,
@@ -92,7 +89,7 @@ impl Published {
 
 // Shared memory: one seqlock-protected record per setting, written by the postmaster only.
 
-const RECORD_BYTES: usize = 8 * 4 + crypto::KEY_LEN + 1 + 4 + 2 * (1 + command::LABEL_LIMIT);
+const RECORD_BYTES: usize = 8 * 3 + crypto::KEY_LEN + 1 + 4 + 2 * (1 + command::LABEL_LIMIT);
 const WORDS: usize = RECORD_BYTES.div_ceil(8);
 /// Databases whose recorder has recorded the load in force (key custody), by database oid modulo
 /// this: a hint that saves a job, never a reason to skip one wrongly (the entry holds a hash of
@@ -142,7 +139,6 @@ fn encode(p: &Published) -> [u64; WORDS] {
         }
         None => (0, 0, 0),
     };
-    put(&p.serial.to_le_bytes());
     put(&p.load.to_le_bytes());
     put(&p.key);
     put(&p.loaded_at.to_le_bytes());
@@ -166,31 +162,30 @@ fn decode(words: &[u64; WORDS]) -> Published {
     for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
         chunk.copy_from_slice(&word.to_le_bytes());
     }
-    let mut at = 0;
-    let mut take = |n: usize| {
-        let slice = &bytes[at..at + n];
-        at += n;
-        slice.to_vec()
-    };
-    let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    let serial = u64_of(take(8));
-    let load = u64_of(take(8));
-    let mut key = [0u8; crypto::KEY_LEN];
-    let mut key_bytes = take(crypto::KEY_LEN);
-    key.copy_from_slice(&key_bytes);
-    key_bytes.fill(0);
-    let loaded_at = u64_of(take(8)) as i64;
-    let failed_at = u64_of(take(8)) as i64;
-    let why = take(1)[0];
-    let value = i32::from_le_bytes(take(4).try_into().expect("4 bytes"));
-    let mut labels = [Label::NONE; 2];
-    for label in labels.iter_mut() {
-        label.len = take(1)[0].min(command::LABEL_LIMIT as u8);
-        label.bytes.copy_from_slice(&take(command::LABEL_LIMIT));
+    let (mut key, mut labels) = ([0u8; crypto::KEY_LEN], [Label::NONE; 2]);
+    let (load, loaded_at, failed_at, why, value);
+    {
+        // Slices of `bytes`, read in the order `encode` wrote them; no copy but the fields'.
+        let mut rest = &bytes[..];
+        let mut take = |n: usize| {
+            let (field, tail) = rest.split_at(n);
+            rest = tail;
+            field
+        };
+        let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        load = u64_of(take(8));
+        key.copy_from_slice(take(crypto::KEY_LEN));
+        loaded_at = u64_of(take(8)) as i64;
+        failed_at = u64_of(take(8)) as i64;
+        why = take(1)[0];
+        value = i32::from_le_bytes(take(4).try_into().expect("4 bytes"));
+        for label in labels.iter_mut() {
+            label.len = take(1)[0].min(command::LABEL_LIMIT as u8);
+            label.bytes.copy_from_slice(take(command::LABEL_LIMIT));
+        }
     }
     bytes.fill(0);
     Published {
-        serial,
         load,
         key,
         loaded_at,
@@ -300,20 +295,14 @@ pub fn assigned(which: Which, command: Option<&CStr>) {
 /// printed.
 fn load(state: &mut PostmasterState, which: Which) {
     let old = state.published[which as usize];
-    let mut new = Published {
-        serial: old.serial + 1,
-        ..old
-    };
+    let mut new = old;
     let setting = which.setting();
     match state.commands[which as usize].clone() {
         None => {
             if old.has_key() {
                 pgrx::log!("vetassist_auth: {setting} is unset; the master key it loaded is no longer in force");
             }
-            new = Published {
-                serial: old.serial + 1,
-                ..Published::NOTHING
-            };
+            new = Published::NOTHING;
         }
         Some(text) => {
             let timeout = Duration::from_secs(gucs::MASTER_KEY_COMMAND_TIMEOUT.get().max(1) as u64);
@@ -343,7 +332,6 @@ fn load(state: &mut PostmasterState, which: Which) {
                 }
                 Outcome::Unreachable(why) | Outcome::Refused(why) => {
                     new = Published {
-                        serial: old.serial + 1,
                         failure: Some((why, now())),
                         ..Published::NOTHING
                     };
@@ -410,7 +398,6 @@ mod tests {
     #[test]
     fn a_record_survives_its_encoding() {
         let record = Published {
-            serial: 7,
             load: 0xdead_beef,
             key: [5; 32],
             loaded_at: -3,
@@ -420,8 +407,8 @@ mod tests {
         };
         let back = decode(&encode(&record));
         assert_eq!(
-            (back.serial, back.load, back.key, back.loaded_at),
-            (7, 0xdead_beef, [5; 32], -3)
+            (back.load, back.key, back.loaded_at),
+            (0xdead_beef, [5; 32], -3)
         );
         assert_eq!(back.failure, Some((Why::Status(75), 42)));
         assert_eq!(back.kms_key_id.get(), Some("transit/vetassist"));

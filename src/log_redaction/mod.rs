@@ -702,8 +702,8 @@ unsafe fn add_hint(e: &mut pg_sys::ErrorData, about_our_call: bool) {
 /// Log channels in force in this session that cannot be redacted: auto_explain (its plans show
 /// constants and, with log_verbose, a call's arguments) and pg_stat_statements with
 /// track_utility (utility statements such as DO, EXPLAIN ANALYZE, DECLARE CURSOR and CREATE
-/// TABLE AS are kept with their literals, readable by pg_read_all_stats). None when none is.
-pub fn unsafe_log_channels() -> Option<String> {
+/// TABLE AS are kept with their literals, readable by pg_read_all_stats), one sentence each.
+pub fn unsafe_log_channels() -> Vec<&'static str> {
     let setting = |name: &CStr| {
         // SAFETY: a look-up of a setting by name that raises nothing (missing_ok).
         unsafe { text_of(pg_sys::GetConfigOption(name.as_ptr(), true, false)) }
@@ -732,6 +732,12 @@ pub fn unsafe_log_channels() -> Option<String> {
     {
         found.push("debug_print_parse, debug_print_rewritten or debug_print_plan prints query trees with their constants");
     }
+    found
+}
+
+/// The unsafe log channels in force as one sentence; None when there is none.
+fn unsafe_log_channels_text() -> Option<String> {
+    let found = unsafe_log_channels();
     (!found.is_empty()).then(|| found.join("; "))
 }
 
@@ -743,7 +749,7 @@ thread_local! {
 /// A WARNING, once per backend and change of settings, while an unredactable log channel is in
 /// force; called when the extension is used.
 pub fn warn_about_unsafe_channels() {
-    let problem = unsafe_log_channels();
+    let problem = unsafe_log_channels_text();
     let changed = WARNED.with_borrow(|warned| *warned != problem);
     if !changed {
         return;
@@ -762,7 +768,7 @@ pub fn warn_about_unsafe_channels() {
 /// For verify_installation: NULL when every log channel in force can be redacted. Internal.
 #[pgrx::pg_extern]
 fn unredactable_log_channels() -> Option<String> {
-    unsafe_log_channels()
+    unsafe_log_channels_text()
 }
 
 #[cfg(test)]

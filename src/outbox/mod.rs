@@ -270,10 +270,7 @@ fn withdraw(slot: usize, ticket: u64) {
     }
 }
 
-pub(crate) fn database() -> pg_sys::Oid {
-    // SAFETY: set once the backend is connected; our functions run only in connected backends.
-    unsafe { pg_sys::MyDatabaseId }
-}
+pub(crate) use crate::pg::database;
 
 /// A refusal to take a job (fail closed: nothing is disclosed), counted for metrics() at once:
 /// the caller's transaction fails with it.
