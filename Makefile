@@ -15,9 +15,11 @@ SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
 OTHER_PG   ?= $(filter-out $(PG),$(ALL_PG))
 ALL_PG     := 15 16 17 18
 
+# Installs the extension (a debug build; $(call pgrx_install,--release) for a release one).
 # cargo pgrx install copies the upgrade scripts but not the first release's base script, from
 # which Postgres builds every released version (sql/RELEASED; the upgrade test needs them).
-BASE_SCRIPT = $(SUDO) install -m 644 sql/vetassist_auth--0.1.0.sql "$$($(PG_CONFIG) --sharedir)/extension/"
+pgrx_install = cargo pgrx install $(1) $(SUDO_FLAG) --pg-config $(PG_CONFIG) \
+	&& $(SUDO) install -m 644 sql/vetassist_auth--0.1.0.sql "$$($(PG_CONFIG) --sharedir)/extension/"
 
 .PHONY: all toolchain install install-release lint pg-test check fuzz test test-one test-compat test-all demo citus-demo bench clean package
 
@@ -27,12 +29,10 @@ toolchain:
 	@scripts/ensure-toolchain.sh $(PG)
 
 install: toolchain
-	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
-	$(BASE_SCRIPT)
+	$(call pgrx_install)
 
 install-release: toolchain
-	cargo pgrx install --release $(SUDO_FLAG) --pg-config $(PG_CONFIG)
-	$(BASE_SCRIPT)
+	$(call pgrx_install,--release)
 
 lint: toolchain
 	cargo fmt --check
@@ -55,8 +55,7 @@ pg-test: toolchain
 # FILE=test_keys.py by default (FILE=test_keys.py::test_name runs one test).
 FILE       ?= test_keys.py
 check: lint pg-test
-	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
-	$(BASE_SCRIPT)
+	$(call pgrx_install)
 	REGRESS_ONLY=1 tests/run.sh
 	target/venv/bin/pytest -q tests/integration/$(FILE)
 
@@ -68,15 +67,13 @@ fuzz: install-release
 # The whole suite on one version: unit and in-process tests, pg_regress, integration tests,
 # clients.
 test-one: lint pg-test
-	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
-	$(BASE_SCRIPT)
+	$(call pgrx_install)
 	tests/run.sh
 
 # Another version: clippy, unit and in-process tests, pg_regress, the upgrade test and the
 # integration tests that need no load run.
 test-compat: lint pg-test
-	cargo pgrx install $(SUDO_FLAG) --pg-config $(PG_CONFIG)
-	$(BASE_SCRIPT)
+	$(call pgrx_install)
 	COMPAT=1 tests/run.sh
 
 # Everything on every version.

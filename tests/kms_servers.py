@@ -112,6 +112,16 @@ def postgres_dir(prefix="vetassist-kms-"):
     return give_to_postgres(d, 0o700)
 
 
+# What a postmaster started by a service manager has; the provider scripts need nothing else.
+BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/var/lib/postgresql", "LANG": "C.UTF-8"}
+
+
+def argv_as_postgres(script, args, env):
+    """The argv that runs `script ARGS` as the postgres OS user with exactly BASE_ENV and `env`."""
+    return ["runuser", "-u", "postgres", "--", "env", "-i",
+            *(f"{k}={v}" for k, v in {**BASE_ENV, **env}.items()), str(script), *map(str, args)]
+
+
 def remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
@@ -168,6 +178,22 @@ class _LocalServer:
         if self.dir is not None:
             remove_tree(self.dir)
 
+    def stop(self):
+        """An outage: the server process ends; returns once its port refuses connections."""
+        _stop(self.process)
+        wait_for(lambda: port_is_closed(self.port), f"port {self.port} closed", seconds=30)
+
+    @staticmethod
+    def _on_free_ports(start):
+        """Runs `start()` (pick free ports, start the server, wait for it to answer) again, up to
+        five times, while the server loses a port to another process meanwhile."""
+        for attempt in range(5):
+            try:
+                return start()
+            except ProcessExited as e:
+                if attempt == 4 or not _address_in_use(e.log_tail):
+                    raise
+
 
 class OpenBao(_LocalServer):
     """An OpenBao 2.7.2 server with a Transit engine at `transit/` and the key `key`.
@@ -193,16 +219,27 @@ class OpenBao(_LocalServer):
     def _setup(self):
         self.dir = traversable_dir("vetassist-openbao-")
         self.log = self.dir / "server.log"
-        for attempt in range(5):
-            self.port = free_port()
+        self._on_free_ports(self._start_on_new_ports)
+        status, init = self.request("PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+        assert status == 200, (status, init)
+        self.unseal_key = init["keys_base64"][0]
+        self.root_token = init["root_token"]
+        self.unseal()
+        self.api("POST", "sys/mounts/transit", {"type": "transit"})
+        self.create_key(self.key)
+        self.transit_ready = True
+        self.token_file = self.write_token_file(self.root_token, "root.token")
+
+    def _start_on_new_ports(self):
+        self.port = free_port()
+        self.cluster_port = free_port()
+        while self.cluster_port == self.port:
             self.cluster_port = free_port()
-            if self.cluster_port == self.port:
-                continue
-            data = self.dir / "data"
-            remove_tree(data)
-            data.mkdir(mode=0o700)
-            self.config = self.dir / "server.hcl"
-            self.config.write_text(f"""
+        data = self.dir / "data"
+        remove_tree(data)
+        data.mkdir(mode=0o700)
+        self.config = self.dir / "server.hcl"
+        self.config.write_text(f"""
 storage "raft" {{
   path = "{data}"
   node_id = "vetassist-test"
@@ -217,21 +254,7 @@ api_addr = "http://127.0.0.1:{self.port}"
 cluster_addr = "http://127.0.0.1:{self.cluster_port}"
 log_level = "info"
 """)
-            try:
-                self._spawn_and_wait_answering()
-                break
-            except ProcessExited as e:
-                if attempt == 4 or not _address_in_use(e.log_tail):
-                    raise
-        status, init = self.request("PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
-        assert status == 200, (status, init)
-        self.unseal_key = init["keys_base64"][0]
-        self.root_token = init["root_token"]
-        self.unseal()
-        self.api("POST", "sys/mounts/transit", {"type": "transit"})
-        self.create_key(self.key)
-        self.transit_ready = True
-        self.token_file = self.write_token_file(self.root_token, "root.token")
+        self._spawn_and_wait_answering()
 
     def _spawn_and_wait_answering(self):
         self.process = _spawn([self.bin_dir / "bao", "server", f"-config={self.config}"], self.log,
@@ -256,11 +279,6 @@ log_level = "info"
             # Active is not yet serving every mount: wait until the Transit key itself reads.
             wait_for(lambda: self.request("GET", f"transit/keys/{self.key}", token=self.root_token)[0] == 200,
                      "Transit answers after unseal", process=self.process, log=self.log)
-
-    def stop(self):
-        """A KMS outage: the server process ends; returns once its port refuses connections."""
-        _stop(self.process)
-        wait_for(lambda: port_is_closed(self.port), f"port {self.port} closed", seconds=30)
 
     def start(self, unseal=True):
         """The outage ends: the same server (same port, same storage) runs again; sealed unless
@@ -364,17 +382,14 @@ class MotoKms(_LocalServer):
     def _setup(self):
         self.dir = traversable_dir("vetassist-moto-")
         self.log = self.dir / "server.log"
-        for attempt in range(5):
-            self.port = free_port()
-            self.process = _spawn([self.bin_dir / "python", Path(__file__).resolve(), "moto-server", self.port],
-                                  self.log, env=_server_env())
-            try:
-                wait_for(self._answers, f"moto on port {self.port} answers", process=self.process, log=self.log)
-                break
-            except ProcessExited as e:
-                if attempt == 4 or not _address_in_use(e.log_tail):
-                    raise
+        self._on_free_ports(self._start_on_a_new_port)
         self.key_arn = self.create_key()
+
+    def _start_on_a_new_port(self):
+        self.port = free_port()
+        self.process = _spawn([self.bin_dir / "python", Path(__file__).resolve(), "moto-server", self.port],
+                              self.log, env=_server_env())
+        wait_for(self._answers, f"moto on port {self.port} answers", process=self.process, log=self.log)
 
     def _answers(self):
         try:
@@ -426,10 +441,6 @@ class MotoKms(_LocalServer):
         return {**self.aws_env(), "VETASSIST_KMS_KEY_ID": key or self.key_arn,
                 "VETASSIST_AWS_CLI": str(self.bin_dir / "aws")}
 
-    def stop(self):
-        """An outage: the server ends; returns once its port refuses connections."""
-        _stop(self.process)
-        wait_for(lambda: port_is_closed(self.port), f"port {self.port} closed", seconds=30)
 
 
 class StalledServer:

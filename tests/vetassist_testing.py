@@ -82,9 +82,15 @@ class Cluster:
         prefix = ["sudo", "-u", "postgres"] if os.geteuid() == 0 else []
         return subprocess.run(prefix + list(cmd), check=True, capture_output=True, text=True)
 
+    def append_conf(self, *lines):
+        """Appends `lines` to postgresql.conf, as the postgres OS user; no reload."""
+        prefix = ["sudo", "-u", "postgres"] if os.geteuid() == 0 else []
+        subprocess.run(prefix + ["tee", "-a", str(self.dir / "data" / "postgresql.conf")],
+                       input="".join(line + "\n" for line in lines), text=True, check=True, capture_output=True)
+
     def set_conf(self, name, value):
         """Appends `name = 'value'` to postgresql.conf, reloads, and waits until new sessions see it."""
-        self.as_postgres("bash", "-c", f"echo \"{name} = '{value}'\" >> '{self.dir}/data/postgresql.conf'")
+        self.append_conf(f"{name} = '{value}'")
         reload_and_wait(self.connect, name, value)
 
     def stop(self):
@@ -203,6 +209,16 @@ def master_key_source_changed(cluster, before, what="the master key command's ne
     """Waits until master_key_source differs from `before` (the postmaster has run the command
     and published its outcome) and returns it."""
     return wait_for(what, lambda: (lambda now: now if now != before else None)(master_key_source(cluster)))
+
+
+def reload_master_key(cluster, *lines):
+    """Appends `lines` to postgresql.conf, reloads, and returns master_key_source once the
+    postmaster has run the master key command again."""
+    before = master_key_source(cluster)
+    cluster.append_conf(*lines)
+    with cluster.connect() as su:
+        su.execute("SELECT pg_reload_conf()")
+    return master_key_source_changed(cluster, before)
 
 
 def expect_sqlstate(sqlstate, conn, sql, params=None):

@@ -11,18 +11,14 @@ import secrets
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from vetassist_testing import (ROOT, Cluster, expect_sqlstate, install, master_key_source, master_key_source_changed,
-                               wait_for)
+from vetassist_testing import ROOT, Cluster, expect_sqlstate, install, master_key_source, reload_master_key, wait_for
 
 sys.path.insert(0, str(ROOT / "tests"))
-from kms_servers import MotoKms, OpenBao, give_to_postgres, kms_bin_dir, postgres_dir, remove_tree  # noqa: E402
-
-BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/var/lib/postgresql", "LANG": "C.UTF-8"}
-
+from kms_servers import (MotoKms, OpenBao, argv_as_postgres, give_to_postgres, kms_bin_dir, postgres_dir,  # noqa: E402
+                         remove_tree)
 
 def key_check(hex_key):
     """The extension's key check, computed independently: HKDF-SHA256(salt "vetassist_auth",
@@ -34,9 +30,7 @@ def key_check(hex_key):
 def as_postgres(script, *args, env, stdin=None):
     """A provider script as the postgres OS user with exactly `env` (as a KMS administrator runs
     `wrap` and `rewrap`)."""
-    argv = ["runuser", "-u", "postgres", "--", "env", "-i", *(f"{k}={v}" for k, v in {**BASE_ENV, **env}.items()),
-            str(script), *args]
-    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv_as_postgres(script, args, env), input=stdin, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr)
 
 
@@ -61,12 +55,7 @@ class KmsCluster:
     def reload(self, **settings):
         """Appends `settings` (vetassist_auth.NAME = value) to postgresql.conf, reloads, and
         returns verify_installation's row once the postmaster has run the command again."""
-        before = self.source()
-        for name, value in settings.items():
-            self.c.as_postgres("bash", "-c", f"""echo "vetassist_auth.{name} = '{value}'" >> '{self.c.dir}/data/postgresql.conf'""")
-        with self.c.connect() as su:
-            su.execute("SELECT pg_reload_conf()")
-        return master_key_source_changed(self.c, before)
+        return reload_master_key(self.c, *(f"vetassist_auth.{name} = '{value}'" for name, value in settings.items()))
 
     def custody(self):
         with self.c.connect("vetassist") as su:

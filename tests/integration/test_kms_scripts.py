@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kms_servers import (MotoKms, OpenBao, StalledServer, command_lines, give_to_postgres,  # noqa: E402
-                         kms_bin_dir, postgres_dir, postgres_ids, remove_tree)
+from kms_servers import (MotoKms, OpenBao, StalledServer, argv_as_postgres, command_lines,  # noqa: E402
+                         give_to_postgres, kms_bin_dir, postgres_dir, postgres_ids, remove_tree)
 
 # The scripts do not depend on the PostgreSQL under test: once per make test.
 pytestmark = pytest.mark.no_pg
@@ -26,8 +26,6 @@ pytestmark = pytest.mark.no_pg
 ROOT = Path(__file__).resolve().parents[2]
 TRANSIT = ROOT / "kms" / "openbao-transit"
 AWS = ROOT / "kms" / "aws-kms"
-# What a postmaster started by a service manager has; the scripts need nothing else.
-BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/var/lib/postgresql", "LANG": "C.UTF-8"}
 # Every key, token and ciphertext a test made: no run may print one on stderr.
 SECRETS = set()
 
@@ -47,11 +45,6 @@ class Run:
     stdout: str
     stderr: str
     seconds: float
-
-
-def argv_as_postgres(script, args, env):
-    return ["runuser", "-u", "postgres", "--", "env", "-i",
-            *(f"{k}={v}" for k, v in {**BASE_ENV, **env}.items()), str(script), *args]
 
 
 def run(script, *args, env, stdin=None):

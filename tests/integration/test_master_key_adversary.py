@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from vetassist_testing import expect_sqlstate, free_port, master_key_source_changed, reload_and_wait, wait_for
+from vetassist_testing import expect_sqlstate, free_port, master_key_source_changed, reload_and_wait, reload_master_key, wait_for
 
 import test_master_key_command as base
 from test_master_key_command import KEY_A, KEY_B, custody_rows, encrypt_decrypt, postmaster_pid
@@ -38,17 +38,7 @@ TOKEN = "hvs.adversary-review-token"
 class Kms(base.CommandCluster):
     """CommandCluster with the extended script."""
 
-    def __enter__(self):
-        saved, base.SCRIPT = base.SCRIPT, SCRIPT
-        try:
-            return super().__enter__()
-        finally:
-            base.SCRIPT = saved
-
-    def append_conf(self, *lines):
-        text = "".join(line + "\n" for line in lines)
-        subprocess.run(["sudo", "-u", "postgres", "tee", "-a", str(self.c.dir / "data" / "postgresql.conf")],
-                       input=text, text=True, check=True, capture_output=True)
+    script = SCRIPT
 
     def reload_only(self, mode):
         self.set_mode(mode)
@@ -94,7 +84,7 @@ def test_a_reload_logs_no_value_of_the_command(kms):
     them, or any name in the extension's prefix with GUC_SUPERUSER_ONLY)."""
     offset = len(kms.c.log())
     command = f"VAULT_TOKEN={TOKEN} {kms.kms}/unwrap"
-    kms.append_conf(f"vetassist_auth.master_key_command = '{command}'")
+    kms.c.append_conf(f"vetassist_auth.master_key_command = '{command}'")
     # A new superuser session sees the new value once the postmaster finished the reload (and
     # wrote its log lines): the postmaster accepts no connection while it reloads.
     reload_and_wait(kms.c.connect, "vetassist_auth.master_key_command", command)
@@ -103,7 +93,7 @@ def test_a_reload_logs_no_value_of_the_command(kms):
         assert "vetassist_auth.master_key_command loaded the master key" in log
         assert TOKEN not in log, [line for line in log.splitlines() if TOKEN in line]
     finally:
-        kms.append_conf(f"vetassist_auth.master_key_command = '{kms.kms}/unwrap'")
+        kms.c.append_conf(f"vetassist_auth.master_key_command = '{kms.kms}/unwrap'")
         reload_and_wait(kms.c.connect, "vetassist_auth.master_key_command", f"{kms.kms}/unwrap")
 
 
@@ -150,7 +140,7 @@ def test_a_failed_previous_command_is_55000_naming_it():
             ct = app.execute("SELECT vetassist_auth.encrypt_text('old', 'c')").fetchone()[0]
         k.write("previous", "#!/bin/sh\necho 'token revoked' >&2\nexit 77\n")
         k.c.as_postgres("chmod", "700", str(k.kms / "previous"))
-        k.append_conf(f"vetassist_auth.previous_master_key_command = '{k.kms}/previous'")
+        k.c.append_conf(f"vetassist_auth.previous_master_key_command = '{k.kms}/previous'")
         ok, detail = k.reload("b")
         with k.c.connect("vetassist", "app_user") as app:
             with pytest.raises(psycopg.Error) as raised:
@@ -197,11 +187,7 @@ def test_a_time_out_above_the_command_applies_in_the_same_reload_and_below_from_
             (["vetassist_auth.master_key_command_timeout = '2s'",
               f"vetassist_auth.master_key_command = '{k.kms}/unwrap  '"], "did not finish within 2 s"),
         ):
-            k.append_conf(*lines)
-            before = k.source()
-            with k.c.connect() as su:
-                su.execute("SELECT pg_reload_conf()")
-            ok, detail = master_key_source_changed(k.c, before)
+            ok, detail = reload_master_key(k.c, *lines)
             assert expected in detail, detail
 
 
@@ -240,7 +226,7 @@ def test_a_statement_running_across_a_key_change_reads_old_values():
             thread.start()
             wait_for("the statement to wait for the lock", lambda: su.execute(
                 "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)).fetchone())
-            k.append_conf(f"vetassist_auth.previous_master_key_command = '{k.kms}/previous'")
+            k.c.append_conf(f"vetassist_auth.previous_master_key_command = '{k.kms}/previous'")
             ok, detail = k.reload("b")
             assert ok and "previous: vetassist_auth.previous_master_key_command" in detail, detail
             su.execute("SELECT pg_advisory_unlock(4242)")
@@ -323,7 +309,7 @@ def test_an_application_calling_itself_pg_restore_does_not_suppress_custody(kms)
         with kms.c.connect() as su:
             since = su.execute("SELECT now()").fetchone()[0]
         command = f"{kms.kms}/unwrap  "
-        kms.append_conf(f"vetassist_auth.master_key_command = '{command}'")
+        kms.c.append_conf(f"vetassist_auth.master_key_command = '{command}'")
         try:
             reload_and_wait(kms.c.connect, "vetassist_auth.master_key_command", command)
             assert loads_since(since) == []
@@ -331,7 +317,7 @@ def test_an_application_calling_itself_pg_restore_does_not_suppress_custody(kms)
                 encrypt_decrypt(app)
             assert wait_for("the custody row of the new load", lambda: loads_since(since)) == [("app_user",)]
         finally:
-            kms.append_conf(f"vetassist_auth.master_key_command = '{kms.kms}/unwrap'")
+            kms.c.append_conf(f"vetassist_auth.master_key_command = '{kms.kms}/unwrap'")
             reload_and_wait(kms.c.connect, "vetassist_auth.master_key_command", f"{kms.kms}/unwrap")
 
 
@@ -513,7 +499,7 @@ def test_unsetting_the_command_withdraws_its_key_at_once(kms):
     with kms.c.connect("vetassist", "app_user") as running:
         ct = running.execute("SELECT vetassist_auth.encrypt_text('kept', 'c')").fetchone()[0]
         runs = kms.runs()
-        kms.append_conf("vetassist_auth.master_key_command = ''")
+        kms.c.append_conf("vetassist_auth.master_key_command = ''")
         try:
             reload_and_wait(kms.c.connect, "vetassist_auth.master_key_command", "")
             assert kms.runs() == runs
@@ -523,7 +509,7 @@ def test_unsetting_the_command_withdraws_its_key_at_once(kms):
             with kms.c.connect("vetassist", "app_user") as new:
                 expect_sqlstate("55000", new, "SELECT vetassist_auth.encrypt_text('x', 'c')")
         finally:
-            kms.append_conf(f"vetassist_auth.master_key_command = '{kms.kms}/unwrap'")
+            kms.c.append_conf(f"vetassist_auth.master_key_command = '{kms.kms}/unwrap'")
             reload_and_wait(kms.c.connect, "vetassist_auth.master_key_command", f"{kms.kms}/unwrap")
         assert running.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (ct,)).fetchone()[0] == "kept"
     assert "master_key_command is unset; the master key it loaded is no longer in force" in kms.c.log()

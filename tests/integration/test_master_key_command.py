@@ -8,10 +8,9 @@ real ones). Every wait after a reload waits for what the postmaster publishes, n
 import re
 import subprocess
 
-import psycopg
 import pytest
 
-from vetassist_testing import Cluster, expect_sqlstate, install, master_key_source, master_key_source_changed, wait_for
+from vetassist_testing import Cluster, expect_sqlstate, install, master_key_source, reload_master_key, wait_for
 
 KEY_A = "a1" * 32
 KEY_B = "b2" * 32
@@ -36,6 +35,8 @@ esac
 class CommandCluster:
     """A cluster whose master key comes from `<dir>/kms/unwrap` (mode file `<dir>/kms/mode`)."""
 
+    script = SCRIPT
+
     def __init__(self, name, mode="a", *extra):
         self.name, self.extra = name, extra
         self.mode_at_start = mode
@@ -46,10 +47,10 @@ class CommandCluster:
                          *self.extra)
         self.kms = self.c.dir / "kms"
         self.c.as_postgres("mkdir", "-p", str(self.kms))
-        self.write("unwrap", SCRIPT)
+        self.write("unwrap", self.script)
         self.c.as_postgres("chmod", "700", str(self.kms / "unwrap"))
         self.set_mode(self.mode_at_start)
-        self.c.as_postgres("bash", "-c", f"""echo "vetassist_auth.master_key_command = '{self.kms}/unwrap'" >> '{self.c.dir}/data/postgresql.conf'""")
+        self.c.append_conf(f"vetassist_auth.master_key_command = '{self.kms}/unwrap'")
         self.restart()
         install(self.c)
         return self
@@ -77,11 +78,8 @@ class CommandCluster:
 
     def reload(self, mode):
         """Switches the mode, reloads, and returns the outcome once the postmaster has published it."""
-        before = self.source()
         self.set_mode(mode)
-        with self.c.connect() as su:
-            su.execute("SELECT pg_reload_conf()")
-        return master_key_source_changed(self.c, before)
+        return reload_master_key(self.c)
 
 
 def encrypt_decrypt(conn, text="ok"):
@@ -225,7 +223,7 @@ def test_previous_key_from_a_command_for_rewrap_keys():
         # The change: the new key from the command, the old one from a second command.
         k.write("previous", "#!/bin/sh\necho " + KEY_A + "\necho kms_key_version=1\n")
         k.c.as_postgres("chmod", "700", str(k.kms / "previous"))
-        k.c.as_postgres("bash", "-c", f"""echo "vetassist_auth.previous_master_key_command = '{k.kms}/previous'" >> '{k.c.dir}/data/postgresql.conf'""")
+        k.c.append_conf(f"vetassist_auth.previous_master_key_command = '{k.kms}/previous'")
         ok, detail = k.reload("b")
         assert ok and "previous: vetassist_auth.previous_master_key_command" in detail
         with k.c.connect("vetassist", "app_user") as app:
@@ -237,13 +235,13 @@ def test_previous_key_from_a_command_for_rewrap_keys():
             details = su.execute("SELECT details FROM vetassist_auth.audit_log WHERE event_type = 'keys_rewrapped'").fetchone()[0]
         assert details["from"] == "vetassist_auth.previous_master_key_command"
         assert details["to"] == "vetassist_auth.master_key_command" and details["from_key_check"] != details["to_key_check"]
-        k.c.as_postgres("bash", "-c", f"""echo "vetassist_auth.previous_master_key_command = ''" >> '{k.c.dir}/data/postgresql.conf'""")
+        k.c.append_conf("vetassist_auth.previous_master_key_command = ''")
         ok, detail = k.reload("b")
         assert ok and "previous" not in detail
         with k.c.connect("vetassist", "app_user") as app:
             assert app.execute("SELECT vetassist_auth.decrypt_text(%s, 'c')", (ct,)).fetchone()[0] == "survives"
         # Both previous sources at once: refused, naming them.
-        k.c.as_postgres("bash", "-c", f"""echo "vetassist_auth.previous_master_key_command = '{k.kms}/previous'" >> '{k.c.dir}/data/postgresql.conf'""")
+        k.c.append_conf(f"vetassist_auth.previous_master_key_command = '{k.kms}/previous'")
         k.c.set_conf("vetassist_auth.previous_master_key_file", str(k.c.key_file))
         with k.c.connect("vetassist", "app_user") as app:
             err = expect_sqlstate("55000", app, "SELECT vetassist_auth.encrypt_text('x', 'c')")

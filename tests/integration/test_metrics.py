@@ -8,7 +8,6 @@ import re
 import subprocess
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -31,12 +30,20 @@ def tools():
     subprocess.run([str(ROOT / "scripts/ensure-monitoring.sh")], check=True)
 
 
+def new_icn():
+    return f"10{uuid.uuid4().int % 10**8:08d}V{uuid.uuid4().int % 10**6:06d}"
+
+
+def add_monitor(cluster, dbname="vetassist"):
+    """A login role in pg_monitor (what an exporter connects as) and nothing else; its name."""
+    cluster.psql("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'monitor_user') THEN "
+                 "CREATE ROLE monitor_user LOGIN IN ROLE pg_monitor; END IF; END $$", dbname)
+    return "monitor_user"
+
+
 @pytest.fixture(scope="module")
 def monitor(cluster):
-    """A login role in pg_monitor (what an exporter connects as) and nothing else."""
-    cluster.psql("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'monitor_user') THEN "
-                 "CREATE ROLE monitor_user LOGIN IN ROLE pg_monitor; END IF; END $$")
-    return "monitor_user"
+    return add_monitor(cluster)
 
 
 def definitions(conn):
@@ -64,7 +71,7 @@ def test_metrics_are_for_pg_monitor_and_the_auditor_only(cluster, monitor, app):
 def test_counters_count_committed_events_only(cluster, monitor, app):
     with cluster.connect("vetassist", monitor) as m:
         signins = value(m, "vetassist_signins_total")
-        icn = f"10{uuid.uuid4().int % 10**8:08d}V{uuid.uuid4().int % 10**6:06d}"
+        icn = new_icn()
         with cluster.connect("vetassist", "app_user", autocommit=False) as rolled_back:
             rolled_back.execute("SELECT vetassist_auth.upsert_va_user(%s, 'veteran', NULL, 'A', 'B')", (icn,))
             rolled_back.rollback()
@@ -89,7 +96,7 @@ def test_counters_count_committed_events_only(cluster, monitor, app):
 
 
 def test_gauges_read_the_database(cluster, monitor, app, admin):
-    uid = veteran(app, f"10{uuid.uuid4().int % 10**8:08d}V{uuid.uuid4().int % 10**6:06d}")
+    uid = veteran(app, new_icn())
     app.execute("SELECT vetassist_auth.create_session(%s, %s, now() + interval '1 hour')", (uid, f"live-{uid}"))
     with cluster.connect("vetassist", monitor) as m:
         live = value(m, "vetassist_sessions", status="live")
@@ -125,7 +132,7 @@ def series(text):
 
 def test_the_exporter_serves_every_series_from_the_generated_queries(cluster, monitor, app, admin, tools, tmp_path):
     # State for every series: a sign-in, a session, a token key, a seal.
-    veteran(app, f"10{uuid.uuid4().int % 10**8:08d}V{uuid.uuid4().int % 10**6:06d}")
+    veteran(app, new_icn())
     admin.execute("SELECT vetassist_auth.seal_audit_log(100000)")
     with cluster.connect("vetassist", monitor) as m:
         queries = m.execute("SELECT vetassist_auth.exporter_queries()").fetchone()[0]

@@ -19,19 +19,9 @@ import pytest
 from vetassist_testing import (ROOT, Cluster, expect_sqlstate, free_port, install, installed_cluster, veteran,
                                wait_for)
 
-from test_metrics import exporter_command
+from test_metrics import add_monitor, exporter_command, new_icn
 
 MONITORING = ROOT / "monitoring"
-
-
-def new_icn():
-    return f"10{uuid.uuid4().int % 10**8:08d}V{uuid.uuid4().int % 10**6:06d}"
-
-
-def add_monitor(cluster, dbname="vetassist"):
-    cluster.psql("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'monitor_user') THEN "
-                 "CREATE ROLE monitor_user LOGIN IN ROLE pg_monitor; END IF; END $$", dbname)
-    return "monitor_user"
 
 
 @pytest.fixture(scope="module")
