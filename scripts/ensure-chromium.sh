@@ -5,19 +5,10 @@
 # extract). Prints the path of the chromium binary.
 # Usage: scripts/ensure-chromium.sh
 set -euo pipefail
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 
 packages=(chromium poppler-utils fonts-dejavu-core)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "==> installing Debian packages: ${missing[*]}" >&2
-    $SUDO apt-get update -qq
-    # No recommends: the browser and its libraries, not desktop extras (upower, a notification daemon).
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# No recommends: the browser and its libraries, not desktop extras (upower, a notification daemon).
+"$(dirname "$0")/ensure-debian-packages.sh" --no-install-recommends "${packages[@]}"
 
 chromium=$(command -v chromium || true)
 if [ -z "$chromium" ] || ! command -v pdftotext >/dev/null; then

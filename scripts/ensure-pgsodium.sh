@@ -13,10 +13,7 @@ if [ -f "$control" ] && grep -q "default_version = '$version'" "$control" \
     exit 0
 fi
 echo "==> building pgsodium $version for $("$PG_CONFIG" --version) (seconds, once)" >&2
-if ! dpkg-query -W -f='${Status}' libsodium-dev 2>/dev/null | grep -q "install ok installed"; then
-    $SUDO apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libsodium-dev >&2
-fi
+"$ROOT/scripts/ensure-debian-packages.sh" libsodium-dev
 (cd "$ROOT/vendor" && sha256sum --quiet -c SHA256SUMS) >&2
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT

@@ -7,18 +7,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 version=${1:-15}
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "==> installing Debian packages: ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+"$ROOT/scripts/ensure-debian-packages.sh" postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo
 
 pg_config=$("$ROOT/scripts/ensure-postgres.sh" "$version")
 
