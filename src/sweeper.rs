@@ -48,8 +48,9 @@ fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str)
     })
 }
 
-/// Runs `work` in a transaction of its own, shown in pg_stat_activity as `activity`; an error
-/// is logged and rolled back.
+/// Runs `work` in a transaction of its own that holds the extension first (pg::hold_extension),
+/// shown in pg_stat_activity as `activity`; None without the extension, and an error is logged
+/// and rolled back.
 fn in_transaction<T>(
     what: &str,
     activity: &str,
@@ -68,7 +69,8 @@ fn in_transaction<T>(
         pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let outcome = PgTryBuilder::new(work)
+    // Without the extension there is nothing to do, and nothing to report.
+    let outcome = PgTryBuilder::new(|| crate::pg::hold_extension().then(work).transpose())
         .catch_others(|caught| Err(message_of(&caught)))
         .execute();
     match outcome {
@@ -79,7 +81,7 @@ fn in_transaction<T>(
                 pg_sys::CommitTransactionCommand();
                 pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
             }
-            Some(changed)
+            changed
         }
         Err(message) => {
             // SAFETY: the caught error left the transaction started above in an aborted state;
@@ -116,19 +118,11 @@ fn readiness() -> Readiness {
         "readiness check",
         "vetassist_auth sweeper: readiness check",
         || {
-            let installed = Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'vetassist_auth')",
-            )
-            .map_err(|e| e.to_string())?;
-            if installed != Some(true) {
-                return Ok(Readiness::NotYet);
-            }
             if let Some((pid, seconds)) =
                 crate::replica::restore_session().map_err(|e| e.to_string())?
             {
                 return Ok(Readiness::Restoring { pid, seconds });
             }
-            // Only now: the table is missing without the extension.
             Spi::get_one::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM vetassist_auth.keys) \
                      OR EXISTS (SELECT 1 FROM vetassist_auth.audit_log)",
@@ -195,8 +189,9 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     };
     connections::connect(Connector::Sweeper, database);
     let database = database.to_string_lossy().into_owned();
-    // In a deadlock with a session (DROP EXTENSION, an administrator's DDL) the sweeper finds
-    // it first and gives way: its pass is retried, the session's statement goes through.
+    // DROP EXTENSION never deadlocks with a pass (pg::hold_extension). In a deadlock with an
+    // administrator's DDL on our tables the sweeper finds it first and gives way: its pass is
+    // retried, the session's statement goes through.
     signals::pin_settings(&[(c"deadlock_timeout", c"100ms")]);
     pgrx::log!("vetassist_auth sweeper started in database {}", database);
     let mut paused = false;

@@ -53,7 +53,9 @@ fn take_queued() -> Vec<(usize, u64, Vec<u8>)> {
     taken
 }
 
-/// Runs `write` in a transaction of its own; false (and the error in the log) when it fails.
+/// Runs `write` in a transaction of its own, which holds the extension first so that a DROP
+/// EXTENSION waits for it rather than deadlocking (pg::hold_extension); false (and the error in
+/// the log) when it fails.
 fn in_transaction(write: impl FnOnce() + std::panic::UnwindSafe) -> bool {
     // SAFETY: the recorder runs one transaction at a time, outside any other.
     unsafe {
@@ -63,6 +65,7 @@ fn in_transaction(write: impl FnOnce() + std::panic::UnwindSafe) -> bool {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let ok = PgTryBuilder::new(|| {
+        crate::pg::hold_extension();
         write();
         true
     })

@@ -587,3 +587,32 @@ def test_only_a_role_that_may_drop_or_copy_a_database_makes_our_processes_leave_
             wait_for("the reserved recorder of the owned database", lambda: pids(su, RESERVED, "owned"))
         with cluster.connect("postgres", "dbo") as dbo:
             dbo.execute("DROP DATABASE owned")
+
+
+def test_drop_extension_and_the_sweeper_wait_for_each_other_in_one_order_never_a_deadlock():
+    """CI, 0.2.0 in development: DROP EXTENSION failed with "deadlock detected" against a sweeper
+    pass that held one of our tables and asked for another. DROP EXTENSION locks the extension
+    before any of our tables, so each transaction of ours takes that lock first: a pass waits for
+    an open DROP on the extension itself, holding none of our tables, and finds it gone after."""
+    with installed_cluster("drop-extension", "vetassist_auth.sweep_database = 'vetassist'",
+                           "vetassist_auth.sweep_interval = 1") as cluster:
+        with cluster.connect("vetassist", "app_user") as app:
+            veteran(app, "8100000009V1")
+        with cluster.connect("vetassist") as su, cluster.connect("vetassist", autocommit=False) as dba:
+            sweeper = wait_for("the sweeper", lambda: pids(su, "vetassist_auth sweeper", "vetassist"))[0]
+            dba.execute("DROP EXTENSION vetassist_auth")  # held open: every lock of the drop is taken
+            waiting = wait_for("the sweeper to wait on a lock", lambda: su.execute(
+                """SELECT locktype, classid = 'pg_catalog.pg_extension'::regclass, relation
+                     FROM pg_locks WHERE pid = %s AND NOT granted""", (sweeper,)).fetchone(), timeout=10)
+            assert waiting == ("object", True, None)
+            held = su.execute("""SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                                  WHERE l.pid = %s AND l.granted AND n.nspname = 'vetassist_auth'""",
+                              (sweeper,)).fetchone()[0]
+            assert held == 0
+            logged = len(cluster.log())
+            dba.commit()
+            # Gone: the pass ends quietly, and the sweeper keeps going without the extension.
+            since = su.execute("SELECT now()").fetchone()[0]
+            wait_for("a sweeper pass without the extension", sweeper_passes_since(cluster, since), timeout=10)
+            assert "vetassist_auth sweeper:" not in cluster.log()[logged:]
