@@ -2,7 +2,9 @@
 //! `DROP DATABASE`, `CREATE DATABASE … TEMPLATE` and `ALTER DATABASE … RENAME` need a database
 //! no one is connected to: a ProcessUtility hook asks ours to leave first. And a process whose
 //! database does not exist (yet, or any more) fails to connect once, then waits for the next
-//! `CREATE DATABASE` instead of failing again at every restart.
+//! `CREATE DATABASE` instead of failing again at every restart. `ALTER EXTENSION vetassist_auth
+//! UPDATE` locks the extension first, as `DROP EXTENSION` does, so it never deadlocks with our
+//! processes (pg::lock_extension).
 
 use crate::signals;
 use pgrx::prelude::*;
@@ -254,6 +256,28 @@ unsafe fn database_statement(
     }
 }
 
+/// Whether `stmt` is ALTER EXTENSION vetassist_auth UPDATE run by a role that may update it:
+/// a role that may not must not queue for the extension's lock, holding our processes off.
+///
+/// # Safety
+/// `stmt` is a parsed utility statement.
+unsafe fn updates_the_extension(stmt: *mut pg_sys::Node) -> bool {
+    // SAFETY: the node tag says which statement struct `stmt` is.
+    let named = unsafe {
+        (*stmt).type_ == pg_sys::NodeTag::T_AlterExtensionStmt
+            && CStr::from_ptr((*(stmt as *mut pg_sys::AlterExtensionStmt)).extname).to_bytes()
+                == b"vetassist_auth"
+    };
+    named
+        && Spi::get_one::<bool>(
+            "SELECT pg_catalog.pg_has_role(e.extowner, 'USAGE') FROM pg_catalog.pg_extension e \
+              WHERE e.extname = 'vetassist_auth'",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 /// The database's oid when the caller may run the statement on it (Postgres checks the same
 /// again): its owner (or a superuser) for DROP and RENAME, a role with CREATEDB that owns it or
 /// finds it a template for a copy. None otherwise, and inside a transaction block, where
@@ -347,6 +371,9 @@ unsafe extern "C-unwind" fn process_utility(
         }
         if creates {
             CREATED_DATABASE.set(true);
+        }
+        if updates_the_extension((*pstmt).utilityStmt) {
+            crate::pg::lock_extension(pg_sys::AccessExclusiveLock);
         }
         match PREV_PROCESS_UTILITY_HOOK {
             Some(previous) => previous(

@@ -221,11 +221,12 @@ pub fn acquire(tag: pg_sys::LOCKTAG, mode: u32, wait: bool) -> bool {
     result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 
-/// Holds the extension for the rest of the transaction, as a background process's first step:
-/// DROP EXTENSION locks the extension before any of its tables, so a transaction that takes
-/// this lock before ours waits for an open DROP holding nothing it needs, and a DROP waits for
-/// the transaction; neither deadlocks. False when the extension is not (or no longer) there.
-pub fn hold_extension() -> bool {
+/// Locks the extension in `mode` for the rest of the transaction. DROP EXTENSION takes this lock
+/// before any of our tables, and our ProcessUtility hook takes it for ALTER EXTENSION UPDATE: a
+/// background process that takes it (shared) first waits for an open drop or update holding
+/// nothing they need, and they wait for it; neither deadlocks. False when the extension is not
+/// (or no longer) there.
+pub fn lock_extension(mode: u32) -> bool {
     const NAME: &std::ffi::CStr = c"vetassist_auth";
     // SAFETY: a NUL-terminated name; missing_ok returns InvalidOid rather than raising.
     let extension = unsafe { pg_sys::get_extension_oid(NAME.as_ptr(), true) };
@@ -233,13 +234,13 @@ pub fn hold_extension() -> bool {
         return false;
     }
     // SAFETY: a transaction is open; the lock is released at its end. Taking it processes
-    // pending invalidations, so the lookup below sees a DROP that committed while we waited.
+    // pending invalidations, so the lookup below sees a drop that committed while we waited.
     unsafe {
         pg_sys::LockDatabaseObject(
             pg_sys::ExtensionRelationId,
             extension,
             0,
-            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            mode as pg_sys::LOCKMODE,
         );
         pg_sys::get_extension_oid(NAME.as_ptr(), true) == extension
     }

@@ -48,7 +48,7 @@ fn run_in_transaction<T: FromDatum + IntoDatum + Default>(what: &str, sql: &str)
     })
 }
 
-/// Runs `work` in a transaction of its own that holds the extension first (pg::hold_extension),
+/// Runs `work` in a transaction of its own that holds the extension first (pg::lock_extension),
 /// shown in pg_stat_activity as `activity`; None without the extension, and an error is logged
 /// and rolled back.
 fn in_transaction<T>(
@@ -70,9 +70,13 @@ fn in_transaction<T>(
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     // Without the extension there is nothing to do, and nothing to report.
-    let outcome = PgTryBuilder::new(|| crate::pg::hold_extension().then(work).transpose())
-        .catch_others(|caught| Err(message_of(&caught)))
-        .execute();
+    let outcome = PgTryBuilder::new(|| {
+        crate::pg::lock_extension(pg_sys::AccessShareLock)
+            .then(work)
+            .transpose()
+    })
+    .catch_others(|caught| Err(message_of(&caught)))
+    .execute();
     match outcome {
         Ok(changed) => {
             // SAFETY: pops the snapshot pushed above and commits the transaction started above.
@@ -189,7 +193,7 @@ pub extern "C-unwind" fn vetassist_auth_sweeper_main(_arg: pg_sys::Datum) {
     };
     connections::connect(Connector::Sweeper, database);
     let database = database.to_string_lossy().into_owned();
-    // DROP EXTENSION never deadlocks with a pass (pg::hold_extension). In a deadlock with an
+    // DROP EXTENSION never deadlocks with a pass (pg::lock_extension). In a deadlock with an
     // administrator's DDL on our tables the sweeper finds it first and gives way: its pass is
     // retried, the session's statement goes through.
     signals::pin_settings(&[(c"deadlock_timeout", c"100ms")]);

@@ -54,7 +54,7 @@ fn take_queued() -> Vec<(usize, u64, Vec<u8>)> {
 }
 
 /// Runs `write` in a transaction of its own, which holds the extension first so that a DROP
-/// EXTENSION waits for it rather than deadlocking (pg::hold_extension); false (and the error in
+/// EXTENSION waits for it rather than deadlocking (pg::lock_extension); false (and the error in
 /// the log) when it fails.
 fn in_transaction(write: impl FnOnce() + std::panic::UnwindSafe) -> bool {
     // SAFETY: the recorder runs one transaction at a time, outside any other.
@@ -65,7 +65,7 @@ fn in_transaction(write: impl FnOnce() + std::panic::UnwindSafe) -> bool {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let ok = PgTryBuilder::new(|| {
-        crate::pg::hold_extension();
+        crate::pg::lock_extension(pg_sys::AccessShareLock);
         write();
         true
     })

@@ -616,3 +616,38 @@ def test_drop_extension_and_the_sweeper_wait_for_each_other_in_one_order_never_a
             since = su.execute("SELECT now()").fetchone()[0]
             wait_for("a sweeper pass without the extension", sweeper_passes_since(cluster, since), timeout=10)
             assert "vetassist_auth sweeper:" not in cluster.log()[logged:]
+
+
+def test_an_extension_update_and_the_sweeper_wait_for_each_other_in_one_order_never_a_deadlock():
+    """The neighbour of DROP EXTENSION: ALTER EXTENSION UPDATE alters our tables in its script's
+    order, and Postgres takes no lock on the extension for it. Our ProcessUtility hook takes that
+    lock for the extension's owner, so a sweeper pass waits for an open update on the extension,
+    holding none of our tables, and then runs on the updated SQL."""
+    c = Cluster("update-extension", "shared_preload_libraries = 'vetassist_auth'",
+                "vetassist_auth.sweep_database = 'vetassist'", "vetassist_auth.sweep_interval = 1")
+    try:
+        install(c, version="0.1.5")
+        with c.connect("vetassist", "app_user") as app:
+            veteran(app, "8100000010V1")
+        with c.connect("vetassist") as su, c.connect("vetassist", autocommit=False) as dba:
+            sweeper = wait_for("the sweeper", lambda: pids(su, SWEEPER, "vetassist"))[0]
+            dba.execute("ALTER EXTENSION vetassist_auth UPDATE")  # held open
+            waiting = wait_for("the sweeper to wait on a lock", lambda: su.execute(
+                """SELECT locktype, classid = 'pg_catalog.pg_extension'::regclass, relation
+                     FROM pg_locks WHERE pid = %s AND NOT granted""", (sweeper,)).fetchone(), timeout=10)
+            assert waiting == ("object", True, None)
+            held = su.execute("""SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                                  WHERE l.pid = %s AND l.granted AND n.nspname = 'vetassist_auth'""",
+                              (sweeper,)).fetchone()[0]
+            assert held == 0
+            logged = len(c.log())
+            dba.commit()
+            # Each pass ends by logging the chain head: a second line is a whole pass after.
+            wait_for("a sweeper pass on the updated SQL",
+                     lambda: c.log()[logged:].count("vetassist_auth audit chain head") >= 2, timeout=10)
+            assert "vetassist_auth sweeper:" not in c.log()[logged:]
+            assert su.execute("SELECT extversion FROM pg_extension WHERE extname = 'vetassist_auth'").fetchone()[0] \
+                != "0.1.5"
+    finally:
+        c.stop()
