@@ -256,26 +256,40 @@ unsafe fn database_statement(
     }
 }
 
-/// Whether `stmt` is ALTER EXTENSION vetassist_auth UPDATE run by a role that may update it:
-/// a role that may not must not queue for the extension's lock, holding our processes off.
+/// Whether `stmt` is ALTER EXTENSION vetassist_auth UPDATE that changes the version, run by a
+/// role that may update the extension. Our hook adds no lock for another role, and none for an
+/// update to the version in force (a migration tool's habit at the start of every migration):
+/// either would hold our processes off for nothing until its transaction ends.
 ///
 /// # Safety
 /// `stmt` is a parsed utility statement.
 unsafe fn updates_the_extension(stmt: *mut pg_sys::Node) -> bool {
-    // SAFETY: the node tag says which statement struct `stmt` is.
-    let named = unsafe {
-        (*stmt).type_ == pg_sys::NodeTag::T_AlterExtensionStmt
-            && CStr::from_ptr((*(stmt as *mut pg_sys::AlterExtensionStmt)).extname).to_bytes()
-                == b"vetassist_auth"
+    // SAFETY: the node tag says which statement struct `stmt` is; option values are strings.
+    let target = unsafe {
+        if (*stmt).type_ != pg_sys::NodeTag::T_AlterExtensionStmt {
+            return false;
+        }
+        let alter = stmt as *mut pg_sys::AlterExtensionStmt;
+        if CStr::from_ptr((*alter).extname).to_bytes() != b"vetassist_auth" {
+            return false;
+        }
+        pgrx::PgList::<pg_sys::DefElem>::from_pg((*alter).options)
+            .iter_ptr()
+            .find(|d| CStr::from_ptr((**d).defname).to_bytes() == b"new_version")
+            .map(|d| CStr::from_ptr(pg_sys::defGetString(d)).to_string_lossy().into_owned())
+            .unwrap_or_default()
     };
-    named
-        && Spi::get_one::<bool>(
-            "SELECT pg_catalog.pg_has_role(e.extowner, 'USAGE') FROM pg_catalog.pg_extension e \
-              WHERE e.extname = 'vetassist_auth'",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    crate::pg::read_one::<bool>(
+        "SELECT pg_catalog.pg_has_role(e.extowner, 'USAGE') \
+                AND e.extversion <> coalesce(nullif($1, ''), a.default_version) \
+           FROM pg_catalog.pg_extension e \
+           JOIN pg_catalog.pg_available_extensions a ON a.name = e.extname \
+          WHERE e.extname = 'vetassist_auth'",
+        &[target.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// The database's oid when the caller may run the statement on it (Postgres checks the same

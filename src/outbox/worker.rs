@@ -65,7 +65,9 @@ fn in_transaction(write: impl FnOnce() + std::panic::UnwindSafe) -> bool {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let ok = PgTryBuilder::new(|| {
-        crate::pg::lock_extension(pg_sys::AccessShareLock);
+        if !crate::pg::lock_extension(pg_sys::AccessShareLock) {
+            pgrx::error!("the extension is not installed in this database");
+        }
         write();
         true
     })
