@@ -276,7 +276,11 @@ unsafe fn updates_the_extension(stmt: *mut pg_sys::Node) -> bool {
         pgrx::PgList::<pg_sys::DefElem>::from_pg((*alter).options)
             .iter_ptr()
             .find(|d| CStr::from_ptr((**d).defname).to_bytes() == b"new_version")
-            .map(|d| CStr::from_ptr(pg_sys::defGetString(d)).to_string_lossy().into_owned())
+            .map(|d| {
+                CStr::from_ptr(pg_sys::defGetString(d))
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .unwrap_or_default()
     };
     crate::pg::read_one::<bool>(
