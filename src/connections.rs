@@ -220,6 +220,24 @@ enum Needs {
     Copied,
 }
 
+/// The string value of a statement's option `name` (`WITH TEMPLATE x`, `UPDATE TO 'v'`).
+///
+/// # Safety
+/// `options` is a parsed statement's list of DefElem.
+unsafe fn option_string(
+    options: *mut pg_sys::List,
+    name: &[u8],
+) -> Option<*const std::ffi::c_char> {
+    // SAFETY: the list holds DefElems with NUL-terminated names; defGetString raises an ERROR
+    // for a value that is not a string, as Postgres's own handling of the option would.
+    unsafe {
+        pgrx::PgList::<pg_sys::DefElem>::from_pg(options)
+            .iter_ptr()
+            .find(|d| CStr::from_ptr((**d).defname).to_bytes() == name)
+            .map(|d| pg_sys::defGetString(d).cast_const())
+    }
+}
+
 /// The database a statement needs free of connections (and how), and whether it creates one.
 ///
 /// # Safety
@@ -236,10 +254,7 @@ unsafe fn database_statement(
             ),
             pg_sys::NodeTag::T_CreatedbStmt => {
                 let options = (*(stmt as *mut pg_sys::CreatedbStmt)).options;
-                let template = pgrx::PgList::<pg_sys::DefElem>::from_pg(options)
-                    .iter_ptr()
-                    .find(|d| CStr::from_ptr((**d).defname).to_bytes() == b"template")
-                    .map(|d| (pg_sys::defGetString(d).cast_const(), Needs::Copied));
+                let template = option_string(options, b"template").map(|t| (t, Needs::Copied));
                 (template, true)
             }
             pg_sys::NodeTag::T_RenameStmt
@@ -273,14 +288,8 @@ unsafe fn updates_the_extension(stmt: *mut pg_sys::Node) -> bool {
         if CStr::from_ptr((*alter).extname).to_bytes() != b"vetassist_auth" {
             return false;
         }
-        pgrx::PgList::<pg_sys::DefElem>::from_pg((*alter).options)
-            .iter_ptr()
-            .find(|d| CStr::from_ptr((**d).defname).to_bytes() == b"new_version")
-            .map(|d| {
-                CStr::from_ptr(pg_sys::defGetString(d))
-                    .to_string_lossy()
-                    .into_owned()
-            })
+        option_string((*alter).options, b"new_version")
+            .map(|v| CStr::from_ptr(v).to_string_lossy().into_owned())
             .unwrap_or_default()
     };
     crate::pg::read_one::<bool>(

@@ -589,6 +589,26 @@ def test_only_a_role_that_may_drop_or_copy_a_database_makes_our_processes_leave_
             dbo.execute("DROP DATABASE owned")
 
 
+def assert_waits_on_the_extension_alone(su, sweeper):
+    """Waits until the sweeper waits on a lock; it must be the extension's, with none of our
+    tables held meanwhile (what a drop or update in the other order would deadlock on)."""
+    waiting = wait_for("the sweeper to wait on a lock", lambda: su.execute(
+        """SELECT locktype, classid = 'pg_catalog.pg_extension'::regclass, relation
+             FROM pg_locks WHERE pid = %s AND NOT granted""", (sweeper,)).fetchone(), timeout=10)
+    assert waiting == ("object", True, None)
+    held = su.execute("""SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                           JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE l.pid = %s AND l.granted AND n.nspname = 'vetassist_auth'""",
+                      (sweeper,)).fetchone()[0]
+    assert held == 0
+
+
+def whole_pass_logged(cluster, logged):
+    """A check for wait_for: each pass ends by logging the chain head, so a second such line after
+    `logged` characters of the server log means a whole pass ran after that point."""
+    return lambda: cluster.log()[logged:].count("vetassist_auth audit chain head") >= 2
+
+
 def test_drop_extension_and_the_sweeper_wait_for_each_other_in_one_order_never_a_deadlock():
     """CI, 0.2.0 in development: DROP EXTENSION failed with "deadlock detected" against a sweeper
     pass that held one of our tables and asked for another. DROP EXTENSION locks the extension
@@ -599,17 +619,9 @@ def test_drop_extension_and_the_sweeper_wait_for_each_other_in_one_order_never_a
         with cluster.connect("vetassist", "app_user") as app:
             veteran(app, "8100000009V1")
         with cluster.connect("vetassist") as su, cluster.connect("vetassist", autocommit=False) as dba:
-            sweeper = wait_for("the sweeper", lambda: pids(su, "vetassist_auth sweeper", "vetassist"))[0]
+            sweeper = wait_for("the sweeper", lambda: pids(su, SWEEPER, "vetassist"))[0]
             dba.execute("DROP EXTENSION vetassist_auth")  # held open: every lock of the drop is taken
-            waiting = wait_for("the sweeper to wait on a lock", lambda: su.execute(
-                """SELECT locktype, classid = 'pg_catalog.pg_extension'::regclass, relation
-                     FROM pg_locks WHERE pid = %s AND NOT granted""", (sweeper,)).fetchone(), timeout=10)
-            assert waiting == ("object", True, None)
-            held = su.execute("""SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-                                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                                  WHERE l.pid = %s AND l.granted AND n.nspname = 'vetassist_auth'""",
-                              (sweeper,)).fetchone()[0]
-            assert held == 0
+            assert_waits_on_the_extension_alone(su, sweeper)
             logged = len(cluster.log())
             dba.commit()
             # Gone: the pass ends quietly, and the sweeper keeps going without the extension.
@@ -632,20 +644,10 @@ def test_an_extension_update_and_the_sweeper_wait_for_each_other_in_one_order_ne
         with c.connect("vetassist") as su, c.connect("vetassist", autocommit=False) as dba:
             sweeper = wait_for("the sweeper", lambda: pids(su, SWEEPER, "vetassist"))[0]
             dba.execute("ALTER EXTENSION vetassist_auth UPDATE")  # held open
-            waiting = wait_for("the sweeper to wait on a lock", lambda: su.execute(
-                """SELECT locktype, classid = 'pg_catalog.pg_extension'::regclass, relation
-                     FROM pg_locks WHERE pid = %s AND NOT granted""", (sweeper,)).fetchone(), timeout=10)
-            assert waiting == ("object", True, None)
-            held = su.execute("""SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-                                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                                  WHERE l.pid = %s AND l.granted AND n.nspname = 'vetassist_auth'""",
-                              (sweeper,)).fetchone()[0]
-            assert held == 0
+            assert_waits_on_the_extension_alone(su, sweeper)
             logged = len(c.log())
             dba.commit()
-            # Each pass ends by logging the chain head: a second line is a whole pass after.
-            wait_for("a sweeper pass on the updated SQL",
-                     lambda: c.log()[logged:].count("vetassist_auth audit chain head") >= 2, timeout=10)
+            wait_for("a sweeper pass on the updated SQL", whole_pass_logged(c, logged), timeout=10)
             assert "vetassist_auth sweeper:" not in c.log()[logged:]
             assert su.execute("SELECT extversion FROM pg_extension WHERE extname = 'vetassist_auth'").fetchone()[0] \
                 != "0.1.5"
@@ -653,8 +655,7 @@ def test_an_extension_update_and_the_sweeper_wait_for_each_other_in_one_order_ne
             # migration) takes no lock of ours: passes go on while its transaction is open.
             dba.execute("ALTER EXTENSION vetassist_auth UPDATE")
             logged = len(c.log())
-            wait_for("two sweeper passes while a no-op update is open",
-                     lambda: c.log()[logged:].count("vetassist_auth audit chain head") >= 2, timeout=10)
+            wait_for("a sweeper pass while a no-op update is open", whole_pass_logged(c, logged), timeout=10)
             dba.rollback()
     finally:
         c.stop()
